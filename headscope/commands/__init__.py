@@ -1,0 +1,1 @@
+"""Per-subcommand modules of the headscope CLI; each exposes ``register(subparsers)``."""

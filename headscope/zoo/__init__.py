@@ -1,0 +1,1 @@
+"""The bundled demo model: corpus generator, tokenizer and training recipe."""

@@ -1,0 +1,1 @@
+"""GPU and reference kernels, importable as ``headscope.kernels``."""
