@@ -1,0 +1,39 @@
+"""Head scorers. Every scorer has one signature::
+
+    scorer(lm: LoadedModel, probe: Probe, *, noising=False, batch_size=None, progress=True, **options) -> HeadScores
+
+and is registered in ``SCORERS`` under its method name; ``score(lm, probe, method)`` dispatches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from headscope.heads import HeadScores, HeadscopeError
+from headscope.models import LoadedModel
+from headscope.patching.activation import activation_scores, activation_scores_by_position, direct_scores
+from headscope.probes.base import Probe
+
+Scorer = Callable[..., HeadScores]
+
+SCORERS: dict[str, Scorer] = {
+    "activation": activation_scores,
+    "direct": direct_scores,
+}
+
+
+def register_scorer(name: str, scorer: Scorer) -> None:
+    """Add a scorer under ``name`` (it must follow the common signature)."""
+    SCORERS[name] = scorer
+
+
+def score(lm: LoadedModel, probe: Probe, method: str = "activation", **options) -> HeadScores:
+    """Score every head of ``lm`` on ``probe`` with ``method`` (a key of ``SCORERS``)."""
+    try:
+        scorer = SCORERS[method]
+    except KeyError:
+        raise HeadscopeError(f"unknown scoring method {method!r}; available: {', '.join(sorted(SCORERS))}") from None
+    return scorer(lm, probe, **options)
+
+
+__all__ = ["SCORERS", "Scorer", "activation_scores", "activation_scores_by_position", "direct_scores", "register_scorer", "score"]

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random Hugging Face models saved to local directories (no hub access)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from headscope.probes.base import Probe, PromptPair
+
+VOCAB = 128
+
+
+def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0 .. w{n}`` plus [UNK] and <eos>."""
+    vocab = {"[UNK]": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(vocab_size - 2)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>")
+
+
+def tiny_qwen3(seed: int = 0, n_layers: int = 3) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=1)
+    return GPT2LMHeadModel(config).eval()
+
+
+def save_model(model, path) -> str:
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> str:
+    return save_model(tiny_qwen3(), tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> str:
+    return save_model(tiny_gpt2(), tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> str:
+    return save_model(tiny_llama(), tmp_path_factory.mktemp("llama"))
+
+
+def random_probe(n_pairs: int = 3, length: int = 12, seed: int = 0, n_changed: int = 2) -> Probe:
+    """Random clean prompts; corrupt prompts change ``n_changed`` early tokens. Not a real task, but
+    a random model's logit difference still depends on those tokens, which is all patching needs."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n_pairs):
+        clean = [rng.randrange(2, VOCAB) for _ in range(length)]
+        corrupt = list(clean)
+        for pos in rng.sample(range(length - 1), n_changed):
+            corrupt[pos] = rng.randrange(2, VOCAB)
+        answer, wrong = rng.sample(range(2, VOCAB), 2)
+        pairs.append(PromptPair(tuple(clean), tuple(corrupt), answer, wrong))
+    return Probe("random", "retrieval", pairs)
