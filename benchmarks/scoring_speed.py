@@ -1,0 +1,162 @@
+"""Scoring speed: headscope's exact ``activation`` scorer vs TransformerLens, side by side in one run.
+
+Model: random-init Qwen3 with Qwen3-1.7B's shape (28 layers, 16 query heads, 8 KV heads, head_dim 128,
+hidden 2048, MLP 6144, vocab 151936), bf16 on CUDA. Probe: 32 pairs of 1024 random tokens whose
+corrupt version differs in a block of 16 tokens. Both tools patch every head's output at all positions
+(denoising) and normalise the same way; we report wall time, the ratio and the max score difference.
+
+TransformerLens' bridge forces eager attention, so headscope is timed with eager attention too (same
+kernels, the fair ratio) and with its default sdpa. TransformerLens imports ``datasets`` only for its
+dataset helpers; the GPU box has no pyarrow, so when ``datasets`` is missing a stub module with the two
+names TransformerLens imports is installed (it is never called here).
+
+Usage (GPU): ``python benchmarks/scoring_speed.py [--pairs 32 --length 1024]``; writes
+``$OUT/scoring_speed.json`` and ``.md`` (OUT defaults to benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+
+def stub_datasets_if_missing() -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("datasets")
+        for sub, names in {"arrow_dataset": ["Dataset"], "iterable_dataset": ["IterableDataset"], "load": ["load_dataset"]}.items():
+            module = types.ModuleType(f"datasets.{sub}")
+            for name in names:
+                setattr(module, name, type(name, (), {}))
+                setattr(stub, name, getattr(module, name))
+            sys.modules[f"datasets.{sub}"] = module
+        sys.modules["datasets"] = stub
+
+
+def qwen3_config(layers: int, tiny: bool):
+    """Qwen3-1.7B's shape, or a tiny one (``--tiny``) to smoke-test this script on a CPU."""
+    from transformers import Qwen3Config
+
+    if tiny:
+        return Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=16, num_key_value_heads=8, head_dim=8, max_position_embeddings=4096)
+    return Qwen3Config(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+        tie_word_embeddings=True, rope_theta=1_000_000.0,
+    )
+
+
+def random_probe(n_pairs: int, length: int, vocab: int, seed: int = 0):
+    from headscope.probes.base import Probe, PromptPair
+
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(100, vocab, (n_pairs, length), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, length // 4 : length // 4 + 16] = torch.randint(100, vocab, (n_pairs, 16), generator=gen)
+    answers = torch.randint(100, vocab, (n_pairs, 2), generator=gen)
+    pairs = [PromptPair(tuple(c.tolist()), tuple(k.tolist()), int(a[0]), int(a[1])) for c, k, a in zip(clean, corrupt, answers)]
+    return Probe("random_block", "retrieval", pairs)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--skip-tl", action="store_true", help="time headscope only")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU in float32 (smoke test of this script)")
+    args = parser.parse_args()
+    out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from transformers import Qwen3ForCausalLM
+
+    from headscope import load_model
+    from headscope.patching import activation_scores
+
+    device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(qwen3_config(args.layers, args.tiny)).to(device, dtype).eval()
+    model_dir = "/tmp/qwen3_1p7b_random"
+    model.save_pretrained(model_dir)
+    probe = random_probe(args.pairs, args.length, model.config.vocab_size)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "pairs": args.pairs, "length": args.length,
+              "layers": args.layers, "heads": 16, "kv_heads": 8, "head_dim": model.config.head_dim, "dtype": str(dtype)}
+
+    lm = load_model(model)
+    activation_scores(lm, probe.subset(2), progress=False)  # warm-up: kernels, allocator
+    timings, scores = {}, {}
+    for impl in ("sdpa", "eager"):
+        lm.set_attn_implementation(impl)
+        run, seconds = timed(lambda: activation_scores(lm, probe, progress=False))
+        timings[f"headscope_{impl}_s"], scores[impl] = seconds, run.values
+        print(f"headscope activation ({impl}): {seconds:.1f} s  gap {run.meta['ld_clean'] - run.meta['ld_corrupt']:+.4f}", flush=True)
+    result.update(timings)
+    if device == "cuda":
+        result["headscope_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del lm, model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    if not args.skip_tl:
+        stub_datasets_if_missing()
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
+
+        bridge = TransformerBridge.boot_transformers(model_dir, device=device, dtype=dtype)
+        t = probe.tensors(device)
+        rows = torch.arange(args.pairs, device=device)
+
+        def ld(logits):
+            return (logits[rows, -1, t["answer"]].float() - logits[rows, -1, t["wrong"]].float()).mean()
+
+        def tl_run():
+            with torch.no_grad():
+                clean_logits, cache = bridge.run_with_cache(t["clean"], names_filter=lambda name: name.endswith("attn.hook_z"))
+                ld_clean, ld_corrupt = ld(clean_logits), ld(bridge(t["corrupt"]))
+                metric = lambda logits: (ld(logits) - ld_corrupt) / (ld_clean - ld_corrupt)  # noqa: E731
+                return get_act_patch_attn_head_out_all_pos(bridge, t["corrupt"], cache, metric)
+
+        tl_scores, tl_seconds = timed(tl_run)
+        tl_scores = tl_scores.float().cpu()
+        result["transformer_lens_s"] = tl_seconds
+        print(f"TransformerLens get_act_patch_attn_head_out_all_pos: {tl_seconds:.1f} s", flush=True)
+        for impl in ("sdpa", "eager"):
+            result[f"speedup_{impl}"] = tl_seconds / timings[f"headscope_{impl}_s"]
+            result[f"max_abs_diff_{impl}"] = float((scores[impl] - tl_scores).abs().max())
+        result["tl_score_abs_max"] = float(tl_scores.abs().max())
+        k = min(56, tl_scores.numel() // 8)  # the 7:1 budget: 56 of 448 heads on the full-size model
+        result[f"top{k}_overlap_eager"] = len(
+            set(scores["eager"].abs().flatten().topk(k).indices.tolist()) & set(tl_scores.abs().flatten().topk(k).indices.tolist())
+        ) / k
+
+    (out_dir / "scoring_speed.json").write_text(json.dumps(result, indent=1))
+    lines = ["| quantity | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items()]
+    (out_dir / "scoring_speed.md").write_text("# Scoring speed (exact activation patching)\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

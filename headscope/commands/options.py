@@ -1,0 +1,51 @@
+"""Arguments shared by several subcommands: which model to load and how, which probe to run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from headscope.heads import HeadscopeError
+from headscope.models import LoadedModel, load_model
+from headscope.probes.base import Probe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--model DIR`` plus device, dtype and attention implementation."""
+    parser.add_argument("--model", required=required, help="local Hugging Face model directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation (default sdpa)")
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeadscopeError(f"--device {args.device} asked for, but no CUDA device is available")
+    return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, attn_implementation=args.attn)
+
+
+def add_probe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probe", required=True, action="append", help="built-in probe name or a .jsonl file (repeatable)")
+    parser.add_argument("--length", type=int, default=256, help="prompt length in tokens for built-in probes (default 256)")
+    parser.add_argument("--pairs", type=int, default=16, help="number of prompt pairs (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probe generator (default 0)")
+
+
+def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int, seed: int) -> Probe:
+    """A built-in probe by name, or a JSONL probe file (its first ``n_pairs`` pairs)."""
+    from headscope.probes import load_probe_jsonl, make_probe
+
+    if n_pairs < 1:
+        raise HeadscopeError(f"--pairs must be at least 1, got {n_pairs}")
+    if spec.endswith(".jsonl") or Path(spec).is_file():
+        probe = load_probe_jsonl(spec, tokenizer=lm.tokenizer).subset(n_pairs)
+    else:
+        if lm.tokenizer is None:
+            raise HeadscopeError(f"built-in probe {spec!r} needs a tokenizer, but {lm.fingerprint.name} has none")
+        probe = make_probe(spec, lm.tokenizer, length=length, n_pairs=n_pairs, seed=seed)
+    probe.check_fits(lm.max_context, getattr(lm.model.config, "vocab_size", None))
+    return probe
