@@ -1,0 +1,219 @@
+"""The demo model's training corpus: haystack filler with probe tasks embedded, packed into rows.
+
+The corpus is generated, never stored. Every task instance comes from
+``headscope.probes.tasks.sample_task_text(name, rng, n_filler_words) -> (prompt_text, answer_text)``, the
+same sampler the probes use, so training text and probe prompts share one surface format. A document is
+either plain haystack text or 1..``max_tasks_per_doc`` task instances (prompt then answer) in a row. Rows
+of ``seq_len + 1`` token ids are filled with documents separated by ``<eos>``:
+
+* every row starts at a document start (position 0, no BOS, like a probe prompt); the first document of
+  a row fills the whole row with probability ``full_row_prob``, so answers at every position up to
+  ``seq_len`` are seen; other documents take a random length up to what is left;
+* a task document never gets cut: if it comes out too long it is resampled with less filler, and the
+  short tail of a row is haystack text;
+* the loss weight of a target token is ``answer_weight`` where the target is part of an answer, else 1;
+  ``answer_task`` marks those targets with the task's index (``-1`` elsewhere) for per-task accuracy.
+
+Row ``i`` of a run with seed ``s`` is drawn from ``random.Random(f"headscope-corpus:{s}:{i}")`` alone, so
+the stream is the same for any number of data-loader workers, and a run can resume at any batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from headscope.heads import HeadscopeError
+from headscope.zoo import REPO_ROOT
+
+HAYSTACK_DIR = REPO_ROOT / "data" / "haystack"
+
+# Reasoning tasks get more weight: multi-hop binding is the slowest to learn.
+DEFAULT_TASK_WEIGHTS = {
+    "needle_single": 1.0,
+    "needle_multikey": 1.0,
+    "kv_recall": 1.0,
+    "induction": 1.0,
+    "multihop": 2.0,
+    "ioi": 1.0,
+    "comparison": 1.5,
+}
+
+TaskSampler = Callable[[str, random.Random, int], "tuple[str, str]"]
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """How documents are drawn and packed.
+
+    Attributes:
+        seq_len: tokens a row feeds the model (rows hold ``seq_len + 1`` ids: inputs and shifted targets).
+        task_weights: relative frequency of each task among task instances.
+        filler_doc_prob: probability that a document is plain haystack text.
+        max_tasks_per_doc: task instances in one document are 1..this, fewer more likely.
+        full_row_prob: probability that a row's first document is sized to fill the whole row.
+        min_doc_tokens: below this many free tokens the row is finished with haystack text.
+        answer_weight: loss weight of answer targets (other targets weigh 1).
+        haystack_dir: directory of ``*.txt`` filler files.
+    """
+
+    seq_len: int = 1024
+    task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    filler_doc_prob: float = 0.08
+    max_tasks_per_doc: int = 3
+    full_row_prob: float = 0.35
+    min_doc_tokens: int = 48
+    answer_weight: float = 5.0
+    haystack_dir: str = str(HAYSTACK_DIR)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.task_weights)
+
+
+def read_haystack(haystack_dir: str | Path) -> str:
+    """All ``*.txt`` files of ``haystack_dir`` (sorted by name), joined by newlines."""
+    files = sorted(Path(haystack_dir).glob("*.txt"))
+    if not files:
+        raise HeadscopeError(f"no haystack text: {haystack_dir} has no *.txt files")
+    return "\n".join(path.read_text(encoding="utf-8") for path in files)
+
+
+class Haystack:
+    """Filler text as a list of words; windows of it are plain-text documents."""
+
+    def __init__(self, text: str, tokens_per_word: float) -> None:
+        self.words = text.split()
+        if len(self.words) < 2000:
+            raise HeadscopeError(f"the haystack has only {len(self.words)} words; at least 2000 are needed")
+        self.tokens_per_word = tokens_per_word
+
+    def window(self, rng: random.Random, n_words: int) -> str:
+        """``n_words`` consecutive words from a random place (wrapping around at the end)."""
+        start = rng.randrange(len(self.words))
+        end = start + n_words
+        if end <= len(self.words):
+            return " ".join(self.words[start:end])
+        return " ".join(self.words[start:] + self.words[: end - len(self.words)])
+
+
+class RowBuilder:
+    """Builds packed training rows (see the module docstring).
+
+    Args:
+        encode: text -> token ids, no special tokens.
+        eos_id: the document separator.
+        sample_task: ``(name, rng, n_filler_words) -> (prompt_text, answer_text)``.
+        haystack: filler text.
+        config: corpus settings.
+    """
+
+    def __init__(
+        self, encode: Callable[[str], list[int]], eos_id: int, sample_task: TaskSampler,
+        haystack: Haystack, config: CorpusConfig,
+    ) -> None:
+        self.encode, self.eos_id, self.sample_task = encode, eos_id, sample_task
+        self.haystack, self.config = haystack, config
+        self.names = config.task_names
+        self.weights = [config.task_weights[name] for name in self.names]
+
+    def _filler_ids(self, rng: random.Random, n_tokens: int) -> list[int]:
+        n_words = int(n_tokens / self.haystack.tokens_per_word) + 8
+        return self.encode(self.haystack.window(rng, n_words))[:n_tokens]
+
+    def _task_doc(self, rng: random.Random, budget: int) -> tuple[list[int], list[int]] | None:
+        """Ids and per-id task marks (-1, or the task index on answer ids) of one task document.
+
+        The filler is sized from the budget; a document that comes out longer is redrawn with the filler
+        scaled down by the overshoot. Returns None if even a filler-free draw does not fit.
+        """
+        n_tasks = min(rng.choice([1, 1, 1, 2, 2, 3]), self.config.max_tasks_per_doc)
+        names = rng.choices(self.names, weights=self.weights, k=n_tasks)
+        filler_tokens = [max(budget / n_tasks - 40, 0.0)] * n_tasks
+        if rng.random() < 0.3:
+            filler_tokens = [rng.uniform(0.5, 1.0) * tokens for tokens in filler_tokens]
+        for attempt in range(5):
+            ids: list[int] = []
+            marks: list[int] = []
+            for name, tokens in zip(names, filler_tokens):
+                n_words = int(tokens / self.haystack.tokens_per_word) if attempt < 4 else 0
+                prompt, answer = self.sample_task(name, rng, n_words)
+                prompt_ids, answer_ids = self.encode(prompt), self.encode(answer)
+                ids += prompt_ids + answer_ids
+                marks += [-1] * len(prompt_ids) + [self.names.index(name)] * len(answer_ids)
+            if len(ids) <= budget:
+                return ids, marks
+            overshoot = len(ids) - budget
+            total_filler = sum(filler_tokens) or 1.0
+            filler_tokens = [max(t * (1.0 - 1.05 * overshoot / total_filler), 0.0) for t in filler_tokens]
+        return None
+
+    def build(self, rng: random.Random) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One row.
+
+        Returns:
+            ids ``(seq_len + 1,)`` int64; weights ``(seq_len,)`` float32, the loss weight of target
+            ``ids[t + 1]``; answer_task ``(seq_len,)`` int8, the task index of answer targets, else -1.
+        """
+        cfg = self.config
+        total = cfg.seq_len + 1
+        ids: list[int] = []
+        marks: list[int] = []
+        while len(ids) < total:
+            free = total - len(ids)
+            if free < cfg.min_doc_tokens:
+                tail = self._filler_ids(rng, free)
+                ids += tail
+                marks += [-1] * len(tail)
+                continue
+            full = not ids and rng.random() < cfg.full_row_prob
+            budget = free if full else rng.randint(cfg.min_doc_tokens, free)
+            doc = None if rng.random() < cfg.filler_doc_prob else self._task_doc(rng, budget - 1)
+            if doc is None:
+                doc_ids = self._filler_ids(rng, budget - 1)
+                doc = (doc_ids, [-1] * len(doc_ids))
+            ids += doc[0] + [self.eos_id]
+            marks += doc[1] + [-1]
+        ids, marks = ids[:total], marks[:total]
+        answer_task = np.asarray(marks[1:], dtype=np.int8)
+        weights = np.where(answer_task >= 0, cfg.answer_weight, 1.0).astype(np.float32)
+        return np.asarray(ids, dtype=np.int64), weights, answer_task
+
+
+def row_rng(seed: int, row: int) -> random.Random:
+    """The random source of row ``row`` of a run seeded ``seed``."""
+    return random.Random(f"headscope-corpus:{seed}:{row}")
+
+
+class CorpusStream(IterableDataset):
+    """Endless batches of rows; batch ``b`` holds rows ``b * batch_size ...``; worker ``k`` of ``W`` makes
+    the batches ``b = k (mod W)``, which a ``DataLoader(batch_size=None)`` returns in order.
+
+    Yields:
+        dict of ``ids (B, seq_len + 1)`` int64, ``weights (B, seq_len)`` float32, ``answer_task
+        (B, seq_len)`` int8.
+    """
+
+    def __init__(self, make_builder: Callable[[], RowBuilder], seed: int, batch_size: int, start_batch: int = 0):
+        super().__init__()
+        self.make_builder, self.seed, self.batch_size, self.start_batch = make_builder, seed, batch_size, start_batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        builder = self.make_builder()
+        batch = self.start_batch + worker
+        while True:
+            rows = [builder.build(row_rng(self.seed, batch * self.batch_size + r)) for r in range(self.batch_size)]
+            yield {
+                "ids": torch.from_numpy(np.stack([r[0] for r in rows])),
+                "weights": torch.from_numpy(np.stack([r[1] for r in rows])),
+                "answer_task": torch.from_numpy(np.stack([r[2] for r in rows])),
+            }
+            batch += n_workers

@@ -1,0 +1,99 @@
+"""Task accuracy of a causal LM on headscope's probes.
+
+For every clean prompt of a probe the model's logits at the last position are read and two numbers are
+kept: whether the answer token is the argmax over the whole vocabulary (``argmax``; chance is about one
+over the number of answers the task can have), and whether the answer's logit beats the logit of the
+corrupt prompt's answer (``beats_wrong``; chance 0.5). The mean logit difference answer - wrong is kept too.
+These are the numbers on the demo model's card and in its test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from headscope.probes.base import Probe
+
+
+@dataclass(frozen=True)
+class ProbeAccuracy:
+    """Accuracy of one model on one probe (clean prompts only)."""
+
+    task: str
+    length: int
+    n_pairs: int
+    argmax: float
+    beats_wrong: float
+    mean_logit_diff: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16) -> ProbeAccuracy:
+    """Score the clean prompts of ``probe`` with ``model`` (on the model's device, in eval mode).
+
+    Args:
+        model: a Hugging Face causal LM (``model(input_ids).logits`` is ``(B, T, V)``).
+        probe: prompt pairs; only ``clean``, ``answer`` and ``wrong`` are used.
+        batch_size: prompts per forward.
+    Returns:
+        A ``ProbeAccuracy``.
+    """
+    device = next(model.parameters()).device
+    tensors = probe.tensors(device)
+    was_training = model.training
+    model.eval()
+    hits, beats, diffs = [], [], []
+    try:
+        for start in range(0, len(probe), batch_size):
+            clean = tensors["clean"][start : start + batch_size]  # (b, T)
+            answer = tensors["answer"][start : start + batch_size]  # (b,)
+            wrong = tensors["wrong"][start : start + batch_size]  # (b,)
+            last = model(input_ids=clean).logits[:, -1, :].float()  # (b, V)
+            answer_logit = last.gather(1, answer[:, None])[:, 0]
+            wrong_logit = last.gather(1, wrong[:, None])[:, 0]
+            hits.append(last.argmax(dim=-1) == answer)
+            beats.append(answer_logit > wrong_logit)
+            diffs.append(answer_logit - wrong_logit)
+    finally:
+        model.train(was_training)
+    return ProbeAccuracy(
+        task=probe.name,
+        length=probe.length,
+        n_pairs=len(probe),
+        argmax=torch.cat(hits).float().mean().item(),
+        beats_wrong=torch.cat(beats).float().mean().item(),
+        mean_logit_diff=torch.cat(diffs).mean().item(),
+    )
+
+
+def task_accuracies(
+    model: nn.Module,
+    make_probe: Callable[..., Probe],
+    tokenizer: Any,
+    tasks: Iterable[str],
+    lengths: Iterable[int],
+    n_pairs: int,
+    batch_size: int = 16,
+) -> list[ProbeAccuracy]:
+    """``probe_accuracy`` for every task at every length.
+
+    Args:
+        make_probe: ``make_probe(name, tokenizer, length=..., n_pairs=...) -> Probe``.
+        tasks, lengths: the grid to score.
+        n_pairs: prompts per (task, length).
+    Returns:
+        One ``ProbeAccuracy`` per (task, length), tasks outer.
+    """
+    grid = [(task, length) for task in tasks for length in lengths]
+    results = []
+    for task, length in tqdm(grid, desc="probe accuracy", leave=False):
+        probe = make_probe(task, tokenizer, length=length, n_pairs=n_pairs)
+        results.append(probe_accuracy(model, probe, batch_size))
+    return results

@@ -1,0 +1,236 @@
+"""Train the bundled demo model: a small Qwen3 on the generated task corpus, in minutes on one GPU.
+
+    python -m headscope.zoo.train_demo --out data/models/headscope-demo --minutes 12 --seed 0
+
+Recipe: build the word-level tokenizer from task samples and the haystack (``headscope.zoo.tokenizer``),
+stream packed rows of ``seq_len`` tokens (``headscope.zoo.corpus``) from data-loader workers, and train a
+``Qwen3ForCausalLM`` with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
+decay to 10%, bf16 autocast on CUDA, gradient clipping at 1, loss = answer-weighted next-token
+cross-entropy. ``--steps`` fixes the step count; otherwise ``--minutes`` of training are turned into a
+step count from the step time measured before warm-up ends (the card records it, so ``--steps`` replays
+the run). Every few minutes the training state is written atomically to ``train_state.pt``, and
+``--resume`` continues from it. At the end the weights are saved in bf16, loaded back in float32 and
+scored on the probes (``headscope.zoo.evaluate``); the card, the loss log and its figure are written
+by ``headscope.zoo.card``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from headscope.heads import HeadscopeError
+from headscope.zoo.card import TrainingLog, write_outputs
+from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder, read_haystack
+from headscope.zoo.evaluate import task_accuracies
+from headscope.zoo.tokenizer import build_demo_tokenizer
+
+PRESETS = {
+    "demo": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=32),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+}
+CALIBRATION_STEPS = (20, 50)  # step time measured between these steps (after compilation)
+
+
+def model_config(preset: str, tokenizer, seq_len: int) -> Qwen3Config:
+    """The Qwen3 configuration of a preset for ``tokenizer``'s vocabulary and a ``seq_len`` context."""
+    return Qwen3Config(
+        vocab_size=len(tokenizer), max_position_embeddings=seq_len, rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None, **PRESETS[preset],
+    )
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` to ``peak / 10`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights only (not on norms)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def weighted_loss(model, batch: dict[str, torch.Tensor], n_tasks: int, amp: bool):
+    """Answer-weighted next-token loss of one batch, plus detached sums for the log.
+
+    Returns:
+        (loss, sums) where sums is a ``(4 + 3 * n_tasks,)`` float tensor: weighted-loss numerator and
+        denominator, text CE sum and count, then per task answer-CE sum, answer count and correct count.
+    """
+    ids, weights, answer_task = batch["ids"], batch["weights"], batch["answer_task"].long()
+    inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T)
+    with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(input_ids=inputs).logits  # (B, T, V)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    loss = (ce * weights).sum() / weights.sum()
+    with torch.no_grad():
+        is_answer = answer_task >= 0
+        correct = (logits.argmax(dim=-1) == targets) & is_answer
+        task_index = answer_task.clamp(min=0).flatten()
+        per_task = torch.zeros(3, n_tasks, device=ids.device)
+        per_task[0].index_add_(0, task_index, (ce * is_answer).flatten())
+        per_task[1].index_add_(0, task_index, is_answer.flatten().float())
+        per_task[2].index_add_(0, task_index, correct.flatten().float())
+        head = torch.stack([(ce * weights).sum(), weights.sum(), (ce * ~is_answer).sum(), (~is_answer).sum().float()])
+        sums = torch.cat([head, per_task.flatten()])
+    return loss, sums
+
+
+def save_state(path: Path, model, optimizer, step: int, total_steps: int, log: TrainingLog) -> None:
+    """Write the resumable training state atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "total_steps": total_steps, "log": log.rows}, tmp)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="data/models/headscope-demo", help="output model directory")
+    parser.add_argument("--minutes", type=float, default=12.0, help="training time (tokenizer and eval excluded)")
+    parser.add_argument("--steps", type=int, default=None, help="fixed step count (overrides --minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--tiny", action="store_const", const="tiny", dest="preset", help="= --preset tiny")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--answer-weight", type=float, default=5.0)
+    parser.add_argument("--workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--eval-lengths", default="256,512,1024")
+    parser.add_argument("--eval-pairs", type=int, default=64)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    parser.add_argument("--haystack-dir", default=None, help="filler text directory (default data/haystack)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from headscope.probes import make_probe
+    from headscope.probes.tasks import TASK_NAMES, sample_task_text
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state.pt"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    config = CorpusConfig(seq_len=args.seq_len, answer_weight=args.answer_weight,
+                          **({"haystack_dir": args.haystack_dir} if args.haystack_dir else {}))
+    unknown = sorted(set(config.task_names) ^ set(TASK_NAMES))
+    if unknown:
+        raise HeadscopeError(f"corpus task weights and headscope.probes.tasks.TASK_NAMES differ on {unknown}")
+    haystack_text = read_haystack(config.haystack_dir)
+    tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, haystack_text, seed=args.seed,
+                                     model_max_length=args.seq_len)
+    tokenizer.save_pretrained(out)
+    core = tokenizer.backend_tokenizer
+    sample_words = haystack_text.split()[:20000]
+    tokens_per_word = len(core.encode(" ".join(sample_words), add_special_tokens=False).ids) / len(sample_words)
+    haystack = Haystack(haystack_text, tokens_per_word)
+    encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+
+    def make_builder() -> RowBuilder:
+        return RowBuilder(encode, tokenizer.eos_token_id, sample_task_text, haystack, config)
+
+    model = Qwen3ForCausalLM(model_config(args.preset, tokenizer, args.seq_len)).to(device)
+    optimizer = make_optimizer(model, args.lr, fused=device.type == "cuda")
+    log = TrainingLog(config.task_names, batch_tokens=args.batch_size * args.seq_len)
+    step, total_steps = 0, args.steps
+    if args.resume:
+        if not state_path.is_file():
+            raise HeadscopeError(f"--resume: no training state at {state_path}")
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, total_steps, log.rows = state["step"], state["total_steps"], state["log"]
+    forward = torch.compile(model) if args.compile else model
+    stream = CorpusStream(make_builder, args.seed, args.batch_size, start_batch=step)
+    loader = DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=amp,
+                        prefetch_factor=8 if args.workers else None, persistent_workers=False)
+    n_tasks = len(config.task_names)
+    sums = torch.zeros(4 + 3 * n_tasks, device=device)
+    started = time.perf_counter()
+    train_seconds = log.rows[-1]["seconds"] if log.rows else 0.0
+    last_checkpoint = time.perf_counter()
+    calibration_time = {}
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+    model.train()
+    for batch in loader:
+        if total_steps is not None and step >= total_steps:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        lr = learning_rate(step, total_steps or 10**9, args.lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, batch_sums = weighted_loss(forward, batch, n_tasks, amp)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums += batch_sums
+        step += 1
+        progress.update(1)
+        if total_steps is None and step in CALIBRATION_STEPS:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            calibration_time[step] = time.perf_counter()
+            if step == CALIBRATION_STEPS[1]:
+                first, second = CALIBRATION_STEPS
+                step_seconds = (calibration_time[second] - calibration_time[first]) / (second - first)
+                elapsed = calibration_time[second] - started
+                total_steps = step + int(max(args.minutes * 60 - elapsed, 0) / step_seconds)
+                progress.total = total_steps
+                progress.refresh()
+        if step % args.log_every == 0 or step == total_steps:
+            seconds = train_seconds + time.perf_counter() - started
+            log.add(step, seconds, lr, float(grad_norm), sums.tolist())
+            progress.set_postfix(loss=f"{log.rows[-1]['loss']:.3f}", ans=f"{log.rows[-1]['answer_acc']:.2f}")
+            sums.zero_()
+            if time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:
+                save_state(state_path, model, optimizer, step, total_steps, log)
+                last_checkpoint = time.perf_counter()
+    progress.close()
+    train_seconds += time.perf_counter() - started
+
+    model.to(torch.bfloat16).save_pretrained(out)
+    shipped = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+    shipped_tokenizer = AutoTokenizer.from_pretrained(out)
+    lengths = [int(x) for x in args.eval_lengths.split(",") if int(x) <= args.seq_len]
+    accuracies = task_accuracies(shipped, make_probe, shipped_tokenizer, config.task_names, lengths, args.eval_pairs)
+    write_outputs(out, args=vars(args), log=log, accuracies=accuracies, model=shipped, train_seconds=train_seconds,
+                  device_name=torch.cuda.get_device_name() if amp else "cpu", corpus=config)
+    state_path.unlink(missing_ok=True)
+    for row in accuracies:
+        print(f"{row.task:16s} len {row.length:5d}  argmax {row.argmax:.3f}  beats_wrong {row.beats_wrong:.3f}  "
+              f"logit_diff {row.mean_logit_diff:+.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
