@@ -1,0 +1,99 @@
+"""The demo model's tokenizer, corpus rows and stream, and the training schedule (no training here)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from headscope.heads import HeadscopeError
+from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder, row_rng
+from headscope.zoo.tokenizer import build_demo_tokenizer, build_vocab, count_words, split_words
+from headscope.zoo.train_demo import learning_rate
+
+TASKS = ("lookup", "echo")
+FILLER = "the quiet river runs past the old mill . people walk to work in the morning , and traders shout 12 prices ."
+
+
+def fake_task(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, str]:
+    """A stand-in sampler with the real signature: filler, a key-value fact, a query; answers are animals."""
+    words = (FILLER.split() * (n_filler_words // 10 + 1))[:n_filler_words]
+    key, value = rng.choice(["anchor", "badge", "candle"]), rng.choice(["tiger", "zebra", "otter"])
+    cut = rng.randint(0, len(words))
+    if name == "lookup":
+        return " ".join(words[:cut] + [f"the {key} holds {value} ."] + words[cut:]) + f" the {key} holds", value
+    return " ".join(words) + f" say {value} : ", value
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tokenizer = build_demo_tokenizer(fake_task, TASKS, FILLER * 3, seed=0, samples_per_task=50, model_max_length=128)
+    core = tokenizer.backend_tokenizer
+    encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+    haystack = Haystack(" ".join([FILLER] * 200), tokens_per_word=1.0)
+    config = CorpusConfig(seq_len=128, task_weights={"lookup": 1.0, "echo": 1.0}, answer_weight=4.0, min_doc_tokens=24)
+    builder = RowBuilder(encode, tokenizer.eos_token_id, fake_task, haystack, config)
+    return tokenizer, builder, config
+
+
+def test_split_words_isolates_digits_and_punctuation():
+    assert split_words("Room 42, then-home.") == ["Room", "4", "2", ",", "then", "-", "home", "."]
+
+
+def test_vocab_keeps_task_words_and_is_deterministic(parts):
+    tokenizer = parts[0]
+    vocab = tokenizer.get_vocab()
+    assert [vocab[t] for t in ("<unk>", "<eos>", "<pad>")] == [0, 1, 2]
+    assert all(word in vocab for word in ("tiger", "zebra", "otter", "anchor", "holds", "7", "?"))
+    again = build_demo_tokenizer(fake_task, TASKS, FILLER * 3, seed=0, samples_per_task=50)
+    assert again.get_vocab() == vocab
+    ids = tokenizer("the anchor holds zzzz", add_special_tokens=False)["input_ids"]
+    assert ids[-1] == tokenizer.unk_token_id and len(ids) == 4
+
+
+def test_vocab_cap_and_min_count():
+    vocab = build_vocab(count_words(["alpha beta"]), count_words(["gamma gamma delta"]), min_count=2, max_vocab=1000)
+    assert "gamma" in vocab and "delta" not in vocab and "alpha" in vocab
+    with pytest.raises(HeadscopeError, match="max_vocab"):
+        build_vocab(count_words(["alpha beta"]), count_words([]), max_vocab=10)
+
+
+def test_rows_mark_exactly_the_answer_targets(parts):
+    tokenizer, builder, config = parts
+    animal_ids = {tokenizer.convert_tokens_to_ids(w) for w in ("tiger", "zebra", "otter")}
+    n_answers = 0
+    for row in range(40):
+        ids, weights, answer_task = builder.build(row_rng(3, row))
+        assert ids.shape == (129,) and weights.shape == (128,) and answer_task.shape == (128,)
+        assert ids[0] != tokenizer.eos_token_id  # a row starts at a document start
+        targets = ids[1:]
+        is_answer = answer_task >= 0
+        # answers are animals; animals occur in prompts too (the fact), so only one direction is exact
+        assert all(int(t) in animal_ids for t in targets[is_answer])
+        assert (weights[is_answer] == 4.0).all() and (weights[~is_answer] == 1.0).all()
+        # an answer follows the query "holds" or the ':' of "say X :"
+        previous = tokenizer.convert_ids_to_tokens(ids[:-1][is_answer].tolist())
+        assert set(previous) <= {"holds", ":"}
+        n_answers += int(is_answer.sum())
+    assert n_answers > 40
+
+
+def test_stream_is_the_same_for_any_worker_count(parts):
+    builder = parts[1]
+    stream = CorpusStream(lambda: builder, seed=5, batch_size=2, start_batch=1)
+    serial = [batch["ids"] for _, batch in zip(range(3), DataLoader(stream, batch_size=None, num_workers=0))]
+    parallel = [batch["ids"] for _, batch in zip(range(3), DataLoader(stream, batch_size=None, num_workers=2))]
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
+    expected = torch.from_numpy(builder.build(row_rng(5, 1 * 2 + 1))[0])  # batch 1 (start), row 1
+    assert torch.equal(serial[0][1], expected)
+
+
+def test_learning_rate_schedule():
+    peak = 1e-3
+    assert learning_rate(0, 100, peak, 10) == pytest.approx(peak / 10)
+    assert learning_rate(9, 100, peak, 10) == pytest.approx(peak)
+    assert learning_rate(55, 100, peak, 10) == pytest.approx(peak * 0.55)
+    assert learning_rate(100, 100, peak, 10) == pytest.approx(peak * 0.1)
