@@ -3,7 +3,8 @@
 Model: random-init Qwen3 with Qwen3-1.7B's shape (28 layers, 16 query heads, 8 KV heads, head_dim 128,
 hidden 2048, MLP 6144, vocab 151936), bf16 on CUDA. Probe: 32 pairs of 1024 random tokens whose
 corrupt version differs in a block of 16 tokens. Both tools patch every head's output at all positions
-(denoising) and normalise the same way; we report wall time, the ratio and the max score difference.
+(denoising) and normalise the same way; we report wall time, the ratio and the max score difference,
+in bf16 at full size and in float32 on a shorter probe (the agreement check proper).
 
 TransformerLens' bridge forces eager attention, so headscope is timed with eager attention too (same
 kernels, the fair ratio) and with its default sdpa. TransformerLens imports ``datasets`` only for its
@@ -67,6 +68,40 @@ def random_probe(n_pairs: int, length: int, vocab: int, seed: int = 0):
     return Probe("random_block", "retrieval", pairs)
 
 
+def transformer_lens_scores(bridge, probe, device, patch_fn) -> torch.Tensor:
+    """TransformerLens' all-position head-output patching with headscope's normalisation."""
+    t = probe.tensors(device)
+    rows = torch.arange(len(probe), device=device)
+
+    def ld(logits):
+        return (logits[rows, -1, t["answer"]].float() - logits[rows, -1, t["wrong"]].float()).mean()
+
+    with torch.no_grad():
+        clean_logits, cache = bridge.run_with_cache(t["clean"], names_filter=lambda name: name.endswith("attn.hook_z"))
+        ld_clean, ld_corrupt = ld(clean_logits), ld(bridge(t["corrupt"]))
+        metric = lambda logits: (ld(logits) - ld_corrupt) / (ld_clean - ld_corrupt)  # noqa: E731
+        return patch_fn(bridge, t["corrupt"], cache, metric)
+
+
+def float32_agreement(model_dir: str, n_pairs: int, length: int, device: str) -> dict:
+    """Scores of both tools in float32 (eager attention) on the same model: bf16 rounding on a random
+    model, whose clean/corrupt gap is small, swamps the comparison, so agreement is checked here."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
+
+    from headscope import load_model
+    from headscope.patching import activation_scores
+
+    probe = random_probe(n_pairs, length, vocab=512)
+    lm = load_model(model_dir, dtype=torch.float32, device=device, attn_implementation="eager")
+    ours = activation_scores(lm, probe, progress=False).values
+    del lm
+    bridge = TransformerBridge.boot_transformers(model_dir, device=device, dtype=torch.float32)
+    theirs = transformer_lens_scores(bridge, probe, device, get_act_patch_attn_head_out_all_pos).float().cpu()
+    return {"fp32_pairs": n_pairs, "fp32_length": length, "fp32_max_abs_diff": float((ours - theirs).abs().max()),
+            "fp32_score_abs_max": float(theirs.abs().max())}
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -86,6 +121,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--skip-tl", action="store_true", help="time headscope only")
+    parser.add_argument("--check-pairs", type=int, default=8, help="pairs of the float32 agreement check")
+    parser.add_argument("--check-length", type=int, default=256, help="prompt length of the float32 agreement check")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU in float32 (smoke test of this script)")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
@@ -126,20 +163,7 @@ def main() -> None:
         from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
         bridge = TransformerBridge.boot_transformers(model_dir, device=device, dtype=dtype)
-        t = probe.tensors(device)
-        rows = torch.arange(args.pairs, device=device)
-
-        def ld(logits):
-            return (logits[rows, -1, t["answer"]].float() - logits[rows, -1, t["wrong"]].float()).mean()
-
-        def tl_run():
-            with torch.no_grad():
-                clean_logits, cache = bridge.run_with_cache(t["clean"], names_filter=lambda name: name.endswith("attn.hook_z"))
-                ld_clean, ld_corrupt = ld(clean_logits), ld(bridge(t["corrupt"]))
-                metric = lambda logits: (ld(logits) - ld_corrupt) / (ld_clean - ld_corrupt)  # noqa: E731
-                return get_act_patch_attn_head_out_all_pos(bridge, t["corrupt"], cache, metric)
-
-        tl_scores, tl_seconds = timed(tl_run)
+        tl_scores, tl_seconds = timed(lambda: transformer_lens_scores(bridge, probe, device, get_act_patch_attn_head_out_all_pos))
         tl_scores = tl_scores.float().cpu()
         result["transformer_lens_s"] = tl_seconds
         print(f"TransformerLens get_act_patch_attn_head_out_all_pos: {tl_seconds:.1f} s", flush=True)
@@ -147,6 +171,9 @@ def main() -> None:
             result[f"speedup_{impl}"] = tl_seconds / timings[f"headscope_{impl}_s"]
             result[f"max_abs_diff_{impl}"] = float((scores[impl] - tl_scores).abs().max())
         result["tl_score_abs_max"] = float(tl_scores.abs().max())
+        del bridge
+        result.update(float32_agreement(model_dir, args.check_pairs, args.check_length, device))
+        print(f"float32 agreement: max |headscope - TL| = {result['fp32_max_abs_diff']:.2e}", flush=True)
         k = min(56, tl_scores.numel() // 8)  # the 7:1 budget: 56 of 448 heads on the full-size model
         result[f"top{k}_overlap_eager"] = len(
             set(scores["eager"].abs().flatten().topk(k).indices.tolist()) & set(tl_scores.abs().flatten().topk(k).indices.tolist())
