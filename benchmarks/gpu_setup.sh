@@ -3,6 +3,6 @@
 # into /tmp/site (run scripts by path, not `python -c` from the repo root, whose headscope/ would shadow it), leaving the box's own torch/triton/transformers untouched.
 #   . benchmarks/gpu_setup.sh && python benchmarks/scoring_speed.py
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || return 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . || return 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 (cd /tmp && python3 -c "import torch, headscope.kernels; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())")
