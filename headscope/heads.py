@@ -114,12 +114,17 @@ class ModelFingerprint:
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as JSON to ``path`` through a temporary file and an atomic rename."""
+    return write_text_atomic(path, json.dumps(payload, indent=1))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1)
+            stream.write(text)
         os.replace(tmp_name, target)
     except BaseException:
         if os.path.exists(tmp_name):
