@@ -1,0 +1,299 @@
+"""The probe tasks at the text level: one surface format per task, shared by the probes and training data.
+
+Every task samples a ``TaskInstance``: facts to hide in the haystack (each a clean and a corrupt word
+sequence of equal length), a query that ends the prompt, the answer word and the wrong word. The
+corrupt version differs from the clean one only where the capability matters, so that its answer is the
+wrong word. The token-level probe generators (``headscope.probes.builtin``) and ``sample_task_text``
+(training text for the demo model) assemble the SAME instances, so a model trained on the text sees
+exactly the probes' format. All text is lowercase with punctuation split off by spaces.
+
+Formats (``<filler>`` is haystack sentences; facts sit between them at random depths):
+
+* ``needle_single``: ``... the special magic number for lantern is 42 . ... what is the special magic
+  number for lantern ? answer :`` -> ``42``. Values are two-digit numbers ("number") or animal words
+  ("word": ``the special magic word for ...``). Corrupt: the needle holds another value.
+* ``needle_multikey``: four needles with different keys; the query names one. Corrupt: the query names
+  another needle's key, so the answer becomes that needle's value.
+* ``kv_recall`` (MQAR-like): ``... lantern : 42 , kettle : 17 , ... . ... recall kettle :`` -> ``17``.
+  Corrupt: the queried pair and one other pair swap values (same tokens present, other binding).
+* ``induction``: random words ``w1 .. wm`` then their repeat cut after ``wk``; predict ``w(k+1)``.
+  Corrupt: ``w(k+1)`` in the first copy is replaced by another word.
+* ``multihop``: ``c = 42 . ... d = c . ... f = d . ... what is f ? answer :`` -> ``42``, interleaved with
+  two distractor chains (noise haystack, as RULER's variable tracking). Corrupt: the first hop of the
+  queried chain points at a distractor chain's root (``d = g .``), so the answer is that root's value.
+* ``ioi``: ``... when mary and john went to the store , john gave a drink to`` -> ``mary``. Corrupt: the
+  second subject is the other name (``, mary gave a drink to`` -> ``john``).
+* ``comparison``: ``... tom is taller than ann . ... kate is taller than paul . ... who is shorter , ann
+  or tom ? answer :`` -> ``ann``. Corrupt: the queried fact swaps its two names.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from headscope.heads import HeadscopeError
+from headscope.probes import vocab
+from headscope.probes.haystack import haystack_sentences, haystack_words, insert_facts, take_window
+
+Words = tuple[str, ...]
+
+KV_MAX_PAIRS = 32
+MULTIKEY_NEEDLES = 4
+MULTIHOP_CHAINS = 3  # the queried chain and two distractors
+MULTIHOP_HOPS = 2  # root binding then two copies: c = 42 . d = c . f = d .
+MIN_INDUCTION_WORDS = 4
+# The fixed words of the formats below (a test checks that sampled text uses nothing else besides the
+# word lists and the haystack).
+TEMPLATE_WORDS = tuple("the special magic number word for is . what ? answer : , recall = when and went to gave a who than or".split())
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A clean and a corrupt word sequence of equal length (equal words where nothing changes)."""
+
+    clean: Words
+    corrupt: Words
+
+    @classmethod
+    def same(cls, text: str) -> "Segment":
+        words = tuple(text.split())
+        return cls(words, words)
+
+
+@dataclass(frozen=True)
+class TaskInstance:
+    """One sampled clean/corrupt example of a task, before the haystack is added."""
+
+    facts: tuple[Segment, ...]  # placed in order at random depths of the filler
+    query: Segment  # ends the prompt
+    answer: str  # the word the clean prompt asks for
+    wrong: str  # the word the corrupt prompt asks for
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The word lists a task may draw slot words from (for a tokenizer: its single-token words)."""
+
+    keys: Words
+    number_values: Words
+    word_values: Words
+    names: Words
+    variables: Words
+    places: Words
+    objects: Words
+    comparatives: tuple[tuple[str, str], ...]
+    induction: Words  # the haystack's words (no punctuation)
+
+    @classmethod
+    def full(cls) -> "Pools":
+        return cls(
+            vocab.KEYS, vocab.NUMBER_VALUES, vocab.WORD_VALUES, vocab.NAMES, vocab.VARIABLES, vocab.PLACES,
+            vocab.OBJECTS, vocab.COMPARATIVES, tuple(sorted(w for w in haystack_words() if w.isalpha())),
+        )
+
+    def restricted(self, keep: Callable[[str], bool]) -> "Pools":
+        """Keep the slot words (``SLOT_POOLS``) for which ``keep`` holds; the shared context words
+        (places, objects, comparatives: equal in clean and corrupt, never answers) stay as they are."""
+        return replace(self, **{name: tuple(w for w in getattr(self, name) if keep(w)) for name in SLOT_POOLS})
+
+
+# Pools whose words are answers, differ between clean and corrupt, or set the token cost of a growing task:
+# a tokenizer must continue a prompt with each of them as exactly one token.
+SLOT_POOLS = ("keys", "number_values", "word_values", "names", "variables", "induction")
+
+
+def _draw(rng: random.Random, pool: Sequence[str], k: int, what: str) -> list[str]:
+    """``k`` distinct words of ``pool``; a HeadscopeError when the pool is too small."""
+    if len(pool) < k:
+        raise HeadscopeError(f"needs {k} distinct {what} but only {len(pool)} are usable (single tokens) with this tokenizer")
+    return rng.sample(list(pool), k)
+
+
+def _values(rng: random.Random, pools: Pools, k: int) -> tuple[str, list[str]]:
+    """A value kind ("number" or "word", among those with >= k usable values) and k distinct values."""
+    kinds = [kind for kind, pool in (("number", pools.number_values), ("word", pools.word_values)) if len(pool) >= k]
+    if not kinds:
+        usable = max(len(pools.number_values), len(pools.word_values))
+        raise HeadscopeError(f"needs {k} distinct values but only {usable} are usable (single tokens) with this tokenizer")
+    kind = rng.choice(kinds)
+    return kind, rng.sample(list(pools.number_values if kind == "number" else pools.word_values), k)
+
+
+def _needle(kind: str, key: str, value: str) -> Words:
+    return tuple(f"the special magic {kind} for {key} is {value} .".split())
+
+
+def _needle_query(kind: str, key: str) -> Words:
+    return tuple(f"what is the special magic {kind} for {key} ? answer :".split())
+
+
+def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    kind, (value, other) = _values(rng, pools, 2)
+    (key,) = _draw(rng, pools.keys, 1, "keys")
+    fact = Segment(_needle(kind, key, value), _needle(kind, key, other))
+    query = _needle_query(kind, key)
+    return TaskInstance((fact,), Segment(query, query), value, other)
+
+
+def sample_needle_multikey(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    kind, values = _values(rng, pools, MULTIKEY_NEEDLES)
+    keys = _draw(rng, pools.keys, MULTIKEY_NEEDLES, "keys")
+    asked, other = rng.sample(range(MULTIKEY_NEEDLES), 2)
+    facts = tuple(Segment.same(" ".join(_needle(kind, k, v))) for k, v in zip(keys, values))
+    query = Segment(_needle_query(kind, keys[asked]), _needle_query(kind, keys[other]))
+    return TaskInstance(facts, query, values[asked], values[other])
+
+
+def sample_kv_recall(rng: random.Random, pools: Pools, size: int = 2) -> TaskInstance:
+    """``size`` key-value pairs (>= 2) in one block."""
+    keys = _draw(rng, pools.keys, size, "keys")
+    kind, (value, other) = _values(rng, pools, 2)
+    value_pool = pools.number_values if kind == "number" else pools.word_values
+    rest = [v for v in value_pool if v not in (value, other)]
+    fillers = iter(rng.sample(rest, size - 2) if len(rest) >= size - 2 else rng.choices(rest, k=size - 2))
+    asked, swapped = rng.sample(range(size), 2)
+    values = [value if i == asked else other if i == swapped else next(fillers) for i in range(size)]
+    corrupt_values = list(values)
+    corrupt_values[asked], corrupt_values[swapped] = values[swapped], values[asked]
+
+    def block(vals: list[str]) -> Words:
+        return tuple(" , ".join(f"{k} : {v}" for k, v in zip(keys, vals)).split()) + (".",)
+
+    query = Segment.same(f"recall {keys[asked]} :")
+    return TaskInstance((Segment(block(values), block(corrupt_values)),), query, value, other)
+
+
+def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION_WORDS) -> TaskInstance:
+    """``size`` words in all (>= 4): a segment of m = size // 2 + 1 words, then its first k = size - m."""
+    first = size // 2 + 1
+    repeat = size - first
+    trigger, answer, wrong = _draw(rng, pools.induction, 3, "induction words")
+    rest = [w for w in pools.induction if w not in (trigger, answer, wrong)]
+    if not rest:
+        raise HeadscopeError("needs 4 distinct induction words but only 3 are usable (single tokens) with this tokenizer")
+    others = rng.sample(rest, first - 2) if len(rest) >= first - 2 else rng.choices(rest, k=first - 2)
+    segment = others[: repeat - 1] + [trigger, answer] + others[repeat - 1 :]
+    corrupt = list(segment)
+    corrupt[repeat] = wrong
+    return TaskInstance((), Segment(tuple(segment + segment[:repeat]), tuple(corrupt + segment[:repeat])), answer, wrong)
+
+
+def sample_multihop(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    names = _draw(rng, pools.variables, MULTIHOP_CHAINS * (MULTIHOP_HOPS + 1), "variables")
+    kind, roots = _values(rng, pools, MULTIHOP_CHAINS)
+    chains = [names[c * (MULTIHOP_HOPS + 1) : (c + 1) * (MULTIHOP_HOPS + 1)] for c in range(MULTIHOP_CHAINS)]
+    statements = [[f"{chain[0]} = {root} ."] + [f"{chain[h]} = {chain[h - 1]} ." for h in range(1, MULTIHOP_HOPS + 1)]
+                  for chain, root in zip(chains, roots)]
+    # Interleave the chains at random, keeping each chain's order; chain 0 is asked, chain 1 the detour.
+    order = [c for c in range(MULTIHOP_CHAINS) for _ in range(MULTIHOP_HOPS + 1)]
+    rng.shuffle(order)
+    facts = []
+    emitted = [0] * MULTIHOP_CHAINS
+    for c in order:
+        segment = Segment.same(statements[c][emitted[c]])
+        if c == 0 and emitted[c] == 1:
+            segment = Segment(segment.clean, tuple(f"{chains[0][1]} = {chains[1][0]} .".split()))
+        facts.append(segment)
+        emitted[c] += 1
+    query = Segment.same(f"what is {chains[0][-1]} ? answer :")
+    return TaskInstance(tuple(facts), query, roots[0], roots[1])
+
+
+def sample_ioi(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    indirect, subject = _draw(rng, pools.names, 2, "names")
+    (place,) = _draw(rng, pools.places, 1, "places")
+    (thing,) = _draw(rng, pools.objects, 1, "objects")
+    first, second = (indirect, subject) if rng.random() < 0.5 else (subject, indirect)
+
+    def sentence(giver: str) -> Words:
+        return tuple(f"when {first} and {second} went to the {place} , {giver} gave a {thing} to".split())
+
+    return TaskInstance((), Segment(sentence(subject), sentence(indirect)), indirect, subject)
+
+
+def sample_comparison(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    big, small, other_big, other_small = _draw(rng, pools.names, 4, "names")
+    if not pools.comparatives:
+        raise HeadscopeError("needs a comparative pair (taller/shorter ...) of single tokens but none is usable with this tokenizer")
+    more, less = rng.choice(pools.comparatives)
+    fact = Segment(tuple(f"{big} is {more} than {small} .".split()), tuple(f"{small} is {more} than {big} .".split()))
+    distractor = Segment.same(f"{other_big} is {more} than {other_small} .")
+    asked, answer, wrong = (more, big, small) if rng.random() < 0.5 else (less, small, big)
+    first, second = (big, small) if rng.random() < 0.5 else (small, big)
+    facts = (fact, distractor) if rng.random() < 0.5 else (distractor, fact)
+    return TaskInstance(facts, Segment.same(f"who is {asked} , {first} or {second} ? answer :"), answer, wrong)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: its sampler, capability, haystack and, for tasks whose content grows with the prompt,
+    ``sizes = (smallest size, largest size for the pools, share of the token budget the content may take)``
+    (the size is the sampler's third argument: pairs for ``kv_recall``, words for ``induction``)."""
+
+    name: str
+    capability: str
+    description: str
+    haystack: str | None
+    sample: Callable[[random.Random, Pools, int], TaskInstance]
+    sizes: tuple[int, Callable[[Pools], int], float] | None = None
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("needle_single", "retrieval", "needle in a haystack: one key, recall its value (corrupt: other value)", "essay", sample_needle_single),
+        Task("needle_multikey", "retrieval", f"RULER multikey: {MULTIKEY_NEEDLES} needles, one queried (corrupt: another key queried)", "essay", sample_needle_multikey),
+        Task("kv_recall", "retrieval", f"MQAR-like key-value block (2-{KV_MAX_PAIRS} pairs), recall one key (corrupt: two values swapped)", "essay", sample_kv_recall,
+             (2, lambda pools: min(KV_MAX_PAIRS, len(pools.keys)), 0.5)),
+        Task("induction", "retrieval", "a random word segment repeated; predict the next word of the repeat (corrupt: that word changed)", None, sample_induction,
+             (MIN_INDUCTION_WORDS, lambda pools: 10**9, 1.0)),
+        Task("multihop", "reasoning", f"variable binding, {MULTIHOP_HOPS} hops, {MULTIHOP_CHAINS - 1} distractor chains (corrupt: a hop rewired)", "noise", sample_multihop),
+        Task("ioi", "reasoning", "indirect object identification (corrupt: the second subject is the other name)", "essay", sample_ioi),
+        Task("comparison", "reasoning", "who is taller/shorter among two facts (corrupt: the names of the queried fact swapped)", "essay", sample_comparison),
+    )
+}
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise HeadscopeError(f"unknown probe {name!r}; built-in probes: {', '.join(TASK_NAMES)}")
+    return TASKS[name]
+
+
+def sample_task_text(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, str]:
+    """One training example of task ``name`` in the probes' surface format.
+
+    Args:
+        name: one of ``TASK_NAMES``.
+        rng: the random source (the only one used).
+        n_filler_words: haystack words around the facts; for ``induction`` the total number of words of
+            the segment and its partial repeat (at least 4).
+
+    Returns:
+        ``(prompt_text, answer_text)``: the prompt ends where the answer is due; the training string is
+        ``prompt_text + " " + answer_text``. ``kv_recall`` draws 2 to 32 pairs.
+    """
+    task = get_task(name)
+    if n_filler_words < 0:
+        raise HeadscopeError(f"n_filler_words must be >= 0, got {n_filler_words}")
+    pools = Pools.full()
+    size = 0
+    if name == "induction":
+        size = max(MIN_INDUCTION_WORDS, n_filler_words)
+    elif task.sizes is not None:
+        size = rng.randint(task.sizes[0], task.sizes[1](pools))
+    instance = task.sample(rng, pools, size)
+    window: list[list[str]] = []
+    if task.haystack is not None:
+        sentences = haystack_sentences(task.haystack)
+        window = take_window(lambda i: sentences[i], len(sentences), rng, n_filler_words)
+    words, _ = insert_facts(window, [fact.clean for fact in instance.facts], rng)
+    return " ".join(words + list(instance.query.clean)), instance.answer
+
+
+def task_vocabulary() -> list[str]:
+    """Every word ``sample_task_text`` and the built-in probes can emit (for word-level tokenizers)."""
+    return sorted(set(haystack_words()) | set(TEMPLATE_WORDS) | {w for pool in vocab.WORD_LISTS.values() for w in pool})
