@@ -1,0 +1,148 @@
+"""Token-level assembly of probe prompts for any tokenizer (word-level, byte-level BPE, SentencePiece).
+
+Prompts are built word by word at the token level, never by tokenising the final string, so that clean
+and corrupt prompts have equal length by construction and the filler can be cut to an exact budget:
+
+* A word inside a prompt is tokenised the way the tokenizer continues text with it after a space:
+  ``ids(ANCHOR + " " + word)`` minus the ids of ``ANCHOR``. For GPT-2-like byte-level BPE this gives the
+  ``Ġword`` form, for SentencePiece the ``▁word`` form, for a word-level tokenizer just ``word``. Every
+  word of a prompt, the first included, uses this form (one convention everywhere). Because the task
+  formats separate every word and punctuation mark by a space, this equals tokenising the joined text
+  for tokenizers that pre-split on whitespace.
+* Slot words (keys, values, names, variables, induction words) are only taken from the lists in
+  ``headscope.probes.vocab`` whose continuation is exactly ONE token that is neither unknown nor special;
+  so every substitution keeps the token count and the answer and wrong words are single tokens. Shared
+  context words (IOI places and objects, comparatives, template words) may take several tokens.
+* The tokenizer's special prefix (the BOS a Llama tokenizer adds, nothing for GPT-2 or Qwen) starts
+  every prompt and counts towards its length.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from headscope.probes.base import PromptPair
+from headscope.probes.haystack import haystack_sentences, insert_facts, take_window
+from headscope.probes.tasks import SLOT_POOLS, Pools, Task, TaskInstance
+
+ANCHOR = "."
+
+
+def encode_plain(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens (one batched call)."""
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before any text when asked for special tokens (e.g. ``[bos]``)."""
+    with_special = list(tokenizer("probe")["input_ids"])
+    (plain,) = encode_plain(tokenizer, ["probe"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+class TokenVocab:
+    """One tokenizer's continuation ids of words (cached) and its single-token task pools.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast or slow).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = special_prefix(tokenizer)
+        self.excluded_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        if getattr(tokenizer, "unk_token_id", None) is not None:
+            self.excluded_ids.add(tokenizer.unk_token_id)
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._sentences: dict[tuple[str, int], list[int]] = {}
+        self._encoded_haystacks: set[str] = set()
+
+    def _encode_words(self, words: set[str]) -> None:
+        missing = sorted(w for w in words if w not in self._cache)
+        if not missing:
+            return
+        (anchor,) = encode_plain(self.tokenizer, [ANCHOR])
+        for word, ids in zip(missing, encode_plain(self.tokenizer, [f"{ANCHOR} {w}" for w in missing])):
+            if ids[: len(anchor)] == anchor and len(ids) > len(anchor):
+                self._cache[word] = tuple(ids[len(anchor) :])
+            else:  # the anchor merged with the word: fall back to the word on its own
+                (alone,) = encode_plain(self.tokenizer, [word])
+                self._cache[word] = tuple(alone)
+
+    def ids(self, words: Sequence[str]) -> list[int]:
+        """Continuation ids of ``words`` joined by spaces."""
+        self._encode_words(set(words))
+        return [i for word in words for i in self._cache[word]]
+
+    def single_token(self, word: str) -> int | None:
+        """The word's one continuation id, or None if it takes several tokens or an unknown/special one."""
+        ids = self.ids([word])
+        return ids[0] if len(ids) == 1 and ids[0] not in self.excluded_ids else None
+
+    def pools(self) -> Pools:
+        """The task pools with slot words restricted to single tokens (first word wins when two share an id)."""
+        full = Pools.full()
+        slot_pools = [getattr(full, name) for name in SLOT_POOLS]
+        self._encode_words({w for pool in slot_pools for w in pool})
+        seen: dict[int, str] = {}
+        for pool in slot_pools:
+            for word in pool:
+                token = self.single_token(word)
+                if token is not None:
+                    seen.setdefault(token, word)
+        kept = set(seen.values())
+        return full.restricted(kept.__contains__)
+
+    def sentence_ids(self, kind: str, index: int) -> list[int]:
+        """Continuation ids of sentence ``index`` of haystack ``kind`` (cached)."""
+        key = (kind, index)
+        if key not in self._sentences:
+            sentences = haystack_sentences(kind)
+            if kind not in self._encoded_haystacks:  # first use: encode its whole vocabulary in one call
+                self._encode_words({w for s in sentences for w in s})
+                self._encoded_haystacks.add(kind)
+            self._sentences[key] = self.ids(sentences[index])
+        return self._sentences[key]
+
+    def cost(self, instance: TaskInstance) -> int:
+        """Tokens of an instance's facts and query plus the special prefix (the filler excluded)."""
+        return len(self.prefix) + sum(len(self.ids(f.clean)) for f in instance.facts) + len(self.ids(instance.query.clean))
+
+
+def assemble_pair(task: Task, instance: TaskInstance, vocab: TokenVocab, length: int, rng: random.Random) -> PromptPair:
+    """Tokenise ``instance`` and pad it with haystack filler to exactly ``length`` tokens.
+
+    Args:
+        task: the task (which haystack).
+        instance: the sampled clean/corrupt content.
+        vocab: the tokenizer's word ids.
+        length: the prompt length in tokens, special prefix included.
+        rng: random source for the filler window and the facts' depths.
+
+    Returns:
+        the ``PromptPair``; clean and corrupt share the filler and differ only inside facts and query.
+
+    The caller checks ``vocab.cost(instance) <= length`` (equality for tasks without a haystack).
+    """
+    required = vocab.cost(instance)
+    clean_facts = [vocab.ids(f.clean) for f in instance.facts]
+    corrupt_facts = [vocab.ids(f.corrupt) for f in instance.facts]
+    window: list[list[int]] = []
+    if task.haystack is not None:
+        kind = task.haystack
+        window = take_window(lambda i: vocab.sentence_ids(kind, i), len(haystack_sentences(kind)), rng, length - required)
+    depth_state = rng.getstate()  # the same depths for clean and corrupt
+    clean, _ = insert_facts(window, clean_facts, rng)
+    rng.setstate(depth_state)
+    corrupt, _ = insert_facts(window, corrupt_facts, rng)
+    clean = vocab.prefix + clean + vocab.ids(instance.query.clean)
+    corrupt = vocab.prefix + corrupt + vocab.ids(instance.query.corrupt)
+    answer, wrong = vocab.single_token(instance.answer), vocab.single_token(instance.wrong)
+    if len(clean) != length or len(corrupt) != length or answer is None or wrong is None or answer == wrong:  # a bug
+        raise RuntimeError(f"probe {task.name}: assembled a bad pair (lengths {len(clean)}/{len(corrupt)} for {length}, "
+                           f"answer {instance.answer!r} -> {answer}, wrong {instance.wrong!r} -> {wrong})")
+    return PromptPair(tuple(clean), tuple(corrupt), answer, wrong)
