@@ -1,0 +1,100 @@
+"""``headscope probes``: list the built-in probes, or show one decoded clean/corrupt pair for a model.
+
+    headscope probes                                   # name, capability, description of each built-in
+    headscope probes show NAME --model DIR [--length N] [--seed S] [--pair I]
+
+``show`` only loads the model's tokenizer and config (no weights); NAME may also be a ``.jsonl`` probe.
+Tokens where clean and corrupt differ are shown in [[double brackets]].
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from headscope.heads import HeadscopeError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("probes", help="list built-in probes or show an example pair", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=run_list)
+    actions = parser.add_subparsers(dest="probes_action", metavar="ACTION")
+    actions.add_parser("list", help="list the built-in probes (the default)").set_defaults(func=run_list)
+    show = actions.add_parser("show", help="print one decoded clean/corrupt pair")
+    show.add_argument("name", help="built-in probe name or a .jsonl probe file")
+    show.add_argument("--model", required=True, help="local Hugging Face model directory (its tokenizer is used)")
+    show.add_argument("--length", type=int, default=256, help="prompt length in tokens (default 256)")
+    show.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    show.add_argument("--pair", type=int, default=0, help="which pair to show (default 0)")
+    show.set_defaults(func=run_show)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from headscope.probes import BUILTIN_PROBES
+
+    width = max(len(name) for name in BUILTIN_PROBES)
+    for name, entry in BUILTIN_PROBES.items():
+        print(f"{name:<{width}}  {entry.capability:<9}  {entry.description}")
+    return 0
+
+
+def _load_tokenizer_and_limits(model_dir: str) -> tuple[Any, int | None, int | None]:
+    """The directory's tokenizer, max context and vocabulary size (weights are not loaded)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from headscope.models import arch_spec
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise HeadscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise HeadscopeError(f"cannot load a tokenizer from {path}: {err}") from None
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    max_context = getattr(config, arch_spec(config.model_type).max_positions, None)
+    return tokenizer, max_context, getattr(config, "vocab_size", None)
+
+
+def _marked(tokenizer: Any, ids: tuple[int, ...], other: tuple[int, ...]) -> str:
+    """Decode ``ids``, wrapping runs of tokens that differ from ``other`` in [[ ]].
+
+    Runs are decoded separately; a space joins two runs when neither brings its own whitespace
+    (word-level tokenizers), so words do not fuse.
+    """
+    text = ""
+    start = 0
+    for index in range(1, len(ids) + 1):
+        if index == len(ids) or (ids[index] != other[index]) != (ids[start] != other[start]):
+            run = tokenizer.decode(list(ids[start:index]))
+            if text and not text[-1].isspace() and not run[:1].isspace():
+                text += " "
+            text += f"[[{run}]]" if ids[start] != other[start] else run
+            start = index
+    return text
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from headscope.probes import BUILTIN_PROBES, load_probe_jsonl, make_probe
+
+    if args.pair < 0:
+        raise HeadscopeError(f"--pair must be >= 0, got {args.pair}")
+    tokenizer, max_context, vocab_size = _load_tokenizer_and_limits(args.model)
+    if args.name in BUILTIN_PROBES:
+        probe = make_probe(args.name, tokenizer, length=args.length, n_pairs=args.pair + 1, seed=args.seed)
+    elif args.name.endswith(".jsonl") or Path(args.name).is_file():
+        probe = load_probe_jsonl(args.name, tokenizer=tokenizer)
+        if args.pair >= len(probe):
+            raise HeadscopeError(f"--pair {args.pair}: {args.name} has only {len(probe)} pairs")
+    else:
+        raise HeadscopeError(f"unknown probe {args.name!r}; built-in probes: {', '.join(BUILTIN_PROBES)} (or a .jsonl file)")
+    probe.check_fits(max_context, vocab_size)
+    pair = probe.pairs[args.pair]
+    print(f"{probe.name} ({probe.capability}), {probe.length} tokens, pair {args.pair}; differing tokens in [[ ]]")
+    print(f"clean:   {_marked(tokenizer, pair.clean_ids, pair.corrupt_ids)}")
+    print(f"corrupt: {_marked(tokenizer, pair.corrupt_ids, pair.clean_ids)}")
+    print(f"answer:  {tokenizer.decode([pair.answer_id])!r} (id {pair.answer_id})")
+    print(f"wrong:   {tokenizer.decode([pair.wrong_id])!r} (id {pair.wrong_id})")
+    return 0
