@@ -16,7 +16,6 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -m ipykernel install --user --name headscope --display-name headscope >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
