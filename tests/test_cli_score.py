@@ -1,0 +1,42 @@
+"""`headscope score` end to end on a local model directory, and its one-line errors."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import random_probe
+from headscope import HeadScores, load_model
+from headscope.cli import main
+from headscope.patching import activation_scores
+from headscope.probes import save_probe_jsonl
+
+
+def test_score_writes_loadable_scores(qwen3_dir, tmp_path, capsys):
+    probe = random_probe(n_pairs=3, length=10, seed=11)
+    probe_file = tmp_path / "mine.jsonl"
+    save_probe_jsonl(probe, probe_file)
+    out = tmp_path / "scores.json"
+    assert main(["score", "--model", qwen3_dir, "--probe", str(probe_file), "--pairs", "3", "--out", str(out), "--device", "cpu"]) == 0
+    scores = HeadScores.load(out)
+    assert scores.values.shape == (3, 4) and scores.method == "activation"
+    expected = activation_scores(load_model(qwen3_dir), probe, progress=False).values
+    torch.testing.assert_close(scores.values, expected, atol=1e-5, rtol=0)
+    assert "top heads" in capsys.readouterr().out
+
+    # --resume skips the finished probe; --method direct writes its own file
+    assert main(["score", "--model", qwen3_dir, "--probe", str(probe_file), "--pairs", "3", "--out", str(out), "--resume"]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_user_mistakes_exit_2_with_one_line(qwen3_dir, tmp_path, capsys):
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--probe", "induction"], "not a Hugging Face model directory"),
+        (["--model", qwen3_dir, "--probe", "bogus_probe"], "unknown probe 'bogus_probe'"),
+        (["--model", qwen3_dir, "--probe", "induction", "--pairs", "0"], "--pairs must be at least 1"),
+        (["--model", qwen3_dir, "--probe", str(tmp_path / "absent.jsonl")], "absent.jsonl"),
+    ]
+    for extra, message in cases:
+        args = ["score", "--out", str(tmp_path / "x.json")] + extra
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("headscope: error:") and message in err[-1], err
