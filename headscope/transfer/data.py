@@ -1,0 +1,266 @@
+"""Training text for the transfer stages: documents, a deterministic held-out split and sequence packing.
+
+Documents come from files (``data.source: files``):
+
+* ``*.txt``: one document per file, tokenised with the model's tokenizer (no special tokens);
+* ``*.jsonl``: one document per line, ``{"text": "..."}`` (tokenised) or ``{"input_ids": [...]}``;
+* ``*.bin``: a flat stream of ``uint16``/``uint32`` token ids (``data.bin_dtype``), memory-mapped and cut
+  into pseudo-documents of ``data.bin_doc_tokens`` tokens (only the split needs documents).
+
+Directories are searched recursively; files are taken in sorted path order. Every document has a key
+(``path#index``: the line of a .jsonl, the block of a .bin, 0 for a .txt). The held-out split is a pure
+function of the keys, never of random state:
+
+* ``hash``: a document is held out when ``sha256(key)`` mapped to [0, 1) is below ``heldout_fraction``;
+  adding or removing other files never moves a document between the two sides;
+* ``fraction``: the last ``ceil(fraction * n_documents)`` documents in key order are held out.
+
+Packing: the documents of one side are concatenated (text documents each followed by the ``eos`` id;
+.bin blocks are already a stream) and cut into sequences of exactly ``seq_len`` tokens, dropping the
+tail; attention runs across document boundaries inside a sequence, as in ordinary LM pre-training.
+Sequence ``i`` is read on demand (``PackedSequences[i]``), so .bin data stays memory-mapped.
+
+Batches are a pure function of (seed, stage, step): epoch ``e`` visits the training sequences in a
+permutation drawn from a generator seeded with ``(seed, stage, e)``, and the batch of step ``s`` is the
+global positions ``s * batch_size ... (s + 1) * batch_size - 1`` of that endless stream. Resuming at
+step ``s`` therefore needs no data-loader state, and the rows of one global batch are split over the
+processes of a distributed run in rank order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from headscope.heads import HeadscopeError
+from headscope.transfer.config import DataConfig
+
+SUFFIXES = (".txt", ".jsonl", ".bin")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: its split key, its token ids and whether an eos id follows it when packed."""
+
+    key: str
+    tokens: np.ndarray  # (n,) integer ids; a memmap view for .bin data
+    separated: bool = True
+
+
+def _expand(paths: Sequence[str]) -> list[tuple[Path, Path]]:
+    """(file, root) pairs for every data file under ``paths``, in sorted order."""
+    files: list[tuple[Path, Path]] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            if not found:
+                raise HeadscopeError(f"data path {path} holds no .txt, .jsonl or .bin files")
+            files += [(p, path) for p in found]
+        elif path.is_file():
+            if path.suffix not in SUFFIXES:
+                raise HeadscopeError(f"data file {path}: unsupported type {path.suffix!r} (use .txt, .jsonl or .bin)")
+            files.append((path, path.parent))
+        else:
+            raise HeadscopeError(f"data path not found: {path}")
+    return files
+
+
+def _encode(tokenizer: Any, text: str, where: str) -> np.ndarray:
+    if tokenizer is None:
+        raise HeadscopeError(f"{where} holds text, but the model has no tokenizer (set 'tokenizer' in the config)")
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def _jsonl_documents(path: Path, name: str, tokenizer: Any) -> list[Document]:
+    docs = []
+    with open(path) as stream:
+        for line_no, line in enumerate(stream):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no + 1}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise HeadscopeError(f"{where} is not valid JSON: {err}") from None
+            if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
+                ids = record["input_ids"]
+                if not all(isinstance(i, int) and i >= 0 for i in ids):
+                    raise HeadscopeError(f"{where}: 'input_ids' must be a list of non-negative integers")
+                tokens = np.asarray(ids, dtype=np.int64)
+            elif isinstance(record, dict) and isinstance(record.get("text"), str):
+                tokens = _encode(tokenizer, record["text"], where)
+            else:
+                raise HeadscopeError(f"{where}: expected an object with 'text' (string) or 'input_ids' (list)")
+            if len(tokens):
+                docs.append(Document(f"{name}#{line_no}", tokens))
+    return docs
+
+
+def read_documents(data: DataConfig, tokenizer: Any = None, vocab_size: int | None = None) -> list[Document]:
+    """Every document of ``data.paths`` in key order.
+
+    Args:
+        data: the data section of the run config.
+        tokenizer: a Hugging Face tokenizer for .txt files and ``text`` records.
+        vocab_size: when given, ids outside ``[0, vocab_size)`` raise an error.
+    Returns:
+        The documents; empty ones are skipped.
+    """
+    docs: list[Document] = []
+    for path, root in _expand(data.paths):
+        name = path.relative_to(root).as_posix()
+        first = len(docs)
+        if path.suffix == ".txt":
+            tokens = _encode(tokenizer, path.read_text(encoding="utf-8"), str(path))
+            if len(tokens):
+                docs.append(Document(f"{name}#0", tokens))
+        elif path.suffix == ".jsonl":
+            docs += _jsonl_documents(path, name, tokenizer)
+        else:
+            dtype = np.dtype(data.bin_dtype)
+            if path.stat().st_size % dtype.itemsize:
+                raise HeadscopeError(f"{path}: size {path.stat().st_size} is not a multiple of {dtype.itemsize} ({data.bin_dtype})")
+            if path.stat().st_size == 0:
+                continue
+            stream = np.memmap(path, dtype=dtype, mode="r")
+            block = data.bin_doc_tokens
+            docs += [Document(f"{name}#{i}", stream[i * block : (i + 1) * block], separated=False) for i in range(math.ceil(len(stream) / block))]
+            top = int(stream.max())
+            if vocab_size is not None and top >= vocab_size:
+                raise HeadscopeError(f"{path} holds token id {top} >= the model's vocab size {vocab_size} (is bin_dtype right?)")
+            continue
+        for doc in docs[first:]:
+            if vocab_size is not None and doc.tokens.max() >= vocab_size:  # ids are >= 0 by construction
+                raise HeadscopeError(f"document {doc.key} has token id {int(doc.tokens.max())} >= the model's vocab size {vocab_size}")
+    if not docs:
+        raise HeadscopeError(f"the data paths {', '.join(data.paths)} hold no tokens")
+    return docs
+
+
+def key_fraction(key: str) -> float:
+    """``sha256(key)`` mapped to [0, 1): the hash split's coordinate of one document."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+def split_documents(docs: list[Document], method: str, fraction: float) -> tuple[list[Document], list[Document]]:
+    """Deterministic train / held-out split (see the module docstring).
+
+    Returns:
+        ``(train, heldout)``, each in the input order.
+    """
+    if method == "hash":
+        held = [key_fraction(d.key) < fraction for d in docs]
+    elif method == "fraction":
+        n_held = math.ceil(fraction * len(docs))
+        held = [i >= len(docs) - n_held for i in range(len(docs))]
+    else:
+        raise HeadscopeError(f"unknown held-out method {method!r} (use 'hash' or 'fraction')")
+    train = [d for d, h in zip(docs, held) if not h]
+    heldout = [d for d, h in zip(docs, held) if h]
+    if not train:
+        raise HeadscopeError(f"the held-out split ({method}, fraction {fraction}) leaves no training documents")
+    return train, heldout
+
+
+class PackedSequences:
+    """Documents packed into sequences of ``seq_len`` tokens, read on demand.
+
+    Args:
+        docs: documents in packing order.
+        seq_len: tokens per sequence.
+        eos_id: id appended after each ``separated`` document (None: no separator).
+    """
+
+    def __init__(self, docs: list[Document], seq_len: int, eos_id: int | None) -> None:
+        self.docs, self.seq_len, self.eos_id = docs, seq_len, eos_id
+        lengths = [len(d.tokens) + (1 if d.separated and eos_id is not None else 0) for d in docs]
+        self.starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n_docs + 1,)
+        self.n_tokens = int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.n_tokens // self.seq_len
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Sequence ``index`` as a ``(seq_len,)`` int64 tensor."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} of {len(self)}")
+        begin, end = index * self.seq_len, (index + 1) * self.seq_len
+        pieces = []
+        doc = bisect.bisect_right(self.starts, begin) - 1
+        position = begin
+        while position < end:
+            offset = position - int(self.starts[doc])
+            tokens = self.docs[doc].tokens
+            if offset < len(tokens):
+                piece = np.asarray(tokens[offset : offset + end - position], dtype=np.int64)
+            else:  # the separator slot after the document
+                piece = np.asarray([self.eos_id], dtype=np.int64)
+            pieces.append(piece)
+            position += len(piece)
+            if position >= int(self.starts[doc + 1]):
+                doc += 1
+        return torch.from_numpy(np.concatenate(pieces))
+
+
+class EpochShuffler:
+    """The endless stream of sequence indices: epoch ``e`` is a permutation seeded by ``(seed, e)``."""
+
+    def __init__(self, n_sequences: int, seed: int) -> None:
+        if n_sequences < 1:
+            raise HeadscopeError("no training sequence to shuffle")
+        self.n, self.seed = n_sequences, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {epoch: torch.randperm(self.n, generator=generator)}  # keep one epoch
+        return self._cache[epoch]
+
+    def positions(self, start: int, count: int) -> list[int]:
+        """Sequence indices at stream positions ``start ... start + count - 1``."""
+        return [int(self._permutation(p // self.n)[p % self.n]) for p in range(start, start + count)]
+
+
+class StageData:
+    """The batches of one stage: training sequences (shuffled) and the fixed held-out evaluation set.
+
+    Args:
+        train, heldout: packed sequences (any objects with ``len`` and ``[i] -> (seq_len,)`` tensors).
+        seed: the stage's shuffle seed.
+        eval_sequences: held-out sequences per evaluation (the first ones, in order).
+    """
+
+    def __init__(self, train: Any, heldout: Any, seed: int, eval_sequences: int) -> None:
+        if len(train) < 1:
+            raise HeadscopeError(f"the training data holds fewer tokens than one sequence of {train.seq_len}")
+        self.train, self.heldout = train, heldout
+        self.shuffler = EpochShuffler(len(train), seed)
+        self.n_eval = min(eval_sequences, len(heldout)) if heldout is not None else 0
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """This process's rows of global batch ``step``: ``(batch_size // world_size, seq_len)`` int64."""
+        per_rank = batch_size // world_size
+        indices = self.shuffler.positions(step * batch_size + rank * per_rank, per_rank)
+        return torch.stack([self.train[i] for i in indices])
+
+    def eval_rows(self, rank: int = 0, world_size: int = 1) -> torch.Tensor | None:
+        """This process's share of the held-out evaluation sequences, ``(n_rows, seq_len)``, or None.
+
+        Every process gets the same number of rows, ``max(1, n_eval // world_size)``: rows
+        ``rank, rank + world_size, ...`` (indices modulo ``n_eval``), so the held-out set is cut to a
+        multiple of the process count (or repeated when it holds fewer sequences than processes).
+        """
+        if self.n_eval == 0:
+            return None
+        per_rank = max(1, self.n_eval // world_size)
+        return torch.stack([self.heldout[(rank + world_size * j) % self.n_eval] for j in range(per_rank)])
