@@ -10,11 +10,12 @@ from torch.utils.data import DataLoader
 
 from headscope.heads import HeadscopeError
 from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder, row_rng
-from headscope.zoo.tokenizer import build_demo_tokenizer, build_vocab, count_words, split_words
+from headscope.zoo.tokenizer import build_demo_tokenizer, build_vocab, split_words
 from headscope.zoo.train_demo import learning_rate
 
 TASKS = ("lookup", "echo")
 FILLER = "the quiet river runs past the old mill . people walk to work in the morning , and traders shout 12 prices ."
+WORDS = FILLER.split() + "anchor badge candle tiger zebra otter holds say".split()
 
 
 def fake_task(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, str]:
@@ -29,7 +30,7 @@ def fake_task(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, 
 
 @pytest.fixture(scope="module")
 def parts():
-    tokenizer = build_demo_tokenizer(fake_task, TASKS, FILLER * 3, seed=0, samples_per_task=50, model_max_length=128)
+    tokenizer = build_demo_tokenizer(fake_task, TASKS, WORDS, seed=0, samples_per_task=50, model_max_length=128)
     core = tokenizer.backend_tokenizer
     encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
     haystack = Haystack(" ".join([FILLER] * 200), tokens_per_word=1.0)
@@ -47,17 +48,19 @@ def test_vocab_keeps_task_words_and_is_deterministic(parts):
     vocab = tokenizer.get_vocab()
     assert [vocab[t] for t in ("<unk>", "<eos>", "<pad>")] == [0, 1, 2]
     assert all(word in vocab for word in ("tiger", "zebra", "otter", "anchor", "holds", "7", "?"))
-    again = build_demo_tokenizer(fake_task, TASKS, FILLER * 3, seed=0, samples_per_task=50)
+    assert "12" not in vocab  # numbers are digit tokens
+    again = build_demo_tokenizer(fake_task, TASKS, WORDS, seed=0, samples_per_task=50)
     assert again.get_vocab() == vocab
     ids = tokenizer("the anchor holds zzzz", add_special_tokens=False)["input_ids"]
     assert ids[-1] == tokenizer.unk_token_id and len(ids) == 4
 
 
-def test_vocab_cap_and_min_count():
-    vocab = build_vocab(count_words(["alpha beta"]), count_words(["gamma gamma delta"]), min_count=2, max_vocab=1000)
-    assert "gamma" in vocab and "delta" not in vocab and "alpha" in vocab
-    with pytest.raises(HeadscopeError, match="max_vocab"):
-        build_vocab(count_words(["alpha beta"]), count_words([]), max_vocab=10)
+def test_vocab_order_and_missing_words():
+    vocab = build_vocab(["alpha", "beta", "x42"], ["beta beta gamma"])
+    assert vocab["beta"] < vocab["gamma"] < vocab["alpha"] < vocab["x"]  # by frequency, then alphabetical
+    assert "4" in vocab and "x42" not in vocab
+    with pytest.raises(HeadscopeError, match="missing from its word list"):
+        build_demo_tokenizer(fake_task, TASKS, WORDS[:-3], samples_per_task=5)
 
 
 def test_rows_mark_exactly_the_answer_targets(parts):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -30,9 +29,6 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from headscope.heads import HeadscopeError
-from headscope.zoo import REPO_ROOT
-
-HAYSTACK_DIR = REPO_ROOT / "data" / "haystack"
 
 # Reasoning tasks get more weight: multi-hop binding is the slowest to learn.
 DEFAULT_TASK_WEIGHTS = {
@@ -60,7 +56,6 @@ class CorpusConfig:
         full_row_prob: probability that a row's first document is sized to fill the whole row.
         min_doc_tokens: below this many free tokens the row is finished with haystack text.
         answer_weight: loss weight of answer targets (other targets weigh 1).
-        haystack_dir: directory of ``*.txt`` filler files.
     """
 
     seq_len: int = 1024
@@ -70,23 +65,19 @@ class CorpusConfig:
     full_row_prob: float = 0.35
     min_doc_tokens: int = 48
     answer_weight: float = 5.0
-    haystack_dir: str = str(HAYSTACK_DIR)
 
     @property
     def task_names(self) -> list[str]:
         return list(self.task_weights)
 
 
-def read_haystack(haystack_dir: str | Path) -> str:
-    """All ``*.txt`` files of ``haystack_dir`` (sorted by name), joined by newlines."""
-    files = sorted(Path(haystack_dir).glob("*.txt"))
-    if not files:
-        raise HeadscopeError(f"no haystack text: {haystack_dir} has no *.txt files")
-    return "\n".join(path.read_text(encoding="utf-8") for path in files)
-
-
 class Haystack:
-    """Filler text as a list of words; windows of it are plain-text documents."""
+    """Filler text as a list of words; windows of it are plain-text documents.
+
+    Args:
+        text: the filler (for the demo model: the probes' essay haystack).
+        tokens_per_word: mean tokens per whitespace word of ``text`` under the model's tokenizer.
+    """
 
     def __init__(self, text: str, tokens_per_word: float) -> None:
         self.words = text.split()
@@ -122,6 +113,12 @@ class RowBuilder:
         self.haystack, self.config = haystack, config
         self.names = config.task_names
         self.weights = [config.task_weights[name] for name in self.names]
+        self.overhead = {name: self._task_overhead(name) for name in self.names}
+
+    def _task_overhead(self, name: str, n_samples: int = 24) -> int:
+        """The most tokens a task instance takes beyond its filler (sampled with a fixed seed)."""
+        rng = random.Random(f"headscope-corpus-overhead:{name}")
+        return max(sum(len(self.encode(text)) for text in self.sample_task(name, rng, 0)) for _ in range(n_samples))
 
     def _filler_ids(self, rng: random.Random, n_tokens: int) -> list[int]:
         n_words = int(n_tokens / self.haystack.tokens_per_word) + 8
@@ -131,11 +128,13 @@ class RowBuilder:
         """Ids and per-id task marks (-1, or the task index on answer ids) of one task document.
 
         The filler is sized from the budget; a document that comes out longer is redrawn with the filler
-        scaled down by the overshoot. Returns None if even a filler-free draw does not fit.
+        scaled down by the overshoot. Returns None if the tasks' text alone may not fit.
         """
         n_tasks = min(rng.choice([1, 1, 1, 2, 2, 3]), self.config.max_tasks_per_doc)
         names = rng.choices(self.names, weights=self.weights, k=n_tasks)
-        filler_tokens = [max(budget / n_tasks - 40, 0.0)] * n_tasks
+        if sum(self.overhead[name] for name in names) > budget:
+            return None
+        filler_tokens = [max(budget / n_tasks - self.overhead[name], 0.0) for name in names]
         if rng.random() < 0.3:
             filler_tokens = [rng.uniform(0.5, 1.0) * tokens for tokens in filler_tokens]
         for attempt in range(5):

@@ -1,18 +1,19 @@
 """The demo model's word-level tokenizer.
 
-The demo model reads text produced by ``headscope.probes.tasks`` (task templates) and the haystack
-files under ``data/haystack/``. A word-level vocabulary over exactly that text keeps every task word one
-token (so a probe's answer is a single next token) and keeps the model small. Pre-tokenisation:
+The demo model reads only text produced by ``headscope.probes.tasks``: task templates, slot words from
+``headscope.probes.vocab`` and the haystack. That word list is finite (``task_vocabulary()``), so a
+word-level vocabulary covers it exactly: every task word is one token (numbers are split into digits),
+nothing is ever ``<unk>`` in the model's own text, and the embedding stays tiny.
+Pre-tokenisation:
 
 * NFKC normalisation (typographic quotes and dashes fold to one form);
 * split on whitespace, then isolate every punctuation character, then every digit
   (``"Room 42."`` -> ``Room``, ``4``, ``2``, ``.``), so numbers of any length use the ten digit tokens.
 
 The vocabulary is: the special tokens ``<unk>`` (id 0), ``<eos>`` (1), ``<pad>`` (2); the ten digits and
-ASCII punctuation; then every word seen in the task samples (always kept); then haystack words by
-frequency (ties alphabetical) down to ``min_count``, up to ``max_vocab``. The order depends only on the
-counts, so the same text always builds the same tokenizer. No special token is added on encoding
-(no BOS): a prompt's ids are the concatenation of its words' ids.
+ASCII punctuation; then the words of sampled task text by frequency (ties alphabetical); then any other
+word of the task word list, alphabetically. The same inputs always build the same tokenizer. No special
+token is added on encoding (no BOS): a prompt's ids are the concatenation of its words' ids.
 """
 
 from __future__ import annotations
@@ -59,34 +60,22 @@ def count_words(texts: Iterable[str]) -> Counter:
     return counts
 
 
-def build_vocab(
-    task_counts: Counter, haystack_counts: Counter, min_count: int = 2, max_vocab: int = 16384
-) -> dict[str, int]:
-    """Token -> id. Task words are always kept; haystack words fill up to ``max_vocab``.
+def build_vocab(words: Iterable[str], texts: Iterable[str] = ()) -> dict[str, int]:
+    """Token -> id: special tokens, digits and ASCII punctuation, then the word pieces of ``texts`` by
+    frequency (ties alphabetical), then the remaining pieces of ``words`` alphabetically.
 
     Args:
-        task_counts: counts of words in task texts (templates, keys, values, names, answers).
-        haystack_counts: counts of words in the filler text.
-        min_count: haystack words seen fewer times become ``<unk>``.
-        max_vocab: the vocabulary's largest size.
+        words: every word the model must know (each is split like text, so ``"42"`` adds ``4`` and ``2``).
+        texts: sample text whose word frequencies order the vocabulary.
     Returns:
         The vocabulary, ids contiguous from 0.
-    Raises:
-        HeadscopeError: if the task words alone do not fit in ``max_vocab``.
     """
     vocab: dict[str, int] = {}
     for token in SPECIAL_TOKENS + BASE_SYMBOLS:
         vocab.setdefault(token, len(vocab))
-    by_frequency = lambda counts: sorted(counts.items(), key=lambda item: (-item[1], item[0]))  # noqa: E731
-    for word, _ in by_frequency(task_counts):
+    for word, _ in sorted(count_words(texts).items(), key=lambda item: (-item[1], item[0])):
         vocab.setdefault(word, len(vocab))
-    if len(vocab) > max_vocab:
-        raise HeadscopeError(
-            f"the task texts alone use {len(vocab)} distinct words, more than max_vocab={max_vocab}"
-        )
-    for word, count in by_frequency(haystack_counts):
-        if len(vocab) >= max_vocab or count < min_count:
-            break
+    for word in sorted({piece for word in words for piece in split_words(word)}):
         vocab.setdefault(word, len(vocab))
     return vocab
 
@@ -112,31 +101,29 @@ def tokenizer_from_vocab(vocab: dict[str, int], model_max_length: int = 1024) ->
 def build_demo_tokenizer(
     sample_task: Callable[[str, random.Random, int], tuple[str, str]],
     task_names: Sequence[str],
-    haystack_text: str,
+    task_words: Iterable[str],
     seed: int = 0,
-    samples_per_task: int = 3000,
-    min_count: int = 2,
-    max_vocab: int = 16384,
+    samples_per_task: int = 200,
     model_max_length: int = 1024,
 ) -> PreTrainedTokenizerFast:
-    """The demo model's tokenizer: task words from sampled task texts, filler words from the haystack.
+    """The demo model's tokenizer: every task and haystack word, ordered by frequency in sampled tasks.
 
     Args:
         sample_task: ``(name, rng, n_filler_words) -> (prompt_text, answer_text)``.
         task_names: the tasks to sample.
-        haystack_text: all filler text.
+        task_words: every word the sampler can emit (``headscope.probes.tasks.task_vocabulary()``).
         seed: seeds the task samples.
-        samples_per_task: task instances drawn per task (one in ten with 50 filler words, so filler
-            words the sampler makes itself are kept too).
-        min_count, max_vocab: see :func:`build_vocab`.
+        samples_per_task: task instances (with 100 filler words) drawn per task to order the vocabulary.
         model_max_length: the context the tokenizer advertises.
     Returns:
         A ``PreTrainedTokenizerFast`` with ``<unk>``, ``<eos>`` and ``<pad>``.
+    Raises:
+        HeadscopeError: if a sampled text has a word outside ``task_words`` (the word list is incomplete).
     """
     rng = random.Random(f"headscope-tokenizer:{seed}")
-    task_texts = []
-    for name in task_names:
-        for index in range(samples_per_task):
-            task_texts.extend(sample_task(name, rng, 50 if index % 10 == 0 else 0))
-    vocab = build_vocab(count_words(task_texts), count_words([haystack_text]), min_count, max_vocab)
-    return tokenizer_from_vocab(vocab, model_max_length)
+    texts = [text for name in task_names for _ in range(samples_per_task) for text in sample_task(name, rng, 100)]
+    known = {piece for word in task_words for piece in split_words(word)} | set(BASE_SYMBOLS)
+    stray = sorted(set(count_words(texts)) - known)
+    if stray:
+        raise HeadscopeError(f"the task sampler emits words missing from its word list: {stray[:10]}")
+    return tokenizer_from_vocab(build_vocab(task_words, texts), model_max_length)

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from headscope.heads import HeadscopeError
 from headscope.zoo.card import TrainingLog, write_outputs
-from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder, read_haystack
+from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder
 from headscope.zoo.evaluate import task_accuracies
 from headscope.zoo.tokenizer import build_demo_tokenizer
 
@@ -123,14 +123,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    parser.add_argument("--haystack-dir", default=None, help="filler text directory (default data/haystack)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from headscope.probes import make_probe
-    from headscope.probes.tasks import TASK_NAMES, sample_task_text
+    from headscope.probes.haystack import haystack_sentences
+    from headscope.probes.tasks import TASK_NAMES, sample_task_text, task_vocabulary
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,19 +140,18 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    config = CorpusConfig(seq_len=args.seq_len, answer_weight=args.answer_weight,
-                          **({"haystack_dir": args.haystack_dir} if args.haystack_dir else {}))
+    config = CorpusConfig(seq_len=args.seq_len, answer_weight=args.answer_weight)
     unknown = sorted(set(config.task_names) ^ set(TASK_NAMES))
     if unknown:
         raise HeadscopeError(f"corpus task weights and headscope.probes.tasks.TASK_NAMES differ on {unknown}")
-    haystack_text = read_haystack(config.haystack_dir)
-    tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, haystack_text, seed=args.seed,
+    tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, task_vocabulary(), seed=args.seed,
                                      model_max_length=args.seq_len)
     tokenizer.save_pretrained(out)
     core = tokenizer.backend_tokenizer
-    sample_words = haystack_text.split()[:20000]
+    essay = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
+    sample_words = essay.split()[:20000]
     tokens_per_word = len(core.encode(" ".join(sample_words), add_special_tokens=False).ids) / len(sample_words)
-    haystack = Haystack(haystack_text, tokens_per_word)
+    haystack = Haystack(essay, tokens_per_word)
     encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
 
     def make_builder() -> RowBuilder:
