@@ -1,0 +1,255 @@
+"""Choose which heads keep full attention: budgets, per-layer minimums, GQA groups and baselines.
+
+A mask keeps ``n_full`` of the ``L*H`` query heads at full attention (FA); the rest become linear
+attention. The budget is a ratio ``"a:b"`` = linear:full, so ``"7:1"`` keeps ``b/(a+b) = 1/8`` of the
+heads (rounded to the nearest integer, at least 1), or an explicit ``n_full``.
+
+Selection is greedy on an importance matrix (higher = keep): first each layer's ``min_per_layer``
+best heads, then the best remaining heads anywhere. For a budget with per-layer lower bounds this
+greedy choice maximises the total importance of the kept heads (exchange argument; a brute-force test
+checks it).
+
+KV cache: with grouped-query attention the ``group_size`` query heads of one KV group share one key
+and value cache, and the cache can only be dropped when *no* head of the group is FA. So the KV cost of
+a mask is the fraction of groups with at least one FA head (``HeadMask.kv_fraction``), which can be
+up to ``group_size`` times the head fraction. ``kv_aware=True`` selects whole groups instead: a group's
+importance is the ``max`` of its members (default: a group holding one critical head must keep its
+cache anyway, and the other heads then get FA for free) or their ``sum`` (favours groups that matter
+as a whole); ``round(n_full / group_size)`` groups (at least 1) are chosen, so the head count is a
+multiple of ``group_size`` and ``kv_fraction == head_fraction``. With ``kv_aware`` the per-layer
+minimum is in heads and rounds up to whole groups.
+
+Baselines use the same budget arithmetic: ``random_mask`` (seeded, exact budget) and
+``layerwise_mask`` (whole layers, the Qwen3-Next ``"3:1"`` layout: layer ``i`` is FA when
+``i % (a+b) >= a``, i.e. layers 3, 7, 11, ...). ``layer_types``/``mask_from_layer_types`` convert a
+layer-wise mask to and from a Qwen3-Next style ``layer_types`` list. The versioned JSON file and the
+DuoAttention / Retrieval_Head exports live in ``headscope.maskfile`` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from headscope.fusion import FusedRanking
+from headscope.heads import HeadMask, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.maskfile import (
+    MASK_SCHEMA_VERSION,
+    export_duo_tsv,
+    export_retrieval_json,
+    load_mask,
+    mask_to_dict,
+    ranking_from_mask,
+    save_mask,
+)
+
+GROUP_SCORES = ("max", "sum")
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+def parse_ratio(ratio: str) -> tuple[int, int]:
+    """``"7:1"`` -> ``(7, 1)`` (linear, full); both parts positive integers."""
+    parts = str(ratio).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise HeadscopeError(f"cannot read ratio {ratio!r}: expected LINEAR:FULL with positive integers, e.g. 7:1")
+    return int(parts[0]), int(parts[1])
+
+
+def head_budget(fingerprint: ModelFingerprint, ratio: str | None = None, n_full: int | None = None) -> int:
+    """The number of full-attention heads a ratio or explicit count asks for.
+
+    Args:
+        fingerprint: the model.
+        ratio: ``"a:b"`` linear:full; keeps ``round(L*H*b/(a+b))`` heads, at least 1 (default ``"7:1"``).
+        n_full: an explicit count instead of a ratio (not both).
+    Returns:
+        the budget in heads, in ``[1, L*H]``.
+    """
+    total = fingerprint.n_layers * fingerprint.n_heads
+    if ratio is not None and n_full is not None:
+        raise HeadscopeError("give either a ratio or n_full, not both")
+    if n_full is None:
+        linear, full = parse_ratio(ratio or "7:1")
+        n_full = max(1, (2 * total * full + linear + full) // (2 * (linear + full)))  # round half up
+    if not 1 <= n_full <= total:
+        raise HeadscopeError(f"n_full must be between 1 and {total} (the model's heads), got {n_full}")
+    return int(n_full)
+
+
+def select_units(importance: torch.Tensor, n_units: int, min_per_layer: int) -> torch.Tensor:
+    """Greedy selection of ``n_units`` units with at least ``min_per_layer`` in every layer.
+
+    Args:
+        importance: ``(L, U)`` finite floats, higher = keep (units are heads or KV groups).
+        n_units: how many to keep, ``min_per_layer * L <= n_units <= L * U``.
+        min_per_layer: lower bound per layer.
+    Returns:
+        ``(L, U)`` bool, exactly ``n_units`` True. Ties go to the lower index.
+    """
+    n_layers, n_per_layer = importance.shape
+    chosen = torch.zeros(n_layers, n_per_layer, dtype=torch.bool)
+    if min_per_layer > 0:
+        per_layer_best = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :min_per_layer]  # (L, m)
+        chosen.scatter_(1, per_layer_best, True)
+    remaining = n_units - int(chosen.sum())
+    order = torch.argsort(importance.flatten(), descending=True, stable=True)  # (L*U,)
+    order = order[~chosen.flatten()[order]][:remaining]
+    chosen.view(-1)[order] = True
+    return chosen
+
+
+def _importance_of(source: FusedRanking | HeadScores | torch.Tensor, fingerprint: ModelFingerprint | None):
+    """(importance (L, H), fingerprint, provenance) of a ranking, a HeadScores (|score|) or a tensor."""
+    if isinstance(source, FusedRanking):
+        values, own, provenance = source.values, source.fingerprint, {"fusion": dict(source.provenance)}
+        provenance["probes"] = [i["probe"] for i in source.provenance.get("inputs", [])]
+        provenance["methods"] = sorted({i["method"] for i in source.provenance.get("inputs", [])})
+    elif isinstance(source, HeadScores):
+        values, own = source.values.abs(), source.fingerprint
+        provenance = {"probes": [source.probe], "methods": [source.method], "fusion": None}
+    else:
+        if fingerprint is None:
+            raise HeadscopeError("a plain importance tensor needs the model fingerprint")
+        values, own, provenance = torch.as_tensor(source, dtype=torch.float32), fingerprint, {"probes": [], "methods": [], "fusion": None}
+    if fingerprint is not None and own is not fingerprint:
+        problem = fingerprint.mismatch(own)
+        if problem:
+            raise HeadscopeError(f"the ranking belongs to another model: {problem}")
+    if values.shape != own.shape:
+        raise HeadscopeError(f"importance has shape {tuple(values.shape)}, the model {own.shape}")
+    if not torch.isfinite(values).all():
+        raise HeadscopeError("importance contains NaN or infinity")
+    provenance["scores"] = [[float(x) for x in row] for row in values.tolist()]
+    return values.to(torch.float32), own, provenance
+
+
+def _select(importance, fingerprint, n_full, min_per_layer, kv_aware, group_score) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Heads (L, H) bool of a budget, by heads or by whole KV groups; plus the selection record."""
+    fp = fingerprint
+    if not 0 <= min_per_layer <= fp.n_heads:
+        raise HeadscopeError(f"min_per_layer must be between 0 and {fp.n_heads}, got {min_per_layer}")
+    if group_score not in GROUP_SCORES:
+        raise HeadscopeError(f"unknown group score {group_score!r}; choose one of {', '.join(GROUP_SCORES)}")
+    unit = fp.group_size if kv_aware else 1
+    grouped = importance.view(fp.n_layers, fp.n_heads // unit, unit)  # (L, U, unit)
+    unit_importance = grouped.amax(-1) if group_score == "max" else grouped.sum(-1)  # (L, U)
+    n_units = max(1, (2 * n_full + unit) // (2 * unit))  # round half up, at least one unit
+    min_units = -(-min_per_layer // unit)  # ceil
+    if min_units * fp.n_layers > n_units:
+        raise HeadscopeError(
+            f"min_per_layer={min_per_layer} needs {min_units * unit * fp.n_layers} full heads over "
+            f"{fp.n_layers} layers, more than the budget of {n_units * unit}"
+        )
+    chosen = select_units(unit_importance, n_units, min_units)  # (L, U)
+    full = chosen[:, :, None].expand(-1, -1, unit).reshape(fp.shape)  # (L, H)
+    record = {"n_full_budget": n_full, "n_full": int(full.sum()), "min_per_layer": min_per_layer, "kv_aware": kv_aware}
+    if kv_aware:
+        record["group_score"] = group_score
+    return full, record
+
+
+def select_mask(
+    ranking_or_values: FusedRanking | HeadScores | torch.Tensor,
+    fingerprint: ModelFingerprint | None = None,
+    ratio: str | None = None,
+    n_full: int | None = None,
+    min_per_layer: int = 0,
+    kv_aware: bool = False,
+    group_score: str = "max",
+) -> HeadMask:
+    """Keep the most important heads at full attention under a head budget.
+
+    Args:
+        ranking_or_values: a ``FusedRanking``, a ``HeadScores`` (importance = ``|score|``) or an
+            ``(L, H)`` tensor (higher = keep; needs ``fingerprint``).
+        fingerprint: the model; checked against the ranking's own when both are given.
+        ratio: ``"a:b"`` linear:full (default ``"7:1"``); or ``n_full`` heads instead.
+        min_per_layer: full heads every layer must keep (in heads; whole groups with ``kv_aware``).
+        kv_aware: choose whole KV groups (scored by ``group_score``: ``max`` or ``sum``).
+    Returns:
+        ``HeadMask`` whose provenance holds ratio, selection record, probes, methods, fusion, scores.
+    """
+    importance, fp, provenance = _importance_of(ranking_or_values, fingerprint)
+    budget = head_budget(fp, ratio, n_full)
+    full, record = _select(importance, fp, budget, min_per_layer, kv_aware, group_score)
+    ratio_text = None if n_full is not None else (ratio or "7:1")
+    return HeadMask(full, fp, {"ratio": ratio_text, "selection": {"method": "ranked", **record}, **provenance})
+
+
+def random_mask(
+    fingerprint: ModelFingerprint,
+    ratio: str | None = None,
+    n_full: int | None = None,
+    seed: int = 0,
+    kv_aware: bool = False,
+) -> HeadMask:
+    """A uniformly random mask with exactly the budget of ``select_mask`` (same seed -> same mask).
+
+    Args:
+        fingerprint: the model.
+        ratio / n_full: the budget (default ``"7:1"``).
+        seed: seed of a private ``torch.Generator`` (global RNG untouched).
+        kv_aware: draw whole KV groups.
+    Returns:
+        ``HeadMask`` with provenance ``selection.method = "random"``.
+    """
+    budget = head_budget(fingerprint, ratio, n_full)
+    generator = torch.Generator().manual_seed(int(seed))
+    importance = torch.rand(fingerprint.shape, generator=generator)  # (L, H); groups score by their max
+    full, record = _select(importance, fingerprint, budget, 0, kv_aware, "max")
+    ratio_text = None if n_full is not None else (ratio or "7:1")
+    selection = {"method": "random", "seed": int(seed), **record}
+    return HeadMask(full, fingerprint, {"ratio": ratio_text, "selection": selection, "probes": [], "methods": [], "fusion": None})
+
+
+def layerwise_mask(fingerprint: ModelFingerprint, ratio: str = "3:1") -> HeadMask:
+    """Whole layers at full attention: with ``"a:b"``, layer ``i`` is FA when ``i % (a+b) >= a``.
+
+    ``"3:1"`` is the Qwen3-Next layout (layers 3, 7, 11, ...). Every head of an FA layer is FA, so
+    ``kv_fraction == head_fraction``.
+    """
+    linear, full_layers = parse_ratio(ratio)
+    is_full = torch.tensor([i % (linear + full_layers) >= linear for i in range(fingerprint.n_layers)])  # (L,)
+    if not is_full.any():
+        raise HeadscopeError(
+            f"ratio {ratio} puts no full-attention layer in a model of {fingerprint.n_layers} layers "
+            f"(the first one would be layer {linear})"
+        )
+    full = is_full[:, None].expand(fingerprint.shape).clone()  # (L, H)
+    selection = {"method": "layerwise", "n_full": int(full.sum()), "full_layers": is_full.nonzero().flatten().tolist()}
+    return HeadMask(full, fingerprint, {"ratio": ratio, "selection": selection, "probes": [], "methods": [], "fusion": None})
+
+
+def layer_types(mask: HeadMask) -> list[str]:
+    """Qwen3-Next style ``layer_types`` of a layer-wise mask; a layer mixing head types is an error."""
+    types = []
+    for layer, row in enumerate(mask.full):
+        n_full = int(row.sum())
+        if 0 < n_full < row.numel():
+            raise HeadscopeError(
+                f"layer {layer} mixes {n_full} full-attention and {row.numel() - n_full} linear heads; "
+                "layer_types can only describe a layer-wise mask"
+            )
+        types.append(FULL if n_full else LINEAR)
+    return types
+
+
+def mask_from_layer_types(types: Sequence[str], fingerprint: ModelFingerprint) -> HeadMask:
+    """The head mask of a Qwen3-Next style ``layer_types`` list (one entry per layer)."""
+    if len(types) != fingerprint.n_layers:
+        raise HeadscopeError(f"layer_types has {len(types)} entries but the model has {fingerprint.n_layers} layers")
+    unknown = sorted({t for t in types if t not in (LINEAR, FULL)})
+    if unknown:
+        raise HeadscopeError(f"unknown layer types {unknown}; expected {LINEAR!r} or {FULL!r}")
+    is_full = torch.tensor([t == FULL for t in types])  # (L,)
+    full = is_full[:, None].expand(fingerprint.shape).clone()
+    selection = {"method": "layer_types", "n_full": int(full.sum())}
+    return HeadMask(full, fingerprint, {"ratio": None, "selection": selection, "probes": [], "methods": [], "fusion": None})
+
+
+__all__ = [
+    "GROUP_SCORES", "MASK_SCHEMA_VERSION", "export_duo_tsv", "export_retrieval_json", "head_budget",
+    "layer_types", "layerwise_mask", "load_mask", "mask_from_layer_types", "mask_to_dict", "parse_ratio",
+    "random_mask", "ranking_from_mask", "save_mask", "select_mask", "select_units",
+]

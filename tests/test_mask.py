@@ -1,0 +1,234 @@
+"""Head masks: budget arithmetic, per-layer minimums, GQA groups, baselines, JSON file and exports."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from headscope.fusion import fuse
+from headscope.heads import Head, HeadMask, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.mask import (
+    export_duo_tsv,
+    export_retrieval_json,
+    head_budget,
+    layer_types,
+    layerwise_mask,
+    load_mask,
+    mask_from_layer_types,
+    random_mask,
+    ranking_from_mask,
+    save_mask,
+    select_mask,
+    select_units,
+)
+from headscope.maskfile import mask_to_dict
+
+FP8 = ModelFingerprint("qwen3", 8, 8, 2, 16, "eight")  # group size 4
+
+
+def distinct(fp: ModelFingerprint, seed: int = 0) -> torch.Tensor:
+    return torch.randperm(fp.n_layers * fp.n_heads, generator=torch.Generator().manual_seed(seed)).float().view(fp.shape)
+
+
+def test_budget_arithmetic():
+    assert head_budget(FP8, "7:1") == 8
+    assert head_budget(FP8, "3:1") == 16
+    assert head_budget(FP8) == 8  # default 7:1
+    assert head_budget(ModelFingerprint("qwen3", 28, 16, 8, 128), "7:1") == 56
+    assert head_budget(ModelFingerprint("x", 3, 4, 4, 8), "7:1") == 2  # 1.5 rounds up
+    assert head_budget(ModelFingerprint("x", 1, 10, 10, 8), "7:1") == 1  # 1.25
+    assert head_budget(ModelFingerprint("x", 1, 3, 3, 8), "7:1") == 1  # 0.375 -> at least 1
+    assert head_budget(FP8, n_full=5) == 5
+    for kwargs, message in [({"ratio": "7:1", "n_full": 3}, "not both"), ({"ratio": "7/1"}, "cannot read ratio"),
+                            ({"ratio": "0:1"}, "cannot read ratio"), ({"n_full": 0}, "between 1 and 64"), ({"n_full": 65}, "between 1 and 64")]:
+        with pytest.raises(HeadscopeError, match=message):
+            head_budget(FP8, **kwargs)
+
+
+def test_select_keeps_the_top_heads():
+    importance = distinct(FP8)
+    mask = select_mask(importance, FP8, ratio="7:1")
+    assert mask.n_full == 8
+    assert set(mask.heads()) == {Head(int(i) // 8, int(i) % 8) for i in importance.flatten().topk(8).indices}
+    assert mask.provenance["ratio"] == "7:1" and mask.provenance["selection"]["n_full"] == 8
+    assert mask.provenance["scores"] == importance.tolist()
+
+
+def test_min_per_layer_is_honoured():
+    importance = distinct(FP8)
+    importance[0] += 1000  # layer 0 would take the whole budget
+    assert select_mask(importance, FP8, n_full=8).full[0].all()
+    mask = select_mask(importance, FP8, n_full=8, min_per_layer=1)
+    assert mask.full.sum(1).tolist() == [1] * 8
+    assert all(mask.full[l, int(importance[l].argmax())] for l in range(8))
+    mask = select_mask(importance, FP8, n_full=20, min_per_layer=2)
+    assert (mask.full.sum(1) >= 2).all() and mask.n_full == 20
+    with pytest.raises(HeadscopeError, match="min_per_layer=2 needs 16 full heads"):
+        select_mask(importance, FP8, n_full=8, min_per_layer=2)
+
+
+def test_greedy_selection_is_optimal_by_brute_force():
+    generator = torch.Generator().manual_seed(1)
+    for n_units, minimum in [(4, 1), (5, 1), (6, 2), (3, 0)]:
+        importance = torch.randn(3, 3, generator=generator)
+        best = max(
+            (combo for combo in itertools.combinations(range(9), n_units)
+             if all(sum(1 for c in combo if c // 3 == l) >= minimum for l in range(3))),
+            key=lambda combo: sum(float(importance.flatten()[c]) for c in combo),
+        )
+        chosen = select_units(importance, n_units, minimum)
+        assert sorted(chosen.flatten().nonzero().flatten().tolist()) == list(best)
+
+
+def test_kv_aware_picks_whole_groups():
+    fp = ModelFingerprint("qwen3", 4, 8, 2, 16)  # groups: heads 0-3, 4-7
+    importance = torch.zeros(fp.shape)
+    importance[0, 0] = 7.0  # one critical head in group (0, 0): best max, worst sum
+    importance[1, 4:] = 3.0  # a uniformly useful group (1, 1)
+    importance[2, 0:4] = 2.0  # another (2, 0)
+    per_head = select_mask(importance, fp, n_full=6)  # (0, 0), all of group (1, 1), one head of (2, 0)
+    assert per_head.kv_fraction == 3 / 8 and per_head.head_fraction == 6 / 32
+    by_max = select_mask(importance, fp, n_full=8, kv_aware=True)
+    assert set(by_max.heads()) == {Head(0, h) for h in range(4)} | {Head(1, h) for h in range(4, 8)}
+    by_sum = select_mask(importance, fp, n_full=8, kv_aware=True, group_score="sum")
+    assert set(by_sum.heads()) == {Head(1, h) for h in range(4, 8)} | {Head(2, h) for h in range(4)}
+    for mask in (by_max, by_sum):
+        assert mask.kv_fraction == mask.head_fraction == 2 / 8
+        assert mask.kv_groups_full().sum() == 2 and mask.provenance["selection"]["kv_aware"]
+    assert select_mask(importance, fp, n_full=5, kv_aware=True).n_full == 4  # 1.25 groups -> 1
+    assert select_mask(importance, fp, n_full=6, kv_aware=True).n_full == 8  # 1.5 groups -> 2
+    with_min = select_mask(importance, fp, n_full=16, kv_aware=True, min_per_layer=1)  # 1 head -> 1 group per layer
+    assert with_min.kv_groups_full().sum(1).tolist() == [1, 1, 1, 1]
+    with pytest.raises(HeadscopeError, match="group score"):
+        select_mask(importance, fp, kv_aware=True, group_score="mean")
+
+
+def test_select_from_scores_and_ranking():
+    fp = ModelFingerprint("qwen3", 2, 4, 2, 16)
+    raw = HeadScores(torch.tensor([[0.1, -5.0, 0.2, 0.0], [0.3, 0.0, 0.0, 0.0]]), "needle", "activation", fp, "retrieval")
+    assert select_mask(raw, n_full=1).heads() == [Head(0, 1)]  # by |score|
+    mask = select_mask(fuse([raw]), n_full=2)
+    assert mask.heads() == [Head(0, 1), Head(1, 0)]
+    assert mask.provenance["probes"] == ["needle"] and mask.provenance["fusion"]["rule"] == "mean"
+    with pytest.raises(HeadscopeError, match="another model"):
+        select_mask(raw, ModelFingerprint("qwen3", 2, 4, 4, 16))
+    with pytest.raises(HeadscopeError, match="needs the model fingerprint"):
+        select_mask(torch.zeros(2, 4))
+
+
+def test_random_mask_is_seeded_with_exact_budget():
+    state = torch.random.get_rng_state()
+    first, again, other = random_mask(FP8, "7:1", seed=3), random_mask(FP8, "7:1", seed=3), random_mask(FP8, "7:1", seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first.full, again.full) and not torch.equal(first.full, other.full)
+    assert first.n_full == 8 and random_mask(FP8, n_full=13, seed=0).n_full == 13
+    grouped = random_mask(FP8, "3:1", seed=5, kv_aware=True)
+    assert grouped.n_full == 16 and grouped.kv_fraction == grouped.head_fraction == 0.25
+    assert first.provenance["selection"] == {"method": "random", "seed": 3, "n_full_budget": 8, "n_full": 8, "min_per_layer": 0, "kv_aware": False}
+
+
+def test_layerwise_layout_and_layer_types():
+    twelve = ModelFingerprint("qwen3", 12, 4, 2, 8)
+    mask = layerwise_mask(twelve)
+    assert mask.full.all(1).nonzero().flatten().tolist() == [3, 7, 11] and mask.n_full == 12
+    assert mask.kv_fraction == mask.head_fraction == 0.25
+    assert layerwise_mask(twelve, "1:1").full.any(1).nonzero().flatten().tolist() == [1, 3, 5, 7, 9, 11]
+    types = layer_types(mask)
+    assert types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    assert torch.equal(mask_from_layer_types(types, twelve).full, mask.full)
+    with pytest.raises(HeadscopeError, match="no full-attention layer"):
+        layerwise_mask(ModelFingerprint("qwen3", 3, 4, 2, 8), "3:1")
+    with pytest.raises(HeadscopeError, match="layer 0 mixes 1 full-attention and 3 linear"):
+        layer_types(HeadMask(torch.tensor([[True, False, False, False]] * 12), twelve))
+    with pytest.raises(HeadscopeError, match="unknown layer types"):
+        mask_from_layer_types(["linear_attention"] * 11 + ["sliding"], twelve)
+    with pytest.raises(HeadscopeError, match="11 entries"):
+        mask_from_layer_types(["linear_attention"] * 11, twelve)
+
+
+def test_json_round_trip(tmp_path):
+    fp = ModelFingerprint("qwen3", 4, 8, 2, 16, "tiny")
+    generator = torch.Generator().manual_seed(0)
+    inputs = [HeadScores(torch.randn(4, 8, generator=generator), f"p{i}", "activation", fp, "retrieval") for i in range(2)]
+    mask = select_mask(fuse(inputs, rule="rrf"), ratio="7:1", kv_aware=True)
+    loaded = load_mask(save_mask(mask, tmp_path / "mask.json"), expect=fp)
+    assert torch.equal(loaded.full, mask.full) and loaded.fingerprint == fp
+    assert loaded.provenance == json.loads(json.dumps(mask.provenance))
+    data = json.loads((tmp_path / "mask.json").read_text())
+    assert data["ratio"] == "7:1" and data["kv_fraction"] == mask.kv_fraction and data["head_fraction"] == 0.125
+    assert data["full_attention_heads"] == [[h.layer, h.head] for h in mask.heads()]
+    assert data["provenance"]["probes"] == ["p0", "p1"] and data["provenance"]["fusion"]["rule"] == "rrf"
+    assert torch.allclose(ranking_from_mask(loaded).values, fuse(inputs, rule="rrf").values)
+    with pytest.raises(HeadscopeError, match="stores no head scores"):
+        ranking_from_mask(random_mask(fp))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(schema_version=2), "unknown mask schema version 2"),
+        (lambda d: d.update(kind="headscope.scores"), "not a headscope mask file"),
+        (lambda d: d.pop("kv_fraction"), "lacks the keys kv_fraction"),
+        (lambda d: d["model"].pop("n_kv_heads"), "lacks the field 'n_kv_heads'"),
+        (lambda d: d["full_attention_heads"].append([0, 0]), r"\[0, 0\] is listed twice"),
+        (lambda d: d["full_attention_heads"].append([4, 0]), r"\[4, 0\] is out of range for 4 layers x 8 heads"),
+        (lambda d: d["full_attention_heads"].append([1, -1]), "out of range"),
+        (lambda d: d["full_attention_heads"].append([1, "2"]), "not a \\[layer, head\\] pair of integers"),
+        (lambda d: d.update(kv_fraction=0.5), "'kv_fraction' is 0.5 but the listed heads give 0.25"),
+        (lambda d: d["provenance"].update(scores=[[0.0] * 8] * 3), "provenance 'scores' must be 4 lists of 8"),
+        (lambda d: d.update(ratio=7), "'ratio' must be a string"),
+    ],
+)
+def test_load_names_each_problem(tmp_path, edit, message):
+    fp = ModelFingerprint("qwen3", 4, 8, 2, 16)
+    data = mask_to_dict(select_mask(distinct(fp), fp, n_full=2, kv_aware=False))
+    data["full_attention_heads"] = [[0, 0], [1, 1]]
+    data.update(n_full=2, head_fraction=2 / 32, kv_fraction=2 / 8)
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(HeadscopeError, match=message):
+        load_mask(path)
+
+
+def test_load_rejects_wrong_model(tmp_path):
+    path = save_mask(random_mask(FP8, seed=0), tmp_path / "m.json")
+    assert load_mask(path, expect=ModelFingerprint("qwen3", 8, 8, 2, 16, "another name")).n_full == 8
+    with pytest.raises(HeadscopeError, match=r"made for another model: n_heads is 8 in the file but 16 in the model"):
+        load_mask(path, expect=ModelFingerprint("qwen3", 8, 16, 2, 16))
+    with pytest.raises(HeadscopeError, match="not found"):
+        load_mask(tmp_path / "missing.json")
+
+
+def test_duo_tsv(tmp_path):
+    fp = ModelFingerprint("llama", 2, 8, 4, 16)  # group size 2
+    full = torch.zeros(fp.shape, dtype=torch.bool)
+    full[0, 0] = full[0, 1] = full[1, 5] = True  # layer 0 group 0 whole, layer 1 half of group 2
+    mask = HeadMask(full, fp)
+    path = export_duo_tsv(mask, tmp_path / "pattern" / "full_attention_heads.tsv", sink_size=64, recent_size=256)
+    assert path.read_text() == "1.0\t0.0\t0.0\t0.0\n0.0\t0.0\t1.0\t0.0\n"
+    assert np.loadtxt(path, delimiter="\t").shape == (2, 4)
+    assert json.loads((path.parent / "config.json").read_text()) == {"sink_size": 64, "recent_size": 256}
+    fraction = export_duo_tsv(mask, tmp_path / "f.tsv", group_value="fraction").read_text()
+    assert fraction == "1.0\t0.0\t0.0\t0.0\n0.0\t0.0\t0.5\t0.0\n"
+    with pytest.raises(HeadscopeError, match="both sink_size and recent_size"):
+        export_duo_tsv(mask, tmp_path / "x.tsv", sink_size=64)
+    with pytest.raises(HeadscopeError, match="group value"):
+        export_duo_tsv(mask, tmp_path / "x.tsv", group_value="all")
+
+
+def test_retrieval_json(tmp_path):
+    fp = ModelFingerprint("qwen3", 2, 2, 1, 8)
+    raw = HeadScores(torch.tensor([[0.5, -2.0], [0.0, 1.0]]), "needle", "activation", fp, "retrieval")
+    data = json.loads(export_retrieval_json(raw, tmp_path / "r.json").read_text())
+    assert data == {"0-0": [0.5], "0-1": [2.0], "1-0": [0.0], "1-1": [1.0]}
+    fused = fuse([raw])
+    data = json.loads(export_retrieval_json(fused, tmp_path / "f.json").read_text())
+    assert list(data) == ["0-0", "0-1", "1-0", "1-1"]
+    assert [v[0] for v in data.values()] == pytest.approx(fused.values.flatten().tolist())
+    with pytest.raises(HeadscopeError, match="needs a FusedRanking or HeadScores"):
+        export_retrieval_json(HeadMask(torch.zeros(2, 2), fp), tmp_path / "x.json")
