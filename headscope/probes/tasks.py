@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Callable, Sequence
 
 from headscope.heads import HeadscopeError
@@ -87,7 +88,9 @@ class Pools:
     induction: Words  # the haystack's words (no punctuation)
 
     @classmethod
+    @lru_cache(maxsize=None)
     def full(cls) -> "Pools":
+        """Every word list in full (built once: the haystack scan dominates a training sample's cost)."""
         return cls(
             vocab.KEYS, vocab.NUMBER_VALUES, vocab.WORD_VALUES, vocab.NAMES, vocab.VARIABLES, vocab.PLACES,
             vocab.OBJECTS, vocab.COMPARATIVES, tuple(sorted(w for w in haystack_words() if w.isalpha())),
