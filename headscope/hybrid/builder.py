@@ -1,0 +1,128 @@
+"""Build a head-wise hybrid from a pretrained causal LM and a ``HeadMask`` (HydraHead parameter migration).
+
+``build_hybrid(model, mask, config)``:
+
+1. checks the family (Llama, Mistral, Qwen2, Qwen3) and that the mask was made for this model
+   (``ModelFingerprint.mismatch``; a mismatch is a ``HeadscopeError`` naming the field);
+2. plans every layer (``headscope.hybrid.plan``): FA heads first, grouped by KV group, then GDN heads;
+   an all-FA layer stays the pretrained attention when ``plain_full_layers`` (the layer-wise baseline),
+   a layer without FA heads is pure GDN;
+3. copies the pretrained weights with the permutation applied once: ``q_proj`` rows and ``o_proj``
+   columns in head order, ``k_proj``/``v_proj`` rows = the FA KV groups followed by one copy of its
+   pretrained KV group per GDN head (channel-wise repetition for GQA), q_norm/k_norm as they are.
+   Embeddings, norms, MLPs and the unembedding are copied untouched (same parameter names);
+4. initialises the new parts (gate, conv, b/a projections, decay, gamma) as documented in
+   ``headscope.hybrid.layer`` from a generator seeded with ``config.init_seed`` (and the layer index).
+
+Baselines use the same builder: a random head mask or a layer-wise mask (``headscope.mask``) at a
+given ratio; in a layer-wise mask the all-FA layers become plain attention layers and the others pure
+GDN layers through the plan above.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from headscope.heads import HeadMask, HeadscopeError
+from headscope.hybrid.modeling import HybridConfig, HybridForCausalLM, family_of
+from headscope.hybrid.plan import LayerPlan
+from headscope.models import LoadedModel, load_model
+
+# HybridConfig fields a caller chooses; everything else is filled in from the model and the mask.
+SWITCHES = (
+    "fa_rope", "log_scaling", "attn_scale", "floor_scale", "output_gate", "gate_bias_init",
+    "fusion_norm", "conv_size", "plain_full_layers", "init_seed",
+)
+
+
+def _heads(weight: torch.Tensor, index: list[int], head_dim: int) -> torch.Tensor:
+    """Rows of the heads in ``index`` (in that order) of a ``(n·D, ...)`` weight or ``(n·D,)`` bias."""
+    per_head = weight.reshape(-1, head_dim, *weight.shape[1:])  # (n, D, ...)
+    return per_head[index].reshape(len(index) * head_dim, *weight.shape[1:])
+
+
+def _columns(weight: torch.Tensor, index: list[int], head_dim: int) -> torch.Tensor:
+    """Input columns of the heads in ``index`` of an ``(out, n·D)`` weight."""
+    per_head = weight.reshape(weight.shape[0], -1, head_dim)  # (out, n, D)
+    return per_head[:, index].reshape(weight.shape[0], len(index) * head_dim)
+
+
+def migrate_attention(attention: nn.Module, plan: LayerPlan, head_dim: int) -> dict[str, torch.Tensor]:
+    """Pretrained attention weights rearranged for a hybrid layer (names relative to ``self_attn``).
+
+    Args:
+        attention: the pretrained HF attention module (q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm]).
+        plan: the layer's plan (head order, FA KV groups, GDN KV groups).
+    Returns:
+        ``{name: tensor}`` for q/k/v/o weights and biases and the q/k norms.
+    """
+    order = list(plan.head_order)
+    kv_rows = list(plan.fa_kv_groups) + list(plan.gdn_kv_groups)
+    weights: dict[str, torch.Tensor] = {}
+    for name, index in (("q_proj", order), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        proj = getattr(attention, name)
+        weights[f"{name}.weight"] = _heads(proj.weight.detach(), index, head_dim)
+        if proj.bias is not None:
+            weights[f"{name}.bias"] = _heads(proj.bias.detach(), index, head_dim)
+    weights["o_proj.weight"] = _columns(attention.o_proj.weight.detach(), order, head_dim)
+    if attention.o_proj.bias is not None:
+        weights["o_proj.bias"] = attention.o_proj.bias.detach()
+    for norm in ("q_norm", "k_norm"):
+        if hasattr(attention, norm):
+            weights[f"{norm}.weight"] = getattr(attention, norm).weight.detach()
+    return weights
+
+
+def hybrid_config_for(lm: LoadedModel, mask: HeadMask, config: HybridConfig | None = None) -> HybridConfig:
+    """The ``HybridConfig`` of ``lm`` under ``mask``, with the switches of ``config`` (defaults if None).
+
+    Raises:
+        HeadscopeError: unsupported family, or a mask made for another model (names the field).
+    """
+    family_of(lm.model.config.model_type)
+    problem = lm.fingerprint.mismatch(mask.fingerprint)
+    if problem is not None:
+        raise HeadscopeError(f"the mask does not fit this model: {problem}")
+    switches = {name: getattr(config or HybridConfig(), name) for name in SWITCHES}
+    return HybridConfig(
+        base_config=lm.model.config.to_dict(),
+        full_attention_heads=[[h.layer, h.head] for h in mask.heads()],
+        mask_fingerprint=mask.fingerprint.to_dict(),
+        mask_provenance=dict(mask.provenance),
+        **switches,
+    )
+
+
+@torch.no_grad()
+def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridConfig | None = None) -> HybridForCausalLM:
+    """Turn a pretrained Llama/Mistral/Qwen2/Qwen3 causal LM into a head-wise hybrid.
+
+    Args:
+        model: a ``PreTrainedModel`` (or a ``LoadedModel``); it is not modified.
+        mask: which heads keep full attention (``HeadMask`` for this model).
+        config: a ``HybridConfig`` whose switches (``SWITCHES``) to use; its other fields are ignored.
+    Returns:
+        ``HybridForCausalLM`` in eval mode, on the model's device and dtype.
+    Raises:
+        HeadscopeError: unsupported family or a mask for another model.
+    """
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    hconfig = hybrid_config_for(lm, mask, config)
+    hybrid = HybridForCausalLM._from_config(hconfig, dtype=lm.dtype).to(lm.device)
+    head_dim = hconfig.head_dim
+    state = {name: t for name, t in lm.model.state_dict().items() if ".self_attn." not in name}
+    for l, layer in enumerate(hybrid.model.layers):
+        prefix = f"model.layers.{l}.self_attn."
+        attention = layer.self_attn
+        migrated = migrate_attention(lm.attention(l), hconfig.layer_plan(l), head_dim)
+        generator = torch.Generator().manual_seed(hconfig.init_seed * 1_000_003 + l)
+        new = attention.new_parameter_values(generator, hconfig.initializer_range)
+        state.update({prefix + name: t for name, t in {**migrated, **new}.items()})
+    missing, unexpected = hybrid.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (hconfig.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise HeadscopeError(
+            f"weight migration mismatch for {lm.fingerprint.architecture}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return hybrid.eval()

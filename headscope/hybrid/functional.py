@@ -1,0 +1,206 @@
+"""Tensor functions of the head-wise hybrid layer (no parameters, no modules).
+
+* ``apply_rope``: rotary position embedding in the Hugging Face "rotate half" convention, on
+  ``(B, T, H, D)`` tensors with ``cos``/``sin`` of shape ``(B, T, D)`` from the base model's rotary module.
+* ``log_position_scale``: the long-context query scale of the full-attention heads (Llama 4's NoPE
+  layers; a fixed form of SSMax's s·log n)::
+
+      scale(pos) = 1 + attn_scale · log(floor((pos + 1) / floor_scale) + 1)
+
+  It is exactly 1 for ``pos < floor_scale - 1`` (8191 with the default ``floor_scale = 8192``), so short
+  contexts see the pretrained logits unchanged, and grows like ``attn_scale · log(pos / floor_scale)``
+  beyond: at 128K tokens with ``attn_scale = 0.1`` it is 1.28. It multiplies the queries, hence the logits.
+* ``short_conv``: the causal depthwise convolution + SiLU of Gated DeltaNet with a carried window of the
+  last ``K`` inputs (the Hugging Face / fla conv-state layout ``(B, C, K)``). On CUDA it calls fla's Triton
+  ``causal_conv1d``; ``short_conv_reference`` is the plain-torch twin (and the CPU path).
+* ``causal_attention``: SDPA over contiguous head segments of the full-attention heads. Each segment is
+  a run of KV heads serving the same number of query heads, so grouped-query attention runs without
+  gathering or copying keys (``enable_gqa``); a mask is built only when padding, a sliding window or a
+  query block that does not start at key 0 needs one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, HF convention.
+
+    Args:
+        x: ``(B, T, H, D)``.
+        cos, sin: ``(B, T, D)`` (batch 1 broadcasts).
+    Returns:
+        ``(B, T, H, D)`` rotated, in ``x``'s dtype.
+    """
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, D)
+    return x * cos + rotate_half(x) * sin
+
+
+def log_position_scale(position_ids: torch.Tensor, attn_scale: float, floor_scale: float) -> torch.Tensor:
+    """``1 + attn_scale · log(floor((pos + 1) / floor_scale) + 1)`` per position.
+
+    Args:
+        position_ids: ``(B, T)`` absolute positions (0-based).
+    Returns:
+        ``(B, T)`` float32 query multipliers (>= 1).
+    """
+    pos = position_ids.to(torch.float32)
+    return 1.0 + attn_scale * torch.log(torch.floor((pos + 1.0) / floor_scale) + 1.0)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Unit L2 norm over the last dimension, computed in float32 (fla's ``l2norm``: x / sqrt(Σx² + eps))."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def short_conv_reference(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution followed by SiLU, carrying the last ``K`` inputs.
+
+    Args:
+        x: ``(B, T, C)`` inputs.
+        weight: ``(C, K)`` taps; tap ``K - 1`` multiplies the current token.
+        state: ``(B, C, K)`` the ``K`` inputs before ``x`` (zeros = no history), or None.
+    Returns:
+        ``y`` ``(B, T, C)`` = SiLU(conv(x)), and the new state ``(B, C, K)`` (last ``K`` inputs).
+    """
+    batch, _, channels = x.shape
+    width = weight.shape[-1]
+    history = state.to(x.dtype) if state is not None else x.new_zeros(batch, channels, width)
+    full = torch.cat((history, x.transpose(1, 2)), dim=-1)  # (B, C, K + T)
+    y = F.conv1d(full, weight.to(x.dtype).unsqueeze(1), groups=channels)  # (B, C, T + 1)
+    return F.silu(y[..., 1:]).transpose(1, 2), full[..., -width:].contiguous()
+
+
+def short_conv(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``short_conv_reference`` with fla's Triton kernel on CUDA (same arguments and results)."""
+    if not x.is_cuda:
+        return short_conv_reference(x, weight, state)
+    from fla.modules.convolution import causal_conv1d
+
+    y, final_state = causal_conv1d(
+        x, weight=weight, initial_state=state, output_final_state=True, activation="silu"
+    )
+    return y, final_state
+
+
+def attention_mask(
+    query_len: int,
+    key_len: int,
+    *,
+    padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean SDPA mask (True = may attend) for queries at the last ``query_len`` of ``key_len`` positions.
+
+    Query ``i`` sits at key position ``key_len - query_len + i``; it sees keys at or before it, within the
+    sliding window if any, that are not padding. A padded query always sees itself, so no row is empty.
+
+    Args:
+        padding_mask: ``(B, key_len)``, 1/True for real tokens.
+    Returns:
+        ``(B or 1, 1, query_len, key_len)`` bool.
+    """
+    q_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(key_len, device=device)[None, :]  # (1, Tk)
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if padding_mask is not None:
+        real_key = padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Tk)
+        allowed = (allowed & real_key) | (k_pos == q_pos)[None, None]
+    return allowed
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: tuple[tuple[int, int, int, int], ...],
+    *,
+    scale: float,
+    padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal SDPA of the full-attention heads, one call per head segment.
+
+    Args:
+        q: ``(B, T, Hq, D)`` queries of the last ``T`` positions.
+        k, v: ``(B, Hkv, Tk, D)`` keys/values of all ``Tk`` positions (cache layout).
+        segments: ``(q_start, q_end, kv_start, kv_end)`` head ranges; each segment's query count is a
+            multiple of its KV count, query heads of one KV head adjacent.
+        scale: softmax scale (1/sqrt(D)).
+        padding_mask: ``(B, Tk)`` real-token mask, or None.
+        sliding_window: attend to at most this many most recent keys, or None.
+    Returns:
+        ``(B, T, Hq, D)``.
+    """
+    query_len, key_len = q.shape[1], k.shape[2]
+    window_bites = sliding_window is not None and key_len > sliding_window
+    mask, causal = None, False
+    if padding_mask is not None or window_bites or 1 < query_len < key_len:
+        mask = attention_mask(query_len, key_len, padding_mask=padding_mask, sliding_window=sliding_window, device=q.device)
+    elif query_len == key_len:
+        causal = query_len > 1
+    qh = q.transpose(1, 2)  # (B, Hq, T, D)
+    outputs = []
+    for q0, q1, k0, k1 in segments:
+        outputs.append(
+            F.scaled_dot_product_attention(
+                qh[:, q0:q1], k[:, k0:k1], v[:, k0:k1], attn_mask=mask, is_causal=causal,
+                scale=scale, enable_gqa=(q1 - q0) != (k1 - k0),
+            )
+        )
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, Hq, T, D)
+    return out.transpose(1, 2)
+
+
+def fa_segments(fa_kv_sizes: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
+    """Split FA heads into runs of KV heads that serve equally many query heads.
+
+    ``fa_kv_sizes[j]`` is how many FA query heads (adjacent, in order) use FA KV head ``j``. One SDPA call
+    per run keeps GQA gather-free; a mask aligned to whole KV groups gives a single run.
+
+    Returns:
+        ``(q_start, q_end, kv_start, kv_end)`` per run.
+    """
+    segments, q0, k0 = [], 0, 0
+    while k0 < len(fa_kv_sizes):
+        size, k1 = fa_kv_sizes[k0], k0
+        while k1 < len(fa_kv_sizes) and fa_kv_sizes[k1] == size:
+            k1 += 1
+        q1 = q0 + size * (k1 - k0)
+        segments.append((q0, q1, k0, k1))
+        q0, k0 = q1, k1
+    return tuple(segments)
+
+
+def gdn_decay_init(n_heads: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's Gated DeltaNet decay initialisation.
+
+    ``A ~ U(0, 16)`` stored as ``A_log = log A``; ``dt`` log-uniform in ``[1e-3, 0.1]`` (floored at 1e-4)
+    stored as its inverse softplus ``dt_bias = dt + log(1 - exp(-dt))`` so that ``softplus(dt_bias) = dt``.
+
+    Returns:
+        ``A_log`` and ``dt_bias``, ``(n_heads,)`` float32.
+    """
+    a = torch.empty(n_heads).uniform_(0, 16, generator=generator).clamp_min(1e-4)
+    log_dt = torch.rand(n_heads, generator=generator) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+    dt = log_dt.exp().clamp_min(1e-4)
+    return a.log(), dt + torch.log(-torch.expm1(-dt))

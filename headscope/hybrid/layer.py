@@ -1,0 +1,264 @@
+"""``HeadwiseHybridAttention``: full-attention (FA) heads and Gated DeltaNet (GDN) heads in one layer.
+
+Head layout (fixed once by the builder, never gathered at run time): the layer's query heads are ordered
+FA heads first, then GDN heads. ``q_proj`` rows, ``k_proj``/``v_proj`` rows and ``o_proj`` columns follow
+that order; ``head_order[p]`` (in the config) names the pretrained head at position ``p``.
+
+* ``q_proj``: ``H·D`` rows, FA heads then GDN heads.
+* ``k_proj``/``v_proj``: ``(n_fa_kv + n_gdn)·D`` rows: the FA KV heads (pretrained KV groups that hold
+  FA heads; ``fa_kv_sizes[j]`` FA query heads use KV head ``j``), then one key/value head per GDN head
+  (MHA-like; initialised by repeating the pretrained KV group's rows).
+* ``o_proj``: ``H·D`` input columns in the same head order.
+
+FA branch: optional q_norm/k_norm (Qwen3); RoPE only if ``fa_rope`` (the HydraHead FA heads are NoPE);
+queries times ``log_position_scale`` if ``log_scaling``; causal SDPA with grouped KV; the KV cache holds
+only the FA KV heads. Output gate (``output_gate``): ``sigmoid(gate_proj(x))`` per head and channel,
+``gate_proj`` initialised with zero weight and bias ``gate_bias_init`` (4.0: sigmoid = 0.982, close to
+the identity while the gate's gradient, ∝ s(1 − s), stays 18x larger than at bias 8).
+
+GDN branch (fla's GatedDeltaNet recipe): q/k/v (after q_norm/k_norm, as in the pretrained pipeline) ->
+causal depthwise conv (kernel ``conv_size``, initialised to the identity: last tap 1) + SiLU -> RoPE on
+q, k -> L2 norm of q, k; ``beta = sigmoid(b_proj(x))``; ``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)``
+(A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]); ``headscope.kernels.gdn.ops.gated_delta_rule`` with scale
+1/sqrt(D). The cache holds the conv window ``(B, C, K)`` and the recurrent state ``(B, n_gdn, D, D)`` fp32.
+
+Fusion (``fusion_norm``): every head's output is RMS-normalised, scaled by a learned ``gamma_h``
+(init 1) and, for FA heads, gated: ``headscope.kernels.epilogue.ops.head_epilogue``. Without
+``fusion_norm`` the gate (if any) multiplies the raw FA output and nothing else changes.
+
+With ``fa_rope`` on, every other switch off and every head FA, the layer computes exactly the
+pretrained attention (the builder's parity test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from headscope.hybrid.functional import (
+    apply_rope,
+    causal_attention,
+    fa_segments,
+    gdn_decay_init,
+    l2_normalize,
+    log_position_scale,
+    short_conv,
+)
+from headscope.kernels.epilogue.ops import head_epilogue
+from headscope.kernels.gdn.ops import gated_delta_rule
+
+
+@dataclass(frozen=True)
+class HybridLayerSpec:
+    """Shape and switches of one hybrid attention layer (see the module docstring)."""
+
+    hidden_size: int
+    head_dim: int
+    n_fa_heads: int
+    n_gdn_heads: int
+    fa_kv_sizes: tuple[int, ...]  # FA query heads per FA KV head, in head order
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    rms_norm_eps: float = 1e-6
+    fa_rope: bool = False
+    log_scaling: bool = True
+    attn_scale: float = 0.1
+    floor_scale: float = 8192.0
+    output_gate: bool = True
+    gate_bias_init: float = 4.0
+    fusion_norm: bool = True
+    conv_size: int = 4
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if sum(self.fa_kv_sizes) != self.n_fa_heads or any(s < 1 for s in self.fa_kv_sizes):
+            raise ValueError(f"fa_kv_sizes {self.fa_kv_sizes} must be positive and sum to n_fa_heads={self.n_fa_heads}")
+        if self.n_fa_heads + self.n_gdn_heads < 1:
+            raise ValueError("a layer needs at least one head")
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_fa_heads + self.n_gdn_heads
+
+    @property
+    def n_fa_kv_heads(self) -> int:
+        return len(self.fa_kv_sizes)
+
+    @property
+    def gated(self) -> bool:
+        return self.output_gate and self.n_fa_heads > 0
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over ``head_dim`` with a weight, computed in float32 (Qwen3's q_norm/k_norm, same ops)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(dtype)
+
+
+class HeadwiseHybridAttention(nn.Module):
+    """FA heads and GDN heads side by side, fused before ``o_proj``.
+
+    Args:
+        spec: the layer's ``HybridLayerSpec``.
+        layer_idx: index of the layer in the model (its cache slot).
+    """
+
+    def __init__(self, spec: HybridLayerSpec, layer_idx: int) -> None:
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        d, hidden = spec.head_dim, spec.hidden_size
+        n_kv_rows = (spec.n_fa_kv_heads + spec.n_gdn_heads) * d
+        self.q_proj = nn.Linear(hidden, spec.n_heads * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv_rows, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv_rows, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.n_heads * d, hidden, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = HeadRMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = HeadRMSNorm(d, spec.rms_norm_eps)
+        if spec.gated:
+            self.gate_proj = nn.Linear(hidden, spec.n_fa_heads * d, bias=True)
+        if spec.n_gdn_heads:
+            channels = 3 * spec.n_gdn_heads * d
+            self.conv1d = nn.Conv1d(channels, channels, spec.conv_size, groups=channels, bias=False)
+            self.b_proj = nn.Linear(hidden, spec.n_gdn_heads, bias=False)
+            self.a_proj = nn.Linear(hidden, spec.n_gdn_heads, bias=False)
+            self.A_log = nn.Parameter(torch.zeros(spec.n_gdn_heads))
+            self.dt_bias = nn.Parameter(torch.zeros(spec.n_gdn_heads))
+            self.A_log._no_weight_decay = True
+            self.dt_bias._no_weight_decay = True
+        if spec.fusion_norm:
+            self.gamma = nn.Parameter(torch.ones(spec.n_heads))
+        self.segments = fa_segments(spec.fa_kv_sizes)
+        self.init_new_parameters()
+
+    def new_parameter_values(self, generator: torch.Generator | None = None, initializer_range: float = 0.02) -> dict[str, torch.Tensor]:
+        """Initial values of the parts the pretrained model does not have, by parameter name.
+
+        gate: zero weight, bias ``gate_bias_init``; conv: identity (last tap 1); b_proj/a_proj: normal
+        (std ``initializer_range``); A_log/dt_bias: fla's init; gamma: ones. CPU float32 tensors.
+        """
+        spec, values = self.spec, {}
+        if spec.gated:
+            values["gate_proj.weight"] = torch.zeros(self.gate_proj.weight.shape)
+            values["gate_proj.bias"] = torch.full(self.gate_proj.bias.shape, spec.gate_bias_init)
+        if spec.n_gdn_heads:
+            identity = torch.zeros(self.conv1d.weight.shape)  # (C, 1, K)
+            identity[..., -1] = 1.0
+            values["conv1d.weight"] = identity
+            for name in ("b_proj", "a_proj"):
+                shape = getattr(self, name).weight.shape
+                values[f"{name}.weight"] = torch.randn(shape, generator=generator) * initializer_range
+            values["A_log"], values["dt_bias"] = gdn_decay_init(spec.n_gdn_heads, generator)
+        if spec.fusion_norm:
+            values["gamma"] = torch.ones(spec.n_heads)
+        return values
+
+    @torch.no_grad()
+    def init_new_parameters(self, generator: torch.Generator | None = None, initializer_range: float = 0.02) -> None:
+        """Set the new parts to ``new_parameter_values`` (through ``transformers.initialization``, which
+        leaves tensors already loaded from a checkpoint alone)."""
+        params = dict(self.named_parameters())
+        for name, value in self.new_parameter_values(generator, initializer_range).items():
+            init.copy_(params[name], value)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor,
+        past_key_values=None,
+        padding_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """One attention layer.
+
+        Args:
+            hidden_states: ``(B, T, hidden)`` normalised layer input.
+            position_embeddings: ``(cos, sin)``, each ``(B, T, D)``, from the base model's rotary module.
+            position_ids: ``(B, T)`` absolute positions.
+            past_key_values: a ``transformers.DynamicCache`` built from the ``HybridConfig`` (its layer
+                types give this layer a KV slot if it has FA heads, conv + recurrent states if GDN), or None.
+            padding_mask: ``(B, past + T)`` 1 for real tokens, or None when nothing is padded.
+        Returns:
+            ``(B, T, hidden)``.
+        """
+        spec, d = self.spec, self.spec.head_dim
+        batch, seq, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, seq, spec.n_heads, d)  # (B, T, H, D)
+        k = self.k_proj(hidden_states).view(batch, seq, -1, d)  # (B, T, Hkv_fa + H_gdn, D)
+        v = self.v_proj(hidden_states).view(batch, seq, -1, d)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_fa, q_gdn = q.split((spec.n_fa_heads, spec.n_gdn_heads), dim=2)
+        k_fa, k_gdn = k.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
+        v_fa, v_gdn = v.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
+        outputs = []
+        if spec.n_fa_heads:
+            outputs.append(self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, past_key_values, padding_mask))
+        if spec.n_gdn_heads:
+            step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
+            outputs.append(self._gated_delta(hidden_states, q_gdn, k_gdn, v_gdn, position_embeddings, past_key_values, step_mask))
+        o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, T, H, D)
+        gate = self.gate_proj(hidden_states).view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
+        if spec.fusion_norm:
+            o = head_epilogue(o, self.gamma, gate)
+        elif gate is not None:
+            o = torch.cat((o[:, :, : spec.n_fa_heads] * torch.sigmoid(gate), o[:, :, spec.n_fa_heads :]), dim=2)
+        return self.o_proj(o.reshape(batch, seq, spec.n_heads * d))
+
+    def _full_attention(self, q, k, v, position_embeddings, position_ids, cache, padding_mask) -> torch.Tensor:
+        """FA heads: ``(B, T, n_fa, D)`` from q ``(B, T, n_fa, D)`` and k, v ``(B, T, n_fa_kv, D)``."""
+        spec = self.spec
+        if spec.fa_rope:
+            cos, sin = position_embeddings
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if spec.log_scaling:
+            q = q * log_position_scale(position_ids, spec.attn_scale, spec.floor_scale)[:, :, None, None].to(q.dtype)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, D)
+        return causal_attention(
+            q, k, v, self.segments, scale=spec.head_dim**-0.5, padding_mask=padding_mask, sliding_window=spec.sliding_window
+        )
+
+    def _gated_delta(self, x, q, k, v, position_embeddings, cache, step_mask) -> torch.Tensor:
+        """GDN heads: ``(B, T, n_gdn, D)`` from the layer input ``x`` and q, k, v ``(B, T, n_gdn, D)``.
+
+        Padded positions (``step_mask`` 0) are made no-ops: zero conv input, ``beta = 0`` (no write) and
+        ``g = 0`` (no decay), so a left-padded row carries exactly the state of its unpadded twin.
+        """
+        spec = self.spec
+        batch, seq, heads, d = q.shape
+        mixed = torch.cat((q, k, v), dim=2).reshape(batch, seq, 3 * heads * d)  # (B, T, C)
+        if step_mask is not None:
+            mixed = mixed * step_mask[:, :, None].to(mixed.dtype)
+        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        mixed, conv_state = short_conv(mixed, self.conv1d.weight.squeeze(1), conv_state)
+        q, k, v = mixed.view(batch, seq, 3, heads, d).unbind(dim=2)
+        cos, sin = position_embeddings
+        q = l2_normalize(apply_rope(q, cos, sin))
+        k = l2_normalize(apply_rope(k, cos, sin))
+        beta = torch.sigmoid(self.b_proj(x))  # (B, T, n_gdn)
+        g = -self.A_log.float().exp() * nn.functional.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        if step_mask is not None:
+            beta = beta * step_mask.to(beta.dtype)[..., None]
+            g = g * step_mask.to(g.dtype)[..., None]
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        o, state = gated_delta_rule(q, k, v, g, beta, scale=d**-0.5, initial_state=state, output_final_state=cache is not None)
+        if cache is not None:
+            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=spec.conv_size)
+            cache.update_recurrent_state(state, self.layer_idx)
+        return o
