@@ -206,10 +206,17 @@ def main(argv=None) -> int:
                 total_steps = step + int(max(args.minutes * 60 - elapsed, 0) / step_seconds)
                 progress.total = total_steps
                 progress.refresh()
+                tqdm.write(f"{step_seconds * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / step_seconds:,.0f} "
+                           f"tokens/s): {total_steps} steps in {args.minutes:g} minutes")
         if step % args.log_every == 0 or step == total_steps:
             seconds = train_seconds + time.perf_counter() - started
             log.add(step, seconds, lr, float(grad_norm), sums.tolist())
-            progress.set_postfix(loss=f"{log.rows[-1]['loss']:.3f}", ans=f"{log.rows[-1]['answer_acc']:.2f}")
+            row = log.rows[-1]
+            progress.set_postfix(loss=f"{row['loss']:.3f}", ans=f"{row['answer_acc']:.2f}")
+            if step % (args.log_every * 20) == 0:
+                tasks = " ".join(f"{name[:6]} {row[f'answer_acc_{name}']:.2f}" for name in config.task_names)
+                tqdm.write(f"step {step} {seconds:.0f}s loss {row['loss']:.3f} text {row['text_loss']:.3f} "
+                           f"answer {row['answer_loss']:.3f} | {tasks}")
             sums.zero_()
             if time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:
                 save_state(state_path, model, optimizer, step, total_steps, log)
