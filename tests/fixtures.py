@@ -26,11 +26,25 @@ def make_word_tokenizer(words: Iterable[str], add_bos: bool = False) -> PreTrain
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<bos>", eos_token="<eos>")
 
 
-def make_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE (leading-space ``Ġ`` convention) trained on ``texts``.
+def make_bpe_tokenizer(texts: Iterable[str], vocab_size: int, sentencepiece_style: bool = False) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on ``texts``; a small ``vocab_size`` leaves rarer words as several tokens.
 
-    A small ``vocab_size`` leaves rarer words as several tokens.
+    Args:
+        texts: training text.
+        vocab_size: target vocabulary size.
+        sentencepiece_style: False: GPT-2-style byte-level BPE (leading space as ``Ġ``, no BOS).
+            True: Llama-2-style (``▁`` word prefix, digits split one by one, ``<s>`` prepended).
     """
+    if sentencepiece_style:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"), pre_tokenizers.Digits(individual_digits=True)]
+        )
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -31,6 +31,7 @@ def tokenizers():
     return {
         "word": make_word_tokenizer(task_vocabulary(), add_bos=True),
         "bpe": make_bpe_tokenizer(texts, vocab_size=1100),  # rarer words (numbers, places ...) split
+        "spm": make_bpe_tokenizer(texts, vocab_size=800, sentencepiece_style=True),  # BOS, digits split: word values
     }
 
 
@@ -75,7 +76,7 @@ def solve(name: str, words: list[str]) -> str:
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("kind", ["word", "bpe"])
+@pytest.mark.parametrize("kind", ["word", "bpe", "spm"])
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_builtin_probe_pairs(tokenizers, kind, name):
     tok = tokenizers[kind]
@@ -93,6 +94,8 @@ def test_builtin_probe_pairs(tokenizers, kind, name):
             assert vocab_.ids([answer]) == [pair.answer_id] and vocab_.ids([wrong]) == [pair.wrong_id]  # single tokens
             assert solve(name, words_of(tok, pair.clean_ids)) == answer
             assert solve(name, words_of(tok, pair.corrupt_ids)) == wrong
+        if kind == "spm" and name in ("needle_single", "kv_recall", "multihop"):
+            assert not any(w.isdigit() for w in words_of(tok, probe.pairs[0].clean_ids))  # numbers are 3 tokens here
         if kind == "bpe":  # per-word assembly equals tokenising the decoded text (whitespace pre-split)
             clean = probe.pairs[0].clean_ids
             assert tok(tok.decode(clean), add_special_tokens=False)["input_ids"] == list(clean)
@@ -183,7 +186,7 @@ def test_jsonl_round_trip(tokenizers, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("kind", ["word", "bpe"])
+@pytest.mark.parametrize("kind", ["word", "bpe", "spm"])
 def test_jsonl_text_format(tokenizers, tmp_path, kind):
     tok = tokenizers[kind]
     clean = "when mary and john went to the store , john gave a drink to"
@@ -195,14 +198,17 @@ def test_jsonl_text_format(tokenizers, tmp_path, kind):
     assert probe.name == "ioi" and probe.capability == "reasoning" and probe.meta["answer_forms"] == "space"
     assert list(pair.clean_ids) == tok(clean)["input_ids"]
     assert [pair.answer_id, pair.wrong_id] == TokenVocab(tok).ids(["mary", "john"])
-    # A prompt ending in a space: word-level continues with the glued word; byte-level BPE ends the prompt
-    # with a lone "Ġ" token, after which "mary" (no leading space) is several tokens here: an error.
+    # A prompt ending in a space: word-level continues with the glued word; BPE tokenizers end the prompt
+    # with a lone space token that the glued answer would absorb: an error that says so.
     path.write_text(json.dumps({"clean": clean + " ", "corrupt": corrupt + " ", "answer": "mary", "wrong": "john"}) + "\n")
     if kind == "word":
         assert load_probe_jsonl(path, tokenizer=tok).meta["answer_forms"] == "glued"
     else:
-        with pytest.raises(HeadscopeError, match=r"line 1: answer 'mary' is not a single token .*glued: changes the prompt tokens; bare: \["):
+        with pytest.raises(HeadscopeError, match=r"line 1: answer 'mary' is not a single token .*glued: changes the prompt tokens.*ends in whitespace"):
             load_probe_jsonl(path, tokenizer=tok)
+    # Punctuation answers: whichever form makes "." and "," single tokens.
+    path.write_text(json.dumps({"clean": "mary and john went", "corrupt": "john and mary went", "answer": ".", "wrong": ","}) + "\n")
+    assert load_probe_jsonl(path, tokenizer=tok).meta["answer_forms"] in ("space", "glued")
 
 
 def _write(tmp_path, lines: list[str]):

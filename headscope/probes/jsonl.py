@@ -19,11 +19,12 @@ nothing is returned until the whole file is valid):
   the same number, and clean must differ from corrupt; answer and wrong must differ.
 * text prompts are tokenised as the model would read them: special prefix (e.g. BOS) included.
 * ``answer`` and ``wrong`` must each be exactly ONE token. They are tokenised as the tokenizer continues
-  the clean prompt: if the prompt does not end in whitespace, first as the next word after a space
-  (``ids(clean + " " + answer)`` minus ``ids(clean)``, e.g. GPT-2's ``Ġmary``), else glued to the
-  prompt (``ids(clean + answer)`` minus ``ids(clean)``, for answers like ``","``); if the prompt ends in
-  whitespace, first glued, else the answer's own tokens. The first form in which BOTH answer and wrong
-  are one token is used (leading/trailing spaces of answer and wrong are ignored); the probe's
+  the clean prompt (leading/trailing spaces of answer and wrong are ignored): first as the next word
+  after a space, ``ids(clean + " " + answer)`` minus ``ids(clean)`` (GPT-2's ``Ġmary``, SentencePiece's
+  ``▁mary``); if that is not one token for both, glued to the prompt, ``ids(clean + answer)`` minus
+  ``ids(clean)`` (answers like ``","``). A prompt that ends in whitespace is only tried glued (a BPE
+  tokenizer keeps a trailing space as a token of its own; better drop it). A form counts only if it
+  leaves the prompt's own tokens unchanged and gives ONE token for both answer and wrong; the probe's
   ``meta["answer_forms"]`` records which forms were used.
 * keys: exactly ``clean, corrupt, answer, wrong`` or exactly ``clean_ids, corrupt_ids, answer_id,
   wrong_id``; ids are non-negative integers.
@@ -36,11 +37,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from headscope.heads import HeadscopeError
+from headscope.heads import HeadscopeError, write_text_atomic
 from headscope.probes.base import Probe, PromptPair
 from headscope.probes.tokens import encode_plain, special_prefix
 
@@ -94,24 +94,22 @@ def answer_tokens(tokenizer: Any, clean: str, answer: str, wrong: str, where: st
     """The single-token ids of ``answer`` and ``wrong`` continuing ``clean``, and the form used.
 
     Returns:
-        ``(answer_id, wrong_id, form)`` with form ``"space"``, ``"glued"`` or ``"bare"`` (module docstring).
+        ``(answer_id, wrong_id, form)`` with form ``"space"`` or ``"glued"`` (module docstring).
     """
     (prompt_ids,) = encode_plain(tokenizer, [clean])
     words = (answer.strip(), wrong.strip())
-    if clean[-1:].isspace():
-        forms = {"glued": [_continuation(tokenizer, prompt_ids, clean + w) for w in words],
-                 "bare": encode_plain(tokenizer, list(words))}
-    else:
-        forms = {"space": [_continuation(tokenizer, prompt_ids, f"{clean} {w}") for w in words],
-                 "glued": [_continuation(tokenizer, prompt_ids, clean + w) for w in words]}
+    forms = {"glued": [_continuation(tokenizer, prompt_ids, clean + w) for w in words]}
+    if not clean[-1:].isspace():
+        forms = {"space": [_continuation(tokenizer, prompt_ids, f"{clean} {w}") for w in words], **forms}
     for form, (answer_ids, wrong_ids) in forms.items():
         if answer_ids is not None and wrong_ids is not None and len(answer_ids) == 1 and len(wrong_ids) == 1:
             return answer_ids[0], wrong_ids[0], form
+    hint = "; the prompt ends in whitespace, which BPE tokenizers keep as a token of its own: drop it" if clean[-1:].isspace() else ""
     for index, (key, word) in enumerate(zip(("answer", "wrong"), words)):
         tried = {form: ids[index] for form, ids in forms.items()}
         if not any(ids is not None and len(ids) == 1 for ids in tried.values()):
             shown = "; ".join(f"{form}: {ids if ids is not None else 'changes the prompt tokens'}" for form, ids in tried.items())
-            raise HeadscopeError(f"{where}: {key} {word!r} is not a single token with this tokenizer ({shown})")
+            raise HeadscopeError(f"{where}: {key} {word!r} is not a single token with this tokenizer ({shown}){hint}")
     raise HeadscopeError(f"{where}: answer {words[0]!r} and wrong {words[1]!r} are single tokens only in different forms "
                          f"({', '.join(forms)}); give both in one form")
 
@@ -196,18 +194,8 @@ def save_probe_jsonl(probe: Probe, path: str | os.PathLike) -> Path:
     Returns:
         the path written.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            for pair in probe.pairs:
-                record = {"clean_ids": list(pair.clean_ids), "corrupt_ids": list(pair.corrupt_ids),
-                          "answer_id": pair.answer_id, "wrong_id": pair.wrong_id}
-                stream.write(json.dumps(record) + "\n")
-        os.replace(tmp_name, target)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return target
+    lines = [
+        json.dumps({"clean_ids": list(p.clean_ids), "corrupt_ids": list(p.corrupt_ids), "answer_id": p.answer_id, "wrong_id": p.wrong_id})
+        for p in probe.pairs
+    ]
+    return write_text_atomic(path, "\n".join(lines) + "\n")
