@@ -42,6 +42,8 @@ def _content_size(task: Task, vocab: TokenVocab, pools: Pools, length: int) -> i
     base = vocab.cost(task.sample(trial, pools, smallest))
     if base > length:
         raise HeadscopeError(f"probe {task.name} needs prompts of at least {base} tokens with this tokenizer, got length {length}")
+    if largest_for(pools) <= smallest:
+        return smallest
     per_unit = vocab.cost(task.sample(trial, pools, smallest + 1)) - base
     extra = int((share * length - base) // per_unit) if share * length > base else 0
     return min(smallest + extra, largest_for(pools))

@@ -133,6 +133,7 @@ def _needle_query(kind: str, key: str) -> Words:
 
 
 def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    """One needle; the corrupt needle holds another value of the same kind (``size`` unused)."""
     kind, (value, other) = _values(rng, pools, 2)
     (key,) = _draw(rng, pools.keys, 1, "keys")
     fact = Segment(_needle(kind, key, value), _needle(kind, key, other))
@@ -141,6 +142,7 @@ def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0) -> Tas
 
 
 def sample_needle_multikey(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    """``MULTIKEY_NEEDLES`` needles; the corrupt query names another needle's key (``size`` unused)."""
     kind, values = _values(rng, pools, MULTIKEY_NEEDLES)
     keys = _draw(rng, pools.keys, MULTIKEY_NEEDLES, "keys")
     asked, other = rng.sample(range(MULTIKEY_NEEDLES), 2)
@@ -150,7 +152,8 @@ def sample_needle_multikey(rng: random.Random, pools: Pools, size: int = 0) -> T
 
 
 def sample_kv_recall(rng: random.Random, pools: Pools, size: int = 2) -> TaskInstance:
-    """``size`` key-value pairs (>= 2) in one block."""
+    """``size`` key-value pairs (>= 2) in one block; the corrupt block swaps the asked pair's value with
+    another pair's."""
     keys = _draw(rng, pools.keys, size, "keys")
     kind, (value, other) = _values(rng, pools, 2)
     value_pool = pools.number_values if kind == "number" else pools.word_values
@@ -169,7 +172,11 @@ def sample_kv_recall(rng: random.Random, pools: Pools, size: int = 2) -> TaskIns
 
 
 def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION_WORDS) -> TaskInstance:
-    """``size`` words in all (>= 4): a segment of m = size // 2 + 1 words, then its first k = size - m."""
+    """``size`` words in all (>= 4): a segment of m = size // 2 + 1 words, then its first k = size - m.
+
+    The k-th word (the trigger), the answer after it and the corrupt replacement occur nowhere else, so
+    the repeat's next word is unambiguous; the other words may repeat when the pool is small.
+    """
     first = size // 2 + 1
     repeat = size - first
     trigger, answer, wrong = _draw(rng, pools.induction, 3, "induction words")
@@ -184,12 +191,14 @@ def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION
 
 
 def sample_multihop(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    """``MULTIHOP_CHAINS`` chains of ``MULTIHOP_HOPS`` copies, interleaved; chain 0 is asked and its first
+    hop points at chain 1's root in the corrupt version (``size`` unused)."""
     names = _draw(rng, pools.variables, MULTIHOP_CHAINS * (MULTIHOP_HOPS + 1), "variables")
     kind, roots = _values(rng, pools, MULTIHOP_CHAINS)
     chains = [names[c * (MULTIHOP_HOPS + 1) : (c + 1) * (MULTIHOP_HOPS + 1)] for c in range(MULTIHOP_CHAINS)]
     statements = [[f"{chain[0]} = {root} ."] + [f"{chain[h]} = {chain[h - 1]} ." for h in range(1, MULTIHOP_HOPS + 1)]
                   for chain, root in zip(chains, roots)]
-    # Interleave the chains at random, keeping each chain's order; chain 0 is asked, chain 1 the detour.
+    # Interleave the chains at random, keeping each chain's order.
     order = [c for c in range(MULTIHOP_CHAINS) for _ in range(MULTIHOP_HOPS + 1)]
     rng.shuffle(order)
     facts = []
@@ -205,6 +214,7 @@ def sample_multihop(rng: random.Random, pools: Pools, size: int = 0) -> TaskInst
 
 
 def sample_ioi(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    """One IOI sentence (ABBA or BABA order); the corrupt second subject is the indirect object."""
     indirect, subject = _draw(rng, pools.names, 2, "names")
     (place,) = _draw(rng, pools.places, 1, "places")
     (thing,) = _draw(rng, pools.objects, 1, "objects")
@@ -217,6 +227,8 @@ def sample_ioi(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
 
 
 def sample_comparison(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+    """The queried comparison plus a distractor one (same comparative, other names); the query asks the
+    comparative or its opposite; the corrupt fact swaps the two names (``size`` unused)."""
     big, small, other_big, other_small = _draw(rng, pools.names, 4, "names")
     if not pools.comparatives:
         raise HeadscopeError("needs a comparative pair (taller/shorter ...) of single tokens but none is usable with this tokenizer")
@@ -261,6 +273,7 @@ TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 
 def get_task(name: str) -> Task:
+    """The task called ``name``; a HeadscopeError listing the built-ins for an unknown name."""
     if name not in TASKS:
         raise HeadscopeError(f"unknown probe {name!r}; built-in probes: {', '.join(TASK_NAMES)}")
     return TASKS[name]
@@ -272,8 +285,8 @@ def sample_task_text(name: str, rng: random.Random, n_filler_words: int) -> tupl
     Args:
         name: one of ``TASK_NAMES``.
         rng: the random source (the only one used).
-        n_filler_words: haystack words around the facts; for ``induction`` the total number of words of
-            the segment and its partial repeat (at least 4).
+        n_filler_words: haystack words around the facts; for ``induction`` (no haystack) the total number
+            of words of the segment and its partial repeat (at least 4).
 
     Returns:
         ``(prompt_text, answer_text)``: the prompt ends where the answer is due; the training string is
@@ -284,8 +297,8 @@ def sample_task_text(name: str, rng: random.Random, n_filler_words: int) -> tupl
         raise HeadscopeError(f"n_filler_words must be >= 0, got {n_filler_words}")
     pools = Pools.full()
     size = 0
-    if name == "induction":
-        size = max(MIN_INDUCTION_WORDS, n_filler_words)
+    if task.haystack is None and task.sizes is not None:  # induction: its content is the whole prompt
+        size = max(task.sizes[0], n_filler_words)
     elif task.sizes is not None:
         size = rng.randint(task.sizes[0], task.sizes[1](pools))
     instance = task.sample(rng, pools, size)
