@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from headscope.heads import HeadMask, HeadscopeError, read_json, write_json_atomic
+from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint, read_json, write_json_atomic
+from headscope.mask import save_mask
 from headscope.models import load_model
 from headscope.transfer.checkpoint import latest_checkpoint, load_checkpoint
-from headscope.transfer.config import TransferConfig, config_from_dict
-from headscope.transfer.data import read_documents, split_documents
+from headscope.transfer.config import HybridSpec, TransferConfig, config_from_dict
+from headscope.transfer.data import sequence_source
 from headscope.transfer.distributed import DistEnv, barrier, init_distributed, shard_fsdp, shutdown
-from headscope.transfer.masks import mask_to_json, resolve_mask
 from headscope.transfer.objectives import AlignObjective, decoder_layers, set_trainable
 from headscope.transfer.runlog import RunLog
 from headscope.transfer.trainer import StepInfo, TrainingDiverged, TransferTrainer
@@ -73,6 +73,19 @@ def build_student(teacher: nn.Module, mask: HeadMask, options: dict) -> nn.Modul
     from headscope.hybrid.builder import build_hybrid
 
     return build_hybrid(copy.deepcopy(teacher), mask, options or None)
+
+
+def resolve_mask(spec: HybridSpec, fingerprint: ModelFingerprint) -> HeadMask:
+    """The ``HeadMask`` of a run's ``hybrid`` section (a mask file, or a ``headscope.mask`` baseline)."""
+    from headscope.mask import layerwise_mask, load_mask, random_mask
+
+    if spec.mask is not None:
+        return load_mask(spec.mask, expect=fingerprint)
+    if spec.baseline == "layerwise":
+        return layerwise_mask(fingerprint, spec.ratio or "3:1")
+    if spec.baseline == "random":
+        return random_mask(fingerprint, ratio=spec.ratio, n_full=spec.n_full, seed=spec.seed, kv_aware=spec.kv_aware)
+    raise HeadscopeError(f"hybrid: unknown baseline {spec.baseline!r}")
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -130,7 +143,7 @@ def _save_final(student: nn.Module, tokenizer: Any, mask: HeadMask, run_dir: Pat
         student.save_pretrained(tmp, state_dict=state) if state is not None else student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "headscope_mask.json", mask_to_json(mask))
+        save_mask(mask, tmp / "headscope_mask.json")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     barrier(env)
@@ -179,20 +192,16 @@ def run_transfer(config: TransferConfig | dict, out_dir: str | os.PathLike, resu
             raise HeadscopeError("the student shares parameters with the teacher; the builder must copy them")
         if len(decoder_layers(student)) != len(decoder_layers(teacher)):
             raise HeadscopeError("the student and the teacher have different numbers of decoder layers")
-        if cfg.data.source != "files":
-            raise HeadscopeError(f"data.source {cfg.data.source!r} is not available in this build")
-        eos_id = cfg.data.eos_id if cfg.data.eos_id is not None else getattr(tokenizer, "eos_token_id", None)
-        docs = read_documents(cfg.data, tokenizer, vocab_size=getattr(teacher.config, "vocab_size", None))
-        train_docs, heldout_docs = split_documents(docs, cfg.data.heldout_method, cfg.data.heldout_fraction)
+        sequences = sequence_source(cfg.data, cfg.seed, tokenizer, vocab_size=getattr(teacher.config, "vocab_size", None))
         if env.distributed and cfg.distributed == "fsdp":
             shard_fsdp(teacher, decoder_layers(teacher), env)
             shard_fsdp(student, decoder_layers(student), env)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(run_dir / "config.json", {"digest": cfg.digest(), "config": cfg.to_dict()})
-            write_json_atomic(run_dir / "mask.json", mask_to_json(mask))
+            save_mask(mask, run_dir / "mask.json")
         barrier(env)
-        trainer = TransferTrainer(cfg, run_dir, env, teacher, student, train_docs, heldout_docs, eos_id, on_step=on_step)
+        trainer = TransferTrainer(cfg, run_dir, env, teacher, student, sequences, on_step=on_step)
         trainer.run(load_checkpoint(resume_path) if resume_path else None, resume_path)
         final = _save_final(student, tokenizer, mask, run_dir, env, cfg.distributed)
         stages = _summaries(cfg, trainer.log.records() if env.is_main else [])

@@ -173,22 +173,29 @@ def _read_stage(index: int, raw: Any) -> StageConfig:
 
 @dataclass(frozen=True)
 class HybridSpec:
-    """Which heads keep full attention: a mask file, or a ``layerwise``/``random`` baseline."""
+    """Which heads keep full attention: a mask file (``headscope.mask``), or a baseline mask.
+
+    ``layerwise``: whole layers, ``ratio`` linear:full layers (default "3:1", the Qwen3-Next layout);
+    ``random``: a seeded uniform draw of ``ratio`` (default "7:1") or exactly ``n_full`` heads, whole
+    KV groups with ``kv_aware``.
+    """
 
     mask: str | None = None
     baseline: str | None = None
-    fa_fraction: float = 0.125  # baselines: fraction of query heads at full attention (7:1 LA:FA)
-    fa_layers: list[int] | None = None  # layerwise: explicit full-attention layers (else evenly spaced)
-    seed: int = 0  # random baseline
+    ratio: str | None = None
+    n_full: int | None = None
+    seed: int = 0
+    kv_aware: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # passed to build_hybrid(config=...)
 
 
 _HYBRID_SCHEMA = {
     "mask": ("str?", None),
     "baseline": ("str?", None),
-    "fa_fraction": ("float", 0.125),
-    "fa_layers": ("list[int]", None),
+    "ratio": ("str?", None),
+    "n_full": ("int?", None),
     "seed": ("int", 0),
+    "kv_aware": ("bool", False),
     "options": ("dict", dict),
 }
 
@@ -295,9 +302,13 @@ def config_from_dict(raw: Any, base_dir: str | os.PathLike | None = None) -> Tra
     _require((hybrid["mask"] is None) != (hybrid["baseline"] is None), "hybrid", "give exactly one of 'mask' (a mask file) or 'baseline'")
     if hybrid["baseline"] is not None:
         _require(hybrid["baseline"] in ("layerwise", "random"), "hybrid.baseline", f"must be 'layerwise' or 'random', got {hybrid['baseline']!r}")
-    _require(0 < hybrid["fa_fraction"] <= 1, "hybrid.fa_fraction", f"must be in (0, 1], got {hybrid['fa_fraction']}")
     if hybrid["mask"] is not None:
+        extra = [k for k in ("ratio", "n_full", "kv_aware") if hybrid[k] not in (None, False)]
+        _require(not extra, f"hybrid.{extra[0] if extra else ''}", "only applies to a baseline, not to a mask file")
         hybrid["mask"] = _resolve(hybrid["mask"], base)
+    if hybrid["baseline"] == "layerwise":
+        _require(hybrid["n_full"] is None and not hybrid["kv_aware"], "hybrid.n_full", "a layerwise baseline takes only 'ratio'")
+    _require(hybrid["ratio"] is None or hybrid["n_full"] is None, "hybrid.n_full", "give either 'ratio' or 'n_full', not both")
 
     data = _read_section("data", top["data"], _DATA_SCHEMA)
     _require(data["source"] in ("files", "demo_corpus"), "data.source", f"must be 'files' or 'demo_corpus', got {data['source']!r}")

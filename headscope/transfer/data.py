@@ -1,6 +1,7 @@
 """Training text for the transfer stages: documents, a deterministic held-out split and sequence packing.
 
-Documents come from files (``data.source: files``):
+Documents come from files (``data.source: files``; ``demo_corpus`` instead generates rows of the demo
+model's corpus, see ``DemoCorpusRows``):
 
 * ``*.txt``: one document per file, tokenised with the model's tokenizer (no special tokens);
 * ``*.jsonl``: one document per line, ``{"text": "..."}`` (tokenised) or ``{"input_ids": [...]}``;
@@ -35,7 +36,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -211,6 +212,70 @@ class PackedSequences:
         return torch.from_numpy(np.concatenate(pieces))
 
 
+class DemoCorpusRows:
+    """Rows of the demo model's generated corpus (``headscope.zoo.corpus``) as a sequence source.
+
+    Row ``i`` is ``RowBuilder.build(row_rng(seed, i))`` cut to ``seq_len`` ids (the corpus's answer loss
+    weights are not used: every transfer loss weighs tokens equally). The corpus is generated, so
+    there are no documents to hold out: training rows of stage ``k`` come from the stream seeded
+    ``run_seed * 1000 + k`` and held-out rows from the stream seeded ``-(run_seed + 1)``, which no stage
+    trains on. The rows are random draws already, so ``StageData`` reads them in order (``preshuffled``).
+
+    Args:
+        tokenizer: the model's tokenizer (the demo model's word-level tokenizer).
+        seq_len: ids per row.
+        seed: the row stream's seed.
+        n_rows: rows addressable (the stream is endless; this bounds ``len``).
+    """
+
+    preshuffled = True
+
+    def __init__(self, tokenizer: Any, seq_len: int, seed: int, n_rows: int = 1 << 40) -> None:
+        from headscope.probes.haystack import haystack_sentences
+        from headscope.probes.tasks import sample_task_text
+        from headscope.zoo.corpus import CorpusConfig, Haystack, RowBuilder
+
+        if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
+            raise HeadscopeError("data.source demo_corpus needs the model's tokenizer with an eos token")
+        core = tokenizer.backend_tokenizer
+        essay = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
+        sample = essay.split()[:20000]
+        tokens_per_word = len(core.encode(" ".join(sample), add_special_tokens=False).ids) / len(sample)
+        encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+        self.builder = RowBuilder(encode, tokenizer.eos_token_id, sample_task_text, Haystack(essay, tokens_per_word),
+                                  CorpusConfig(seq_len=seq_len - 1))
+        self.seq_len, self.seed, self.n_rows = seq_len, seed, n_rows
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from headscope.zoo.corpus import row_rng
+
+        ids, _, _ = self.builder.build(row_rng(self.seed, index))  # (seq_len,) int64
+        return torch.from_numpy(ids)
+
+
+SequenceSource = Callable[[str, int, int], Any]  # (split "train"/"heldout", stage index, seq_len) -> sequences
+
+
+def sequence_source(data: DataConfig, run_seed: int, tokenizer: Any = None, vocab_size: int | None = None) -> SequenceSource:
+    """The training / held-out sequences of every stage for a run's ``data`` section.
+
+    Files are read and split once; each call packs them at the stage's length. The demo corpus
+    generates rows from per-stage seeds (see ``DemoCorpusRows``).
+
+    Returns:
+        ``source(split, stage_index, seq_len)`` giving an object with ``len`` and ``[i] -> (seq_len,)``.
+    """
+    if data.source == "demo_corpus":
+        return lambda split, stage, seq_len: DemoCorpusRows(tokenizer, seq_len, run_seed * 1000 + stage if split == "train" else -(run_seed + 1))
+    docs = read_documents(data, tokenizer, vocab_size)
+    train, heldout = split_documents(docs, data.heldout_method, data.heldout_fraction)
+    eos_id = data.eos_id if data.eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+    return lambda split, stage, seq_len: PackedSequences(train if split == "train" else heldout, seq_len, eos_id)
+
+
 class EpochShuffler:
     """The endless stream of sequence indices: epoch ``e`` is a permutation seeded by ``(seed, e)``."""
 
@@ -244,13 +309,17 @@ class StageData:
         if len(train) < 1:
             raise HeadscopeError(f"the training data holds fewer tokens than one sequence of {train.seq_len}")
         self.train, self.heldout = train, heldout
-        self.shuffler = EpochShuffler(len(train), seed)
+        self.shuffler = None if getattr(train, "preshuffled", False) else EpochShuffler(len(train), seed)
         self.n_eval = min(eval_sequences, len(heldout)) if heldout is not None else 0
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """This process's rows of global batch ``step``: ``(batch_size // world_size, seq_len)`` int64."""
         per_rank = batch_size // world_size
-        indices = self.shuffler.positions(step * batch_size + rank * per_rank, per_rank)
+        start = step * batch_size + rank * per_rank
+        if self.shuffler is None:
+            indices = [p % len(self.train) for p in range(start, start + per_rank)]
+        else:
+            indices = self.shuffler.positions(start, per_rank)
         return torch.stack([self.train[i] for i in indices])
 
     def eval_rows(self, rank: int = 0, world_size: int = 1) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from headscope.heads import HeadscopeError
 from headscope.transfer.checkpoint import CheckpointState, checkpoint_dir, rng_state, save_checkpoint, set_rng_state
 from headscope.transfer.config import StageConfig, TransferConfig
-from headscope.transfer.data import Document, PackedSequences, StageData
+from headscope.transfer.data import SequenceSource, StageData
 from headscope.transfer.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, barrier, full_state, gather_objects,
                                             load_model_state, load_optimizer_state, wrap_for_stage)
 from headscope.transfer.losses import next_token_loss
@@ -87,19 +87,16 @@ class TransferTrainer:
         env: this process's distributed environment.
         teacher: the original model (frozen; FSDP-sharded under ``distributed: fsdp``).
         student: the hybrid (FSDP-sharded under ``fsdp``; never DDP-wrapped here).
-        train_docs, heldout_docs: the data split.
-        eos_id: the document separator for packing.
+        sequences: ``(split, stage_index, seq_len) -> sequences`` (``headscope.transfer.data.sequence_source``).
         on_step: optional callback receiving a ``StepInfo`` after every step.
     """
 
     def __init__(self, config: TransferConfig, run_dir: str | Path, env: DistEnv, teacher: nn.Module, student: nn.Module,
-                 train_docs: list[Document], heldout_docs: list[Document], eos_id: int | None,
-                 on_step: Callable[[StepInfo], None] | None = None, sequences: Callable[[str, int], Any] | None = None) -> None:
+                 sequences: SequenceSource, on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.config, self.run_dir, self.env = config, Path(run_dir), env
         self.teacher, self.student = teacher, student
-        self.train_docs, self.heldout_docs, self.eos_id = train_docs, heldout_docs, eos_id
+        self.sequences = sequences
         self.on_step = on_step
-        self.sequences = sequences or (lambda split, seq_len: PackedSequences(train_docs if split == "train" else heldout_docs, seq_len, eos_id))
         self.log = RunLog(self.run_dir / "log.jsonl", enabled=env.is_main)
         self.last_checkpoint: Path | None = None
         self.started = time.monotonic()
@@ -128,8 +125,8 @@ class TransferTrainer:
                   f"{self.env.world_size}; random states are not restored (only dropout uses them)", file=sys.stderr)
 
     def stage_data(self, index: int, stage: StageConfig) -> StageData:
-        train = self.sequences("train", stage.seq_len)
-        heldout = self.sequences("heldout", stage.seq_len)
+        train = self.sequences("train", index, stage.seq_len)
+        heldout = self.sequences("heldout", index, stage.seq_len)
         data = StageData(train, heldout, seed=self.config.seed * 1000 + index, eval_sequences=self.config.data.eval_sequences)
         if self.config.data.eval_sequences and data.n_eval == 0 and self.env.is_main:
             print(f"headscope transfer: stage {stage.name!r}: the held-out split holds no sequence of {stage.seq_len} tokens; "

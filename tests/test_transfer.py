@@ -1,0 +1,336 @@
+"""Tests of the three-stage transfer pipeline on tiny models (the distributed path: test_transfer_distributed.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, save_model, tiny_qwen3, word_tokenizer
+from headscope.heads import HeadscopeError
+from headscope.transfer import TrainingDiverged, align_hybrid, config_from_dict, load_config, run_transfer
+from headscope.transfer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from headscope.transfer.config import DataConfig
+from headscope.transfer.data import Document, PackedSequences, StageData, key_fraction, read_documents, split_documents
+from headscope.transfer.losses import (distillation_kl, distillation_kl_reference, layer_alignment_loss,
+                                       layer_alignment_loss_reference, next_token_loss, next_token_loss_reference)
+from headscope.transfer.objectives import AlignObjective, attention_modules
+
+STUDENT_SEED = 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core box are far faster single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def reinit_builder(teacher, mask, options):
+    """Stand-in student: the teacher with freshly initialised attention modules."""
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(STUDENT_SEED)
+    for module in attention_modules(student):
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    return student
+
+
+BUILDER = reinit_builder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny Qwen3 (with tokenizer) and a .jsonl corpus of random ids."""
+    root = tmp_path_factory.mktemp("transfer")
+    model_dir = save_model(tiny_qwen3(), root / "model")
+    rng = random.Random(0)
+    data_dir = root / "data"
+    data_dir.mkdir()
+    with open(data_dir / "docs.jsonl", "w") as stream:
+        for _ in range(80):
+            stream.write(json.dumps({"input_ids": [rng.randrange(2, VOCAB) for _ in range(rng.randrange(10, 60))]}) + "\n")
+    return {"model": model_dir, "data": str(data_dir), "root": root}
+
+
+def make_config(setup, **overrides) -> dict:
+    config = {
+        "model": setup["model"],
+        "hybrid": {"baseline": "random", "ratio": "3:1"},
+        "data": {"paths": [setup["data"]], "heldout_fraction": 0.1, "eval_sequences": 4},
+        "stages": [
+            {"kind": "align", "steps": 3, "lr": 3e-3, "batch_size": 4, "seq_len": 24},
+            {"kind": "distill", "steps": 3, "lr": 1e-3, "batch_size": 4, "micro_batch": 2, "seq_len": 24, "ce_weight": 0.5},
+        ],
+        "log_every": 1, "checkpoint_every": 2, "eval_every": 2, "keep_checkpoints": 10, "progress": False, "seed": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+# --- losses ------------------------------------------------------------------------------------
+def rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference).abs() / reference.abs().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_losses_match_float64_references(temperature):
+    gen = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, 7, 16, generator=gen) for _ in range(3)]
+    teacher = [s + 0.3 * torch.randn(2, 7, 16, generator=gen) for s in student]
+    total, per_layer = layer_alignment_loss(student, teacher)
+    assert per_layer.shape == (3,)
+    assert rel_error(total, layer_alignment_loss_reference(student, teacher)) < 1e-6
+    logits_s, logits_t = 3 * torch.randn(2, 7, 50, generator=gen), 3 * torch.randn(2, 7, 50, generator=gen)
+    kl = distillation_kl(logits_s, logits_t, temperature)
+    assert rel_error(kl, distillation_kl_reference(logits_s, logits_t, temperature)) < 1e-5
+    assert float(distillation_kl(logits_t, logits_t, temperature)) == pytest.approx(0.0, abs=1e-6)
+    ids = torch.randint(0, 50, (2, 7), generator=gen)
+    assert rel_error(next_token_loss(logits_s, ids), next_token_loss_reference(logits_s, ids)) < 1e-6
+
+
+# --- config ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(lod_every=3), "unknown config key 'lod_every' (did you mean 'log_every'?)"),
+    (lambda c: c["stages"][0].update(lrr=1.0), "unknown config key 'stages[0].lrr' (did you mean 'lr'?)"),
+    (lambda c: c.pop("model"), "missing the required key 'model'"),
+    (lambda c: c["stages"][1].pop("steps"), "missing the required key 'stages[1].steps'"),
+    (lambda c: c["stages"][0].update(lr="fast"), "'stages[0].lr': expected float, got 'fast'"),
+    (lambda c: c["stages"][0].update(steps=2.5), "'stages[0].steps': expected int"),
+    (lambda c: c["stages"][0].update(temperature=2.0), "'stages[0].temperature' only applies to distill stages"),
+    (lambda c: c["stages"][0].update(kind="finetune"), "'stages[0].kind': must be one of align, distill, long_context"),
+    (lambda c: c["data"].update(bin_dtype="int8"), "'data.bin_dtype': must be 'uint16' or 'uint32'"),
+    (lambda c: c["hybrid"].update(mask="m.json"), "give exactly one of 'mask'"),
+    (lambda c: c.update(stages=[]), "'stages': must be a non-empty list"),
+    (lambda c: c["stages"][0].update(warmup=9), "'stages[0].warmup': must be in [0, steps]"),
+])
+def test_config_errors_name_the_key(setup, change, message):
+    config = make_config(setup)
+    change(config)
+    with pytest.raises(HeadscopeError, match=None) as err:
+        config_from_dict(config)
+    assert message in str(err.value)
+
+
+def test_yaml_and_toml_configs_agree_and_resolve_paths(tmp_path):
+    import yaml
+
+    raw = {"model": "m", "hybrid": {"baseline": "layerwise"}, "data": {"paths": ["corpus"]},
+           "stages": [{"kind": "long_context", "steps": 2, "lr": 1e-4, "batch_size": 1, "seq_len": 64}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "run.toml").write_text('model = "m"\n[hybrid]\nbaseline = "layerwise"\n[data]\npaths = ["corpus"]\n'
+                                       '[[stages]]\nkind = "long_context"\nsteps = 2\nlr = 1e-4\nbatch_size = 1\nseq_len = 64\n')
+    from_yaml, from_toml = load_config(tmp_path / "run.yaml"), load_config(tmp_path / "run.toml")
+    assert from_yaml == from_toml
+    assert from_yaml.model == str(tmp_path / "m") and from_yaml.data.paths == [str(tmp_path / "corpus")]
+    assert from_yaml.stages[0].name == "long_context" and from_yaml.stages[0].trainable == "all"
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parents[1] / "headscope" / "transfer" / "example.yaml")
+    assert [s.kind for s in config.stages] == ["align", "distill", "long_context"]
+    assert config.stages[0].trainable == "attention" and config.stages[0].align_inputs == "teacher"
+
+
+# --- data --------------------------------------------------------------------------------------
+def test_readers_and_packing(tmp_path):
+    (tmp_path / "a.txt").write_text("w3 w4 w5")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "w7 w8"}) + "\n\n" + json.dumps({"input_ids": [9, 10, 11, 12]}) + "\n")
+    np.arange(20, 31, dtype=np.uint16).tofile(tmp_path / "c.bin")
+    np.array([40, 41, 42], dtype=np.uint32).tofile(tmp_path / "d.bin")
+    docs = read_documents(DataConfig(paths=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.bin")], bin_doc_tokens=4),
+                          word_tokenizer(), vocab_size=VOCAB)
+    assert [d.key for d in docs] == ["a.txt#0", "b.jsonl#0", "b.jsonl#2", "c.bin#0", "c.bin#1", "c.bin#2"]
+    assert [d.tokens.tolist() for d in docs[:3]] == [[5, 6, 7], [9, 10], [9, 10, 11, 12]]
+    assert np.concatenate([d.tokens for d in docs[3:]]).tolist() == list(range(20, 31))
+    assert [d.separated for d in docs] == [True] * 3 + [False] * 3
+    wide = read_documents(DataConfig(paths=[str(tmp_path / "d.bin")], bin_dtype="uint32"))
+    assert wide[0].tokens.tolist() == [40, 41, 42]
+    # eos (1) after each text document, none between .bin blocks; the tail is dropped
+    stream = [5, 6, 7, 1, 9, 10, 1, 9, 10, 11, 12, 1] + list(range(20, 31))
+    packed = PackedSequences(docs, seq_len=5, eos_id=1)
+    assert len(packed) == len(stream) // 5
+    assert torch.cat([packed[i] for i in range(len(packed))]).tolist() == stream[: 5 * len(packed)]
+    with pytest.raises(HeadscopeError, match="vocab size"):
+        read_documents(DataConfig(paths=[str(tmp_path / "c.bin")]), vocab_size=25)
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(HeadscopeError, match="not a multiple of 2"):
+        read_documents(DataConfig(paths=[str(tmp_path / "odd.bin")]))
+    with pytest.raises(HeadscopeError, match="has no tokenizer|no tokenizer"):
+        read_documents(DataConfig(paths=[str(tmp_path / "a.txt")]), tokenizer=None)
+
+
+def test_heldout_split_is_deterministic(tmp_path):
+    rng = random.Random(1)
+    for name in ("x.jsonl", "y.jsonl"):
+        with open(tmp_path / name, "w") as stream:
+            for _ in range(300):
+                stream.write(json.dumps({"input_ids": [rng.randrange(2, VOCAB) for _ in range(5)]}) + "\n")
+    one = read_documents(DataConfig(paths=[str(tmp_path / "x.jsonl")]))
+    both = read_documents(DataConfig(paths=[str(tmp_path)]))
+    train, held = split_documents(one, "hash", 0.2)
+    assert [d.key for d in held] == [d.key for d in split_documents(one, "hash", 0.2)[1]]
+    assert 0.1 < len(held) / len(one) < 0.3
+    assert all(key_fraction(d.key) < 0.2 for d in held) and all(key_fraction(d.key) >= 0.2 for d in train)
+    held_both = {d.key for d in split_documents(both, "hash", 0.2)[1]}
+    assert {d.key for d in held} == {k for k in held_both if k.startswith("x.jsonl")}  # adding y moved nothing
+    train_f, held_f = split_documents(one, "fraction", 0.1)
+    assert [d.key for d in held_f] == [d.key for d in one[-30:]] and len(train_f) == 270
+
+
+def test_batches_are_a_function_of_the_step_and_split_over_ranks():
+    sequences = PackedSequences([Document(f"d#{i}", np.arange(i * 10, i * 10 + 10)) for i in range(10)], seq_len=5, eos_id=None)
+    data, again = StageData(sequences, sequences, seed=3, eval_sequences=3), StageData(sequences, sequences, seed=3, eval_sequences=3)
+    assert torch.equal(data.batch(7, 4), again.batch(7, 4))
+    assert torch.equal(torch.cat([data.batch(7, 4, rank=r, world_size=2) for r in range(2)]), data.batch(7, 4))
+    epoch = torch.cat([data.batch(s, 4) for s in range(5)])  # 20 rows = exactly one epoch
+    assert sorted(int(row[0]) for row in epoch) == sorted(int(sequences[i][0]) for i in range(20))
+    assert not torch.equal(data.batch(0, 4), StageData(sequences, sequences, seed=4, eval_sequences=3).batch(0, 4))
+    assert data.eval_rows().shape == (3, 5) and data.eval_rows(rank=1, world_size=2).shape == (1, 5)
+
+
+def test_demo_corpus_rows():
+    from headscope.probes.tasks import TASK_NAMES, sample_task_text, task_vocabulary
+    from headscope.transfer.data import sequence_source
+    from headscope.zoo.tokenizer import build_demo_tokenizer
+
+    tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, task_vocabulary(), seed=0, samples_per_task=3)
+    source = sequence_source(DataConfig(source="demo_corpus"), run_seed=0, tokenizer=tokenizer)
+    train, held, stage2 = source("train", 0, 48), source("heldout", 0, 48), source("train", 1, 48)
+    rows = torch.stack([train[i] for i in range(4)])
+    assert rows.shape == (4, 48) and int(rows.max()) < len(tokenizer)
+    assert torch.equal(rows, torch.stack([source("train", 0, 48)[i] for i in range(4)]))
+    assert not torch.equal(rows[0], held[0]) and not torch.equal(rows[0], stage2[0])
+    assert (rows == tokenizer.eos_token_id).any()
+
+
+# --- objectives --------------------------------------------------------------------------------
+def test_teacher_forcing_makes_the_alignment_layer_local():
+    teacher = tiny_qwen3()
+    student = copy.deepcopy(teacher)
+    ids = torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    forced, free = AlignObjective("teacher"), AlignObjective("student")
+    assert float(forced(student, teacher, ids).loss.detach()) == 0.0
+    with torch.no_grad():
+        attention_modules(student)[0].o_proj.weight.mul_(1.5)  # only layer 0 differs
+    per_layer_forced = forced(student, teacher, ids).layer_mse
+    per_layer_free = free(student, teacher, ids).layer_mse
+    assert per_layer_forced[0] > 0 and torch.all(per_layer_forced[1:] == 0)
+    assert torch.all(per_layer_free[1:] > 0)
+
+
+def test_align_hybrid_lowers_the_loss_on_a_fixed_batch():
+    teacher = tiny_qwen3()
+    student = BUILDER(teacher, None, {})
+    ids = torch.randint(2, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".self_attn." not in n}
+    losses = align_hybrid(student, teacher, ids, steps=25, lr=3e-3, progress=False)
+    assert len(losses) == 25 and losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
+    assert all(p.requires_grad for p in student.parameters())
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+def run(setup, name, config=None, **kwargs):
+    return run_transfer(config or make_config(setup), setup["root"] / name, student_builder=kwargs.pop("builder", BUILDER), **kwargs)
+
+
+def test_stage1_trains_only_attention_and_stage2_everything(setup):
+    built = {}
+
+    def builder(teacher, mask, options):
+        built["student"] = BUILDER(teacher, mask, options)
+        built["initial"] = {k: v.clone() for k, v in built["student"].state_dict().items()}
+        built["teacher"] = {k: v.clone() for k, v in teacher.state_dict().items()}
+        built["teacher_module"] = teacher
+        return built["student"]
+
+    result = run(setup, "freeze", builder=builder)
+    after_align = load_checkpoint([p for p in list_checkpoints(result.run_dir) if p.name == "s00-align-00000003"][0]).model
+    after_distill = result.model.state_dict()
+    attention = [k for k in after_align if ".self_attn." in k]
+    assert attention and all(not torch.equal(after_align[k], built["initial"][k]) for k in attention)
+    assert all(torch.equal(after_align[k], built["initial"][k]) for k in after_align if k not in attention)
+    assert all(not torch.equal(after_distill[k], after_align[k]) for k in after_align)
+    teacher_after = built["teacher_module"].state_dict()
+    assert all(torch.equal(teacher_after[k], v) for k, v in built["teacher"].items())  # the teacher never trains
+    records = [json.loads(line) for line in open(result.log_path)]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert {r["stage"] for r in evals} == {"align", "distill"} and all(np.isfinite(r["heldout_loss"]) for r in evals)
+    assert "heldout_layer_mse" in evals[0] and {"kl", "ce", "lr", "tokens"} <= set(records[-2]) | set(records[-3])
+    assert (result.run_dir / "loss_curves.html").stat().st_size > 10000
+    assert result.stages[1].heldout["heldout_loss"] == evals[-1]["heldout_loss"]
+
+
+def test_resume_is_bit_identical(setup):
+    reference = run(setup, "uninterrupted")
+
+    def interrupt_at(stage, step):
+        def hook(info):
+            if (info.stage, info.step) == (stage, step):
+                raise KeyboardInterrupt
+        return hook
+
+    with pytest.raises(KeyboardInterrupt):  # after the align stage's final checkpoint
+        run(setup, "interrupted", on_step=interrupt_at("distill", 1))
+    assert latest_checkpoint(setup["root"] / "interrupted").name == "s00-align-00000003"
+    with pytest.raises(KeyboardInterrupt):  # mid-stage: the latest checkpoint is distill step 2
+        run(setup, "interrupted", resume=True, on_step=interrupt_at("distill", 3))
+    assert latest_checkpoint(setup["root"] / "interrupted").name == "s01-distill-00000002"
+    resumed = run(setup, "interrupted", resume=True)
+    assert resumed.resumed_from.endswith("s01-distill-00000002")
+    final, expected = resumed.model.state_dict(), reference.model.state_dict()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in open(path)]  # noqa: E731
+    assert strip(resumed.log_path) == strip(reference.log_path)
+    with pytest.raises(HeadscopeError, match="already holds a transfer run"):
+        run(setup, "interrupted")
+    changed = make_config(setup, seed=5)
+    with pytest.raises(HeadscopeError, match="config differs from the run's in seed"):
+        run(setup, "interrupted", config=changed, resume=True)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(setup):
+    def poison(info):
+        if (info.stage, info.step) == ("align", 2):
+            with torch.no_grad():
+                attention_modules(info.model)[1].o_proj.weight[0, 0] = float("nan")
+
+    with pytest.raises(TrainingDiverged) as err:
+        run(setup, "nan", on_step=poison)
+    message = str(err.value)
+    assert "stage 'align' step 3: the loss is nan" in message and "s00-align-00000002" in message
+    assert [p.name for p in list_checkpoints(setup["root"] / "nan")] == ["s00-align-00000002"]
+    state = load_checkpoint(latest_checkpoint(setup["root"] / "nan"))
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
+    resumed = run(setup, "nan", resume=True)  # the poison was never saved: the run completes
+    assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
+
+
+def test_cli_runs_a_yaml_config_and_reports_config_errors(setup, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from headscope.transfer.__main__ import main
+
+    monkeypatch.setattr("headscope.transfer.api.build_student", BUILDER)
+    config = make_config(setup, stages=[{"kind": "long_context", "steps": 2, "lr": 1e-3, "batch_size": 2, "seq_len": 48}])
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
+    assert "1. long_context [long_context]: 2 steps, 192 tokens" in capsys.readouterr().out
+    for name in ("log.jsonl", "loss_curves.html", "result.json", "mask.json", "final/config.json", "final/headscope_mask.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"), "--resume"]) == 0  # nothing left
+    config["stages"][0]["sequence_length"] = 48
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "other")]) == 2
+    assert "unknown config key 'stages[0].sequence_length'" in capsys.readouterr().err
