@@ -1,0 +1,134 @@
+"""Gated DeltaNet dispatcher: fla's Triton kernels on CUDA, the pure-torch paths on CPU.
+
+``gated_delta_rule`` is the single entry point the hybrid layer calls. Routing:
+
+==========  =====================================  ==========================================
+device      prefill / training (T > 1, or grads)   decode (T == 1, no gradient needed)
+==========  =====================================  ==========================================
+CUDA        fla ``chunk_gated_delta_rule``         fla ``fused_recurrent_gated_delta_rule``
+CPU         :func:`.chunk.chunk_gated_delta_rule`  :func:`.chunk.recurrent_step`
+==========  =====================================  ==========================================
+
+fla's fused recurrent kernel has no backward, so a T == 1 call that needs gradients goes to the chunk
+kernel. fla is imported lazily, only when a CUDA tensor arrives, so ``import headscope.kernels`` works
+without triton or fla. ``HEADSCOPE_NO_TRITON=1`` forces the torch paths on CUDA too (slow; for
+debugging). fla arguments are always passed by keyword: the 5th positional argument of
+``fused_recurrent_gated_delta_rule`` is ``gk``, not ``beta``.
+
+States are float32 everywhere: ``initial_state`` is cast to float32 and ``final_state`` comes back as
+(B, H, K, V) float32, whatever the dtype of q/k/v. The output o has q's dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from headscope.heads import HeadscopeError
+from headscope.kernels.gdn.chunk import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
+from headscope.kernels.gdn.chunk import recurrent_step
+
+FLA_MAX_KEY_DIM = 256
+
+
+def _use_fla(q: torch.Tensor) -> bool:
+    return q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON", "0") != "1"
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+) -> None:
+    if q.dim() != 4 or k.shape != q.shape:
+        raise HeadscopeError(f"gated_delta_rule: q and k must both be (B, T, H, K); got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, length, heads, key_dim = q.shape
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise HeadscopeError(f"gated_delta_rule: v must be (B, T, H, V) = ({batch}, {length}, {heads}, V); got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != q.shape[:3]:
+            raise HeadscopeError(f"gated_delta_rule: {name} must be (B, T, H) = {tuple(q.shape[:3])}; got {tuple(x.shape)}")
+    if length == 0:
+        raise HeadscopeError("gated_delta_rule: the sequence is empty (T == 0)")
+    if initial_state is not None and initial_state.shape != (batch, heads, key_dim, v.shape[-1]):
+        raise HeadscopeError(
+            f"gated_delta_rule: initial_state must be (B, H, K, V) = {(batch, heads, key_dim, v.shape[-1])}; "
+            f"got {tuple(initial_state.shape)}"
+        )
+    tensors = (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())
+    if len({x.device for x in tensors}) != 1:
+        raise HeadscopeError(f"gated_delta_rule: inputs are on different devices: {sorted({str(x.device) for x in tensors})}")
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule over a sequence, on the fastest exact path for the device.
+
+    Args:
+        q: queries (B, T, H, K), L2-normalised over K by the caller.
+        k: keys (B, T, H, K), L2-normalised over K by the caller.
+        v: values (B, T, H, V).
+        g: log-decay (B, T, H), <= 0 (e.g. ``-exp(A_log) * softplus(a + dt_bias)``).
+        beta: write strength (B, T, H), usually ``sigmoid(b)``.
+        scale: query scale; defaults to K ** -0.5.
+        initial_state: (B, H, K, V) state to continue from (cast to float32), or None for zeros.
+        output_final_state: also return the state after the last token.
+
+    Returns:
+        o: (B, T, H, V) in q's dtype.
+        final_state: (B, H, K, V) float32, or None when ``output_final_state`` is False.
+    """
+    _check_inputs(q, k, v, g, beta, initial_state)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    decode = q.shape[1] == 1 and not _needs_grad(q, k, v, g, beta, initial_state)
+
+    if not _use_fla(q):
+        if decode:
+            o, state = recurrent_step(q, k, v, g, beta, initial_state, scale=scale)
+            return o, (state if output_final_state else None)
+        return torch_chunk_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
+
+    if q.shape[-1] > FLA_MAX_KEY_DIM:
+        raise HeadscopeError(f"gated_delta_rule: fla supports head dims up to {FLA_MAX_KEY_DIM}; got K = {q.shape[-1]}")
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except ImportError as exc:
+        raise HeadscopeError(
+            f"gated_delta_rule on CUDA needs flash-linear-attention (fla) and triton ({exc}); "
+            "install them, or set HEADSCOPE_NO_TRITON=1 for the slow torch path"
+        ) from exc
+    kernel = fused_recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
+    o, state = kernel(
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=False,
+    )
+    return o.to(q.dtype), state
