@@ -1,0 +1,91 @@
+"""Helper run by tests/test_kernels_epilogue.py in a subprocess with TRITON_INTERPRET=1.
+
+TRITON_INTERPRET must be set before triton is imported, hence a separate process. Runs the Triton
+epilogue (forward and backward) on CPU through the interpreter on tiny shapes and prints one JSON line:
+``{"status": "ok", "cases": [{name, dtype, errors: {y, do, dgamma, dgate}}]}``, or
+``{"status": "interpreter_unusable", "reason": ...}`` when even a trivial Triton kernel cannot run
+under the interpreter here (then the test skips, saying why). A failure of the epilogue kernel itself
+is not caught: the process exits non-zero and the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import torch
+
+CASES = [  # name, (B, T, H, D), Hg, gate sliced from a wider tensor (non-contiguous)
+    ("odd_heads_odd_dim", (2, 3, 5, 24), 2, False),
+    ("two_head_blocks_gate_straddles", (1, 2, 20, 128), 17, True),
+    ("no_gate", (2, 2, 3, 16), 0, False),
+    ("all_heads_gated", (3, 1, 4, 32), 4, False),
+]
+
+
+def interpreter_usable() -> str | None:
+    """None when a trivial kernel runs under the interpreter, else the reason it cannot."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def add_one(x_ptr, n, BLOCK: tl.constexpr):
+            offsets = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) + 1.0, mask=offsets < n)
+
+        x = torch.zeros(5)
+        add_one[(1,)](x, 5, BLOCK=8)
+        if not torch.equal(x, torch.ones(5)):
+            return f"a trivial kernel gave {x.tolist()} under TRITON_INTERPRET=1"
+        return None
+    except Exception:  # noqa: BLE001 - any failure means the interpreter cannot be used here
+        return "trivial Triton kernel failed under TRITON_INTERPRET=1: " + traceback.format_exc(limit=3)[-800:]
+
+
+def run_case(shape, n_gated, strided_gate, dtype, seed):
+    from headscope.kernels.epilogue.naive import head_epilogue_reference
+    from headscope.kernels.epilogue.triton_epilogue import triton_head_epilogue
+    from headscope.kernels.metrics import relative_rms_error as rel
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, length, n_heads, head_dim = shape
+    o = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    gamma = torch.rand(n_heads, generator=gen) + 0.5
+    gate = None
+    if n_gated:
+        wide = torch.randn(batch, length, n_gated, 2 * head_dim if strided_gate else head_dim, generator=gen)
+        gate = wide[..., :head_dim].to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    leaves = [o.requires_grad_(), gamma.requires_grad_()] + ([gate.requires_grad_()] if n_gated else [])
+    y = triton_head_epilogue(o, gamma, gate)
+    grads = torch.autograd.grad(y, leaves, dy)
+    with torch.no_grad():  # inference path: no saved rstd
+        y_inference = triton_head_epilogue(o, gamma, gate)
+    ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
+    y_ref = head_epilogue_reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if n_gated else None)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.float())
+    errors = {"y": rel(y, y_ref), "y_inference": rel(y_inference, y_ref)}
+    errors.update({name: rel(a, b) for name, a, b in zip(("do", "dgamma", "dgate"), grads, ref_grads)})
+    dtypes_ok = y.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == gamma.dtype
+    return {"errors": errors, "dtypes_ok": dtypes_ok}
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    reason = interpreter_usable()
+    if reason is not None:
+        print(json.dumps({"status": "interpreter_unusable", "reason": reason}))
+        return
+    cases = []
+    for seed, (name, shape, n_gated, strided_gate) in enumerate(CASES):
+        for dtype in (torch.float32, torch.bfloat16):
+            result = run_case(shape, n_gated, strided_gate, dtype, seed)
+            cases.append({"name": name, "dtype": str(dtype).removeprefix("torch."), **result})
+    print(json.dumps({"status": "ok", "cases": cases}))
+
+
+if __name__ == "__main__":
+    main()
