@@ -1,0 +1,70 @@
+"""``headscope fuse``: fuse HeadScores files into one ranking and write the full-attention head mask."""
+
+from __future__ import annotations
+
+import argparse
+
+from headscope.fusion import DEFAULT_RRF_K, NORMALISATIONS, RULES
+from headscope.heads import HeadScores, HeadscopeError
+
+
+def add_budget_args(parser: argparse.ArgumentParser, default_ratio: str = "7:1") -> None:
+    """``--ratio LINEAR:FULL`` or ``--n-full N`` (exclusive) and ``--kv-aware``."""
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", default=None, help=f"linear:full head ratio (default {default_ratio})")
+    budget.add_argument("--n-full", type=int, default=None, help="number of full-attention heads instead of a ratio")
+    parser.add_argument("--kv-aware", action="store_true", help="choose whole KV groups (the KV cache is kept per group)")
+
+
+def load_scores(paths: list[str]) -> list[HeadScores]:
+    """Read score files; each remembers its path (``meta['source']``) so errors can name it."""
+    scores = []
+    for path in paths:
+        item = HeadScores.load(path)
+        item.meta["source"] = path
+        scores.append(item)
+    return scores
+
+
+def parse_weights(specs: list[str] | None) -> dict[str, float] | None:
+    """``["retrieval=2", "reasoning=1"]`` -> ``{"retrieval": 2.0, "reasoning": 1.0}``."""
+    if not specs:
+        return None
+    weights = {}
+    for spec in specs:
+        capability, _, value = spec.partition("=")
+        try:
+            weights[capability] = float(value)
+        except ValueError:
+            raise HeadscopeError(f"--weight {spec!r}: expected CAPABILITY=NUMBER, e.g. retrieval=2") from None
+    return weights
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("fuse", help="fuse head scores into a full-attention head mask", description=__doc__)
+    parser.add_argument("scores", nargs="+", metavar="SCORES.json", help="HeadScores files (from `headscope score`)")
+    add_budget_args(parser)
+    parser.add_argument("--min-per-layer", type=int, default=0, help="full-attention heads every layer keeps (default 0)")
+    parser.add_argument("--group-score", choices=["max", "sum"], default="max", help="KV group importance with --kv-aware (default max)")
+    parser.add_argument("--normalise", choices=NORMALISATIONS, default="rank", help="per-input normalisation of |score| (default rank)")
+    parser.add_argument("--rule", choices=RULES, default="mean", help="combination rule (default mean)")
+    parser.add_argument("--rrf-k", type=float, default=DEFAULT_RRF_K, help=f"reciprocal rank fusion constant (default {DEFAULT_RRF_K:g})")
+    parser.add_argument("--weight", action="append", metavar="CAP=W", help="weight of a capability (repeatable; default equal)")
+    parser.add_argument("--out", required=True, help="output mask JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from headscope.fusion import fuse
+    from headscope.mask import save_mask, select_mask
+
+    scores = load_scores(args.scores)
+    ranking = fuse(scores, normalise=args.normalise, rule=args.rule, weights=parse_weights(args.weight), rrf_k=args.rrf_k)
+    mask = select_mask(ranking, ratio=args.ratio, n_full=args.n_full, min_per_layer=args.min_per_layer,
+                       kv_aware=args.kv_aware, group_score=args.group_score)
+    path = save_mask(mask, args.out)
+    groups = mask.kv_groups_full()
+    print(f"fused {len(scores)} inputs ({args.normalise}/{args.rule}); {mask.n_full} of {mask.full.numel()} heads at full attention "
+          f"({mask.head_fraction:.1%}), KV cache {int(groups.sum())}/{groups.numel()} groups ({mask.kv_fraction:.1%}) -> {path}")
+    print("top heads: " + " ".join(str(h) for h in ranking.top(10)))
+    return 0

@@ -1,0 +1,179 @@
+"""Report figures (shapes, traces, hover data), the self-contained HTML page, and the fuse/report/mask CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from headscope import cli
+from headscope.fusion import fuse
+from headscope.heads import Head, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.mask import load_mask, random_mask, save_mask, select_mask
+from headscope.reports import (
+    build_report_html,
+    fused_heatmap,
+    heatmap,
+    heatmap_grid,
+    layer_distributions,
+    magnitude_ranks,
+    sender_receiver,
+)
+
+FP = ModelFingerprint("qwen3", 4, 8, 2, 16, "tiny")  # group size 4
+
+
+def make_scores(seed: int, probe: str, capability: str, method: str = "activation", fp: ModelFingerprint = FP) -> HeadScores:
+    values = torch.randn(fp.shape, generator=torch.Generator().manual_seed(seed))
+    return HeadScores(values, probe, method, fp, capability)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> list[HeadScores]:
+    return [make_scores(0, "needle", "retrieval"), make_scores(1, "multikey", "retrieval"), make_scores(2, "mqar", "reasoning")]
+
+
+def test_heatmap_shape_colours_and_hover(inputs):
+    fig = heatmap(inputs[0])
+    (trace,) = fig.data
+    assert isinstance(trace, go.Heatmap) and np.asarray(trace.z).shape == (4, 8)
+    assert trace.zmid == 0 and trace.colorscale[0][1] != trace.colorscale[-1][1]
+    ranks = magnitude_ranks(inputs[0].values)
+    assert list(trace.customdata[2][5]) == ["L2H5", 1, pytest.approx(float(inputs[0].values[2, 5])), int(ranks[2, 5])]
+    assert ranks.flatten().sort().values.tolist() == list(range(1, 33))
+    assert "KV group" in trace.hovertemplate and "rank" in trace.hovertemplate
+    assert fig.layout.yaxis.autorange == "reversed"
+    assert len(fig.layout.shapes) == 1  # one line between the two KV groups
+
+
+def test_grid_has_one_scaled_heatmap_per_input(inputs):
+    fig = heatmap_grid(inputs, cols=2)
+    assert len(fig.data) == 3 and all(isinstance(t, go.Heatmap) and t.coloraxis == "coloraxis" for t in fig.data)
+    assert max(np.abs(np.asarray(t.z)).max() for t in fig.data) == pytest.approx(1.0)
+    assert fig.data[1].customdata[0][0][2] == pytest.approx(float(inputs[1].values[0, 0]))  # raw score in hover
+    assert [a.text for a in fig.layout.annotations] == ["needle · activation (retrieval)", "multikey · activation (retrieval)", "mqar · activation (reasoning)"]
+
+
+def test_fused_heatmap_outlines_mask(inputs):
+    ranking = fuse(inputs)
+    mask = select_mask(ranking, n_full=8, kv_aware=True)
+    fig = fused_heatmap(ranking, mask)
+    heat, marks = fig.data
+    assert np.asarray(heat.z).shape == (4, 8) and heat.customdata[0][0][3] == int(ranking.ranks()[0, 0])
+    assert sorted(zip(marks.y, marks.x)) == [(h.layer, h.head) for h in mask.heads()]
+    kv_boxes = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert len(kv_boxes) == int(mask.kv_groups_full().sum()) == 2
+    assert "8 full heads (25.0%), KV cache 25.0%" in fig.layout.title.text
+    mask_only = fused_heatmap(None, random_mask(FP, n_full=3, seed=0))
+    assert np.asarray(mask_only.data[0].z).sum() == 3
+    with pytest.raises(HeadscopeError, match="needs a ranking or a mask"):
+        fused_heatmap(None, None)
+
+
+def test_sender_receiver_from_dict_and_matrix():
+    receivers = [Head(3, 0), Head(2, 5)]
+    senders = {r: make_scores(10 + i, "needle", "retrieval", "path") for i, r in enumerate(receivers)}
+    fig = sender_receiver(senders, top_n=5)
+    (trace,) = fig.data
+    z = np.asarray(trace.z)
+    assert z.shape == (5, 2) and list(trace.x) == ["L3H0", "L2H5"]
+    stacked = torch.stack([senders[r].values for r in receivers], -1)  # (L, H, R)
+    best = stacked.abs().amax(-1).flatten().topk(5).indices
+    assert list(trace.y) == [f"L{int(i) // 8}H{int(i) % 8}" for i in best]
+    assert np.allclose(z, stacked.reshape(32, 2)[best].numpy(), atol=1e-6)
+    same = sender_receiver(stacked, receivers, top_n=5)
+    assert np.allclose(np.asarray(same.data[0].z), z) and list(same.data[0].y) == list(trace.y)
+    with pytest.raises(HeadscopeError, match="one receiver Head per column"):
+        sender_receiver(stacked, receivers[:1])
+
+
+def test_layer_distributions(inputs):
+    fig = layer_distributions(inputs)
+    assert len(fig.data) == 3 and all(isinstance(t, go.Box) for t in fig.data)
+    assert list(fig.data[0].x) == [l for l in range(4) for _ in range(8)] and len(fig.data[0].y) == 32
+    violins = layer_distributions(inputs[0], kind="violin")
+    assert len(violins.data) == 1 and isinstance(violins.data[0], go.Violin)
+
+
+def test_report_html_is_self_contained(inputs):
+    mask = select_mask(fuse(inputs), ratio="3:1")
+    page = build_report_html(inputs, mask, paths={Head(3, 1): make_scores(9, "needle", "retrieval", "path")})
+    assert page.startswith("<!DOCTYPE html>") and page.count("<title>headscope report</title>") == 1
+    assert page.count("plotly.js v") >= 1 and len(page) > 3_000_000  # the library itself is inlined
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.IGNORECASE)
+    assert not re.search(r"<link[^>]*href\s*=\s*[\"']https?:", page, re.IGNORECASE)
+    assert all(f'id="figure-{i}"' in page for i in range(4))  # fused, grid, distributions, sender view
+    assert "8 of 32 (25.0%)" in page and "KV cache kept" in page
+    assert "retrieval" in page and "reasoning" in page and "needle/activation, multikey/activation" in page
+    top_needle = inputs[0].top(1)[0]
+    assert f"{top_needle}=" in page
+
+
+def test_report_checks_models_and_needs_input(inputs):
+    other = make_scores(0, "x", "retrieval", fp=ModelFingerprint("qwen3", 4, 8, 8, 16))
+    with pytest.raises(HeadscopeError, match="x/activation belongs to another model.*n_kv_heads"):
+        build_report_html([inputs[0], other])
+    with pytest.raises(HeadscopeError, match="nothing to report"):
+        build_report_html([])
+    assert 'id="figure-0"' in build_report_html([], random_mask(FP, seed=1))
+
+
+def run_cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    """``headscope ARGV`` with only this file's subcommands registered."""
+    monkeypatch.setattr(cli, "COMMANDS", ("fuse", "mask", "report"))
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_fuse_report_export(tmp_path, monkeypatch, capsys, inputs):
+    files = [str(s.save(tmp_path / f"{s.probe}.json")) for s in inputs]
+    mask_path = tmp_path / "mask.json"
+    code, out, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--ratio", "7:1", "--kv-aware", "--rule", "max", "--out", str(mask_path))
+    assert code == 0 and "4 of 32 heads" in out
+    mask = load_mask(mask_path, expect=FP)
+    assert mask.n_full == 4 and mask.kv_fraction == 0.125 and mask.provenance["fusion"]["rule"] == "max"
+    assert [i["source"] for i in mask.provenance["fusion"]["inputs"]] == files
+    code, _, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--n-full", "6", "--weight", "retrieval=3", "--weight", "reasoning=1", "--out", str(tmp_path / "w.json"))
+    assert code == 0 and load_mask(tmp_path / "w.json").n_full == 6
+
+    code, out, _ = run_cli(monkeypatch, capsys, "report", *files, "--mask", str(mask_path), "--out", str(tmp_path / "r.html"))
+    assert code == 0 and (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+    code, _, _ = run_cli(monkeypatch, capsys, "mask", "export", str(mask_path), "--format", "tsv", "--out", str(tmp_path / "d.tsv"))
+    assert code == 0 and np.loadtxt(tmp_path / "d.tsv", delimiter="\t").sum() == 1  # one of 8 KV groups
+    code, _, _ = run_cli(monkeypatch, capsys, "mask", "export", str(mask_path), "--format", "retrieval-json", "--out", str(tmp_path / "r.json"))
+    assert code == 0 and len(json.loads((tmp_path / "r.json").read_text())) == 32
+
+
+def test_cli_baselines(tmp_path, monkeypatch, capsys, qwen3_dir, inputs):
+    code, out, _ = run_cli(monkeypatch, capsys, "mask", "layerwise", "--model", qwen3_dir, "--ratio", "2:1", "--out", str(tmp_path / "l.json"))
+    layerwise = load_mask(tmp_path / "l.json", expect=ModelFingerprint("qwen3", 3, 4, 2, 24))
+    assert code == 0 and layerwise.full.all(1).tolist() == [False, False, True]
+    code, _, _ = run_cli(monkeypatch, capsys, "mask", "export", str(tmp_path / "l.json"), "--format", "layer-types", "--out", str(tmp_path / "t.json"))
+    assert json.loads((tmp_path / "t.json").read_text())["layer_types"] == ["linear_attention", "linear_attention", "full_attention"]
+    like = str(inputs[0].save(tmp_path / "s.json"))
+    code, _, _ = run_cli(monkeypatch, capsys, "mask", "random", "--like", like, "--n-full", "5", "--seed", "2", "--out", str(tmp_path / "x.json"))
+    assert code == 0 and torch.equal(load_mask(tmp_path / "x.json").full, random_mask(FP, n_full=5, seed=2).full)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
+    good = str(inputs[0].save(tmp_path / "a.json"))
+    other = str(make_scores(0, "b", "retrieval", fp=ModelFingerprint("qwen3", 4, 8, 4, 16)).save(tmp_path / "b.json"))
+    save_mask(random_mask(FP, seed=0), tmp_path / "random.json")
+    cases = [
+        (("fuse", good, other, "--out", str(tmp_path / "m.json")), "b.json (b/activation) was scored on another model"),
+        (("fuse", good, "--rule", "rrf", "--normalise", "zscore", "--out", str(tmp_path / "m.json")), "rrf"),
+        (("fuse", good, "--weight", "retrieval", "--out", str(tmp_path / "m.json")), "expected CAPABILITY=NUMBER"),
+        (("fuse", str(tmp_path / "none.json"), "--out", str(tmp_path / "m.json")), "scores file not found"),
+        (("mask", "export", str(tmp_path / "random.json"), "--format", "retrieval-json", "--out", str(tmp_path / "r.json")), "stores no head scores"),
+        (("mask", "layerwise", "--model", str(tmp_path), "--out", str(tmp_path / "l.json")), "no config.json"),
+        (("report", other, "--mask", str(tmp_path / "random.json"), "--out", str(tmp_path / "r.html")), "made for another model"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(monkeypatch, capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
