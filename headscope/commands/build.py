@@ -1,0 +1,70 @@
+"""``headscope build``: turn a model and a head mask into a head-wise hybrid checkpoint (with its tokenizer).
+
+The mask is a mask file (``--mask``, written by ``headscope mask``) or a baseline made on the spot:
+``--random 7:1 [--seed N]`` (random heads) or ``--layerwise 3:1`` (whole layers; all-FA layers stay plain
+attention, the others become pure Gated DeltaNet). A mask made for another model is refused with one
+line naming the mismatch. The output directory loads with ``AutoModelForCausalLM.from_pretrained`` after
+``import headscope.hybrid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from headscope.commands.options import add_model_args, load_from_args
+from headscope.heads import HeadMask, HeadscopeError
+from headscope.models import LoadedModel
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("build", help="build a head-wise hybrid (FA + Gated DeltaNet heads) from a mask", description=__doc__)
+    add_model_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mask", help="mask JSON file")
+    source.add_argument("--random", metavar="LA:FA", help="random head mask at this linear:full ratio, e.g. 7:1")
+    source.add_argument("--layerwise", metavar="LA:FA", help="layer-wise mask at this linear:full layer ratio, e.g. 3:1")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    parser.add_argument("--out", required=True, help="output directory (config, weights, tokenizer)")
+    parser.add_argument("--fa-rope", action="store_true", help="keep RoPE on the FA heads (default: removed)")
+    parser.add_argument("--no-log-scaling", action="store_true", help="no log-position query scale on FA heads")
+    parser.add_argument("--no-gate", action="store_true", help="no output gate on FA heads")
+    parser.add_argument("--no-fusion-norm", action="store_true", help="no per-head RMSNorm + gamma before o_proj")
+    parser.add_argument("--init-seed", type=int, default=0, help="seed of the new parameters (default 0)")
+    parser.set_defaults(func=run)
+
+
+def resolve_mask(args: argparse.Namespace, lm: LoadedModel) -> HeadMask:
+    """The mask file (checked against the model) or the requested baseline."""
+    from headscope.mask import layerwise_mask, load_mask, random_mask
+
+    if args.mask:
+        return load_mask(args.mask, expect=lm.fingerprint)
+    if args.random:
+        return random_mask(lm.fingerprint, ratio=args.random, seed=args.seed)
+    return layerwise_mask(lm.fingerprint, ratio=args.layerwise)
+
+
+def run(args: argparse.Namespace) -> int:
+    from headscope.hybrid import HybridConfig, build_hybrid
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HeadscopeError(f"--out {out} exists and is not a directory")
+    lm = load_from_args(args)
+    mask = resolve_mask(args, lm)
+    switches = HybridConfig(
+        fa_rope=args.fa_rope, log_scaling=not args.no_log_scaling, output_gate=not args.no_gate,
+        fusion_norm=not args.no_fusion_norm, init_seed=args.init_seed,
+    )
+    hybrid = build_hybrid(lm, mask, switches)
+    hybrid.save_pretrained(out)
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(out)
+    kinds = [hybrid.config.layer_plan(l).kind for l in range(hybrid.config.num_hidden_layers)]
+    print(
+        f"built {lm.fingerprint.name or lm.fingerprint.architecture}: {mask.n_full}/{mask.full.numel()} FA heads "
+        f"(KV kept {mask.kv_fraction:.1%}); layers {kinds.count('hybrid')} hybrid, {kinds.count('full')} full, "
+        f"{kinds.count('linear')} linear -> {out}"
+    )
+    return 0

@@ -1,0 +1,112 @@
+"""build_hybrid: parity with the pretrained model, weight migration, layer kinds, refusal of foreign masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from conftest import tiny_gpt2, tiny_llama, tiny_qwen3
+from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint
+from headscope.hybrid import HybridConfig, build_hybrid
+from headscope.mask import layerwise_mask, random_mask
+from headscope.models import load_model
+
+PARITY = dict(fa_rope=True, log_scaling=False, output_gate=False, fusion_norm=False)
+
+
+def tied_qwen3() -> Qwen3ForCausalLM:
+    torch.manual_seed(5)
+    config = Qwen3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_qwen3, tied_qwen3, tiny_llama], ids=["qwen3-gqa", "qwen3-tied", "llama"])
+@pytest.mark.parametrize("plain", [False, True], ids=["hybrid-path", "plain-layers"])
+def test_all_full_mask_reproduces_the_model(make, plain):
+    model = make().float()
+    lm = load_model(model)
+    mask = HeadMask(torch.ones(lm.fingerprint.shape, dtype=torch.bool), lm.fingerprint)
+    hybrid = build_hybrid(model, mask, HybridConfig(plain_full_layers=plain, **PARITY))
+    kinds = {hybrid.config.layer_plan(l).kind for l in range(lm.fingerprint.n_layers)}
+    assert kinds == {"full" if plain else "hybrid"}
+    ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hybrid(ids).logits - model(ids).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return load_model(tiny_qwen3(seed=2).float())
+
+
+def test_migration_permutes_rows_and_keeps_the_rest(qwen3):
+    fp, d = qwen3.fingerprint, qwen3.fingerprint.head_dim
+    full = torch.zeros(fp.shape, dtype=torch.bool)
+    full[0, [1, 3]] = True  # one FA head in each KV group of layer 0
+    hybrid = build_hybrid(qwen3, HeadMask(full, fp))
+    order = hybrid.config.head_order[0]
+    assert order == [1, 3, 0, 2]
+    attn, new = qwen3.attention(0), hybrid.model.layers[0].self_attn
+    for p, head in enumerate(order):
+        torch.testing.assert_close(new.q_proj.weight[p * d : (p + 1) * d], attn.q_proj.weight[head * d : (head + 1) * d], rtol=0, atol=0)
+        torch.testing.assert_close(new.o_proj.weight[:, p * d : (p + 1) * d], attn.o_proj.weight[:, head * d : (head + 1) * d], rtol=0, atol=0)
+    kv_groups = [0, 1, 0, 1]  # FA KV heads = groups 0, 1; GDN heads 0 and 2 repeat groups 0 and 1
+    for row, group in enumerate(kv_groups):
+        for name in ("k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(new, name).weight[row * d : (row + 1) * d], getattr(attn, name).weight[group * d : (group + 1) * d], rtol=0, atol=0)
+    hybrid_params = dict(hybrid.named_parameters())
+    for name, param in qwen3.model.named_parameters():
+        if ".self_attn." not in name:
+            torch.testing.assert_close(hybrid_params[name], param, rtol=0, atol=0)
+    assert torch.all(new.gate_proj.weight == 0) and torch.allclose(torch.sigmoid(new.gate_proj.bias), torch.tensor(0.982), atol=1e-3)
+    assert torch.all(new.conv1d.weight[..., -1] == 1) and torch.all(new.conv1d.weight[..., :-1] == 0)
+    assert torch.all(new.gamma == 1)
+
+
+def test_new_parameters_follow_the_seed(qwen3):
+    mask = random_mask(qwen3.fingerprint, ratio="3:1", seed=1)
+    a = build_hybrid(qwen3, mask, HybridConfig(init_seed=4))
+    b = build_hybrid(qwen3, mask, HybridConfig(init_seed=4))
+    c = build_hybrid(qwen3, mask, HybridConfig(init_seed=5))
+    layer = next(l for l in range(3) if a.config.layer_plan(l).kind != "full")
+    pa, pb, pc = (m.model.layers[layer].self_attn.A_log for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_layerwise_mask_gives_plain_and_pure_gdn_layers(qwen3):
+    mask = layerwise_mask(qwen3.fingerprint, "2:1")  # layer 2 full, layers 0-1 linear
+    hybrid = build_hybrid(qwen3, mask)
+    kinds = [hybrid.config.layer_plan(l).kind for l in range(3)]
+    assert kinds == ["linear", "linear", "full"]
+    assert hybrid.config.layer_types == ["linear_attention", "linear_attention", "full_attention"]
+    plain = hybrid.model.layers[2].self_attn
+    assert plain.spec.fa_rope and not (plain.spec.log_scaling or plain.spec.output_gate or plain.spec.fusion_norm)
+    assert not hasattr(plain, "conv1d") and not hasattr(plain, "gate_proj")
+    linear = hybrid.model.layers[0].self_attn
+    assert linear.spec.n_fa_heads == 0 and linear.k_proj.out_features == 4 * qwen3.fingerprint.head_dim
+    # the plain layer is the pretrained attention
+    x = torch.randn(2, 9, 64)
+    pos = torch.arange(9)[None].expand(2, 9)
+    cos, sin = hybrid.model.rotary_emb(x, pos)
+    with torch.no_grad():
+        ours = plain(x, (cos, sin), pos)
+        theirs, _ = qwen3.attention(2)(x, (cos, sin), attention_mask=None)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_for_another_model_is_refused(qwen3):
+    other = ModelFingerprint("qwen3", 3, 8, 2, 24, "bigger")
+    with pytest.raises(HeadscopeError, match="n_heads is 8 in the file but 4 in the model"):
+        build_hybrid(qwen3, HeadMask(torch.zeros(3, 8, dtype=torch.bool), other))
+
+
+def test_unsupported_family_is_refused():
+    gpt2 = tiny_gpt2()
+    fp = load_model(gpt2).fingerprint
+    with pytest.raises(HeadscopeError, match="gpt2"):
+        build_hybrid(gpt2, HeadMask(torch.zeros(fp.shape, dtype=torch.bool), fp))

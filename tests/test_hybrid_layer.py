@@ -1,0 +1,164 @@
+"""HeadwiseHybridAttention: tensor functions, agreement with the unpermuted per-head twin, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_qwen3
+from headscope.heads import HeadMask
+from headscope.hybrid import HybridConfig, build_hybrid
+from headscope.hybrid.functional import (
+    attention_mask,
+    causal_attention,
+    fa_segments,
+    gdn_decay_init,
+    log_position_scale,
+    short_conv,
+    short_conv_reference,
+)
+from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
+from headscope.hybrid.reference import reference_hybrid_attention
+from headscope.models import load_model
+
+
+def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    err = float((x.float() - ref.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt())
+    assert not math.isnan(err)
+    return err
+
+
+def test_log_position_scale_is_one_before_floor_and_llama4_after():
+    pos = torch.tensor([[0, 8190, 8191, 3 * 8192 - 1, 131071]])
+    scale = log_position_scale(pos, attn_scale=0.1, floor_scale=8192.0)
+    expected = [1.0, 1.0, 1.0 + 0.1 * math.log(2), 1.0 + 0.1 * math.log(4), 1.0 + 0.1 * math.log(17)]
+    torch.testing.assert_close(scale[0], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_fa_segments_group_equal_runs():
+    assert fa_segments((2,)) == ((0, 2, 0, 1),)
+    assert fa_segments((1, 1, 1)) == ((0, 3, 0, 3),)
+    assert fa_segments((2, 2, 1)) == ((0, 4, 0, 2), (4, 5, 2, 3))
+    assert fa_segments(()) == ()
+
+
+def test_gdn_decay_init_ranges():
+    a_log, dt_bias = gdn_decay_init(2000, torch.Generator().manual_seed(0))
+    assert a_log.exp().max() <= 16 and a_log.exp().min() > 0
+    dt = F.softplus(dt_bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+
+
+def test_short_conv_matches_direct_sum_and_carries_state():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 11, 6), torch.randn(6, 4)
+    y, state = short_conv_reference(x, w)
+    padded = F.pad(x, (0, 0, 3, 0))  # (B, 3 + T, C)
+    direct = F.silu(torch.stack([(padded[:, t : t + 4] * w.T).sum(1) for t in range(11)], 1))
+    torch.testing.assert_close(y, direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state, x[:, -4:].transpose(1, 2))
+    y1, s1 = short_conv(x[:, :5], w)  # chunked with the carried window equals one pass
+    y2, s2 = short_conv(x[:, 5:6], w, s1)
+    y3, s3 = short_conv(x[:, 6:], w, s2)
+    torch.testing.assert_close(torch.cat([y1, y2, y3], 1), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s3, state)
+
+
+def test_causal_attention_mask_path_equals_causal_path():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    segments = fa_segments((2, 2))
+    fast = causal_attention(q, k, v, segments, scale=8**-0.5)  # is_causal path
+    masked = causal_attention(q, k, v, segments, scale=8**-0.5, padding_mask=torch.ones(2, 9))  # explicit mask path
+    torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-6)
+    tail = causal_attention(q[:, 5:], k, v, segments, scale=8**-0.5)  # queries after a 5-token prefix
+    torch.testing.assert_close(tail, fast[:, 5:], rtol=1e-5, atol=1e-6)
+    allowed = attention_mask(3, 9, sliding_window=4)[0, 0]
+    assert allowed[0].nonzero().flatten().tolist() == [3, 4, 5, 6]  # query at position 6, window 4
+    assert allowed[2].nonzero().flatten().tolist() == [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_model(tiny_qwen3(seed=3).float())
+
+
+def mixed_mask(lm) -> HeadMask:
+    """Layer 0: one FA head; layer 1: FA heads in two KV groups, unequal (segments (2, 1)); layer 2: none."""
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    full[0, 3] = True
+    full[1, [0, 1, 3]] = True
+    return HeadMask(full, lm.fingerprint)
+
+
+def perturb_new_parameters(hybrid, seed: int = 0) -> None:
+    """Move every new part away from its init so the twin comparison sees them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in hybrid.model.layers:
+            for name, p in layer.self_attn.named_parameters():
+                if name.split(".")[0] in ("gate_proj", "conv1d", "b_proj", "a_proj", "gamma", "A_log", "dt_bias"):
+                    p.add_(0.5 * torch.randn(p.shape, generator=generator))
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(),
+        dict(fa_rope=True, fusion_norm=False, floor_scale=4),
+        dict(output_gate=False, log_scaling=True, floor_scale=2),
+    ],
+    ids=["default", "rope-nofusion", "nogate-logscale"],
+)
+def test_permuted_layer_equals_unpermuted_reference(teacher, switches):
+    hybrid = build_hybrid(teacher, mixed_mask(teacher), HybridConfig(**switches))
+    perturb_new_parameters(hybrid)
+    assert hybrid.config.head_order[1][:3] == [0, 1, 3]
+    assert hybrid.model.layers[1].self_attn.segments == ((0, 2, 0, 1), (2, 3, 1, 2))
+    torch.manual_seed(1)
+    x = torch.randn(2, 13, teacher.model.config.hidden_size)
+    pos = torch.arange(13)[None].expand(2, 13)
+    cos, sin = hybrid.model.rotary_emb(x, pos)
+    for l, layer in enumerate(hybrid.model.layers):
+        with torch.no_grad():
+            fast = layer.self_attn(x, (cos, sin), pos)
+        ref = reference_hybrid_attention(layer.self_attn, teacher.attention(l), hybrid.config.head_order[l], x, (cos, sin), pos)
+        assert rel_rms(fast, ref) < 1e-5, f"layer {l}"
+
+
+def test_layer_forward_backward_cpu_matches_finite_differences():
+    torch.manual_seed(0)
+    spec = HybridLayerSpec(hidden_size=16, head_dim=8, n_fa_heads=2, n_gdn_heads=2, fa_kv_sizes=(2,), qk_norm=True, floor_scale=2.0)
+    layer = HeadwiseHybridAttention(spec, layer_idx=0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 7, 16, requires_grad=True)
+    pos = torch.arange(7)[None]
+    angle = pos[..., None].float() * torch.linspace(0.1, 1.0, 4)
+    rope = (torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1))
+    target = torch.randn(1, 7, 16)
+
+    def loss_fn() -> torch.Tensor:
+        return (layer(x, rope, pos) * target).sum()
+
+    loss_fn().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # directional derivative along a random direction of the new parameters vs central differences
+    params = [layer.A_log, layer.dt_bias, layer.gamma, layer.gate_proj.weight, layer.conv1d.weight, layer.b_proj.weight]
+    directions = [torch.randn_like(p) for p in params]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, directions))
+    eps = 1e-3
+    with torch.no_grad():
+        for p, d in zip(params, directions):
+            p.add_(eps * d)
+        plus = loss_fn()
+        for p, d in zip(params, directions):
+            p.sub_(2 * eps * d)
+        minus = loss_fn()
+    numeric = (plus - minus) / (2 * eps)
+    assert abs(float(numeric - analytic)) < 2e-2 * max(1.0, abs(float(analytic)))

@@ -1,0 +1,124 @@
+"""HybridForCausalLM as a Hugging Face model: save/load, hybrid cache decoding, generate, padding, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from conftest import save_model, tiny_llama, tiny_qwen3
+from headscope.cli import main
+from headscope.heads import HeadMask
+from headscope.hybrid import HybridConfig, HybridForCausalLM, build_hybrid
+from headscope.mask import save_mask
+from headscope.models import load_model
+
+
+@pytest.fixture(scope="module")
+def hybrid() -> HybridForCausalLM:
+    """Layers: 0 hybrid (1 FA head), 1 plain full attention, 2 pure GDN; log scaling active from pos 3."""
+    lm = load_model(tiny_qwen3(seed=7).float())
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    full[0, 2] = True
+    full[1] = True
+    return build_hybrid(lm, HeadMask(full, lm.fingerprint), HybridConfig(floor_scale=4))
+
+
+def ids_of(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cache_layout_follows_the_heads(hybrid):
+    assert hybrid.config.layer_types == ["hybrid", "full_attention", "linear_attention"]
+    cache = DynamicCache(config=hybrid.config)
+    with torch.no_grad():
+        hybrid(ids_of(2, 6), past_key_values=cache, use_cache=True)
+    d = hybrid.config.head_dim
+    assert cache.layers[0].keys.shape == (2, 1, 6, d)  # one FA KV head
+    assert cache.layers[0].recurrent_states[0].shape == (2, 3, d, d) and cache.layers[0].recurrent_states[0].dtype == torch.float32
+    assert cache.layers[0].conv_states[0].shape == (2, 3 * 3 * d, 4)
+    assert cache.layers[1].keys.shape == (2, 2, 6, d)
+    assert not hasattr(cache.layers[2], "keys") and cache.layers[2].recurrent_states[0].shape == (2, 4, d, d)
+
+
+def test_prefill_then_decode_equals_full_forward(hybrid):
+    ids = ids_of(2, 17)
+    with torch.no_grad():
+        full = hybrid(ids).logits
+        out = hybrid(ids[:, :7], use_cache=True)
+        pieces = [out.logits]
+        for t in range(7, 12):  # token by token
+            out = hybrid(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            pieces.append(out.logits)
+        out = hybrid(ids[:, 12:], past_key_values=out.past_key_values, use_cache=True)  # a chunk after decoding
+        pieces.append(out.logits)
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-4
+
+
+def test_greedy_generate_equals_argmax_of_full_forward(hybrid):
+    prompt = ids_of(2, 5, seed=1)
+    generated = hybrid.generate(prompt, max_new_tokens=8, do_sample=False)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, hybrid(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, seq)
+
+
+def test_left_padding_is_exact(hybrid):
+    long, short = ids_of(1, 8, seed=2), ids_of(1, 5, seed=3)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        padded = hybrid(batch, attention_mask=mask).logits[1, 3:]
+        alone = hybrid(short).logits[0]
+    assert (padded - alone).abs().max().item() < 1e-4
+    together = hybrid.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(together[1, 3:], hybrid.generate(short, max_new_tokens=4, do_sample=False)[0])
+
+
+def test_save_load_roundtrip_through_auto_classes(hybrid, tmp_path):
+    hybrid.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, HybridConfig) and config.head_order == hybrid.config.head_order
+    assert config.full_attention_heads == hybrid.config.full_attention_heads and config.floor_scale == 4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded, HybridForCausalLM)
+    ids = ids_of(2, 10, seed=4)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, hybrid(ids).logits)
+
+
+def test_loss_and_backward_through_the_whole_model():
+    lm = load_model(tiny_llama(seed=1))
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    full[:, 0] = True
+    model = build_hybrid(lm, HeadMask(full, lm.fingerprint)).train()
+    ids = ids_of(2, 12, seed=5)
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    attn = model.model.layers[0].self_attn
+    for param in (attn.A_log, attn.gamma, attn.gate_proj.weight, attn.q_proj.weight, model.model.embed_tokens.weight):
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
+
+
+def test_cli_build_from_mask_file_and_baselines(tmp_path, capsys):
+    model_dir = save_model(tiny_qwen3(seed=8), tmp_path / "model")
+    lm = load_model(model_dir)
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    full[1, 1] = True
+    mask_path = save_mask(HeadMask(full, lm.fingerprint, {"ratio": None}), tmp_path / "mask.json")
+    assert main(["build", "--model", model_dir, "--mask", str(mask_path), "--out", str(tmp_path / "hybrid")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid")
+    assert reloaded.config.full_attention_heads == [[1, 1]]
+    assert (tmp_path / "hybrid" / "tokenizer.json").is_file()
+    assert main(["build", "--model", model_dir, "--layerwise", "2:1", "--out", str(tmp_path / "lw")]) == 0
+    assert AutoConfig.from_pretrained(tmp_path / "lw").layer_types == ["linear_attention", "linear_attention", "full_attention"]
+    assert main(["build", "--model", model_dir, "--random", "3:1", "--seed", "2", "--out", str(tmp_path / "rnd")]) == 0
+    foreign_dir = save_model(tiny_llama(), tmp_path / "llama")
+    capsys.readouterr()
+    assert main(["build", "--model", foreign_dir, "--mask", str(mask_path), "--out", str(tmp_path / "bad")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("headscope: error:")]
+    assert len(errors) == 1 and "made for another model" in errors[0] and "architecture is qwen3 in the file but llama" in errors[0]
