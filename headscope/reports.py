@@ -34,7 +34,9 @@ from headscope.maskfile import ranking_from_mask
 
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
-CELL_PX = 22  # height of one layer row in heatmaps
+CELL_PX = 22  # height of one row in the sender view and the smallest layer row in heatmaps
+ROW_GAP_PX = 120  # between grid rows: tick labels, axis title, next subplot title
+MARGIN_PX = {"t": 90, "b": 60}
 
 
 def magnitude_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -68,8 +70,15 @@ def _layer_head_axes(fig: go.Figure, fp: ModelFingerprint, row: int | None = Non
             fig.add_vline(x=group * fp.group_size - 0.5, line_width=1, line_dash="dot", line_color="rgba(0,0,0,0.35)", **where)
 
 
-def _heatmap_height(fp: ModelFingerprint, rows: int = 1) -> int:
-    return max(320, rows * (CELL_PX * fp.n_layers + 90) + 60)
+def _row_px(fp: ModelFingerprint, cols: int = 1) -> int:
+    """Height of one layer row, so cells are neither flat strips nor tall slivers (page ~1000 px wide)."""
+    smallest = CELL_PX if cols == 1 else 14
+    return min(48, max(smallest, 400 // (fp.n_heads * cols)))
+
+
+def _heatmap_height(fp: ModelFingerprint, rows: int = 1, cols: int = 1) -> int:
+    """Figure height for a ``rows`` x ``cols`` grid of layer x head heatmaps (plot areas, gaps, margins)."""
+    return rows * _row_px(fp, cols) * fp.n_layers + (rows - 1) * ROW_GAP_PX + MARGIN_PX["t"] + MARGIN_PX["b"]
 
 
 def heatmap(scores: HeadScores, title: str | None = None) -> go.Figure:
@@ -88,7 +97,7 @@ def heatmap(scores: HeadScores, title: str | None = None) -> go.Figure:
     )
     fig = go.Figure(trace)
     _layer_head_axes(fig, fp)
-    fig.update_layout(title=title or f"{scores.probe} · {scores.method} ({scores.capability or 'no capability'})", height=_heatmap_height(fp))
+    fig.update_layout(title=title or f"{scores.probe} · {scores.method} ({scores.capability or 'no capability'})", height=_heatmap_height(fp), margin=MARGIN_PX)
     return fig
 
 
@@ -104,7 +113,8 @@ def heatmap_grid(scores: Sequence[HeadScores], cols: int = 2) -> go.Figure:
     cols = max(1, min(cols, len(scores)))
     rows = math.ceil(len(scores) / cols)
     titles = [f"{s.probe} · {s.method} ({s.capability or '-'})" for s in scores]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08, vertical_spacing=min(0.12, 0.3 / rows))
+    plot_area = _heatmap_height(fp, rows, cols) - MARGIN_PX["t"] - MARGIN_PX["b"]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08, vertical_spacing=ROW_GAP_PX / plot_area if rows > 1 else 0.0)
     for index, item in enumerate(scores):
         row, col = index // cols + 1, index % cols + 1
         scale = float(item.values.abs().max()) or 1.0
@@ -115,7 +125,7 @@ def heatmap_grid(scores: Sequence[HeadScores], cols: int = 2) -> go.Figure:
         _layer_head_axes(fig, fp, row, col)
     fig.update_layout(
         coloraxis={"colorscale": DIVERGING, "cmin": -1, "cmax": 1, "colorbar": {"title": {"text": "score / max|score|"}}},
-        height=_heatmap_height(fp, rows), title="Scores per probe and method",
+        height=_heatmap_height(fp, rows, cols), margin=MARGIN_PX, title="Scores per probe and method",
     )
     return fig
 
@@ -146,7 +156,7 @@ def fused_heatmap(ranking: FusedRanking | None, mask: HeadMask | None = None, ti
         heads = mask.heads()
         fig.add_trace(go.Scatter(
             x=[h.head for h in heads], y=[h.layer for h in heads], mode="markers", name=f"full attention ({len(heads)})",
-            marker={"symbol": "square-open", "size": max(8, min(20, 400 // max(fp.n_heads, fp.n_layers))), "color": "white", "line": {"width": 2.5}},
+            marker={"symbol": "square-open", "size": int(0.6 * _row_px(fp)), "color": "white", "line": {"width": 2.5}},
             hovertemplate="<b>L%{y}H%{x}</b> full attention<extra></extra>",
         ))
         if fp.group_size > 1:
@@ -158,7 +168,8 @@ def fused_heatmap(ranking: FusedRanking | None, mask: HeadMask | None = None, ti
     stats = f" — {mask.n_full} full heads ({mask.head_fraction:.1%}), KV cache {mask.kv_fraction:.1%}" if mask is not None else ""
     fig.update_xaxes(range=[-0.5, fp.n_heads - 0.5], autorange=False)
     fig.update_yaxes(range=[fp.n_layers - 0.5, -0.5], autorange=False)
-    fig.update_layout(title=title or f"Fused ranking{stats}", height=_heatmap_height(fp), showlegend=mask is not None,
+    default_title = f"Fused ranking{stats}" if ranking is not None else f"Head mask ({mask.provenance.get('selection', {}).get('method', 'no scores')}){stats}"
+    fig.update_layout(title=title or default_title, height=_heatmap_height(fp), margin=MARGIN_PX, showlegend=mask is not None,
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0,
                               "bgcolor": "#4a5568", "font": {"color": "white"}})
     return fig
