@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--skip-tl", action="store_true", help="time headscope only")
     parser.add_argument("--check-pairs", type=int, default=8, help="pairs of the float32 agreement check")
     parser.add_argument("--check-length", type=int, default=256, help="prompt length of the float32 agreement check")
+    parser.add_argument("--agreement-only", action="store_true",
+                        help="run only the float32 agreement check and merge it into an existing results file")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU in float32 (smoke test of this script)")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
@@ -134,6 +136,17 @@ def main() -> None:
     from headscope.patching import activation_scores
 
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    if args.agreement_only:
+        torch.manual_seed(0)
+        model_dir = "/tmp/qwen3_1p7b_random"
+        Qwen3ForCausalLM(qwen3_config(args.layers, args.tiny)).save_pretrained(model_dir)
+        stub_datasets_if_missing()
+        results_file = out_dir / "scoring_speed.json"
+        result = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        result.update(float32_agreement(model_dir, args.check_pairs, args.check_length, device))
+        print(f"float32 agreement: max |headscope - TL| = {result['fp32_max_abs_diff']:.2e}", flush=True)
+        write_results(out_dir, result)
+        return
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(qwen3_config(args.layers, args.tiny)).to(device, dtype).eval()
     model_dir = "/tmp/qwen3_1p7b_random"
@@ -179,6 +192,10 @@ def main() -> None:
             set(scores["eager"].abs().flatten().topk(k).indices.tolist()) & set(tl_scores.abs().flatten().topk(k).indices.tolist())
         ) / k
 
+    write_results(out_dir, result)
+
+
+def write_results(out_dir: Path, result: dict) -> None:
     (out_dir / "scoring_speed.json").write_text(json.dumps(result, indent=1))
     lines = ["| quantity | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items()]
     (out_dir / "scoring_speed.md").write_text("# Scoring speed (exact activation patching)\n\n" + "\n".join(lines) + "\n")
