@@ -43,12 +43,13 @@ all probes every combination kept all.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from headscope.heads import Head, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.heads import Head, HeadscopeError, HeadScores, ModelFingerprint
 
 NORMALISATIONS = ("rank", "zscore")
 RULES = ("mean", "rrf", "max")

@@ -28,12 +28,13 @@ DuoAttention / Retrieval_Head exports live in ``headscope.maskfile`` and are re-
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from headscope.fusion import FusedRanking
-from headscope.heads import HeadMask, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.heads import HeadMask, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.maskfile import (
     MASK_SCHEMA_VERSION,
     export_duo_tsv,

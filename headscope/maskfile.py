@@ -40,7 +40,15 @@ from typing import Any
 import torch
 
 from headscope.fusion import FusedRanking
-from headscope.heads import HeadMask, HeadScores, HeadscopeError, ModelFingerprint, read_json, write_json_atomic, write_text_atomic
+from headscope.heads import (
+    HeadMask,
+    HeadscopeError,
+    HeadScores,
+    ModelFingerprint,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 MASK_SCHEMA_VERSION = 1
 MASK_KIND = "headscope.mask"

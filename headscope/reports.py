@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -29,7 +29,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from headscope.fusion import FusedRanking, fuse
-from headscope.heads import Head, HeadMask, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.heads import Head, HeadMask, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.maskfile import ranking_from_mask
 
 DIVERGING = "RdBu_r"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headscope.fusion import average_ranks, fuse, input_weights, normalise_scores
-from headscope.heads import Head, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.heads import Head, HeadscopeError, HeadScores, ModelFingerprint
 
 FP = ModelFingerprint("qwen3", 1, 4, 2, 16, "row")
 

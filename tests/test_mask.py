@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headscope.fusion import fuse
-from headscope.heads import Head, HeadMask, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.heads import Head, HeadMask, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.mask import (
     export_duo_tsv,
     export_retrieval_json,

@@ -12,7 +12,7 @@ import torch
 
 from headscope import cli
 from headscope.fusion import fuse
-from headscope.heads import Head, HeadScores, HeadscopeError, ModelFingerprint
+from headscope.heads import Head, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.mask import load_mask, random_mask, save_mask, select_mask
 from headscope.reports import (
     build_report_html,
@@ -151,7 +151,7 @@ def test_cli_fuse_report_export(tmp_path, monkeypatch, capsys, inputs):
 
 
 def test_cli_baselines(tmp_path, monkeypatch, capsys, qwen3_dir, inputs):
-    code, out, _ = run_cli(monkeypatch, capsys, "mask", "layerwise", "--model", qwen3_dir, "--ratio", "2:1", "--out", str(tmp_path / "l.json"))
+    code, _, _ = run_cli(monkeypatch, capsys, "mask", "layerwise", "--model", qwen3_dir, "--ratio", "2:1", "--out", str(tmp_path / "l.json"))
     layerwise = load_mask(tmp_path / "l.json", expect=ModelFingerprint("qwen3", 3, 4, 2, 24))
     assert code == 0 and layerwise.full.all(1).tolist() == [False, False, True]
     code, _, _ = run_cli(monkeypatch, capsys, "mask", "export", str(tmp_path / "l.json"), "--format", "layer-types", "--out", str(tmp_path / "t.json"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from headscope.fusion import DEFAULT_RRF_K, NORMALISATIONS, RULES
-from headscope.heads import HeadScores, HeadscopeError
+from headscope.heads import HeadscopeError, HeadScores
 
 
 def add_budget_args(parser: argparse.ArgumentParser, default_ratio: str = "7:1") -> None:

@@ -68,7 +68,13 @@ def register(subparsers) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from headscope.heads import write_json_atomic
-    from headscope.mask import export_duo_tsv, export_retrieval_json, layer_types, load_mask, ranking_from_mask
+    from headscope.mask import (
+        export_duo_tsv,
+        export_retrieval_json,
+        layer_types,
+        load_mask,
+        ranking_from_mask,
+    )
 
     mask = load_mask(args.mask)
     if args.format == "tsv":
