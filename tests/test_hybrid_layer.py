@@ -162,3 +162,46 @@ def test_layer_forward_backward_cpu_matches_finite_differences():
         minus = loss_fn()
     numeric = (plus - minus) / (2 * eps)
     assert abs(float(numeric - analytic)) < 2e-2 * max(1.0, abs(float(analytic)))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fla_short_conv_matches_reference_on_cuda(dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 150, 96, device="cuda", dtype=dtype), torch.randn(96, 4, device="cuda", dtype=dtype)
+    y_ref, s_ref = short_conv_reference(x.float(), w.float())
+    y1, s1 = short_conv(x[:, :100], w)
+    y2, s2 = short_conv(x[:, 100:101], w, s1)  # one decode step
+    y3, s3 = short_conv(x[:, 101:], w, s2)
+    assert rel_rms(torch.cat([y1, y2, y3], 1), y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_rms(s3, s_ref) < 1e-6
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_layer_overlap_equals_sequential_and_cpu_float32():
+    torch.manual_seed(0)
+    spec = HybridLayerSpec(hidden_size=256, head_dim=64, n_fa_heads=2, n_gdn_heads=6, fa_kv_sizes=(2,), qk_norm=True, floor_scale=64.0)
+    layer = HeadwiseHybridAttention(spec, layer_idx=0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 300, 256)
+    pos = torch.arange(300)[None].expand(2, 300)
+    angle = pos[..., None].float() * torch.logspace(0, -3, 32)
+    rope = (torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1))
+    with torch.no_grad():
+        ref = layer(x, rope, pos)  # CPU float32: torch kernels, F.conv1d
+        gpu = layer.to("cuda", torch.bfloat16)
+        args = (x.cuda().bfloat16(), tuple(t.cuda().bfloat16() for t in rope), pos.cuda())
+        gpu.overlap_branches = False
+        sequential = gpu(*args)
+        gpu.overlap_branches = True
+        overlapped = gpu(*args)
+    torch.cuda.synchronize()
+    assert torch.equal(sequential, overlapped)
+    assert rel_rms(overlapped.cpu(), ref) < 2e-2

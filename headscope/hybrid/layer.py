@@ -28,6 +28,10 @@ Fusion (``fusion_norm``): every head's output is RMS-normalised, scaled by a lea
 
 With ``fa_rope`` on, every other switch off and every head FA, the layer computes exactly the
 pretrained attention (the builder's parity test).
+
+``forward = o_proj(core(x, *project(x)))``: ``project`` holds the big input projections, ``core`` the
+rest (both branches and the fusion; what ``benchmarks/hybrid_speed.py`` times as the attention core). On
+CUDA without autograd the two branches run concurrently on two streams (``run_branches``).
 """
 
 from __future__ import annotations
@@ -93,6 +97,33 @@ class HybridLayerSpec:
         return self.output_gate and self.n_fa_heads > 0
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def run_branches(branches: list, overlap: bool) -> list[torch.Tensor]:
+    """Run the branch closures and return their outputs, in order.
+
+    With ``overlap`` (CUDA, inference only) and two branches, the second runs on a side stream that
+    first waits for the current stream; the current stream then waits for it, and the second output is
+    recorded on the current stream for the caching allocator. The GDN chunk kernel leaves most of the
+    GPU idle at batch 1 (its inter-chunk recurrence is sequential), so the FA branch fills it. Without
+    ``overlap`` the same closures run one after the other: the exact twin (same kernels, same results).
+    """
+    if not overlap or len(branches) < 2:
+        return [branch() for branch in branches]
+    main = torch.cuda.current_stream()
+    side = _SIDE_STREAMS.get(main.device)
+    if side is None:
+        side = _SIDE_STREAMS[main.device] = torch.cuda.Stream(device=main.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        second = branches[1]()
+    first = branches[0]()
+    main.wait_stream(side)
+    second.record_stream(main)
+    return [first, second]
+
+
 class HeadRMSNorm(nn.Module):
     """RMSNorm over ``head_dim`` with a weight, computed in float32 (Qwen3's q_norm/k_norm, same ops)."""
 
@@ -115,6 +146,10 @@ class HeadwiseHybridAttention(nn.Module):
         spec: the layer's ``HybridLayerSpec``.
         layer_idx: index of the layer in the model (its cache slot).
     """
+
+    # On CUDA without autograd, run the GDN branch on a side stream while the FA branch runs on the
+    # current one (``run_branches``); a run-time switch, not part of the saved config.
+    overlap_branches: bool = True
 
     def __init__(self, spec: HybridLayerSpec, layer_idx: int) -> None:
         super().__init__()
@@ -183,7 +218,7 @@ class HeadwiseHybridAttention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """One attention layer.
+        """One attention layer: ``o_proj(core(x, *project(x)))``.
 
         Args:
             hidden_states: ``(B, T, hidden)`` normalised layer input.
@@ -195,29 +230,50 @@ class HeadwiseHybridAttention(nn.Module):
         Returns:
             ``(B, T, hidden)``.
         """
-        spec, d = self.spec, self.spec.head_dim
         batch, seq, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, seq, spec.n_heads, d)  # (B, T, H, D)
-        k = self.k_proj(hidden_states).view(batch, seq, -1, d)  # (B, T, Hkv_fa + H_gdn, D)
-        v = self.v_proj(hidden_states).view(batch, seq, -1, d)
+        o = self.core(hidden_states, *self.project(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask)
+        return self.o_proj(o.reshape(batch, seq, -1))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The big input projections: q ``(B, T, H, D)``, k and v ``(B, T, n_fa_kv + n_gdn, D)`` (after
+        q_norm/k_norm when the family has them) and the FA gate logits ``(B, T, n_fa, D)`` or None."""
+        spec, d = self.spec, self.spec.head_dim
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, spec.n_heads, d)
+        k = self.k_proj(x).view(batch, seq, -1, d)
+        v = self.v_proj(x).view(batch, seq, -1, d)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        gate = self.gate_proj(x).view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
+        return q, k, v, gate
+
+    def core(self, x, q, k, v, gate, position_embeddings, position_ids, cache=None, padding_mask=None) -> torch.Tensor:
+        """Everything between the projections and ``o_proj``: both branches and the fusion.
+
+        Args:
+            x: ``(B, T, hidden)`` layer input (for the GDN's small beta/decay projections).
+            q, k, v, gate: from ``project``.
+        Returns:
+            ``(B, T, H, D)`` fused per-head outputs in head order (the ``o_proj`` input).
+        """
+        spec = self.spec
+        seq = x.shape[1]
         q_fa, q_gdn = q.split((spec.n_fa_heads, spec.n_gdn_heads), dim=2)
         k_fa, k_gdn = k.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         v_fa, v_gdn = v.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
-        outputs = []
+        step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
+        branches = []
         if spec.n_fa_heads:
-            outputs.append(self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, past_key_values, padding_mask))
+            branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask))
         if spec.n_gdn_heads:
-            step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
-            outputs.append(self._gated_delta(hidden_states, q_gdn, k_gdn, v_gdn, position_embeddings, past_key_values, step_mask))
+            branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
+        outputs = run_branches(branches, overlap=self.overlap_branches and x.is_cuda and not torch.is_grad_enabled())
         o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, T, H, D)
-        gate = self.gate_proj(hidden_states).view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
         if spec.fusion_norm:
-            o = head_epilogue(o, self.gamma, gate)
-        elif gate is not None:
-            o = torch.cat((o[:, :, : spec.n_fa_heads] * torch.sigmoid(gate), o[:, :, spec.n_fa_heads :]), dim=2)
-        return self.o_proj(o.reshape(batch, seq, spec.n_heads * d))
+            return head_epilogue(o, self.gamma, gate)
+        if gate is not None:
+            return torch.cat((o[:, :, : spec.n_fa_heads] * torch.sigmoid(gate), o[:, :, spec.n_fa_heads :]), dim=2)
+        return o
 
     def _full_attention(self, q, k, v, position_embeddings, position_ids, cache, padding_mask) -> torch.Tensor:
         """FA heads: ``(B, T, n_fa, D)`` from q ``(B, T, n_fa, D)`` and k, v ``(B, T, n_fa_kv, D)``."""
