@@ -13,16 +13,15 @@ import torch
 
 from conftest import VOCAB, save_model, tiny_qwen3, word_tokenizer
 from headscope.heads import HeadscopeError
-from headscope.transfer import TrainingDiverged, align_hybrid, config_from_dict, load_config, run_transfer
+from headscope.mask import random_mask
+from headscope.models import load_model
+from headscope.transfer import TrainingDiverged, align_hybrid, build_student, config_from_dict, load_config, run_transfer
 from headscope.transfer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from headscope.transfer.config import DataConfig
 from headscope.transfer.data import Document, PackedSequences, StageData, key_fraction, read_documents, split_documents
 from headscope.transfer.losses import (distillation_kl, distillation_kl_reference, layer_alignment_loss,
                                        layer_alignment_loss_reference, next_token_loss, next_token_loss_reference)
-from headscope.transfer.objectives import AlignObjective, attention_modules
-
-STUDENT_SEED = 1
-
+from headscope.transfer.objectives import AlignObjective, attention_modules, layer_io
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -33,18 +32,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def reinit_builder(teacher, mask, options):
-    """Stand-in student: the teacher with freshly initialised attention modules."""
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(STUDENT_SEED)
-    for module in attention_modules(student):
-        for sub in module.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-    return student
-
-
-BUILDER = reinit_builder
+def hybrid_of(teacher, ratio="3:1", seed=0):
+    """The real head-wise hybrid of ``teacher`` under a random mask."""
+    return build_student(teacher, random_mask(load_model(teacher).fingerprint, ratio=ratio, seed=seed), {})
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +219,24 @@ def test_teacher_forcing_makes_the_alignment_layer_local():
     assert torch.all(per_layer_free[1:] > 0)
 
 
+def test_teacher_forced_gradients_stay_in_their_layer_of_the_hybrid():
+    teacher = tiny_qwen3()
+    student = hybrid_of(teacher).train()
+    ids = torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), layer_io(teacher) as (teacher_in, teacher_out):
+        teacher(input_ids=ids)
+    with layer_io(student, replace_inputs=teacher_in) as (student_in, student_out):
+        student(input_ids=ids)
+    assert all(torch.equal(s, t) for s, t in zip(student_in, teacher_in))
+    torch.nn.functional.mse_loss(student_out[1], teacher_out[1]).backward()
+    attention = attention_modules(student)
+    assert all(p.grad is None for p in attention[0].parameters()) and all(p.grad is None for p in attention[2].parameters())
+    assert attention[1].q_proj.weight.grad.abs().sum() > 0
+
+
 def test_align_hybrid_lowers_the_loss_on_a_fixed_batch():
     teacher = tiny_qwen3()
-    student = BUILDER(teacher, None, {})
+    student = hybrid_of(teacher)
     ids = torch.randint(2, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".self_attn." not in n}
     losses = align_hybrid(student, teacher, ids, steps=25, lr=3e-3, progress=False)
@@ -242,20 +247,20 @@ def test_align_hybrid_lowers_the_loss_on_a_fixed_batch():
 
 # --- the pipeline ------------------------------------------------------------------------------
 def run(setup, name, config=None, **kwargs):
-    return run_transfer(config or make_config(setup), setup["root"] / name, student_builder=kwargs.pop("builder", BUILDER), **kwargs)
+    return run_transfer(config or make_config(setup), setup["root"] / name, **kwargs)
 
 
 def test_stage1_trains_only_attention_and_stage2_everything(setup):
     built = {}
 
     def builder(teacher, mask, options):
-        built["student"] = BUILDER(teacher, mask, options)
+        built["student"] = build_student(teacher, mask, options)
         built["initial"] = {k: v.clone() for k, v in built["student"].state_dict().items()}
         built["teacher"] = {k: v.clone() for k, v in teacher.state_dict().items()}
         built["teacher_module"] = teacher
         return built["student"]
 
-    result = run(setup, "freeze", builder=builder)
+    result = run(setup, "freeze", student_builder=builder)
     after_align = load_checkpoint([p for p in list_checkpoints(result.run_dir) if p.name == "s00-align-00000003"][0]).model
     after_distill = result.model.state_dict()
     attention = [k for k in after_align if ".self_attn." in k]
@@ -317,12 +322,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(setup):
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
 
 
-def test_cli_runs_a_yaml_config_and_reports_config_errors(setup, tmp_path, monkeypatch, capsys):
+def test_cli_runs_a_yaml_config_and_reports_config_errors(setup, tmp_path, capsys):
     import yaml
 
     from headscope.transfer.__main__ import main
 
-    monkeypatch.setattr("headscope.transfer.api.build_student", BUILDER)
     config = make_config(setup, stages=[{"kind": "long_context", "steps": 2, "lr": 1e-3, "batch_size": 2, "seq_len": 48}])
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0

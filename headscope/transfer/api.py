@@ -16,7 +16,6 @@ directory, no checkpoints.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -69,10 +68,24 @@ class TransferResult:
 
 
 def build_student(teacher: nn.Module, mask: HeadMask, options: dict) -> nn.Module:
-    """The head-wise hybrid of ``teacher`` under ``mask`` (built on a deep copy of the teacher)."""
-    from headscope.hybrid.builder import build_hybrid
+    """The head-wise hybrid of ``teacher`` under ``mask`` (``build_hybrid`` copies, never modifies, the teacher).
 
-    return build_hybrid(copy.deepcopy(teacher), mask, options or None)
+    Args:
+        teacher: the pretrained causal LM.
+        mask: its head mask.
+        options: ``HybridConfig`` switches (``headscope.hybrid.builder.SWITCHES``), from ``hybrid.options``.
+    """
+    from headscope.hybrid.builder import SWITCHES, build_hybrid
+    from headscope.hybrid.modeling import HybridConfig
+
+    unknown = sorted(set(options) - set(SWITCHES))
+    if unknown:
+        raise HeadscopeError(f"unknown config key 'hybrid.options.{unknown[0]}'; known options: {', '.join(SWITCHES)}")
+    try:
+        switches = HybridConfig(**options) if options else None
+    except (TypeError, ValueError) as err:
+        raise HeadscopeError(f"config key 'hybrid.options': {err}") from None
+    return build_hybrid(teacher, mask, switches)
 
 
 def resolve_mask(spec: HybridSpec, fingerprint: ModelFingerprint) -> HeadMask:

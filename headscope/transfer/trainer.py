@@ -182,6 +182,7 @@ class TransferTrainer:
                 if self.on_step is not None:
                     self.on_step(StepInfo(index, stage.name, done, loss, parts, self.student))
             self.evaluate(index, stage, stage.steps, model, objective, teacher, data, micro)
+            self.check_replicas(stage)
             self.checkpoint(index, stage, stage.steps, True, tokens, optimizer, scheduler)
         finally:
             bar.close()
@@ -265,6 +266,19 @@ class TransferTrainer:
         if layer_mse is not None:
             record["heldout_layer_mse"] = flat[len(sums):]
         self.log.write(record)
+
+    def check_replicas(self, stage: StageConfig) -> None:
+        """Under DDP, check that every process holds the same weights (per-tensor float64 sums and sums
+        of squares, compared exactly); raise if the replicas diverged."""
+        env = self.env
+        if not env.distributed or self.config.distributed != "ddp":
+            return
+        sums = torch.stack([s for p in self.student.parameters() for s in (p.double().sum(), p.double().square().sum())])
+        gathered = [torch.empty_like(sums) for _ in range(env.world_size)]
+        torch.distributed.all_gather(gathered, sums)
+        if not all(torch.equal(g, gathered[0]) for g in gathered[1:]):
+            raise HeadscopeError(f"stage {stage.name!r}: the DDP replicas hold different weights (non-deterministic "
+                                 "or unsynchronised updates); the run stopped")
 
     # --- checkpoints -----------------------------------------------------------------------------
     def checkpoint(self, index: int, stage: StageConfig, step: int, stage_done: bool, tokens: int, optimizer, scheduler) -> None:
