@@ -197,7 +197,7 @@ def _check_inputs(scores: Sequence[HeadScores]) -> ModelFingerprint:
 
 def fuse(
     scores: Sequence[HeadScores],
-    normalise: str = "rank",
+    normalise: str | None = None,
     rule: str = "mean",
     weights: Sequence[float] | Mapping[str, float] | None = None,
     rrf_k: float = DEFAULT_RRF_K,
@@ -206,14 +206,18 @@ def fuse(
 
     Args:
         scores: ``S`` HeadScores of one model, each ``(L, H)``.
-        normalise: ``rank`` or ``zscore``.
-        rule: ``mean``, ``rrf`` or ``max``.
+        normalise: ``zscore`` or ``rank``; default ``rank`` for ``rrf``, else ``zscore``, which keeps heads that matter for one probe
+            only: on planted sparse scores (``benchmarks/fusion_recovery.py``) ``rank`` + ``mean`` recovered
+            34% of the planted heads at 7:1, ``zscore`` + ``mean`` all of them.
+        rule: ``mean`` (default), ``rrf`` or ``max``.
         weights: for ``mean``/``rrf``: None, one per input, or one per capability.
         rrf_k: the RRF constant (``rrf`` only), must be >= 0.
     Returns:
         ``FusedRanking`` with ``values (L, H)`` (higher = more important) and provenance.
     """
     fingerprint = _check_inputs(scores)
+    if normalise is None:
+        normalise = "rank" if rule == "rrf" else "zscore"
     if normalise not in NORMALISATIONS:
         raise HeadscopeError(f"unknown normalisation {normalise!r}; choose one of {', '.join(NORMALISATIONS)}")
     if rule not in RULES:

@@ -46,11 +46,22 @@ def test_default_weights_balance_capabilities():
     b = scores([1, 2, 3, 4], "b", "B")
     assert close(input_weights([a1, a2, b], None), [0.25, 0.25, 0.5])
     # rank norms: A -> [1, 2/3, 1/3, 0], B -> [0, 1/3, 2/3, 1]; equal per capability -> all 0.5
-    assert close(fuse([a1, a2, b]).values, [0.5] * 4)
+    assert close(fuse([a1, a2, b], normalise="rank").values, [0.5] * 4)
     # equal per input: (2 * A + B) / 3
-    assert close(fuse([a1, a2, b], weights=[1, 1, 1]).values, [2 / 3, 5 / 9, 4 / 9, 1 / 3])
+    assert close(fuse([a1, a2, b], normalise="rank", weights=[1, 1, 1]).values, [2 / 3, 5 / 9, 4 / 9, 1 / 3])
     # per capability 3:1 -> 0.75 * A + 0.25 * B
-    assert close(fuse([a1, a2, b], weights={"A": 3, "B": 1}).values, [0.75, 7 / 12, 5 / 12, 0.25])
+    assert close(fuse([a1, a2, b], normalise="rank", weights={"A": 3, "B": 1}).values, [0.75, 7 / 12, 5 / 12, 0.25])
+
+
+def test_default_keeps_a_head_that_matters_for_one_probe_only():
+    # Two probes each with one dominant specialist head and a shared mid-level head: zscore + mean
+    # (the default) ranks both specialists above the shared head; rank + mean would not.
+    six = ModelFingerprint("qwen3", 1, 6, 2, 16)
+    a = scores([9, 0.1, 1, 0.2, 0.3, 0.4], "a", "A", fp=six)
+    b = scores([0.2, 9, 1, 0.1, 0.4, 0.3], "b", "B", fp=six)
+    assert fuse([a, b]).provenance["normalisation"] == "zscore"
+    assert set(fuse([a, b]).top(2)) == {Head(0, 0), Head(0, 1)}
+    assert fuse([a, b], normalise="rank").top(1) == [Head(0, 2)]
 
 
 def test_mean_with_zscore():
@@ -83,12 +94,12 @@ def test_rrf_orders_like_textbook_rrf():
 
 def test_max_rule_and_sign():
     a, b = scores([4, 3, 2, 1], "a", "A"), scores([-1, 2, -3, 4], "b", "B")
-    assert close(fuse([a, b], rule="max").values, [1.0, 2 / 3, 2 / 3, 1.0])
-    assert close(fuse([scores([-4, 1, 0, 2])]).values, [1.0, 1 / 3, 0.0, 2 / 3])
+    assert close(fuse([a, b], normalise="rank", rule="max").values, [1.0, 2 / 3, 2 / 3, 1.0])
+    assert close(fuse([scores([-4, 1, 0, 2])], normalise="rank").values, [1.0, 1 / 3, 0.0, 2 / 3])
 
 
 def test_order_ranks_and_provenance():
-    fused = fuse([scores([1, 3, 3, 0], "a", "A", source="a.json")])
+    fused = fuse([scores([1, 3, 3, 0], "a", "A", source="a.json")], normalise="rank")
     assert fused.order == [Head(0, 1), Head(0, 2), Head(0, 0), Head(0, 3)]  # tie -> lower index first
     assert fused.ranks().tolist() == [[3, 1, 2, 4]]
     assert fused.top(2) == [Head(0, 1), Head(0, 2)]

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     add_budget_args(parser)
     parser.add_argument("--min-per-layer", type=int, default=0, help="full-attention heads every layer keeps (default 0)")
     parser.add_argument("--group-score", choices=["max", "sum"], default="max", help="KV group importance with --kv-aware (default max)")
-    parser.add_argument("--normalise", choices=NORMALISATIONS, default="rank", help="per-input normalisation of |score| (default rank)")
+    parser.add_argument("--normalise", choices=NORMALISATIONS, default=None, help="per-input normalisation of |score| (default: rank for --rule rrf, else zscore, which keeps heads that matter for one probe only)")
     parser.add_argument("--rule", choices=RULES, default="mean", help="combination rule (default mean)")
     parser.add_argument("--rrf-k", type=float, default=DEFAULT_RRF_K, help=f"reciprocal rank fusion constant (default {DEFAULT_RRF_K:g})")
     parser.add_argument("--weight", action="append", metavar="CAP=W", help="weight of a capability (repeatable; default equal)")
