@@ -97,6 +97,15 @@ class HybridLayerSpec:
         return self.output_gate and self.n_fa_heads > 0
 
 
+def previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The conv window ``(B, C, K)`` and recurrent state ``(B, H, Dk, Dv)`` a cache holds for a GDN layer,
+    or ``(None, None)`` before its first step (the cache-layer API of transformers 5.17 and later)."""
+    if cache is None or not cache.has_previous_state(layer_idx):
+        return None, None
+    slot = cache.layers[layer_idx]
+    return slot.conv_states[0], slot.recurrent_states[0]
+
+
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -301,7 +310,7 @@ class HeadwiseHybridAttention(nn.Module):
         mixed = torch.cat((q, k, v), dim=2).reshape(batch, seq, 3 * heads * d)  # (B, T, C)
         if step_mask is not None:
             mixed = mixed * step_mask[:, :, None].to(mixed.dtype)
-        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        conv_state, state = previous_states(cache, self.layer_idx)
         mixed, conv_state = short_conv(mixed, self.conv1d.weight.squeeze(1), conv_state)
         q, k, v = mixed.view(batch, seq, 3, heads, d).unbind(dim=2)
         cos, sin = position_embeddings
@@ -312,7 +321,6 @@ class HeadwiseHybridAttention(nn.Module):
         if step_mask is not None:
             beta = beta * step_mask.to(beta.dtype)[..., None]
             g = g * step_mask.to(g.dtype)[..., None]
-        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         o, state = gated_delta_rule(q, k, v, g, beta, scale=d**-0.5, initial_state=state, output_final_state=cache is not None)
         if cache is not None:
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=spec.conv_size)
