@@ -32,7 +32,7 @@ from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint, read_jso
 from headscope.mask import save_mask
 from headscope.models import load_model
 from headscope.transfer.checkpoint import latest_checkpoint, load_checkpoint
-from headscope.transfer.config import HybridSpec, TransferConfig, config_from_dict
+from headscope.transfer.config import RESUMABLE_CHANGES, HybridSpec, TransferConfig, config_from_dict
 from headscope.transfer.data import sequence_source
 from headscope.transfer.distributed import DistEnv, barrier, init_distributed, shard_fsdp, shutdown
 from headscope.transfer.objectives import AlignObjective, decoder_layers, set_trainable
@@ -121,7 +121,7 @@ def _prepare_run_dir(run_dir: Path, config: TransferConfig, resume: bool) -> Pat
         raise HeadscopeError(f"{run_dir} already holds a transfer run; pass --resume to continue it or choose another --out")
     stored = read_json(stored_path, "run config")
     if stored.get("digest") != config.digest():
-        keys = [k for k in _differences(stored.get("config", {}), config.to_dict()) if k not in ("log_every", "progress", "keep_checkpoints")]
+        keys = [k for k in _differences(stored.get("config", {}), config.to_dict()) if k not in RESUMABLE_CHANGES]
         raise HeadscopeError(f"cannot resume {run_dir}: the config differs from the run's in {', '.join(keys) or 'its digest'}")
     return latest_checkpoint(run_dir)
 
@@ -196,17 +196,19 @@ def run_transfer(config: TransferConfig | dict, out_dir: str | os.PathLike, resu
     try:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        teacher_lm = load_model(cfg.model, dtype=torch.float32, device=env.device)
+        fsdp = env.distributed and cfg.distributed == "fsdp"
+        # Under FSDP the full models are built in host memory; fully_shard moves each rank's shards to its device.
+        teacher_lm = load_model(cfg.model, dtype=torch.float32, device="cpu" if fsdp else env.device)
         tokenizer = _load_tokenizer(cfg, teacher_lm.tokenizer)
         teacher = teacher_lm.model.requires_grad_(False).eval()
         mask = resolve_mask(cfg.hybrid, teacher_lm.fingerprint)
-        student = (student_builder or build_student)(teacher, mask, dict(cfg.hybrid.options)).to(env.device)
+        student = (student_builder or build_student)(teacher, mask, dict(cfg.hybrid.options)).to(teacher_lm.device)
         if student is teacher or _shares_storage(student, teacher):
             raise HeadscopeError("the student shares parameters with the teacher; the builder must copy them")
         if len(decoder_layers(student)) != len(decoder_layers(teacher)):
             raise HeadscopeError("the student and the teacher have different numbers of decoder layers")
         sequences = sequence_source(cfg.data, cfg.seed, tokenizer, vocab_size=getattr(teacher.config, "vocab_size", None))
-        if env.distributed and cfg.distributed == "fsdp":
+        if fsdp:
             shard_fsdp(teacher, decoder_layers(teacher), env)
             shard_fsdp(student, decoder_layers(student), env)
         if env.is_main:

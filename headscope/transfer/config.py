@@ -27,6 +27,8 @@ from typing import Any
 from headscope.heads import HeadscopeError
 
 STAGE_KINDS = ("align", "distill", "long_context")
+# Top-level keys a resumed run may change (they do not decide the trained weights).
+RESUMABLE_CHANGES = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "progress", "device", "distributed")
 _REQUIRED = object()
 
 
@@ -110,6 +112,7 @@ class StageConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     trainable: str = "attention"  # "attention" (attention modules only) or "all"
     align_inputs: str = "teacher"  # align: "teacher" (teacher-forced, layer-local) or "student" (end-to-end)
+    align_normalize: bool = False  # align: divide each layer's MSE by the teacher's mean square
     temperature: float = 1.0  # distill
     kl_weight: float = 1.0  # distill
     ce_weight: float = 0.0  # distill
@@ -131,7 +134,7 @@ _STAGE_COMMON = {
     "trainable": ("str?", None),
 }
 _STAGE_EXTRA = {
-    "align": {"align_inputs": ("str", "teacher")},
+    "align": {"align_inputs": ("str", "teacher"), "align_normalize": ("bool", False)},
     "distill": {"temperature": ("float", 1.0), "kl_weight": ("float", 1.0), "ce_weight": ("float", 0.0)},
     "long_context": {},
 }
@@ -251,8 +254,10 @@ class TransferConfig:
         return out
 
     def digest(self) -> str:
-        """A short hash of the settings that decide the trained weights (not cadence or display)."""
-        decisive = {k: v for k, v in self.to_dict().items() if k not in ("log_every", "progress", "keep_checkpoints")}
+        """A short hash of the settings that decide the trained weights: not the cadence of logs, evaluations
+        and checkpoints, the display, the device or the distributed strategy (checkpoints hold full state,
+        so a run may resume on another number of processes, strategy or device)."""
+        decisive = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,7 +4,9 @@
   We use ``sum_l mean_{b,t,d} (H_FA^(l) - H_Hybrid^(l))^2``: the same minimiser, with each layer's
   squared norm divided by its element count ``B * T * d`` so the value does not grow with batch size
   or sequence length (learning rates then transfer across those settings). ``H^(l)`` is the output of
-  decoder layer ``l`` (the residual stream after that layer, before the final norm).
+  decoder layer ``l`` (the residual stream after that layer, before the final norm). Option
+  ``normalize``: each layer's error divided by ``mean(H_teacher^(l)^2)`` (relative error), for models
+  whose residual norm grows with depth so much that the last layers would dominate the raw sum.
 * Logit distillation (stage 2): ``T^2 * mean_tokens KL(softmax(z_teacher / T) || softmax(z_student / T))``;
   the ``T^2`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015).
 * Next-token cross-entropy (stages 2 and 3): mean over the ``B * (T - 1)`` predicted positions.
@@ -18,26 +20,33 @@ import torch
 import torch.nn.functional as F
 
 
-def layer_alignment_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_alignment_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over layers of the per-element mean squared error between hidden states.
 
     Args:
         student, teacher: one ``(B, T, d)`` tensor per layer, same length and shapes.
+        normalize: divide each layer's error by the teacher's mean square ``mean(H_teacher^2)`` of that
+            layer (a relative error: deep layers with large residual norms no longer dominate the sum).
     Returns:
         ``(total, per_layer)``: a scalar float32 and a ``(L,)`` float32 tensor (``per_layer`` detached).
     """
     if len(student) != len(teacher) or not student:
         raise ValueError(f"got {len(student)} student and {len(teacher)} teacher layers")
-    per_layer = torch.stack([F.mse_loss(s.float(), t.float().detach()) for s, t in zip(student, teacher)])  # (L,)
+    per_layer = []
+    for s, t in zip(student, teacher):
+        t = t.float().detach()
+        error = F.mse_loss(s.float(), t)
+        per_layer.append(error / t.square().mean().clamp_min(1e-12) if normalize else error)
+    per_layer = torch.stack(per_layer)  # (L,)
     return per_layer.sum(), per_layer.detach()
 
 
-def layer_alignment_loss_reference(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """float64 twin of :func:`layer_alignment_loss`: ``sum_l ||s_l - t_l||^2 / numel``."""
+def layer_alignment_loss_reference(student: list[torch.Tensor], teacher: list[torch.Tensor], normalize: bool = False) -> torch.Tensor:
+    """float64 twin of :func:`layer_alignment_loss`: ``sum_l ||s_l - t_l||^2 / numel`` (``/ ||t_l||^2``)."""
     total = torch.zeros((), dtype=torch.float64)
     for s, t in zip(student, teacher):
         diff = s.double() - t.double()
-        total = total + (diff * diff).sum() / diff.numel()
+        total = total + (diff * diff).sum() / ((t.double() ** 2).sum() if normalize else diff.numel())
     return total
 
 

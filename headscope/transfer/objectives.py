@@ -145,10 +145,11 @@ class AlignObjective:
 
     uses_teacher = True
 
-    def __init__(self, align_inputs: str = "teacher") -> None:
+    def __init__(self, align_inputs: str = "teacher", normalize: bool = False) -> None:
         if align_inputs not in ("teacher", "student"):
             raise HeadscopeError(f"align_inputs must be 'teacher' or 'student', got {align_inputs!r}")
         self.teacher_forced = align_inputs == "teacher"
+        self.normalize = normalize
 
     def __call__(self, student: nn.Module, teacher: nn.Module, ids: torch.Tensor, need_logits: bool = False) -> ObjectiveOutput:
         with torch.no_grad(), layer_io(teacher) as (teacher_in, teacher_out):
@@ -158,7 +159,7 @@ class AlignObjective:
         replace = [h.detach() for h in teacher_in] if self.teacher_forced else None
         with layer_io(student, replace_inputs=replace) as (_, student_out):
             result = student(input_ids=ids, **_forward_kwargs(student, keep_logits=need_logits))
-        loss, per_layer = layer_alignment_loss(student_out, teacher_out)
+        loss, per_layer = layer_alignment_loss(student_out, teacher_out, self.normalize)
         return ObjectiveOutput(loss, {"align": loss.detach()}, result.logits if need_logits else None, per_layer)
 
 
@@ -194,7 +195,7 @@ class NextTokenObjective:
 def make_objective(stage) -> AlignObjective | DistillObjective | NextTokenObjective:
     """The objective of a ``StageConfig``."""
     if stage.kind == "align":
-        return AlignObjective(stage.align_inputs)
+        return AlignObjective(stage.align_inputs, stage.align_normalize)
     if stage.kind == "distill":
         return DistillObjective(stage.temperature, stage.kl_weight, stage.ce_weight)
     if stage.kind == "long_context":

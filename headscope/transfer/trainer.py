@@ -154,6 +154,10 @@ class TransferTrainer:
             tokens = resume_from.tokens
             self._restore_rng(resume_from)
         data = self.stage_data(index, stage)
+        trained_length = getattr(self.teacher.config, "max_position_embeddings", None)
+        if stage.kind == "long_context" and trained_length and stage.seq_len <= trained_length and env.is_main:
+            print(f"headscope transfer: stage {stage.name!r} trains at {stage.seq_len} tokens, within the teacher's "
+                  f"max_position_embeddings ({trained_length}); long-context training usually goes beyond it", file=sys.stderr)
         objective = make_objective(stage)
         teacher = self.teacher if objective.uses_teacher else None
         self.teacher_ce = None
@@ -215,18 +219,20 @@ class TransferTrainer:
         reduced = all_reduce_mean(totals, env).tolist()
         loss, parts = reduced[0], dict(zip(names, reduced[1:]))
         if not math.isfinite(loss):
-            self._diverged(stage, step, f"the loss is {loss} ({', '.join(f'{k}={v:.4g}' for k, v in parts.items())})")
+            self._diverged(stage, step + 1, f"the loss is {loss} ({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); "
+                                            "the optimizer step was not taken")
         norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip if stage.grad_clip > 0 else float("inf"))
         grad_norm = float(_full(norm))
         if not math.isfinite(grad_norm):
-            self._diverged(stage, step, f"the gradient norm is {grad_norm} (loss {loss:.4g})")
+            self._diverged(stage, step + 1, f"the gradient norm is {grad_norm} (loss {loss:.4g}); the optimizer step was not taken")
         return loss, parts, grad_norm
 
     def _diverged(self, stage: StageConfig, step: int, what: str) -> None:
+        """Stop the run at (1-based) ``step``: no checkpoint is written, the last good one stays latest."""
         last = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
         raise TrainingDiverged(
-            f"stage {stage.name!r} step {step + 1}: {what}; the run stopped before the optimizer step and wrote no "
-            f"checkpoint. Last good checkpoint: {last}. Lower the learning rate or check the data, then continue with --resume."
+            f"stage {stage.name!r} step {step}: {what}. The run stopped without writing a checkpoint; last good "
+            f"checkpoint: {last}. Lower the learning rate or check the data, then continue with --resume."
         )
 
     # --- evaluation ------------------------------------------------------------------------------
@@ -286,7 +292,7 @@ class TransferTrainer:
         env = self.env
         finite = torch.tensor([float(all(bool(torch.isfinite(_shard(p)).all()) for p in self.student.parameters()))], device=env.device)
         if all_reduce_mean(finite, env).item() < 1.0:
-            self._diverged(stage, step - 1, "a weight is NaN/inf after the optimizer step")
+            self._diverged(stage, step, "a weight is NaN/inf after the optimizer step")
         model_state, optimizer_state = full_state(self.student, optimizer, env, self.config.distributed)
         rng = gather_objects(rng_state(), env)
         state = CheckpointState(index, stage.name, step, stage_done, tokens, model_state,
