@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -190,7 +189,9 @@ def test_batches_are_a_function_of_the_step_and_split_over_ranks():
     assert data.eval_rows().shape == (3, 5) and data.eval_rows(rank=1, world_size=2).shape == (1, 5)
 
 
-def test_demo_corpus_rows():
+def test_demo_corpus_rows_and_run(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     from headscope.probes.tasks import TASK_NAMES, sample_task_text, task_vocabulary
     from headscope.transfer.data import sequence_source
     from headscope.zoo.tokenizer import build_demo_tokenizer
@@ -203,6 +204,16 @@ def test_demo_corpus_rows():
     assert torch.equal(rows, torch.stack([source("train", 0, 48)[i] for i in range(4)]))
     assert not torch.equal(rows[0], held[0]) and not torch.equal(rows[0], stage2[0])
     assert (rows == tokenizer.eos_token_id).any()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "demo")
+    tokenizer.save_pretrained(tmp_path / "demo")
+    config = {"model": str(tmp_path / "demo"), "hybrid": {"baseline": "layerwise", "ratio": "1:1"}, "progress": False,
+              "data": {"source": "demo_corpus", "eval_sequences": 2},
+              "stages": [{"kind": "align", "steps": 2, "lr": 1e-3, "batch_size": 2, "seq_len": 48}]}
+    result = run_transfer(config, tmp_path / "run")
+    assert result.stages[0].steps == 2 and np.isfinite(result.stages[0].heldout["heldout_loss"])
 
 
 # --- objectives --------------------------------------------------------------------------------
@@ -339,3 +350,16 @@ def test_cli_runs_a_yaml_config_and_reports_config_errors(setup, tmp_path, capsy
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     assert main(["--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "other")]) == 2
     assert "unknown config key 'stages[0].sequence_length'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_pipeline(setup):
+    """On CUDA the stages run under bf16 autocast (fp32 master weights) and resume still works."""
+    config = make_config(setup, device="cuda")
+    config["stages"][0]["steps"] = 20
+    result = run(setup, "cuda", config=config)
+    records = [json.loads(line) for line in open(result.log_path)]
+    align = [r["loss"] for r in records if r["event"] == "train" and r["stage"] == "align"]
+    assert all(np.isfinite(r["loss"]) for r in records if r["event"] == "train") and align[-1] < align[0]
+    assert next(result.model.parameters()).dtype == torch.float32 and next(result.model.parameters()).is_cuda

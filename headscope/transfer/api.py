@@ -36,7 +36,6 @@ from headscope.transfer.config import RESUMABLE_CHANGES, HybridSpec, TransferCon
 from headscope.transfer.data import sequence_source
 from headscope.transfer.distributed import DistEnv, barrier, init_distributed, shard_fsdp, shutdown
 from headscope.transfer.objectives import AlignObjective, decoder_layers, set_trainable
-from headscope.transfer.runlog import RunLog
 from headscope.transfer.trainer import StepInfo, TrainingDiverged, TransferTrainer
 
 StudentBuilder = Callable[[nn.Module, HeadMask, dict], nn.Module]
