@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from conftest import VOCAB, save_model, tiny_qwen3
 from headscope.transfer import run_transfer
@@ -18,8 +21,6 @@ WORKER = Path(__file__).with_name("transfer_dist_worker.py")
 
 
 def test_two_processes_match_one(tmp_path):
-    import random
-
     model_dir = save_model(tiny_qwen3(), tmp_path / "model")
     rng = random.Random(0)
     with open(tmp_path / "docs.jsonl", "w") as stream:
@@ -32,20 +33,22 @@ def test_two_processes_match_one(tmp_path):
                    {"kind": "distill", "steps": 2, "lr": 1e-3, "batch_size": 4, "micro_batch": 1, "seq_len": 24, "ce_weight": 0.5}],
         "log_every": 1, "progress": False,
     }
-    import yaml
-
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(dict(config, distributed="ddp")))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                str(WORKER), str(tmp_path / "run.yaml"), str(tmp_path / "dist")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the single-process reference runs while the two workers start up
         single = run_transfer(config, tmp_path / "single")
     finally:
         torch.set_num_threads(before)
-    output, _ = launch.communicate(timeout=150)
+    try:
+        output, _ = launch.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and its two workers (their own session, see Popen)
+        raise
     assert launch.returncode == 0, output[-3000:]  # torchrun returns 0 only when both ranks exit 0
     report = json.loads((tmp_path / "dist" / "report.json").read_text())
     assert report["ddp_exit"] == 0

@@ -5,7 +5,8 @@ warmup + cosine schedule are built, and for each step the global batch (a pure f
 and step, ``headscope.transfer.data``) is split over processes and micro-batches. The loss is averaged
 over micro-batches and processes; a NaN/inf loss or gradient norm stops the run *before* the optimizer
 step with ``TrainingDiverged`` (no checkpoint is written, the last good one stays ``latest``), and a
-checkpoint is only written when every weight is finite.
+checkpoint is only written when every weight is finite. Under DDP every stage ends with a check that
+all processes hold identical weights.
 
 Exact resume: a checkpoint holds the full model, optimizer and scheduler state, each process's RNG
 states and the step; the data position is the step. Restoring them and running the remaining steps
@@ -99,6 +100,7 @@ class TransferTrainer:
         self.on_step = on_step
         self.log = RunLog(self.run_dir / "log.jsonl", enabled=env.is_main)
         self.last_checkpoint: Path | None = None
+        self.teacher_ce: float | None = None  # the teacher's held-out cross-entropy, once per stage
         self.started = time.monotonic()
 
     # --- the run ---------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class TransferTrainer:
         try:
             for step in range(start_step, stage.steps):
                 rows = data.batch(step, stage.batch_size, env.rank, env.world_size).to(env.device)  # (per_rank, T)
-                loss, parts, grad_norm = self._train_step(index, stage, step, model, objective, teacher, optimizer, params, rows, micro)
+                loss, parts, grad_norm = self._train_step(stage, step, model, objective, teacher, optimizer, params, rows, micro)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -193,7 +195,7 @@ class TransferTrainer:
         if env.is_main:
             write_loss_curves(self.log.records(), self.run_dir / "loss_curves.html")
 
-    def _train_step(self, index, stage, step, model, objective, teacher, optimizer, params, rows, micro) -> tuple[float, dict, float]:
+    def _train_step(self, stage, step, model, objective, teacher, optimizer, params, rows, micro) -> tuple[float, dict, float]:
         """Forward/backward over the micro-batches of one step; returns (loss, parts, grad norm)."""
         env, cfg = self.env, self.config
         model.train()
