@@ -9,9 +9,11 @@ Strategies (``distributed`` in the run config):
 
 * ``ddp``: ``DistributedDataParallel`` around the student, re-wrapped at each stage because DDP only
   synchronises parameters that require grad when it is built. The teacher is replicated.
-* ``fsdp``: ``fully_shard`` (FSDP2) on every decoder layer and the root, for the student and the teacher,
-  done once: FSDP2 re-reads ``requires_grad`` from the sharded parameters at every all-gather, so
-  freezing/unfreezing between stages needs no re-wrapping.
+* ``fsdp``: ``fully_shard`` (FSDP2; every torch >= 2.4 has it, so there is no FSDP1 path) on every
+  decoder layer and the root, for the student and the teacher, done once: FSDP2 re-reads
+  ``requires_grad`` from the sharded parameters at every all-gather, so freezing/unfreezing between
+  stages needs no re-wrapping. The models are built in host memory and ``fully_shard`` moves each
+  rank's shards to its GPU, so no GPU ever holds a whole model (host RAM must hold teacher + student).
 
 Checkpoints hold *full* (unsharded) state so a run can resume on any number of processes or with the
 other strategy: model weights as a plain ``state_dict`` and optimizer state keyed by parameter name
@@ -83,7 +85,11 @@ def shutdown(env: DistEnv) -> None:
 def shard_fsdp(model: nn.Module, layers: nn.ModuleList, env: DistEnv) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to every decoder layer, then to the root (in place)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:  # torch 2.4 / 2.5 ship FSDP2 under its composable name
+        from torch.distributed._composable.fsdp import fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     for layer in layers:
