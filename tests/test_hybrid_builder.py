@@ -110,3 +110,30 @@ def test_unsupported_family_is_refused():
     fp = load_model(gpt2).fingerprint
     with pytest.raises(HeadscopeError, match="gpt2"):
         build_hybrid(gpt2, HeadMask(torch.zeros(fp.shape, dtype=torch.bool), fp))
+
+
+def test_calibrate_gamma_sets_each_head_to_its_pretrained_rms(qwen3):
+    from headscope.hybrid import calibrate_gamma
+
+    fp, d = qwen3.fingerprint, qwen3.fingerprint.head_dim
+    full = torch.zeros(fp.shape, dtype=torch.bool)
+    full[0, 2] = full[1, [0, 1]] = True
+    hybrid = build_hybrid(qwen3, HeadMask(full, fp))
+    ids = torch.randint(2, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    rms = calibrate_gamma(hybrid, qwen3, ids)
+    assert not qwen3.model.training
+    inputs = {}
+    handles = [qwen3.out_proj(l).register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0])) for l in range(fp.n_layers)]
+    try:
+        with torch.no_grad():
+            qwen3.model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for l, layer in enumerate(hybrid.model.layers):
+        expected = inputs[l].reshape(-1, fp.n_heads, d).pow(2).mean((0, 2)).sqrt()  # (H,) pretrained order
+        torch.testing.assert_close(rms[l], expected, rtol=1e-5, atol=0)
+        attention, order = layer.self_attn, hybrid.config.head_order[l]
+        gate = torch.sigmoid(torch.tensor(4.0))  # FA heads: gamma x initial gate value = pretrained RMS
+        scale = torch.tensor([gate if p < attention.spec.n_fa_heads else 1.0 for p in range(fp.n_heads)])
+        torch.testing.assert_close(attention.gamma * scale, expected[order], rtol=1e-5, atol=0)

@@ -4,8 +4,11 @@ Importing this package registers ``HybridConfig`` / ``HybridForCausalLM`` with `
 ``AutoModelForCausalLM`` (model_type ``"headscope_hybrid"``).
 """
 
-from headscope.hybrid.builder import build_hybrid, hybrid_config_for
+from headscope.hybrid.builder import build_hybrid, calibrate_gamma, hybrid_config_for
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 from headscope.hybrid.modeling import HybridConfig, HybridForCausalLM
 
-__all__ = ["HeadwiseHybridAttention", "HybridConfig", "HybridForCausalLM", "HybridLayerSpec", "build_hybrid", "hybrid_config_for"]
+__all__ = [
+    "HeadwiseHybridAttention", "HybridConfig", "HybridForCausalLM", "HybridLayerSpec", "build_hybrid", "calibrate_gamma",
+    "hybrid_config_for",
+]

@@ -107,7 +107,12 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
     Raises:
         HeadscopeError: unsupported family or a mask for another model.
     """
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        was_training = model.training
+        lm = load_model(model)  # puts the model in eval mode; restored below
+        model.train(was_training)
     hconfig = hybrid_config_for(lm, mask, config)
     hybrid = HybridForCausalLM._from_config(hconfig, dtype=lm.dtype).to(lm.device)
     head_dim = hconfig.head_dim
@@ -126,3 +131,54 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
             f"weight migration mismatch for {lm.fingerprint.architecture}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return hybrid.eval()
+
+
+@torch.no_grad()
+def calibrate_gamma(hybrid: HybridForCausalLM, teacher: nn.Module | LoadedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Set each fused head's scale ``gamma`` to the RMS its pretrained head's output has on ``input_ids``.
+
+    With the fusion norm every head leaves the layer at unit RMS times ``gamma``; the pretrained heads'
+    outputs (the ``o_proj`` input) have head-specific scales. Setting ``gamma_h`` to head ``h``'s RMS over
+    ``input_ids`` (divided by the initial gate value ``sigmoid(gate_bias_init)`` for gated FA heads) starts
+    every head at its pretrained magnitude, so ``o_proj`` and the residual stream see familiar scales.
+    Optional: stage-1 alignment also learns ``gamma``.
+
+    Args:
+        hybrid: a built hybrid of ``teacher``.
+        teacher: the pretrained model (or its ``LoadedModel``), unchanged.
+        input_ids: ``(B, T)`` calibration tokens.
+    Returns:
+        ``(n_layers, n_heads)`` float32 RMS per pretrained head (pretrained head order).
+    """
+    module = teacher.model if isinstance(teacher, LoadedModel) else teacher
+    was_training = module.training
+    lm = teacher if isinstance(teacher, LoadedModel) else LoadedModel(teacher)  # eval mode while measuring
+    fp = lm.fingerprint
+    sums = torch.zeros(fp.n_layers, fp.n_heads, dtype=torch.float64)
+    counts = torch.zeros(fp.n_layers)
+
+    def recorder(layer: int):
+        def hook(module, args):
+            heads = args[0].reshape(-1, fp.n_heads, fp.head_dim).double()  # (B·T, H, D)
+            sums[layer] += heads.pow(2).mean(-1).sum(0).cpu()
+            counts[layer] += heads.shape[0]
+        return hook
+
+    handles = [lm.out_proj(l).register_forward_pre_hook(recorder(l)) for l in range(fp.n_layers)]
+    try:
+        lm.model(input_ids.to(lm.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    rms = (sums / counts[:, None]).sqrt().float()  # (L, H)
+    for l, layer in enumerate(hybrid.model.layers):
+        attention = layer.self_attn
+        if not attention.spec.fusion_norm:
+            continue
+        order = list(hybrid.config.layer_plan(l).head_order)
+        gamma = rms[l, order].clone()
+        if attention.spec.gated:
+            gamma[: attention.spec.n_fa_heads] /= torch.sigmoid(torch.tensor(attention.spec.gate_bias_init))
+        attention.gamma.copy_(gamma.to(attention.gamma))
+    return rms

@@ -72,7 +72,22 @@ def family_class(model_type: str, part: str) -> type:
 
 @strict
 class HybridConfig(PreTrainedConfig):
-    """Config of a head-wise hybrid (see the module docstring; switches documented in ``headscope.hybrid.layer``)."""
+    """Config of a head-wise hybrid.
+
+    Filled by the builder: ``base_config`` (pretrained config dict), ``full_attention_heads`` (``[layer,
+    head]`` pairs, pretrained indices), ``head_order`` (per layer, pretrained head at each position),
+    ``mask_fingerprint``/``mask_provenance`` (where the mask came from). Switches (the caller's choice;
+    their effect is documented in ``headscope.hybrid.layer``):
+
+    * ``fa_rope`` (False): keep RoPE on FA heads; ``log_scaling`` (True), ``attn_scale`` (0.1),
+      ``floor_scale`` (8192): the FA query scale ``1 + attn_scale·log(floor((pos+1)/floor_scale) + 1)``;
+    * ``output_gate`` (True), ``gate_bias_init`` (4.0): sigmoid output gate on FA heads;
+    * ``fusion_norm`` (True): per-head RMSNorm and learned scale gamma before ``o_proj``;
+    * ``conv_size`` (4): GDN short convolution; ``plain_full_layers`` (True): an all-FA layer stays the
+      pretrained attention; ``init_seed`` (0): seed of the new parameters.
+
+    Derived: ``layer_types`` (cache layout) and the sizes mirrored from ``base_config``.
+    """
 
     model_type = "headscope_hybrid"
     keys_to_ignore_at_inference = ["past_key_values"]
