@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from conftest import tiny_gpt2, tiny_llama, tiny_qwen3
 from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint
@@ -24,7 +24,25 @@ def tied_qwen3() -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("make", [tiny_qwen3, tied_qwen3, tiny_llama], ids=["qwen3-gqa", "qwen3-tied", "llama"])
+def small(config_class, model_class, **extra):
+    def make():
+        torch.manual_seed(6)
+        config = config_class(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, **extra)
+        return model_class(config).eval()
+    return make
+
+
+FAMILIES = {
+    "qwen3-gqa": tiny_qwen3,
+    "qwen3-tied": tied_qwen3,
+    "llama": tiny_llama,
+    "qwen2-bias": small(Qwen2Config, Qwen2ForCausalLM),
+    "mistral-window5": small(MistralConfig, MistralForCausalLM, sliding_window=5),  # 21 tokens > window
+}
+
+
+@pytest.mark.parametrize("make", list(FAMILIES.values()), ids=list(FAMILIES))
 @pytest.mark.parametrize("plain", [False, True], ids=["hybrid-path", "plain-layers"])
 def test_all_full_mask_reproduces_the_model(make, plain):
     model = make().float()
