@@ -374,9 +374,12 @@ def bench_decode(run: Run, t: int, batch: int, graph: bool) -> None:
                     if scope == "layer" and not overlap:
                         continue
                     mode = ("2 streams" if overlap else "sequential") if v.n_fa and v.n_gdn else ""
-                    if graph:
-                        ms = run.timer(graph_of(fn, run.device), flush=True)
-                        run.add(phase="decode", variant=name, scope=scope, mode=mode, graph=True, batch=batch, context=t, ms=ms)
+                    if graph:  # a capture that fails costs only its own row
+                        try:
+                            ms = run.timer(graph_of(fn, run.device), flush=True)
+                            run.add(phase="decode", variant=name, scope=scope, mode=mode, graph=True, batch=batch, context=t, ms=ms)
+                        except Exception as err:
+                            run.errors.append(f"graph decode {name}/{scope}/{mode} T={t} B={batch}: {type(err).__name__}: {err}")
                     else:
                         ms = run.timer(fn, flush=True)
                         peak = _peak_gb(run, fn) if scope == "layer" else None
