@@ -125,6 +125,18 @@ class SlotCache:
         state = 0.02 * torch.randn(batch, spec.n_gdn_heads, d, d, device=device) if spec.n_gdn_heads else None
         self.layers = [types.SimpleNamespace(conv_states={0: conv}, recurrent_states={0: state})]
 
+    @classmethod
+    def copy_of(cls, other: "SlotCache", device, dtype) -> "SlotCache":
+        """The same cache contents on another device / dtype (the recurrent state stays float32)."""
+        copy = cls.__new__(cls)
+        copy.past = other.past
+        move = lambda t, dt: t.to(device, dt, copy=True) if t is not None else None  # noqa: E731
+        copy.keys, copy.values = move(other.keys, dtype), move(other.values, dtype)
+        slot = other.layers[0]
+        copy.layers = [types.SimpleNamespace(conv_states={0: move(slot.conv_states[0], dtype)},
+                                             recurrent_states={0: move(slot.recurrent_states[0], torch.float32)})]
+        return copy
+
     def nbytes(self) -> int:
         tensors = [self.keys, self.values, self.layers[0].conv_states[0], self.layers[0].recurrent_states[0]]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -283,25 +295,33 @@ class Run:
 
 def check_correctness(run: Run) -> None:
     """The hybrid attention in bf16 on the device vs the same module in float32 on the CPU (torch kernels,
-    F.conv1d); two streams vs sequential (must be bit-identical). Raises on failure."""
+    F.conv1d), for a 256-token prefill and for one decode step against a 256-token cache; two streams vs
+    sequential must be bit-identical. Raises on failure."""
     torch.manual_seed(0)
     attn = decoder_layer(run.shape, run.variants["headwise"], "cpu", torch.float32).self_attn
-    x = torch.randn(1, 256, run.shape.hidden)
-    pos = torch.arange(256)[None]
-    with torch.no_grad():
-        ref = attn(x, rope(pos, run.shape.head_dim, torch.float32), pos)
-        attn.to(run.device, run.dtype)
-        args = (x.to(run.device, run.dtype), rope(pos.to(run.device), run.shape.head_dim, run.dtype), pos.to(run.device))
-        attn.overlap_branches = False
-        sequential = attn(*args)
-        attn.overlap_branches = True
-        overlapped = attn(*args)
-    err = float((overlapped.float().cpu() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
-    same = bool(torch.equal(sequential, overlapped))
-    print(f"check: {run.dtype} {run.device} hybrid attention vs float32 CPU: rel RMS {err:.2e}; two streams == sequential: {same}")
-    run.add(phase="check", variant="headwise", scope="attention", batch=1, context=256, rel_rms_vs_fp32_cpu=err, overlap_equals_sequential=same)
-    if not (math.isfinite(err) and err < 2e-2 and same):
-        raise AssertionError(f"correctness check failed: rel RMS {err:.2e}, two streams == sequential: {same}")
+    d = run.shape.head_dim
+    x, x1 = torch.randn(1, 256, run.shape.hidden), torch.randn(2, 1, run.shape.hidden)
+    pos, pos1 = torch.arange(256)[None], torch.full((2, 1), 256)
+    cache = SlotCache(attn.spec, 2, 256, "cpu", torch.float32)
+    ref = attn(x, rope(pos, d, torch.float32), pos)
+    ref1 = attn(x1, rope(pos1, d, torch.float32), pos1, SlotCache.copy_of(cache, "cpu", torch.float32))
+    attn.to(run.device, run.dtype)
+    on_device = lambda t: t.to(run.device, run.dtype) if t.is_floating_point() else t.to(run.device)  # noqa: E731
+    results = {}
+    for overlap in (False, True):
+        attn.overlap_branches = overlap
+        prefill = attn(on_device(x), rope(pos.to(run.device), d, run.dtype), pos.to(run.device))
+        decode = attn(on_device(x1), rope(pos1.to(run.device), d, run.dtype), pos1.to(run.device), SlotCache.copy_of(cache, run.device, run.dtype))
+        results[overlap] = (prefill, decode)
+    rel = lambda a, b: float((a.float().cpu() - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())  # noqa: E731
+    errors = (rel(results[True][0], ref), rel(results[True][1], ref1))
+    same = all(torch.equal(a, b) for a, b in zip(results[False], results[True]))
+    print(f"check: {run.dtype} {run.device} hybrid attention vs float32 CPU: rel RMS prefill {errors[0]:.2e}, decode {errors[1]:.2e}; "
+          f"two streams == sequential: {same}")
+    run.add(phase="check", variant="headwise", scope="attention", batch=1, context=256, rel_rms_prefill=errors[0], rel_rms_decode=errors[1],
+            overlap_equals_sequential=same)
+    if not (all(math.isfinite(e) and e < 2e-2 for e in errors) and same):
+        raise AssertionError(f"correctness check failed: rel RMS {errors}, two streams == sequential: {same}")
 
 
 def bench_kernels(run: Run, t: int) -> None:
