@@ -151,3 +151,15 @@ def test_kernels_import_and_run_without_triton_or_fla():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_fla_backward_guard_matches_fla_issue_640_range():
+    from headscope.kernels.gdn.ops import fla_backward_broken
+
+    assert fla_backward_broken("3.6.0", (9, 0), has_tilelang=False)
+    assert fla_backward_broken("3.4.0", (9, 0), has_tilelang=False)
+    assert not fla_backward_broken("3.7.1", (9, 0), has_tilelang=False)
+    assert not fla_backward_broken("3.3.1", (9, 0), has_tilelang=False)
+    assert not fla_backward_broken("3.6.0", (8, 0), has_tilelang=False)  # Ampere is fine
+    assert not fla_backward_broken("3.6.0", (9, 0), has_tilelang=True)
+    assert fla_backward_broken("3.5.0+git1234", (9, 0), has_tilelang=False)

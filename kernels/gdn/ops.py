@@ -10,7 +10,9 @@ CPU         :func:`.chunk.chunk_gated_delta_rule`  :func:`.chunk.recurrent_step`
 ==========  =====================================  ==========================================
 
 fla's fused recurrent kernel has no backward, so a T == 1 call that needs gradients goes to the chunk
-kernel. fla is imported lazily, only when a CUDA tensor arrives, so ``import headscope.kernels`` works
+kernel. fla 0.6 refuses its chunk *backward* on Hopper GPUs with Triton >= 3.4.0 and < 3.7.1 (wrong
+results in ``chunk_bwd_dqkwg``, fla issue #640) unless tilelang is installed; there a call that needs
+gradients takes the exact torch chunk path instead (slower, correct), and inference keeps fla. fla is imported lazily, only when a CUDA tensor arrives, so ``import headscope.kernels`` works
 without triton or fla. ``HEADSCOPE_NO_TRITON=1`` forces the torch paths on CUDA too (slow; for
 debugging). fla arguments are always passed by keyword: the 5th positional argument of
 ``fused_recurrent_gated_delta_rule`` is ``gk``, not ``beta``.
@@ -64,6 +66,22 @@ def _check_inputs(
         raise HeadscopeError(f"gated_delta_rule: inputs are on different devices: {sorted({str(x.device) for x in tensors})}")
 
 
+def fla_backward_broken(triton_version: str, capability: tuple[int, int], has_tilelang: bool) -> bool:
+    """True where fla 0.6 refuses its chunk backward: Hopper (sm_90), Triton in [3.4.0, 3.7.1), no tilelang."""
+    parts = tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in triton_version.split(".")[:3])
+    parts = parts + (0,) * (3 - len(parts))
+    return capability[0] == 9 and (3, 4, 0) <= parts < (3, 7, 1) and not has_tilelang
+
+
+def _fla_can_backward(q: torch.Tensor) -> bool:
+    import importlib.util
+
+    import triton
+
+    capability = torch.cuda.get_device_capability(q.device)
+    return not fla_backward_broken(triton.__version__, capability, importlib.util.find_spec("tilelang") is not None)
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
@@ -100,9 +118,10 @@ def gated_delta_rule(
         scale = q.shape[-1] ** -0.5
     if initial_state is not None:
         initial_state = initial_state.float()
-    decode = q.shape[1] == 1 and not _needs_grad(q, k, v, g, beta, initial_state)
+    needs_grad = _needs_grad(q, k, v, g, beta, initial_state)
+    decode = q.shape[1] == 1 and not needs_grad
 
-    if not _use_fla(q):
+    if not _use_fla(q) or (needs_grad and not _fla_can_backward(q)):
         if decode:
             o, state = recurrent_step(q, k, v, g, beta, initial_state, scale=scale)
             return o, (state if output_final_state else None)
