@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +42,6 @@ PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),
 }
-CALIBRATION_STEPS = (20, 50)  # step time measured between these steps (after compilation)
 
 
 def model_config(preset: str, tokenizer, seq_len: int) -> Qwen3Config:
@@ -95,11 +95,43 @@ def weighted_loss(model, batch: dict[str, torch.Tensor], n_tasks: int, amp: bool
     return loss, sums
 
 
-def save_state(path: Path, model, optimizer, step: int, total_steps: int, log: TrainingLog) -> None:
+@dataclass
+class RunState:
+    """Where a run stands; saved with the weights for ``--resume``.
+
+    ``short_steps`` ends the short-row phase (0: no curriculum); it and ``total_steps`` are None until
+    the step-time calibration of a ``--minutes`` run has fixed them.
+    """
+
+    step: int = 0
+    total_steps: int | None = None
+    short_steps: int | None = None
+    train_seconds: float = 0.0
+
+
+class StepClock:
+    """Seconds per step, timed between two step counts of a phase (after compilation and warm-up)."""
+
+    def __init__(self, device: torch.device, first: int = 20, second: int = 50) -> None:
+        self.device, self.first, self.second, self.started = device, first, second, 0.0
+
+    def tick(self, steps_in_phase: int) -> float | None:
+        """Call after every step; returns the step time once, at the second mark."""
+        if steps_in_phase not in (self.first, self.second):
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if steps_in_phase == self.first:
+            self.started = time.perf_counter()
+            return None
+        return (time.perf_counter() - self.started) / (self.second - self.first)
+
+
+def save_state(path: Path, model, optimizer, state: RunState, log: TrainingLog) -> None:
     """Write the resumable training state atomically."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "total_steps": total_steps, "log": log.rows}, tmp)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "run": asdict(state),
+                "log": log.rows}, tmp)
     os.replace(tmp, path)
 
 
@@ -112,12 +144,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="preset", help="= --preset tiny")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows of --seq-len tokens per step")
+    parser.add_argument("--short-seq-len", type=int, default=256, help="row length of the first phase")
+    parser.add_argument("--short-fraction", type=float, default=0.4, help="share of steps on short rows (0: none)")
+    parser.add_argument("--short-steps", type=int, default=None, help="steps on short rows (overrides the fraction)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--answer-weight", type=float, default=5.0)
-    parser.add_argument("--workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (one graph per row length)")
     parser.add_argument("--eval-lengths", default="256,512,1024")
     parser.add_argument("--eval-pairs", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=25)
@@ -139,6 +174,10 @@ def main(argv=None) -> int:
     amp = device.type == "cuda"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    curriculum = 0 < args.short_seq_len < args.seq_len and (args.short_fraction > 0 or bool(args.short_steps))
+    phase_lengths = [args.short_seq_len, args.seq_len] if curriculum else [args.seq_len]
+    if any(args.batch_size * args.seq_len % length for length in phase_lengths):
+        raise HeadscopeError(f"--short-seq-len {args.short_seq_len} must divide batch_size * seq_len")
 
     config = CorpusConfig(seq_len=args.seq_len, answer_weight=args.answer_weight)
     unknown = sorted(set(config.task_names) ^ set(TASK_NAMES))
@@ -154,82 +193,88 @@ def main(argv=None) -> int:
     haystack = Haystack(essay, tokens_per_word)
     encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
 
-    def make_builder() -> RowBuilder:
-        return RowBuilder(encode, tokenizer.eos_token_id, sample_task_text, haystack, config)
+    def make_loader(seq_len: int, start_batch: int) -> DataLoader:
+        phase_config = replace(config, seq_len=seq_len)
+        builder = lambda: RowBuilder(encode, tokenizer.eos_token_id, sample_task_text, haystack, phase_config)  # noqa: E731
+        stream = CorpusStream(builder, f"{args.seed}-{seq_len}", args.batch_size * args.seq_len // seq_len, start_batch)
+        return DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=amp,
+                          prefetch_factor=8 if args.workers else None)
 
     model = Qwen3ForCausalLM(model_config(args.preset, tokenizer, args.seq_len)).to(device)
     optimizer = make_optimizer(model, args.lr, fused=device.type == "cuda")
     log = TrainingLog(config.task_names, batch_tokens=args.batch_size * args.seq_len)
-    step, total_steps = 0, args.steps
+    run = RunState(total_steps=args.steps, short_steps=None if curriculum else 0)
+    if curriculum and args.short_steps is not None:
+        run.short_steps = args.short_steps
+    elif curriculum and args.steps is not None:
+        run.short_steps = int(args.short_fraction * args.steps)
     if args.resume:
         if not state_path.is_file():
             raise HeadscopeError(f"--resume: no training state at {state_path}")
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, total_steps, log.rows = state["step"], state["total_steps"], state["log"]
-    forward = torch.compile(model) if args.compile else model
-    stream = CorpusStream(make_builder, args.seed, args.batch_size, start_batch=step)
-    loader = DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=amp,
-                        prefetch_factor=8 if args.workers else None, persistent_workers=False)
+        saved = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        run, log.rows = RunState(**saved["run"]), saved["log"]
+    forward = torch.compile(model, dynamic=False) if args.compile else model
     n_tasks = len(config.task_names)
     sums = torch.zeros(4 + 3 * n_tasks, device=device)
-    started = time.perf_counter()
-    train_seconds = log.rows[-1]["seconds"] if log.rows else 0.0
-    last_checkpoint = time.perf_counter()
-    calibration_time = {}
-    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+    started, last_checkpoint = time.perf_counter(), time.perf_counter()
+    seconds_before = run.train_seconds
+    progress = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step")
     model.train()
-    for batch in loader:
-        if total_steps is not None and step >= total_steps:
-            break
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        lr = learning_rate(step, total_steps or 10**9, args.lr, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, batch_sums = weighted_loss(forward, batch, n_tasks, amp)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums += batch_sums
-        step += 1
-        progress.update(1)
-        if total_steps is None and step in CALIBRATION_STEPS:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            calibration_time[step] = time.perf_counter()
-            if step == CALIBRATION_STEPS[1]:
-                first, second = CALIBRATION_STEPS
-                step_seconds = (calibration_time[second] - calibration_time[first]) / (second - first)
-                elapsed = calibration_time[second] - started
-                total_steps = step + int(max(args.minutes * 60 - elapsed, 0) / step_seconds)
-                progress.total = total_steps
-                progress.refresh()
-                tqdm.write(f"{step_seconds * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / step_seconds:,.0f} "
-                           f"tokens/s): {total_steps} steps in {args.minutes:g} minutes")
-        if step % args.log_every == 0 or step == total_steps:
-            seconds = train_seconds + time.perf_counter() - started
-            log.add(step, seconds, lr, float(grad_norm), sums.tolist())
-            row = log.rows[-1]
-            progress.set_postfix(loss=f"{row['loss']:.3f}", ans=f"{row['answer_acc']:.2f}")
-            if step % (args.log_every * 20) == 0:
-                tasks = " ".join(f"{name[:6]} {row[f'answer_acc_{name}']:.2f}" for name in config.task_names)
-                tqdm.write(f"step {step} {seconds:.0f}s loss {row['loss']:.3f} text {row['text_loss']:.3f} "
-                           f"answer {row['answer_loss']:.3f} | {tasks}")
-            sums.zero_()
-            if time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:
-                save_state(state_path, model, optimizer, step, total_steps, log)
-                last_checkpoint = time.perf_counter()
+    for phase, seq_len in enumerate(phase_lengths):
+        is_last = phase == len(phase_lengths) - 1
+        if not is_last and run.short_steps is not None and run.step >= run.short_steps:
+            continue
+        clock, phase_start = StepClock(device), run.step
+        for batch in make_loader(seq_len, run.step):
+            end = run.total_steps if is_last else run.short_steps
+            if end is not None and run.step >= end:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = learning_rate(run.step, run.total_steps or 10**9, args.lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, batch_sums = weighted_loss(forward, batch, n_tasks, amp)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums += batch_sums
+            run.step += 1
+            progress.update(1)
+            step_seconds = clock.tick(run.step - phase_start) if args.steps is None else None
+            if step_seconds is not None:
+                left = max(args.minutes * 60 - (seconds_before + time.perf_counter() - started), 0.0)
+                run.total_steps = run.step + int(left / step_seconds)
+                if not is_last and args.short_steps is None:
+                    run.short_steps = max(int(args.short_fraction * run.total_steps), run.step)
+                progress.total = run.total_steps
+                tqdm.write(f"rows of {seq_len}: {step_seconds * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / step_seconds:,.0f}"
+                           f" tokens/s); plan: {run.total_steps} steps, {run.short_steps} on short rows")
+            if run.step % args.log_every == 0 or run.step == run.total_steps:
+                seconds = seconds_before + time.perf_counter() - started
+                log.add(run.step, seconds, lr, float(grad_norm), sums.tolist(), seq_len)
+                row = log.rows[-1]
+                progress.set_postfix(loss=f"{row['loss']:.3f}", ans=f"{row['answer_acc']:.2f}")
+                if run.step % (args.log_every * 20) == 0:
+                    tasks = " ".join(f"{name[:6]} {row[f'answer_acc_{name}']:.2f}" for name in config.task_names)
+                    tqdm.write(f"step {run.step} {seconds:.0f}s len {seq_len} loss {row['loss']:.3f} text "
+                               f"{row['text_loss']:.3f} answer {row['answer_loss']:.3f} | {tasks}")
+                sums.zero_()
+                if run.total_steps is not None and time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:
+                    run.train_seconds = seconds
+                    save_state(state_path, model, optimizer, run, log)
+                    last_checkpoint = time.perf_counter()
     progress.close()
-    train_seconds += time.perf_counter() - started
+    run.train_seconds = seconds_before + time.perf_counter() - started
 
     model.to(torch.bfloat16).save_pretrained(out)
     shipped = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
     shipped_tokenizer = AutoTokenizer.from_pretrained(out)
     lengths = [int(x) for x in args.eval_lengths.split(",") if int(x) <= args.seq_len]
     accuracies = task_accuracies(shipped, make_probe, shipped_tokenizer, config.task_names, lengths, args.eval_pairs)
-    write_outputs(out, args=vars(args), log=log, accuracies=accuracies, model=shipped, train_seconds=train_seconds,
+    write_outputs(out, args=vars(args), log=log, accuracies=accuracies, model=shipped, run=asdict(run),
                   device_name=torch.cuda.get_device_name() if amp else "cpu", corpus=config)
     state_path.unlink(missing_ok=True)
     for row in accuracies:
