@@ -3,12 +3,14 @@
     python -m headscope.zoo.train_demo --out data/models/headscope-demo --minutes 12 --seed 0
 
 Recipe: build the word-level tokenizer from task samples and the haystack (``headscope.zoo.tokenizer``),
-stream packed rows of ``seq_len`` tokens (``headscope.zoo.corpus``) from data-loader workers, and train a
+stream packed rows (``headscope.zoo.corpus``) from data-loader workers, first ``--short-fraction`` of the
+steps on rows of ``--short-seq-len`` tokens (more task instances per token and shorter look-ups, so the
+key-matching heads form sooner), then on rows of ``--seq-len``, with the same tokens per step; train a
 ``Qwen3ForCausalLM`` with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
 decay to 10%, bf16 autocast on CUDA, gradient clipping at 1, loss = answer-weighted next-token
 cross-entropy. ``--steps`` fixes the step count; otherwise ``--minutes`` of training are turned into a
-step count from the step time measured before warm-up ends (the card records it, so ``--steps`` replays
-the run). Every few minutes the training state is written atomically to ``train_state.pt``, and
+step count from the step time measured in each phase (the card records the counts, so ``--steps`` and
+``--short-steps`` replay the run). Every few minutes the training state is written atomically to ``train_state.pt``, and
 ``--resume`` continues from it. At the end the weights are saved in bf16, loaded back in float32 and
 scored on the probes (``headscope.zoo.evaluate``); the card, the loss log and its figure are written
 by ``headscope.zoo.card``.
