@@ -183,6 +183,23 @@ class PatchEngine:
         return calls
 
     # --- replay ----------------------------------------------------------------------------------
+    def run_layers(self, start: int, stop: int, resid: torch.Tensor, patches: dict[int, PatchFn]) -> torch.Tensor:
+        """Replay layers ``start..stop-1`` from ``resid`` with head-output patches (grad mode is the caller's).
+
+        Args:
+            start, stop: the layer range to run.
+            resid: ``(B, T, d_model)`` residual stream entering layer ``start``.
+            patches: layer -> function rewriting that layer's ``(B, T, H * D)`` head outputs.
+        Returns:
+            ``(B, T, d_model)`` the residual stream leaving layer ``stop - 1``.
+        """
+        assert self.calls is not None, "record() must run before replaying layers"
+        with patched_head_outputs(self.lm, patches):
+            for layer in range(start, stop):
+                call = self.calls[layer]
+                resid = _first_tensor(self.lm.layers[layer](resid, *call.args, **call.kwargs))
+        return resid
+
     @torch.no_grad()
     def run_from(self, start: int, resid: torch.Tensor, pair_index: torch.Tensor, patches: dict[int, PatchFn]) -> torch.Tensor:
         """Replay layers ``start..L-1`` from ``resid`` with head-output patches, return the metric.
@@ -195,11 +212,7 @@ class PatchEngine:
         Returns:
             ``(B,)`` float32 logit difference at the last position.
         """
-        assert self.calls is not None, "record() must run before run_from()"
-        with patched_head_outputs(self.lm, patches):
-            for layer in range(start, len(self.lm.layers)):
-                call = self.calls[layer]
-                resid = _first_tensor(self.lm.layers[layer](resid, *call.args, **call.kwargs))
+        resid = self.run_layers(start, len(self.lm.layers), resid, patches)
         return self.metric_from_resid(resid[:, -1], pair_index)
 
 
@@ -238,3 +251,25 @@ def replace_all_heads(source: torch.Tensor, pair_index: torch.Tensor) -> PatchFn
         return source[pair_index].to(z.dtype)
 
     return patch
+
+
+def write_heads(values: torch.Tensor, heads: list[int], n_heads: int) -> PatchFn:
+    """A patch that sets, in every row, the outputs of ``heads`` to ``values`` (row-aligned with the batch).
+
+    Args:
+        values: ``(B, T, len(heads), D)`` new outputs of those heads, row ``b`` for batch row ``b``.
+        heads: head indices, in the order of ``values``' third axis.
+    """
+    index = torch.tensor(heads, dtype=torch.long, device=values.device)
+
+    def patch(z: torch.Tensor) -> torch.Tensor:
+        out = head_view(z.clone(), n_heads)  # (B, T, H, D)
+        out[:, :, index] = values.to(out.dtype)
+        return out.view(z.shape)
+
+    return patch
+
+
+def then(first: PatchFn, second: PatchFn) -> PatchFn:
+    """Compose two patches: ``second(first(z))``."""
+    return lambda z: second(first(z))
