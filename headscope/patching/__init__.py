@@ -12,6 +12,8 @@ from typing import Callable
 from headscope.heads import HeadScores, HeadscopeError
 from headscope.models import LoadedModel
 from headscope.patching.activation import activation_scores, activation_scores_by_position, direct_scores
+from headscope.patching.attribution import attribution_scores, rank_correlation, screen_scores
+from headscope.patching.path import Receiver, parse_receivers, path_scores
 from headscope.probes.base import Probe
 
 Scorer = Callable[..., HeadScores]
@@ -19,6 +21,9 @@ Scorer = Callable[..., HeadScores]
 SCORERS: dict[str, Scorer] = {
     "activation": activation_scores,
     "direct": direct_scores,
+    "path": path_scores,
+    "attribution": attribution_scores,
+    "screen": screen_scores,
 }
 
 
@@ -36,4 +41,7 @@ def score(lm: LoadedModel, probe: Probe, method: str = "activation", **options) 
     return scorer(lm, probe, **options)
 
 
-__all__ = ["SCORERS", "Scorer", "activation_scores", "activation_scores_by_position", "direct_scores", "register_scorer", "score"]
+__all__ = [
+    "SCORERS", "Receiver", "Scorer", "activation_scores", "activation_scores_by_position", "attribution_scores", "direct_scores",
+    "parse_receivers", "path_scores", "rank_correlation", "register_scorer", "score", "screen_scores",
+]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from headscope.heads import HeadScores
+from headscope.heads import Head, HeadScores
 from headscope.models import LoadedModel
 from headscope.patching.batching import AdaptiveBatcher, default_batch_size
 from headscope.patching.common import ProbeRun, prepare
@@ -28,20 +28,25 @@ from headscope.patching.engine import PatchFn, overwrite_heads, replace_all_head
 from headscope.probes.base import Probe
 
 
-def _layer_effects(run: ProbeRun, layer: int, positions: bool, freeze_later: bool, batcher: AdaptiveBatcher, bar) -> torch.Tensor:
+def _layer_effects(
+    run: ProbeRun, layer: int, positions: bool, freeze_later: bool, batcher: AdaptiveBatcher, bar, heads: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean patched logit difference for every head (and position) of one layer.
 
+    Args:
+        heads: ``(K,)`` the heads of ``layer`` to patch (default: all ``H``).
     Returns:
-        ``(H,)`` or, with ``positions``, ``(H, T)`` float32, averaged over pairs.
+        ``(K,)`` or, with ``positions``, ``(K, T)`` float32, averaged over pairs.
     """
     fp = run.lm.fingerprint
     n_pairs, seq_len = run.base_ids.shape
     n_pos = seq_len if positions else 1
     device = run.base_ids.device
+    head_ids = torch.arange(fp.n_heads, device=device) if heads is None else heads.to(device)
     # Items are ordered (head, position, pair), pair fastest.
-    n_items = fp.n_heads * n_pos * n_pairs
+    n_items = len(head_ids) * n_pos * n_pairs
     items = torch.arange(n_items, device=device)
-    pair_of, head_of, pos_of = items % n_pairs, items // (n_pos * n_pairs), (items // n_pairs) % n_pos
+    pair_of, head_of, pos_of = items % n_pairs, head_ids[items // (n_pos * n_pairs)], (items // n_pairs) % n_pos
 
     def run_batch(rows: slice) -> torch.Tensor:
         pairs, heads = pair_of[rows], head_of[rows]
@@ -58,7 +63,7 @@ def _layer_effects(run: ProbeRun, layer: int, positions: bool, freeze_later: boo
         bar.update(done / (n_pos * n_pairs))
 
     patched = batcher.run(n_items, run_batch, progress)  # (n_items,)
-    means = patched.view(fp.n_heads, n_pos, n_pairs).mean(-1)
+    means = patched.view(len(head_ids), n_pos, n_pairs).mean(-1)
     return means if positions else means[:, 0]
 
 
@@ -70,6 +75,25 @@ def _scan(run: ProbeRun, positions: bool, freeze_later: bool, batch_size: int | 
         for layer in range(fp.n_layers):
             effects.append(_layer_effects(run, layer, positions, freeze_later, batcher, bar))
     return run.normalise(torch.stack(effects).cpu())
+
+
+def activation_effects(run: ProbeRun, heads: list[Head], batch_size: int | None, progress: bool) -> torch.Tensor:
+    """Exact total effect (``activation`` score) of a subset of heads, one batched run per layer they touch.
+
+    Args:
+        run: the prepared probe.
+        heads: the heads to patch, any order.
+    Returns:
+        ``(len(heads),)`` float32 normalised scores, in the order of ``heads``.
+    """
+    batcher = AdaptiveBatcher(batch_size or default_batch_size(run.lm, run.probe.length))
+    means = torch.zeros(len(heads))
+    with tqdm(total=len(heads), desc=f"exact {run.probe.name}", unit="head", disable=not progress) as bar:
+        for layer in sorted({h.layer for h in heads}):
+            slots = [i for i, h in enumerate(heads) if h.layer == layer]
+            subset = torch.tensor([heads[i].head for i in slots], dtype=torch.long)
+            means[slots] = _layer_effects(run, layer, False, False, batcher, bar, subset).cpu()
+    return run.normalise(means)
 
 
 def activation_scores(
