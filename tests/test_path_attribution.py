@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_probe, tiny_gpt2_sharp, tiny_qwen3
-from headscope import Head, HeadscopeError, load_model
+from headscope import Head, HeadScores, HeadscopeError, load_model
 from headscope.patching import activation_scores, parse_receivers, rank_correlation, score
 from headscope.patching.attribution import attribution_deltas
 from headscope.patching.common import prepare
@@ -156,3 +156,35 @@ def test_rank_correlation():
     assert rank_correlation(a, a * 10 + 1) == pytest.approx(1.0)
     assert rank_correlation(a, -a) == pytest.approx(-1.0)
     assert rank_correlation(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
+
+
+def test_cli_path_and_screen(qwen3_dir, tmp_path, capsys):
+    from headscope.cli import main
+    from headscope.probes import save_probe_jsonl
+
+    probe = random_probe(n_pairs=2, length=8, seed=9)
+    probe_file = tmp_path / "probe.jsonl"
+    save_probe_jsonl(probe, probe_file)
+    common = ["score", "--model", qwen3_dir, "--probe", str(probe_file), "--pairs", "2", "--device", "cpu"]
+    lm = load_model(qwen3_dir)
+
+    out = tmp_path / "path.json"
+    assert main(common + ["--method", "path", "--receivers", "2.1:k,1.3", "--out", str(out)]) == 0
+    saved = HeadScores.load(out)
+    assert saved.method == "path" and saved.meta["receivers"] == ["1.3", "2.1:k"]
+    expected = path_scores(lm, probe, receivers=parse_receivers("2.1:k,1.3"), progress=False).values
+    torch.testing.assert_close(saved.values, expected, atol=1e-6, rtol=0)
+    assert "into receivers 1.3,2.1:k" in capsys.readouterr().out
+    # --resume does not reuse scores of other receivers
+    assert main(common + ["--method", "path", "--receivers", "2.2", "--out", str(out), "--resume"]) == 0
+    assert "skipped" not in capsys.readouterr().out and HeadScores.load(out).meta["receivers"] == ["2.2"]
+
+    out = tmp_path / "screen.json"
+    assert main(common + ["--method", "screen", "--top-k", "3", "--out", str(out)]) == 0
+    assert len(HeadScores.load(out).meta["exact_heads"]) == 3
+
+    for extra, message in [(["--method", "activation", "--receivers", "1.2"], "--receivers applies to --method path"),
+                           (["--method", "path", "--receivers", "1.2:z"], "letters from q, k, v"),
+                           (["--method", "attribution", "--top-k", "3"], "--top-k applies to --method screen")]:
+        assert main(common + extra + ["--out", str(tmp_path / "x.json")]) == 2
+        assert message in capsys.readouterr().err

@@ -12,7 +12,7 @@ from headscope.heads import HeadScores, HeadscopeError
 def register(subparsers) -> None:
     from headscope.patching import SCORERS
 
-    parser = subparsers.add_parser("score", help="score heads with activation/direct patching", description=__doc__)
+    parser = subparsers.add_parser("score", help="score heads (activation, direct, path, attribution, screen)", description=__doc__)
     add_model_args(parser)
     add_probe_args(parser)
     parser.add_argument("--method", default="activation", choices=sorted(SCORERS), help="scoring method (default activation)")
@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="patched sequences per forward (default: largest that fits)")
     parser.add_argument("--out", required=True, help="output JSON file, or a directory when several probes are given")
     parser.add_argument("--resume", action="store_true", help="skip probes whose scores file already exists for this model and method")
+    parser.add_argument("--receivers", default=None, help="--method path: receiver heads, e.g. 1.3:k,2.5 (LAYER.HEAD[:q|k|v]; default inputs q,k,v); "
+                        "default: the top-4 heads by |direct score| outside layer 0")
+    parser.add_argument("--top-k", type=int, default=None, help="--method screen: heads to verify with exact patching (default a quarter of all heads)")
     parser.set_defaults(func=run)
 
 
@@ -32,8 +35,24 @@ def _output_path(out: str, probe_name: str, method: str, several: bool) -> Path:
     return path
 
 
-def _already_scored(path: Path, fingerprint, method: str, n_pairs: int, length: int) -> bool:
-    """True when ``path`` holds scores of this model, method, pair count and length."""
+def _method_options(args: argparse.Namespace) -> dict:
+    """Scorer options from ``--receivers`` / ``--top-k``, each only with the method that takes it."""
+    from headscope.patching import parse_receivers
+
+    options: dict = {}
+    if args.receivers is not None:
+        if args.method != "path":
+            raise HeadscopeError(f"--receivers applies to --method path, not {args.method}")
+        options["receivers"] = parse_receivers(args.receivers)
+    if args.top_k is not None:
+        if args.method != "screen":
+            raise HeadscopeError(f"--top-k applies to --method screen, not {args.method}")
+        options["top_k"] = args.top_k
+    return options
+
+
+def _already_scored(path: Path, fingerprint, method: str, n_pairs: int, length: int, options: dict) -> bool:
+    """True when ``path`` holds scores of this model, method, pair count, length and receivers / top-k."""
     if not path.is_file():
         return False
     previous = HeadScores.load(path)
@@ -42,6 +61,8 @@ def _already_scored(path: Path, fingerprint, method: str, n_pairs: int, length: 
         and previous.method == method
         and previous.meta.get("n_pairs") == n_pairs
         and previous.meta.get("length") == length
+        and ("receivers" not in options or previous.meta.get("receivers") == [str(r) for r in options["receivers"]])
+        and ("top_k" not in options or previous.meta.get("top_k") == options["top_k"])
     )
 
 
@@ -50,15 +71,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise HeadscopeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    options = _method_options(args)
     lm = load_from_args(args)
     probes = [resolve_probe(lm, spec, args.length, args.pairs, args.seed) for spec in args.probe]
     for probe in probes:
         path = _output_path(args.out, probe.name, args.method, len(probes) > 1)
-        if args.resume and _already_scored(path, lm.fingerprint, args.method, len(probe), probe.length):
+        if args.resume and _already_scored(path, lm.fingerprint, args.method, len(probe), probe.length, options):
             print(f"{probe.name} [{args.method}] already scored in {path}; skipped (--resume)")
             continue
-        scores = score(lm, probe, args.method, noising=args.noising, batch_size=args.batch_size)
+        scores = score(lm, probe, args.method, noising=args.noising, batch_size=args.batch_size, **options)
         scores.save(path)
         top = ", ".join(f"{h}={scores[h]:+.3f}" for h in scores.top(5))
-        print(f"{probe.name} [{args.method}] clean-corrupt gap {scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top} -> {path}")
+        via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
+        print(f"{probe.name} [{args.method}{via}] clean-corrupt gap {scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top} -> {path}")
     return 0
