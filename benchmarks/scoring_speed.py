@@ -11,6 +11,11 @@ kernels, the fair ratio) and with its default sdpa. TransformerLens imports ``da
 dataset helpers; the GPU box has no pyarrow, so when ``datasets`` is missing a stub module with the two
 names TransformerLens imports is installed (it is never called here).
 
+Screen vs exhaustive (sdpa, same probe): ``attribution`` alone and ``screen`` (AtP for every head, exact
+activation patching of the top ``--top-k`` by |estimate|, default 112 = twice the 56-head budget) are timed
+against the exhaustive exact run; we report the time ratios, the Spearman correlation of AtP with the
+exact scores, and the overlap of the 56-head masks (top-56 by |score|) each selects with the exact one.
+
 Usage (GPU): ``python benchmarks/scoring_speed.py [--pairs 32 --length 1024]``; writes
 ``$OUT/scoring_speed.json`` and ``.md`` (OUT defaults to benchmarks/results).
 """
@@ -102,6 +107,33 @@ def float32_agreement(model_dir: str, n_pairs: int, length: int, device: str) ->
             "fp32_score_abs_max": float(theirs.abs().max())}
 
 
+def mask_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Fraction of shared heads between the top-``k`` (by |score|) of ``a`` and of ``b``."""
+    return len(set(a.abs().flatten().topk(k).indices.tolist()) & set(b.abs().flatten().topk(k).indices.tolist())) / k
+
+
+def screen_vs_exhaustive(lm, probe, exact: torch.Tensor, exact_seconds: float, top_k: int) -> dict:
+    """Time ``attribution`` and ``screen`` against the exhaustive exact scores ``exact`` (sdpa)."""
+    from headscope.patching import attribution_scores, rank_correlation, screen_scores
+
+    k = min(56, exact.numel() // 8)  # the 7:1 budget: 56 of 448 heads on the full-size model
+    top_k = min(top_k, exact.numel())
+    attribution, atp_seconds = timed(lambda: attribution_scores(lm, probe, progress=False))
+    screened, screen_seconds = timed(lambda: screen_scores(lm, probe, top_k=top_k, progress=False))
+    out = {
+        "attribution_s": atp_seconds, "screen_s": screen_seconds, "screen_top_k": top_k,
+        "exhaustive_over_attribution": exact_seconds / atp_seconds, "exhaustive_over_screen": exact_seconds / screen_seconds,
+        "attribution_spearman_vs_exact": rank_correlation(attribution.values, exact),
+        f"attribution_top{k}_overlap": mask_overlap(attribution.values, exact, k),
+        f"screen_top{k}_overlap": mask_overlap(screened.values, exact, k),
+        "screen_verified_max_abs_diff": float(max(abs(screened.values[l, h] - exact[l, h]) for l, h in screened.meta["exact_heads"])),
+    }
+    print(f"attribution {atp_seconds:.1f} s, screen (top {top_k}) {screen_seconds:.1f} s vs exhaustive {exact_seconds:.1f} s; "
+          f"top-{k} mask overlap with exact: attribution {out[f'attribution_top{k}_overlap']:.2f}, screen {out[f'screen_top{k}_overlap']:.2f}; "
+          f"Spearman(AtP, exact) {out['attribution_spearman_vs_exact']:.3f}", flush=True)
+    return out
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -125,6 +157,8 @@ def main() -> None:
     parser.add_argument("--check-length", type=int, default=256, help="prompt length of the float32 agreement check")
     parser.add_argument("--agreement-only", action="store_true",
                         help="run only the float32 agreement check and merge it into an existing results file")
+    parser.add_argument("--top-k", type=int, default=112, help="heads screen verifies exactly (default 112)")
+    parser.add_argument("--skip-screen", action="store_true", help="do not time attribution / screen")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU in float32 (smoke test of this script)")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT", "benchmarks/results"))
@@ -166,6 +200,9 @@ def main() -> None:
     result.update(timings)
     if device == "cuda":
         result["headscope_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if not args.skip_screen:
+        lm.set_attn_implementation("sdpa")
+        result.update(screen_vs_exhaustive(lm, probe, scores["sdpa"], timings["headscope_sdpa_s"], args.top_k))
     del lm, model
     if device == "cuda":
         torch.cuda.empty_cache()
