@@ -1,0 +1,223 @@
+"""Quality of a causal LM (original or hybrid) across context lengths, and what its cache costs.
+
+Used by ``benchmarks/hybrid_quality.py`` and ``notebooks/04_transfer_and_quality.ipynb``:
+
+* ``probe_grid`` builds every (probe, length) once; ``grid_accuracy`` scores a model on all of them with
+  ``headscope.zoo.evaluate.probe_accuracy`` (per clean prompt: is the answer the argmax over the
+  vocabulary, ``argmax``; does its logit beat the corrupt prompt's answer, ``beats_wrong``, chance 0.5).
+  The headline accuracy is ``argmax``, an exact-answer score like RULER's.
+* ``heldout_loss``: mean next-token cross-entropy on held-out rows of the demo corpus.
+* ``kv_cache_bytes_per_token``: the KV cache a mask keeps, per token: for every layer the KV groups that
+  hold at least one full-attention head (a group with one FA head keeps its whole K and V), times
+  ``head_dim x 2 (K and V) x dtype bytes``. ``recurrent_state_bytes`` is the constant per-sequence state
+  of the Gated DeltaNet heads (a ``D x D`` float32 matrix each, plus the short-convolution window).
+* ``results_markdown`` and ``accuracy_figure`` turn a results mapping (the benchmark's JSON, layout in
+  its docstring) into an arm x metric table and accuracy-vs-length curves.
+
+Evaluation runs under bf16 autocast on CUDA and in float32 on the CPU (``autocast_for``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from headscope.heads import HeadMask, ModelFingerprint
+from headscope.probes import Probe, make_probe
+from headscope.transfer.losses import next_token_loss
+from headscope.zoo.evaluate import probe_accuracy
+
+RETRIEVAL_PROBES = ("needle_single", "needle_multikey", "kv_recall")
+REASONING_PROBES = ("multihop", "ioi", "comparison")
+TOKENS_PER_BATCH = 1 << 16  # prompts per forward = max(1, this // length)
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing (float32) elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def kv_cache_bytes_per_token(fingerprint: ModelFingerprint, mask: HeadMask | None = None, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes per token: sum over layers of KV groups kept x head_dim x 2 (K, V) x ``dtype_bytes``.
+
+    Args:
+        fingerprint: the model.
+        mask: the hybrid's head mask; None for the original model (every group kept).
+        dtype_bytes: bytes per cached element (2 for bf16/fp16).
+    """
+    groups = fingerprint.n_layers * fingerprint.n_kv_heads if mask is None else int(mask.kv_groups_full().sum())
+    return groups * fingerprint.head_dim * 2 * dtype_bytes
+
+
+def recurrent_state_bytes(fingerprint: ModelFingerprint, mask: HeadMask | None = None, conv_size: int = 4, dtype_bytes: int = 2) -> int:
+    """Constant per-sequence state of the GDN heads: ``D x D`` float32 each, plus the q/k/v conv window.
+
+    Args:
+        fingerprint: the model.
+        mask: the head mask (None: the original model, no GDN head, 0 bytes).
+        conv_size: the short convolution's kernel (its window holds ``conv_size`` inputs of ``3 D`` channels).
+        dtype_bytes: bytes per conv-window element.
+    """
+    if mask is None:
+        return 0
+    n_gdn = int((~mask.full).sum())
+    d = fingerprint.head_dim
+    return n_gdn * (d * d * 4 + 3 * d * conv_size * dtype_bytes)
+
+
+def probe_grid(tokenizer: Any, names: Iterable[str], lengths: Iterable[int], n_pairs: int, seed: int) -> dict[tuple[str, int], Probe]:
+    """Every built-in probe of ``names`` at every length (``make_probe``), deterministic for ``seed``.
+
+    Returns:
+        ``{(name, length): Probe}`` in (name, length) order.
+    """
+    grid = [(name, length) for name in names for length in lengths]
+    return {key: make_probe(key[0], tokenizer, length=key[1], n_pairs=n_pairs, seed=seed)
+            for key in tqdm(grid, desc="build probes", leave=False)}
+
+
+@torch.no_grad()
+def grid_accuracy(model: nn.Module, grid: Mapping[tuple[str, int], Probe], progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """Score ``model`` on every probe of a ``probe_grid``.
+
+    Args:
+        model: a causal LM on its device (put in eval mode for the call).
+        grid: ``{(name, length): Probe}``.
+    Returns:
+        ``{name: {str(length): {"argmax", "beats_wrong", "logit_diff"}}}``.
+    """
+    device = next(model.parameters()).device
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (name, length), probe in tqdm(grid.items(), desc="probe accuracy", leave=False, disable=not progress):
+        with autocast_for(device):
+            score = probe_accuracy(model, probe, batch_size=max(1, TOKENS_PER_BATCH // length))
+        out.setdefault(name, {})[str(length)] = {"argmax": score.argmax, "beats_wrong": score.beats_wrong,
+                                                 "logit_diff": score.mean_logit_diff}
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, rows: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``rows`` ``(N, T)`` (each row weighs the same)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batch = max(1, TOKENS_PER_BATCH // rows.shape[1])
+    total = 0.0
+    try:
+        for chunk in rows.split(batch):
+            chunk = chunk.to(device)
+            with autocast_for(device):
+                logits = model(input_ids=chunk, use_cache=False).logits  # (b, T, V)
+            total += float(next_token_loss(logits, chunk)) * chunk.shape[0]
+    finally:
+        model.train(was_training)
+    return total / rows.shape[0]
+
+
+# --- reading a results mapping ---------------------------------------------------------------------
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def capability_means(arm: Mapping[str, Any], length: int, metric: str = "argmax") -> dict[str, float]:
+    """Mean accuracy over the retrieval and over the reasoning probes of one arm at one length."""
+    acc = arm.get("accuracy") or {}
+    pick = lambda names: [acc[n][str(length)][metric] for n in names if n in acc and str(length) in acc[n]]  # noqa: E731
+    return {"retrieval": _mean(pick(RETRIEVAL_PROBES)), "reasoning": _mean(pick(REASONING_PROBES))}
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _length_label(length: int, base: int) -> str:
+    return f"{length} ({length // base}x)" if length % base == 0 else str(length)
+
+
+def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
+    """The results as markdown: a summary table (arm x metric) and one accuracy table per length.
+
+    Args:
+        results: the benchmark's results mapping (``settings``, ``budget``, ``arms`` in run order).
+        metric: ``"argmax"`` or ``"beats_wrong"``.
+    """
+    settings, arms = results["settings"], results["arms"]
+    lengths, base = settings["lengths"], settings["teacher_length"]
+    probes = [p for p in RETRIEVAL_PROBES + REASONING_PROBES if p in settings["probes"]]
+    lines = [f"# Hybrid quality on {settings['model_name']}", ""]
+    lines += [f"- {line}" for line in results.get("notes", [])]
+    lines += ["", f"Accuracy = {metric} (answer is the argmax over the vocabulary)" if metric == "argmax"
+              else f"Accuracy = {metric} (answer logit beats the corrupt answer's; chance 0.5)", ""]
+    held = [str(n * base) for n in (1, 2)]
+    header = (["arm", "status", "FA heads", "FA share", "KV B/token", "KV vs teacher"] + [f"held-out CE {h}" for h in held]
+              + [f"retrieval {_length_label(n, base)}" for n in lengths] + [f"reasoning {_length_label(n, base)}" for n in lengths])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    teacher_kv = next((a["kv_bytes_per_token"] for a in arms.values() if a.get("kind") == "teacher"), None)
+    for name, arm in arms.items():
+        means = [capability_means(arm, n, metric) for n in lengths]
+        kv = arm.get("kv_bytes_per_token")
+        row = [name, arm.get("status", "?"), str(arm.get("n_full", "—")), _cell(arm.get("fa_head_share")), str(kv if kv is not None else "—"),
+               _cell(kv / teacher_kv if kv is not None and teacher_kv else None)]
+        row += [_cell((arm.get("heldout_loss") or {}).get(h), 3) for h in held]
+        row += [_cell(m["retrieval"]) for m in means] + [_cell(m["reasoning"]) for m in means]
+        lines.append("| " + " | ".join(row) + " |")
+    for length in lengths:
+        lines += ["", f"## Accuracy at {_length_label(length, base)} tokens", ""]
+        head = ["arm"] + probes + ["retrieval mean", "reasoning mean"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, arm in arms.items():
+            acc = arm.get("accuracy") or {}
+            means = capability_means(arm, length, metric)
+            cells = [_cell(acc.get(p, {}).get(str(length), {}).get(metric)) for p in probes]
+            lines.append("| " + " | ".join([name] + cells + [_cell(means["retrieval"]), _cell(means["reasoning"])]) + " |")
+    problems = [(name, arm) for name, arm in arms.items() if arm.get("status") != "done"]
+    if problems:
+        lines += ["", "## Arms without results", ""]
+        lines += [f"- **{name}**: {arm.get('status')}: {arm.get('error', '')}" for name, arm in problems]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_figure(results: Mapping[str, Any], metric: str = "argmax"):
+    """Accuracy against context length, one line per arm, one panel per probe and per capability mean.
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` (2 rows: retrieval, reasoning; 4 columns: 3 probes + mean).
+    """
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    settings, arms = results["settings"], results["arms"]
+    lengths, base = settings["lengths"], settings["teacher_length"]
+    rows = [list(RETRIEVAL_PROBES) + ["retrieval"], list(REASONING_PROBES) + ["reasoning"]]
+    titles = [("mean " + t) if t in ("retrieval", "reasoning") else t for row in rows for t in row]
+    figure = make_subplots(rows=2, cols=4, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.14)
+    palette = qualitative.D3
+    for index, (name, arm) in enumerate(arms.items()):
+        if not arm.get("accuracy"):
+            continue
+        color = palette[index % len(palette)]
+        dash = "dot" if arm.get("kind") == "random" else ("dash" if arm.get("kind") == "teacher" else "solid")
+        for r, row in enumerate(rows, start=1):
+            for c, panel in enumerate(row, start=1):
+                if panel in ("retrieval", "reasoning"):
+                    ys = [capability_means(arm, n, metric)[panel] for n in lengths]
+                else:
+                    ys = [arm["accuracy"].get(panel, {}).get(str(n), {}).get(metric) for n in lengths]
+                figure.add_trace(go.Scatter(x=lengths, y=ys, mode="lines+markers", name=name, legendgroup=name,
+                                            showlegend=(r, c) == (1, 1), line={"color": color, "dash": dash}), row=r, col=c)
+    ticks = {"tickvals": lengths, "ticktext": [_length_label(n, base) for n in lengths], "type": "log"}
+    figure.update_xaxes(**ticks)
+    figure.update_yaxes(range=[-0.03, 1.03])
+    figure.update_yaxes(title_text=f"accuracy ({metric})", col=1)
+    figure.update_layout(title=f"Probe accuracy vs context length — {settings['model_name']} (teacher trained at {base} tokens)",
+                         height=640, width=1400, legend={"title": "arm"})
+    return figure

@@ -1,0 +1,108 @@
+"""headscope.quality (cache sizes, held-out loss, tables), the shared corpus rows and the layer-wise arm masks."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from headscope.heads import HeadMask, ModelFingerprint
+from headscope.mask import layerwise_mask
+from headscope.quality import (capability_means, heldout_loss, kv_cache_bytes_per_token, recurrent_state_bytes,
+                               results_markdown)
+from headscope.transfer.losses import next_token_loss
+from conftest import VOCAB, tiny_qwen3
+
+FP = ModelFingerprint("qwen3", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, name="t")
+
+
+def test_kv_bytes_count_whole_groups_and_gdn_state_counts_the_other_heads():
+    full = torch.zeros(2, 4, dtype=torch.bool)
+    full[0, 0] = full[0, 1] = True  # one KV group (heads 0, 1) in layer 0
+    full[1, 3] = True  # group 1 of layer 1
+    mask = HeadMask(full, FP)
+    assert kv_cache_bytes_per_token(FP, mask) == 2 * 8 * 2 * 2  # 2 groups x head_dim x (K, V) x bf16
+    assert kv_cache_bytes_per_token(FP) == 4 * 8 * 2 * 2
+    assert kv_cache_bytes_per_token(FP, mask, dtype_bytes=4) == 2 * 8 * 2 * 4
+    assert recurrent_state_bytes(FP, mask) == 5 * (8 * 8 * 4 + 3 * 8 * 4 * 2)
+    assert recurrent_state_bytes(FP) == 0
+
+
+def test_heldout_loss_is_the_row_weighted_mean_cross_entropy():
+    model = tiny_qwen3()
+    rows = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = float(next_token_loss(model(input_ids=rows).logits, rows))
+    assert heldout_loss(model, rows) == pytest.approx(expected, rel=1e-5)
+
+
+def _arm(status="done", value=0.5, lengths=(8, 16)):
+    probes = ["needle_single", "needle_multikey", "kv_recall", "multihop", "ioi", "comparison"]
+    accuracy = {p: {str(n): {"argmax": value, "beats_wrong": 1.0, "logit_diff": 0.1} for n in lengths} for p in probes}
+    return {"kind": "random", "status": status, "accuracy": accuracy if status == "done" else None, "kv_bytes_per_token": 64,
+            "fa_head_share": 0.125, "n_full": 1, "heldout_loss": {"8": 2.0, "16": 2.5}}
+
+
+def test_markdown_lists_every_arm_and_names_the_ones_without_results():
+    results = {"settings": {"lengths": [8, 16], "teacher_length": 8, "model_name": "m",
+                            "probes": ["needle_single", "needle_multikey", "kv_recall", "multihop", "ioi", "comparison"]},
+               "arms": {"teacher": dict(_arm(value=1.0), kind="teacher", kv_bytes_per_token=128), "a": _arm(),
+                        "b": dict(_arm("failed"), error="boom")}, "notes": ["a note"]}
+    table = results_markdown(results)
+    assert "## Accuracy at 8 (1x) tokens" in table and "## Accuracy at 16 (2x) tokens" in table and "- a note" in table
+    assert "| a | done | 1 | 0.12 | 64 | 0.50 | 2.000 | 2.500 | 0.50 | 0.50 | 0.50 | 0.50 |" in table
+    assert "- **b**: failed: boom" in table
+    assert capability_means(results["arms"]["a"], 8) == {"retrieval": 0.5, "reasoning": 0.5}
+    assert all(math.isnan(v) for v in capability_means(results["arms"]["b"], 8).values())
+
+
+def _benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_quality.py"
+    spec = importlib.util.spec_from_file_location("hybrid_quality_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("n_layers", "ratio"), [(4, "3:1"), (12, "3:1"), (28, "3:1"), (8, "7:1"), (32, "7:1"), (36, "5:1")])
+def test_evenly_spaced_layers_is_the_qwen3_next_layout_when_the_ratio_divides_the_depth(n_layers, ratio):
+    fp = ModelFingerprint("qwen3", n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=8)
+    reference = layerwise_mask(fp, ratio).full[:, 0].nonzero().flatten().tolist()
+    assert _benchmark().evenly_spaced_layers(n_layers, ratio) == reference
+
+
+def test_layerwise_arms_of_a_six_layer_model():
+    bench = _benchmark()
+    fp = ModelFingerprint("qwen3", n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32)
+    masks = {ratio: bench.layerwise_arm_mask(fp, ratio) for ratio in ("3:1", "7:1")}
+    assert masks["3:1"].full[:, 0].nonzero().flatten().tolist() == [2, 5] and masks["3:1"].n_full == 16
+    assert masks["7:1"].full[:, 0].nonzero().flatten().tolist() == [5] and masks["7:1"].n_full == 8
+    assert torch.equal(bench.layerwise_arm_mask(ModelFingerprint("qwen3", 8, 8, 4, 32), "3:1").full,
+                       layerwise_mask(ModelFingerprint("qwen3", 8, 8, 4, 32), "3:1").full)
+
+
+def test_row_store_serves_exactly_the_library_rows_from_the_pool_and_on_a_miss():
+    from headscope.probes.tasks import TASK_NAMES, sample_task_text, task_vocabulary
+    from headscope.transfer.config import DataConfig
+    from headscope.transfer.data import sequence_source
+    from headscope.transfer.rowstore import RowStore
+    from headscope.zoo.tokenizer import build_demo_tokenizer
+
+    tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, task_vocabulary(), seed=0, samples_per_task=3)
+    reference = sequence_source(DataConfig(source="demo_corpus"), 0, tokenizer)
+    store = RowStore(DataConfig(source="demo_corpus"), 0, tokenizer, workers=1)
+    try:
+        seconds, tokens = store.fill([("train", 1, 48, 5), ("heldout", 0, 48, 3), ("heldout", 1, 48, 2)], chunk=2)
+        assert tokens == (5 + 3) * 48 and seconds >= 0
+        assert store.fill([("heldout", 0, 48, 3)])[1] == 0  # nothing left to generate
+        stream, expected = store.stream("train", 1, 48), reference("train", 1, 48)
+        assert stream.preshuffled and len(stream) == len(expected) and sorted(stream.store) == list(range(5))
+        for index in range(7):  # rows 5 and 6 are generated on the spot
+            assert torch.equal(stream[index], expected[index]) and stream[index].dtype == torch.int64
+        held = store.stream("heldout", 2, 48)  # another stage's held-out stream is the same stream
+        assert torch.equal(held[2], reference("heldout", 0, 48)[2]) and held.store is store.stream("heldout", 0, 48).store
+    finally:
+        store.close()
