@@ -368,16 +368,23 @@ def evaluate(bench: Bench, model, mask, grid, heldout: dict[int, torch.Tensor]) 
 
 
 class Results:
-    """The results file: settings (checked on resume), budget, fused mask and one record per arm."""
+    """The results file: settings (checked on resume), budget, fused mask and one record per arm.
 
-    def __init__(self, out: Path, settings: dict, arms: list[tuple[str, str]], fresh: bool) -> None:
+    A copy is kept in the work directory too, so a rerun resumes even when ``--out`` starts empty (the
+    device tool's ``$OUT``); the file in ``--out`` wins when both exist.
+    """
+
+    def __init__(self, out: Path, work: Path, settings: dict, arms: list[tuple[str, str]], fresh: bool) -> None:
         from headscope.heads import HeadscopeError, read_json
 
-        self.out, self.path = out, out / "hybrid_quality.json"
-        data = read_json(self.path, "results") if self.path.is_file() and not fresh else None
+        self.out, self.path, self.copy = out, out / "hybrid_quality.json", work / "hybrid_quality.json"
+        source = next((p for p in (self.path, self.copy) if p.is_file()), None) if not fresh else None
+        data = read_json(source, "results") if source is not None else None
         if data is not None and data.get("settings") != settings:
             changed = sorted(k for k in set(settings) | set(data.get("settings", {})) if settings.get(k) != data["settings"].get(k))
-            raise HeadscopeError(f"{self.path} was made with other settings ({', '.join(changed)}); pass --fresh or another --out")
+            raise HeadscopeError(f"{source} was made with other settings ({', '.join(changed)}); pass --fresh or another --out")
+        if source is not None:
+            print(f"resuming from {source}", flush=True)
         self.data = data or {"schema": "headscope.hybrid_quality/1", "settings": settings, "budget": None, "fused_mask": None, "arms": {}, "notes": []}
         for name, kind in arms:
             self.data["arms"].setdefault(name, {"kind": kind, "status": "pending"})
@@ -393,6 +400,7 @@ class Results:
 
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, self.data)
+        write_json_atomic(self.copy, self.data)
         try:
             write_text_atomic(self.out / "hybrid_quality.md", results_markdown(self.data))
             figure = accuracy_figure(self.data)
@@ -463,7 +471,7 @@ def main(argv=None) -> int:
         base = args.teacher_length or lm.max_context
         bench = Bench(args, model_dir, lm, env, rows, base, started)
         arms = arm_list(args)
-        results = Results(args.out, settings_of(args, model_dir, lm.fingerprint, base), arms, args.fresh)
+        results = Results(args.out, args.work, settings_of(args, model_dir, lm.fingerprint, base), arms, args.fresh)
         return run_arms(bench, results, arms, tokenizer, stand_in)
     finally:
         rows.close()

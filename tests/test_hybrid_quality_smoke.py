@@ -106,5 +106,8 @@ def test_a_rerun_keeps_finished_arms_and_retries_a_failed_one(smoke):
     assert again["arms"]["layerwise_7to1"]["status"] == "done"
     assert again["arms"]["headwise_random_7to1_s1"] == kept
     assert again["budget"] == data["budget"]
+    (out / "hybrid_quality.json").unlink()  # an empty --out (the device tool's $OUT): resume from the work copy
+    assert benchmark.main(argv) == 0
+    assert read(out)["arms"] == again["arms"]
     with pytest.raises(HeadscopeError, match="pairs"):
         benchmark.main(argv + ["--pairs", "3"])
