@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -100,3 +101,31 @@ def test_learning_rate_schedule():
     assert learning_rate(9, 100, peak, 10) == pytest.approx(peak)
     assert learning_rate(55, 100, peak, 10) == pytest.approx(peak * 0.55)
     assert learning_rate(100, 100, peak, 10) == pytest.approx(peak * 0.1)
+
+
+def test_multi_query_documents_answer_from_their_own_facts():
+    from headscope.zoo.multiquery import sample_multi_query
+
+    for seed in range(20):
+        turns = sample_multi_query(random.Random(seed), 30)
+        facts = turns[0][0]
+        assert len(turns) >= 2
+        for text, answer in turns:
+            key = text.split()[-2] if text.endswith("recall " + text.split()[-2] + " :") else text.split()[-4]
+            stated = re.search(rf"{key} (?::|is) (\S+)", facts)
+            assert stated is not None and stated.group(1) == answer, (seed, key, answer)
+
+
+def test_rows_mark_every_answer_of_a_multi_turn_document(parts):
+    tokenizer, _, config = parts
+    core = tokenizer.backend_tokenizer
+    encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+
+    def two_turns(name, rng, n_filler_words):
+        return [("say", "tiger"), (". say", "zebra")]
+
+    builder = RowBuilder(encode, tokenizer.eos_token_id, two_turns, Haystack(" ".join([FILLER] * 200), 1.0),
+                         CorpusConfig(seq_len=128, task_weights={"pair": 1.0}, filler_doc_prob=0.0, min_doc_tokens=24))
+    ids, weights, marks = builder.build(random.Random(0))
+    answers = [tokenizer.convert_ids_to_tokens(int(ids[t + 1])) for t in range(len(marks)) if marks[t] >= 0]
+    assert answers[:2] == ["tiger", "zebra"]

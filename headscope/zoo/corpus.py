@@ -1,8 +1,10 @@
 """The demo model's training corpus: haystack filler with probe tasks embedded, packed into rows.
 
-The corpus is generated, never stored. Every task instance comes from
-``headscope.probes.tasks.sample_task_text(name, rng, n_filler_words) -> (prompt_text, answer_text)``, the
-same sampler the probes use, so training text and probe prompts share one surface format. A document is
+The corpus is generated, never stored. Every task instance comes from a sampler
+``(name, rng, n_filler_words) -> (prompt_text, answer_text)`` or ``-> [(text, answer), ...]`` (several
+question-answer turns, e.g. ``headscope.zoo.multiquery``); the demo model uses
+``headscope.probes.tasks.sample_task_text``, the same sampler the probes use, so training text and probe
+prompts share one surface format. A document is
 either plain haystack text or 1..``max_tasks_per_doc`` task instances (prompt then answer) in a row. Rows
 of ``seq_len + 1`` token ids are filled with documents separated by ``<eos>``:
 
@@ -32,6 +34,7 @@ from headscope.heads import HeadscopeError
 
 # Tasks that need a key matched before a value is copied (multi-key needles, key-value recall, multi-hop
 # binding) get more weight: they are the slowest to learn. The single needle and IOI are learnt early.
+# "mqar" (headscope.zoo.multiquery) asks many questions per document: the dense signal for key matching.
 DEFAULT_TASK_WEIGHTS = {
     "needle_single": 0.5,
     "needle_multikey": 1.5,
@@ -40,9 +43,15 @@ DEFAULT_TASK_WEIGHTS = {
     "multihop": 2.5,
     "ioi": 0.5,
     "comparison": 1.0,
+    "mqar": 2.0,
 }
 
-TaskSampler = Callable[[str, random.Random, int], "tuple[str, str]"]
+TaskSampler = Callable[[str, random.Random, int], "tuple[str, str] | list[tuple[str, str]]"]
+
+
+def as_turns(sample: "tuple[str, str] | list[tuple[str, str]]") -> list[tuple[str, str]]:
+    """A sampler's output as a list of ``(text, answer)`` turns."""
+    return [sample] if isinstance(sample, tuple) else list(sample)
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,10 @@ class RowBuilder:
     def _task_overhead(self, name: str, n_samples: int = 24) -> int:
         """The most tokens a task instance takes beyond its filler (sampled with a fixed seed)."""
         rng = random.Random(f"headscope-corpus-overhead:{name}")
-        return max(sum(len(self.encode(text)) for text in self.sample_task(name, rng, 0)) for _ in range(n_samples))
+        return max(
+            sum(len(self.encode(text)) for turn in as_turns(self.sample_task(name, rng, 0)) for text in turn)
+            for _ in range(n_samples)
+        )
 
     def _filler_ids(self, rng: random.Random, n_tokens: int) -> list[int]:
         n_words = int(n_tokens / self.haystack.tokens_per_word) + 8
@@ -143,10 +155,10 @@ class RowBuilder:
             marks: list[int] = []
             for name, tokens in zip(names, filler_tokens):
                 n_words = int(tokens / self.haystack.tokens_per_word) if attempt < 4 else 0
-                prompt, answer = self.sample_task(name, rng, n_words)
-                prompt_ids, answer_ids = self.encode(prompt), self.encode(answer)
-                ids += prompt_ids + answer_ids
-                marks += [-1] * len(prompt_ids) + [self.names.index(name)] * len(answer_ids)
+                for prompt, answer in as_turns(self.sample_task(name, rng, n_words)):
+                    prompt_ids, answer_ids = self.encode(prompt), self.encode(answer)
+                    ids += prompt_ids + answer_ids
+                    marks += [-1] * len(prompt_ids) + [self.names.index(name)] * len(answer_ids)
             if len(ids) <= budget:
                 return ids, marks
             overshoot = len(ids) - budget

@@ -3,7 +3,8 @@
     python -m headscope.zoo.train_demo --out data/models/headscope-demo --minutes 12 --seed 0
 
 Recipe: build the word-level tokenizer from task samples and the haystack (``headscope.zoo.tokenizer``),
-stream packed rows (``headscope.zoo.corpus``) from data-loader workers, first ``--short-fraction`` of the
+stream packed rows (``headscope.zoo.corpus``: the probe tasks plus multi-query recall documents,
+``headscope.zoo.multiquery``) from data-loader workers, first ``--short-fraction`` of the
 steps on rows of ``--short-seq-len`` tokens (more task instances per token and shorter look-ups, so the
 key-matching heads form sooner), then on rows of ``--seq-len``, with the same tokens per step; train a
 ``Qwen3ForCausalLM`` with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
@@ -36,6 +37,7 @@ from headscope.heads import HeadscopeError
 from headscope.zoo.card import TrainingLog, write_outputs
 from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder
 from headscope.zoo.evaluate import task_accuracies
+from headscope.zoo.multiquery import sample_multi_query
 from headscope.zoo.tokenizer import build_demo_tokenizer
 
 PRESETS = {
@@ -53,6 +55,14 @@ def model_config(preset: str, tokenizer, seq_len: int) -> Qwen3Config:
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None, **PRESETS[preset],
     )
+
+
+def sample_training_task(name: str, rng: random.Random, n_filler_words: int):
+    """The corpus sampler: ``"mqar"`` documents from ``headscope.zoo.multiquery``, the probe tasks from
+    ``headscope.probes.tasks.sample_task_text``."""
+    from headscope.probes.tasks import sample_task_text
+
+    return sample_multi_query(rng, n_filler_words) if name == "mqar" else sample_task_text(name, rng, n_filler_words)
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -182,9 +192,9 @@ def main(argv=None) -> int:
         raise HeadscopeError(f"--short-seq-len {args.short_seq_len} must divide batch_size * seq_len")
 
     config = CorpusConfig(seq_len=args.seq_len, answer_weight=args.answer_weight)
-    unknown = sorted(set(config.task_names) ^ set(TASK_NAMES))
+    unknown = sorted(set(config.task_names) ^ (set(TASK_NAMES) | {"mqar"}))
     if unknown:
-        raise HeadscopeError(f"corpus task weights and headscope.probes.tasks.TASK_NAMES differ on {unknown}")
+        raise HeadscopeError(f"corpus task weights and the probe tasks + mqar differ on {unknown}")
     tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, task_vocabulary(), seed=args.seed,
                                      model_max_length=args.seq_len)
     tokenizer.save_pretrained(out)
@@ -197,7 +207,7 @@ def main(argv=None) -> int:
 
     def make_loader(seq_len: int, start_batch: int) -> DataLoader:
         phase_config = replace(config, seq_len=seq_len)
-        builder = lambda: RowBuilder(encode, tokenizer.eos_token_id, sample_task_text, haystack, phase_config)  # noqa: E731
+        builder = lambda: RowBuilder(encode, tokenizer.eos_token_id, sample_training_task, haystack, phase_config)  # noqa: E731
         stream = CorpusStream(builder, f"{args.seed}-{seq_len}", args.batch_size * args.seq_len // seq_len, start_batch)
         return DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=amp,
                           prefetch_factor=8 if args.workers else None)
@@ -275,7 +285,8 @@ def main(argv=None) -> int:
     shipped = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
     shipped_tokenizer = AutoTokenizer.from_pretrained(out)
     lengths = [int(x) for x in args.eval_lengths.split(",") if int(x) <= args.seq_len]
-    accuracies = task_accuracies(shipped, make_probe, shipped_tokenizer, config.task_names, lengths, args.eval_pairs)
+    probe_tasks = [name for name in config.task_names if name in TASK_NAMES]
+    accuracies = task_accuracies(shipped, make_probe, shipped_tokenizer, probe_tasks, lengths, args.eval_pairs)
     write_outputs(out, args=vars(args), log=log, accuracies=accuracies, model=shipped, run=asdict(run),
                   device_name=torch.cuda.get_device_name() if amp else "cpu", corpus=config)
     state_path.unlink(missing_ok=True)

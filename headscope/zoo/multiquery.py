@@ -1,0 +1,62 @@
+"""Multi-query associative recall (MQAR) documents: dense training signal for key matching.
+
+The probes ask one question per prompt, so a training row holds only a few answers that need a key
+matched before a value is copied (``needle_multikey``, ``kv_recall``, ``multihop``). A small model trained on
+those alone learns to copy *some* value (one of the needles) long before it learns *which*: the key
+lookup needs a feature "the key two tokens back" at every value position, and one answer per document is
+too weak a signal for it (the first demo model stayed at chance on all three tasks after 1B tokens).
+
+An MQAR document (Zoology's multi-query associative recall, in the probes' surface formats) states
+``n`` key-value facts and then asks for many of them, each question followed by its answer:
+
+* ``"kv"`` style: ``pipe : 8 2 , pencil : 3 9 , ... . recall pencil : 3 9 . recall pipe : 8 2 .``
+* ``"needle"`` style: the facts ``the special magic number for pipe is 8 2 .`` scattered through haystack
+  text, then ``what is the special magic number for pipe ? answer : 8 2 .`` per question.
+
+Keys, values and templates come from ``headscope.probes.tasks`` (the probes' own pools), so the skill
+transfers to the probe formats. The document is returned as turns ``[(text, answer), ...]``: the corpus
+weighs and scores every answer.
+"""
+
+from __future__ import annotations
+
+import random
+
+from headscope.probes.haystack import haystack_sentences, insert_facts, take_window
+from headscope.probes.tasks import Pools, _needle, _needle_query
+
+MIN_PAIRS, MAX_PAIRS = 4, 16
+STYLES = ("kv", "needle")
+
+
+def sample_multi_query(rng: random.Random, n_filler_words: int) -> list[tuple[str, str]]:
+    """One MQAR document as turns.
+
+    Args:
+        rng: the random source (the only one used).
+        n_filler_words: haystack words around the facts (both styles put the facts in haystack text).
+
+    Returns:
+        ``[(text, answer), ...]``: the document is ``text_1 answer_1 text_2 answer_2 ...`` joined by spaces;
+        the first text holds the haystack and the facts, every later text one question.
+    """
+    pools = Pools.full()
+    n_pairs = rng.randint(MIN_PAIRS, MAX_PAIRS)
+    keys = rng.sample(list(pools.keys), n_pairs)
+    kind = rng.choice(["number", "word"])
+    value_pool = list(pools.number_values if kind == "number" else pools.word_values)
+    values = rng.sample(value_pool, n_pairs)
+    asked = rng.sample(range(n_pairs), rng.randint(max(1, n_pairs // 2), n_pairs))
+    sentences = haystack_sentences("essay")
+    window = take_window(lambda i: sentences[i], len(sentences), rng, n_filler_words)
+    if rng.choice(STYLES) == "kv":
+        block = tuple(" , ".join(f"{k} : {v}" for k, v in zip(keys, values)).split()) + (".",)
+        words, _ = insert_facts(window, [block], rng)
+        questions = [f"recall {keys[i]} :" for i in asked]
+    else:
+        facts = [_needle(kind, k, v) for k, v in zip(keys, values)]
+        words, _ = insert_facts(window, facts, rng)
+        questions = [" ".join(_needle_query(kind, keys[i])) for i in asked]
+    turns = [(" ".join(words + questions[0].split()), values[asked[0]])]
+    turns += [(". " + question, values[i]) for question, i in zip(questions[1:], asked[1:])]
+    return turns
