@@ -5,7 +5,7 @@ Sections (each runs inside try/except; a failure prints its traceback and the ne
 a. Gated DeltaNet: fla ``chunk_gated_delta_rule`` (forward and backward: dq, dk, dv, dg, dbeta, dh0) and
    ``fused_recurrent_gated_delta_rule`` (decode from a prefilled state) against
    :func:`headscope.kernels.gdn.naive.naive_recurrent_gated_delta_rule` (float32, on the same
-   bf16-rounded inputs), at a few shapes including H=14, D=128, T=4096 in bf16. Also the dispatcher
+   bf16-rounded inputs), at a few shapes including H=14, D=128, T=1024 in bf16. Also the dispatcher
    ``headscope.kernels.gdn.ops.gated_delta_rule`` (prefill + decode continuation, T == 1 with grads) and
    the pure-torch chunk path on the GPU.
 b. Epilogue: the Triton forward/backward against autograd through the float32 reference.
@@ -87,7 +87,7 @@ def section_gdn(device: str, tiny: bool) -> None:
         impls["fla_chunk"] = lambda *a, **kw: chunk_gated_delta_rule(
             q=a[0], k=a[1], v=a[2], g=a[3], beta=a[4], use_qk_l2norm_in_kernel=False, **kw)
     shapes = [(2, 70, 2, 16, torch.float32)] if tiny else [
-        (2, 300, 4, 64, torch.float32), (2, 1000, 4, 128, torch.bfloat16), (1, 4096, 14, 128, torch.bfloat16)]
+        (2, 300, 4, 64, torch.float32), (2, 1000, 4, 128, torch.bfloat16), (1, 1024, 14, 128, torch.bfloat16)]
     for seed, (batch, length, heads, dim, dtype) in enumerate(shapes):
         case = f"B{batch} T{length} H{heads} D{dim} {str(dtype)[6:]}"
         try:
