@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 import torch
@@ -31,6 +32,9 @@ from plotly.subplots import make_subplots
 from headscope.fusion import FusedRanking, fuse
 from headscope.heads import Head, HeadMask, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.maskfile import ranking_from_mask
+
+if TYPE_CHECKING:  # patching pulls in the model code; the figures only need str-able receivers
+    from headscope.patching.path import Receiver
 
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
@@ -175,16 +179,31 @@ def fused_heatmap(ranking: FusedRanking | None, mask: HeadMask | None = None, ti
     return fig
 
 
+def receiver_label(receiver: Head | Receiver) -> str:
+    """Column label of a receiver: ``L2H7`` for a ``Head`` (or a ``Receiver`` of all of q, k, v), ``L2H7:k``
+    for a ``headscope.patching.Receiver`` restricted to some of its inputs."""
+    if isinstance(receiver, Head):
+        return str(receiver)
+    if not isinstance(getattr(receiver, "head", None), Head):
+        raise HeadscopeError(f"a receiver must be a Head or a Receiver, got {receiver!r}")
+    inputs = set(getattr(receiver, "inputs", "qkv"))
+    suffix = "" if inputs == set("qkv") else ":" + "".join(i for i in "qkv" if i in inputs)
+    return f"{receiver.head}{suffix}"
+
+
 def sender_receiver(
-    paths: Mapping[Head, HeadScores] | torch.Tensor,
-    receivers: Sequence[Head] | None = None,
+    paths: Mapping[Head | Receiver, HeadScores] | torch.Tensor,
+    receivers: Sequence[Head | Receiver] | None = None,
     top_n: int = 20,
 ) -> go.Figure:
     """Path-patching view: receivers as columns, the ``top_n`` senders as rows.
 
     Args:
-        paths: receiver ``Head`` -> ``HeadScores`` of every sender, or an ``(L, H, R)`` tensor of sender
-            scores per receiver (then ``receivers`` names the ``R`` columns).
+        paths: receiver -> ``HeadScores`` of every sender, or an ``(L, H, R)`` tensor of sender scores per
+            receiver (then ``receivers`` names the ``R`` columns). A receiver is a ``Head`` or a
+            ``headscope.patching.Receiver``, so one head scored through different inputs (``2.7:q``,
+            ``2.7:k``) gets one column each (labels from ``receiver_label``; two receivers with the same
+            label are an error).
         top_n: senders shown, ranked by their largest ``|score|`` over all receivers.
     Returns:
         a Figure with one diverging ``Heatmap`` of shape ``(min(top_n, L*H), R)``.
@@ -202,7 +221,10 @@ def sender_receiver(
     flat = matrix.reshape(n_layers * n_heads, -1)  # (senders, R)
     best = torch.argsort(flat.abs().amax(-1), descending=True, stable=True)[: max(1, top_n)]
     senders = [f"L{int(i) // n_heads}H{int(i) % n_heads}" for i in best]
-    columns = [str(r) for r in receivers]
+    columns = [receiver_label(r) for r in receivers]
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise HeadscopeError(f"receivers {', '.join(repeated)} appear more than once (one column per receiver and input set)")
     fig = go.Figure(go.Heatmap(
         z=flat[best].tolist(), x=columns, y=senders, colorscale=DIVERGING, zmid=0, colorbar={"title": {"text": "path score"}},
         hovertemplate="sender <b>%{y}</b> → receiver <b>%{x}</b><br>score %{z:.4g}<extra></extra>",
@@ -317,7 +339,7 @@ def build_report_html(
     mask: HeadMask | None = None,
     ranking: FusedRanking | None = None,
     title: str = "headscope report",
-    paths: Mapping[Head, HeadScores] | None = None,
+    paths: Mapping[Head | Receiver, HeadScores] | None = None,
 ) -> str:
     """One self-contained HTML page: title, summary tables and every figure, plotly.js inlined once.
 
@@ -326,7 +348,7 @@ def build_report_html(
         mask: optional head mask, outlined on the fused heatmap and summarised.
         ranking: the fused ranking; default the one stored in the mask, else ``fuse(scores)``.
         title: page title.
-        paths: optional path-patching results (receiver -> sender scores) for the sender view.
+        paths: optional path-patching results (receiver ``Head`` or ``Receiver`` -> sender scores) for the sender view.
     Returns:
         the HTML text (about 5 MB, mostly plotly.js).
     """

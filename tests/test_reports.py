@@ -91,6 +91,18 @@ def test_sender_receiver_from_dict_and_matrix():
         sender_receiver(stacked, receivers[:1])
 
 
+def test_sender_receiver_columns_per_receiver_input():
+    from headscope.patching import Receiver, parse_receivers
+
+    by_input = [Receiver(Head(2, 5)), *parse_receivers("2.5:q"), *parse_receivers("2.5:kv")]
+    senders = {r: make_scores(20 + i, "ioi", "reasoning", "path") for i, r in enumerate(by_input)}
+    fig = sender_receiver(senders, top_n=4)
+    assert list(fig.data[0].x) == ["L2H5", "L2H5:q", "L2H5:kv"] and np.asarray(fig.data[0].z).shape == (4, 3)
+    stacked = torch.stack([s.values for s in senders.values()], -1)
+    with pytest.raises(HeadscopeError, match="L2H5 appear more than once"):  # Head(2, 5) and its all-inputs Receiver
+        sender_receiver(stacked, [Head(2, 5), Receiver(Head(2, 5)), by_input[1]])
+
+
 def test_layer_distributions(inputs):
     fig = layer_distributions(inputs)
     assert len(fig.data) == 3 and all(isinstance(t, go.Box) for t in fig.data)
