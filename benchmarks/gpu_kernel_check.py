@@ -264,6 +264,8 @@ def write_results(out_dir: Path, meta: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes; runs on CPU (set TRITON_INTERPRET=1)")
+    parser.add_argument("--sections", default="gdn,epilogue,timing",
+                        help="comma-separated subset of: gdn (a), epilogue (b), timing (c)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
@@ -277,7 +279,12 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             meta[module] = f"unavailable: {exc}"
     print(json.dumps(meta), flush=True)
-    for section in (section_gdn, section_epilogue_correctness, section_epilogue_timing):
+    sections = {"gdn": section_gdn, "epilogue": section_epilogue_correctness, "timing": section_epilogue_timing}
+    unknown = set(args.sections.split(",")) - set(sections)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; known: {', '.join(sections)}")
+    meta["sections"] = args.sections
+    for section in (sections[name] for name in args.sections.split(",")):
         try:
             section(device, args.tiny)
         except Exception:
