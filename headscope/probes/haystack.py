@@ -25,9 +25,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+from headscope.resources import data_dir
+
 Unit = TypeVar("Unit")
 
-HAYSTACK_DIR = Path(__file__).resolve().parents[2] / "data" / "haystack"
+HAYSTACK_DIR = data_dir() / "haystack"
 HAYSTACKS = ("essay", "noise")
 ESSAY_SENTENCES = 3000
 ESSAY_SEED = 20261123
@@ -102,7 +104,7 @@ def _generate(kind: str) -> list[str]:
 def haystack_sentences(kind: str) -> tuple[tuple[str, ...], ...]:
     """The sentences of haystack ``kind`` (``"essay"`` or ``"noise"``), each as a tuple of words.
 
-    Read from ``data/haystack/<kind>.txt`` beside the repository root; generated in memory (with a
+    Read from ``haystack/<kind>.txt`` in the bundled data folder (``headscope.resources.data_dir``); generated in memory (with a
     warning) when the file is missing.
     """
     if kind not in HAYSTACKS:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from headscope.heads import HeadscopeError
+from headscope.resources import data_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL_DIR = REPO_ROOT / "data" / "models" / "headscope-demo"
+DEMO_MODEL_DIR = data_dir() / "models" / "headscope-demo"
 TRAIN_COMMAND = "python -m headscope.zoo.train_demo --out data/models/headscope-demo --minutes 12 --seed 0"
 
 
