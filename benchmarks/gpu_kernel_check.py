@@ -11,6 +11,12 @@ a. Gated DeltaNet: fla ``chunk_gated_delta_rule`` (forward and backward: dq, dk,
 b. Epilogue: the Triton forward/backward against autograd through the float32 reference.
 c. Epilogue timing: fused Triton vs the unfused torch reference (and torch.compile of it), forward and
    forward+backward at B=1, T=131072, H=16, D=128 bf16, and forward at decode B=32, T=1.
+d. RoPE + L2 norm of the GDN q/k (``rope_norm``): the dispatcher (Triton on CUDA) against the float32 torch
+   composition (forward and dx) at B=1 T=4096 H=14 D=128 bf16 and two more shapes, ``x`` a view of the
+   short-conv output as in the layer; the former bf16 composition's own error for comparison. Timing at
+   B=1, T=131072, H=14, D=128 bf16 (one of the layer's two calls): fused vs the composition vs
+   torch.compile of it, forward and forward+backward, GB/s over the fused minimum (read x, cos, sin;
+   write y).
 
 Errors are fla's relative RMS (RMS(diff)/RMS(ref)); the pass column uses fla's tolerances (0.005 for
 outputs/states, 0.008 for dq/dk/dv/dh0, 0.02 for dg/dbeta) except where the row says otherwise.
@@ -40,6 +46,7 @@ from headscope.kernels.gdn.chunk import chunk_gated_delta_rule as torch_chunk
 from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule
 from headscope.kernels.gdn.ops import gated_delta_rule
 from headscope.kernels.metrics import relative_rms_error as rel
+from headscope.kernels.rope_norm.naive import rope_l2norm_reference
 
 TOLERANCES = {"o": 0.005, "state": 0.005, "dq": 0.008, "dk": 0.008, "dv": 0.008, "dh0": 0.008, "dg": 0.02, "dbeta": 0.02}
 ROWS: list[dict] = []  # the error table
@@ -244,6 +251,71 @@ def section_epilogue_timing(device: str, tiny: bool) -> None:
                 torch.cuda.empty_cache()
 
 
+def rope_inputs(batch, length, heads, dim, dtype, device, seed, cos_batch=1):
+    """x as the layer's k: a view of the short-conv output (B, T, 3*H*D); HF rotary (cos, sin) (cos_batch, T, D)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mixed = torch.randn(batch, length, 3 * heads * dim, generator=gen).to(device, dtype)
+    x = mixed.view(batch, length, 3, heads, dim).unbind(2)[1]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    angle = torch.arange(length, device=device).float()[:, None] * inv_freq
+    angle = torch.cat((angle, angle), dim=-1).expand(cos_batch, length, dim)
+    return x, angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def section_rope_norm(device: str, tiny: bool) -> None:
+    print("\n[d] RoPE + L2 norm: fused Triton vs float32 torch composition; timing", flush=True)
+    from headscope.kernels.rope_norm.ops import rope_l2norm, use_triton
+    from headscope.kernels.rope_norm.triton_rope_norm import triton_rope_l2norm
+
+    cases = [(2, 33, 3, 32, 1, torch.bfloat16), (1, 20, 20, 128, 1, torch.float32)] if tiny else [
+        (1, 4096, 14, 128, 1, torch.bfloat16), (2, 1000, 14, 128, 2, torch.float32), (3, 257, 16, 64, 1, torch.float16)]
+    for seed, (batch, length, heads, dim, cos_batch, dtype) in enumerate(cases):
+        case = f"B{batch} T{length} H{heads} D{dim} cosB{cos_batch} {str(dtype)[6:]}"
+        try:
+            x, cos, sin = rope_inputs(batch, length, heads, dim, dtype, device, seed, cos_batch)
+            fused = rope_l2norm if device == "cuda" else triton_rope_l2norm  # CPU: the kernel, interpreted
+            if device == "cuda" and not use_triton(x, cos, sin):
+                raise RuntimeError("the dispatcher would not take the Triton path on CUDA")
+            x.requires_grad_()
+            dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+            y = fused(x, cos, sin)
+            (dx,) = torch.autograd.grad(y, x, dy)
+            x_ref = x.detach().float().requires_grad_()
+            y_ref = rope_l2norm_reference(x_ref, cos.float(), sin.float())
+            (dx_ref,) = torch.autograd.grad(y_ref, x_ref, dy.float())
+            tol = 1e-5 if dtype == torch.float32 else 0.008
+            record("rope_norm", case, "y", rel(y, y_ref), tol)
+            record("rope_norm", case, "dx", rel(dx, dx_ref), tol)
+            with torch.no_grad():
+                record("rope_norm", f"{case} former composition", "y", rel(rope_l2norm_reference(x, cos, sin), y_ref), tol)
+        except Exception:
+            FAILURES.append(f"rope_norm {case}")
+            traceback.print_exc()
+
+    batch, length, heads, dim = (1, 16, 2, 32) if tiny else (1, 131072, 14, 128)
+    x, cos, sin = rope_inputs(batch, length, heads, dim, torch.bfloat16, device, 0)
+    impls = {"triton": triton_rope_l2norm, "torch_reference": rope_l2norm_reference}
+    if device == "cuda" and not tiny:
+        impls["torch_compile_reference"] = torch.compile(rope_l2norm_reference, dynamic=False)
+    moved = (2 * x.numel() + 2 * cos.numel()) * x.element_size()  # fused minimum: read x, cos, sin; write y
+    dy = torch.randn(x.shape, device=device, dtype=x.dtype)
+    for name, fn in impls.items():
+        try:
+            with torch.no_grad():
+                fwd = timed_ms(lambda: fn(x, cos, sin), device, reps=5 if tiny else 50)
+            leaf = x.detach().requires_grad_()
+            fwd_bwd = timed_ms(lambda: torch.autograd.grad(fn(leaf, cos, sin), leaf, dy), device, reps=3 if tiny else 20)
+            row = dict(config="rope_norm prefill", B=batch, T=length, H=heads, D=dim, impl=name, fwd_ms=fwd,
+                       fwd_GBps=moved / fwd / 1e6, fwd_bwd_ms=fwd_bwd)
+            TIMINGS.append(row)
+            print(f"  rope_norm {name:<24} fwd {fwd:9.4f} ms ({row['fwd_GBps']:7.1f} GB/s)  fwd+bwd {fwd_bwd:9.4f} ms", flush=True)
+        except Exception:
+            FAILURES.append(f"timing rope_norm {name}")
+            traceback.print_exc()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def write_results(out_dir: Path, meta: dict) -> None:
     from headscope.heads import write_json_atomic, write_text_atomic
 
@@ -254,7 +326,8 @@ def write_results(out_dir: Path, meta: dict) -> None:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['section']} | {r['case']} | {r['quantity']} | {r['rel_rms']:.3e} | {r['tol']:g} | {r['ok']} |" for r in ROWS]
     lines += ["", "| config | impl | fwd ms | fwd GB/s | fwd+bwd ms |", "|---|---|---|---|---|"]
-    lines += [f"| {t['config']} B{t['B']} T{t['T']} H{t['H']} D{t['D']} Hg{t['Hg']} | {t['impl']} | {t['fwd_ms']:.4f} | "
+    lines += [f"| {t['config']} B{t['B']} T{t['T']} H{t['H']} D{t['D']}{' Hg' + str(t['Hg']) if 'Hg' in t else ''} | "
+              f"{t['impl']} | {t['fwd_ms']:.4f} | "
               f"{t['fwd_GBps']:.1f} | {t.get('fwd_bwd_ms', float('nan')):.4f} |" for t in TIMINGS]
     lines += ["", f"failed sections: {FAILURES or 'none'}; all ok: {payload['all_ok']}"]
     write_text_atomic(out_dir / "gpu_kernel_check.md", "\n".join(lines) + "\n")
@@ -264,8 +337,8 @@ def write_results(out_dir: Path, meta: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes; runs on CPU (set TRITON_INTERPRET=1)")
-    parser.add_argument("--sections", default="gdn,epilogue,timing",
-                        help="comma-separated subset of: gdn (a), epilogue (b), timing (c)")
+    parser.add_argument("--sections", default="gdn,epilogue,timing,rope_norm",
+                        help="comma-separated subset of: gdn (a), epilogue (b), timing (c), rope_norm (d)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
@@ -279,7 +352,8 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             meta[module] = f"unavailable: {exc}"
     print(json.dumps(meta), flush=True)
-    sections = {"gdn": section_gdn, "epilogue": section_epilogue_correctness, "timing": section_epilogue_timing}
+    sections = {"gdn": section_gdn, "epilogue": section_epilogue_correctness, "timing": section_epilogue_timing,
+                "rope_norm": section_rope_norm}
     unknown = set(args.sections.split(",")) - set(sections)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; known: {', '.join(sections)}")

@@ -18,9 +18,10 @@ the identity while the gate's gradient, ∝ s(1 − s), stays 18x larger than at
 
 GDN branch (fla's GatedDeltaNet recipe): q/k/v (after q_norm/k_norm, as in the pretrained pipeline) ->
 causal depthwise conv (kernel ``conv_size``, initialised to the identity: last tap 1) + SiLU -> RoPE on
-q, k -> L2 norm of q, k; ``beta = sigmoid(b_proj(x))``; ``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)``
-(A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]); ``headscope.kernels.gdn.ops.gated_delta_rule`` with scale
-1/sqrt(D). The cache holds the conv window ``(B, C, K)`` and the recurrent state ``(B, n_gdn, D, D)`` fp32.
+q, k -> L2 norm of q, k (the two fused: ``headscope.kernels.rope_norm.ops.rope_l2norm``);
+``beta = sigmoid(b_proj(x))``; ``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)`` (A ~ U(0, 16), dt
+log-uniform in [1e-3, 0.1]); ``headscope.kernels.gdn.ops.gated_delta_rule`` with scale 1/sqrt(D).
+The cache holds the conv window ``(B, C, K)`` and the recurrent state ``(B, n_gdn, D, D)`` fp32.
 
 Fusion (``fusion_norm``): every head's output is RMS-normalised, scaled by a learned ``gamma_h``
 (init 1) and, for FA heads, gated: ``headscope.kernels.epilogue.ops.head_epilogue``. Without
@@ -47,12 +48,12 @@ from headscope.hybrid.functional import (
     causal_attention,
     fa_segments,
     gdn_decay_init,
-    l2_normalize,
     log_position_scale,
     short_conv,
 )
 from headscope.kernels.epilogue.ops import head_epilogue
 from headscope.kernels.gdn.ops import gated_delta_rule
+from headscope.kernels.rope_norm.ops import rope_l2norm
 
 
 @dataclass(frozen=True)
@@ -314,8 +315,7 @@ class HeadwiseHybridAttention(nn.Module):
         mixed, conv_state = short_conv(mixed, self.conv1d.weight.squeeze(1), conv_state)
         q, k, v = mixed.view(batch, seq, 3, heads, d).unbind(dim=2)
         cos, sin = position_embeddings
-        q = l2_normalize(apply_rope(q, cos, sin))
-        k = l2_normalize(apply_rope(k, cos, sin))
+        q, k = rope_l2norm(q, cos, sin), rope_l2norm(k, cos, sin)  # fused on CUDA; the same composition on CPU
         beta = torch.sigmoid(self.b_proj(x))  # (B, T, n_gdn)
         g = -self.A_log.float().exp() * nn.functional.softplus(self.a_proj(x).float() + self.dt_bias.float())
         if step_mask is not None:
