@@ -129,3 +129,35 @@ def test_rows_mark_every_answer_of_a_multi_turn_document(parts):
     ids, weights, marks = builder.build(random.Random(0))
     answers = [tokenizer.convert_ids_to_tokens(int(ids[t + 1])) for t in range(len(marks)) if marks[t] >= 0]
     assert answers[:2] == ["tiger", "zebra"]
+
+
+def test_demo_model_unties_embeddings_by_default(parts):
+    """Tied embeddings collapse the never-predicted key words onto one direction (mean pairwise cosine 0.93 in
+    the first demo model), which kept every key-matching task at chance: the recipe must not tie them."""
+    from headscope.zoo.train_demo import model_config, parse_args
+
+    tokenizer = parts[0]
+    assert model_config("tiny", tokenizer, 128).tie_word_embeddings is False
+    assert parse_args([]).tie_embeddings is False
+    assert model_config("tiny", tokenizer, 128, tie_embeddings=True).tie_word_embeddings is True
+
+
+def test_embedding_similarity_measures_key_collapse(parts):
+    from transformers import Qwen3ForCausalLM
+
+    from headscope.zoo.evaluate import embedding_similarity
+    from headscope.zoo.train_demo import model_config
+
+    tokenizer = parts[0]
+    model = Qwen3ForCausalLM(model_config("tiny", tokenizer, 128))
+    vocab = tokenizer.get_vocab()
+    words = ["anchor", "badge", "candle"]
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[[vocab[w] for w in words]] = torch.eye(weight.shape[1])[:3]
+    assert embedding_similarity(model, tokenizer, words) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        weight[[vocab[w] for w in words]] = torch.ones(weight.shape[1]) * torch.tensor([[1.0], [2.0], [3.0]])
+    assert embedding_similarity(model, tokenizer, words + ["not-a-word"]) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError):
+        embedding_similarity(model, tokenizer, ["anchor"])

@@ -106,7 +106,7 @@ without downloading weights. It knows nothing beyond its synthetic corpus.
 ## Shape
 | | |
 | --- | --- |
-| architecture | Qwen3ForCausalLM (RoPE, RMSNorm, q/k norm, SwiGLU, GQA), tied embeddings |
+| architecture | Qwen3ForCausalLM (RoPE, RMSNorm, q/k norm, SwiGLU, GQA), {'tied' if shape.get('tied_embeddings') else 'untied'} embeddings |
 | layers x query heads (KV heads) | {shape['n_layers']} x {shape['n_heads']} ({shape['n_kv_heads']}) |
 | head_dim / d_model / d_ff | {shape['head_dim']} / {shape['hidden_size']} / {shape['intermediate_size']} |
 | parameters | {summary['parameters']:,} |
@@ -146,19 +146,22 @@ headscope, not to draw conclusions about large models.
 
 
 def write_outputs(out: Path, *, args: dict[str, Any], log: TrainingLog, accuracies: Sequence[ProbeAccuracy],
-                  model, run: dict[str, Any], device_name: str, corpus) -> dict[str, Any]:
-    """Write the log, figure, summary and card into ``out``; returns the summary."""
+                  model, run: dict[str, Any], device_name: str, corpus,
+                  diagnostics: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write the log, figure, summary and card into ``out``; returns the summary (``diagnostics``, e.g. the
+    key-embedding similarity, go into the summary as they are)."""
     config = model.config
     shape_keys = ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings", "head_dim")
     shape = {key: getattr(config, key) for key in shape_keys}
     shape.update(n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
-                 n_kv_heads=config.num_key_value_heads)
+                 n_kv_heads=config.num_key_value_heads, tied_embeddings=bool(config.tie_word_embeddings))
     final = log.rows[-1]
     summary = {
         "args": args, "shape": shape, "parameters": sum(p.numel() for p in model.parameters()),
         "run": run, "tokens": int(final["tokens"]),
         "device": device_name, "corpus": asdict(corpus), "final": final,
         "accuracy": [row.to_dict() for row in accuracies],
+        "diagnostics": dict(diagnostics or {}),
     }
     log.write_csv(out / "training_log.csv")
     log.write_figure(out / "loss_curves.html")

@@ -7,7 +7,8 @@ stream packed rows (``headscope.zoo.corpus``: the probe tasks plus multi-query r
 ``headscope.zoo.multiquery``) from data-loader workers, first ``--short-fraction`` of the
 steps on rows of ``--short-seq-len`` tokens (more task instances per token and shorter look-ups, so the
 key-matching heads form sooner), then on rows of ``--seq-len``, with the same tokens per step; train a
-``Qwen3ForCausalLM`` with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
+``Qwen3ForCausalLM`` (untied embeddings: tied ones let the never-predicted key words collapse
+onto one embedding) with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
 decay to 10%, bf16 autocast on CUDA, gradient clipping at 1, loss = answer-weighted next-token
 cross-entropy. ``--steps`` fixes the step count; otherwise ``--minutes`` of training are turned into a
 step count from the step time measured in each phase (the card records the counts, so ``--steps`` and
@@ -36,7 +37,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 from headscope.heads import HeadscopeError
 from headscope.zoo.card import TrainingLog, write_outputs
 from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder
-from headscope.zoo.evaluate import task_accuracies
+from headscope.zoo.evaluate import embedding_similarity, task_accuracies
 from headscope.zoo.multiquery import sample_multi_query
 from headscope.zoo.tokenizer import build_demo_tokenizer
 
@@ -48,11 +49,16 @@ PRESETS = {
 }
 
 
-def model_config(preset: str, tokenizer, seq_len: int) -> Qwen3Config:
-    """The Qwen3 configuration of a preset for ``tokenizer``'s vocabulary and a ``seq_len`` context."""
+def model_config(preset: str, tokenizer, seq_len: int, tie_embeddings: bool = False) -> Qwen3Config:
+    """The Qwen3 configuration of a preset for ``tokenizer``'s vocabulary and a ``seq_len`` context.
+
+    Embeddings are untied by default: with tied embeddings the key words (needle and key-value keys, never
+    predictable targets) get the same output-side gradient, their embeddings collapse onto one direction
+    (mean pairwise cosine 0.93 in the first demo model) and no head can tell which key a query names.
+    """
     return Qwen3Config(
         vocab_size=len(tokenizer), max_position_embeddings=seq_len, rope_theta=10000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_embeddings, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None, **PRESETS[preset],
     )
 
@@ -160,6 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--short-seq-len", type=int, default=256, help="row length of the first phase")
     parser.add_argument("--short-fraction", type=float, default=0.4, help="share of steps on short rows (0: none)")
     parser.add_argument("--short-steps", type=int, default=None, help="steps on short rows (overrides the fraction)")
+    parser.add_argument("--tie-embeddings", action="store_true",
+                        help="tie input and output embeddings (default: untied; tied, the key words' embeddings collapse)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--answer-weight", type=float, default=5.0)
@@ -212,7 +220,7 @@ def main(argv=None) -> int:
         return DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=amp,
                           prefetch_factor=8 if args.workers else None)
 
-    model = Qwen3ForCausalLM(model_config(args.preset, tokenizer, args.seq_len)).to(device)
+    model = Qwen3ForCausalLM(model_config(args.preset, tokenizer, args.seq_len, args.tie_embeddings)).to(device)
     optimizer = make_optimizer(model, args.lr, fused=device.type == "cuda")
     log = TrainingLog(config.task_names, batch_tokens=args.batch_size * args.seq_len)
     run = RunState(total_steps=args.steps, short_steps=None if curriculum else 0)
@@ -287,8 +295,14 @@ def main(argv=None) -> int:
     lengths = [int(x) for x in args.eval_lengths.split(",") if int(x) <= args.seq_len]
     probe_tasks = [name for name in config.task_names if name in TASK_NAMES]
     accuracies = task_accuracies(shipped, make_probe, shipped_tokenizer, probe_tasks, lengths, args.eval_pairs)
+    from headscope.probes import vocab
+
+    diagnostics = {f"{pool}_embedding_cosine": embedding_similarity(shipped, shipped_tokenizer, vocab.WORD_LISTS[pool])
+                   for pool in ("keys", "word_values", "names")}
     write_outputs(out, args=vars(args), log=log, accuracies=accuracies, model=shipped, run=asdict(run),
-                  device_name=torch.cuda.get_device_name() if amp else "cpu", corpus=config)
+                  device_name=torch.cuda.get_device_name() if amp else "cpu", corpus=config, diagnostics=diagnostics)
+    print("mean pairwise cosine of input embeddings (keys collapse -> no key matching): "
+          + ", ".join(f"{name} {value:.3f}" for name, value in diagnostics.items()))
     state_path.unlink(missing_ok=True)
     for row in accuracies:
         print(f"{row.task:16s} len {row.length:5d}  argmax {row.argmax:.3f}  beats_wrong {row.beats_wrong:.3f}  "
