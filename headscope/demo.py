@@ -1,80 +1,173 @@
 """The main job (``headscope demo`` / ``make demo``): probes -> receivers -> senders -> fused mask ->
 report -> hybrid, on the bundled demo model or any local Hugging Face model.
 
-Steps, each written to ``OUT`` as it finishes (a rerun skips the score files that already exist):
+Steps, each written to ``OUT`` as it finishes (a rerun reuses the score files that already exist and
+were made for the same model, probe length, pair count and seed):
 
-1. run the retrieval and reasoning probes at the model's demo length;
+1. run the retrieval and reasoning probes at the model's demo length (probes the model's tokenizer
+   cannot express are skipped with a note);
 2. score receivers with ``direct`` (the head's own effect on the answer) and senders with ``path``
-   (effect routed through that probe's top receivers), one HeadScores JSON per probe and method;
+   (effect routed through that probe's top receivers outside layer 0), one HeadScores JSON per probe
+   and method;
 3. fuse every score into one ranking (rank-normalised, equal weight per capability), pick the
    full-attention heads at the 7:1 budget, write ``mask.json`` and ``report.html``;
-4. build the 7:1 head-wise hybrid from the mask, align it briefly to the original model (stage 1 of the
-   transfer, CPU, a minute or two) and compare retrieval accuracy of the original and the hybrid.
+4. build the 7:1 head-wise hybrid from the mask, calibrate its per-head output scales, align it briefly
+   to the original model on the demo corpus (stage 1 of the transfer, CPU, a minute or two) and compare
+   the argmax accuracy on the retrieval probes of the original, the hybrid as built and the aligned
+   hybrid (written to ``hybrid.json``).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from headscope.heads import HeadMask, HeadScores, write_text_atomic
+from headscope.heads import HeadMask, HeadScores, HeadscopeError, write_json_atomic, write_text_atomic
 from headscope.models import LoadedModel, load_model
 from headscope.probes import Probe, make_probe
 
 RETRIEVAL_PROBES = ("needle_single", "needle_multikey", "kv_recall", "induction")
 REASONING_PROBES = ("multihop", "ioi", "comparison")
+STAGES = ("original", "hybrid_built", "hybrid_aligned")
 
 
 @dataclass
 class DemoSettings:
-    """What the demo runs; the defaults keep ``make demo`` to a few minutes on 2 CPU cores."""
+    """What the demo runs; the defaults keep ``make demo`` to a few minutes on 2 CPU cores.
+
+    Attributes:
+        length: probe length in tokens (cut to the model's context when longer).
+        n_pairs: prompt pairs per probe for scoring.
+        ratio: linear:full head budget of the mask.
+        n_receivers: receivers (top direct heads outside layer 0) per probe for path scoring.
+        align_steps, align_batch, align_length, align_lr: the stage-1 alignment run.
+        eval_pairs: prompts per retrieval probe when comparing accuracies (a fresh seed).
+        seed: probe, corpus and torch seed.
+        probes: built-in probe names to run.
+        build_hybrid: build, align and evaluate the hybrid after the mask.
+        progress: show progress bars.
+    """
 
     length: int = 256
     n_pairs: int = 8
     ratio: str = "7:1"
     n_receivers: int = 3
     align_steps: int = 60
+    align_batch: int = 4
     align_length: int = 256
+    align_lr: float = 1e-3
     eval_pairs: int = 16
     seed: int = 0
     probes: tuple[str, ...] = RETRIEVAL_PROBES + REASONING_PROBES
     build_hybrid: bool = True
+    progress: bool = True
 
 
 @dataclass
 class DemoResult:
+    """What ``run_demo`` made: scores, the mask, and (with the hybrid) accuracies and alignment losses.
+
+    ``accuracies[stage][probe]`` is the argmax accuracy for each stage of ``STAGES``.
+    """
+
     scores: list[HeadScores] = field(default_factory=list)
     mask: HeadMask | None = None
     accuracies: dict[str, dict[str, float]] = field(default_factory=dict)
+    align_losses: list[float] = field(default_factory=list)
 
 
-def _score_or_load(path: Path, compute) -> HeadScores:
-    if path.is_file():
-        return HeadScores.load(path)
-    scores = compute()
-    scores.save(path)
-    return scores
+def build_probes(lm: LoadedModel, names: tuple[str, ...], length: int, n_pairs: int, seed: int, log=print) -> list[Probe]:
+    """The built-in probes ``names`` for ``lm``'s tokenizer; those it cannot express are skipped with a note.
+
+    Args:
+        lm: the model (its tokenizer builds the prompts).
+        names: built-in probe names (already validated).
+        length, n_pairs, seed: as ``make_probe``.
+        log: where the skip notes go.
+    Returns:
+        The probes that could be built, in ``names`` order.
+    Raises:
+        HeadscopeError: none could be built.
+    """
+    probes, problems = [], []
+    for name in names:
+        try:
+            probes.append(make_probe(name, lm.tokenizer, length=length, n_pairs=n_pairs, seed=seed))
+        except HeadscopeError as err:
+            problems.append(str(err))
+            log(f"note: skipping probe {name}: {err}")
+    if not probes:
+        raise HeadscopeError(f"none of the probes can be built for this model's tokenizer ({problems[0]})")
+    return probes
 
 
-def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: int) -> list[HeadScores]:
-    """Receivers (``direct``) and senders (``path`` through the top receivers) for every probe."""
+def _reusable(path: Path, lm: LoadedModel, probe: Probe, seed: int, receivers: list[str] | None = None) -> HeadScores | None:
+    """The scores stored at ``path`` if they were made for this model and probe setting, else None."""
+    if not path.is_file():
+        return None
+    scores = HeadScores.load(path)
+    meta = scores.meta
+    same = (lm.fingerprint.mismatch(scores.fingerprint) is None and scores.fingerprint.name == lm.fingerprint.name
+            and meta.get("length") == probe.length and meta.get("n_pairs") == len(probe) and meta.get("seed") == seed
+            and (receivers is None or sorted(meta.get("receivers") or []) == sorted(receivers)))
+    return scores if same else None
+
+
+def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: int, seed: int = 0, log=print,
+                 progress: bool = True) -> list[HeadScores]:
+    """Receivers (``direct``) and senders (``path`` through the top receivers) for every probe.
+
+    Score files already in ``out/scores`` are reused when they match the model, the probe's length and
+    pair count, ``seed`` and (for path scores) the receivers; others are recomputed and overwritten.
+
+    Args:
+        lm: the model.
+        probes: the probes to score.
+        out: the demo output directory (files go to ``out/scores/PROBE.METHOD.json``).
+        n_receivers: receivers per probe: the top heads by |direct score| outside layer 0.
+        seed: the probes' seed (checked against reused files).
+        log: where reuse notes go.
+        progress: show the scorers' progress bars.
+    Returns:
+        The HeadScores, direct then path for each probe (path only when the model has a layer past 0).
+    """
     from headscope.patching import direct_scores
     from headscope.patching.path import Receiver, path_scores
 
-    results = []
+    results, reused = [], 0
     for probe in probes:
-        receivers = _score_or_load(out / "scores" / f"{probe.name}.direct.json", lambda: direct_scores(lm, probe))
-        chosen = [Receiver(head) for head in receivers.top(n_receivers) if head.layer > 0]
-        results.append(receivers)
-        if chosen:
-            results.append(_score_or_load(out / "scores" / f"{probe.name}.path.json", lambda: path_scores(lm, probe, receivers=chosen)))
+        path = out / "scores" / f"{probe.name}.direct.json"
+        direct = _reusable(path, lm, probe, seed)
+        if direct is None:
+            direct = direct_scores(lm, probe, progress=progress)
+            direct.save(path)
+        else:
+            reused += 1
+        results.append(direct)
+        chosen = [Receiver(h) for h in direct.top(lm.fingerprint.n_layers * lm.fingerprint.n_heads) if h.layer > 0][:n_receivers]
+        if not chosen:
+            continue
+        path = out / "scores" / f"{probe.name}.path.json"
+        senders = _reusable(path, lm, probe, seed, [str(r) for r in chosen])
+        if senders is None:
+            senders = path_scores(lm, probe, receivers=chosen, progress=progress)
+            senders.save(path)
+        else:
+            reused += 1
+        results.append(senders)
+    if reused:
+        log(f"reused {reused} score files from {out / 'scores'}")
     return results
 
 
 def top_heads_by_capability(scores: list[HeadScores], k: int = 5) -> dict[str, list[str]]:
+    """The ``k`` best heads of each capability (the fusion of that capability's scores), best first."""
     from headscope.fusion import fuse
 
     by_capability: dict[str, list[HeadScores]] = {}
@@ -83,30 +176,93 @@ def top_heads_by_capability(scores: list[HeadScores], k: int = 5) -> dict[str, l
     return {cap: [str(h) for h in fuse(group).top(k)] for cap, group in by_capability.items()}
 
 
-def probe_accuracy(model, probes: list[Probe]) -> dict[str, float]:
-    """Fraction of clean prompts whose next-token logit prefers the answer to the wrong token."""
+def probe_accuracy(model: torch.nn.Module, probes: list[Probe], label: str = "accuracy", progress: bool = True) -> dict[str, float]:
+    """Argmax accuracy of ``model`` on each probe: the fraction of clean prompts whose top next token is the answer.
+
+    Args:
+        model: a causal LM (``model(input_ids).logits``).
+        probes: the probes (only the clean prompts are read).
+        label: the progress bar's label.
+        progress: show a progress bar.
+    Returns:
+        ``{probe name: argmax accuracy}``.
+    """
     from headscope.zoo.evaluate import probe_accuracy as accuracy
 
-    return {probe.name: accuracy(model, probe).accuracy for probe in probes}
+    return {p.name: accuracy(model, p).argmax for p in tqdm(probes, desc=label, disable=not progress, leave=False)}
+
+
+def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Rows of the demo model's training corpus (``headscope.zoo.corpus`` with the training sampler).
+
+    Row ``i`` is ``RowBuilder.build(row_rng(seed, i))`` (probe-format tasks and multi-query recall
+    documents in haystack text, separated by the tokenizer's eos), so the batches depend on the seed alone.
+
+    Args:
+        tokenizer: the model's Hugging Face tokenizer (any; the demo model's covers every corpus word).
+        n_batches, batch_size, seq_len: the shape of the result.
+        seed: the row stream's seed.
+    Returns:
+        ``(n_batches, batch_size, seq_len)`` int64 ids.
+    Raises:
+        HeadscopeError: the tokenizer has no eos, bos or pad token to separate documents.
+    """
+    from headscope.probes.haystack import haystack_sentences
+    from headscope.zoo.corpus import CorpusConfig, Haystack, RowBuilder, row_rng
+    from headscope.zoo.train_demo import sample_training_task
+
+    separator = next((i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None), None)
+    if separator is None:
+        raise HeadscopeError("the model's tokenizer has no eos, bos or pad token to separate corpus documents")
+    core = getattr(tokenizer, "backend_tokenizer", None)
+    if core is not None:
+        encode: Callable[[str], list[int]] = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+    else:
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    essay = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
+    sample = essay.split()[:20000]
+    haystack = Haystack(essay, len(encode(" ".join(sample))) / len(sample))
+    builder = RowBuilder(encode, separator, sample_training_task, haystack, CorpusConfig(seq_len=seq_len - 1))
+    rows = [torch.from_numpy(builder.build(row_rng(seed, i))[0]) for i in range(n_batches * batch_size)]
+    return torch.stack(rows).view(n_batches, batch_size, seq_len)
+
+
+def hybrid_unsupported(lm: LoadedModel) -> str | None:
+    """Why ``lm`` cannot become a head-wise hybrid (its family), or None when it can."""
+    from headscope.hybrid.modeling import family_of
+
+    try:
+        family_of(lm.model.config.model_type)
+    except HeadscopeError as err:
+        return str(err)
+    return None
 
 
 def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | None = None, log=print) -> DemoResult:
-    """Run the whole pipeline on ``model_dir`` and write scores, mask and report under ``out``.
+    """Run the whole pipeline on ``model_dir`` and write scores, mask, report (and hybrid.json) under ``out``.
 
     Args:
         model_dir: a local Hugging Face causal-LM directory (the bundled demo model by default).
         out: output directory (created).
         settings: ``DemoSettings``.
-        log: where progress lines go.
+        log: where the summary lines go.
     Returns:
-        ``DemoResult`` with the scores, the mask and (when the hybrid is built) accuracies.
+        ``DemoResult`` with the scores, the mask and (when the hybrid is built) accuracies and losses.
+    Raises:
+        HeadscopeError: unknown probe names, bad settings, or no probe usable with the model's tokenizer.
     """
     from headscope.fusion import fuse
     from headscope.mask import select_mask
     from headscope.maskfile import save_mask
+    from headscope.probes import BUILTIN_PROBES
     from headscope.reports import build_report_html
 
     settings = settings or DemoSettings()
+    unknown = [name for name in settings.probes if name not in BUILTIN_PROBES]
+    if unknown or not settings.probes:
+        raise HeadscopeError(f"unknown probe {unknown[0] if unknown else '(none given)'!r}; built-in probes: {', '.join(BUILTIN_PROBES)}")
+    if min(settings.length, settings.n_pairs, settings.align_steps, settings.align_batch, settings.align_length, settings.eval_pairs) < 1:
+        raise HeadscopeError("demo lengths, pair counts, alignment steps and batch size must all be positive")
     out = Path(out)
     (out / "scores").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -114,9 +270,14 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
     lm = load_model(model_dir)
     fp = lm.fingerprint
     log(f"model {fp.name}: {fp.architecture}, {fp.n_layers} layers x {fp.n_heads} heads ({fp.n_kv_heads} KV heads), head_dim {fp.head_dim}")
-    probes = [make_probe(name, lm.tokenizer, length=settings.length, n_pairs=settings.n_pairs, seed=settings.seed) for name in settings.probes]
+    context = lm.max_context or settings.length
+    if settings.length > context or settings.align_length > context:
+        log(f"note: the model's context is {context} tokens; probes and alignment rows are cut to it")
+        settings = replace(settings, length=min(settings.length, context), align_length=min(settings.align_length, context))
+    probes = build_probes(lm, settings.probes, settings.length, settings.n_pairs, settings.seed, log)
+    settings = replace(settings, probes=tuple(probe.name for probe in probes))  # the hybrid step skips the same ones
     result = DemoResult()
-    result.scores = score_probes(lm, probes, out, settings.n_receivers)
+    result.scores = score_probes(lm, probes, out, settings.n_receivers, settings.seed, log, settings.progress)
 
     ranking = fuse(result.scores)
     mask = select_mask(ranking, fp, ratio=settings.ratio)
@@ -133,28 +294,58 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
     log(f"wrote {out / 'mask.json'}, {out / 'report.html'}, {len(result.scores)} score files in {out / 'scores'}")
 
     if settings.build_hybrid:
-        result.accuracies = hybrid_step(lm, mask, settings, log)
+        problem = hybrid_unsupported(lm)
+        if problem is not None:
+            log(f"\nnote: skipping the hybrid: {problem}")
+        else:
+            result.accuracies, result.align_losses = hybrid_step(lm, mask, settings, log)
+            write_json_atomic(out / "hybrid.json", {"metric": "argmax accuracy", "accuracies": result.accuracies,
+                                                    "align_losses": result.align_losses, "align_steps": settings.align_steps,
+                                                    "align_batch": settings.align_batch, "align_length": settings.align_length})
     return result
 
 
-def hybrid_step(lm: LoadedModel, mask: HeadMask, settings: DemoSettings, log=print) -> dict[str, dict[str, float]]:
-    """Build the hybrid from ``mask``, align it briefly on CPU, compare retrieval accuracy."""
-    from headscope.hybrid.builder import build_hybrid
+def hybrid_step(lm: LoadedModel, mask: HeadMask, settings: DemoSettings, log=print) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Build the hybrid from ``mask``, align it briefly on CPU, compare retrieval accuracy with the original.
+
+    The hybrid's per-head output scales are calibrated to the original heads' RMS on the first batch
+    (``calibrate_gamma``), then ``align_hybrid`` trains its attention for ``settings.align_steps`` steps
+    on demo-corpus rows (``corpus_batches``, seeded by ``settings.seed``).
+
+    Args:
+        lm: the original model.
+        mask: the full-attention heads.
+        settings: ``DemoSettings`` (probes, alignment run, evaluation pairs and seed).
+        log: where the comparison table goes.
+    Returns:
+        ``(accuracies, losses)``: ``accuracies[stage][probe]`` argmax accuracy for every stage of ``STAGES``
+        and retrieval probe the tokenizer can express (empty when there is none), and the alignment loss
+        of every step.
+    """
+    from headscope.hybrid.builder import build_hybrid, calibrate_gamma
     from headscope.transfer import align_hybrid
 
     log(f"\nbuilding the head-wise hybrid ({mask.n_full} FA heads, the rest Gated DeltaNet) ...")
     hybrid = build_hybrid(lm, mask)
-    eval_probes = [
-        make_probe(name, lm.tokenizer, length=settings.length, n_pairs=settings.eval_pairs, seed=settings.seed + 1)
-        for name in settings.probes if name in RETRIEVAL_PROBES
-    ]
-    before = probe_accuracy(hybrid, eval_probes)
-    log(f"stage-1 alignment: {settings.align_steps} steps at {settings.align_length} tokens on the demo corpus (CPU) ...")
-    align_hybrid(hybrid, lm.model, steps=settings.align_steps, seq_len=settings.align_length, seed=settings.seed)
-    accuracies = {"original": probe_accuracy(lm.model, eval_probes), "hybrid_unaligned": before, "hybrid_aligned": probe_accuracy(hybrid, eval_probes)}
-    log("\nretrieval accuracy (answer beats wrong token):")
+    names = tuple(name for name in settings.probes if name in RETRIEVAL_PROBES)
+    eval_probes = build_probes(lm, names, settings.length, settings.eval_pairs, settings.seed + 1, log) if names else []
+    accuracies = {"original": probe_accuracy(lm.model, eval_probes, "accuracy original", settings.progress),
+                  "hybrid_built": probe_accuracy(hybrid, eval_probes, "accuracy hybrid", settings.progress)}
+    batches = corpus_batches(lm.tokenizer, settings.align_steps, settings.align_batch, settings.align_length, settings.seed)
+    log(f"stage-1 alignment: output scales calibrated, then {settings.align_steps} steps of {settings.align_batch} x "
+        f"{settings.align_length} tokens of the demo corpus, lr {settings.align_lr:g} (CPU) ...")
+    calibrate_gamma(hybrid, lm, batches[0])
+    losses = align_hybrid(hybrid, lm.model, batches, settings.align_steps, settings.align_lr, progress=settings.progress)
+    accuracies["hybrid_aligned"] = probe_accuracy(hybrid, eval_probes, "accuracy aligned", settings.progress)
+    window = max(1, min(10, len(losses) // 2))
+    log(f"alignment loss (sum over layers of the output MSE), median of the first {window} steps "
+        f"{statistics.median(losses[:window]):.4g}, of the last {window} {statistics.median(losses[-window:]):.4g}")
+    if not eval_probes:
+        log("no retrieval probe to compare accuracies on")
+        return {stage: {} for stage in STAGES}, losses
+    log(f"\nretrieval accuracy, argmax (the answer is the top next token), {settings.eval_pairs} held-out prompts per probe:")
     log(f"  {'probe':16s} {'original':>9s} {'hybrid, built':>14s} {'hybrid, aligned':>16s}")
     for probe in eval_probes:
-        log(f"  {probe.name:16s} {accuracies['original'][probe.name]:9.2f} {accuracies['hybrid_unaligned'][probe.name]:14.2f} "
+        log(f"  {probe.name:16s} {accuracies['original'][probe.name]:9.2f} {accuracies['hybrid_built'][probe.name]:14.2f} "
             f"{accuracies['hybrid_aligned'][probe.name]:16.2f}")
-    return accuracies
+    return accuracies, losses

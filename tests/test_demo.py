@@ -1,0 +1,146 @@
+"""``headscope demo`` end to end on a tiny random Qwen3 with the demo tokenizer: probes, scores, mask,
+report and the hybrid step (build, calibrate, align, accuracies); score reuse on a rerun; the CLI's
+errors; the GPT-2 path without a hybrid; the fallback model when none is bundled."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+
+import headscope.zoo
+from headscope.cli import main
+from headscope.demo import STAGES, DemoSettings, corpus_batches, run_demo
+from headscope.heads import HeadscopeError
+from headscope.maskfile import load_mask
+from headscope.models import load_model
+
+PROBES = ("needle_single", "kv_recall", "ioi")
+CLI_ARGS = ["--length", "64", "--pairs", "2", "--probes", ",".join(PROBES), "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core box are far faster single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from headscope.probes import TASK_NAMES, sample_task_text, task_vocabulary
+    from headscope.zoo.tokenizer import build_demo_tokenizer
+
+    return build_demo_tokenizer(sample_task_text, TASK_NAMES, task_vocabulary(), seed=0, samples_per_task=3, model_max_length=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, demo_tokenizer):
+    """A 2-layer, 4-head random Qwen3 whose context (128) is shorter than the demo's alignment rows (256)."""
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(demo_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         tie_word_embeddings=True, eos_token_id=demo_tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_demo")
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_demo_pipeline_with_hybrid(tiny_dir, tmp_path):
+    lines: list[str] = []
+    settings = DemoSettings(length=64, n_pairs=2, align_steps=3, align_batch=2, eval_pairs=4, probes=PROBES, progress=False)
+    result = run_demo(tiny_dir, tmp_path, settings, log=lines.append)
+    text = "\n".join(lines)
+
+    for name in PROBES:
+        assert (tmp_path / "scores" / f"{name}.direct.json").is_file()
+        assert (tmp_path / "scores" / f"{name}.path.json").is_file()  # receivers come from layer 1
+    assert (tmp_path / "report.html").stat().st_size > 0
+    fingerprint = load_model(tiny_dir).fingerprint
+    mask = load_mask(tmp_path / "mask.json", expect=fingerprint)
+    assert mask.heads() == result.mask.heads() and mask.n_full == 1  # 7:1 of 8 heads
+    assert "note: the model's context is 128 tokens" in text and "KV-cache kept" in text
+
+    retrieval = {"needle_single", "kv_recall"}
+    assert set(result.accuracies) == set(STAGES)
+    for stage in STAGES:
+        assert set(result.accuracies[stage]) == retrieval
+        assert all(0.0 <= v <= 1.0 for v in result.accuracies[stage].values())
+    assert len(result.align_losses) == 3 and all(math.isfinite(x) for x in result.align_losses)
+    assert "argmax" in text
+    for name in retrieval:
+        row = re.search(rf"^\s+{name}\s+(\d\.\d\d)\s+(\d\.\d\d)\s+(\d\.\d\d)$", text, re.M)
+        assert row, text
+        assert [float(x) for x in row.groups()] == [round(result.accuracies[s][name], 2) for s in STAGES]
+    stored = json.loads((tmp_path / "hybrid.json").read_text())
+    assert stored["accuracies"] == result.accuracies and stored["align_losses"] == result.align_losses
+
+
+def test_demo_cli_reuses_matching_scores_only(tiny_dir, tmp_path, capsys):
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-hybrid", *CLI_ARGS]) == 0
+    first = capsys.readouterr().out
+    assert "reused" not in first and "mask 7:1" in first
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()}
+    assert len(stamps) == 6 and not (tmp_path / "hybrid.json").exists()
+
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-hybrid", *CLI_ARGS]) == 0
+    assert "reused 6 score files" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()} == stamps
+
+    other = ["--length", "64", "--pairs", "3", "--probes", "ioi", "--no-progress"]  # the stored scores have 2 pairs
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-hybrid", *other]) == 0
+    assert "reused" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "scores" / "ioi.direct.json").read_text())["meta"]["n_pairs"] == 3
+
+
+def test_demo_cli_errors(tiny_dir, qwen3_dir, tmp_path, capsys):
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--probes", "needle_single,nope"]) == 2
+    assert "unknown probe 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--align-steps", "0"]) == 2
+    assert "--align-steps" in capsys.readouterr().err
+    # conftest's model has a w0..w125 tokenizer: no probe's words are single tokens in it
+    assert main(["demo", "--model", qwen3_dir, "--out", str(tmp_path), "--no-hybrid", *CLI_ARGS]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("headscope: error")]
+    assert len(errors) == 1 and "none of the probes can be built" in errors[0]
+
+
+def test_demo_gpt2_skips_the_hybrid(demo_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(demo_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                        eos_token_id=demo_tokenizer.eos_token_id, bos_token_id=demo_tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    demo_tokenizer.save_pretrained(tmp_path / "gpt2")
+    lines: list[str] = []
+    settings = DemoSettings(length=48, n_pairs=2, probes=("needle_single",), progress=False)
+    result = run_demo(tmp_path / "gpt2", tmp_path / "out", settings, log=lines.append)
+    assert (tmp_path / "out" / "mask.json").is_file() and result.accuracies == {}
+    assert any("skipping the hybrid" in line and "gpt2" in line for line in lines)
+
+
+def test_corpus_batches_are_seeded_demo_corpus_rows(demo_tokenizer):
+    a = corpus_batches(demo_tokenizer, 2, 3, 96, seed=0)
+    assert a.shape == (2, 3, 96) and a.dtype == torch.int64
+    assert torch.equal(a, corpus_batches(demo_tokenizer, 2, 3, 96, seed=0))
+    assert not torch.equal(a, corpus_batches(demo_tokenizer, 2, 3, 96, seed=1))
+    assert int(a.max()) < len(demo_tokenizer) and demo_tokenizer.unk_token_id not in a.unique().tolist()
+    assert (a == demo_tokenizer.eos_token_id).any()  # documents are separated
+
+
+def test_demo_falls_back_to_an_untrained_model(tmp_path, monkeypatch, capsys):
+    def missing():
+        raise HeadscopeError("the demo model is missing")
+
+    monkeypatch.setattr(headscope.zoo, "demo_model_path", missing)
+    args = ["--length", "32", "--pairs", "1", "--probes", "needle_single", "--no-progress", "--no-hybrid"]
+    assert main(["demo", "--out", str(tmp_path), *args]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED" in out and "mask 7:1" in out
+    assert (tmp_path / "untrained-model" / "config.json").is_file()
+    load_mask(tmp_path / "mask.json", expect=load_model(tmp_path / "untrained-model").fingerprint)
