@@ -209,7 +209,7 @@ def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int
     """
     from headscope.probes.haystack import haystack_sentences
     from headscope.zoo.corpus import CorpusConfig, Haystack, RowBuilder, row_rng
-    from headscope.zoo.train_demo import sample_training_task
+    from headscope.zoo.multiquery import sample_training_task
 
     separator = next((i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None), None)
     if separator is None:

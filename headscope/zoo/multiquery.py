@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 
 from headscope.probes.haystack import haystack_sentences, insert_facts, take_window
-from headscope.probes.tasks import Pools, _needle, _needle_query
+from headscope.probes.tasks import Pools, _needle, _needle_query, sample_task_text
 
 MIN_PAIRS, MAX_PAIRS = 4, 16
 STYLES = ("kv", "needle")
@@ -60,3 +60,9 @@ def sample_multi_query(rng: random.Random, n_filler_words: int) -> list[tuple[st
     turns = [(" ".join(words + questions[0].split()), values[asked[0]])]
     turns += [(". " + question, values[i]) for question, i in zip(questions[1:], asked[1:])]
     return turns
+
+
+def sample_training_task(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, str] | list[tuple[str, str]]:
+    """The demo corpus's sampler: ``"mqar"`` documents from ``sample_multi_query``, the probe tasks from
+    ``headscope.probes.tasks.sample_task_text`` (arguments as there)."""
+    return sample_multi_query(rng, n_filler_words) if name == "mqar" else sample_task_text(name, rng, n_filler_words)

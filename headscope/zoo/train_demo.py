@@ -38,7 +38,7 @@ from headscope.heads import HeadscopeError
 from headscope.zoo.card import TrainingLog, write_outputs
 from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder
 from headscope.zoo.evaluate import embedding_similarity, task_accuracies
-from headscope.zoo.multiquery import sample_multi_query
+from headscope.zoo.multiquery import sample_training_task
 from headscope.zoo.tokenizer import build_demo_tokenizer
 
 PRESETS = {
@@ -61,14 +61,6 @@ def model_config(preset: str, tokenizer, seq_len: int, tie_embeddings: bool = Fa
         tie_word_embeddings=tie_embeddings, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None, **PRESETS[preset],
     )
-
-
-def sample_training_task(name: str, rng: random.Random, n_filler_words: int):
-    """The corpus sampler: ``"mqar"`` documents from ``headscope.zoo.multiquery``, the probe tasks from
-    ``headscope.probes.tasks.sample_task_text``."""
-    from headscope.probes.tasks import sample_task_text
-
-    return sample_multi_query(rng, n_filler_words) if name == "mqar" else sample_task_text(name, rng, n_filler_words)
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
