@@ -207,7 +207,6 @@ def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int
     Raises:
         HeadscopeError: the tokenizer has no eos, bos or pad token to separate documents.
     """
-    from headscope.probes.haystack import haystack_sentences
     from headscope.zoo.corpus import CorpusConfig, Haystack, RowBuilder, row_rng
     from headscope.zoo.multiquery import sample_training_task
 
@@ -219,10 +218,7 @@ def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int
         encode: Callable[[str], list[int]] = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
     else:
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    essay = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
-    sample = essay.split()[:20000]
-    haystack = Haystack(essay, len(encode(" ".join(sample))) / len(sample))
-    builder = RowBuilder(encode, separator, sample_training_task, haystack, CorpusConfig(seq_len=seq_len - 1))
+    builder = RowBuilder(encode, separator, sample_training_task, Haystack.essay(encode), CorpusConfig(seq_len=seq_len - 1))
     rows = [torch.from_numpy(builder.build(row_rng(seed, i))[0]) for i in range(n_batches * batch_size)]
     return torch.stack(rows).view(n_batches, batch_size, seq_len)
 

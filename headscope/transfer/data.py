@@ -231,18 +231,14 @@ class DemoCorpusRows:
     preshuffled = True
 
     def __init__(self, tokenizer: Any, seq_len: int, seed: int, n_rows: int = 1 << 40) -> None:
-        from headscope.probes.haystack import haystack_sentences
         from headscope.zoo.corpus import CorpusConfig, Haystack, RowBuilder
         from headscope.zoo.multiquery import sample_training_task
 
         if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
             raise HeadscopeError("data.source demo_corpus needs the model's tokenizer with an eos token")
         core = tokenizer.backend_tokenizer
-        essay = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
-        sample = essay.split()[:20000]
-        tokens_per_word = len(core.encode(" ".join(sample), add_special_tokens=False).ids) / len(sample)
         encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
-        self.builder = RowBuilder(encode, tokenizer.eos_token_id, sample_training_task, Haystack(essay, tokens_per_word),
+        self.builder = RowBuilder(encode, tokenizer.eos_token_id, sample_training_task, Haystack.essay(encode),
                                   CorpusConfig(seq_len=seq_len - 1))
         self.seq_len, self.seed, self.n_rows = seq_len, seed, n_rows
 

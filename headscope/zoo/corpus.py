@@ -103,6 +103,20 @@ class Haystack:
             return " ".join(self.words[start:end])
         return " ".join(self.words[start:] + self.words[: end - len(self.words)])
 
+    @classmethod
+    def essay(cls, encode: Callable[[str], list[int]], sample_words: int = 20000) -> "Haystack":
+        """The probes' essay haystack, its tokens per word measured under ``encode`` on its first words.
+
+        Args:
+            encode: text -> token ids (no special tokens), the model's tokenizer.
+            sample_words: how many leading words the token rate is measured on.
+        """
+        from headscope.probes.haystack import haystack_sentences
+
+        text = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
+        sample = text.split()[:sample_words]
+        return cls(text, len(encode(" ".join(sample))) / len(sample))
+
 
 class RowBuilder:
     """Builds packed training rows (see the module docstring).

@@ -176,7 +176,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from headscope.probes import make_probe
-    from headscope.probes.haystack import haystack_sentences
     from headscope.probes.tasks import TASK_NAMES, sample_task_text, task_vocabulary
 
     out = Path(args.out)
@@ -199,11 +198,8 @@ def main(argv=None) -> int:
                                      model_max_length=args.seq_len)
     tokenizer.save_pretrained(out)
     core = tokenizer.backend_tokenizer
-    essay = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
-    sample_words = essay.split()[:20000]
-    tokens_per_word = len(core.encode(" ".join(sample_words), add_special_tokens=False).ids) / len(sample_words)
-    haystack = Haystack(essay, tokens_per_word)
     encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+    haystack = Haystack.essay(encode)
 
     def make_loader(seq_len: int, start_batch: int) -> DataLoader:
         phase_config = replace(config, seq_len=seq_len)
