@@ -33,17 +33,15 @@ MAX_TILE_ELEMENTS = 2048  # BLOCK_H * 2 * BLOCK_HALF per program (H=14, D=128: o
 
 
 @triton.jit
-def _rope_l2norm_fwd_kernel(
-    x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, T, H, HALF, eps,
+def _rotated_tile(
+    x_ptr, cos_ptr, sin_ptr, row, heads, dims, mask, T, HALF,
     sx_b, sx_t, sx_h, sx_d, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
-    STORE_RSTD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # b * T + t
+    """Load one token row's tile of ``x`` (heads x half dims, both halves) and its cos/sin halves, in
+    float32; return ``u = x * cos + rotate_half(x) * sin`` as halves ``(BLOCK_H, BLOCK_HALF)`` and the
+    table halves ``(1, BLOCK_HALF)`` the backward needs."""
     b, t = row // T, row % T
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
-    dims = tl.arange(0, BLOCK_HALF)  # (BLOCK_HALF,)
-    head_ok, dim_ok = heads < H, dims < HALF
-    mask = head_ok[:, None] & dim_ok[None, :]  # (BLOCK_H, BLOCK_HALF)
+    dim_ok = dims < HALF
     x_lo = x_ptr + b * sx_b + t * sx_t + heads[:, None] * sx_h + dims[None, :] * sx_d
     x1 = tl.load(x_lo, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_lo + HALF * sx_d, mask=mask, other=0.0).to(tl.float32)
@@ -53,8 +51,24 @@ def _rope_l2norm_fwd_kernel(
     c2 = tl.load(c_lo + HALF * sc_d, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(s_lo, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(s_lo + HALF * ss_d, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
-    u1 = x1 * c1 - x2 * s1
-    u2 = x2 * c2 + x1 * s2
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, c1, c2, s1, s2
+
+
+@triton.jit
+def _rope_l2norm_fwd_kernel(
+    x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, T, H, HALF, eps,
+    sx_b, sx_t, sx_h, sx_d, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+    STORE_RSTD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # b * T + t
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+    dims = tl.arange(0, BLOCK_HALF)  # (BLOCK_HALF,)
+    head_ok = heads < H
+    mask = head_ok[:, None] & (dims < HALF)[None, :]  # (BLOCK_H, BLOCK_HALF)
+    u1, u2, c1, c2, s1, s2 = _rotated_tile(
+        x_ptr, cos_ptr, sin_ptr, row, heads, dims, mask, T, HALF,
+        sx_b, sx_t, sx_h, sx_d, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+    )
     rstd = 1.0 / tl.sqrt(tl.sum(u1 * u1 + u2 * u2, axis=1) + eps)  # (BLOCK_H,)
     y_lo = y_ptr + row * H * 2 * HALF + heads[:, None] * 2 * HALF + dims[None, :]
     tl.store(y_lo, (u1 * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
@@ -70,23 +84,17 @@ def _rope_l2norm_bwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b, t = row // T, row % T
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_HALF)
-    head_ok, dim_ok = heads < H, dims < HALF
-    mask = head_ok[:, None] & dim_ok[None, :]
-    x_lo = x_ptr + b * sx_b + t * sx_t + heads[:, None] * sx_h + dims[None, :] * sx_d
-    x1 = tl.load(x_lo, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_lo + HALF * sx_d, mask=mask, other=0.0).to(tl.float32)
-    c_lo = cos_ptr + b * sc_b + t * sc_t + dims * sc_d
-    s_lo = sin_ptr + b * ss_b + t * ss_t + dims * ss_d
-    c1 = tl.load(c_lo, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(c_lo + HALF * sc_d, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(s_lo, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(s_lo + HALF * ss_d, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+    head_ok = heads < H
+    mask = head_ok[:, None] & (dims < HALF)[None, :]
+    u1, u2, c1, c2, s1, s2 = _rotated_tile(
+        x_ptr, cos_ptr, sin_ptr, row, heads, dims, mask, T, HALF,
+        sx_b, sx_t, sx_h, sx_d, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+    )
     rstd = tl.load(rstd_ptr + row * H + heads, mask=head_ok, other=0.0)[:, None]  # (BLOCK_H, 1)
-    y1 = (x1 * c1 - x2 * s1) * rstd
-    y2 = (x2 * c2 + x1 * s2) * rstd
+    y1 = u1 * rstd
+    y2 = u2 * rstd
     d_lo = row * H * 2 * HALF + heads[:, None] * 2 * HALF + dims[None, :]  # dy and dx are contiguous
     dy1 = tl.load(dy_ptr + d_lo, mask=mask, other=0.0).to(tl.float32)
     dy2 = tl.load(dy_ptr + d_lo + HALF, mask=mask, other=0.0).to(tl.float32)
