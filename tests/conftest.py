@@ -22,6 +22,16 @@ def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>")
 
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core box are far faster single-threaded (``usefixtures`` per module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_qwen3(seed: int = 0, n_layers: int = 3) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen3Config(

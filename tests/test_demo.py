@@ -21,15 +21,7 @@ from headscope.models import load_model
 
 PROBES = ("needle_single", "kv_recall", "ioi")
 CLI_ARGS = ["--length", "64", "--pairs", "2", "--probes", ",".join(PROBES), "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box are far faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from headscope.transfer.losses import (distillation_kl, distillation_kl_referenc
                                        layer_alignment_loss_reference, next_token_loss, next_token_loss_reference)
 from headscope.transfer.objectives import AlignObjective, attention_modules, layer_io
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box are far faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hybrid_of(teacher, ratio="3:1", seed=0):
