@@ -124,11 +124,13 @@ def _values(rng: random.Random, pools: Pools, k: int) -> tuple[str, list[str]]:
     return kind, rng.sample(list(pools.number_values if kind == "number" else pools.word_values), k)
 
 
-def _needle(kind: str, key: str, value: str) -> Words:
+def needle_words(kind: str, key: str, value: str) -> Words:
+    """A needle fact: ``the special magic {kind} for {key} is {value} .`` as words."""
     return tuple(f"the special magic {kind} for {key} is {value} .".split())
 
 
-def _needle_query(kind: str, key: str) -> Words:
+def needle_query_words(kind: str, key: str) -> Words:
+    """The question that asks for a needle: ``what is the special magic {kind} for {key} ? answer :``."""
     return tuple(f"what is the special magic {kind} for {key} ? answer :".split())
 
 
@@ -136,8 +138,8 @@ def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0) -> Tas
     """One needle; the corrupt needle holds another value of the same kind (``size`` unused)."""
     kind, (value, other) = _values(rng, pools, 2)
     (key,) = _draw(rng, pools.keys, 1, "keys")
-    fact = Segment(_needle(kind, key, value), _needle(kind, key, other))
-    query = _needle_query(kind, key)
+    fact = Segment(needle_words(kind, key, value), needle_words(kind, key, other))
+    query = needle_query_words(kind, key)
     return TaskInstance((fact,), Segment(query, query), value, other)
 
 
@@ -146,8 +148,8 @@ def sample_needle_multikey(rng: random.Random, pools: Pools, size: int = 0) -> T
     kind, values = _values(rng, pools, MULTIKEY_NEEDLES)
     keys = _draw(rng, pools.keys, MULTIKEY_NEEDLES, "keys")
     asked, other = rng.sample(range(MULTIKEY_NEEDLES), 2)
-    facts = tuple(Segment.same(" ".join(_needle(kind, k, v))) for k, v in zip(keys, values))
-    query = Segment(_needle_query(kind, keys[asked]), _needle_query(kind, keys[other]))
+    facts = tuple(Segment.same(" ".join(needle_words(kind, k, v))) for k, v in zip(keys, values))
+    query = Segment(needle_query_words(kind, keys[asked]), needle_query_words(kind, keys[other]))
     return TaskInstance(facts, query, values[asked], values[other])
 
 

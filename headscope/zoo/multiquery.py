@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 
 from headscope.probes.haystack import haystack_sentences, insert_facts, take_window
-from headscope.probes.tasks import Pools, _needle, _needle_query, sample_task_text
+from headscope.probes.tasks import Pools, needle_query_words, needle_words, sample_task_text
 
 MIN_PAIRS, MAX_PAIRS = 4, 16
 STYLES = ("kv", "needle")
@@ -54,9 +54,9 @@ def sample_multi_query(rng: random.Random, n_filler_words: int) -> list[tuple[st
         words, _ = insert_facts(window, [block], rng)
         questions = [f"recall {keys[i]} :" for i in asked]
     else:
-        facts = [_needle(kind, k, v) for k, v in zip(keys, values)]
+        facts = [needle_words(kind, k, v) for k, v in zip(keys, values)]
         words, _ = insert_facts(window, facts, rng)
-        questions = [" ".join(_needle_query(kind, keys[i])) for i in asked]
+        questions = [" ".join(needle_query_words(kind, keys[i])) for i in asked]
     turns = [(" ".join(words + questions[0].split()), values[asked[0]])]
     turns += [(". " + question, values[i]) for question, i in zip(questions[1:], asked[1:])]
     return turns
