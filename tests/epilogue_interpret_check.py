@@ -1,20 +1,15 @@
 """Helper run by tests/test_kernels_epilogue.py in a subprocess with TRITON_INTERPRET=1.
 
-TRITON_INTERPRET must be set before triton is imported, hence a separate process. Runs the Triton
-epilogue (forward and backward) on CPU through the interpreter on tiny shapes and prints one JSON line:
-``{"status": "ok", "cases": [{name, dtype, errors: {y, do, dgamma, dgate}}]}``, or
-``{"status": "interpreter_unusable", "reason": ...}`` when even a trivial Triton kernel cannot run
-under the interpreter here (then the test skips, saying why). A failure of the epilogue kernel itself
-is not caught: the process exits non-zero and the test fails.
+Runs the Triton epilogue (forward and backward) on CPU through the interpreter on tiny shapes and prints
+one JSON line (see ``tests/triton_interpreter.py``) whose cases are ``{name, dtype, errors: {y, do,
+dgamma, dgate}}``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import traceback
-
 import torch
+
+from triton_interpreter import print_report  # same directory (sys.path[0] of this script)
 
 CASES = [  # name, (B, T, H, D), Hg, gate sliced from a wider tensor (non-contiguous)
     ("odd_heads_odd_dim", (2, 3, 5, 24), 2, False),
@@ -22,26 +17,6 @@ CASES = [  # name, (B, T, H, D), Hg, gate sliced from a wider tensor (non-contig
     ("no_gate", (2, 2, 3, 16), 0, False),
     ("all_heads_gated", (3, 1, 4, 32), 4, False),
 ]
-
-
-def interpreter_usable() -> str | None:
-    """None when a trivial kernel runs under the interpreter, else the reason it cannot."""
-    try:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def add_one(x_ptr, n, BLOCK: tl.constexpr):
-            offsets = tl.arange(0, BLOCK)
-            tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) + 1.0, mask=offsets < n)
-
-        x = torch.zeros(5)
-        add_one[(1,)](x, 5, BLOCK=8)
-        if not torch.equal(x, torch.ones(5)):
-            return f"a trivial kernel gave {x.tolist()} under TRITON_INTERPRET=1"
-        return None
-    except Exception:  # noqa: BLE001 - any failure means the interpreter cannot be used here
-        return "trivial Triton kernel failed under TRITON_INTERPRET=1: " + traceback.format_exc(limit=3)[-800:]
 
 
 def run_case(shape, n_gated, strided_gate, dtype, seed):
@@ -72,20 +47,14 @@ def run_case(shape, n_gated, strided_gate, dtype, seed):
     return {"errors": errors, "dtypes_ok": dtypes_ok}
 
 
-def main() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    reason = interpreter_usable()
-    if reason is not None:
-        print(json.dumps({"status": "interpreter_unusable", "reason": reason}))
-        return
+def run_cases() -> list[dict]:
     cases = []
     for seed, (name, shape, n_gated, strided_gate) in enumerate(CASES):
         for dtype in (torch.float32, torch.bfloat16):
             result = run_case(shape, n_gated, strided_gate, dtype, seed)
             cases.append({"name": name, "dtype": str(dtype).removeprefix("torch."), **result})
-    print(json.dumps({"status": "ok", "cases": cases}))
+    return cases
 
 
 if __name__ == "__main__":
-    main()
+    print_report(run_cases)

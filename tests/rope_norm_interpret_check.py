@@ -1,11 +1,8 @@
 """Helper run by tests/test_kernels_rope_norm.py in a subprocess with TRITON_INTERPRET=1.
 
-TRITON_INTERPRET must be set before triton is imported, hence a separate process. Runs the Triton
-RoPE + L2 norm (forward and backward) on CPU through the interpreter on tiny shapes and prints one JSON
-line: ``{"status": "ok", "cases": [{name, dtype, errors: {y, y_inference, dx, composition}, ...}]}``, or
-``{"status": "interpreter_unusable", "reason": ...}`` when even a trivial Triton kernel cannot run under
-the interpreter here (the test then skips, saying why). A failure of the kernel itself is not caught:
-the process exits non-zero and the test fails.
+Runs the Triton RoPE + L2 norm (forward and backward) on CPU through the interpreter on tiny shapes and
+prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are ``{name, dtype, errors: {y,
+y_inference, dx, composition}, ...}``.
 
 Every error is the relative RMS error against the torch composition run in float32 on the same
 (dtype-rounded) inputs; ``composition`` is that of the composition run in the case's own dtype (the
@@ -14,12 +11,9 @@ layer's former path), for comparison.
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
-from epilogue_interpret_check import interpreter_usable  # same directory (sys.path[0] of this script)
+from triton_interpreter import print_report  # same directory (sys.path[0] of this script)
 
 # name, (B, T, H, D), x layout, cos/sin kind, cos batch (1 = broadcast), input scale
 CASES = [
@@ -86,13 +80,7 @@ def run_case(shape, layout, kind, cos_batch, scale, dtype, table_dtype, seed):
     }
 
 
-def main() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    reason = interpreter_usable()
-    if reason is not None:
-        print(json.dumps({"status": "interpreter_unusable", "reason": reason}))
-        return
+def run_cases() -> list[dict]:
     cases = []
     for seed, (name, shape, layout, kind, cos_batch, scale) in enumerate(CASES):
         for dtype in (torch.float32, torch.bfloat16):
@@ -101,8 +89,8 @@ def main() -> None:
     # bf16 x with float32 tables: the composition promotes to float32, so must the kernel
     result = run_case((2, 5, 3, 64), "conv_view", "rotary", 2, 1.0, torch.bfloat16, torch.float32, 99)
     cases.append({"name": "bf16_x_float32_tables", "dtype": "bfloat16", **result})
-    print(json.dumps({"status": "ok", "cases": cases}))
+    return cases
 
 
 if __name__ == "__main__":
-    main()
+    print_report(run_cases)

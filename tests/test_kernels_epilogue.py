@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ from headscope.heads import HeadscopeError
 from headscope.kernels.epilogue.naive import head_epilogue_reference
 from headscope.kernels.epilogue.ops import head_epilogue
 from headscope.kernels.metrics import relative_rms_error as rel
+from triton_interpreter import interpreted_cases
 
 HELPER = Path(__file__).with_name("epilogue_interpret_check.py")
 TOL_FP32, TOL_BF16 = 1e-5, 0.008  # fp32 must be exact; bf16 in/out rounds to ~0.004
@@ -60,17 +57,9 @@ def test_dispatcher_rejects_bad_shapes():
 
 
 def test_triton_kernel_matches_reference_under_interpreter():
-    pytest.importorskip("triton", reason="triton not installed: the Triton epilogue cannot be exercised on CPU")
-    result = subprocess.run(
-        [sys.executable, str(HELPER)], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    if report["status"] == "interpreter_unusable":
-        pytest.skip(f"Triton interpreter cannot run on this CPU: {report['reason']}")
-    assert report["status"] == "ok" and len(report["cases"]) == 8
-    for case in report["cases"]:
+    cases = interpreted_cases(HELPER, timeout=300)
+    assert len(cases) == 8
+    for case in cases:
         errors, label = case["errors"], f"{case['name']} {case['dtype']}: {case['errors']}"
         assert case["dtypes_ok"], label
         tol = TOL_FP32 if case["dtype"] == "float32" else TOL_BF16

@@ -3,10 +3,6 @@ dispatcher and the hybrid layer bit-identical to before, the Triton kernel under
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 from headscope.kernels.metrics import relative_rms_error as rel
 from headscope.kernels.rope_norm.naive import rope_l2norm_reference
 from headscope.kernels.rope_norm.ops import rope_l2norm, use_triton
+from triton_interpreter import interpreted_cases
 
 HELPER = Path(__file__).with_name("rope_norm_interpret_check.py")
 # fp32 must be exact up to summation order. bf16: one output rounding is ~0.0017 relative RMS on a GPU
@@ -106,17 +103,9 @@ def test_hybrid_layer_cpu_output_unchanged(monkeypatch, dtype):
 
 
 def test_triton_kernel_matches_reference_under_interpreter():
-    pytest.importorskip("triton", reason="triton not installed: the Triton kernel cannot be exercised on CPU")
-    result = subprocess.run(
-        [sys.executable, str(HELPER)], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    if report["status"] == "interpreter_unusable":
-        pytest.skip(f"Triton interpreter cannot run on this CPU: {report['reason']}")
-    assert report["status"] == "ok" and len(report["cases"]) == 11
-    for case in report["cases"]:
+    cases = interpreted_cases(HELPER, timeout=600)
+    assert len(cases) == 11
+    for case in cases:
         errors, label = case["errors"], f"{case['name']} {case['dtype']}: {case}"
         assert case["dtypes_ok"] and case["zero_row_ok"], label
         assert set(errors) == {"y", "y_inference", "dx", "composition"}, label
@@ -125,7 +114,7 @@ def test_triton_kernel_matches_reference_under_interpreter():
         else:
             tol = TOL_FP32 if case["dtype"] == "float32" else TOL_BF16
             assert all(err <= tol for err in errors.values()), label
-    strides = {case["name"]: case["x_strides"] for case in report["cases"]}
+    strides = {case["name"]: case["x_strides"] for case in cases}
     assert strides["cpu_conv_layout_D32"][-1] != 1 and strides["layer_view_D128"][1] == 3 * 3 * 128  # views exercised
 
 

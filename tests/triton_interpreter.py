@@ -1,0 +1,79 @@
+"""Running the Triton kernels on CPU under ``TRITON_INTERPRET=1``, shared by the kernel tests.
+
+``TRITON_INTERPRET`` must be set before triton is imported, so each kernel has a helper script
+(``tests/<kernel>_interpret_check.py``) that its test runs in a subprocess:
+
+* the helper's ``main`` calls :func:`print_report` with a function that runs its cases; it prints one
+  JSON line, ``{"status": "ok", "cases": [...]}``, or ``{"status": "interpreter_unusable", "reason": ...}``
+  when even a trivial kernel cannot run under the interpreter here (:func:`interpreter_usable`);
+* the test calls :func:`interpreted_cases`, which runs the helper and returns its cases, skips the test
+  when triton is missing or the interpreter unusable, and fails it when the helper exits non-zero (a
+  failure of the kernel itself is never caught).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def interpreter_usable() -> str | None:
+    """None when a trivial kernel runs under the interpreter, else the reason it cannot."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def add_one(x_ptr, n, BLOCK: tl.constexpr):
+            offsets = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) + 1.0, mask=offsets < n)
+
+        x = torch.zeros(5)
+        add_one[(1,)](x, 5, BLOCK=8)
+        if not torch.equal(x, torch.ones(5)):
+            return f"a trivial kernel gave {x.tolist()} under TRITON_INTERPRET=1"
+        return None
+    except Exception:  # noqa: BLE001 - any failure means the interpreter cannot be used here
+        return "trivial Triton kernel failed under TRITON_INTERPRET=1: " + traceback.format_exc(limit=3)[-800:]
+
+
+def print_report(run_cases: Callable[[], list[dict]]) -> None:
+    """The helper's main: print the JSON line of ``run_cases()``, or why the interpreter cannot run them."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    reason = interpreter_usable()
+    if reason is not None:
+        print(json.dumps({"status": "interpreter_unusable", "reason": reason}))
+        return
+    print(json.dumps({"status": "ok", "cases": run_cases()}))
+
+
+def interpreted_cases(helper: Path, timeout: int = 600) -> list[dict]:
+    """Run a helper script under ``TRITON_INTERPRET=1`` and return its cases (a pytest skip when it cannot).
+
+    Args:
+        helper: the ``*_interpret_check.py`` script.
+        timeout: seconds before the subprocess is killed (the interpreter is slow).
+    Returns:
+        The ``cases`` list of the helper's JSON report.
+    """
+    import pytest
+
+    pytest.importorskip("triton", reason="triton not installed: the Triton kernels cannot be exercised on CPU")
+    result = subprocess.run(
+        [sys.executable, str(helper)], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["status"] == "interpreter_unusable":
+        pytest.skip(f"Triton interpreter cannot run on this CPU: {report['reason']}")
+    assert report["status"] == "ok", report
+    return report["cases"]
