@@ -17,6 +17,11 @@ d. RoPE + L2 norm of the GDN q/k (``rope_norm``): the dispatcher (Triton on CUDA
    B=1, T=131072, H=14, D=128 bf16 (one of the layer's two calls): fused vs the composition vs
    torch.compile of it, forward and forward+backward, GB/s over the fused minimum (read x, cos, sin;
    write y).
+e. GDN input preparation (``gdn_prep``, :mod:`gdn_prep_check`): the fused conv + SiLU + RoPE + L2 norm
+   against the float32 composition (q/k/v sliced from projections, conv state, padding mask, chunked
+   prefill + decode); timing at B=1, T=131072, H=14, D=128 bf16 of the fused kernel (and a sweep of its
+   tilings) vs the composition, and of the whole GDN branch ``_gated_delta`` with either, prefill and
+   decode at B=32.
 
 Errors are fla's relative RMS (RMS(diff)/RMS(ref)); the pass column uses fla's tolerances (0.005 for
 outputs/states, 0.008 for dq/dk/dv/dh0, 0.02 for dg/dbeta) except where the row says otherwise.
@@ -316,6 +321,12 @@ def section_rope_norm(device: str, tiny: bool) -> None:
             torch.cuda.empty_cache()
 
 
+def section_gdn_prep(device: str, tiny: bool) -> None:
+    from gdn_prep_check import section_gdn_prep as run  # benchmarks/gdn_prep_check.py (sys.path[0])
+
+    run(device, tiny, sys.modules[__name__])
+
+
 def write_results(out_dir: Path, meta: dict) -> None:
     from headscope.heads import write_json_atomic, write_text_atomic
 
@@ -337,8 +348,8 @@ def write_results(out_dir: Path, meta: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes; runs on CPU (set TRITON_INTERPRET=1)")
-    parser.add_argument("--sections", default="gdn,epilogue,timing,rope_norm",
-                        help="comma-separated subset of: gdn (a), epilogue (b), timing (c), rope_norm (d)")
+    parser.add_argument("--sections", default="gdn,epilogue,timing,rope_norm,gdn_prep",
+                        help="comma-separated subset of: gdn (a), epilogue (b), timing (c), rope_norm (d), gdn_prep (e)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
@@ -353,7 +364,7 @@ def main() -> int:
             meta[module] = f"unavailable: {exc}"
     print(json.dumps(meta), flush=True)
     sections = {"gdn": section_gdn, "epilogue": section_epilogue_correctness, "timing": section_epilogue_timing,
-                "rope_norm": section_rope_norm}
+                "rope_norm": section_rope_norm, "gdn_prep": section_gdn_prep}
     unknown = set(args.sections.split(",")) - set(sections)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; known: {', '.join(sections)}")

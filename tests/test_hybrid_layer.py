@@ -11,17 +11,11 @@ import torch.nn.functional as F
 from conftest import tiny_qwen3
 from headscope.heads import HeadMask
 from headscope.hybrid import HybridConfig, build_hybrid
-from headscope.hybrid.functional import (
-    attention_mask,
-    causal_attention,
-    fa_segments,
-    gdn_decay_init,
-    log_position_scale,
-    short_conv,
-    short_conv_reference,
-)
+from headscope.hybrid.functional import attention_mask, causal_attention, fa_segments, gdn_decay_init, log_position_scale
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 from headscope.hybrid.reference import reference_hybrid_attention
+from headscope.kernels.gdn_prep.naive import short_conv_reference
+from headscope.kernels.gdn_prep.ops import short_conv
 from headscope.models import load_model
 
 

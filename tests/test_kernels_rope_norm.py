@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import headscope.hybrid.layer as layer_module
+import headscope.kernels.gdn_prep.ops as gdn_prep_ops
 from headscope.heads import HeadscopeError
 from headscope.hybrid.functional import apply_rope, l2_normalize
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
@@ -88,7 +88,8 @@ def test_dispatcher_rejects_bad_shapes():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hybrid_layer_cpu_output_unchanged(monkeypatch, dtype):
-    """The GDN branch with the dispatcher gives bit-for-bit the output of the former composition."""
+    """The GDN branch with the dispatcher gives bit-for-bit the output of the former composition (the
+    layer reaches ``rope_l2norm`` through the CPU composition of ``headscope.kernels.gdn_prep.ops``)."""
     spec = HybridLayerSpec(hidden_size=48, head_dim=16, n_fa_heads=1, n_gdn_heads=2, fa_kv_sizes=(1,))
     torch.manual_seed(3)
     layer = HeadwiseHybridAttention(spec, 0).to(dtype).eval()
@@ -97,7 +98,7 @@ def test_hybrid_layer_cpu_output_unchanged(monkeypatch, dtype):
     rope = tuple(t.to(dtype) for t in rotary_tables(2, 11, 16))
     with torch.no_grad():
         fused = layer(x, rope, pos)
-        monkeypatch.setattr(layer_module, "rope_l2norm", lambda q, cos, sin: l2_normalize(apply_rope(q, cos, sin)))
+        monkeypatch.setattr(gdn_prep_ops, "rope_l2norm", lambda q, cos, sin, eps: l2_normalize(apply_rope(q, cos, sin), eps))
         former = layer(x, rope, pos)
     assert torch.equal(fused, former)
 

@@ -10,13 +10,12 @@
   It is exactly 1 for ``pos < floor_scale - 1`` (8191 with the default ``floor_scale = 8192``), so short
   contexts see the pretrained logits unchanged, and grows like ``attn_scale · log(pos / floor_scale)``
   beyond: at 128K tokens with ``attn_scale = 0.1`` it is 1.28. It multiplies the queries, hence the logits.
-* ``short_conv``: the causal depthwise convolution + SiLU of Gated DeltaNet with a carried window of the
-  last ``K`` inputs (the Hugging Face / fla conv-state layout ``(B, C, K)``). On CUDA it calls fla's Triton
-  ``causal_conv1d``; ``short_conv_reference`` is the plain-torch twin (and the CPU path).
 * ``causal_attention``: SDPA over contiguous head segments of the full-attention heads. Each segment is
   a run of KV heads serving the same number of query heads, so grouped-query attention runs without
   gathering or copying keys (``enable_gqa``); a mask is built only when padding, a sliding window or a
   query block that does not start at key 0 needs one.
+
+The GDN branch's short convolution (with its RoPE + L2 norm) lives in ``headscope.kernels.gdn_prep``.
 """
 
 from __future__ import annotations
@@ -62,40 +61,6 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Unit L2 norm over the last dimension, computed in float32 (fla's ``l2norm``: x / sqrt(Σx² + eps))."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def short_conv_reference(
-    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise convolution followed by SiLU, carrying the last ``K`` inputs.
-
-    Args:
-        x: ``(B, T, C)`` inputs.
-        weight: ``(C, K)`` taps; tap ``K - 1`` multiplies the current token.
-        state: ``(B, C, K)`` the ``K`` inputs before ``x`` (zeros = no history), or None.
-    Returns:
-        ``y`` ``(B, T, C)`` = SiLU(conv(x)), and the new state ``(B, C, K)`` (last ``K`` inputs).
-    """
-    batch, _, channels = x.shape
-    width = weight.shape[-1]
-    history = state.to(x.dtype) if state is not None else x.new_zeros(batch, channels, width)
-    full = torch.cat((history, x.transpose(1, 2)), dim=-1)  # (B, C, K + T)
-    y = F.conv1d(full, weight.to(x.dtype).unsqueeze(1), groups=channels)  # (B, C, T + 1)
-    return F.silu(y[..., 1:]).transpose(1, 2), full[..., -width:].contiguous()
-
-
-def short_conv(
-    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``short_conv_reference`` with fla's Triton kernel on CUDA (same arguments and results)."""
-    if not x.is_cuda:
-        return short_conv_reference(x, weight, state)
-    from fla.modules.convolution import causal_conv1d
-
-    y, final_state = causal_conv1d(
-        x, weight=weight, initial_state=state, output_final_state=True, activation="silu"
-    )
-    return y, final_state
 
 
 def attention_mask(

@@ -17,11 +17,15 @@ only the FA KV heads. Output gate (``output_gate``): ``sigmoid(gate_proj(x))`` p
 the identity while the gate's gradient, ∝ s(1 − s), stays 18x larger than at bias 8).
 
 GDN branch (fla's GatedDeltaNet recipe): q/k/v (after q_norm/k_norm, as in the pretrained pipeline) ->
-causal depthwise conv (kernel ``conv_size``, initialised to the identity: last tap 1) + SiLU -> RoPE on
-q, k -> L2 norm of q, k (the two fused: ``headscope.kernels.rope_norm.ops.rope_l2norm``);
-``beta = sigmoid(b_proj(x))``; ``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)`` (A ~ U(0, 16), dt
-log-uniform in [1e-3, 0.1]); ``headscope.kernels.gdn.ops.gated_delta_rule`` with scale 1/sqrt(D).
-The cache holds the conv window ``(B, C, K)`` and the recurrent state ``(B, n_gdn, D, D)`` fp32.
+causal depthwise conv over the ``C = 3·n_gdn·D`` channels of ``cat(q, k, v)`` (kernel ``conv_size``,
+initialised to the identity: last tap 1) + SiLU -> RoPE on q, k -> L2 norm of q, k. The four steps are
+one call, ``headscope.kernels.gdn_prep.ops.short_conv_rope_l2norm``: at inference on CUDA one Triton pass
+that reads the strided q/k/v slices of the projections once and writes q, k, v once (no ``cat``); with
+autograd or on CPU the composition (cat, fla's ``causal_conv1d`` / torch conv, the fused RoPE + L2 norm).
+Padded positions get a zero conv input (the call's ``input_mask``). ``beta = sigmoid(b_proj(x))``;
+``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)`` (A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]);
+``headscope.kernels.gdn.ops.gated_delta_rule`` with scale 1/sqrt(D). The cache holds the conv window
+``(B, C, K)`` (the last K conv inputs) and the recurrent state ``(B, n_gdn, D, D)`` fp32.
 
 Fusion (``fusion_norm``): every head's output is RMS-normalised, scaled by a learned ``gamma_h``
 (init 1) and, for FA heads, gated: ``headscope.kernels.epilogue.ops.head_epilogue``. Without
@@ -43,17 +47,10 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from headscope.hybrid.functional import (
-    apply_rope,
-    causal_attention,
-    fa_segments,
-    gdn_decay_init,
-    log_position_scale,
-    short_conv,
-)
+from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, gdn_decay_init, log_position_scale
 from headscope.kernels.epilogue.ops import head_epilogue
 from headscope.kernels.gdn.ops import gated_delta_rule
-from headscope.kernels.rope_norm.ops import rope_l2norm
+from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm
 
 
 @dataclass(frozen=True)
@@ -307,21 +304,18 @@ class HeadwiseHybridAttention(nn.Module):
         ``g = 0`` (no decay), so a left-padded row carries exactly the state of its unpadded twin.
         """
         spec = self.spec
-        batch, seq, heads, d = q.shape
-        mixed = torch.cat((q, k, v), dim=2).reshape(batch, seq, 3 * heads * d)  # (B, T, C)
-        if step_mask is not None:
-            mixed = mixed * step_mask[:, :, None].to(mixed.dtype)
         conv_state, state = previous_states(cache, self.layer_idx)
-        mixed, conv_state = short_conv(mixed, self.conv1d.weight.squeeze(1), conv_state)
-        q, k, v = mixed.view(batch, seq, 3, heads, d).unbind(dim=2)
         cos, sin = position_embeddings
-        q, k = rope_l2norm(q, cos, sin), rope_l2norm(k, cos, sin)  # fused on CUDA; the same composition on CPU
+        q, k, v, conv_state = short_conv_rope_l2norm(  # each (B, T, n_gdn, D); conv_state (B, C, K) or None
+            q, k, v, self.conv1d.weight.squeeze(1), cos, sin, conv_state=conv_state, input_mask=step_mask,
+            output_conv_state=cache is not None,
+        )
         beta = torch.sigmoid(self.b_proj(x))  # (B, T, n_gdn)
         g = -self.A_log.float().exp() * nn.functional.softplus(self.a_proj(x).float() + self.dt_bias.float())
         if step_mask is not None:
             beta = beta * step_mask.to(beta.dtype)[..., None]
             g = g * step_mask.to(g.dtype)[..., None]
-        o, state = gated_delta_rule(q, k, v, g, beta, scale=d**-0.5, initial_state=state, output_final_state=cache is not None)
+        o, state = gated_delta_rule(q, k, v, g, beta, scale=spec.head_dim**-0.5, initial_state=state, output_final_state=cache is not None)
         if cache is not None:
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=spec.conv_size)
             cache.update_recurrent_state(state, self.layer_idx)

@@ -1,0 +1,140 @@
+"""Dispatcher for the GDN input preparation: conv + SiLU of q/k/v, then RoPE + L2 norm of q/k.
+
+``short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, eps)`` computes what the
+hybrid layer's GDN branch did in four steps (see :mod:`.naive` for the math): ``mixed = cat(q, k, v)``
+(times the padding mask), ``short_conv`` (causal depthwise conv + SiLU, carrying the conv state),
+unbind, then ``rope_l2norm`` on q and on k.
+
+* CUDA (unless ``HEADSCOPE_NO_TRITON=1``), no gradient needed (grad mode off or no input requiring
+  one), q/k/v/cos/sin/weight float32, bfloat16 or float16 (q, k, v alike), D even: the one-pass Triton
+  kernel of :mod:`.triton_gdn_prep` (prefill and decode alike). It reads the strided q, k, v once and
+  writes contiguous outputs (no ``cat``); float32 math with one rounding, so in bf16 its numbers differ
+  slightly from the composition's, which rounds after every stage. The new conv state (the last K
+  inputs) is sliced from q, k, v in torch.
+* Everything else (training, CPU, odd D, float64): the composition, with autograd: fla's
+  ``causal_conv1d`` on CUDA (:func:`short_conv`) and :func:`headscope.kernels.rope_norm.ops.rope_l2norm`
+  (Triton forward and backward on CUDA). On CPU it is bit-identical to the layer's former code.
+
+triton is imported only when the Triton path is taken, so ``import headscope.kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from headscope.heads import HeadscopeError
+from headscope.kernels.gdn_prep.naive import short_conv_reference, short_conv_rope_l2norm_reference
+from headscope.kernels.rope_norm.ops import rope_l2norm
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def short_conv(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.naive.short_conv_reference` with fla's Triton kernel on CUDA (same arguments and results)."""
+    if not x.is_cuda:
+        return short_conv_reference(x, weight, state)
+    from fla.modules.convolution import causal_conv1d
+
+    y, final_state = causal_conv1d(
+        x, weight=weight, initial_state=state, output_final_state=True, activation="silu"
+    )
+    return y, final_state
+
+
+def next_conv_state(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, width: int,
+    conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The last ``width`` conv inputs after this chunk, as the composition's ``short_conv`` returns them.
+
+    Args:
+        q, k, v: ``(B, T, H, D)`` this chunk's conv inputs (any strides).
+        width: conv kernel size K.
+        conv_state: ``(B, 3·H·D, K)`` the inputs before the chunk, or None (zeros).
+        input_mask: ``(B, T)`` padding mask multiplying the inputs, or None.
+    Returns:
+        ``(B, 3·H·D, K)`` contiguous, in q's dtype: ``[conv_state, masked inputs]`` cut to the last K.
+    """
+    batch, length, heads, dim = q.shape
+    recent = min(length, width)
+    tail = torch.cat([x[:, length - recent :] for x in (q, k, v)], dim=2).reshape(batch, recent, 3 * heads * dim)
+    if input_mask is not None:
+        tail = tail * input_mask[:, length - recent :, None].to(tail.dtype)
+    tail = tail.transpose(1, 2)  # (B, C, recent)
+    if recent < width:
+        history = conv_state.to(tail.dtype) if conv_state is not None else tail.new_zeros(batch, tail.shape[1], width)
+        tail = torch.cat((history[..., recent:], tail), dim=-1)  # (B, C, K)
+    return tail.contiguous()
+
+
+def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask) -> None:
+    def fail(what: str) -> None:
+        raise HeadscopeError(f"short_conv_rope_l2norm: {what}")
+
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        fail(f"q, k, v must be (B, T, H, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, length, heads, dim = q.shape
+    channels = 3 * heads * dim
+    if weight.dim() != 2 or weight.shape[0] != channels or weight.shape[1] < 1:
+        fail(f"weight must be (3*H*D, K) = ({channels}, K); got {tuple(weight.shape)}")
+    width = weight.shape[1]
+    if conv_state is not None and tuple(conv_state.shape) != (batch, channels, width):
+        fail(f"conv_state must be (B, 3*H*D, K) = {(batch, channels, width)}; got {tuple(conv_state.shape)}")
+    if input_mask is not None and tuple(input_mask.shape) != (batch, length):
+        fail(f"input_mask must be (B, T) = {(batch, length)}; got {tuple(input_mask.shape)}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 3 or table.shape[0] not in (1, batch) or table.shape[1:] != (length, dim):
+            fail(f"{name} must be (B or 1, T, D) = ({batch} or 1, {length}, {dim}); got {tuple(table.shape)}")
+    devices = {str(t.device) for t in (q, k, v, weight, cos, sin, conv_state, input_mask) if t is not None}
+    if len(devices) != 1:
+        fail(f"inputs are on different devices: {sorted(devices)}")
+
+
+def use_triton(q, k, v, weight, cos, sin, conv_state=None) -> bool:
+    """Whether :func:`short_conv_rope_l2norm` takes the Triton path for these inputs (module docstring)."""
+    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1":
+        return False
+    if q.shape[-1] % 2 or len({q.dtype, k.dtype, v.dtype}) != 1:
+        return False
+    if any(t.dtype not in TRITON_DTYPES for t in (q, weight, cos, sin)):
+        return False
+    tensors = [t for t in (q, k, v, weight, cos, sin, conv_state) if t is not None]
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def short_conv_rope_l2norm(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None, eps: float = 1e-6,
+    output_conv_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Causal depthwise conv + SiLU of q, k, v; RoPE (HF rotate-half) + unit L2 norm of q and k.
+
+    Args:
+        q, k, v: GDN queries, keys, values ``(B, T, H, D)``; any strides (the layer passes slices of
+            the projection outputs).
+        weight: ``(3·H·D, K)`` depthwise conv taps, channels in ``cat(q, k, v)`` order (q, k, v; each
+            head-major, then D); tap ``K - 1`` multiplies the current token.
+        cos, sin: ``(B or 1, T, D)`` from the base model's rotary module, shared by the heads.
+        conv_state: ``(B, 3·H·D, K)`` the ``K`` conv inputs before this chunk (a cache), or None.
+        input_mask: ``(B, T)`` 1 for real tokens, 0 for padding (zeroes their conv input), or None.
+        eps: added to the sum of squares before the square root (fla's ``l2norm``: 1e-6).
+        output_conv_state: also return the new conv state (the last ``K`` inputs).
+    Returns:
+        q, k ``(B, T, H, D)`` unit-norm rows, v ``(B, T, H, D)`` (contiguous on the Triton path), and the
+        new conv state ``(B, 3·H·D, K)`` in q's dtype, or None unless ``output_conv_state``.
+    """
+    _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask)
+    if not use_triton(q, k, v, weight, cos, sin, conv_state):
+        q_out, k_out, v_out, new_state = short_conv_rope_l2norm_reference(
+            q, k, v, weight, cos, sin, conv_state, input_mask, eps, conv=short_conv, rope_norm=rope_l2norm
+        )
+        return q_out, k_out, v_out, new_state if output_conv_state else None
+    from headscope.kernels.gdn_prep.triton_gdn_prep import triton_short_conv_rope_l2norm
+
+    q_out, k_out, v_out = triton_short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, eps)
+    new_state = next_conv_state(q, k, v, weight.shape[1], conv_state, input_mask) if output_conv_state else None
+    return q_out, k_out, v_out, new_state

@@ -1,0 +1,90 @@
+"""Helper run by tests/test_kernels_gdn_prep.py in a subprocess with TRITON_INTERPRET=1.
+
+Runs the fused Triton conv + SiLU + RoPE + L2 norm on CPU through the interpreter on tiny shapes and
+prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are ``{name, dtype, errors: {q, k,
+v, composition}, wrote_into_out, state_exact, strides}``.
+
+Each case draws fresh random q/k/v (slices of wider tensors, as the layer's projections are), taps,
+tables, conv state and mask, and has the kernel write into NaN-filled buffers, so an element it does
+not write shows up as an infinite error. Errors are relative RMS against the torch composition run in
+float32 on the same (dtype-rounded) inputs; ``composition`` is that of the composition run in the
+case's own dtype (the former path), for comparison.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triton_interpreter import print_report  # same directory (sys.path[0] of this script)
+
+# name, (B, T, H, D), conv width K, layout of q/k/v, with conv state, with padding mask, cos batch, tiling
+CASES = [
+    ("projection_slices", (2, 37, 3, 32), 4, "projection", False, False, 1, None),
+    ("slices_with_state", (2, 29, 2, 16), 4, "projection", True, False, 2, None),
+    ("state_and_mask_transposed", (2, 21, 3, 8), 4, "transposed", True, True, 2, None),
+    ("decode_one_token", (3, 1, 3, 32), 4, "projection", True, False, 1, None),
+    ("two_tokens_into_state_masked", (2, 2, 2, 16), 4, "projection", True, True, 2, None),
+    ("small_blocks_heads_straddle", (1, 64, 3, 16), 4, "projection", True, False, 1, (4, 2)),
+    ("width_3_no_state_masked", (2, 19, 3, 8), 3, "contiguous", False, True, 1, None),
+]
+
+
+def make_qkv(shape, layout, gen, dtype):
+    """q, k, v ``(B, T, H, D)`` in the case's layout, random, rounded to ``dtype``.
+
+    ``projection``: slices of wider per-token rows, as ``q_proj``/``k_proj`` outputs split into FA and
+    GDN heads; ``transposed``: a last-dimension stride other than 1; ``contiguous``: plain tensors."""
+    batch, length, heads, dim = shape
+    if layout == "projection":
+        wide = torch.randn(batch, length, heads + 2, 3 * dim, generator=gen).to(dtype)
+        return wide[:, :, 1 : heads + 1, :dim], wide[:, :, :heads, dim : 2 * dim], wide[:, :, 2:, 2 * dim :]
+    if layout == "transposed":
+        wide = torch.randn(batch, length, heads, dim, 3, generator=gen).to(dtype)  # D stride 3
+        return wide[..., 0], wide[..., 1], wide[..., 2]
+    return tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+
+
+def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, dtype, seed):
+    from headscope.kernels.gdn_prep.naive import short_conv_rope_l2norm_reference
+    from headscope.kernels.gdn_prep.ops import next_conv_state
+    from headscope.kernels.gdn_prep.triton_gdn_prep import Tiling, triton_short_conv_rope_l2norm
+    from headscope.kernels.metrics import relative_rms_error as rel
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, length, heads, dim = shape
+    q, k, v = make_qkv(shape, layout, gen, dtype)
+    weight = (torch.randn(3 * heads * dim, width, generator=gen) * 0.7).to(dtype)
+    cos, sin = (torch.randn(cos_batch, length, dim, generator=gen).to(dtype) for _ in range(2))
+    state = torch.randn(batch, 3 * heads * dim, width, generator=gen).to(dtype) if with_state else None
+    mask = None
+    if with_mask:
+        mask = (torch.rand(batch, length, generator=gen) > 0.3).long()
+        mask[0, -1] = 0  # a padded last token: its input must not reach the outputs or the new state
+    out = tuple(torch.full(shape, float("nan"), dtype=dtype) for _ in range(3))
+    got = triton_short_conv_rope_l2norm(
+        q, k, v, weight, cos, sin, state, mask, out=out, tiling=Tiling(*tiling) if tiling else None
+    )
+    as_float = lambda t: t.float() if t is not None else None  # noqa: E731
+    want = short_conv_rope_l2norm_reference(*map(as_float, (q, k, v, weight, cos, sin, state)), mask)
+    composition = short_conv_rope_l2norm_reference(q, k, v, weight, cos, sin, state, mask)
+    errors = {name: rel(a, b) for name, a, b in zip("qkv", got, want)}
+    errors["composition"] = max(rel(a, b) for a, b in zip(composition, want[:3]))
+    return {
+        "errors": errors,
+        "wrote_into_out": all(a is b for a, b in zip(got, out)),
+        "state_exact": torch.equal(next_conv_state(q, k, v, width, state, mask), composition[3]),
+        "strides": [list(t.stride()) for t in (q, k, v)],
+    }
+
+
+def run_cases() -> list[dict]:
+    cases = []
+    for seed, (name, *case) in enumerate(CASES):
+        for dtype in (torch.float32, torch.bfloat16):
+            result = run_case(*case, dtype, seed=100 * seed + len(cases))
+            cases.append({"name": name, "dtype": str(dtype).removeprefix("torch."), **result})
+    return cases
+
+
+if __name__ == "__main__":
+    print_report(run_cases)
