@@ -10,6 +10,7 @@ from conftest import save_model, tiny_llama, tiny_qwen3
 from headscope.cli import main
 from headscope.heads import HeadMask
 from headscope.hybrid import HybridConfig, HybridForCausalLM, build_hybrid
+from headscope.hybrid.modeling import CACHE_FIELD
 from headscope.mask import save_mask
 from headscope.models import load_model
 
@@ -32,7 +33,7 @@ def test_cache_layout_follows_the_heads(hybrid):
     assert hybrid.config.layer_types == ["hybrid", "full_attention", "linear_attention"]
     cache = DynamicCache(config=hybrid.config)
     with torch.no_grad():
-        hybrid(ids_of(2, 6), past_key_values=cache, use_cache=True)
+        hybrid(ids_of(2, 6), cache=cache, use_cache=True)
     d = hybrid.config.head_dim
     assert cache.layers[0].keys.shape == (2, 1, 6, d)  # one FA KV head
     assert cache.layers[0].recurrent_states[0].shape == (2, 3, d, d) and cache.layers[0].recurrent_states[0].dtype == torch.float32
@@ -48,9 +49,9 @@ def test_prefill_then_decode_equals_full_forward(hybrid):
         out = hybrid(ids[:, :7], use_cache=True)
         pieces = [out.logits]
         for t in range(7, 12):  # token by token
-            out = hybrid(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = hybrid(ids[:, t : t + 1], cache=getattr(out, CACHE_FIELD), use_cache=True)
             pieces.append(out.logits)
-        out = hybrid(ids[:, 12:], past_key_values=out.past_key_values, use_cache=True)  # a chunk after decoding
+        out = hybrid(ids[:, 12:], past_key_values=getattr(out, CACHE_FIELD), use_cache=True)  # the pre-5.24 keyword
         pieces.append(out.logits)
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-4
 

@@ -19,6 +19,7 @@ the GDN heads, see ``HeadwiseHybridAttention._gated_delta``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from headscope.heads import HeadscopeError
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 from headscope.hybrid.plan import LayerPlan, plan_layer
+
+# transformers 5.24 renamed ``past_key_values`` to ``cache`` (the forward keyword ``generate()`` passes and
+# the output field); the forwards take both names and the outputs use the installed version's field.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class HybridConfig(PreTrainedConfig):
     """
 
     model_type = "headscope_hybrid"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     base_config: dict | None = None
     full_attention_heads: list | None = None
@@ -216,7 +221,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -243,15 +248,18 @@ class HybridModel(HybridPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: DynamicCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Args as in HF causal LMs; ``attention_mask`` must be 2D ``(B, past + T)`` or None."""
+        """Args as in HF causal LMs (``past_key_values``: the pre-5.24 name of ``cache``); ``attention_mask``
+        must be 2D ``(B, past + T)`` or None."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past_key_values = cache if cache is not None else past_key_values
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         seq = hidden.shape[1]
         if use_cache and past_key_values is None:
@@ -270,8 +278,8 @@ class HybridModel(HybridPreTrainedModel):
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
     def _positions(self, attention_mask, cache, seq: int, device) -> torch.Tensor:
@@ -307,23 +315,26 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: DynamicCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits ``(B, T, vocab)`` (last ``logits_to_keep`` positions if > 0) and the loss if ``labels``."""
+        """Logits ``(B, T, vocab)`` (last ``logits_to_keep`` positions if > 0) and the loss if ``labels``; the
+        cache comes back as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier)."""
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
 
 
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
