@@ -192,16 +192,17 @@ def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION
     return TaskInstance((), Segment(tuple(segment + segment[:repeat]), tuple(corrupt + segment[:repeat])), answer, wrong)
 
 
-def sample_multihop(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
-    """``MULTIHOP_CHAINS`` chains of ``MULTIHOP_HOPS`` copies, interleaved; chain 0 is asked and its first
-    hop points at chain 1's root in the corrupt version (``size`` unused)."""
-    names = _draw(rng, pools.variables, MULTIHOP_CHAINS * (MULTIHOP_HOPS + 1), "variables")
+def sample_multihop(rng: random.Random, pools: Pools, size: int = 0, hops: int = MULTIHOP_HOPS) -> TaskInstance:
+    """``MULTIHOP_CHAINS`` chains of ``hops`` copies, interleaved; chain 0 is asked and its first hop points
+    at chain 1's root in the corrupt version (``size`` unused; the probes use ``MULTIHOP_HOPS``, the demo
+    model's training curriculum fewer)."""
+    names = _draw(rng, pools.variables, MULTIHOP_CHAINS * (hops + 1), "variables")
     kind, roots = _values(rng, pools, MULTIHOP_CHAINS)
-    chains = [names[c * (MULTIHOP_HOPS + 1) : (c + 1) * (MULTIHOP_HOPS + 1)] for c in range(MULTIHOP_CHAINS)]
-    statements = [[f"{chain[0]} = {root} ."] + [f"{chain[h]} = {chain[h - 1]} ." for h in range(1, MULTIHOP_HOPS + 1)]
+    chains = [names[c * (hops + 1) : (c + 1) * (hops + 1)] for c in range(MULTIHOP_CHAINS)]
+    statements = [[f"{chain[0]} = {root} ."] + [f"{chain[h]} = {chain[h - 1]} ." for h in range(1, hops + 1)]
                   for chain, root in zip(chains, roots)]
     # Interleave the chains at random, keeping each chain's order.
-    order = [c for c in range(MULTIHOP_CHAINS) for _ in range(MULTIHOP_HOPS + 1)]
+    order = [c for c in range(MULTIHOP_CHAINS) for _ in range(hops + 1)]
     rng.shuffle(order)
     facts = []
     emitted = [0] * MULTIHOP_CHAINS

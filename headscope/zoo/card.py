@@ -88,14 +88,19 @@ def model_card(summary: dict[str, Any], accuracies: Sequence[ProbeAccuracy]) -> 
     """The README.md of the model directory."""
     shape, args, corpus, run = summary["shape"], summary["args"], summary["corpus"], summary["run"]
     weights = ", ".join(f"{name} {weight:g}" for name, weight in corpus["task_weights"].items())
+    from headscope.zoo.corpus import SHORT_PHASE_TASK_WEIGHTS
+
+    short_weights = ", ".join(f"{name} {weight:g}" for name, weight in SHORT_PHASE_TASK_WEIGHTS.items())
     curriculum = (
         f"Length curriculum: the first {run['short_steps']} steps use rows of {args['short_seq_len']} tokens "
-        f"(denser tasks, shorter lookups), the rest rows of {args['seq_len']}." if run["short_steps"] else ""
+        f"with the key-matching mix ({short_weights}: dense multi-query recall, shorter lookups), the rest rows "
+        f"of {args['seq_len']} with the mix above." if run["short_steps"] else ""
     )
     reproduce = (
         f"python -m headscope.zoo.train_demo --out DIR --seed {args['seed']} --steps {run['step']} "
         f"--short-steps {run['short_steps']} --seq-len {args['seq_len']} --short-seq-len {args['short_seq_len']} "
-        f"--batch-size {args['batch_size']} --lr {args['lr']:g}" + (" --compile" if args["compile"] else "")
+        f"--batch-size {args['batch_size']} --lr {args['lr']:g}" + (f" --layers {args['layers']}" if args.get("layers") else "")
+        + (" --compile" if args["compile"] else "")
     )
     return f"""# headscope-demo
 

@@ -34,7 +34,9 @@ from headscope.heads import HeadscopeError
 
 # Tasks that need a key matched before a value is copied (multi-key needles, key-value recall, multi-hop
 # binding) get more weight: they are the slowest to learn. The single needle and IOI are learnt early.
-# "mqar" (headscope.zoo.multiquery) asks many questions per document: the dense signal for key matching.
+# "mqar" and "mqar_dense" (headscope.zoo.multiquery) ask many questions per document: the dense signal for
+# key matching; "mqar" needs rows of 1024, "mqar_dense" fits short rows; "hop_ladder" is multihop with
+# 0-2 hops (each look-up of the chain learnt on its own first).
 DEFAULT_TASK_WEIGHTS = {
     "needle_single": 0.5,
     "needle_multikey": 1.5,
@@ -44,7 +46,14 @@ DEFAULT_TASK_WEIGHTS = {
     "ioi": 0.5,
     "comparison": 1.0,
     "mqar": 2.0,
+    "mqar_dense": 0.5,
+    "hop_ladder": 1.0,
 }
+# The short-row phase of the demo model's curriculum (same tasks, same order): mostly dense key-value
+# documents, where key matching is learnt at short range before it must work across 1024 tokens.
+SHORT_PHASE_TASK_WEIGHTS = DEFAULT_TASK_WEIGHTS | {"needle_single": 0.25, "ioi": 0.25, "comparison": 0.5, "mqar": 0.0, "mqar_dense": 3.0,
+                                                   "hop_ladder": 3.0}
+SHORT_PHASE_FILLER_FILL = 0.25  # short-phase documents carry little haystack: more answers per row
 
 TaskSampler = Callable[[str, random.Random, int], "tuple[str, str] | list[tuple[str, str]]"]
 
@@ -66,6 +75,8 @@ class CorpusConfig:
         full_row_prob: probability that a row's first document is sized to fill the whole row.
         min_doc_tokens: below this many free tokens the row is finished with haystack text.
         answer_weight: loss weight of answer targets (other targets weigh 1).
+        filler_fill: share of a task document's spare budget filled with haystack text (1: the document
+            fills its budget; lower: shorter documents, more of them per row, denser answers).
     """
 
     seq_len: int = 1024
@@ -75,6 +86,7 @@ class CorpusConfig:
     full_row_prob: float = 0.35
     min_doc_tokens: int = 48
     answer_weight: float = 5.0
+    filler_fill: float = 1.0
 
     @property
     def task_names(self) -> list[str]:
@@ -155,13 +167,18 @@ class RowBuilder:
         """Ids and per-id task marks (-1, or the task index on answer ids) of one task document.
 
         The filler is sized from the budget; a document that comes out longer is redrawn with the filler
-        scaled down by the overshoot. Returns None if the tasks' text alone may not fit.
+        scaled down by the overshoot. When the drawn tasks' text alone may not fit, one task is drawn among
+        those that fit (by weight); returns None if none does.
         """
         n_tasks = min(rng.choice([1, 1, 1, 2, 2, 3]), self.config.max_tasks_per_doc)
         names = rng.choices(self.names, weights=self.weights, k=n_tasks)
-        if sum(self.overhead[name] for name in names) > budget:
-            return None
-        filler_tokens = [max(budget / n_tasks - self.overhead[name], 0.0) for name in names]
+        if sum(self.overhead[name] for name in names) > budget:  # one task among those that fit
+            fits = [weight if self.overhead[name] <= budget else 0.0 for name, weight in zip(self.names, self.weights)]
+            if not any(fits):
+                return None
+            names = rng.choices(self.names, weights=fits, k=1)
+            n_tasks = 1
+        filler_tokens = [max(budget / n_tasks - self.overhead[name], 0.0) * self.config.filler_fill for name in names]
         if rng.random() < 0.3:
             filler_tokens = [rng.uniform(0.5, 1.0) * tokens for tokens in filler_tokens]
         for attempt in range(5):

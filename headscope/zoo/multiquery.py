@@ -1,4 +1,4 @@
-"""Multi-query associative recall (MQAR) documents: dense training signal for key matching.
+"""Training-only documents for key matching: multi-query associative recall (MQAR) and a multi-hop ladder.
 
 The probes ask one question per prompt, so a training row holds only a few answers that need a key
 matched before a value is copied (``needle_multikey``, ``kv_recall``, ``multihop``). A small model trained on
@@ -16,6 +16,14 @@ An MQAR document (Zoology's multi-query associative recall, in the probes' surfa
 Keys, values and templates come from ``headscope.probes.tasks`` (the probes' own pools), so the skill
 transfers to the probe formats. The document is returned as turns ``[(text, answer), ...]``: the corpus
 weighs and scores every answer.
+
+Two corpus tasks use these documents: ``"mqar"`` (``MIN_PAIRS``-``MAX_PAIRS`` facts, up to ~320 tokens
+before filler: it only fits rows of 1024) and ``"mqar_dense"`` (``DENSE_PAIRS``, at most ~145 tokens: it
+fits the short rows of the first training phase). The dense documents are what lets a head learn key
+matching at all: in a short row the right fact is one of a few dozen positions, so a matching head gets
+a useful gradient from its first steps, while at 1024 tokens of haystack its initial attention to the
+right fact is ~1/1000. The first demo model's curriculum had no key-matching document that fit its short
+rows (``"mqar"`` needs more than 256 tokens), and it never learnt key matching.
 """
 
 from __future__ import annotations
@@ -23,25 +31,27 @@ from __future__ import annotations
 import random
 
 from headscope.probes.haystack import haystack_sentences, insert_facts, take_window
-from headscope.probes.tasks import Pools, needle_query_words, needle_words, sample_task_text
+from headscope.probes.tasks import MULTIHOP_HOPS, Pools, needle_query_words, needle_words, sample_multihop, sample_task_text
 
 MIN_PAIRS, MAX_PAIRS = 4, 16
+DENSE_PAIRS = (2, 6)
 STYLES = ("kv", "needle")
 
 
-def sample_multi_query(rng: random.Random, n_filler_words: int) -> list[tuple[str, str]]:
+def sample_multi_query(rng: random.Random, n_filler_words: int, pairs: tuple[int, int] = (MIN_PAIRS, MAX_PAIRS)) -> list[tuple[str, str]]:
     """One MQAR document as turns.
 
     Args:
         rng: the random source (the only one used).
         n_filler_words: haystack words around the facts (both styles put the facts in haystack text).
+        pairs: the smallest and largest number of facts (drawn uniformly).
 
     Returns:
         ``[(text, answer), ...]``: the document is ``text_1 answer_1 text_2 answer_2 ...`` joined by spaces;
         the first text holds the haystack and the facts, every later text one question.
     """
     pools = Pools.full()
-    n_pairs = rng.randint(MIN_PAIRS, MAX_PAIRS)
+    n_pairs = rng.randint(*pairs)
     keys = rng.sample(list(pools.keys), n_pairs)
     kind = rng.choice(["number", "word"])
     value_pool = list(pools.number_values if kind == "number" else pools.word_values)
@@ -62,7 +72,31 @@ def sample_multi_query(rng: random.Random, n_filler_words: int) -> list[tuple[st
     return turns
 
 
+def sample_hop_ladder(rng: random.Random, n_filler_words: int) -> tuple[str, str]:
+    """A ``multihop`` instance with 0 to ``MULTIHOP_HOPS`` hops (uniform), in the probe's format and noise
+    haystack: ``c = 42 . ... d = c . ... what is d ? answer :`` -> ``42`` for one hop.
+
+    The probe's two hops are three chained look-ups; a model that cannot yet do one has no gradient
+    towards the second, so the ladder's shorter chains teach each look-up on its own first.
+    """
+    instance = sample_multihop(rng, Pools.full(), hops=rng.randint(0, MULTIHOP_HOPS))
+    sentences = haystack_sentences("noise")
+    window = take_window(lambda i: sentences[i], len(sentences), rng, n_filler_words)
+    words, _ = insert_facts(window, [fact.clean for fact in instance.facts], rng)
+    return " ".join(words + list(instance.query.clean)), instance.answer
+
+
+TRAINING_ONLY_TASKS = ("mqar", "mqar_dense", "hop_ladder")
+
+
 def sample_training_task(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, str] | list[tuple[str, str]]:
-    """The demo corpus's sampler: ``"mqar"`` documents from ``sample_multi_query``, the probe tasks from
+    """The demo corpus's sampler: ``"mqar"`` and ``"mqar_dense"`` documents from ``sample_multi_query``,
+    ``"hop_ladder"`` from ``sample_hop_ladder``, the probe tasks from
     ``headscope.probes.tasks.sample_task_text`` (arguments as there)."""
-    return sample_multi_query(rng, n_filler_words) if name == "mqar" else sample_task_text(name, rng, n_filler_words)
+    if name == "mqar":
+        return sample_multi_query(rng, n_filler_words)
+    if name == "mqar_dense":
+        return sample_multi_query(rng, n_filler_words, DENSE_PAIRS)
+    if name == "hop_ladder":
+        return sample_hop_ladder(rng, n_filler_words)
+    return sample_task_text(name, rng, n_filler_words)

@@ -5,8 +5,9 @@
 Recipe: build the word-level tokenizer from task samples and the haystack (``headscope.zoo.tokenizer``),
 stream packed rows (``headscope.zoo.corpus``: the probe tasks plus multi-query recall documents,
 ``headscope.zoo.multiquery``) from data-loader workers, first ``--short-fraction`` of the
-steps on rows of ``--short-seq-len`` tokens (more task instances per token and shorter look-ups, so the
-key-matching heads form sooner), then on rows of ``--seq-len``, with the same tokens per step; train a
+steps on rows of ``--short-seq-len`` tokens with the key-matching mix ``SHORT_PHASE_TASK_WEIGHTS`` (mostly
+dense multi-query recall: short look-ups among few positions, so the key-matching heads form at all), then
+on rows of ``--seq-len`` with ``DEFAULT_TASK_WEIGHTS``, with the same tokens per step; train a
 ``Qwen3ForCausalLM`` (untied embeddings: tied ones let the never-predicted key words collapse
 onto one embedding) with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
 decay to 10%, bf16 autocast on CUDA, gradient clipping at 1, loss = answer-weighted next-token
@@ -36,9 +37,9 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from headscope.heads import HeadscopeError
 from headscope.zoo.card import TrainingLog, write_outputs
-from headscope.zoo.corpus import CorpusConfig, CorpusStream, Haystack, RowBuilder
+from headscope.zoo.corpus import SHORT_PHASE_FILLER_FILL, SHORT_PHASE_TASK_WEIGHTS, CorpusConfig, CorpusStream, Haystack, RowBuilder
 from headscope.zoo.evaluate import embedding_similarity, task_accuracies
-from headscope.zoo.multiquery import sample_training_task
+from headscope.zoo.multiquery import TRAINING_ONLY_TASKS, sample_training_task
 from headscope.zoo.tokenizer import build_demo_tokenizer
 
 PRESETS = {
@@ -49,7 +50,7 @@ PRESETS = {
 }
 
 
-def model_config(preset: str, tokenizer, seq_len: int, tie_embeddings: bool = False) -> Qwen3Config:
+def model_config(preset: str, tokenizer, seq_len: int, tie_embeddings: bool = False, layers: int | None = None) -> Qwen3Config:
     """The Qwen3 configuration of a preset for ``tokenizer``'s vocabulary and a ``seq_len`` context.
 
     Embeddings are untied by default: with tied embeddings the key words (needle and key-value keys, never
@@ -59,7 +60,7 @@ def model_config(preset: str, tokenizer, seq_len: int, tie_embeddings: bool = Fa
     return Qwen3Config(
         vocab_size=len(tokenizer), max_position_embeddings=seq_len, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=tie_embeddings, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None, **PRESETS[preset],
+        bos_token_id=None, **(PRESETS[preset] | ({"num_hidden_layers": layers} if layers else {})),
     )
 
 
@@ -153,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     parser.add_argument("--tiny", action="store_const", const="tiny", dest="preset", help="= --preset tiny")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64, help="rows of --seq-len tokens per step")
     parser.add_argument("--short-seq-len", type=int, default=256, help="row length of the first phase")
@@ -191,9 +193,9 @@ def main(argv=None) -> int:
         raise HeadscopeError(f"--short-seq-len {args.short_seq_len} must divide batch_size * seq_len")
 
     config = CorpusConfig(seq_len=args.seq_len, answer_weight=args.answer_weight)
-    unknown = sorted(set(config.task_names) ^ (set(TASK_NAMES) | {"mqar"}))
+    unknown = sorted(set(config.task_names) ^ (set(TASK_NAMES) | set(TRAINING_ONLY_TASKS)))
     if unknown:
-        raise HeadscopeError(f"corpus task weights and the probe tasks + mqar differ on {unknown}")
+        raise HeadscopeError(f"corpus task weights and the probe + training-only tasks differ on {unknown}")
     tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, task_vocabulary(), seed=args.seed,
                                      model_max_length=args.seq_len)
     tokenizer.save_pretrained(out)
@@ -202,13 +204,14 @@ def main(argv=None) -> int:
     haystack = Haystack.essay(encode)
 
     def make_loader(seq_len: int, start_batch: int) -> DataLoader:
-        phase_config = replace(config, seq_len=seq_len)
+        short = seq_len < args.seq_len
+        phase_config = replace(config, seq_len=seq_len, task_weights=dict(SHORT_PHASE_TASK_WEIGHTS), filler_fill=SHORT_PHASE_FILLER_FILL) if short else replace(config, seq_len=seq_len)
         builder = lambda: RowBuilder(encode, tokenizer.eos_token_id, sample_training_task, haystack, phase_config)  # noqa: E731
         stream = CorpusStream(builder, f"{args.seed}-{seq_len}", args.batch_size * args.seq_len // seq_len, start_batch)
         return DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=amp,
                           prefetch_factor=8 if args.workers else None)
 
-    model = Qwen3ForCausalLM(model_config(args.preset, tokenizer, args.seq_len, args.tie_embeddings)).to(device)
+    model = Qwen3ForCausalLM(model_config(args.preset, tokenizer, args.seq_len, args.tie_embeddings, args.layers)).to(device)
     optimizer = make_optimizer(model, args.lr, fused=device.type == "cuda")
     log = TrainingLog(config.task_names, batch_tokens=args.batch_size * args.seq_len)
     run = RunState(total_steps=args.steps, short_steps=None if curriculum else 0)
