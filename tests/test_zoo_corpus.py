@@ -161,3 +161,59 @@ def test_embedding_similarity_measures_key_collapse(parts):
     assert embedding_similarity(model, tokenizer, words + ["not-a-word"]) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError):
         embedding_similarity(model, tokenizer, ["anchor"])
+
+
+def test_a_task_that_does_not_fit_gives_way_to_one_that_does(parts):
+    """A budget below the drawn task's size used to turn the document into plain filler; the builder now
+    draws among the tasks that fit, so a short row still carries answers."""
+    tokenizer, _, _ = parts
+    core = tokenizer.backend_tokenizer
+    encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+
+    def sized(name, rng, n_filler_words):
+        return ("say " * (300 if name == "big" else 2)).strip(), "tiger"
+
+    config = CorpusConfig(seq_len=128, task_weights={"big": 1e6, "small": 1.0}, filler_doc_prob=0.0, min_doc_tokens=24)
+    builder = RowBuilder(encode, tokenizer.eos_token_id, sized, Haystack(" ".join([FILLER] * 200), 1.0), config)
+    marks = [m for seed in range(20) for m in builder.build(random.Random(seed))[2].tolist() if m >= 0]
+    assert marks.count(builder.names.index("small")) >= 20  # "big" (300 words) never fits a 128-token row
+
+
+def test_less_filler_packs_more_answers_per_row(parts):
+    _, builder, config = parts
+    from dataclasses import replace
+
+    lean = RowBuilder(builder.encode, builder.eos_id, builder.sample_task, builder.haystack, replace(config, filler_fill=0.2))
+
+    def answers(b):
+        return sum(int((b.build(random.Random(seed))[2] >= 0).sum()) for seed in range(30))
+
+    assert answers(lean) > 1.5 * answers(builder)
+
+
+def test_dense_key_value_documents_fit_the_short_rows():
+    """The short-row phase exists to grow key-matching heads: its documents must fit 256-token rows."""
+    from headscope.zoo.corpus import SHORT_PHASE_TASK_WEIGHTS, DEFAULT_TASK_WEIGHTS
+    from headscope.zoo.multiquery import sample_training_task
+
+    assert list(SHORT_PHASE_TASK_WEIGHTS) == list(DEFAULT_TASK_WEIGHTS)  # same task order: same task indices
+    assert SHORT_PHASE_TASK_WEIGHTS["mqar_dense"] > 0 and SHORT_PHASE_TASK_WEIGHTS["hop_ladder"] > 0
+    longest = max(len(" ".join(part for turn in sample_training_task("mqar_dense", random.Random(seed), 0) for part in turn).split())
+                  for seed in range(200))
+    assert longest < 160  # words, about tokens (numbers are two digit tokens): well under 256
+
+
+def test_hop_ladder_answers_the_root_of_the_asked_chain():
+    from headscope.zoo.multiquery import sample_hop_ladder
+
+    hops_seen = set()
+    for seed in range(60):
+        prompt, answer = sample_hop_ladder(random.Random(seed), 20)
+        binding = dict(re.findall(r"\b([b-z]) = (\S+) \.", prompt))
+        var = re.search(r"what is ([b-z]) \? answer :$", prompt).group(1)
+        hops = 0
+        while binding[var] in binding:
+            var, hops = binding[var], hops + 1
+        assert binding[var] == answer
+        hops_seen.add(hops)
+    assert hops_seen == {0, 1, 2}
