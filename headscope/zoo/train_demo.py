@@ -158,11 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64, help="rows of --seq-len tokens per step")
     parser.add_argument("--short-seq-len", type=int, default=256, help="row length of the first phase")
-    parser.add_argument("--short-fraction", type=float, default=0.4, help="share of steps on short rows (0: none)")
+    parser.add_argument("--short-fraction", type=float, default=0.7, help="share of steps on short rows (0: none)")
     parser.add_argument("--short-steps", type=int, default=None, help="steps on short rows (overrides the fraction)")
     parser.add_argument("--tie-embeddings", action="store_true",
                         help="tie input and output embeddings (default: untied; tied, the key words' embeddings collapse)")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate (3e-3 never formed key-matching heads; 1e-3 did within ~1,000 steps)")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--answer-weight", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
