@@ -34,6 +34,14 @@ from pathlib import Path
 import torch
 
 
+def head_counts(text: str) -> list[int]:
+    """``--top-k``: comma-separated positive head counts."""
+    counts = [int(part) for part in text.split(",") if part.strip().isdigit()]
+    if not counts or len(counts) != len(text.split(",")) or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return counts
+
+
 def stub_datasets_if_missing() -> None:
     try:
         import datasets  # noqa: F401
@@ -164,7 +172,7 @@ def main() -> None:
     parser.add_argument("--check-length", type=int, default=256, help="prompt length of the float32 agreement check")
     parser.add_argument("--agreement-only", action="store_true",
                         help="run only the float32 agreement check and merge it into an existing results file")
-    parser.add_argument("--top-k", default="112", help="heads screen verifies exactly; a comma list times each (default 112)")
+    parser.add_argument("--top-k", type=head_counts, default=[112], help="heads screen verifies exactly; a comma list times each (default 112)")
     parser.add_argument("--skip-screen", action="store_true", help="do not time attribution / screen")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU in float32 (smoke test of this script)")
     args = parser.parse_args()
@@ -214,8 +222,7 @@ def main() -> None:
         result["headscope_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if not args.skip_screen:
         lm.set_attn_implementation("sdpa")
-        result.update(screen_vs_exhaustive(lm, probe, scores["sdpa"], timings["headscope_sdpa_s"],
-                                           [int(k) for k in args.top_k.split(",")]))
+        result.update(screen_vs_exhaustive(lm, probe, scores["sdpa"], timings["headscope_sdpa_s"], args.top_k))
     del lm, model
     if device == "cuda":
         torch.cuda.empty_cache()
