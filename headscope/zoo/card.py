@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,8 +41,8 @@ class TrainingLog:
             "grad_norm": grad_norm, "loss": weighted / max(weight, 1.0), "text_loss": text_ce / max(text_count, 1.0),
             "answer_loss": sum(task_ce) / answers, "answer_acc": sum(task_correct) / answers,
         }
-        for index, name in enumerate(self.task_names):
-            count = max(task_count[index], 1.0)
+        for index, name in enumerate(self.task_names):  # NaN where the interval had no answer of the task
+            count = task_count[index] or math.nan
             row[f"answer_loss_{name}"] = task_ce[index] / count
             row[f"answer_acc_{name}"] = task_correct[index] / count
         self.rows.append(row)
@@ -84,17 +84,24 @@ def _accuracy_table(accuracies: Sequence[ProbeAccuracy]) -> str:
     return "\n".join(lines)
 
 
+def phase_mix_line(phase: dict[str, Any]) -> str:
+    """One Markdown bullet: a phase's row length and, per task, its draw weight share -> realised share."""
+    total = sum(phase["task_weights"].values())
+    shares = ", ".join(f"{name} {weight / total:.0%} -> {phase['realised_task_mix'][name]:.0%}"
+                       for name, weight in phase["task_weights"].items())
+    return f"* rows of {phase['seq_len']} tokens: {shares}"
+
+
 def model_card(summary: dict[str, Any], accuracies: Sequence[ProbeAccuracy]) -> str:
     """The README.md of the model directory."""
-    shape, args, corpus, run = summary["shape"], summary["args"], summary["corpus"], summary["run"]
-    weights = ", ".join(f"{name} {weight:g}" for name, weight in corpus["task_weights"].items())
-    from headscope.zoo.corpus import SHORT_PHASE_TASK_WEIGHTS
-
-    short_weights = ", ".join(f"{name} {weight:g}" for name, weight in SHORT_PHASE_TASK_WEIGHTS.items())
+    shape, args, run = summary["shape"], summary["args"], summary["run"]
+    phases = summary["phases"]
+    corpus = phases[-1]
+    mix = "\n".join(phase_mix_line(phase) for phase in phases)
     curriculum = (
-        f"Length curriculum: the first {run['short_steps']} steps use rows of {args['short_seq_len']} tokens "
-        f"with the key-matching mix ({short_weights}: dense multi-query recall, shorter lookups), the rest rows "
-        f"of {args['seq_len']} with the mix above." if run["short_steps"] else ""
+        f"Length curriculum: the first {run['short_steps']} steps use rows of {phases[0]['seq_len']} tokens "
+        f"(the key-matching mix above, {phases[0]['filler_fill']:.0%} of the filler), the rest rows of "
+        f"{corpus['seq_len']}." if run["short_steps"] else ""
     )
     reproduce = (
         f"python -m headscope.zoo.train_demo --out DIR --seed {args['seed']} --steps {run['step']} "
@@ -121,10 +128,15 @@ without downloading weights. It knows nothing beyond its synthetic corpus.
 
 ## Data
 Generated on the fly by `headscope.zoo.corpus` (seed {args['seed']}): haystack text from `data/haystack/`
-with task instances from `headscope.probes.tasks.sample_task_text` (the probes' own sampler) embedded,
-prompt followed by its answer, documents packed into {args['seq_len']}-token rows separated by `<eos>`.
-Task mix: {weights}; {corpus['filler_doc_prob']:.0%} of documents are plain haystack text. Answer tokens
-weigh {corpus['answer_weight']:g}x in the loss.
+with task instances embedded (the probe tasks from `headscope.probes.tasks.sample_task_text`, the probes'
+own sampler, and the training-only `mqar`, `mqar_dense` and `hop_ladder` from
+`headscope.zoo.multiquery`), prompt followed by its answer, documents packed into rows separated by
+`<eos>`; {corpus['filler_doc_prob']:.0%} of documents are plain haystack text. Answer tokens weigh
+{corpus['answer_weight']:g}x in the loss. Task mix per phase, as draw weight -> realised share of task
+documents (`headscope.zoo.corpus.task_mix`: a task too long for a document's budget gives way to one
+that fits):
+
+{mix}
 
 ## Training
 {run['step']} steps of {args['batch_size'] * args['seq_len']:,} tokens = {summary['tokens']:,} tokens seen,
@@ -151,10 +163,15 @@ headscope, not to draw conclusions about large models.
 
 
 def write_outputs(out: Path, *, args: dict[str, Any], log: TrainingLog, accuracies: Sequence[ProbeAccuracy],
-                  model, run: dict[str, Any], device_name: str, corpus,
+                  model, run: dict[str, Any], device_name: str, phases: Sequence[dict[str, Any]],
                   diagnostics: dict[str, float] | None = None) -> dict[str, Any]:
-    """Write the log, figure, summary and card into ``out``; returns the summary (``diagnostics``, e.g. the
-    key-embedding similarity, go into the summary as they are)."""
+    """Write the log, figure, summary and card into ``out``; returns the summary.
+
+    Args:
+        phases: per curriculum phase, short rows first: the ``CorpusConfig`` as a dict plus
+            ``realised_task_mix`` (``headscope.zoo.corpus.task_mix``).
+        diagnostics: e.g. the key-embedding similarity; stored in the summary as they are.
+    """
     config = model.config
     shape_keys = ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings", "head_dim")
     shape = {key: getattr(config, key) for key in shape_keys}
@@ -164,7 +181,7 @@ def write_outputs(out: Path, *, args: dict[str, Any], log: TrainingLog, accuraci
     summary = {
         "args": args, "shape": shape, "parameters": sum(p.numel() for p in model.parameters()),
         "run": run, "tokens": int(final["tokens"]),
-        "device": device_name, "corpus": asdict(corpus), "final": final,
+        "device": device_name, "phases": list(phases), "final": final,
         "accuracy": [row.to_dict() for row in accuracies],
         "diagnostics": dict(diagnostics or {}),
     }

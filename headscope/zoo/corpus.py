@@ -23,6 +23,7 @@ the stream is the same for any number of data-loader workers, and a run can resu
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -49,8 +50,11 @@ DEFAULT_TASK_WEIGHTS = {
     "mqar_dense": 0.5,
     "hop_ladder": 1.0,
 }
-# The short-row phase of the demo model's curriculum (same tasks, same order): mostly dense key-value
-# documents, where key matching is learnt at short range before it must work across 1024 tokens.
+# The short-row phase of the demo model's curriculum (same tasks, same order): weighted towards the
+# key-matching tasks, learnt at short range before they must work across 1024 tokens. These are draw
+# weights: tasks too long for a document's budget give way to ones that fit (``task_mix`` measures the
+# realised shares; in 256-token rows mqar_dense ends up near 6% of documents, hop_ladder and multihop
+# near 27% each).
 SHORT_PHASE_TASK_WEIGHTS = DEFAULT_TASK_WEIGHTS | {"needle_single": 0.25, "ioi": 0.25, "comparison": 0.5, "mqar": 0.0, "mqar_dense": 3.0,
                                                    "hop_ladder": 3.0}
 SHORT_PHASE_FILLER_FILL = 0.25  # short-phase documents carry little haystack: more answers per row
@@ -150,6 +154,7 @@ class RowBuilder:
         self.names = config.task_names
         self.weights = [config.task_weights[name] for name in self.names]
         self.overhead = {name: self._task_overhead(name) for name in self.names}
+        self.documents = Counter()  # task documents built per task (the realised mix, see task_mix)
 
     def _task_overhead(self, name: str, n_samples: int = 24) -> int:
         """The most tokens a task instance takes beyond its filler (sampled with a fixed seed)."""
@@ -191,6 +196,7 @@ class RowBuilder:
                     ids += prompt_ids + answer_ids
                     marks += [-1] * len(prompt_ids) + [self.names.index(name)] * len(answer_ids)
             if len(ids) <= budget:
+                self.documents.update(names)
                 return ids, marks
             overshoot = len(ids) - budget
             total_filler = sum(filler_tokens) or 1.0
@@ -227,6 +233,24 @@ class RowBuilder:
         answer_task = np.asarray(marks[1:], dtype=np.int8)
         weights = np.where(answer_task >= 0, cfg.answer_weight, 1.0).astype(np.float32)
         return np.asarray(ids, dtype=np.int64), weights, answer_task
+
+
+def task_mix(builder: RowBuilder, n_rows: int = 200, seed: str = "task-mix") -> dict[str, float]:
+    """The share of task documents each task gets in ``n_rows`` rows of ``builder``.
+
+    This differs from the configured weights: a task whose text does not fit a document's drawn budget
+    gives way to one that fits, so long tasks (multi-query recall, long key-value blocks) are rarer than
+    their weight, short ones more frequent, and more so in short rows.
+
+    Returns:
+        task name -> share of documents (the shares sum to 1; 0.0 for tasks never built).
+    """
+    before = Counter(builder.documents)
+    for row in range(n_rows):
+        builder.build(row_rng(seed, row))
+    built = builder.documents - before
+    total = sum(built.values()) or 1
+    return {name: built[name] / total for name in builder.names}
 
 
 def row_rng(seed: int | str, row: int) -> random.Random:

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from headscope.heads import HeadscopeError
 from headscope.zoo.card import TrainingLog, write_outputs
-from headscope.zoo.corpus import SHORT_PHASE_FILLER_FILL, SHORT_PHASE_TASK_WEIGHTS, CorpusConfig, CorpusStream, Haystack, RowBuilder
+from headscope.zoo.corpus import SHORT_PHASE_FILLER_FILL, SHORT_PHASE_TASK_WEIGHTS, CorpusConfig, CorpusStream, Haystack, RowBuilder, task_mix
 from headscope.zoo.evaluate import embedding_similarity, task_accuracies
 from headscope.zoo.multiquery import TRAINING_ONLY_TASKS, sample_training_task
 from headscope.zoo.tokenizer import build_demo_tokenizer
@@ -207,10 +207,16 @@ def main(argv=None) -> int:
     encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
     haystack = Haystack.essay(encode)
 
+    def phase_config(seq_len: int) -> CorpusConfig:
+        if seq_len < args.seq_len:
+            return replace(config, seq_len=seq_len, task_weights=dict(SHORT_PHASE_TASK_WEIGHTS), filler_fill=SHORT_PHASE_FILLER_FILL)
+        return replace(config, seq_len=seq_len)
+
+    def make_builder(seq_len: int) -> RowBuilder:
+        return RowBuilder(encode, tokenizer.eos_token_id, sample_training_task, haystack, phase_config(seq_len))
+
     def make_loader(seq_len: int, start_batch: int) -> DataLoader:
-        short = seq_len < args.seq_len
-        phase_config = replace(config, seq_len=seq_len, task_weights=dict(SHORT_PHASE_TASK_WEIGHTS), filler_fill=SHORT_PHASE_FILLER_FILL) if short else replace(config, seq_len=seq_len)
-        builder = lambda: RowBuilder(encode, tokenizer.eos_token_id, sample_training_task, haystack, phase_config)  # noqa: E731
+        builder = lambda: make_builder(seq_len)  # noqa: E731
         stream = CorpusStream(builder, f"{args.seed}-{seq_len}", args.batch_size * args.seq_len // seq_len, start_batch)
         return DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=amp,
                           prefetch_factor=8 if args.workers else None)
@@ -294,8 +300,9 @@ def main(argv=None) -> int:
 
     diagnostics = {f"{pool}_embedding_cosine": embedding_similarity(shipped, shipped_tokenizer, vocab.WORD_LISTS[pool])
                    for pool in ("keys", "word_values", "names")}
+    phases = [dict(asdict(phase_config(length)), realised_task_mix=task_mix(make_builder(length))) for length in phase_lengths]
     write_outputs(out, args=vars(args), log=log, accuracies=accuracies, model=shipped, run=asdict(run),
-                  device_name=torch.cuda.get_device_name() if amp else "cpu", corpus=config, diagnostics=diagnostics)
+                  device_name=torch.cuda.get_device_name() if amp else "cpu", phases=phases, diagnostics=diagnostics)
     print("mean pairwise cosine of input embeddings (keys collapse -> no key matching): "
           + ", ".join(f"{name} {value:.3f}" for name, value in diagnostics.items()))
     state_path.unlink(missing_ok=True)
