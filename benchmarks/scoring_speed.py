@@ -18,7 +18,7 @@ exact scores, and the overlap of the 56-head masks (top-56 by |score|) each sele
 
 Usage (GPU): ``python benchmarks/scoring_speed.py [--pairs 32 --length 1024] [--top-k 56,112] [--skip-tl]``;
 writes ``$OUT/scoring_speed.json`` and ``.md`` (OUT defaults to benchmarks/results). With ``--skip-tl`` the
-TransformerLens numbers of the committed results file are kept (marked as from an earlier run).
+committed results (TransformerLens numbers and their ratios) are kept under ``earlier_run_*`` keys.
 """
 
 from __future__ import annotations
@@ -32,6 +32,17 @@ import types
 from pathlib import Path
 
 import torch
+
+
+RUN_SETTINGS = ("device", "torch", "pairs", "length", "layers", "heads", "kv_heads", "head_dim", "dtype")
+
+
+def earlier_run_numbers(committed: dict) -> dict:
+    """The committed results of a full run (TransformerLens included), kept beside a ``--skip-tl`` run under
+    ``earlier_run_*`` keys: their ratios were measured side by side in that run, never mixed with this one's."""
+    return {key if key.startswith("earlier_run_") else f"earlier_run_{key}": value
+            for key, value in committed.items()
+            if key not in RUN_SETTINGS and "screen" not in key and "attribution" not in key}
 
 
 def head_counts(text: str) -> list[int]:
@@ -203,9 +214,8 @@ def main() -> None:
     probe = random_probe(args.pairs, args.length, model.config.vocab_size)
     result = {}
     committed = Path(__file__).parent / "results" / "scoring_speed.json"
-    if args.skip_tl and not args.tiny and committed.is_file():  # keep the TransformerLens numbers of the last full run
-        result = {k: v for k, v in json.loads(committed.read_text()).items() if "screen" not in k and "attribution" not in k}
-        result["transformer_lens_numbers_from_an_earlier_run"] = True
+    if args.skip_tl and not args.tiny and committed.is_file():
+        result = earlier_run_numbers(json.loads(committed.read_text()))
     result |= {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "pairs": args.pairs, "length": args.length,
               "layers": args.layers, "heads": 16, "kv_heads": 8, "head_dim": model.config.head_dim, "dtype": str(dtype)}
 

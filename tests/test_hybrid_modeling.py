@@ -123,3 +123,8 @@ def test_cli_build_from_mask_file_and_baselines(tmp_path, capsys):
     assert main(["build", "--model", foreign_dir, "--mask", str(mask_path), "--out", str(tmp_path / "bad")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("headscope: error:")]
     assert len(errors) == 1 and "made for another model" in errors[0] and "architecture is qwen3 in the file but llama" in errors[0]
+
+
+def test_the_cache_goes_under_one_name(hybrid):
+    with pytest.raises(ValueError, match="not both"):
+        hybrid(ids_of(1, 3), cache=DynamicCache(config=hybrid.config), past_key_values=DynamicCache(config=hybrid.config))

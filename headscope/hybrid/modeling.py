@@ -40,6 +40,13 @@ from headscope.hybrid.plan import LayerPlan, plan_layer
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
+def one_cache(cache: DynamicCache | None, past_key_values: DynamicCache | None) -> DynamicCache | None:
+    """The cache passed under either name; a ValueError when both are given."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as cache or as past_key_values, not both")
+    return cache if cache is not None else past_key_values
+
+
 @dataclass(frozen=True)
 class Family:
     """What differs between the supported decoder families."""
@@ -259,7 +266,7 @@ class HybridModel(HybridPreTrainedModel):
         must be 2D ``(B, past + T)`` or None."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        past_key_values = cache if cache is not None else past_key_values
+        past_key_values = one_cache(cache, past_key_values)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         seq = hidden.shape[1]
         if use_cache and past_key_values is None:
@@ -328,7 +335,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         cache comes back as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier)."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
         hidden = out.last_hidden_state

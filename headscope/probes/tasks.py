@@ -195,7 +195,8 @@ def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION
 def sample_multihop(rng: random.Random, pools: Pools, size: int = 0, hops: int = MULTIHOP_HOPS) -> TaskInstance:
     """``MULTIHOP_CHAINS`` chains of ``hops`` copies, interleaved; chain 0 is asked and its first hop points
     at chain 1's root in the corrupt version (``size`` unused; the probes use ``MULTIHOP_HOPS``, the demo
-    model's training curriculum fewer)."""
+    model's training curriculum fewer). With ``hops=0`` there is no hop to rewire: the corrupt prompt equals
+    the clean one, so such instances serve as training text only, never as a probe pair."""
     names = _draw(rng, pools.variables, MULTIHOP_CHAINS * (hops + 1), "variables")
     kind, roots = _values(rng, pools, MULTIHOP_CHAINS)
     chains = [names[c * (hops + 1) : (c + 1) * (hops + 1)] for c in range(MULTIHOP_CHAINS)]
