@@ -203,16 +203,28 @@ def test_less_filler_packs_more_answers_per_row(parts):
     assert answers(lean) > 1.5 * answers(builder)
 
 
-def test_dense_key_value_documents_fit_the_short_rows():
-    """The short-row phase exists to grow key-matching heads: its documents must fit 256-token rows."""
-    from headscope.zoo.corpus import SHORT_PHASE_TASK_WEIGHTS, DEFAULT_TASK_WEIGHTS
+def test_dense_key_value_documents_fit_and_appear_in_the_short_rows():
+    """The short-row phase exists to grow key-matching heads: its dense documents must fit 256-token rows
+    (with the shipped tokenizer) and really be built there, not only be given a weight."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from headscope.zoo import demo_model_path
+    from headscope.zoo.corpus import DEFAULT_TASK_WEIGHTS, SHORT_PHASE_FILLER_FILL, SHORT_PHASE_TASK_WEIGHTS
     from headscope.zoo.multiquery import sample_training_task
 
     assert list(SHORT_PHASE_TASK_WEIGHTS) == list(DEFAULT_TASK_WEIGHTS)  # same task order: same task indices
-    assert SHORT_PHASE_TASK_WEIGHTS["mqar_dense"] > 0 and SHORT_PHASE_TASK_WEIGHTS["hop_ladder"] > 0
-    longest = max(len(" ".join(part for turn in sample_training_task("mqar_dense", random.Random(seed), 0) for part in turn).split())
+    core = AutoTokenizer.from_pretrained(demo_model_path()).backend_tokenizer
+    encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+    longest = max(sum(len(encode(part)) for turn in sample_training_task("mqar_dense", random.Random(seed), 0) for part in turn)
                   for seed in range(200))
-    assert longest < 160  # words, about tokens (numbers are two digit tokens): well under 256
+    assert longest <= 160
+    config = replace(CorpusConfig(seq_len=256), task_weights=dict(SHORT_PHASE_TASK_WEIGHTS), filler_fill=SHORT_PHASE_FILLER_FILL)
+    builder = RowBuilder(encode, 1, sample_training_task, Haystack.essay(encode), config)
+    mix = task_mix(builder, n_rows=60)
+    assert mix["mqar_dense"] >= 0.03 and mix["mqar"] == 0.0
+    assert sum(mix[name] for name in ("mqar_dense", "hop_ladder", "multihop", "needle_multikey", "kv_recall")) >= 0.6
 
 
 def test_hop_ladder_answers_the_root_of_the_asked_chain():
