@@ -53,8 +53,8 @@ DEFAULT_TASK_WEIGHTS = {
 # The short-row phase of the demo model's curriculum (same tasks, same order): weighted towards the
 # key-matching tasks, learnt at short range before they must work across 1024 tokens. These are draw
 # weights: tasks too long for a document's budget give way to ones that fit (``task_mix`` measures the
-# realised shares; in 256-token rows mqar_dense ends up near 6% of documents, hop_ladder and multihop
-# near 27% each).
+# realised shares; with the demo tokenizer, in 256-token rows mqar_dense ends up near 7% of documents,
+# hop_ladder and multihop near 28% and 26%).
 SHORT_PHASE_TASK_WEIGHTS = DEFAULT_TASK_WEIGHTS | {"needle_single": 0.25, "ioi": 0.25, "comparison": 0.5, "mqar": 0.0, "mqar_dense": 3.0,
                                                    "hop_ladder": 3.0}
 SHORT_PHASE_FILLER_FILL = 0.25  # short-phase documents carry little haystack: more answers per row

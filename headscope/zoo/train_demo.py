@@ -5,8 +5,9 @@
 Recipe: build the word-level tokenizer from task samples and the haystack (``headscope.zoo.tokenizer``),
 stream packed rows (``headscope.zoo.corpus``: the probe tasks plus multi-query recall documents,
 ``headscope.zoo.multiquery``) from data-loader workers, first ``--short-fraction`` of the
-steps on rows of ``--short-seq-len`` tokens with the key-matching mix ``SHORT_PHASE_TASK_WEIGHTS`` (mostly
-dense multi-query recall: short look-ups among few positions, so the key-matching heads form at all), then
+steps on rows of ``--short-seq-len`` tokens weighted towards the key-matching tasks (``SHORT_PHASE_TASK_WEIGHTS``:
+short look-ups among few positions; the realised mix, recorded in the summary, is mostly multihop chains,
+the hop ladder and multi-key needles, as long tasks give way to ones that fit), then
 on rows of ``--seq-len`` with ``DEFAULT_TASK_WEIGHTS``, with the same tokens per step; train a
 ``Qwen3ForCausalLM`` (untied embeddings: tied ones let the never-predicted key words collapse
 onto one embedding) with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
@@ -163,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tie-embeddings", action="store_true",
                         help="tie input and output embeddings (default: untied; tied, the key words' embeddings collapse)")
     parser.add_argument("--lr", type=float, default=1e-3,
-                        help="peak learning rate (3e-3 never formed key-matching heads; 1e-3 did within ~1,000 steps)")
+                        help="peak learning rate (on the demo corpus 3e-3 reached multi-key 0.48 / key-value 0.17 in 8.2k steps; 1e-3 reached 1.00 / 1.00 within ~1,000)")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--answer-weight", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
