@@ -254,8 +254,69 @@ def test_card_shows_each_phase_draw_weights_and_realised_mix():
     card = model_card(summary, [ProbeAccuracy(**row) for row in summary["accuracy"]])
     short, long = summary["phases"]
     assert f"* rows of {short['seq_len']} tokens:" in card and f"* rows of {long['seq_len']} tokens:" in card
-    assert f"mqar_dense 22% -> {short['realised_task_mix']['mqar_dense']:.0%}" in card
+    share = short["task_weights"]["mqar_dense"] / sum(short["task_weights"].values())
+    assert f"mqar_dense {share:.0%} -> {short['realised_task_mix']['mqar_dense']:.0%}" in card
 
     log = TrainingLog(["a", "b"], batch_tokens=8)
     log.add(1, 1.0, 1e-3, 0.5, [2.0, 1.0, 3.0, 2.0, 1.5, 0.0, 3.0, 0.0, 2.0, 0.0], 8)  # no answer of task b
     assert log.rows[-1]["answer_acc_a"] == pytest.approx(2 / 3) and log.rows[-1]["answer_acc_b"] != log.rows[-1]["answer_acc_b"]
+
+
+def test_hop_queries_answer_each_question_by_its_chain():
+    """``what is X ?`` is answered by the root of X's chain (any depth), ``recall X :`` by X's literal
+    right-hand side; every chain keeps its own order, all depths up to the probe's are asked, and with
+    ``after_statement`` each question follows its variable's statement."""
+    from headscope.probes.tasks import MULTIHOP_HOPS
+    from headscope.zoo.multiquery import sample_chain_queries
+
+    for after_statement in (False, True):
+        depths, literals = set(), 0
+        for seed in range(80):
+            turns = sample_chain_queries(random.Random(seed), 15, literal_share=0.3, after_statement=after_statement)
+            document = " ".join(f"{text} {answer}" for text, answer in turns)
+            statements = re.findall(r"\b([b-z]) = (\S+) \.", document)
+            binding = dict(statements)
+            seen = set()
+            for name, rhs in statements:  # a copy names a variable bound earlier
+                assert rhs not in binding or rhs in seen
+                seen.add(name)
+            for index, (text, answer) in enumerate(turns):
+                if not answer:  # only statements and filler after the last question
+                    assert index == len(turns) - 1 and after_statement
+                    continue
+                question = re.search(r"(?:what is ([b-z]) \? answer :|recall ([b-z]) :)$", text)
+                var = question.group(1) or question.group(2)
+                if after_statement:
+                    assert text[: question.start()].endswith(f"{var} = {binding[var]} . ")
+                if question.group(2):
+                    literals += 1
+                    assert answer == binding[var]
+                    continue
+                depth = 0
+                while binding[var] in binding:
+                    var, depth = binding[var], depth + 1
+                assert answer == binding[var]
+                depths.add(depth)
+        assert depths == set(range(MULTIHOP_HOPS + 1)) and literals > 20
+
+
+def test_card_status_is_derived_from_the_measured_accuracies():
+    from headscope.zoo.card import status_section
+    from headscope.zoo.evaluate import ProbeAccuracy
+
+    rows = [ProbeAccuracy("ioi", 256, 16, 1.0, 1.0, 9.0), ProbeAccuracy("ioi", 1024, 16, 0.9, 0.95, 7.0),
+            ProbeAccuracy("multihop", 256, 16, 0.8, 0.9, 2.0), ProbeAccuracy("multihop", 1024, 16, 0.31, 0.6, 0.5)]
+    text = status_section(rows)
+    assert text.startswith("1 of 2 probe tasks learnt") and "256, 1024 tokens" in text
+    assert "Learnt: ioi." in text and "Not learnt: multihop (argmax down to 0.31)." in text
+    assert status_section(rows[:2]).endswith(": ioi.")
+
+
+def test_task_weight_overrides_are_checked():
+    from headscope.zoo.train_demo import parse_task_weights
+
+    names = ["multihop", "hop_queries"]
+    assert parse_task_weights(["hop_queries=4", "multihop=0"], names) == {"hop_queries": 4.0, "multihop": 0.0}
+    for bad, message in (("hops=1", "unknown task 'hops'"), ("multihop=x", "must be a number"), ("multihop=-1", ">= 0")):
+        with pytest.raises(HeadscopeError, match=message):
+            parse_task_weights([bad], names)

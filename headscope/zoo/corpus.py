@@ -48,7 +48,9 @@ DEFAULT_TASK_WEIGHTS = {
     "comparison": 1.0,
     "mqar": 2.0,
     "mqar_dense": 0.5,
-    "hop_ladder": 1.0,
+    "hop_ladder": 0.25,
+    "hop_queries": 1.0,
+    "hop_steps": 1.0,
 }
 # The short-row phase of the demo model's curriculum (same tasks, same order): weighted towards the
 # key-matching tasks, learnt at short range before they must work across 1024 tokens. These are draw
@@ -56,7 +58,7 @@ DEFAULT_TASK_WEIGHTS = {
 # realised shares; with the demo tokenizer, in 256-token rows mqar_dense ends up near 7% of documents,
 # hop_ladder and multihop near 28% and 26%).
 SHORT_PHASE_TASK_WEIGHTS = DEFAULT_TASK_WEIGHTS | {"needle_single": 0.25, "ioi": 0.25, "comparison": 0.5, "mqar": 0.0, "mqar_dense": 3.0,
-                                                   "hop_ladder": 3.0}
+                                                   "hop_ladder": 0.5, "hop_queries": 2.0, "hop_steps": 2.0}
 SHORT_PHASE_FILLER_FILL = 0.25  # short-phase documents carry little haystack: more answers per row
 
 TaskSampler = Callable[[str, random.Random, int], "tuple[str, str] | list[tuple[str, str]]"]
@@ -168,22 +170,26 @@ class RowBuilder:
         n_words = int(n_tokens / self.haystack.tokens_per_word) + 8
         return self.encode(self.haystack.window(rng, n_words))[:n_tokens]
 
-    def _task_doc(self, rng: random.Random, budget: int) -> tuple[list[int], list[int]] | None:
-        """Ids and per-id task marks (-1, or the task index on answer ids) of one task document.
-
-        The filler is sized from the budget; a document that comes out longer is redrawn with the filler
-        scaled down by the overshoot. When the drawn tasks' text alone may not fit, one task is drawn among
-        those that fit (by weight); returns None if none does.
-        """
+    def _draw_tasks(self, rng: random.Random, free: int) -> list[str]:
+        """1..``max_tasks_per_doc`` task names by weight whose text fits ``free`` tokens together; when the
+        drawn ones do not, the longest prefix of them that fits, else one task among those that fit alone
+        (by weight); [] if none fits."""
         n_tasks = min(rng.choice([1, 1, 1, 2, 2, 3]), self.config.max_tasks_per_doc)
         names = rng.choices(self.names, weights=self.weights, k=n_tasks)
-        if sum(self.overhead[name] for name in names) > budget:  # one task among those that fit
-            fits = [weight if self.overhead[name] <= budget else 0.0 for name, weight in zip(self.names, self.weights)]
-            if not any(fits):
-                return None
-            names = rng.choices(self.names, weights=fits, k=1)
-            n_tasks = 1
-        filler_tokens = [max(budget / n_tasks - self.overhead[name], 0.0) * self.config.filler_fill for name in names]
+        while names and sum(self.overhead[name] for name in names) > free:
+            names.pop()
+        if names:
+            return names
+        fits = [weight if self.overhead[name] <= free else 0.0 for name, weight in zip(self.names, self.weights)]
+        return rng.choices(self.names, weights=fits, k=1) if any(fits) else []
+
+    def _task_doc(self, rng: random.Random, names: list[str], budget: int) -> tuple[list[int], list[int]] | None:
+        """Ids and per-id task marks (-1, or the task index on answer ids) of one document of ``names``.
+
+        The filler is sized from the budget; a document that comes out longer is redrawn with the filler
+        scaled down by the overshoot; returns None if it never fits.
+        """
+        filler_tokens = [max(budget / len(names) - self.overhead[name], 0.0) * self.config.filler_fill for name in names]
         if rng.random() < 0.3:
             filler_tokens = [rng.uniform(0.5, 1.0) * tokens for tokens in filler_tokens]
         for attempt in range(5):
@@ -222,8 +228,12 @@ class RowBuilder:
                 marks += [-1] * len(tail)
                 continue
             full = not ids and rng.random() < cfg.full_row_prob
-            budget = free if full else rng.randint(cfg.min_doc_tokens, free)
-            doc = None if rng.random() < cfg.filler_doc_prob else self._task_doc(rng, budget - 1)
+            names = [] if rng.random() < cfg.filler_doc_prob else self._draw_tasks(rng, free - 1)
+            # The tasks are drawn first and the budget sized to hold them, so that the realised task mix
+            # follows the weights (a task only gives way when it cannot fit what is left of the row).
+            need = sum(self.overhead[name] for name in names) + 1
+            budget = free if full else rng.randint(min(max(cfg.min_doc_tokens, need), free), free)
+            doc = self._task_doc(rng, names, budget - 1) if names else None
             if doc is None:
                 doc_ids = self._filler_ids(rng, budget - 1)
                 doc = (doc_ids, [-1] * len(doc_ids))

@@ -39,6 +39,8 @@ from headscope.probes.tasks import MULTIHOP_HOPS, Pools, needle_query_words, nee
 MIN_PAIRS, MAX_PAIRS = 4, 16
 DENSE_PAIRS = (2, 6)
 STYLES = ("kv", "needle")
+CHAIN_COUNT = (2, 4)
+LITERAL_SHARE = 0.25
 
 
 def sample_multi_query(rng: random.Random, n_filler_words: int, pairs: tuple[int, int] = (MIN_PAIRS, MAX_PAIRS)) -> list[tuple[str, str]]:
@@ -89,7 +91,91 @@ def sample_hop_ladder(rng: random.Random, n_filler_words: int) -> tuple[str, str
     return " ".join(words + list(instance.query.clean)), instance.answer
 
 
-TRAINING_ONLY_TASKS = ("mqar", "mqar_dense", "hop_ladder")
+def sample_chain_queries(rng: random.Random, n_filler_words: int, literal_share: float = 0.0,
+                         after_statement: bool = False) -> list[tuple[str, str]]:
+    """A multi-query multihop document: ``CHAIN_COUNT`` interleaved chains of 0 to ``MULTIHOP_HOPS`` hops
+    each, in noise haystack, with questions on many of their variables, each followed by its answer.
+
+    ``what is X ?`` is answered by the root value of X's chain (the probe's question); with probability
+    ``literal_share`` a question is ``recall X :`` instead, answered by X's literal right-hand side (a
+    variable for a copy). The questions come after all statements
+    (``c = lynx . ... d = c . ... what is d ? answer : lynx . what is c ? answer : lynx .``), or with
+    ``after_statement`` each right after the statement of its variable
+    (``c = lynx . ... d = c . what is d ? answer : lynx . ...``): then the variable's right-hand side is a
+    few tokens back and the only far look-up is the one that resolves it, which teaches the model to
+    resolve a copy where it is stated (so that the probe's question needs one look-up per hop already
+    resolved).
+
+    Returns:
+        ``[(text, answer), ...]`` turns, as ``sample_multi_query``.
+    """
+    pools = Pools.full()
+    n_chains = rng.randint(*CHAIN_COUNT)
+    hops = [rng.randint(0, MULTIHOP_HOPS) for _ in range(n_chains)]
+    names = rng.sample(list(pools.variables), sum(h + 1 for h in hops))
+    kind = rng.choice(["number", "word"])
+    roots = rng.sample(list(pools.number_values if kind == "number" else pools.word_values), n_chains)
+    chains, start = [], 0
+    for h in hops:
+        chains.append(names[start : start + h + 1])
+        start += h + 1
+    rhs, value = {}, {}  # variable -> its literal right-hand side, its chain's root value
+    for chain, root in zip(chains, roots):
+        for depth, name in enumerate(chain):
+            rhs[name], value[name] = (root if depth == 0 else chain[depth - 1]), root
+    order = [c for c, chain in enumerate(chains) for _ in chain]
+    rng.shuffle(order)  # interleave the chains, each in its own order
+    emitted = [0] * n_chains
+    statements = []
+    for c in order:
+        statements.append(chains[c][emitted[c]])
+        emitted[c] += 1
+    asked = set(rng.sample(names, rng.randint(max(1, len(names) // 2), len(names))))
+
+    def question(name: str) -> tuple[list[str], str]:
+        literal = rng.random() < literal_share
+        words = f"recall {name} :" if literal else f"what is {name} ? answer :"
+        return words.split(), rhs[name] if literal else value[name]
+
+    # Facts are word lists; an answer is a turn break, marked by its index into ``answers``.
+    answers: list[str] = []
+    facts = []
+    for name in statements:
+        fact = f"{name} = {rhs[name]} .".split()
+        if after_statement and name in asked:
+            words, answer = question(name)
+            fact += words + [_AnswerMark(len(answers))] + ["."]
+            answers.append(answer)
+        facts.append(fact)
+    sentences = haystack_sentences("noise")
+    window = take_window(lambda i: sentences[i], len(sentences), rng, n_filler_words)
+    flat, _ = insert_facts(window, facts, rng)
+    if not after_statement:
+        for name in rng.sample(sorted(asked), len(asked)):
+            words, answer = question(name)
+            flat += words + [_AnswerMark(len(answers))] + ["."]
+            answers.append(answer)
+        flat.pop()  # the document ends on the last answer
+    turns, text = [], []
+    for unit in flat:
+        if isinstance(unit, _AnswerMark):
+            turns.append((" ".join(text), answers[unit.index]))
+            text = []
+        else:
+            text.append(unit)
+    if text:  # statements and filler after the last answer (questions after statements)
+        turns.append((" ".join(text), ""))
+    return turns
+
+
+class _AnswerMark:
+    """Where an answer goes in a flat word list (``sample_chain_queries``)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+TRAINING_ONLY_TASKS = ("mqar", "mqar_dense", "hop_ladder", "hop_queries", "hop_steps")
 
 
 def sample_training_task(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, str] | list[tuple[str, str]]:
@@ -102,4 +188,8 @@ def sample_training_task(name: str, rng: random.Random, n_filler_words: int) -> 
         return sample_multi_query(rng, n_filler_words, DENSE_PAIRS)
     if name == "hop_ladder":
         return sample_hop_ladder(rng, n_filler_words)
+    if name == "hop_queries":
+        return sample_chain_queries(rng, n_filler_words, LITERAL_SHARE)
+    if name == "hop_steps":
+        return sample_chain_queries(rng, n_filler_words, LITERAL_SHARE, after_statement=True)
     return sample_task_text(name, rng, n_filler_words)

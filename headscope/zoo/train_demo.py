@@ -65,6 +65,22 @@ def model_config(preset: str, tokenizer, seq_len: int, tie_embeddings: bool = Fa
     )
 
 
+def parse_task_weights(items: list[str], task_names: list[str]) -> dict[str, float]:
+    """``["hop_queries=4", ...]`` -> ``{"hop_queries": 4.0}``; unknown tasks and bad weights are errors."""
+    weights = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in task_names:
+            raise HeadscopeError(f"--task-weight {item!r}: unknown task {name!r} (tasks: {', '.join(task_names)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise HeadscopeError(f"--task-weight {item!r}: the weight must be a number") from None
+        if not weights[name] >= 0:
+            raise HeadscopeError(f"--task-weight {item!r}: the weight must be >= 0")
+    return weights
+
+
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` to ``peak / 10`` at ``total``."""
     if step < warmup:
@@ -167,6 +183,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="peak learning rate (on the demo corpus 3e-3 reached multi-key 0.48 / key-value 0.17 in 8.2k steps; 1e-3 reached 1.00 / 1.00 within ~1,000)")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--answer-weight", type=float, default=5.0)
+    parser.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
+                        help="override a task's draw weight in both phases (repeatable), e.g. hop_queries=4")
     parser.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (one graph per row length)")
     parser.add_argument("--eval-lengths", default="256,512,1024")
@@ -201,6 +219,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(config.task_names) ^ (set(TASK_NAMES) | set(TRAINING_ONLY_TASKS)))
     if unknown:
         raise HeadscopeError(f"corpus task weights and the probe + training-only tasks differ on {unknown}")
+    overrides = parse_task_weights(args.task_weight, config.task_names)
+    config = replace(config, task_weights=config.task_weights | overrides)
     tokenizer = build_demo_tokenizer(sample_task_text, TASK_NAMES, task_vocabulary(), seed=args.seed,
                                      model_max_length=args.seq_len)
     tokenizer.save_pretrained(out)
@@ -210,7 +230,7 @@ def main(argv=None) -> int:
 
     def phase_config(seq_len: int) -> CorpusConfig:
         if seq_len < args.seq_len:
-            return replace(config, seq_len=seq_len, task_weights=dict(SHORT_PHASE_TASK_WEIGHTS), filler_fill=SHORT_PHASE_FILLER_FILL)
+            return replace(config, seq_len=seq_len, task_weights=SHORT_PHASE_TASK_WEIGHTS | overrides, filler_fill=SHORT_PHASE_FILLER_FILL)
         return replace(config, seq_len=seq_len)
 
     def make_builder(seq_len: int) -> RowBuilder:
