@@ -49,8 +49,8 @@ DEFAULT_TASK_WEIGHTS = {
     "mqar": 2.0,
     "mqar_dense": 0.5,
     "hop_ladder": 0.25,
-    "hop_queries": 1.0,
-    "hop_steps": 1.0,
+    "hop_queries": 2.0,
+    "hop_steps": 4.0,
 }
 # The short-row phase of the demo model's curriculum (same tasks, same order): weighted towards the
 # key-matching tasks, learnt at short range before they must work across 1024 tokens. These are draw
@@ -58,7 +58,7 @@ DEFAULT_TASK_WEIGHTS = {
 # realised shares; with the demo tokenizer, in 256-token rows mqar_dense ends up near 7% of documents,
 # hop_ladder and multihop near 28% and 26%).
 SHORT_PHASE_TASK_WEIGHTS = DEFAULT_TASK_WEIGHTS | {"needle_single": 0.25, "ioi": 0.25, "comparison": 0.5, "mqar": 0.0, "mqar_dense": 3.0,
-                                                   "hop_ladder": 0.5, "hop_queries": 2.0, "hop_steps": 2.0}
+                                                   "hop_ladder": 0.5, "hop_queries": 2.0, "hop_steps": 4.0}
 SHORT_PHASE_FILLER_FILL = 0.25  # short-phase documents carry little haystack: more answers per row
 
 TaskSampler = Callable[[str, random.Random, int], "tuple[str, str] | list[tuple[str, str]]"]
