@@ -320,3 +320,14 @@ def test_task_weight_overrides_are_checked():
     for bad, message in (("hops=1", "unknown task 'hops'"), ("multihop=x", "must be a number"), ("multihop=-1", ">= 0")):
         with pytest.raises(HeadscopeError, match=message):
             parse_task_weights([bad], names)
+
+
+def test_step_clock_keeps_estimating_so_a_run_is_replanned():
+    """A plan made once from the first steps let a data-bound short phase eat the whole budget; the clock
+    now reports the mean pace at the second mark and every ``every`` steps after it."""
+    from headscope.zoo.train_demo import StepClock
+
+    clock = StepClock(torch.device("cpu"), first=2, second=5, every=10)
+    estimates = {step: clock.tick(step) for step in range(1, 40)}
+    assert [step for step, value in estimates.items() if value is not None] == [5, 15, 25, 35]
+    assert all(value > 0 for value in estimates.values() if value is not None)

@@ -138,21 +138,29 @@ class RunState:
 
 
 class StepClock:
-    """Seconds per step, timed between two step counts of a phase (after compilation and warm-up)."""
+    """Seconds per step of a phase, averaged from the ``first`` step on (after compilation and warm-up).
 
-    def __init__(self, device: torch.device, first: int = 20, second: int = 50) -> None:
-        self.device, self.first, self.second, self.started = device, first, second, 0.0
+    The first estimate comes at step ``second``; later ones every ``every`` steps, so that a run whose
+    steady pace differs from its first steps (the loader's prefetched batches run out and the corpus
+    workers set the pace) is re-planned: a fixed plan made from the first steps once let the short-row
+    phase eat the whole time budget and left the 1024-token phase 50 steps.
+    """
+
+    def __init__(self, device: torch.device, first: int = 20, second: int = 50, every: int = 250) -> None:
+        self.device, self.first, self.second, self.every, self.started = device, first, second, every, 0.0
 
     def tick(self, steps_in_phase: int) -> float | None:
-        """Call after every step; returns the step time once, at the second mark."""
-        if steps_in_phase not in (self.first, self.second):
+        """Call after every step; returns the mean step time since ``first`` at ``second`` and every
+        ``every`` steps after it, else None."""
+        due = steps_in_phase == self.second or (steps_in_phase > self.second and (steps_in_phase - self.second) % self.every == 0)
+        if steps_in_phase != self.first and not due:
             return None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if steps_in_phase == self.first:
             self.started = time.perf_counter()
             return None
-        return (time.perf_counter() - self.started) / (self.second - self.first)
+        return (time.perf_counter() - self.started) / (steps_in_phase - self.first)
 
 
 def save_state(path: Path, model, optimizer, state: RunState, log: TrainingLog) -> None:
@@ -288,12 +296,14 @@ def main(argv=None) -> int:
             step_seconds = clock.tick(run.step - phase_start) if args.steps is None else None
             if step_seconds is not None:
                 left = max(args.minutes * 60 - (seconds_before + time.perf_counter() - started), 0.0)
+                planned = run.total_steps
                 run.total_steps = run.step + int(left / step_seconds)
                 if not is_last and args.short_steps is None:
                     run.short_steps = max(int(args.short_fraction * run.total_steps), run.step)
                 progress.total = run.total_steps
-                tqdm.write(f"rows of {seq_len}: {step_seconds * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / step_seconds:,.0f}"
-                           f" tokens/s); plan: {run.total_steps} steps, {run.short_steps} on short rows")
+                if planned is None or abs(run.total_steps - planned) > 0.03 * planned or run.step - phase_start == clock.second:
+                    tqdm.write(f"rows of {seq_len}: {step_seconds * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / step_seconds:,.0f}"
+                               f" tokens/s); plan: {run.total_steps} steps, {run.short_steps} on short rows")
             if run.step % args.log_every == 0 or run.step == run.total_steps:
                 seconds = seconds_before + time.perf_counter() - started
                 log.add(run.step, seconds, lr, float(grad_norm), sums.tolist(), seq_len)
