@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = head_budget(fp, args.ratio)
     top_k = args.top_k or 2 * budget
     rows, exact_all, screen_all = [], [], []
-    warmup = make_probe(TASK_NAMES[0], lm.tokenizer, length=args.length, n_pairs=2, seed=args.seed + 1)
-    for method in ("activation", "attribution"):  # first-call costs (allocator, kernels) stay out of the timings
+    warmup = make_probe(TASK_NAMES[0], lm.tokenizer, length=args.length, n_pairs=args.pairs, seed=args.seed + 1)
+    for method in ("activation", "attribution"):  # first-call costs (allocator at the timed batch shape) stay out of the timings
         score(lm, warmup, method, progress=False)
     for name in TASK_NAMES:
         probe = make_probe(name, lm.tokenizer, length=args.length, n_pairs=args.pairs, seed=args.seed)

@@ -36,8 +36,9 @@ from headscope.heads import HeadscopeError
 # Tasks that need a key matched before a value is copied (multi-key needles, key-value recall, multi-hop
 # binding) get more weight: they are the slowest to learn. The single needle and IOI are learnt early.
 # "mqar" and "mqar_dense" (headscope.zoo.multiquery) ask many questions per document: the dense signal for
-# key matching; "mqar" needs rows of 1024, "mqar_dense" fits short rows; "hop_ladder" is multihop with
-# 0-2 hops (each look-up of the chain learnt on its own first).
+# key matching; "mqar" needs rows of 1024, "mqar_dense" fits short rows. "hop_ladder" is multihop with
+# 0-2 hops; "hop_queries" asks about many variables of 2-4 chains at once, "hop_steps" asks each right
+# after its statement: the documents with which the demo model learnt multihop (see its HISTORY.md).
 DEFAULT_TASK_WEIGHTS = {
     "needle_single": 0.5,
     "needle_multikey": 1.5,
@@ -54,9 +55,10 @@ DEFAULT_TASK_WEIGHTS = {
 }
 # The short-row phase of the demo model's curriculum (same tasks, same order): weighted towards the
 # key-matching tasks, learnt at short range before they must work across 1024 tokens. These are draw
-# weights: tasks too long for a document's budget give way to ones that fit (``task_mix`` measures the
-# realised shares; with the demo tokenizer, in 256-token rows mqar_dense ends up near 7% of documents,
-# hop_ladder and multihop near 28% and 26%).
+# weights: the tasks of a document are drawn first and its budget sized to hold them, but a task too long
+# for what is left of a row gives way to one that fits (``task_mix`` measures the realised shares; with
+# the demo tokenizer, in 256-token rows mqar_dense ends up near 12% of documents instead of 18%, multihop
+# near 21% instead of 15%).
 SHORT_PHASE_TASK_WEIGHTS = DEFAULT_TASK_WEIGHTS | {"needle_single": 0.25, "ioi": 0.25, "comparison": 0.5, "mqar": 0.0, "mqar_dense": 3.0,
                                                    "hop_ladder": 0.5, "hop_queries": 2.0, "hop_steps": 4.0}
 SHORT_PHASE_FILLER_FILL = 0.25  # short-phase documents carry little haystack: more answers per row

@@ -1,4 +1,5 @@
-"""Training-only documents for key matching: multi-query associative recall (MQAR) and a multi-hop ladder.
+"""Training-only documents for key matching and multihop binding: multi-query associative recall (MQAR),
+a multi-hop ladder and multi-query chains.
 
 The probes ask one question per prompt, so a training row holds only a few answers that need a key
 matched before a value is copied (``needle_multikey``, ``kv_recall``, ``multihop``). A small model trained on
@@ -24,9 +25,17 @@ a few dozen positions, so a matching head gets a useful gradient from its first 
 tokens of haystack its initial attention to the right fact is ~1/1000. The first demo model's curriculum
 had no key-matching document that fit its short rows (``"mqar"`` needs more than 256 tokens). What was
 shown side by side is narrower: with this corpus, lr 1e-3 learnt key matching and lr 3e-3 did not (see
-the demo model's card); the dense documents' own share was not isolated, and since long tasks give way
-to short ones that fit a document's budget they are only ~7% of short-phase documents
-(``headscope.zoo.corpus.task_mix``).
+the demo model's HISTORY.md); the dense documents' own share was not isolated (they are ~12% of
+short-phase documents, ``headscope.zoo.corpus.task_mix``).
+
+Multihop (``c = lynx . d = c . f = d . what is f ?``) needs three chained look-ups. Single-question
+chains never taught it: with the probe's format and the ``"hop_ladder"`` (0-2 hops, one question), a
+6-layer and an 8-layer demo model stayed at chance, answering with a random chain's root. Two more
+documents from ``sample_chain_queries`` did: ``"hop_queries"`` states 2-4 chains and asks about many of
+their variables at the end, ``"hop_steps"`` asks each question right after its variable's statement,
+where the right-hand side is a few tokens back and the only far look-up resolves it. With both in the
+corpus, two runs with different weights learnt multihop within ~1,600 steps of 256-token rows (probe
+argmax 1.00 at 256 tokens); which of the two documents is needed was not isolated.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
 """Train the bundled demo model: a small Qwen3 on the generated task corpus, in minutes on one GPU.
 
-    python -m headscope.zoo.train_demo --out data/models/headscope-demo --minutes 12 --seed 0
+    python -m headscope.zoo.train_demo --out data/models/headscope-demo --minutes 6.5 --seed 0 --compile
 
 Recipe: build the word-level tokenizer from task samples and the haystack (``headscope.zoo.tokenizer``),
-stream packed rows (``headscope.zoo.corpus``: the probe tasks plus multi-query recall documents,
-``headscope.zoo.multiquery``) from data-loader workers, first ``--short-fraction`` of the
+stream packed rows (``headscope.zoo.corpus``: the probe tasks plus the training-only multi-query recall
+and multihop documents of ``headscope.zoo.multiquery``) from data-loader workers, first ``--short-fraction`` of the
 steps on rows of ``--short-seq-len`` tokens weighted towards the key-matching tasks (``SHORT_PHASE_TASK_WEIGHTS``:
-short look-ups among few positions; the realised mix, recorded in the summary, is mostly multihop chains,
-the hop ladder and multi-key needles, as long tasks give way to ones that fit), then
+short look-ups among few positions; the realised mix is recorded in the summary), then
 on rows of ``--seq-len`` with ``DEFAULT_TASK_WEIGHTS``, with the same tokens per step; train a
 ``Qwen3ForCausalLM`` (untied embeddings: tied ones let the never-predicted key words collapse
 onto one embedding) with AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
