@@ -5,7 +5,7 @@ Arms, in the order they run, so that the comparisons that matter most exist firs
 * ``teacher``: the original model, no training (RoPE extrapolated past its training length);
 * ``headwise_fused_7to1``: the ``headscope.demo`` recipe: built-in probes (all seven, 256 tokens, 8 pairs,
   seed 0), ``direct`` scores (receivers) and ``path`` scores through each probe's top-3 receivers (senders),
-  ``fuse`` (rank-normalised, equal weight per capability), ``select_mask(ratio="7:1")``; or ``--mask FILE``;
+  ``fuse`` with its defaults (z-scored |score|, mean with equal weight per capability), ``select_mask(ratio="7:1")``; or ``--mask FILE``;
 * ``layerwise_3to1`` and ``layerwise_7to1``: whole FA layers. ``n = max(1, round(L b / (a + b)))`` layers,
   layer ``floor((k + 1) L / n) - 1`` for ``k < n`` (the last layer of each of ``n`` equal blocks). When
   ``a + b`` divides ``L`` this is ``headscope.mask.layerwise_mask`` (the Qwen3-Next layout, layers 3, 7,

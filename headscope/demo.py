@@ -9,7 +9,7 @@ were made for the same model, probe length, pair count and seed):
 2. score receivers with ``direct`` (the head's own effect on the answer) and senders with ``path``
    (effect routed through that probe's top receivers outside layer 0), one HeadScores JSON per probe
    and method;
-3. fuse every score into one ranking (rank-normalised, equal weight per capability), pick the
+3. fuse every score into one ranking (``fuse`` defaults: z-scored |score|, equal weight per capability), pick the
    full-attention heads at the 7:1 budget, write ``mask.json`` and ``report.html``;
 4. build the 7:1 head-wise hybrid from the mask, calibrate its per-head output scales, align it briefly
    to the original model on the demo corpus (stage 1 of the transfer, CPU, a minute or two) and compare

@@ -15,6 +15,7 @@ from headscope.heads import HeadscopeError
 from headscope.models import load_model
 from headscope.probes import TASK_NAMES, make_probe
 from headscope.zoo import DEMO_MODEL_DIR, demo_model_path
+from headscope.zoo.card import LEARNT_ARGMAX, LEARNT_BEATS_WRONG
 from headscope.zoo.evaluate import probe_accuracy
 
 NOT_LEARNT: set[str] = set()
@@ -52,7 +53,7 @@ def test_demo_tokenizer_covers_every_task_word(demo):
 def test_demo_model_solves_task(demo, task):
     probe = make_probe(task, demo.tokenizer, length=256, n_pairs=16)
     accuracy = probe_accuracy(demo.model, probe)
-    assert accuracy.beats_wrong >= 0.85 and accuracy.argmax >= 0.75, accuracy
+    assert accuracy.beats_wrong >= LEARNT_BEATS_WRONG and accuracy.argmax >= LEARNT_ARGMAX, accuracy
 
 
 def test_demo_model_path_names_the_training_command(monkeypatch, tmp_path):

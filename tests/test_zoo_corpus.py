@@ -145,7 +145,7 @@ def test_demo_model_unties_embeddings_by_default(parts):
 def test_demo_recipe_defaults_are_the_ones_that_learnt_key_matching():
     """Side by side on one H100 (2026-11-26), lr 3e-3 left needle_multikey / kv_recall at 0.48 / 0.17 after
     8.2k steps while lr 1e-3 reached 1.00 / 1.00; the shipped model planned 70% of its steps on short rows
-    (75% happened: the step count is re-planned from the measured step time of each phase)."""
+    (74% happened: the step count is re-planned from the measured pace of each phase)."""
     from headscope.zoo.train_demo import parse_args
 
     args = parse_args([])
@@ -333,3 +333,34 @@ def test_step_clock_keeps_estimating_so_a_run_is_replanned():
     estimates = {step: clock.tick(step) for step in range(1, 40)}
     assert [step for step, value in estimates.items() if value is not None] == [5, 15, 25, 35]
     assert all(value > 0 for value in estimates.values() if value is not None)
+
+
+def test_replan_keeps_the_plan_consistent():
+    from headscope.zoo.train_demo import RunState, replan
+
+    run = RunState(step=100)
+    replan(run, seconds_left=90.0, step_seconds=0.1, short_fraction=0.7)
+    assert (run.total_steps, run.short_steps) == (1000, 700)
+    run.step = 800  # slower than planned: the short phase ends now, not in the past
+    replan(run, seconds_left=5.0, step_seconds=0.1, short_fraction=0.7)
+    assert (run.total_steps, run.short_steps) == (850, 800)
+    replan(run, seconds_left=-3.0, step_seconds=0.1, short_fraction=None)  # out of time
+    assert run.total_steps == run.step == 800 and run.short_steps == 800
+
+
+def test_drawn_tasks_that_do_not_fit_together_keep_the_longest_fitting_prefix(parts):
+    tokenizer, _, _ = parts
+    core = tokenizer.backend_tokenizer
+    encode = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
+
+    def sized(name, rng, n_filler_words):
+        return ("say " * {"a": 30, "b": 30, "c": 2}[name]).strip(), "tiger"
+
+    config = CorpusConfig(seq_len=128, task_weights={"a": 1.0, "b": 1.0, "c": 0.0}, filler_doc_prob=0.0, min_doc_tokens=24)
+    builder = RowBuilder(encode, tokenizer.eos_token_id, sized, Haystack(" ".join([FILLER] * 200), 1.0), config)
+    drawn = [builder._draw_tasks(random.Random(seed), 70) for seed in range(40)]
+    assert all(1 <= len(names) <= 2 and "c" not in names for names in drawn)  # 3 x 31 tokens never fit 70
+    assert any(len(names) == 2 for names in drawn)
+    assert builder._draw_tasks(random.Random(0), 10) == []  # only "c" fits 10 tokens, and its weight is 0
+    with pytest.raises(HeadscopeError, match="every task weight is 0"):
+        RowBuilder(encode, 0, sized, builder.haystack, CorpusConfig(seq_len=128, task_weights={"a": 0.0}))

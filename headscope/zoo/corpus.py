@@ -157,11 +157,15 @@ class RowBuilder:
         self.haystack, self.config = haystack, config
         self.names = config.task_names
         self.weights = [config.task_weights[name] for name in self.names]
+        if not sum(self.weights) > 0:
+            raise HeadscopeError(f"every task weight is 0 in rows of {config.seq_len}: give at least one task a weight > 0")
         self.overhead = {name: self._task_overhead(name) for name in self.names}
         self.documents = Counter()  # task documents built per task (the realised mix, see task_mix)
 
     def _task_overhead(self, name: str, n_samples: int = 24) -> int:
-        """The most tokens a task instance takes beyond its filler (sampled with a fixed seed)."""
+        """Tokens a task instance takes beyond its filler: the largest of ``n_samples`` instances drawn with a
+        fixed seed, an estimate (about 1 in 10 multihop-chain documents is longer; ``_task_doc`` then
+        redraws with less filler). Changing it changes every row of the corpus."""
         rng = random.Random(f"headscope-corpus-overhead:{name}")
         return max(
             sum(len(self.encode(text)) for turn in as_turns(self.sample_task(name, rng, 0)) for text in turn)
@@ -250,9 +254,9 @@ class RowBuilder:
 def task_mix(builder: RowBuilder, n_rows: int = 200, seed: str = "task-mix") -> dict[str, float]:
     """The share of task documents each task gets in ``n_rows`` rows of ``builder``.
 
-    This differs from the configured weights: a task whose text does not fit a document's drawn budget
-    gives way to one that fits, so long tasks (multi-query recall, long key-value blocks) are rarer than
-    their weight, short ones more frequent, and more so in short rows.
+    This differs from the configured weights: a task whose text does not fit what is left of a row gives
+    way to one that fits, so long tasks (multi-query recall, long key-value blocks) are rarer than their
+    weight, short ones more frequent, and more so in short rows.
 
     Returns:
         task name -> share of documents (the shares sum to 1; 0.0 for tasks never built).

@@ -34,8 +34,10 @@ chains never taught it: with the probe's format and the ``"hop_ladder"`` (0-2 ho
 documents from ``sample_chain_queries`` did: ``"hop_queries"`` states 2-4 chains and asks about many of
 their variables at the end, ``"hop_steps"`` asks each question right after its variable's statement,
 where the right-hand side is a few tokens back and the only far look-up resolves it. With both in the
-corpus, two runs with different weights learnt multihop within ~1,600 steps of 256-token rows (probe
-argmax 1.00 at 256 tokens); which of the two documents is needed was not isolated.
+corpus, four runs (two weightings) learnt multihop, their training-stream accuracy leaving ~0.55 after
+1,050-2,325 steps of 256-token rows and passing 0.9 by step 1,175-3,100 (probe argmax 1.00 at 256 tokens
+in all four);
+which of the two documents is needed was not isolated (the demo model's HISTORY.md).
 """
 
 from __future__ import annotations

@@ -162,6 +162,15 @@ class StepClock:
         return (time.perf_counter() - self.started) / (steps_in_phase - self.first)
 
 
+def replan(run: RunState, seconds_left: float, step_seconds: float, short_fraction: float | None) -> None:
+    """Fix ``run.total_steps`` (and, with ``short_fraction``, ``run.short_steps``) from the time left and
+    the measured pace: the total never falls below the current step, the short phase never ends before
+    it nor after the total."""
+    run.total_steps = run.step + int(max(seconds_left, 0.0) / step_seconds)
+    if short_fraction is not None:
+        run.short_steps = min(max(int(short_fraction * run.total_steps), run.step), run.total_steps)
+
+
 def save_state(path: Path, model, optimizer, state: RunState, log: TrainingLog) -> None:
     """Write the resumable training state atomically."""
     tmp = path.with_suffix(".tmp")
@@ -296,9 +305,7 @@ def main(argv=None) -> int:
             if step_seconds is not None:
                 left = max(args.minutes * 60 - (seconds_before + time.perf_counter() - started), 0.0)
                 planned = run.total_steps
-                run.total_steps = run.step + int(left / step_seconds)
-                if not is_last and args.short_steps is None:
-                    run.short_steps = max(int(args.short_fraction * run.total_steps), run.step)
+                replan(run, left, step_seconds, None if is_last or args.short_steps is not None else args.short_fraction)
                 progress.total = run.total_steps
                 if planned is None or abs(run.total_steps - planned) > 0.03 * planned or run.step - phase_start == clock.second:
                     tqdm.write(f"rows of {seq_len}: {step_seconds * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / step_seconds:,.0f}"
