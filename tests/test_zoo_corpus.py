@@ -364,3 +364,37 @@ def test_drawn_tasks_that_do_not_fit_together_keep_the_longest_fitting_prefix(pa
     assert builder._draw_tasks(random.Random(0), 10) == []  # only "c" fits 10 tokens, and its weight is 0
     with pytest.raises(HeadscopeError, match="every task weight is 0"):
         RowBuilder(encode, 0, sized, builder.haystack, CorpusConfig(seq_len=128, task_weights={"a": 0.0}))
+
+
+def test_train_demo_end_to_end_writes_a_card_and_resumes_only_with_the_same_corpus(tmp_path):
+    """A few steps of the real training loop on the tiny preset: weights, tokenizer, log, summary and a
+    card with a generated Status; the saved state resumes, but not under other task-weight overrides."""
+    import json
+
+    from headscope.zoo.train_demo import main
+
+    out = tmp_path / "run"
+    argv = ["--tiny", "--out", str(out), "--steps", "4", "--seq-len", "128", "--short-seq-len", "64", "--batch-size", "2",
+            "--workers", "0", "--eval-pairs", "2", "--eval-lengths", "128", "--log-every", "2", "--checkpoint-minutes", "0",
+            "--task-weight", "hop_steps=3"]
+    assert main(argv) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["run"]["step"] == 4 and summary["run"]["short_steps"] == 2
+    assert summary["run"]["task_weights"] == {"hop_steps": 3.0}
+    assert [phase["task_weights"]["hop_steps"] for phase in summary["phases"]] == [3.0, 3.0]
+    card = (out / "README.md").read_text()
+    assert "## Status" in card and "probe tasks learnt" in card and "--task-weight hop_steps=3" in card
+    assert (out / "model.safetensors").is_file() and not (out / "train_state.pt").exists()  # a finished run drops its state
+
+    from transformers import Qwen3ForCausalLM
+
+    from headscope.zoo.card import TrainingLog
+    from headscope.zoo.train_demo import RunState, make_optimizer, save_state
+
+    model = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32)  # an interrupted run, half way
+    state = RunState(step=2, total_steps=4, short_steps=2, task_weights={"hop_steps": 3.0})
+    save_state(out / "train_state.pt", model, make_optimizer(model, 1e-3, fused=False), state, TrainingLog([], 256))
+    with pytest.raises(HeadscopeError, match="pass the same --task-weight"):
+        main([*argv[:-2], "--resume"])
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "training_summary.json").read_text())["run"]["step"] == 4

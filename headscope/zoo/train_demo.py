@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -134,6 +134,7 @@ class RunState:
     total_steps: int | None = None
     short_steps: int | None = None
     train_seconds: float = 0.0
+    task_weights: dict[str, float] = field(default_factory=dict)  # the --task-weight overrides of the run
 
 
 class StepClock:
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
     model = Qwen3ForCausalLM(model_config(args.preset, tokenizer, args.seq_len, args.tie_embeddings, args.layers)).to(device)
     optimizer = make_optimizer(model, args.lr, fused=device.type == "cuda")
     log = TrainingLog(config.task_names, batch_tokens=args.batch_size * args.seq_len)
-    run = RunState(total_steps=args.steps, short_steps=None if curriculum else 0)
+    run = RunState(total_steps=args.steps, short_steps=None if curriculum else 0, task_weights=overrides)
     if curriculum and args.short_steps is not None:
         run.short_steps = args.short_steps
     elif curriculum and args.steps is not None:
@@ -273,6 +274,9 @@ def main(argv=None) -> int:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         run, log.rows = RunState(**saved["run"]), saved["log"]
+        if run.task_weights != overrides:
+            raise HeadscopeError(f"--resume: the run was started with task-weight overrides {run.task_weights}, "
+                                 f"not {overrides}; pass the same --task-weight options to resume it")
     forward = torch.compile(model, dynamic=False) if args.compile else model
     n_tasks = len(config.task_names)
     sums = torch.zeros(4 + 3 * n_tasks, device=device)
