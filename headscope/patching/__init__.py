@@ -14,6 +14,7 @@ from headscope.models import LoadedModel
 from headscope.patching.activation import activation_scores, activation_scores_by_position, direct_scores
 from headscope.patching.attribution import attribution_scores, rank_correlation, screen_scores
 from headscope.patching.path import Receiver, parse_receivers, path_scores
+from headscope.patching.rope import rope_dependence_scores
 from headscope.probes.base import Probe
 
 Scorer = Callable[..., HeadScores]
@@ -24,6 +25,7 @@ SCORERS: dict[str, Scorer] = {
     "path": path_scores,
     "attribution": attribution_scores,
     "screen": screen_scores,
+    "rope": rope_dependence_scores,
 }
 
 
@@ -43,5 +45,5 @@ def score(lm: LoadedModel, probe: Probe, method: str = "activation", **options) 
 
 __all__ = [
     "SCORERS", "Receiver", "Scorer", "activation_scores", "activation_scores_by_position", "attribution_scores", "direct_scores",
-    "parse_receivers", "path_scores", "rank_correlation", "register_scorer", "score", "screen_scores",
+    "parse_receivers", "path_scores", "rank_correlation", "register_scorer", "rope_dependence_scores", "score", "screen_scores",
 ]
