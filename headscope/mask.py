@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from headscope.fusion import FusedRanking
-from headscope.heads import HeadMask, HeadscopeError, HeadScores, ModelFingerprint
+from headscope.heads import Head, HeadMask, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.maskfile import (
     MASK_SCHEMA_VERSION,
     export_duo_tsv,
@@ -158,6 +158,7 @@ def select_mask(
     min_per_layer: int = 0,
     kv_aware: bool = False,
     group_score: str = "max",
+    exclude: Sequence[Head] = (),
 ) -> HeadMask:
     """Keep the most important heads at full attention under a head budget.
 
@@ -168,12 +169,30 @@ def select_mask(
         ratio: ``"a:b"`` linear:full (default ``"7:1"``); or ``n_full`` heads instead.
         min_per_layer: full heads every layer must keep (in heads; whole groups with ``kv_aware``).
         kv_aware: choose whole KV groups (scored by ``group_score``: ``max`` or ``sum``).
+        exclude: heads that must not get full attention, e.g. heads whose job needs RoPE (``rope``
+            scores: the FA branch is NoPE); the budget goes to the next heads. Not with ``kv_aware``.
     Returns:
         ``HeadMask`` whose provenance holds ratio, selection record, probes, methods, fusion, scores.
     """
     importance, fp, provenance = _importance_of(ranking_or_values, fingerprint)
     budget = head_budget(fp, ratio, n_full)
+    excluded = sorted(set(exclude), key=lambda h: (h.layer, h.head))
+    if excluded:
+        if kv_aware:
+            raise HeadscopeError("exclude works on single heads; with kv_aware a chosen KV group could still hold an excluded head")
+        for head in excluded:
+            if not (0 <= head.layer < fp.n_layers and 0 <= head.head < fp.n_heads):
+                raise HeadscopeError(f"cannot exclude {head}: the model has {fp.n_layers} layers x {fp.n_heads} heads")
+        importance = importance.clone()
+        floor = float(importance.min()) - 1.0  # below every other head, still finite
+        for head in excluded:
+            importance[head.layer, head.head] = floor
     full, record = _select(importance, fp, budget, min_per_layer, kv_aware, group_score)
+    if excluded:
+        forced = [str(h) for h in excluded if full[h.layer, h.head]]
+        if forced:
+            raise HeadscopeError(f"min_per_layer={min_per_layer} forces excluded heads {', '.join(forced)} to full attention")
+        record["excluded"] = [str(h) for h in excluded]
     ratio_text = None if n_full is not None else (ratio or "7:1")
     return HeadMask(full, fp, {"ratio": ratio_text, "selection": {"method": "ranked", **record}, **provenance})
 

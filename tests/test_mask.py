@@ -58,6 +58,22 @@ def test_select_keeps_the_top_heads():
     assert mask.provenance["scores"] == importance.tolist()
 
 
+def test_excluded_heads_give_their_budget_to_the_next_ones():
+    importance = distinct(FP8)
+    top = [Head(int(i) // 8, int(i) % 8) for i in importance.flatten().topk(10).indices]
+    mask = select_mask(importance, FP8, ratio="7:1", exclude=top[:2])
+    assert set(mask.heads()) == set(top[2:10])
+    assert mask.provenance["selection"]["excluded"] == [str(h) for h in sorted(top[:2], key=lambda h: (h.layer, h.head))]
+    assert select_mask(importance, FP8, ratio="7:1").provenance["selection"].get("excluded") is None
+    with pytest.raises(HeadscopeError, match="not.*kv_aware|with kv_aware"):
+        select_mask(importance, FP8, ratio="7:1", kv_aware=True, exclude=top[:1])
+    with pytest.raises(HeadscopeError, match="cannot exclude L8H0"):
+        select_mask(importance, FP8, ratio="7:1", exclude=[Head(8, 0)])
+    whole_layer = [Head(0, h) for h in range(8)]
+    with pytest.raises(HeadscopeError, match="forces excluded heads"):
+        select_mask(importance, FP8, ratio="7:1", min_per_layer=1, exclude=whole_layer)
+
+
 def test_min_per_layer_is_honoured():
     importance = distinct(FP8)
     importance[0] += 1000  # layer 0 would take the whole budget

@@ -152,6 +152,10 @@ def test_cli_fuse_report_export(tmp_path, monkeypatch, capsys, inputs):
     assert [i["source"] for i in mask.provenance["fusion"]["inputs"]] == files
     code, _, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--n-full", "6", "--weight", "retrieval=3", "--weight", "reasoning=1", "--out", str(tmp_path / "w.json"))
     assert code == 0 and load_mask(tmp_path / "w.json").n_full == 6
+    code, _, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--n-full", "6", "--exclude", "L0H0,1.1", "--out", str(tmp_path / "e.json"))
+    excluded = load_mask(tmp_path / "e.json")
+    assert code == 0 and excluded.n_full == 6 and not excluded.full[0, 0] and not excluded.full[1, 1]
+    assert excluded.provenance["selection"]["excluded"] == ["L0H0", "L1H1"]
 
     code, out, _ = run_cli(monkeypatch, capsys, "report", *files, "--mask", str(mask_path), "--out", str(tmp_path / "r.html"))
     assert code == 0 and (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")

@@ -50,21 +50,26 @@ def register(subparsers) -> None:
     parser.add_argument("--rule", choices=RULES, default="mean", help="combination rule (default mean)")
     parser.add_argument("--rrf-k", type=float, default=DEFAULT_RRF_K, help=f"reciprocal rank fusion constant (default {DEFAULT_RRF_K:g})")
     parser.add_argument("--weight", action="append", metavar="CAP=W", help="weight of a capability (repeatable; default equal)")
+    parser.add_argument("--exclude", default="", metavar="HEADS",
+                        help="heads kept off full attention, comma-separated (e.g. L2H6,L1H3: heads that need RoPE, see --method rope)")
     parser.add_argument("--out", required=True, help="output mask JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from headscope.fusion import fuse
+    from headscope.heads import Head
     from headscope.mask import save_mask, select_mask
 
     scores = load_scores(args.scores)
     ranking = fuse(scores, normalise=args.normalise, rule=args.rule, weights=parse_weights(args.weight), rrf_k=args.rrf_k)
+    exclude = [Head.parse(text) for text in args.exclude.split(",") if text.strip()]
     mask = select_mask(ranking, ratio=args.ratio, n_full=args.n_full, min_per_layer=args.min_per_layer,
-                       kv_aware=args.kv_aware, group_score=args.group_score)
+                       kv_aware=args.kv_aware, group_score=args.group_score, exclude=exclude)
     path = save_mask(mask, args.out)
     groups = mask.kv_groups_full()
-    print(f"fused {len(scores)} inputs ({args.normalise}/{args.rule}); {mask.n_full} of {mask.full.numel()} heads at full attention "
+    normalise = args.normalise or ("rank" if args.rule == "rrf" else "zscore")  # fuse's defaults
+    print(f"fused {len(scores)} inputs ({normalise}/{args.rule}); {mask.n_full} of {mask.full.numel()} heads at full attention "
           f"({mask.head_fraction:.1%}), KV cache {int(groups.sum())}/{groups.numel()} groups ({mask.kv_fraction:.1%}) -> {path}")
     print("top heads: " + " ".join(str(h) for h in ranking.top(10)))
     return 0
