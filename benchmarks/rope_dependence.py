@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="model directory (default: the bundled demo model)")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--probes", default=",".join(TASK_NAMES), help="comma-separated built-in probes (default: all)")
     parser.add_argument("--threshold", type=float, default=0.25, help="a head is RoPE-dependent at this score on some probe")
     parser.add_argument("--quality", default=str(RESULTS / "hybrid_quality.json"), help="hybrid_quality results to cross-reference")
     args = parser.parse_args(argv)
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
 
     lm = load_model(args.model or demo_model_path(), dtype=torch.float32)
     scores = {}
-    for name in TASK_NAMES:
+    for name in args.probes.split(","):
         probe = make_probe(name, lm.tokenizer, length=args.length, n_pairs=args.pairs, seed=0)
         scores[name] = score(lm, probe, "rope")
     worst = torch.stack([s.values for s in scores.values()]).max(dim=0).values  # (L, H)
