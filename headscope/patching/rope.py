@@ -26,6 +26,9 @@ from tqdm.auto import tqdm
 
 from headscope.heads import HeadScores, HeadscopeError
 from headscope.models import LoadedModel
+from headscope.patching.batching import AdaptiveBatcher, default_batch_size
+from headscope.patching.common import ProbeRun, prepare
+from headscope.patching.engine import hooked, write_heads
 from headscope.probes.base import Probe
 
 ROPE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -82,25 +85,19 @@ def _check(lm: LoadedModel, probe: Probe) -> None:
 
 
 @torch.no_grad()
-def _mean_logit_diff(lm: LoadedModel, ids: torch.Tensor, answer: torch.Tensor, wrong: torch.Tensor, batch_size: int) -> float:
-    total = 0.0
-    for start in range(0, ids.shape[0], batch_size):
-        last = lm.model(input_ids=ids[start : start + batch_size]).logits[:, -1].float()  # (b, V)
-        rows = torch.arange(last.shape[0], device=last.device)
-        total += float((last[rows, answer[start : start + batch_size]] - last[rows, wrong[start : start + batch_size]]).sum())
-    return total / ids.shape[0]
-
-
-@torch.no_grad()
 def rope_dependence_scores(lm: LoadedModel, probe: Probe, *, noising: bool = False, batch_size: int | None = None,
                            progress: bool = True) -> HeadScores:
     """Score every head by the share of the clean/corrupt gap lost without its RoPE (module docstring).
+
+    The clean run is recorded once (``headscope.patching.common.prepare``); each head's run replays the
+    clean prompts from the cached residual at its layer (``PatchEngine.run_from``), with that head's output
+    recomputed without rotation, and is normalised like a noising patch.
 
     Args:
         lm: a RoPE-family model.
         probe: prompt pairs (the clean prompts are run; the corrupt ones set the scale).
         noising: must be False (the measurement is always on the clean run).
-        batch_size: prompts per forward (default: all).
+        batch_size: prompts per forward (default: the largest that fits).
         progress: show a progress bar over heads.
     Returns:
         ``HeadScores`` ``(n_layers, n_heads)``, method ``"rope"``.
@@ -108,50 +105,30 @@ def rope_dependence_scores(lm: LoadedModel, probe: Probe, *, noising: bool = Fal
     if noising:
         raise HeadscopeError("rope dependence is measured on the clean prompts only; --noising does not apply")
     _check(lm, probe)
-    probe.check_fits(lm.max_context, getattr(lm.model.config, "vocab_size", None))
-    tensors = probe.tensors(lm.device)
-    clean, answer, wrong = tensors["clean"], tensors["answer"], tensors["wrong"]  # (N, T), (N,), (N,)
-    size = batch_size or clean.shape[0]
-    ld_clean = _mean_logit_diff(lm, clean, answer, wrong, size)
-    ld_corrupt = _mean_logit_diff(lm, tensors["corrupt"], answer, wrong, size)
-    gap = ld_clean - ld_corrupt
-    if abs(gap) < 1e-6:
-        raise HeadscopeError(f"probe {probe.name}: the model's logit difference is the same on clean and corrupt "
-                             f"prompts (gap {gap:.2e}), so there is no scale for the scores")
+    run = prepare(lm, probe, noising=True)  # patched run = clean; score = (LD_clean - LD_patched) / gap
     fp = lm.fingerprint
-    values = torch.zeros(fp.n_layers, fp.n_heads)
-    bar = tqdm(total=fp.n_layers * fp.n_heads, desc=f"rope {probe.name}", unit="head", disable=not progress, leave=False)
-    for layer in range(fp.n_layers):
-        for head in range(fp.n_heads):
-            values[layer, head] = (ld_clean - _nope_logit_diff(lm, layer, head, clean, answer, wrong, size)) / gap
-            bar.update(1)
-    bar.close()
-    return HeadScores(
-        values=values, probe=probe.name, method="rope", fingerprint=fp, capability=probe.capability,
-        meta={"n_pairs": clean.shape[0], "length": probe.length, "direction": "clean", "ld_clean": ld_clean,
-              "ld_corrupt": ld_corrupt, "dtype": str(lm.dtype)},
-    )
+    batcher = AdaptiveBatcher(batch_size or default_batch_size(lm, probe.length))
+    means = torch.zeros(fp.n_layers, fp.n_heads)
+    with tqdm(total=fp.n_layers * fp.n_heads, desc=f"rope {probe.name}", unit="head", disable=not progress) as bar:
+        for layer in range(fp.n_layers):
+            for head in range(fp.n_heads):
+                means[layer, head] = batcher.run(run.n_pairs, lambda rows: _nope_metric(run, layer, head, rows)).mean()
+                bar.update(1)
+    return run.to_scores(run.normalise(means), "rope", direction="clean")
 
 
-def _nope_logit_diff(lm: LoadedModel, layer: int, head: int, ids: torch.Tensor, answer: torch.Tensor,
-                     wrong: torch.Tensor, batch_size: int) -> float:
-    """Mean logit difference with ``head`` of ``layer`` attending without RoPE (hooks removed on exit)."""
+def _nope_metric(run: ProbeRun, layer: int, head: int, rows: slice) -> torch.Tensor:
+    """``(B,)`` logit differences of the clean pairs ``rows`` with ``head`` of ``layer`` attending without RoPE."""
+    lm = run.lm
+    pairs = torch.arange(run.n_pairs, device=run.base_ids.device)[rows]
     captured: dict[str, torch.Tensor] = {}
-    columns = lm.head_slice(head)
 
     def keep_input(module, args, kwargs):
         captured["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    def replace_head(module, args):
-        (z,) = args  # (B, T, n_heads * head_dim)
-        z = z.clone()
-        z[..., columns] = head_output(lm, layer, head, captured["hidden"], rope=False)
-        return (z,)
+    def without_rope(z: torch.Tensor) -> torch.Tensor:  # (B, T, H * D)
+        nope = head_output(lm, layer, head, captured["hidden"], rope=False)[:, :, None]  # (B, T, 1, D)
+        return write_heads(nope, [head], lm.fingerprint.n_heads)(z)
 
-    handles = [lm.attention(layer).register_forward_pre_hook(keep_input, with_kwargs=True),
-               lm.out_proj(layer).register_forward_pre_hook(replace_head)]
-    try:
-        return _mean_logit_diff(lm, ids, answer, wrong, batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked([(lm.attention(layer), "pre_kwargs", keep_input)]):
+        return run.engine.run_from(layer, run.clean.resid_pre[layer][pairs], pairs, {layer: without_rope})
