@@ -75,6 +75,10 @@ class ModelFingerprint:
         """Query heads per key/value group."""
         return self.n_heads // self.n_kv_heads
 
+    def has_head(self, head: "Head") -> bool:
+        """Whether ``head`` is one of this model's query heads."""
+        return 0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads
+
     def kv_group(self, head: int) -> int:
         """The key/value group of query head ``head`` (contiguous grouping, as in HF GQA)."""
         return head // self.group_size

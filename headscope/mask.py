@@ -181,7 +181,7 @@ def select_mask(
         if kv_aware:
             raise HeadscopeError("exclude works on single heads; with kv_aware a chosen KV group could still hold an excluded head")
         for head in excluded:
-            if not (0 <= head.layer < fp.n_layers and 0 <= head.head < fp.n_heads):
+            if not fp.has_head(head):
                 raise HeadscopeError(f"cannot exclude {head}: the model has {fp.n_layers} layers x {fp.n_heads} heads")
         importance = importance.clone()
         floor = float(importance.min()) - 1.0  # below every other head, still finite

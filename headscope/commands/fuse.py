@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
                        kv_aware=args.kv_aware, group_score=args.group_score, exclude=exclude)
     path = save_mask(mask, args.out)
     groups = mask.kv_groups_full()
-    normalise = args.normalise or ("rank" if args.rule == "rrf" else "zscore")  # fuse's defaults
-    print(f"fused {len(scores)} inputs ({normalise}/{args.rule}); {mask.n_full} of {mask.full.numel()} heads at full attention "
+    print(f"fused {len(scores)} inputs ({ranking.provenance['normalisation']}/{args.rule}); {mask.n_full} of {mask.full.numel()} heads at full attention "
           f"({mask.head_fraction:.1%}), KV cache {int(groups.sum())}/{groups.numel()} groups ({mask.kv_fraction:.1%}) -> {path}")
     print("top heads: " + " ".join(str(h) for h in ranking.top(10)))
     return 0

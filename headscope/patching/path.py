@@ -97,10 +97,9 @@ def check_receivers(receivers: list[Receiver], fingerprint: ModelFingerprint) ->
     if not receivers:
         raise HeadscopeError("path patching needs at least one receiver head")
     for receiver in receivers:
-        layer, head = receiver.head.layer, receiver.head.head
-        if not (0 <= layer < fingerprint.n_layers and 0 <= head < fingerprint.n_heads):
+        if not fingerprint.has_head(receiver.head):
             raise HeadscopeError(f"receiver {receiver} is outside the model ({fingerprint.n_layers} layers x {fingerprint.n_heads} heads)")
-        if layer == 0:
+        if receiver.head.layer == 0:
             raise HeadscopeError(f"receiver {receiver} is in layer 0: no head sends into it")
     return merge_receivers(receivers)
 

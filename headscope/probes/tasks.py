@@ -114,7 +114,7 @@ def _draw(rng: random.Random, pool: Sequence[str], k: int, what: str) -> list[st
     return rng.sample(list(pool), k)
 
 
-def _values(rng: random.Random, pools: Pools, k: int) -> tuple[str, list[str]]:
+def draw_values(rng: random.Random, pools: Pools, k: int) -> tuple[str, list[str]]:
     """A value kind ("number" or "word", among those with >= k usable values) and k distinct values."""
     kinds = [kind for kind, pool in (("number", pools.number_values), ("word", pools.word_values)) if len(pool) >= k]
     if not kinds:
@@ -136,7 +136,7 @@ def needle_query_words(kind: str, key: str) -> Words:
 
 def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
     """One needle; the corrupt needle holds another value of the same kind (``size`` unused)."""
-    kind, (value, other) = _values(rng, pools, 2)
+    kind, (value, other) = draw_values(rng, pools, 2)
     (key,) = _draw(rng, pools.keys, 1, "keys")
     fact = Segment(needle_words(kind, key, value), needle_words(kind, key, other))
     query = needle_query_words(kind, key)
@@ -145,7 +145,7 @@ def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0) -> Tas
 
 def sample_needle_multikey(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
     """``MULTIKEY_NEEDLES`` needles; the corrupt query names another needle's key (``size`` unused)."""
-    kind, values = _values(rng, pools, MULTIKEY_NEEDLES)
+    kind, values = draw_values(rng, pools, MULTIKEY_NEEDLES)
     keys = _draw(rng, pools.keys, MULTIKEY_NEEDLES, "keys")
     asked, other = rng.sample(range(MULTIKEY_NEEDLES), 2)
     facts = tuple(Segment.same(" ".join(needle_words(kind, k, v))) for k, v in zip(keys, values))
@@ -157,7 +157,7 @@ def sample_kv_recall(rng: random.Random, pools: Pools, size: int = 2) -> TaskIns
     """``size`` key-value pairs (>= 2) in one block; the corrupt block swaps the asked pair's value with
     another pair's."""
     keys = _draw(rng, pools.keys, size, "keys")
-    kind, (value, other) = _values(rng, pools, 2)
+    kind, (value, other) = draw_values(rng, pools, 2)
     value_pool = pools.number_values if kind == "number" else pools.word_values
     rest = [v for v in value_pool if v not in (value, other)]
     fillers = iter(rng.sample(rest, size - 2) if len(rest) >= size - 2 else rng.choices(rest, k=size - 2))
@@ -192,27 +192,38 @@ def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION
     return TaskInstance((), Segment(tuple(segment + segment[:repeat]), tuple(corrupt + segment[:repeat])), answer, wrong)
 
 
+def interleave(rng: random.Random, lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """The statements of chains of these ``lengths`` interleaved at random, each chain in its own order.
+
+    Returns:
+        ``(chain, position in the chain)`` per statement, in document order.
+    """
+    order = [chain for chain, length in enumerate(lengths) for _ in range(length)]
+    rng.shuffle(order)
+    emitted = [0] * len(lengths)
+    statements = []
+    for chain in order:
+        statements.append((chain, emitted[chain]))
+        emitted[chain] += 1
+    return statements
+
+
 def sample_multihop(rng: random.Random, pools: Pools, size: int = 0, hops: int = MULTIHOP_HOPS) -> TaskInstance:
     """``MULTIHOP_CHAINS`` chains of ``hops`` copies, interleaved; chain 0 is asked and its first hop points
     at chain 1's root in the corrupt version (``size`` unused; the probes use ``MULTIHOP_HOPS``, the demo
     model's training curriculum fewer). With ``hops=0`` there is no hop to rewire: the corrupt prompt equals
     the clean one, so such instances serve as training text only, never as a probe pair."""
     names = _draw(rng, pools.variables, MULTIHOP_CHAINS * (hops + 1), "variables")
-    kind, roots = _values(rng, pools, MULTIHOP_CHAINS)
+    kind, roots = draw_values(rng, pools, MULTIHOP_CHAINS)
     chains = [names[c * (hops + 1) : (c + 1) * (hops + 1)] for c in range(MULTIHOP_CHAINS)]
     statements = [[f"{chain[0]} = {root} ."] + [f"{chain[h]} = {chain[h - 1]} ." for h in range(1, hops + 1)]
                   for chain, root in zip(chains, roots)]
-    # Interleave the chains at random, keeping each chain's order.
-    order = [c for c in range(MULTIHOP_CHAINS) for _ in range(hops + 1)]
-    rng.shuffle(order)
     facts = []
-    emitted = [0] * MULTIHOP_CHAINS
-    for c in order:
-        segment = Segment.same(statements[c][emitted[c]])
-        if c == 0 and emitted[c] == 1:
+    for c, position in interleave(rng, [hops + 1] * MULTIHOP_CHAINS):
+        segment = Segment.same(statements[c][position])
+        if c == 0 and position == 1:
             segment = Segment(segment.clean, tuple(f"{chains[0][1]} = {chains[1][0]} .".split()))
         facts.append(segment)
-        emitted[c] += 1
     query = Segment.same(f"what is {chains[0][-1]} ? answer :")
     return TaskInstance(tuple(facts), query, roots[0], roots[1])
 

@@ -45,7 +45,8 @@ from __future__ import annotations
 import random
 
 from headscope.probes.haystack import haystack_sentences, insert_facts, take_window
-from headscope.probes.tasks import MULTIHOP_HOPS, Pools, needle_query_words, needle_words, sample_multihop, sample_task_text
+from headscope.probes.tasks import (MULTIHOP_HOPS, Pools, draw_values, interleave, needle_query_words, needle_words, sample_multihop,
+                                    sample_task_text)
 
 MIN_PAIRS, MAX_PAIRS = 4, 16
 DENSE_PAIRS = (2, 6)
@@ -69,9 +70,7 @@ def sample_multi_query(rng: random.Random, n_filler_words: int, pairs: tuple[int
     pools = Pools.full()
     n_pairs = rng.randint(*pairs)
     keys = rng.sample(list(pools.keys), n_pairs)
-    kind = rng.choice(["number", "word"])
-    value_pool = list(pools.number_values if kind == "number" else pools.word_values)
-    values = rng.sample(value_pool, n_pairs)
+    kind, values = draw_values(rng, pools, n_pairs)
     asked = rng.sample(range(n_pairs), rng.randint(max(1, n_pairs // 2), n_pairs))
     sentences = haystack_sentences("essay")
     window = take_window(lambda i: sentences[i], len(sentences), rng, n_filler_words)
@@ -124,8 +123,7 @@ def sample_chain_queries(rng: random.Random, n_filler_words: int, literal_share:
     n_chains = rng.randint(*CHAIN_COUNT)
     hops = [rng.randint(0, MULTIHOP_HOPS) for _ in range(n_chains)]
     names = rng.sample(list(pools.variables), sum(h + 1 for h in hops))
-    kind = rng.choice(["number", "word"])
-    roots = rng.sample(list(pools.number_values if kind == "number" else pools.word_values), n_chains)
+    _, roots = draw_values(rng, pools, n_chains)
     chains, start = [], 0
     for h in hops:
         chains.append(names[start : start + h + 1])
@@ -134,13 +132,7 @@ def sample_chain_queries(rng: random.Random, n_filler_words: int, literal_share:
     for chain, root in zip(chains, roots):
         for depth, name in enumerate(chain):
             rhs[name], value[name] = (root if depth == 0 else chain[depth - 1]), root
-    order = [c for c, chain in enumerate(chains) for _ in chain]
-    rng.shuffle(order)  # interleave the chains, each in its own order
-    emitted = [0] * n_chains
-    statements = []
-    for c in order:
-        statements.append(chains[c][emitted[c]])
-        emitted[c] += 1
+    statements = [chains[c][position] for c, position in interleave(rng, [len(chain) for chain in chains])]
     asked = set(rng.sample(names, rng.randint(max(1, len(names) // 2), len(names))))
 
     def question(name: str) -> tuple[list[str], str]:

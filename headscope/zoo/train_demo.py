@@ -152,7 +152,7 @@ class StepClock:
     def tick(self, steps_in_phase: int) -> float | None:
         """Call after every step; returns the mean step time since ``first`` at ``second`` and every
         ``every`` steps after it, else None."""
-        due = steps_in_phase == self.second or (steps_in_phase > self.second and (steps_in_phase - self.second) % self.every == 0)
+        due = steps_in_phase >= self.second and (steps_in_phase - self.second) % self.every == 0
         if steps_in_phase != self.first and not due:
             return None
         if self.device.type == "cuda":
