@@ -25,6 +25,7 @@ import argparse
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -354,4 +355,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except HeadscopeError as err:  # bad arguments or state: one line, as the headscope CLI does
+        print(f"train_demo: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
