@@ -12,7 +12,7 @@ import sys
 from headscope.heads import HeadscopeError
 
 # Subcommand modules, in the order `headscope --help` lists them.
-COMMANDS = ("probes", "score", "fuse", "mask", "report", "transfer", "demo", "build")
+COMMANDS = ("models", "probes", "score", "ablate", "fuse", "mask", "report", "transfer", "demo", "build")
 
 
 def build_parser() -> argparse.ArgumentParser:

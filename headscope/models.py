@@ -188,11 +188,13 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    """Load a local Hugging Face causal-LM directory, or wrap an in-memory model.
+    """Load a local Hugging Face causal-LM directory or ``.gguf`` file, or wrap an in-memory model.
 
     Args:
-        source: a directory with config.json, weights and (optionally) a tokenizer, or a
-            ``PreTrainedModel`` already in memory (then ``tokenizer`` may be passed alongside).
+        source: a directory with config.json, weights and (optionally) a tokenizer; a ``.gguf`` file
+            (dequantised, see ``headscope.checkpoints``; ``headscope models convert`` makes a directory
+            of it that loads much faster); or a ``PreTrainedModel`` already in memory (then
+            ``tokenizer`` may be passed alongside).
         tokenizer: tokenizer for an in-memory model; loaded from the directory otherwise.
         dtype, device: where and how to hold the weights (directories only).
         attn_implementation: "sdpa" (default) or "eager".
@@ -206,6 +208,13 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source)
+    if path.suffix == ".gguf":
+        from headscope.checkpoints import load_gguf
+
+        model, gguf_tokenizer = load_gguf(path, dtype=dtype)
+        arch_spec(model.config.model_type)
+        model.set_attn_implementation(attn_implementation)
+        return LoadedModel(model.to(device), tokenizer or gguf_tokenizer, name=path.stem)
     if not (path / "config.json").is_file():
         raise HeadscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -16,9 +16,11 @@ from headscope import HeadscopeError
 from headscope.cli import main
 from headscope.probes import BUILTIN_PROBES, TASK_NAMES, list_probes, load_probe_jsonl, make_probe, sample_task_text, save_probe_jsonl, task_vocabulary
 from headscope.probes import haystack, vocab
+from headscope.probes.surface import NATURAL, PLAIN, SURFACES, surface_for
 from headscope.probes.tokens import TokenVocab
 
 LENGTHS = (64, 150, 513)
+NATURAL_LENGTHS = (150, 257, 513)  # the instruction and the answer prefixes take more tokens
 # Positions where clean and corrupt differ: exactly where the capability matters.
 CHANGED_TOKENS = {"needle_single": 1, "needle_multikey": 1, "kv_recall": 2, "induction": 1, "multihop": 1, "ioi": 1, "comparison": 2}
 
@@ -28,7 +30,11 @@ def tokenizers():
     rng = random.Random(0)
     texts = [" ".join(s) for s in haystack.haystack_sentences("essay")[:1000]]
     texts += [" ".join(sample_task_text(name, rng, 5)) for name in TASK_NAMES for _ in range(200)]
+    natural = [" ".join(NATURAL.sentence(s)) for s in haystack.haystack_sentences("essay")[:1000]]
+    natural += [" ".join(sample_task_text(name, rng, 5, NATURAL)) for name in TASK_NAMES for _ in range(200)]
     return {
+        "bpe_nat": make_bpe_tokenizer(natural, vocab_size=1300),
+        "spm_nat": make_bpe_tokenizer(natural, vocab_size=1100, sentencepiece_style=True),
         "word": make_word_tokenizer(task_vocabulary(), add_bos=True),
         "bpe": make_bpe_tokenizer(texts, vocab_size=1100),  # rarer words (numbers, places ...) split
         "spm": make_bpe_tokenizer(texts, vocab_size=800, sentencepiece_style=True),  # BOS, digits split: word values
@@ -76,37 +82,89 @@ def solve(name: str, words: list[str]) -> str:
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("kind", ["word", "bpe", "spm"])
+def solve_natural(name: str, text: str) -> str:
+    """``solve`` for the NATURAL wording (``headscope.probes.surface``), read off the decoded text."""
+    def only(found: list[str]) -> str:
+        assert len(found) == 1, found
+        return found[0]
+
+    if name in ("needle_single", "needle_multikey"):  # ... The special magic KIND for KEY is
+        key = re.search(r"for (\w+) is$", text).group(1)
+        return only(re.findall(rf"for {key} is (\w+)\.", text))
+    if name == "kv_recall":  # What is the value of KEY? KEY:
+        key = re.search(r"(\w+):$", text).group(1)
+        return only(re.findall(rf"\b{key}: (\w+)[,.]", text))
+    if name == "induction":
+        return solve(name, text.split())
+    if name == "multihop":  # Let X be Y. ... What is X? X is
+        bindings = dict(re.findall(r"Let (\w+) be (\w+)\.", text))
+        value = re.search(r"(\w+) is$", text).group(1)
+        while value in bindings:
+            value = bindings[value]
+        return value
+    if name == "ioi":  # When X and Y went to the PLACE, S gave a OBJECT to
+        first, second, subject = re.findall(r"When (\w+) and (\w+) went to the \w+, (\w+) gave a \w+ to$", text)[0]
+        assert subject in (first, second) and first != second
+        return second if subject == first else first
+    if name == "comparison":  # Question: Who is ASKED, X or Y? Answer:
+        asked, x, y = re.search(r"Who is (\w+), (\w+) or (\w+)\? Answer:$", text).groups()
+        facts = re.findall(r"(\w+) is (\w+) than (\w+)\.", text)
+        big, more, small = only([f for f in facts if {f[0], f[2]} == {x, y}])
+        return big if asked == more else small
+    raise AssertionError(name)
+
+
+# tokenizer kind, surface: the word-level tokenizer can only spell PLAIN; subword ones both
+SURFACE_CASES = [("word", "plain"), ("bpe", "plain"), ("spm", "plain"), ("bpe_nat", "natural"), ("spm_nat", "natural")]
+
+
+def test_surface_defaults(tokenizers):
+    assert surface_for(tokenizers["word"]) is PLAIN
+    assert surface_for(tokenizers["bpe"]) is NATURAL and surface_for(tokenizers["spm"]) is NATURAL
+    assert make_probe("ioi", tokenizers["bpe_nat"], length=64, n_pairs=1).meta["surface"] == "natural"
+    with pytest.raises(HeadscopeError, match="unknown probe surface 'fancy'; known: plain, natural"):
+        make_probe("ioi", tokenizers["bpe"], surface="fancy")
+    assert NATURAL.sentence(("in", "the", "morning", ",", "the", "road", "ends", ".")) == ("In", "the", "morning,", "the", "road", "ends.")
+
+
+@pytest.mark.parametrize("kind,surface", SURFACE_CASES)
 @pytest.mark.parametrize("name", TASK_NAMES)
-def test_builtin_probe_pairs(tokenizers, kind, name):
+def test_builtin_probe_pairs(tokenizers, kind, surface, name):
     tok = tokenizers[kind]
-    vocab_ = TokenVocab(tok)
-    for length in LENGTHS:
-        probe = make_probe(name, tok, length=length, n_pairs=3, seed=length)
+    vocab_ = TokenVocab(tok, SURFACES[surface])
+    for length in LENGTHS if surface == "plain" else NATURAL_LENGTHS:
+        probe = make_probe(name, tok, length=length, n_pairs=3, seed=length, surface=surface)
         assert probe.length == length and len(probe) == 3 and probe.capability == BUILTIN_PROBES[name].capability
         for pair in probe.pairs:
             assert len(pair.clean_ids) == len(pair.corrupt_ids) == length
             assert list(pair.clean_ids[: len(vocab_.prefix)]) == vocab_.prefix
             changed = [i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupt_ids)) if a != b]
-            assert len(changed) == CHANGED_TOKENS[name]
+            if surface == "plain":
+                assert len(changed) == CHANGED_TOKENS[name]
+            else:  # a slot word may merge with the punctuation attached to it (``kettle?``), so more may differ
+                assert CHANGED_TOKENS[name] <= len(changed) <= 3 * CHANGED_TOKENS[name]
             assert pair.answer_id != pair.wrong_id
             answer, wrong = tok.decode([pair.answer_id]).strip(), tok.decode([pair.wrong_id]).strip()
             assert vocab_.ids([answer]) == [pair.answer_id] and vocab_.ids([wrong]) == [pair.wrong_id]  # single tokens
-            assert solve(name, words_of(tok, pair.clean_ids)) == answer
-            assert solve(name, words_of(tok, pair.corrupt_ids)) == wrong
+            if surface == "plain":
+                assert solve(name, words_of(tok, pair.clean_ids)) == answer
+                assert solve(name, words_of(tok, pair.corrupt_ids)) == wrong
+            else:
+                assert solve_natural(name, " ".join(words_of(tok, pair.clean_ids))) == answer
+                assert solve_natural(name, " ".join(words_of(tok, pair.corrupt_ids))) == wrong
         if kind == "spm" and name in ("needle_single", "kv_recall", "multihop"):
             assert not any(w.isdigit() for w in words_of(tok, probe.pairs[0].clean_ids))  # numbers are 3 tokens here
-        if kind == "bpe":  # per-word assembly equals tokenising the decoded text (whitespace pre-split)
+        if kind.startswith("bpe"):  # per-word assembly equals tokenising the decoded text (whitespace pre-split)
             clean = probe.pairs[0].clean_ids
             assert tok(tok.decode(clean), add_special_tokens=False)["input_ids"] == list(clean)
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_deterministic_for_a_seed(tokenizers, name):
-    tok = tokenizers["bpe"]
-    first = make_probe(name, tok, length=96, n_pairs=4, seed=7)
-    assert make_probe(name, tok, length=96, n_pairs=4, seed=7).pairs == first.pairs
-    assert make_probe(name, tok, length=96, n_pairs=4, seed=8).pairs != first.pairs
+    tok = tokenizers["bpe_nat"]
+    first = make_probe(name, tok, length=160, n_pairs=4, seed=7)
+    assert make_probe(name, tok, length=160, n_pairs=4, seed=7).pairs == first.pairs
+    assert make_probe(name, tok, length=160, n_pairs=4, seed=8).pairs != first.pairs
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -179,7 +237,7 @@ def test_window_is_exact_and_ends_on_a_sentence():
 
 
 def test_jsonl_round_trip(tokenizers, tmp_path):
-    probe = make_probe("kv_recall", tokenizers["bpe"], length=80, n_pairs=3)
+    probe = make_probe("kv_recall", tokenizers["bpe"], length=80, n_pairs=3, surface="plain")
     path = save_probe_jsonl(probe, tmp_path / "kv.jsonl")
     loaded = load_probe_jsonl(path, name="kv", capability="retrieval")
     assert loaded.pairs == probe.pairs and loaded.name == "kv" and loaded.meta["format"] == "ids"

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from headscope.heads import HeadscopeError
 from headscope.probes.base import Probe
+from headscope.probes.surface import SURFACES, Surface
 from headscope.probes.tasks import TASK_NAMES, TASKS, Pools, Task, get_task
 from headscope.probes.tokens import TokenVocab, assemble_pair
 
@@ -38,30 +39,46 @@ def _content_size(task: Task, vocab: TokenVocab, pools: Pools, length: int) -> i
     if task.sizes is None:
         return 0
     smallest, largest_for, share = task.sizes
+    largest = min(largest_for(pools), vocab.surface.max_sizes.get(task.name, largest_for(pools)))
     trial = random.Random(0)
-    base = vocab.cost(task.sample(trial, pools, smallest))
+    base = vocab.cost(task.sample(trial, pools, smallest, vocab.surface))
     if base > length:
         raise HeadscopeError(f"probe {task.name} needs prompts of at least {base} tokens with this tokenizer, got length {length}")
-    if largest_for(pools) <= smallest:
+    if largest <= smallest:
         return smallest
-    per_unit = vocab.cost(task.sample(trial, pools, smallest + 1)) - base
+    per_unit = vocab.cost(task.sample(trial, pools, smallest + 1, vocab.surface)) - base
     extra = int((share * length - base) // per_unit) if share * length > base else 0
-    return min(smallest + extra, largest_for(pools))
+    return min(smallest + extra, largest)
 
 
-def generate_task_probe(task: Task, tokenizer: Any, length: int, n_pairs: int, seed: int = 0) -> Probe:
+def _sample_instances(task: Task, vocab: TokenVocab, pools: Pools, size: int, n_pairs: int, rng: random.Random) -> list:
+    """``n_pairs`` instances whose clean and corrupt texts tokenise to equal lengths (others are redrawn)."""
+    instances = []
+    for _ in range(20 * n_pairs):
+        instance = task.sample(rng, pools, size, vocab.surface)
+        if vocab.equal_lengths(instance):
+            instances.append(instance)
+            if len(instances) == n_pairs:
+                return instances
+    raise HeadscopeError(f"with this tokenizer, clean and corrupt prompts rarely tokenise to equal lengths ({len(instances)} of "
+                         f"{20 * n_pairs} draws); try surface 'plain'")
+
+
+def generate_task_probe(task: Task, tokenizer: Any, length: int, n_pairs: int, seed: int = 0, surface: Surface | None = None) -> Probe:
     """``n_pairs`` prompt pairs of ``task``, each exactly ``length`` tokens, deterministic for ``seed``.
+
+    ``surface`` defaults to ``surface_for(tokenizer)`` (natural text for subword tokenizers).
 
     Raises:
         HeadscopeError: the tokenizer has too few single-token words for the task, or ``length`` is
             shorter than the task needs (the message says the minimum).
     """
-    vocab = TokenVocab(tokenizer)
+    vocab = TokenVocab(tokenizer, surface)
     try:
         pools = vocab.pools()
         size = _content_size(task, vocab, pools, length)
         rng = random.Random(f"{task.name}/{seed}")
-        instances = [task.sample(rng, pools, size) for _ in range(n_pairs)]
+        instances = _sample_instances(task, vocab, pools, size, n_pairs, rng)
     except HeadscopeError as err:
         message = str(err)
         raise HeadscopeError(message if message.startswith("probe ") else f"probe {task.name} {message}") from None
@@ -72,13 +89,14 @@ def generate_task_probe(task: Task, tokenizer: Any, length: int, n_pairs: int, s
     meta = {
         "generator": task.name, "length": length, "seed": seed, "n_pairs": n_pairs, "size": size,
         "haystack": task.haystack or "none", "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
+        "surface": vocab.surface.name,
     }
     return Probe(task.name, task.capability, pairs, meta=meta)
 
 
 def _generator(task: Task) -> Generator:
-    def generate(tokenizer: Any, length: int, n_pairs: int, seed: int = 0) -> Probe:
-        return generate_task_probe(task, tokenizer, length, n_pairs, seed)
+    def generate(tokenizer: Any, length: int, n_pairs: int, seed: int = 0, surface: Surface | None = None) -> Probe:
+        return generate_task_probe(task, tokenizer, length, n_pairs, seed, surface)
 
     generate.__name__ = task.name
     generate.__doc__ = f"Built-in probe {task.name}: {task.description}."
@@ -95,7 +113,7 @@ def list_probes() -> list[str]:
     return list(BUILTIN_PROBES)
 
 
-def make_probe(name: str, tokenizer: Any, length: int = 256, n_pairs: int = 16, seed: int = 0) -> Probe:
+def make_probe(name: str, tokenizer: Any, length: int = 256, n_pairs: int = 16, seed: int = 0, surface: str | None = None) -> Probe:
     """Generate built-in probe ``name`` for ``tokenizer``.
 
     Args:
@@ -104,6 +122,8 @@ def make_probe(name: str, tokenizer: Any, length: int = 256, n_pairs: int = 16, 
         length: tokens per prompt, the tokenizer's special prefix (BOS) included.
         n_pairs: prompt pairs to generate.
         seed: generator seed; equal seeds give equal probes.
+        surface: ``"plain"`` or ``"natural"`` (``headscope.probes.surface``); default: natural text for
+            subword tokenizers, plain for word-level ones.
 
     Returns:
         the ``Probe``; ``Probe.check_fits`` tests it against a model's context.
@@ -113,4 +133,6 @@ def make_probe(name: str, tokenizer: Any, length: int = 256, n_pairs: int = 16, 
         raise HeadscopeError(f"built-in probe {name} needs a tokenizer")
     if length < 1 or n_pairs < 1:
         raise HeadscopeError(f"probe {name}: length and n_pairs must be at least 1, got length={length}, n_pairs={n_pairs}")
-    return generate_task_probe(task, tokenizer, length, n_pairs, seed)
+    if surface is not None and surface not in SURFACES:
+        raise HeadscopeError(f"unknown probe surface {surface!r}; known: {', '.join(SURFACES)}")
+    return generate_task_probe(task, tokenizer, length, n_pairs, seed, SURFACES[surface] if surface else None)

@@ -5,7 +5,9 @@ sequence of equal length), a query that ends the prompt, the answer word and the
 corrupt version differs from the clean one only where the capability matters, so that its answer is the
 wrong word. The token-level probe generators (``headscope.probes.builtin``) and ``sample_task_text``
 (training text for the demo model) assemble the SAME instances, so a model trained on the text sees
-exactly the probes' format. All text is lowercase with punctuation split off by spaces.
+exactly the probes' format. How an instance reads is its ``Surface`` (``headscope.probes.surface``):
+below in the PLAIN surface (lowercase, punctuation split off by spaces: the demo model's format); the
+NATURAL surface used for pretrained tokenizers words the same content as natural text.
 
 Formats (``<filler>`` is haystack sentences; facts sit between them at random depths):
 
@@ -37,6 +39,7 @@ from typing import Callable, Sequence
 from headscope.heads import HeadscopeError
 from headscope.probes import vocab
 from headscope.probes.haystack import haystack_sentences, haystack_words, insert_facts, take_window
+from headscope.probes.surface import PLAIN, Surface
 
 Words = tuple[str, ...]
 
@@ -71,6 +74,7 @@ class TaskInstance:
     query: Segment  # ends the prompt
     answer: str  # the word the clean prompt asks for
     wrong: str  # the word the corrupt prompt asks for
+    intro: Words = ()  # opens the prompt, before the filler (the surface's instruction, if any)
 
 
 @dataclass(frozen=True)
@@ -124,36 +128,36 @@ def draw_values(rng: random.Random, pools: Pools, k: int) -> tuple[str, list[str
     return kind, rng.sample(list(pools.number_values if kind == "number" else pools.word_values), k)
 
 
-def needle_words(kind: str, key: str, value: str) -> Words:
-    """A needle fact: ``the special magic {kind} for {key} is {value} .`` as words."""
-    return tuple(f"the special magic {kind} for {key} is {value} .".split())
+def needle_words(kind: str, key: str, value: str, surface: Surface = PLAIN) -> Words:
+    """A needle fact (PLAIN: ``the special magic {kind} for {key} is {value} .``) as words."""
+    return surface.words(surface.needle, kind=kind, key=key, value=value)
 
 
-def needle_query_words(kind: str, key: str) -> Words:
-    """The question that asks for a needle: ``what is the special magic {kind} for {key} ? answer :``."""
-    return tuple(f"what is the special magic {kind} for {key} ? answer :".split())
+def needle_query_words(kind: str, key: str, surface: Surface = PLAIN) -> Words:
+    """The question that asks for a needle (PLAIN: ``what is the special magic {kind} for {key} ? answer :``)."""
+    return surface.words(surface.needle_query, kind=kind, key=key)
 
 
-def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+def sample_needle_single(rng: random.Random, pools: Pools, size: int = 0, surface: Surface = PLAIN) -> TaskInstance:
     """One needle; the corrupt needle holds another value of the same kind (``size`` unused)."""
     kind, (value, other) = draw_values(rng, pools, 2)
     (key,) = _draw(rng, pools.keys, 1, "keys")
-    fact = Segment(needle_words(kind, key, value), needle_words(kind, key, other))
-    query = needle_query_words(kind, key)
-    return TaskInstance((fact,), Segment(query, query), value, other)
+    fact = Segment(needle_words(kind, key, value, surface), needle_words(kind, key, other, surface))
+    query = needle_query_words(kind, key, surface)
+    return TaskInstance((fact,), Segment(query, query), value, other, surface.intro("needle_single", kind))
 
 
-def sample_needle_multikey(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+def sample_needle_multikey(rng: random.Random, pools: Pools, size: int = 0, surface: Surface = PLAIN) -> TaskInstance:
     """``MULTIKEY_NEEDLES`` needles; the corrupt query names another needle's key (``size`` unused)."""
     kind, values = draw_values(rng, pools, MULTIKEY_NEEDLES)
     keys = _draw(rng, pools.keys, MULTIKEY_NEEDLES, "keys")
     asked, other = rng.sample(range(MULTIKEY_NEEDLES), 2)
-    facts = tuple(Segment.same(" ".join(needle_words(kind, k, v))) for k, v in zip(keys, values))
-    query = Segment(needle_query_words(kind, keys[asked]), needle_query_words(kind, keys[other]))
-    return TaskInstance(facts, query, values[asked], values[other])
+    facts = tuple(Segment.same(" ".join(needle_words(kind, k, v, surface))) for k, v in zip(keys, values))
+    query = Segment(needle_query_words(kind, keys[asked], surface), needle_query_words(kind, keys[other], surface))
+    return TaskInstance(facts, query, values[asked], values[other], surface.intro("needle_multikey", kind))
 
 
-def sample_kv_recall(rng: random.Random, pools: Pools, size: int = 2) -> TaskInstance:
+def sample_kv_recall(rng: random.Random, pools: Pools, size: int = 2, surface: Surface = PLAIN) -> TaskInstance:
     """``size`` key-value pairs (>= 2) in one block; the corrupt block swaps the asked pair's value with
     another pair's."""
     keys = _draw(rng, pools.keys, size, "keys")
@@ -167,17 +171,19 @@ def sample_kv_recall(rng: random.Random, pools: Pools, size: int = 2) -> TaskIns
     corrupt_values[asked], corrupt_values[swapped] = values[swapped], values[asked]
 
     def block(vals: list[str]) -> Words:
-        return tuple(" , ".join(f"{k} : {v}" for k, v in zip(keys, vals)).split()) + (".",)
+        pairs = surface.kv_separator.join(surface.kv_pair.format(key=k, value=v) for k, v in zip(keys, vals))
+        return surface.words(surface.kv_block, pairs=pairs)
 
-    query = Segment.same(f"recall {keys[asked]} :")
-    return TaskInstance((Segment(block(values), block(corrupt_values)),), query, value, other)
+    query = Segment.same(surface.kv_query.format(key=keys[asked]))
+    return TaskInstance((Segment(block(values), block(corrupt_values)),), query, value, other, surface.intro("kv_recall", kind))
 
 
-def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION_WORDS) -> TaskInstance:
+def sample_induction(rng: random.Random, pools: Pools, size: int = MIN_INDUCTION_WORDS, surface: Surface = PLAIN) -> TaskInstance:
     """``size`` words in all (>= 4): a segment of m = size // 2 + 1 words, then its first k = size - m.
 
     The k-th word (the trigger), the answer after it and the corrupt replacement occur nowhere else, so
-    the repeat's next word is unambiguous; the other words may repeat when the pool is small.
+    the repeat's next word is unambiguous; the other words may repeat when the pool is small. Random words
+    read alike in every surface.
     """
     first = size // 2 + 1
     repeat = size - first
@@ -208,7 +214,7 @@ def interleave(rng: random.Random, lengths: Sequence[int]) -> list[tuple[int, in
     return statements
 
 
-def sample_multihop(rng: random.Random, pools: Pools, size: int = 0, hops: int = MULTIHOP_HOPS) -> TaskInstance:
+def sample_multihop(rng: random.Random, pools: Pools, size: int = 0, surface: Surface = PLAIN, hops: int = MULTIHOP_HOPS) -> TaskInstance:
     """``MULTIHOP_CHAINS`` chains of ``hops`` copies, interleaved; chain 0 is asked and its first hop points
     at chain 1's root in the corrupt version (``size`` unused; the probes use ``MULTIHOP_HOPS``, the demo
     model's training curriculum fewer). With ``hops=0`` there is no hop to rewire: the corrupt prompt equals
@@ -216,44 +222,49 @@ def sample_multihop(rng: random.Random, pools: Pools, size: int = 0, hops: int =
     names = _draw(rng, pools.variables, MULTIHOP_CHAINS * (hops + 1), "variables")
     kind, roots = draw_values(rng, pools, MULTIHOP_CHAINS)
     chains = [names[c * (hops + 1) : (c + 1) * (hops + 1)] for c in range(MULTIHOP_CHAINS)]
-    statements = [[f"{chain[0]} = {root} ."] + [f"{chain[h]} = {chain[h - 1]} ." for h in range(1, hops + 1)]
+    statements = [[surface.hop_root.format(var=chain[0], value=root)]
+                  + [surface.hop.format(var=chain[h], prev=chain[h - 1]) for h in range(1, hops + 1)]
                   for chain, root in zip(chains, roots)]
     facts = []
     for c, position in interleave(rng, [hops + 1] * MULTIHOP_CHAINS):
         segment = Segment.same(statements[c][position])
         if c == 0 and position == 1:
-            segment = Segment(segment.clean, tuple(f"{chains[0][1]} = {chains[1][0]} .".split()))
+            segment = Segment(segment.clean, surface.words(surface.hop, var=chains[0][1], prev=chains[1][0]))
         facts.append(segment)
-    query = Segment.same(f"what is {chains[0][-1]} ? answer :")
-    return TaskInstance(tuple(facts), query, roots[0], roots[1])
+    query = Segment.same(surface.hop_query.format(var=chains[0][-1]))
+    return TaskInstance(tuple(facts), query, roots[0], roots[1], surface.intro("multihop", kind))
 
 
-def sample_ioi(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+def sample_ioi(rng: random.Random, pools: Pools, size: int = 0, surface: Surface = PLAIN) -> TaskInstance:
     """One IOI sentence (ABBA or BABA order); the corrupt second subject is the indirect object."""
-    indirect, subject = _draw(rng, pools.names, 2, "names")
+    indirect, subject = map(surface.name_form, _draw(rng, pools.names, 2, "names"))
     (place,) = _draw(rng, pools.places, 1, "places")
     (thing,) = _draw(rng, pools.objects, 1, "objects")
     first, second = (indirect, subject) if rng.random() < 0.5 else (subject, indirect)
 
     def sentence(giver: str) -> Words:
-        return tuple(f"when {first} and {second} went to the {place} , {giver} gave a {thing} to".split())
+        return surface.words(surface.ioi, first=first, second=second, place=place, giver=giver, thing=thing)
 
     return TaskInstance((), Segment(sentence(subject), sentence(indirect)), indirect, subject)
 
 
-def sample_comparison(rng: random.Random, pools: Pools, size: int = 0) -> TaskInstance:
+def sample_comparison(rng: random.Random, pools: Pools, size: int = 0, surface: Surface = PLAIN) -> TaskInstance:
     """The queried comparison plus a distractor one (same comparative, other names); the query asks the
     comparative or its opposite; the corrupt fact swaps the two names (``size`` unused)."""
-    big, small, other_big, other_small = _draw(rng, pools.names, 4, "names")
+    big, small, other_big, other_small = map(surface.name_form, _draw(rng, pools.names, 4, "names"))
     if not pools.comparatives:
         raise HeadscopeError("needs a comparative pair (taller/shorter ...) of single tokens but none is usable with this tokenizer")
     more, less = rng.choice(pools.comparatives)
-    fact = Segment(tuple(f"{big} is {more} than {small} .".split()), tuple(f"{small} is {more} than {big} .".split()))
-    distractor = Segment.same(f"{other_big} is {more} than {other_small} .")
+    def compared(more_one: str, less_one: str) -> Words:
+        return surface.words(surface.comparison_fact, more_one=more_one, comparative=more, less_one=less_one)
+
+    fact = Segment(compared(big, small), compared(small, big))
+    distractor = Segment(compared(other_big, other_small), compared(other_big, other_small))
     asked, answer, wrong = (more, big, small) if rng.random() < 0.5 else (less, small, big)
     first, second = (big, small) if rng.random() < 0.5 else (small, big)
     facts = (fact, distractor) if rng.random() < 0.5 else (distractor, fact)
-    return TaskInstance(facts, Segment.same(f"who is {asked} , {first} or {second} ? answer :"), answer, wrong)
+    query = Segment.same(surface.comparison_query.format(asked=asked, first=first, second=second))
+    return TaskInstance(facts, query, answer, wrong)
 
 
 @dataclass(frozen=True)
@@ -266,7 +277,7 @@ class Task:
     capability: str
     description: str
     haystack: str | None
-    sample: Callable[[random.Random, Pools, int], TaskInstance]
+    sample: Callable[[random.Random, Pools, int, Surface], TaskInstance]
     sizes: tuple[int, Callable[[Pools], int], float] | None = None
 
 
@@ -294,8 +305,8 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def sample_task_text(name: str, rng: random.Random, n_filler_words: int) -> tuple[str, str]:
-    """One training example of task ``name`` in the probes' surface format.
+def sample_task_text(name: str, rng: random.Random, n_filler_words: int, surface: Surface = PLAIN) -> tuple[str, str]:
+    """One training example of task ``name`` in the probes' format, worded by ``surface``.
 
     Args:
         name: one of ``TASK_NAMES``.
@@ -305,7 +316,8 @@ def sample_task_text(name: str, rng: random.Random, n_filler_words: int) -> tupl
 
     Returns:
         ``(prompt_text, answer_text)``: the prompt ends where the answer is due; the training string is
-        ``prompt_text + " " + answer_text``. ``kv_recall`` draws 2 to 32 pairs.
+        ``prompt_text + " " + answer_text``. ``kv_recall`` draws 2 to 32 pairs (at most the surface's cap).
+        In NATURAL, names are capitalised in the pools' place (every name word of the text is capitalised).
     """
     task = get_task(name)
     if n_filler_words < 0:
@@ -315,14 +327,15 @@ def sample_task_text(name: str, rng: random.Random, n_filler_words: int) -> tupl
     if task.haystack is None and task.sizes is not None:  # induction: its content is the whole prompt
         size = max(task.sizes[0], n_filler_words)
     elif task.sizes is not None:
-        size = rng.randint(task.sizes[0], task.sizes[1](pools))
-    instance = task.sample(rng, pools, size)
+        largest = task.sizes[1](pools)
+        size = rng.randint(task.sizes[0], min(largest, surface.max_sizes.get(name, largest)))
+    instance = task.sample(rng, pools, size, surface)
     window: list[list[str]] = []
     if task.haystack is not None:
-        sentences = haystack_sentences(task.haystack)
+        sentences = [surface.sentence(s) for s in haystack_sentences(task.haystack)]
         window = take_window(lambda i: sentences[i], len(sentences), rng, n_filler_words)
     words, _ = insert_facts(window, [fact.clean for fact in instance.facts], rng)
-    return " ".join(words + list(instance.query.clean)), instance.answer
+    return " ".join(list(instance.intro) + words + list(instance.query.clean)), instance.answer
 
 
 def task_vocabulary() -> list[str]:

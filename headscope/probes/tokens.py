@@ -6,12 +6,14 @@ and corrupt prompts have equal length by construction and the filler can be cut 
 * A word inside a prompt is tokenised the way the tokenizer continues text with it after a space:
   ``ids(ANCHOR + " " + word)`` minus the ids of ``ANCHOR``. For GPT-2-like byte-level BPE this gives the
   ``Ġword`` form, for SentencePiece the ``▁word`` form, for a word-level tokenizer just ``word``. Every
-  word of a prompt, the first included, uses this form (one convention everywhere). Because the task
-  formats separate every word and punctuation mark by a space, this equals tokenising the joined text
-  for tokenizers that pre-split on whitespace.
+  word of a prompt, the first included, uses this form (one convention everywhere). A word is a
+  whitespace-separated chunk of the surface's text (``tiger.`` in NATURAL, ``tiger`` and ``.`` in PLAIN),
+  so this equals tokenising the joined text for tokenizers that pre-split on whitespace.
 * Slot words (keys, values, names, variables, induction words) are only taken from the lists in
-  ``headscope.probes.vocab`` whose continuation is exactly ONE token that is neither unknown nor special;
-  so every substitution keeps the token count and the answer and wrong words are single tokens. Shared
+  ``headscope.probes.vocab`` whose continuation is exactly ONE token that is neither unknown nor special,
+  so the answer and wrong words are single tokens; a substitution keeps the token count (in NATURAL,
+  where punctuation attaches to a slot word, an instance whose clean and corrupt lengths differ is
+  redrawn). Shared
   context words (IOI places and objects, comparatives, template words) may take several tokens.
 * The tokenizer's special prefix (the BOS a Llama tokenizer adds, nothing for GPT-2 or Qwen) starts
   every prompt and counts towards its length.
@@ -24,6 +26,7 @@ from typing import Any, Sequence
 
 from headscope.probes.base import PromptPair
 from headscope.probes.haystack import haystack_sentences, insert_facts, take_window
+from headscope.probes.surface import Surface, surface_for
 from headscope.probes.tasks import SLOT_POOLS, Pools, Task, TaskInstance
 
 ANCHOR = "."
@@ -49,17 +52,19 @@ class TokenVocab:
 
     Args:
         tokenizer: a Hugging Face tokenizer (fast or slow).
+        surface: how prompts read (default ``surface_for(tokenizer)``).
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, surface: Surface | None = None) -> None:
         self.tokenizer = tokenizer
+        self.surface = surface or surface_for(tokenizer)
         self.prefix = special_prefix(tokenizer)
         self.excluded_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         if getattr(tokenizer, "unk_token_id", None) is not None:
             self.excluded_ids.add(tokenizer.unk_token_id)
         self._cache: dict[str, tuple[int, ...]] = {}
         self._sentences: dict[tuple[str, int], list[int]] = {}
-        self._encoded_haystacks: set[str] = set()
+        self._rendered: dict[str, list[tuple[str, ...]]] = {}  # haystack kind -> its sentences in the surface
 
     def _encode_words(self, words: set[str]) -> None:
         missing = sorted(w for w in words if w not in self._cache)
@@ -84,14 +89,16 @@ class TokenVocab:
         return ids[0] if len(ids) == 1 and ids[0] not in self.excluded_ids else None
 
     def pools(self) -> Pools:
-        """The task pools with slot words restricted to single tokens (first word wins when two share an id)."""
+        """The task pools with slot words restricted to single tokens in the surface's form (a name as
+        ``Mary`` in NATURAL); the first word wins when two share an id."""
         full = Pools.full()
-        slot_pools = [getattr(full, name) for name in SLOT_POOLS]
-        self._encode_words({w for pool in slot_pools for w in pool})
+        slot_pools = {name: getattr(full, name) for name in SLOT_POOLS}
+        form = {name: self.surface.name_form if name == "names" else str for name in SLOT_POOLS}
+        self._encode_words({form[name](w) for name, pool in slot_pools.items() for w in pool})
         seen: dict[int, str] = {}
-        for pool in slot_pools:
+        for name, pool in slot_pools.items():
             for word in pool:
-                token = self.single_token(word)
+                token = self.single_token(form[name](word))
                 if token is not None:
                     seen.setdefault(token, word)
         kept = set(seen.values())
@@ -101,16 +108,22 @@ class TokenVocab:
         """Continuation ids of sentence ``index`` of haystack ``kind`` (cached)."""
         key = (kind, index)
         if key not in self._sentences:
-            sentences = haystack_sentences(kind)
-            if kind not in self._encoded_haystacks:  # first use: encode its whole vocabulary in one call
-                self._encode_words({w for s in sentences for w in s})
-                self._encoded_haystacks.add(kind)
-            self._sentences[key] = self.ids(sentences[index])
+            if kind not in self._rendered:  # first use: render it and encode its whole vocabulary in one call
+                self._rendered[kind] = [self.surface.sentence(s) for s in haystack_sentences(kind)]
+                self._encode_words({w for s in self._rendered[kind] for w in s})
+            self._sentences[key] = self.ids(self._rendered[kind][index])
         return self._sentences[key]
 
     def cost(self, instance: TaskInstance) -> int:
-        """Tokens of an instance's facts and query plus the special prefix (the filler excluded)."""
-        return len(self.prefix) + sum(len(self.ids(f.clean)) for f in instance.facts) + len(self.ids(instance.query.clean))
+        """Tokens of an instance's intro, facts and query plus the special prefix (the filler excluded)."""
+        facts = sum(len(self.ids(f.clean)) for f in instance.facts)
+        return len(self.prefix) + len(self.ids(instance.intro)) + facts + len(self.ids(instance.query.clean))
+
+    def equal_lengths(self, instance: TaskInstance) -> bool:
+        """Whether clean and corrupt facts and query tokenise to equal lengths (always so in PLAIN, where
+        slot words stand alone; in NATURAL a slot word carries punctuation, e.g. ``tiger.``)."""
+        segments = (*instance.facts, instance.query)
+        return all(len(self.ids(s.clean)) == len(self.ids(s.corrupt)) for s in segments)
 
 
 def assemble_pair(task: Task, instance: TaskInstance, vocab: TokenVocab, length: int, rng: random.Random) -> PromptPair:
@@ -139,8 +152,9 @@ def assemble_pair(task: Task, instance: TaskInstance, vocab: TokenVocab, length:
     clean, _ = insert_facts(window, clean_facts, rng)
     rng.setstate(depth_state)
     corrupt, _ = insert_facts(window, corrupt_facts, rng)
-    clean = vocab.prefix + clean + vocab.ids(instance.query.clean)
-    corrupt = vocab.prefix + corrupt + vocab.ids(instance.query.corrupt)
+    intro = vocab.ids(instance.intro)
+    clean = vocab.prefix + intro + clean + vocab.ids(instance.query.clean)
+    corrupt = vocab.prefix + intro + corrupt + vocab.ids(instance.query.corrupt)
     answer, wrong = vocab.single_token(instance.answer), vocab.single_token(instance.wrong)
     if len(clean) != length or len(corrupt) != length or answer is None or wrong is None or answer == wrong:  # a bug
         raise RuntimeError(f"probe {task.name}: assembled a bad pair (lengths {len(clean)}/{len(corrupt)} for {length}, "

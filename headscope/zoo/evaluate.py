@@ -29,19 +29,26 @@ class ProbeAccuracy:
     argmax: float
     beats_wrong: float
     mean_logit_diff: float
+    corrupt_logit_diff: float | None = None  # mean answer - wrong on the corrupt prompts (``with_corrupt``)
+
+    @property
+    def gap(self) -> float | None:
+        """Clean minus corrupt mean logit difference: the span patching scores are normalised by."""
+        return None if self.corrupt_logit_diff is None else self.mean_logit_diff - self.corrupt_logit_diff
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 @torch.no_grad()
-def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16) -> ProbeAccuracy:
+def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16, with_corrupt: bool = False) -> ProbeAccuracy:
     """Score the clean prompts of ``probe`` with ``model`` (on the model's device, in eval mode).
 
     Args:
         model: a Hugging Face causal LM (``model(input_ids).logits`` is ``(B, T, V)``).
-        probe: prompt pairs; only ``clean``, ``answer`` and ``wrong`` are used.
+        probe: prompt pairs; ``clean``, ``answer`` and ``wrong`` are used, ``corrupt`` too with ``with_corrupt``.
         batch_size: prompts per forward.
+        with_corrupt: also run the corrupt prompts, for ``corrupt_logit_diff`` and ``gap``.
     Returns:
         A ``ProbeAccuracy``.
     """
@@ -49,7 +56,7 @@ def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16) -> Prob
     tensors = probe.tensors(device)
     was_training = model.training
     model.eval()
-    hits, beats, diffs = [], [], []
+    hits, beats, diffs, corrupt_diffs = [], [], [], []
     try:
         for start in range(0, len(probe), batch_size):
             clean = tensors["clean"][start : start + batch_size]  # (b, T)
@@ -61,6 +68,9 @@ def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16) -> Prob
             hits.append(last.argmax(dim=-1) == answer)
             beats.append(answer_logit > wrong_logit)
             diffs.append(answer_logit - wrong_logit)
+            if with_corrupt:
+                corrupt = model(input_ids=tensors["corrupt"][start : start + batch_size]).logits[:, -1, :].float()  # (b, V)
+                corrupt_diffs.append(corrupt.gather(1, answer[:, None])[:, 0] - corrupt.gather(1, wrong[:, None])[:, 0])
     finally:
         model.train(was_training)
     return ProbeAccuracy(
@@ -70,6 +80,7 @@ def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16) -> Prob
         argmax=torch.cat(hits).float().mean().item(),
         beats_wrong=torch.cat(beats).float().mean().item(),
         mean_logit_diff=torch.cat(diffs).mean().item(),
+        corrupt_logit_diff=torch.cat(corrupt_diffs).mean().item() if with_corrupt else None,
     )
 
 
