@@ -177,3 +177,19 @@ def ablation_check(
             accuracy: ProbeAccuracy = probe_accuracy(lm.model, probe, batch_size)
         result.rows.append(AblationRow(k, selection, set_seed, [str(h) for h in heads], accuracy.argmax, accuracy.mean_logit_diff))
     return result
+
+
+def ablation_figure(result: AblationResult):
+    """Accuracy per k: unablated, selected heads ablated, and each random set (points) with their mean."""
+    import plotly.graph_objects as go
+
+    summary = result.summary()
+    ks = [str(row["k"]) for row in summary]
+    fig = go.Figure()
+    fig.add_bar(x=ks, y=[row["base_argmax"] for row in summary], name="unablated")
+    fig.add_bar(x=ks, y=[row["selected_argmax"] for row in summary], name="selected heads ablated")
+    fig.add_bar(x=ks, y=[row["random_argmax_mean"] for row in summary], name="random heads ablated (mean)",
+                error_y={"type": "data", "array": [row["random_argmax_sd"] for row in summary]})
+    fig.update_layout(barmode="group", title=f"{result.probe}: mean ablation ({result.source})", xaxis_title="heads ablated (k)",
+                      yaxis_title="argmax accuracy", yaxis_range=[0, 1.05], height=380)
+    return fig
