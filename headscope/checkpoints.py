@@ -70,7 +70,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("HEADSCOPE_CACHE", "~/.cache/headscope")).expanduser() / "models"
 
 
-def _require_gguf() -> None:
+def require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -88,7 +88,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     path = Path(path)
     if not path.is_file():
         raise HeadscopeError(f"{path}: no such GGUF file")
-    _require_gguf()
+    require_gguf()
     where = dict(gguf_file=path.name, local_files_only=True)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **where)

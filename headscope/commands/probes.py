@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     actions.add_parser("list", help="list the built-in probes (the default)").set_defaults(func=run_list)
     show = actions.add_parser("show", help="print one decoded clean/corrupt pair")
     show.add_argument("name", help="built-in probe name or a .jsonl probe file")
-    show.add_argument("--model", required=True, help="local Hugging Face model directory (its tokenizer is used)")
+    show.add_argument("--model", required=True, help="local Hugging Face model directory or .gguf file (its tokenizer is used)")
     show.add_argument("--length", type=int, default=256, help="prompt length in tokens (default 256)")
     show.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     show.add_argument("--pair", type=int, default=0, help="which pair to show (default 0)")
@@ -47,13 +47,19 @@ def _load_tokenizer_and_limits(model_dir: str) -> tuple[Any, int | None, int | N
     from headscope.models import arch_spec
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
+    where: dict[str, Any] = {"local_files_only": True}
+    if path.suffix == ".gguf" and path.is_file():  # a GGUF file: read its metadata, not its weights
+        from headscope.checkpoints import require_gguf
+
+        require_gguf()
+        path, where["gguf_file"] = path.parent, path.name
+    elif not (path / "config.json").is_file():
         raise HeadscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **where)
     except (OSError, ValueError) as err:
         raise HeadscopeError(f"cannot load a tokenizer from {path}: {err}") from None
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = AutoConfig.from_pretrained(path, **where)
     max_context = getattr(config, arch_spec(config.model_type).max_positions, None)
     return tokenizer, max_context, getattr(config, "vocab_size", None)
 
@@ -61,15 +67,18 @@ def _load_tokenizer_and_limits(model_dir: str) -> tuple[Any, int | None, int | N
 def _marked(tokenizer: Any, ids: tuple[int, ...], other: tuple[int, ...]) -> str:
     """Decode ``ids``, wrapping runs of tokens that differ from ``other`` in [[ ]].
 
-    Runs are decoded separately; a space joins two runs when neither brings its own whitespace
-    (word-level tokenizers), so words do not fuse.
+    Runs are decoded separately; for a word-level tokenizer (whose decode drops the spaces between runs)
+    a space joins two runs when neither brings its own whitespace, so words do not fuse.
     """
+    from headscope.probes.surface import PLAIN, surface_for
+
+    word_level = surface_for(tokenizer) is PLAIN
     text = ""
     start = 0
     for index in range(1, len(ids) + 1):
         if index == len(ids) or (ids[index] != other[index]) != (ids[start] != other[start]):
             run = tokenizer.decode(list(ids[start:index]))
-            if text and not text[-1].isspace() and not run[:1].isspace():
+            if word_level and text and not text[-1].isspace() and not run[:1].isspace():
                 text += " "
             text += f"[[{run}]]" if ids[start] != other[start] else run
             start = index
