@@ -8,14 +8,15 @@ DIR is what ``headscope models get smollm2-135m`` prints (or any local model). S
 1. ``probes.json``: the probe table: argmax accuracy, answer-vs-wrong accuracy, mean logit difference
    and clean-corrupt gap of every built-in probe at 512 and 2048 tokens (32 pairs, seed 1).
 2. ``scores/``: receivers (``direct``) and senders (``path``, through each probe's top-3 receivers) on
-   every probe at 1024 tokens (16 pairs, seed 0), as ``headscope demo`` scores, plus ``activation``
-   (total effect) and ``rope`` (RoPE dependence) per probe.
-3. ``mask.json``, ``rope_aware_mask.json``, ``report.html``: the fused 7:1 mask over the probes the
-   model solves (table step 1: argmax >= 0.5 at 512 tokens and gap >= 2), and the same ranking with the
-   RoPE-dependent heads (rope score >= 0.25 on any of those probes) excluded.
+   every probe at 1024 tokens (16 pairs, seed 0), as ``headscope demo`` scores, and ``rope`` (RoPE
+   dependence) on the probes the model solves (step 1: argmax >= 0.5 at 512 tokens and gap >= 2).
+3. ``mask.json``, ``rope_aware_mask.json``: the fused 7:1 mask over the solved probes, and the same
+   ranking with the RoPE-dependent heads (rope score >= 0.25 on any of them) excluded.
 4. ``ablation.json``: per probe, the top-k heads by ``direct`` score (k = 5, 10, 20) and the mask's FA
    heads mean-ablated against 5 random head sets of the same size drawn outside them (512 tokens,
    32 fresh pairs of seed 2; head means over seed 3).
+5. ``report.html`` with ``activation`` (total effect) scores of the solved probes added (last: the
+   slowest step that nothing else needs).
 
 ``summary.md`` collects the tables. ``--quick`` shrinks every size (a CPU smoke run for the tests).
 """
@@ -67,21 +68,21 @@ def solved_probes(table: list[dict], length: int) -> list[str]:
     return [r["probe"] for r in table if r["length"] == length and r["argmax"] >= SOLVED["argmax"] and r["gap"] >= SOLVED["gap"]]
 
 
-def extra_scores(lm, probes, out: Path, log) -> list[HeadScores]:
-    """``activation`` and ``rope`` scores per probe (files reused when present)."""
+def extra_scores(lm, probes, method: str, out: Path, log) -> list[HeadScores]:
+    """``activation`` or ``rope`` scores per probe (files reused when present)."""
+    scorer = {"activation": activation_scores, "rope": rope_dependence_scores}[method]
     results = []
     for probe in probes:
-        for method, scorer in (("activation", activation_scores), ("rope", rope_dependence_scores)):
-            path = out / "scores" / f"{probe.name}.{method}.json"
-            if path.is_file():
-                results.append(HeadScores.load(path))
-                continue
-            start = time.perf_counter()
-            scores = scorer(lm, probe)
-            scores.meta["seconds"] = time.perf_counter() - start
-            scores.save(path)
-            results.append(scores)
-            log(f"  {probe.name} {method}: {scores.meta['seconds']:.1f} s")
+        path = out / "scores" / f"{probe.name}.{method}.json"
+        if path.is_file():
+            results.append(HeadScores.load(path))
+            continue
+        start = time.perf_counter()
+        scores = scorer(lm, probe)
+        scores.meta["seconds"] = time.perf_counter() - start
+        scores.save(path)
+        results.append(scores)
+        log(f"  {probe.name} {method}: {scores.meta['seconds']:.1f} s")
     return results
 
 
@@ -143,16 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     log(f"scores on {', '.join(PROBES)} ({sizes['score_length']} tokens x {sizes['score_pairs']} pairs)")
     probes = build_probes(lm, PROBES, sizes["score_length"], sizes["score_pairs"], seed=0, log=log)
     receivers_senders = score_probes(lm, probes, out, n_receivers=3, seed=0, log=log)
-    others = extra_scores(lm, probes, out, log)
     for_mask = [s for s in receivers_senders if s.probe in solved]
     ranking = fuse(for_mask)
-    rope = [s for s in others if s.method == "rope" and s.probe in solved]
+    rope = extra_scores(lm, [p for p in probes if p.name in solved], "rope", out, log)
     rope_heads = sorted({Head(int(l), int(h)) for s in rope for l, h in (s.values >= ROPE_THRESHOLD).nonzero().tolist()})
     mask = select_mask(ranking, lm.fingerprint, ratio="7:1")
     rope_aware = select_mask(ranking, lm.fingerprint, ratio="7:1", exclude=rope_heads)
     save_mask(mask, out / "mask.json")
     save_mask(rope_aware, out / "rope_aware_mask.json")
-    write_text_atomic(out / "report.html", build_report_html(receivers_senders + others, mask, ranking))
     masks = {"fused 7:1 over " + ", ".join(solved): " ".join(str(h) for h in mask.heads()) + f" ({mask.n_full} heads, KV {mask.kv_fraction:.1%})",
              "RoPE-dependent heads excluded": " ".join(str(h) for h in rope_heads) or "none",
              "RoPE-aware fused 7:1": " ".join(str(h) for h in rope_aware.heads())}
@@ -165,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out / "ablation.json", {"meta": meta, "results": ablation_runs(lm, direct, load_mask(out / "mask.json"), sizes, log)})
     ablation = json.loads((out / "ablation.json").read_text())["results"]
     write_text_atomic(out / "summary.md", summary_markdown(meta, table, ablation, masks))
+    log("activation scores (total effect) of the solved probes, for the report")
+    totals = extra_scores(lm, [p for p in probes if p.name in solved], "activation", out, log)
+    write_text_atomic(out / "report.html", build_report_html(receivers_senders + rope + totals, mask, ranking))
     log(f"wrote {out}")
     return 0
 
