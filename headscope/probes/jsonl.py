@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from headscope.heads import HeadscopeError, write_text_atomic
+from headscope.heads import HeadscopeError, read_text, write_text_atomic
 from headscope.probes.base import Probe, PromptPair
 from headscope.probes.tokens import encode_plain, special_prefix
 
@@ -157,7 +157,7 @@ def load_probe_jsonl(path: str | os.PathLike, tokenizer: Any = None, name: str |
     if not source.is_file():
         raise HeadscopeError(f"probe file not found: {source}")
     records: list[tuple[int, dict, str]] = []  # (line number, object, format)
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(source, "probe").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{source}, line {number}"
