@@ -7,8 +7,8 @@ and model code, seconds that ``import headscope`` (torch only) and most of the C
 registration waits for transformers:
 
 * when ``transformers.models.auto.configuration_auto`` (the AutoConfig table) is imported, by the user
-  or by headscope, ``HybridConfig`` joins it (``headscope.hybrid.configuration``: the config only, no
-  model code); if that table is already imported, it joins at once;
+  or by headscope, ``headscope.hybrid.configuration`` (the config only, no model code) is imported and
+  registers ``HybridConfig`` with it; if that table is already imported, this happens at once;
 * ``HybridForCausalLM`` joins ``AutoModelForCausalLM`` when ``headscope.hybrid.modeling`` is imported,
   which creating a ``HybridConfig`` does. ``AutoModelForCausalLM.from_pretrained`` always reads the
   config before it looks the model class up, so the class is there in time.
@@ -20,6 +20,7 @@ A registration that fails (an incompatible transformers) is a warning, never a f
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import sys
 import warnings
@@ -28,13 +29,13 @@ AUTO_CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 
 
 def register_config() -> None:
-    """Add ``HybridConfig`` to transformers' AutoConfig table (model_type ``headscope_hybrid``)."""
+    """Add ``HybridConfig`` to transformers' AutoConfig table (model_type ``headscope_hybrid``).
+
+    ``headscope.hybrid.configuration`` registers itself when its import finishes; when that import is what
+    loads the AutoConfig table, this call finds it half-initialised in ``sys.modules`` and leaves it be.
+    """
     try:
-        from transformers import AutoConfig
-
-        from headscope.hybrid.configuration import HybridConfig
-
-        AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
+        importlib.import_module("headscope.hybrid.configuration")
     except Exception as err:  # a registration problem must not break the user's transformers import
         warnings.warn(f"headscope could not register its hybrid with transformers' AutoConfig: {err}", stacklevel=2)
 

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="mask_action", required=True, metavar="ACTION")
 
     export = actions.add_parser("export", help="write a mask in a peer format")
-    export.add_argument("mask", metavar="MASK.json")
+    export.add_argument("mask", metavar="MASK.json", help="mask file (from `headscope fuse` or `headscope mask random|layerwise`)")
     export.add_argument("--format", required=True, choices=FORMATS,
                         help="tsv: DuoAttention full_attention_heads.tsv; retrieval-json: Retrieval_Head {\"layer-head\": [score]} "
                              "(needs a mask with fused scores); layer-types: Qwen3-Next layer_types (layer-wise masks only)")

@@ -1,8 +1,8 @@
 """``HybridConfig``: the configuration of a head-wise hybrid, and how a saved hybrid finds its code.
 
-Kept apart from ``headscope.hybrid.modeling`` so that reading a hybrid's config (and registering it with
-``AutoConfig``, which ``headscope.registration`` does when transformers loads its Auto tables) costs no
-model code: this module needs only transformers' config base class.
+Kept apart from ``headscope.hybrid.modeling`` so that reading a hybrid's config costs no model code: this
+module needs only transformers' config classes. Importing it registers ``HybridConfig`` with
+``AutoConfig``; ``headscope.registration`` imports it as soon as transformers loads its Auto tables.
 
 ``HybridConfig`` carries the pretrained model's config as a dict (``base_config``), the head mask
 (``full_attention_heads`` as ``[layer, head]`` pairs in pretrained head indices), the per-layer
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from headscope.heads import HeadscopeError, write_text_atomic
@@ -210,3 +210,6 @@ class HybridConfig(PreTrainedConfig):
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
         """A no-op: transformers would copy this module into every saved directory; the loader file replaces that."""
+
+
+AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
