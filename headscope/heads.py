@@ -171,6 +171,19 @@ def read_text(path: str | os.PathLike, what: str) -> str:
                              "save the file as UTF-8") from None
 
 
+def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "PATH, line N", object)`` for every non-blank line of a UTF-8 JSONL file; a line that
+    is not JSON is a ``HeadscopeError`` naming it."""
+    for number, line in enumerate(read_text(path, what).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            yield number, where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise HeadscopeError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+
+
 def read_json(path: str | os.PathLike, what: str) -> Any:
     """Read JSON, turning a missing, unreadable or malformed file into a ``HeadscopeError`` naming ``what``."""
     try:

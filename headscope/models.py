@@ -188,7 +188,7 @@ def read_config(path: str | os.PathLike) -> Any:
     Raises:
         HeadscopeError: no config.json, a config.json that is not valid JSON or that transformers cannot
             read, an architecture headscope does not support, or a headscope hybrid (``headscope build``
-            output: score the pretrained model it was built from).
+            output: use the pretrained model it was built from).
     """
     from transformers import AutoConfig
 
@@ -200,7 +200,7 @@ def read_config(path: str | os.PathLike) -> Any:
     if model_type == HYBRID_MODEL_TYPE:
         source = (raw.get("mask_fingerprint") or {}).get("name") or "its pretrained model"
         raise HeadscopeError(f"{path} is a head-wise hybrid built by headscope; its heads are already split into full "
-                             f"attention and Gated DeltaNet, so score the pretrained model it was built from ({source})")
+                             f"attention and Gated DeltaNet: use the pretrained model it was built from ({source})")
     arch_spec(str(model_type))
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)

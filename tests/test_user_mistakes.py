@@ -368,3 +368,17 @@ def test_progress_bars_count_whole_heads(qwen3_dir, capsys):
     bars = capsys.readouterr().err
     assert "12/12" in bars and "8/8" in bars
     assert not re.search(r"\d+\.\d+/\d+", bars), bars
+
+
+def test_duo_export_never_replaces_a_model_config(model_copy, tmp_path, capsys):
+    from headscope import ModelFingerprint
+    from headscope.mask import random_mask, save_mask
+
+    save_mask(random_mask(ModelFingerprint("qwen3", 3, 4, 2, 24), n_full=2), tmp_path / "m.json")
+    before = digest(model_copy)
+    export = ["mask", "export", str(tmp_path / "m.json"), "--format", "tsv", "--sink-size", "4", "--recent-size", "64", "--out"]
+    assert main(export + [str(model_copy / "full_attention_heads.tsv")]) == 2
+    assert "is not DuoAttention's" in capsys.readouterr().err and digest(model_copy) == before
+    assert main(export + [str(tmp_path / "duo" / "full_attention_heads.tsv")]) == 0
+    assert main(export + [str(tmp_path / "duo" / "full_attention_heads.tsv")]) == 0  # its own config.json is replaced
+    assert json.loads((tmp_path / "duo" / "config.json").read_text()) == {"sink_size": 4, "recent_size": 64}

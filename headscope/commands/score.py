@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output JSON file, or a directory when several probes are given")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out directory that holds other files than scores")
     parser.add_argument("--resume", action="store_true", help="skip probes whose scores file already exists for this model and method")
-    parser.add_argument("--receivers", default=None, help="--method path: receiver heads, e.g. 1.3:k,2.5 (LAYER.HEAD[:q|k|v]; default inputs q,k,v); "
+    parser.add_argument("--receivers", default=None, help="--method path: receiver heads, e.g. L1H3:k,L2H5 or 1.3:k,2.5 (LxHy or LAYER.HEAD, then :q, :k or :v; "
+                        "default inputs q,k,v); "
                         "default: the top-4 heads by |direct score| outside layer 0")
     parser.add_argument("--top-k", type=int, default=None, help="--method screen: heads to verify with exact patching (default a quarter of all heads)")
     parser.set_defaults(func=run, interrupted="interrupted; rerun with --resume to keep finished probes")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from headscope.heads import HeadscopeError, read_text
+from headscope.heads import HeadscopeError, read_jsonl, read_text
 from headscope.transfer.config import DataConfig
 
 SUFFIXES = (".txt", ".jsonl", ".bin")
@@ -83,14 +82,7 @@ def _encode(tokenizer: Any, text: str, where: str) -> np.ndarray:
 
 def _jsonl_documents(path: Path, name: str, tokenizer: Any) -> list[Document]:
     docs = []
-    for line_no, line in enumerate(read_text(path, "data").split("\n")):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no + 1}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise HeadscopeError(f"{where} is not valid JSON: {err}") from None
+    for number, where, record in read_jsonl(path, "data"):
         if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
             ids = record["input_ids"]
             if not all(isinstance(i, int) and i >= 0 for i in ids):
@@ -101,7 +93,7 @@ def _jsonl_documents(path: Path, name: str, tokenizer: Any) -> list[Document]:
         else:
             raise HeadscopeError(f"{where}: expected an object with 'text' (string) or 'input_ids' (list)")
         if len(tokens):
-            docs.append(Document(f"{name}#{line_no}", tokens))
+            docs.append(Document(f"{name}#{number - 1}", tokens))
     return docs
 
 
