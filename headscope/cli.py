@@ -20,9 +20,10 @@ DESCRIPTION = """\
 Find the attention heads a causal LM needs at full attention, then build the head-wise hybrid
 (full attention on those heads, Gated DeltaNet on the rest).
 
-The usual order: `probes` (see the prompts) -> `score` (per-head scores) -> `fuse` (a head mask)
--> `report` (HTML) -> `build` (the hybrid) -> `transfer` (train it). `demo` runs it all on the
-bundled model. `headscope COMMAND --help` explains each command."""
+The usual order: `models` (fetch a real model, or bring your own directory) -> `probes` (see the
+prompts) -> `score` (per-head scores; `ablate` checks them) -> `fuse` (a head mask) -> `report`
+(HTML) -> `build` (the hybrid) -> `transfer` (train it). `demo` runs it all on the bundled model.
+`headscope COMMAND --help` explains each command."""
 
 INTERRUPTED = "interrupted; no file was left half-written"
 
