@@ -10,13 +10,17 @@ TORCH_PIN ?= torch==2.13.0
 .PHONY: demo test install clean
 
 $(BIN)/python:
+	@echo "== creating the virtual environment $(VENV) and upgrading pip"
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	@echo "== installing $(TORCH_PIN) into $(VENV) (the largest download; a minute or more)"
+	$(BIN)/python -m pip install $(TORCH_PIN)
+	@echo "== installing headscope (editable) with its dependencies and test tools: pip install -e .[test]"
+	$(BIN)/python -m pip install -e ".[test]"
 	touch $(STAMP)
+	@echo "== $(VENV) is ready"
 
 install: $(STAMP)
 

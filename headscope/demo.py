@@ -35,6 +35,8 @@ from headscope.probes import Probe, make_probe
 RETRIEVAL_PROBES = ("needle_single", "needle_multikey", "kv_recall", "induction")
 REASONING_PROBES = ("multihop", "ioi", "comparison")
 STAGES = ("original", "hybrid_built", "hybrid_aligned")
+# Everything the demo writes into its output directory (untrained-model: headscope.commands.demo.fallback_model).
+OUTPUTS = ("scores", "mask.json", "report.html", "hybrid.json", "untrained-model")
 
 
 @dataclass
@@ -225,7 +227,7 @@ def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int
 
 def hybrid_unsupported(lm: LoadedModel) -> str | None:
     """Why ``lm`` cannot become a head-wise hybrid (its family), or None when it can."""
-    from headscope.hybrid.modeling import family_of
+    from headscope.hybrid.configuration import family_of
 
     try:
         family_of(lm.model.config.model_type)
@@ -248,7 +250,7 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
         HeadscopeError: unknown probe names, bad settings, or no probe usable with the model's tokenizer.
     """
     from headscope.fusion import fuse
-    from headscope.mask import select_mask
+    from headscope.mask import budget_note, select_mask
     from headscope.maskfile import save_mask
     from headscope.probes import BUILTIN_PROBES
     from headscope.reports import build_report_html
@@ -284,8 +286,10 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
     log("\ntop heads per capability (fused over probes and methods):")
     for capability, heads in top_heads_by_capability(result.scores).items():
         log(f"  {capability:9s} {' '.join(heads)}")
-    log(f"\nmask {settings.ratio} linear:full -> {mask.n_full} of {fp.n_layers * fp.n_heads} heads at full attention: "
+    log(f"\nmask {mask.provenance['ratio']} linear:full -> {mask.n_full} of {fp.n_layers * fp.n_heads} heads at full attention: "
         f"{' '.join(str(h) for h in mask.heads())}")
+    if note := budget_note(mask):
+        log(note)
     log(f"KV-cache kept: {mask.kv_fraction:.1%} of the full model's (head share {mask.head_fraction:.1%})")
     log(f"wrote {out / 'mask.json'}, {out / 'report.html'}, {len(result.scores)} score files in {out / 'scores'}")
 

@@ -47,11 +47,11 @@ class Head:
 
     @classmethod
     def parse(cls, text: str) -> "Head":
-        """Parse ``"3.5"``, ``"L3H5"`` or ``"3-5"`` into ``Head(3, 5)``."""
+        """Parse ``"L3H5"`` (how headscope prints heads), ``"3.5"`` or ``"3-5"`` into ``Head(3, 5)``."""
         cleaned = text.strip().upper().replace("L", "").replace("H", ".").replace("-", ".")
         parts = [p for p in cleaned.split(".") if p != ""]
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise HeadscopeError(f"cannot parse head {text!r}: expected LAYER.HEAD, e.g. 3.5")
+            raise HeadscopeError(f"cannot parse head {text!r}: expected LxHy or LAYER.HEAD, e.g. L3H5 or 3.5")
         return cls(int(parts[0]), int(parts[1]))
 
 
@@ -121,29 +121,73 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=1))
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the process umask (0o644 under umask 022)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename.
+
+    The file gets the permissions a plain ``open()`` would give it (the umask is respected). A directory
+    that cannot be created or written is a ``HeadscopeError`` naming the path; the target is untouched.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise HeadscopeError(f"cannot write {target}: {err.strerror or err}") from None
+    try:
+        os.fchmod(handle, _file_mode())  # mkstemp makes the file owner-only
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        if isinstance(err, OSError):
+            raise HeadscopeError(f"cannot write {target}: {err.strerror or err}") from None
         raise
     return target
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Read JSON, turning a missing or malformed file into a ``HeadscopeError`` naming ``what``."""
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """Read a UTF-8 text file; a missing, unreadable or non-UTF-8 file is a ``HeadscopeError`` naming ``what``
+    (and, for a bad byte, its line)."""
     try:
-        with open(path) as stream:
-            return json.load(stream)
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise HeadscopeError(f"{what} file not found: {path}") from None
+    except OSError as err:
+        raise HeadscopeError(f"cannot read {what} file {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise HeadscopeError(f"{what} file {path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                             "save the file as UTF-8") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "PATH, line N", object)`` for every non-blank line of a UTF-8 JSONL file; a line that
+    is not JSON is a ``HeadscopeError`` naming it."""
+    for number, line in enumerate(read_text(path, what).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            yield number, where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise HeadscopeError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read JSON, turning a missing, unreadable or malformed file into a ``HeadscopeError`` naming ``what``."""
+    try:
+        return json.loads(read_text(path, what))
     except json.JSONDecodeError as err:
         raise HeadscopeError(f"{what} file {path} is not valid JSON: {err}") from None
 

@@ -2,7 +2,8 @@
 
 A mask keeps ``n_full`` of the ``L*H`` query heads at full attention (FA); the rest become linear
 attention. The budget is a ratio ``"a:b"`` = linear:full, so ``"7:1"`` keeps ``b/(a+b) = 1/8`` of the
-heads (rounded to the nearest integer, at least 1), or an explicit ``n_full``.
+heads (rounded to the nearest integer, at least 1), or an explicit ``n_full``. A mask records the ratio
+its heads realise (``"1000:1"`` on 48 heads keeps 1 head: ``"47:1"``, with the request kept beside it).
 
 Selection is greedy on an importance matrix (higher = keep): first each layer's ``min_per_layer``
 best heads, then the best remaining heads anywhere. For a budget with per-layer lower bounds this
@@ -28,6 +29,7 @@ DuoAttention / Retrieval_Head exports live in ``headscope.maskfile`` and are re-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +80,33 @@ def head_budget(fingerprint: ModelFingerprint, ratio: str | None = None, n_full:
     return int(n_full)
 
 
+def realised_ratio(n_total: int, n_full: int) -> str:
+    """The ``"linear:full"`` ratio ``n_full`` of ``n_total`` heads make, in lowest terms (6 of 48 -> ``"7:1"``)."""
+    divisor = math.gcd(n_total - n_full, n_full)
+    return f"{(n_total - n_full) // divisor}:{n_full // divisor}"
+
+
+def _ratio_record(ratio: str | None, n_full: int | None, full: torch.Tensor, record: dict) -> str | None:
+    """The ratio a mask records: the one its heads realise (``None`` for an explicit count). A requested ratio
+    the head count cannot meet (``1000:1`` of 48 heads is 1 head, 47:1) is kept as ``record["requested_ratio"]``."""
+    if n_full is not None:
+        return None
+    linear, kept = parse_ratio(ratio or "7:1")
+    n_kept = int(full.sum())
+    if linear * n_kept != kept * (full.numel() - n_kept):
+        record["requested_ratio"] = ratio or "7:1"
+    return realised_ratio(full.numel(), n_kept)
+
+
+def budget_note(mask: HeadMask) -> str | None:
+    """One line saying that the requested ratio was rounded (see ``_ratio_record``), or None when it was met."""
+    requested = mask.provenance.get("selection", {}).get("requested_ratio")
+    if requested is None:
+        return None
+    return (f"note: ratio {requested} cannot be met exactly with {mask.full.numel()} heads; the mask keeps {mask.n_full} "
+            f"at full attention, {mask.provenance['ratio']} (recorded as such)")
+
+
 def select_units(importance: torch.Tensor, n_units: int, min_per_layer: int) -> torch.Tensor:
     """Greedy selection of ``n_units`` units with at least ``min_per_layer`` in every layer.
 
@@ -104,7 +133,7 @@ def _importance_of(source: FusedRanking | HeadScores | torch.Tensor, fingerprint
     """(importance (L, H), fingerprint, provenance) of a ranking, a HeadScores (|score|) or a tensor."""
     if isinstance(source, FusedRanking):
         values, own, provenance = source.values, source.fingerprint, {"fusion": dict(source.provenance)}
-        provenance["probes"] = [i["probe"] for i in source.provenance.get("inputs", [])]
+        provenance["probes"] = list(dict.fromkeys(i["probe"] for i in source.provenance.get("inputs", [])))  # each once, in order
         provenance["methods"] = sorted({i["method"] for i in source.provenance.get("inputs", [])})
     elif isinstance(source, HeadScores):
         values, own = source.values.abs(), source.fingerprint
@@ -193,7 +222,7 @@ def select_mask(
         if forced:
             raise HeadscopeError(f"min_per_layer={min_per_layer} forces excluded heads {', '.join(forced)} to full attention")
         record["excluded"] = [str(h) for h in excluded]
-    ratio_text = None if n_full is not None else (ratio or "7:1")
+    ratio_text = _ratio_record(ratio, n_full, full, record)
     return HeadMask(full, fp, {"ratio": ratio_text, "selection": {"method": "ranked", **record}, **provenance})
 
 
@@ -218,7 +247,7 @@ def random_mask(
     generator = torch.Generator().manual_seed(int(seed))
     importance = torch.rand(fingerprint.shape, generator=generator)  # (L, H); groups score by their max
     full, record = _select(importance, fingerprint, budget, 0, kv_aware, "max")
-    ratio_text = None if n_full is not None else (ratio or "7:1")
+    ratio_text = _ratio_record(ratio, n_full, full, record)
     selection = {"method": "random", "seed": int(seed), **record}
     return HeadMask(full, fingerprint, {"ratio": ratio_text, "selection": selection, "probes": [], "methods": [], "fusion": None})
 
@@ -269,7 +298,7 @@ def mask_from_layer_types(types: Sequence[str], fingerprint: ModelFingerprint) -
 
 
 __all__ = [
-    "GROUP_SCORES", "MASK_SCHEMA_VERSION", "export_duo_tsv", "export_retrieval_json", "head_budget",
+    "GROUP_SCORES", "MASK_SCHEMA_VERSION", "budget_note", "export_duo_tsv", "export_retrieval_json", "head_budget",
     "layer_types", "layerwise_mask", "load_mask", "mask_from_layer_types", "mask_to_dict", "parse_ratio",
-    "random_mask", "ranking_from_mask", "save_mask", "select_mask", "select_units",
+    "random_mask", "ranking_from_mask", "realised_ratio", "save_mask", "select_mask", "select_units",
 ]

@@ -198,6 +198,10 @@ def export_duo_tsv(
     text = "".join("\t".join(repr(float(v)) for v in row) + "\n" for row in matrix.tolist())
     if (sink_size is None) != (recent_size is None):
         raise HeadscopeError("give both sink_size and recent_size for DuoAttention's config.json, or neither")
+    config = Path(path).parent / "config.json"
+    existing = read_json(config, "config") if sink_size is not None and config.is_file() else {}
+    if not isinstance(existing, dict) or set(existing) - {"sink_size", "recent_size"}:
+        raise HeadscopeError(f"{config} exists and is not DuoAttention's (a model's?); export the TSV into its own directory")
     target = write_text_atomic(path, text)
     if sink_size is not None:
         write_json_atomic(target.parent / "config.json", {"sink_size": int(sink_size), "recent_size": int(recent_size)})

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from headscope.heads import HeadscopeError, ModelFingerprint
+from headscope.heads import HeadscopeError, ModelFingerprint, read_json
+
+HYBRID_MODEL_TYPE = "headscope_hybrid"  # HybridConfig.model_type (headscope.hybrid.configuration)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,32 @@ class LoadedModel:
         return slice(head * d, (head + 1) * d)
 
 
+def read_config(path: str | os.PathLike) -> Any:
+    """The ``AutoConfig`` of a local model directory, without reading its weights.
+
+    Raises:
+        HeadscopeError: no config.json, a config.json that is not valid JSON or that transformers cannot
+            read, an architecture headscope does not support, or a headscope hybrid (``headscope build``
+            output: use the pretrained model it was built from).
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise HeadscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+    raw = read_json(path / "config.json", "model config")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type == HYBRID_MODEL_TYPE:
+        source = (raw.get("mask_fingerprint") or {}).get("name") or "its pretrained model"
+        raise HeadscopeError(f"{path} is a head-wise hybrid built by headscope; its heads are already split into full "
+                             f"attention and Gated DeltaNet: use the pretrained model it was built from ({source})")
+    arch_spec(str(model_type))
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise HeadscopeError(f"cannot read {path / 'config.json'}: {str(err).strip().splitlines()[0]}") from None
+
+
 def load_model(
     source: str | os.PathLike | nn.Module,
     tokenizer: Any = None,
@@ -205,7 +233,7 @@ def load_model(
     """
     if isinstance(source, nn.Module):
         return LoadedModel(source, tokenizer)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source)
     if path.suffix == ".gguf":
@@ -215,10 +243,7 @@ def load_model(
         arch_spec(model.config.model_type)
         model.set_attn_implementation(attn_implementation)
         return LoadedModel(model.to(device), tokenizer or gguf_tokenizer, name=path.stem)
-    if not (path / "config.json").is_file():
-        raise HeadscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    arch_spec(config.model_type)  # fail on unknown architectures before loading any weights
+    read_config(path)  # a bad config.json or an unknown architecture fails before any weights are read
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     ).to(device)

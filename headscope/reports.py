@@ -41,6 +41,7 @@ SEQUENTIAL = "Viridis"
 CELL_PX = 22  # height of one row in the sender view and the smallest layer row in heatmaps
 ROW_GAP_PX = 120  # between grid rows: tick labels, axis title, next subplot title
 MARGIN_PX = {"t": 90, "b": 60}
+LEGEND_COLUMNS, LEGEND_ROW_PX = 3, 24  # the per-layer distribution's legend, below the plot
 
 
 def magnitude_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -253,8 +254,12 @@ def layer_distributions(scores: HeadScores | Sequence[HeadScores], kind: str = "
             "hovertemplate": "<b>%{customdata}</b><br>score %{y:.4g}<extra>%{fullData.name}</extra>",
         }
         fig.add_trace(go.Box(boxpoints="outliers", **common) if kind == "box" else go.Violin(points="outliers", **common))
-    fig.update_layout(boxmode="group", violinmode="group", title="Score distribution per layer", height=420,
-                      xaxis={"title": {"text": "layer"}, "dtick": 1}, yaxis={"title": {"text": "score"}, "zeroline": True})
+    # The legend (one entry per input) sits below the plot and the figure grows with it, so no entry is cut off.
+    legend_rows = -(-len(items) // LEGEND_COLUMNS)
+    fig.update_layout(boxmode="group", violinmode="group", title="Score distribution per layer", height=420 + LEGEND_ROW_PX * legend_rows,
+                      xaxis={"title": {"text": "layer"}, "dtick": 1}, yaxis={"title": {"text": "score"}, "zeroline": True},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0.0,
+                              "entrywidth": 1.0 / LEGEND_COLUMNS, "entrywidthmode": "fraction"})
     return fig
 
 
@@ -295,7 +300,7 @@ def _mask_rows(mask: HeadMask) -> list[tuple[str, str]]:
     if fusion:
         rows.append(("fusion", html.escape(f"{fusion.get('normalisation')} / {fusion.get('rule')}")))
     if mask.provenance.get("probes"):
-        rows.append(("probes", html.escape(", ".join(mask.provenance["probes"]))))
+        rows.append(("probes", html.escape(", ".join(dict.fromkeys(mask.provenance["probes"])))))  # older masks list a probe per method
     return rows
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from headscope.commands.options import add_model_args, add_probe_args, load_from_args, resolve_probe
 from headscope.heads import HeadScores, HeadscopeError, write_json_atomic
+from headscope.outputs import check_output_file
 
 
 def register(subparsers) -> None:
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and (out.suffix != ".json" or not out.parent.is_dir()):
         raise HeadscopeError(f"--out {args.out}: expected a .json file in an existing directory")
+    if out is not None:
+        check_output_file(out, [args.model])  # before the ablation runs
     ks = _parse_ks(args.k) if args.k is not None else None
     lm = load_from_args(args)
     ranked, ks, source = _selection(args, lm, ks)

@@ -1,20 +1,26 @@
 """``headscope build``: turn a model and a head mask into a head-wise hybrid checkpoint (with its tokenizer).
 
-The mask is a mask file (``--mask``, written by ``headscope mask``) or a baseline made on the spot:
-``--random 7:1 [--seed N]`` (random heads) or ``--layerwise 3:1`` (whole layers; all-FA layers stay plain
-attention, the others become pure Gated DeltaNet). A mask made for another model is refused with one
-line naming the mismatch. The output directory loads with ``AutoModelForCausalLM.from_pretrained`` after
-``import headscope.hybrid``.
+The mask is a mask file (``--mask``, written by ``headscope fuse``, ``headscope mask random`` or
+``headscope mask layerwise``) or a baseline made on the spot: ``--random 7:1 [--seed N]`` (random heads)
+or ``--layerwise 3:1`` (whole layers; all-FA layers stay plain attention, the others become pure Gated
+DeltaNet). A mask made for another model is refused with one line naming the mismatch.
+
+``--out`` must be a new or empty directory, or a previous build (``--force`` writes into any other
+directory); it is never the model directory or inside it. The output loads with
+``AutoModelForCausalLM.from_pretrained(OUT)`` after ``import headscope``, or with
+``trust_remote_code=True`` and no import.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from headscope.commands.options import add_model_args, load_from_args
-from headscope.heads import HeadMask, HeadscopeError
-from headscope.models import LoadedModel
+from headscope.outputs import check_output_dir, write_dir
+from headscope.heads import HeadMask
+from headscope.models import HYBRID_MODEL_TYPE, LoadedModel
 
 
 def register(subparsers) -> None:
@@ -25,7 +31,8 @@ def register(subparsers) -> None:
     source.add_argument("--random", metavar="LA:FA", help="random head mask at this linear:full ratio, e.g. 7:1")
     source.add_argument("--layerwise", metavar="LA:FA", help="layer-wise mask at this linear:full layer ratio, e.g. 3:1")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
-    parser.add_argument("--out", required=True, help="output directory (config, weights, tokenizer)")
+    parser.add_argument("--out", required=True, help="output directory (config, weights, tokenizer): new, empty or a previous build")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a previous build")
     parser.add_argument("--fa-rope", action="store_true", help="keep RoPE on the FA heads (default: removed)")
     parser.add_argument("--no-log-scaling", action="store_true", help="no log-position query scale on FA heads")
     parser.add_argument("--no-gate", action="store_true", help="no output gate on FA heads")
@@ -45,22 +52,35 @@ def resolve_mask(args: argparse.Namespace, lm: LoadedModel) -> HeadMask:
     return layerwise_mask(lm.fingerprint, ratio=args.layerwise)
 
 
+def is_build(path: Path) -> bool:
+    """Whether ``path`` holds a hybrid written by ``headscope build`` (its config.json says so)."""
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == HYBRID_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     from headscope.hybrid import HybridConfig, build_hybrid
+    from headscope.mask import budget_note
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise HeadscopeError(f"--out {out} exists and is not a directory")
+    out = check_output_dir(args.out, "hybrid built by `headscope build`", [args.model], is_build, args.force)
     lm = load_from_args(args)
     mask = resolve_mask(args, lm)
+    if note := budget_note(mask):
+        print(note)
     switches = HybridConfig(
         fa_rope=args.fa_rope, log_scaling=not args.no_log_scaling, output_gate=not args.no_gate,
         fusion_norm=not args.no_fusion_norm, init_seed=args.init_seed,
     )
     hybrid = build_hybrid(lm, mask, switches)
-    hybrid.save_pretrained(out)
-    if lm.tokenizer is not None:
-        lm.tokenizer.save_pretrained(out)
+
+    def save(folder: Path) -> None:
+        hybrid.save_pretrained(folder)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(folder)
+
+    write_dir(out, save)
     kinds = [hybrid.config.layer_plan(l).kind for l in range(hybrid.config.num_hidden_layers)]
     print(
         f"built {lm.fingerprint.name or lm.fingerprint.architecture}: {mask.n_full}/{mask.full.numel()} FA heads "

@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     parser.add_argument("--rrf-k", type=float, default=DEFAULT_RRF_K, help=f"reciprocal rank fusion constant (default {DEFAULT_RRF_K:g})")
     parser.add_argument("--weight", action="append", metavar="CAP=W", help="weight of a capability (repeatable; default equal)")
     parser.add_argument("--exclude", default="", metavar="HEADS",
-                        help="heads kept off full attention, comma-separated (e.g. L2H6,L1H3: heads that need RoPE, see --method rope)")
+                        help="heads kept off full attention, comma-separated, as LxHy or LAYER.HEAD (e.g. L2H6,1.3: heads that need RoPE, "
+                             "see `headscope score --method rope`)")
     parser.add_argument("--out", required=True, help="output mask JSON")
     parser.set_defaults(func=run)
 
@@ -59,7 +60,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from headscope.fusion import fuse
     from headscope.heads import Head
-    from headscope.mask import save_mask, select_mask
+    from headscope.mask import budget_note, save_mask, select_mask
 
     scores = load_scores(args.scores)
     ranking = fuse(scores, normalise=args.normalise, rule=args.rule, weights=parse_weights(args.weight), rrf_k=args.rrf_k)
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     mask = select_mask(ranking, ratio=args.ratio, n_full=args.n_full, min_per_layer=args.min_per_layer,
                        kv_aware=args.kv_aware, group_score=args.group_score, exclude=exclude)
     path = save_mask(mask, args.out)
+    if note := budget_note(mask):
+        print(note)
     groups = mask.kv_groups_full()
     print(f"fused {len(scores)} inputs ({ranking.provenance['normalisation']}/{args.rule}); {mask.n_full} of {mask.full.numel()} heads at full attention "
           f"({mask.head_fraction:.1%}), KV cache {int(groups.sum())}/{groups.numel()} groups ({mask.kv_fraction:.1%}) -> {path}")

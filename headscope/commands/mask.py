@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from headscope.heads import HeadscopeError, ModelFingerprint
+from headscope.outputs import check_output_file
 
 FORMATS = ("tsv", "retrieval-json", "layer-types")
 
@@ -21,15 +22,12 @@ def fingerprint_from_args(args: argparse.Namespace) -> ModelFingerprint:
     from pathlib import Path
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from headscope.models import LoadedModel, arch_spec
+    from headscope.models import LoadedModel, read_config
 
     path = Path(args.model)
-    if not (path / "config.json").is_file():
-        raise HeadscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    arch_spec(config.model_type)
+    config = read_config(path)
     with torch.device("meta"):  # shapes only: no memory, no weights read
         model = AutoModelForCausalLM.from_config(config)
     return LoadedModel(model, name=path.name).fingerprint
@@ -42,14 +40,14 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="mask_action", required=True, metavar="ACTION")
 
     export = actions.add_parser("export", help="write a mask in a peer format")
-    export.add_argument("mask", metavar="MASK.json")
+    export.add_argument("mask", metavar="MASK.json", help="mask file (from `headscope fuse` or `headscope mask random|layerwise`)")
     export.add_argument("--format", required=True, choices=FORMATS,
                         help="tsv: DuoAttention full_attention_heads.tsv; retrieval-json: Retrieval_Head {\"layer-head\": [score]} "
                              "(needs a mask with fused scores); layer-types: Qwen3-Next layer_types (layer-wise masks only)")
     export.add_argument("--group-value", choices=["any", "fraction"], default="any", help="tsv: 1 per kept KV group, or the FA fraction")
     export.add_argument("--sink-size", type=int, help="tsv: also write DuoAttention's config.json with this sink size")
     export.add_argument("--recent-size", type=int, help="tsv: ... and this recent window")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="output file (tsv: DuoAttention's config.json goes beside it)")
     export.set_defaults(func=run_export)
 
     for name, help_text in (("random", "a seeded random mask with the same budget"), ("layerwise", "whole layers at full attention (Qwen3-Next 3:1 layout)")):
@@ -59,7 +57,7 @@ def register(subparsers) -> None:
         source.add_argument("--like", help="take the model geometry from a scores or mask file")
         if name == "random":
             add_budget_args(baseline)
-            baseline.add_argument("--seed", type=int, default=0)
+            baseline.add_argument("--seed", type=int, default=0, help="seed of the random draw (default 0)")
         else:
             baseline.add_argument("--ratio", default="3:1", help="linear:full layers (default 3:1)")
         baseline.add_argument("--out", required=True, help="output mask JSON")
@@ -88,14 +86,17 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from headscope.mask import layerwise_mask, random_mask, save_mask
+    from headscope.mask import budget_note, layerwise_mask, random_mask, save_mask
 
     fingerprint = fingerprint_from_args(args)
+    check_output_file(args.out, [args.model])
     if args.mask_action == "random":
         mask = random_mask(fingerprint, ratio=args.ratio, n_full=args.n_full, seed=args.seed, kv_aware=args.kv_aware)
     else:
         mask = layerwise_mask(fingerprint, ratio=args.ratio)
     path = save_mask(mask, args.out)
+    if note := budget_note(mask):
+        print(note)
     print(f"{args.mask_action} mask: {mask.n_full} of {mask.full.numel()} heads ({mask.head_fraction:.1%}), "
           f"KV cache {mask.kv_fraction:.1%} -> {path}")
     return 0

@@ -52,7 +52,9 @@ def run_get(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from headscope.checkpoints import convert_gguf
+    from headscope.outputs import check_writable
 
+    check_writable(args.out)  # before the checkpoint is read
     path = convert_gguf(args.gguf, args.out)
     print(path)
     return 0

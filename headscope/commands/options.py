@@ -12,13 +12,14 @@ from headscope.models import LoadedModel, load_model
 from headscope.probes.base import Probe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN_PAIRS = 16  # pairs of a built-in probe when --pairs is not given
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--model DIR`` plus device, dtype and attention implementation."""
     parser.add_argument("--model", required=required, help="local Hugging Face model directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation (default sdpa)")
 
 
@@ -31,21 +32,24 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
 def add_probe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", required=True, action="append", help="built-in probe name or a .jsonl file (repeatable)")
     parser.add_argument("--length", type=int, default=256, help="prompt length in tokens for built-in probes (default 256)")
-    parser.add_argument("--pairs", type=int, default=16, help="number of prompt pairs (default 16)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help=f"prompt pairs per probe (default: {BUILTIN_PAIRS} for a built-in probe, every pair of a .jsonl file; caps a file)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe generator (default 0)")
 
 
-def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int, seed: int) -> Probe:
-    """A built-in probe by name, or a JSONL probe file (its first ``n_pairs`` pairs)."""
+def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int | None, seed: int) -> Probe:
+    """A built-in probe by name (``n_pairs`` pairs, default ``BUILTIN_PAIRS``), or a JSONL probe file (every
+    pair, or its first ``n_pairs``)."""
     from headscope.probes import load_probe_jsonl, make_probe
 
-    if n_pairs < 1:
+    if n_pairs is not None and n_pairs < 1:
         raise HeadscopeError(f"--pairs must be at least 1, got {n_pairs}")
     if spec.endswith(".jsonl") or Path(spec).is_file():
-        probe = load_probe_jsonl(spec, tokenizer=lm.tokenizer).subset(n_pairs)
+        probe = load_probe_jsonl(spec, tokenizer=lm.tokenizer)
+        probe = probe.subset(n_pairs) if n_pairs is not None else probe
     else:
         if lm.tokenizer is None:
             raise HeadscopeError(f"built-in probe {spec!r} needs a tokenizer, but {lm.fingerprint.name} has none")
-        probe = make_probe(spec, lm.tokenizer, length=length, n_pairs=n_pairs, seed=seed)
+        probe = make_probe(spec, lm.tokenizer, length=length, n_pairs=n_pairs or BUILTIN_PAIRS, seed=seed)
     probe.check_fits(lm.max_context, getattr(lm.model.config, "vocab_size", None))
     return probe

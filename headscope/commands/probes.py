@@ -42,24 +42,26 @@ def run_list(args: argparse.Namespace) -> int:
 
 def _load_tokenizer_and_limits(model_dir: str) -> tuple[Any, int | None, int | None]:
     """The directory's tokenizer, max context and vocabulary size (weights are not loaded)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from headscope.models import arch_spec
+    from headscope.models import arch_spec, read_config
 
     path = Path(model_dir)
     where: dict[str, Any] = {"local_files_only": True}
     if path.suffix == ".gguf" and path.is_file():  # a GGUF file: read its metadata, not its weights
+        from transformers import AutoConfig
+
         from headscope.checkpoints import require_gguf
 
         require_gguf()
         path, where["gguf_file"] = path.parent, path.name
-    elif not (path / "config.json").is_file():
-        raise HeadscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+        config = AutoConfig.from_pretrained(path, **where)
+    else:
+        config = read_config(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **where)
     except (OSError, ValueError) as err:
-        raise HeadscopeError(f"cannot load a tokenizer from {path}: {err}") from None
-    config = AutoConfig.from_pretrained(path, **where)
+        raise HeadscopeError(f"cannot load a tokenizer from {path}: {str(err).strip().splitlines()[0]}") from None
     max_context = getattr(config, arch_spec(config.model_type).max_positions, None)
     return tokenizer, max_context, getattr(config, "vocab_size", None)
 

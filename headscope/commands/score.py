@@ -1,4 +1,11 @@
-"""``headscope score``: score every head of a model on one or more probes and write HeadScores JSON."""
+"""``headscope score``: score every head of a model on one or more probes and write HeadScores JSON.
+
+A ``.jsonl`` probe file is scored on every pair it holds (``--pairs`` caps it); a built-in probe is
+generated with ``--pairs`` pairs (default 16) of ``--length`` tokens. ``--out`` is a ``.json`` file for
+one probe, or a directory (one ``PROBE.METHOD.json`` per probe): new, empty or holding earlier scores
+(``--force`` writes into any other directory), never inside the model directory. Where it can be written
+is checked before any scoring; ``--resume`` skips probes already scored there.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +13,63 @@ import argparse
 from pathlib import Path
 
 from headscope.commands.options import add_model_args, add_probe_args, load_from_args, resolve_probe
-from headscope.heads import HeadScores, HeadscopeError
+from headscope.outputs import check_output_dir, check_output_file, visible_entries
+from headscope.heads import HeadScores, HeadscopeError, read_json
 
 
 def register(subparsers) -> None:
     from headscope.patching import SCORERS
 
-    parser = subparsers.add_parser("score", help="score heads (activation, direct, path, attribution, screen)", description=__doc__)
+    parser = subparsers.add_parser("score", help=f"score heads ({', '.join(SCORERS)})", description=__doc__)
     add_model_args(parser)
     add_probe_args(parser)
     parser.add_argument("--method", default="activation", choices=sorted(SCORERS), help="scoring method (default activation)")
     parser.add_argument("--noising", action="store_true", help="patch corrupt into clean (default: clean into corrupt)")
     parser.add_argument("--batch-size", type=int, default=None, help="patched sequences per forward (default: largest that fits)")
     parser.add_argument("--out", required=True, help="output JSON file, or a directory when several probes are given")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out directory that holds other files than scores")
     parser.add_argument("--resume", action="store_true", help="skip probes whose scores file already exists for this model and method")
-    parser.add_argument("--receivers", default=None, help="--method path: receiver heads, e.g. 1.3:k,2.5 (LAYER.HEAD[:q|k|v]; default inputs q,k,v); "
+    parser.add_argument("--receivers", default=None, help="--method path: receiver heads, e.g. L1H3:k,L2H5 or 1.3:k,2.5 (LxHy or LAYER.HEAD, then :q, :k or :v; "
+                        "default inputs q,k,v); "
                         "default: the top-4 heads by |direct score| outside layer 0")
     parser.add_argument("--top-k", type=int, default=None, help="--method screen: heads to verify with exact patching (default a quarter of all heads)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted="interrupted; rerun with --resume to keep finished probes")
+
+
+def _is_directory_out(out: str, several: bool) -> bool:
+    return several or Path(out).is_dir() or out.endswith("/")
 
 
 def _output_path(out: str, probe_name: str, method: str, several: bool) -> Path:
     path = Path(out)
-    if several or path.is_dir() or out.endswith("/"):
+    if _is_directory_out(out, several):
         return path / f"{probe_name}.{method}.json"
     if path.suffix != ".json":
         raise HeadscopeError(f"--out {out}: expected a .json file (or a directory for several probes)")
     return path
+
+
+def is_scores_dir(path: Path) -> bool:
+    """Whether every file a user sees in ``path`` is a headscope scores JSON (a previous ``--out``)."""
+    for entry in visible_entries(path):
+        if entry.suffix != ".json" or not entry.is_file():
+            return False
+        try:
+            data = read_json(entry, "scores")
+        except HeadscopeError:
+            return False
+        if not isinstance(data, dict) or data.get("kind") != "headscope.scores":
+            return False
+    return True
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--out`` before the model is loaded (see the module docstring)."""
+    several = len(args.probe) > 1
+    if _is_directory_out(args.out, several):
+        check_output_dir(args.out, "headscope scores", [args.model], is_scores_dir, args.force)
+    else:
+        check_output_file(_output_path(args.out, "", args.method, several), [args.model])
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -72,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise HeadscopeError(f"--batch-size must be at least 1, got {args.batch_size}")
     options = _method_options(args)
+    check_out(args)
     lm = load_from_args(args)
     probes = [resolve_probe(lm, spec, args.length, args.pairs, args.seed) for spec in args.probe]
+    for spec, probe in zip(args.probe, probes):
+        if args.pairs is not None and len(probe) < args.pairs:
+            print(f"note: {spec} holds {len(probe)} pairs; --pairs {args.pairs} scores all of them")
     for probe in probes:
         path = _output_path(args.out, probe.name, args.method, len(probes) > 1)
         if args.resume and _already_scored(path, lm.fingerprint, args.method, len(probe), probe.length, options):
@@ -83,5 +124,6 @@ def run(args: argparse.Namespace) -> int:
         scores.save(path)
         top = ", ".join(f"{h}={scores[h]:+.3f}" for h in scores.top(5))
         via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
-        print(f"{probe.name} [{args.method}{via}] clean-corrupt gap {scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top} -> {path}")
+        print(f"{probe.name} [{args.method}{via}] {len(probe)} pairs x {probe.length} tokens, clean-corrupt gap "
+              f"{scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top} -> {path}")
     return 0

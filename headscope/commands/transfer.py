@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+INTERRUPTED = "interrupted; rerun with --resume to continue from the latest checkpoint"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config (.yaml, .yml or .toml)")
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("transfer", help="train the hybrid from its teacher (align, distill, long context)", description=__doc__)
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, interrupted=INTERRUPTED)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from headscope.heads import HeadMask, HeadscopeError
-from headscope.hybrid.modeling import HybridConfig, HybridForCausalLM, family_of
+from headscope.hybrid.configuration import HybridConfig, family_of
+from headscope.hybrid.modeling import HybridForCausalLM
 from headscope.hybrid.plan import LayerPlan
 from headscope.models import LoadedModel, load_model
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from headscope.heads import Head, HeadScores
 from headscope.models import LoadedModel
-from headscope.patching.batching import AdaptiveBatcher, default_batch_size
+from headscope.patching.batching import AdaptiveBatcher, default_batch_size, whole_units
 from headscope.patching.common import ProbeRun, prepare
 from headscope.patching.engine import PatchFn, overwrite_heads, replace_all_heads
 from headscope.probes.base import Probe
@@ -59,10 +59,7 @@ def _layer_effects(
         resid = run.base.resid_pre[layer][pairs]  # (B, T, d_model)
         return run.engine.run_from(layer, resid, pairs, patches)
 
-    def progress(done: int) -> None:
-        bar.update(done / (n_pos * n_pairs))
-
-    patched = batcher.run(n_items, run_batch, progress)  # (n_items,)
+    patched = batcher.run(n_items, run_batch, whole_units(bar, n_pos * n_pairs))  # (n_items,)
     means = patched.view(len(head_ids), n_pos, n_pairs).mean(-1)
     return means if positions else means[:, 0]
 

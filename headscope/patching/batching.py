@@ -77,3 +77,16 @@ class AdaptiveBatcher:
                 on_progress(stop - start)
             start = stop
         return torch.cat(outputs)
+
+
+def whole_units(bar, items_per_unit: int) -> Callable[[int], None]:
+    """An ``on_progress`` callback that moves a progress bar counted in units (heads) as items (patched runs,
+    ``items_per_unit`` per head) finish, by whole units only: the bar reads ``4/8``, never ``4.0/8``."""
+    done = 0
+
+    def advance(n_items: int) -> None:
+        nonlocal done
+        before, done = done // items_per_unit, done + n_items
+        bar.update(done // items_per_unit - before)
+
+    return advance

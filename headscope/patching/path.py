@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from headscope.heads import Head, HeadScores, HeadscopeError, ModelFingerprint
 from headscope.models import LoadedModel
 from headscope.patching.activation import _scan
-from headscope.patching.batching import AdaptiveBatcher, default_batch_size
+from headscope.patching.batching import AdaptiveBatcher, default_batch_size, whole_units
 from headscope.patching.common import ProbeRun, prepare
 from headscope.patching.engine import PatchFn, head_view, hooked, overwrite_heads, replace_all_heads, then, write_heads
 from headscope.probes.base import Probe
@@ -223,7 +223,7 @@ def _sender_layer_effects(run: ProbeRun, layer: int, receivers: list[Receiver], 
         start = receiver_layers[0]
         return engine.run_from(start, run.base.resid_pre[start][pairs], pairs, stage2)
 
-    patched = batcher.run(len(items), run_batch, lambda done: bar.update(done / n_pairs))
+    patched = batcher.run(len(items), run_batch, whole_units(bar, n_pairs))
     return patched.view(fp.n_heads, n_pairs).mean(-1)
 
 

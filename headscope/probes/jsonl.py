@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from headscope.heads import HeadscopeError, write_text_atomic
+from headscope.heads import HeadscopeError, read_jsonl, write_text_atomic
 from headscope.probes.base import Probe, PromptPair
 from headscope.probes.tokens import encode_plain, special_prefix
 
@@ -157,14 +157,7 @@ def load_probe_jsonl(path: str | os.PathLike, tokenizer: Any = None, name: str |
     if not source.is_file():
         raise HeadscopeError(f"probe file not found: {source}")
     records: list[tuple[int, dict, str]] = []  # (line number, object, format)
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{source}, line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise HeadscopeError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    for number, where, obj in read_jsonl(source, "probe"):
         line_format = _line_format(obj, where)
         if records and line_format != records[0][2]:
             raise HeadscopeError(f"{where}: uses the {line_format} format but line {records[0][0]} uses the "

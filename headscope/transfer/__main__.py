@@ -7,20 +7,16 @@ process runs it and ``run_transfer`` joins them into one process group.
 import argparse
 import sys
 
+from headscope.cli import run_command
 from headscope.commands.transfer import __doc__ as DESCRIPTION
-from headscope.commands.transfer import add_arguments, run
-from headscope.heads import HeadscopeError
+from headscope.commands.transfer import INTERRUPTED, add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m headscope.transfer", description=DESCRIPTION)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except HeadscopeError as err:
-        print(f"headscope transfer: error: {err}", file=sys.stderr)
-        return 2
+    parser.set_defaults(func=run, interrupted=INTERRUPTED)
+    return run_command(parser.parse_args(argv), prog="headscope transfer")
 
 
 if __name__ == "__main__":

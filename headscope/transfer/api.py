@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint, read_json, write_json_atomic
 from headscope.mask import save_mask
 from headscope.models import load_model
+from headscope.outputs import check_not_inside, check_writable
 from headscope.transfer.checkpoint import latest_checkpoint, load_checkpoint
 from headscope.transfer.config import RESUMABLE_CHANGES, HybridSpec, TransferConfig, config_from_dict
 from headscope.transfer.data import sequence_source
@@ -75,7 +76,7 @@ def build_student(teacher: nn.Module, mask: HeadMask, options: dict) -> nn.Modul
         options: ``HybridConfig`` switches (``headscope.hybrid.builder.SWITCHES``), from ``hybrid.options``.
     """
     from headscope.hybrid.builder import SWITCHES, build_hybrid
-    from headscope.hybrid.modeling import HybridConfig
+    from headscope.hybrid.configuration import HybridConfig
 
     unknown = sorted(set(options) - set(SWITCHES))
     if unknown:
@@ -110,7 +111,10 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _prepare_run_dir(run_dir: Path, config: TransferConfig, resume: bool) -> Path | None:
-    """Check the run directory against ``resume``; return the checkpoint to resume from, if any."""
+    """Check the run directory against ``resume`` and ``headscope.outputs``' rules (never inside the teacher's
+    or the tokenizer's directory, writable); return the checkpoint to resume from, if any."""
+    check_not_inside(run_dir, [config.model, config.tokenizer])
+    check_writable(run_dir)
     stored_path = run_dir / "config.json"
     if not stored_path.is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):

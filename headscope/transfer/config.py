@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headscope.heads import HeadscopeError
+from headscope.heads import HeadscopeError, read_text
 
 STAGE_KINDS = ("align", "distill", "long_context")
 # Top-level keys a resumed run may change (they do not decide the trained weights).
@@ -348,7 +348,7 @@ def load_config(path: str | os.PathLike) -> TransferConfig:
     path = Path(path)
     if not path.is_file():
         raise HeadscopeError(f"config file not found: {path}")
-    text = path.read_text()
+    text = read_text(path, "config")
     if path.suffix == ".toml":
         import tomllib
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from headscope.heads import HeadscopeError
+from headscope.heads import HeadscopeError, read_jsonl, read_text
 from headscope.transfer.config import DataConfig
 
 SUFFIXES = (".txt", ".jsonl", ".bin")
@@ -83,26 +82,18 @@ def _encode(tokenizer: Any, text: str, where: str) -> np.ndarray:
 
 def _jsonl_documents(path: Path, name: str, tokenizer: Any) -> list[Document]:
     docs = []
-    with open(path) as stream:
-        for line_no, line in enumerate(stream):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no + 1}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HeadscopeError(f"{where} is not valid JSON: {err}") from None
-            if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
-                ids = record["input_ids"]
-                if not all(isinstance(i, int) and i >= 0 for i in ids):
-                    raise HeadscopeError(f"{where}: 'input_ids' must be a list of non-negative integers")
-                tokens = np.asarray(ids, dtype=np.int64)
-            elif isinstance(record, dict) and isinstance(record.get("text"), str):
-                tokens = _encode(tokenizer, record["text"], where)
-            else:
-                raise HeadscopeError(f"{where}: expected an object with 'text' (string) or 'input_ids' (list)")
-            if len(tokens):
-                docs.append(Document(f"{name}#{line_no}", tokens))
+    for number, where, record in read_jsonl(path, "data"):
+        if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
+            ids = record["input_ids"]
+            if not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise HeadscopeError(f"{where}: 'input_ids' must be a list of non-negative integers")
+            tokens = np.asarray(ids, dtype=np.int64)
+        elif isinstance(record, dict) and isinstance(record.get("text"), str):
+            tokens = _encode(tokenizer, record["text"], where)
+        else:
+            raise HeadscopeError(f"{where}: expected an object with 'text' (string) or 'input_ids' (list)")
+        if len(tokens):
+            docs.append(Document(f"{name}#{number - 1}", tokens))
     return docs
 
 
@@ -121,7 +112,7 @@ def read_documents(data: DataConfig, tokenizer: Any = None, vocab_size: int | No
         name = path.relative_to(root).as_posix()
         first = len(docs)
         if path.suffix == ".txt":
-            tokens = _encode(tokenizer, path.read_text(encoding="utf-8"), str(path))
+            tokens = _encode(tokenizer, read_text(path, "data"), str(path))
             if len(tokens):
                 docs.append(Document(f"{name}#0", tokens))
         elif path.suffix == ".jsonl":
