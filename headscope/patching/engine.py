@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from headscope.models import LoadedModel
-from headscope.patching.batching import AdaptiveBatcher, default_batch_size, row_cost
+from headscope.patching.batching import AdaptiveBatcher, default_batch_size, overhead_tokens, row_cost
 from headscope.patching.prefix import CACHE_SLOT, LayerCall, PrefixKV, cache_kwarg, causal_variant, item_order
 
 PatchFn = Callable[[torch.Tensor], torch.Tensor]
@@ -251,6 +251,10 @@ class PatchEngine:
         """Run ``fn`` over items sorted by their pair's shared prefix, in batches that start at the batch's
         smallest one and are packed by ``row_cost``; results come back in item order.
 
+        A batch ends before a group of items (one shared-prefix value) whose rows would recompute more
+        tokens than a separate batch's fixed cost (``overhead_tokens``), so pairs with distant first
+        differences run apart and pairs with close ones (or short suffixes) share a batch.
+
         Args:
             batcher: sets the batch budget and shrinks it on CUDA out-of-memory.
             pair_of: ``(n_items,)`` the prompt pair of each item.
@@ -262,10 +266,16 @@ class PatchEngine:
         order = item_order(self.shared, pair_of)
         starts = self.shared[pair_of.cpu()][order]  # ascending
         length = self._prompt.shape[1]
-        costs = {int(s): row_cost(self.lm, length, int(s)) for s in starts.unique()}
-        cost = torch.tensor([costs[int(s)] for s in starts])
+        values, counts = torch.unique_consecutive(starts, return_counts=True)
+        cost = torch.repeat_interleave(torch.tensor([row_cost(self.lm, length, int(v)) for v in values]), counts)
+        breaks, segment_start, begin = [], int(values[0]), 0
+        for value, count in zip(values.tolist(), counts.tolist()):
+            if count * (value - segment_start) > overhead_tokens(self.lm):
+                breaks.append(begin)
+                segment_start = value
+            begin += count
         on_device = order.to(pair_of.device)
-        out = batcher.run(len(order), lambda rows: fn(on_device[rows], int(starts[rows.start])), on_progress, cost)
+        out = batcher.run(len(order), lambda rows: fn(on_device[rows], int(starts[rows.start])), on_progress, cost, breaks)
         result = torch.empty_like(out)
         result[on_device] = out
         return result
