@@ -16,7 +16,7 @@ from headscope.patching import activation_scores_by_position, attribution_scores
 from headscope.patching.batching import AdaptiveBatcher, row_cost
 from headscope.patching.common import prepare
 from headscope.patching.path import parse_receivers
-from headscope.patching.prefix import CACHE_SLOT, shared_prefix
+from headscope.patching.prefix import CACHE_SLOT, cache_kwarg, shared_prefix
 from headscope.patching.reference import path_reference, reference_scores, reference_scores_by_position
 
 FAMILIES = {"qwen3": tiny_qwen3, "llama": tiny_llama, "gpt2": tiny_gpt2_sharp}
@@ -108,7 +108,7 @@ def test_prefix_cache_is_the_models_own(models):
     assert run.engine.shared.tolist() == [0, 11, 4, 8]
     cache = DynamicCache()
     with torch.no_grad():
-        lm.model(run.ids["corrupt"], cache=cache, use_cache=True)
+        lm.model(run.ids["corrupt"], **{cache_kwarg(lm.model): cache}, use_cache=True)
     for layer, (keys, values) in enumerate(run.engine.prefix_kv):
         assert keys.shape == values.shape == (4, fp.n_kv_heads, 11, fp.head_dim)
         for pair, shared in enumerate(run.engine.shared.tolist()):

@@ -27,8 +27,11 @@ How it stays the model's own computation:
 Pairs with different first-difference positions: items (head, pair) are **sorted by their pair's
 ``p`` and batched in that order; a batch starts at the smallest ``p`` among its rows**, and its rows
 with a larger ``p`` recompute a few positions they could have skipped (exactly: any ``s <= p`` is
-valid). Batches are sized by tokens, not rows (``AdaptiveBatcher`` with a per-item cost), so short
-suffixes make wide batches. Why not the alternatives:
+valid). A batch does not reach past a group of rows (one ``p`` value) that would recompute more
+tokens than a separate batch's fixed cost (``batching.overhead_tokens``: launches on a GPU, Python
+calls on a CPU), so distant first differences run apart and close ones (or short suffixes, as in
+IOI) share a batch. Batches are sized by memory per row, not rows (``AdaptiveBatcher`` with a
+per-item cost), so short suffixes make wide batches. Why not the alternatives:
 
 * exact grouping (one batch per distinct ``p``): built-in probes draw ``p`` per pair, so 32 pairs have
   ~32 distinct values and a group is one pair's heads, ``n_heads`` rows: narrow batches, many launches;
