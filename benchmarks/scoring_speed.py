@@ -32,11 +32,20 @@ Usage on the GPU (``. benchmarks/gpu_setup.sh`` first; it installs the carried T
     python benchmarks/scoring_speed.py --model /path/SmolLM2-135M --rows mix
 
 Rows are read from and written to ``--rows-dir`` (default ``benchmarks/results/scoring_speed_rows``,
-or ``.../scoring_speed_rows_<model dir name>`` with ``--model``); the summary goes to
-``$OUT/scoring_speed.json`` and ``.md`` (OUT defaults to benchmarks/results), rebuilt from every row
-file after each row, and ``$OUT`` also gets a copy of the row files. A row is not started when the
-time since start plus the longest earlier row of its kind would pass ``--budget`` seconds.
-``--quick``: a tiny Qwen3 on the CPU in float32, short prompts, every row (the smoke test).
+or ``..._<model dir name>`` with ``--model``); the summary goes to ``$OUT/scoring_speed[_<model dir
+name>].json`` and ``.md`` (OUT defaults to benchmarks/results), rebuilt from every row file after each
+row, and ``$OUT`` also gets a copy of the row files (copy them back into the rows dir between calls on
+a machine that does not keep them). A row is not started when the time since start plus the longest
+earlier row of its kind would pass ``--budget`` seconds. ``--quick``: a tiny Qwen3 on the CPU in
+float32, short prompts (the smoke test; results under /tmp/headscope_scoring_speed_quick).
+
+Estimated H200 times at the defaults on the Qwen3-1.7B shape, from the H100 run of the previous engine
+(32 x 1024: headscope 68.6 s, TransformerLens 281 s, i.e. 2.1 and 8.8 s per pair) and a prefix-reuse
+gain of ~2.4x on the mix: ``mix`` ~3.5 min (TransformerLens 16 pairs ~140 s, headscope ~15 s, without
+prefix reuse ~35 s), ``screen`` ~1 min, each probe row ~1.7 min (TransformerLens 8 pairs ~70 s),
+``truth:*`` ~1 min each (float32 is ~10x slower than bf16), ``long:8192`` ~0.5 min, ``long:32768``
+~3 min, ``agreement`` ~2.5 min (TransformerLens in float32); plus ~1.5 min per call for the wheels,
+the model and the bridge.
 """
 
 from __future__ import annotations
@@ -379,11 +388,11 @@ def row_kind(row: str) -> str:
     return row.partition(":")[0] if ":" in row else ("probe" if row not in ("screen", "agreement") else row)
 
 
-def write_summary(out_dir: Path, rows_dir: Path, settings: dict, order: list[str]) -> None:
+def write_summary(out_dir: Path, rows_dir: Path, settings: dict, order: list[str], stem: str) -> None:
     from headscope.heads import write_json_atomic, write_text_atomic
 
     rows = {row: json.loads(row_file(rows_dir, row).read_text()) for row in order if row_file(rows_dir, row).is_file()}
-    write_json_atomic(out_dir / "scoring_speed.json", {"settings": settings, "rows": rows})
+    write_json_atomic(out_dir / f"{stem}.json", {"settings": settings, "rows": rows})
     lines = [f"# Scoring speed: exact activation patching, headscope vs TransformerLens", "",
              f"Model: {settings['model']} ({settings['device']}, {settings['dtype']}, torch {settings['torch']}). Headscope: sdpa, "
              "shared-prefix reuse; TransformerLens: its bridge (eager). Ratios within a row are measured in one process.", "",
@@ -420,7 +429,7 @@ def write_summary(out_dir: Path, rows_dir: Path, settings: dict, order: list[str
         r = rows["agreement"]
         lines += ["", f"Float32 agreement ({r['pairs']} x {r['length']} mix, eager): max |headscope - TransformerLens| = "
                   f"{r['fp32_max_abs_diff_vs_tl']:.2e} (scores up to {r['fp32_score_abs_max']:.2f})."]
-    write_text_atomic(out_dir / "scoring_speed.md", "\n".join(lines) + "\n")
+    write_text_atomic(out_dir / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,9 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         args.long_lengths, args.long_pairs, args.check_pairs, args.check_length, args.top_k = [128, 256], 1, 2, 64, [2, 4]
     from headscope.heads import write_json_atomic
 
-    default_dir = "scoring_speed_rows" + ("_quick" if args.quick else "") + (f"_{Path(args.model).name}" if args.model else "")
-    rows_dir = Path(args.rows_dir or ROOT / "benchmarks" / "results" / default_dir)
-    out_dir = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
+    suffix = ("_quick" if args.quick else "") + (f"_{Path(args.model).name}" if args.model else "")
+    stem = f"scoring_speed{suffix}"
+    results = Path("/tmp/headscope_scoring_speed_quick") if args.quick else ROOT / "benchmarks" / "results"  # a smoke run stays out of the repo
+    rows_dir = Path(args.rows_dir or results / f"scoring_speed_rows{suffix}")
+    out_dir = Path(os.environ.get("OUT", results))
     order = all_rows(args)
     wanted = args.rows.split(",") if args.rows else order
     unknown = [row for row in wanted if row not in order and not row.startswith(("truth:", "long:"))]
@@ -474,10 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_row(bench, row)
         result.update(row=row, wall_s=time.perf_counter() - row_started, **settings)
         write_json_atomic(row_file(rows_dir, row), result)
-        write_summary(out_dir, rows_dir, settings, order)
+        write_summary(out_dir, rows_dir, settings, order, stem)
     if out_dir.resolve() != rows_dir.parent.resolve() and rows_dir.is_dir():
         shutil.copytree(rows_dir, out_dir / rows_dir.name, dirs_exist_ok=True)
-    write_summary(out_dir, rows_dir, settings, order)
+    write_summary(out_dir, rows_dir, settings, order, stem)
     left = [row for row in wanted if not row_file(rows_dir, row).is_file()]
     print(f"rows left: {', '.join(left)}" if left else "all rows done", flush=True)
     return 0

@@ -38,9 +38,9 @@ def test_quick_rows_resume_and_budget(benchmark, tmp_path, monkeypatch, capsys):
     assert json.loads((rows_dir / "truth_ioi.json").read_text())["max_rel_diff_vs_fp32"] < 1e-5  # float32 vs float32
     screen = json.loads((rows_dir / "screen.json").read_text())
     assert [point["top_k"] for point in screen["curve"]] == [2, 4] and screen["curve"][-1]["verified_max_abs_diff"] < 1e-5
-    summary = json.loads((tmp_path / "out" / "scoring_speed.json").read_text())
+    summary = json.loads((tmp_path / "out" / "scoring_speed_quick.json").read_text())
     assert list(summary["rows"]) == ["mix", "screen", "ioi", "long:128", "agreement", "truth:ioi"]
-    table = (tmp_path / "out" / "scoring_speed.md").read_text()
+    table = (tmp_path / "out" / "scoring_speed_quick.md").read_text()
     assert "| mix | 7 x 64 |" in table and "| long:128 | 1 |" in table and "| 4 |" in table and "Float32 agreement" in table
     assert (tmp_path / "out" / "rows" / "mix.json").is_file()  # row files mirrored to $OUT
     capsys.readouterr()
