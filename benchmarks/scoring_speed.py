@@ -51,6 +51,7 @@ the model and the bridge.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -63,7 +64,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RANDOM_MODEL_DIR = Path("/tmp/headscope_scoring_speed_model")
 
 
 def stub_datasets_if_missing() -> None:
@@ -137,9 +137,10 @@ def mask_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
 
 
 class Bench:
-    """The model, tokenizer and TransformerLens bridge of one call, built on first use."""
+    """The model, tokenizer and TransformerLens bridge of one call (``model_dir``: where a random model
+    is saved for TransformerLens and the float32 truth to load)."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args, model_dir: Path) -> None:
         from headscope import load_model
 
         self.args = args
@@ -156,7 +157,8 @@ class Bench:
 
             with torch.device(self.device):
                 model = Qwen3ForCausalLM(qwen3_config(args.quick)).to(self.dtype).eval()
-            self.model_dir = RANDOM_MODEL_DIR / ("quick" if args.quick else "qwen3_1p7b")
+            digest = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:12]
+            self.model_dir = model_dir / f"qwen3_{digest}"  # the weights TransformerLens and float32 truth load
             marker = self.model_dir / "headscope_seed0"
             if not marker.is_file():  # the box may keep /tmp between calls; the init is seeded either way
                 model.save_pretrained(self.model_dir)
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     order += [row for row in wanted if row not in order]
     pending = [row for row in wanted if not row_file(rows_dir, row).is_file()]
     print(f"{len(wanted) - len(pending)} of {len(wanted)} rows done in {rows_dir}; running {pending or 'none'}", flush=True)
-    bench = Bench(args) if pending else None
+    bench = Bench(args, rows_dir.parent / "random_model" if args.quick else Path("/tmp/headscope_scoring_speed_model")) if pending else None
     settings = {"model": args.model or ("tiny random Qwen3" if args.quick else "random Qwen3-1.7B shape"),
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
                 "dtype": "torch.float32" if args.quick else "torch.bfloat16", "torch": torch.__version__}

@@ -1,14 +1,14 @@
 """Shared-prefix reuse: every scorer that replays patched runs from the positions after a pair's shared
 prefix gives the scores of the full-length path (prefix reuse off) and of the one-head-at-a-time full
 forwards, on pairs whose first difference is at position 0, only at the last token, and in between; on
-GQA (Qwen3, Llama) and MHA (GPT-2), sdpa and eager. Plus the batching it relies on: batches start at
+GQA (Qwen3, Llama), MHA (GPT-2) and a sliding window (Mistral), sdpa and eager. Plus the batching it relies on: batches start at
 their rows' smallest shared prefix, are packed by row cost, and halve on CUDA out-of-memory."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prefix_probe, tiny_gpt2_sharp, tiny_llama, tiny_qwen3
+from conftest import VOCAB, prefix_probe, tiny_gpt2_sharp, tiny_llama, tiny_qwen3
 
 import headscope.patching.common as common
 from headscope import load_model
@@ -19,7 +19,17 @@ from headscope.patching.path import parse_receivers
 from headscope.patching.prefix import CACHE_SLOT, cache_kwarg, shared_prefix
 from headscope.patching.reference import path_reference, reference_scores, reference_scores_by_position
 
-FAMILIES = {"qwen3": tiny_qwen3, "llama": tiny_llama, "gpt2": tiny_gpt2_sharp}
+def tiny_mistral_sliding(seed: int = 0):
+    """Mistral with a 4-token sliding window: suffix masks are not plain causal ones."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, sliding_window=4)
+    return MistralForCausalLM(config).eval()
+
+
+FAMILIES = {"qwen3": tiny_qwen3, "llama": tiny_llama, "gpt2": tiny_gpt2_sharp, "mistral_sliding": tiny_mistral_sliding}
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
