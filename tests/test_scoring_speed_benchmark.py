@@ -1,6 +1,7 @@
 """benchmarks/scoring_speed.py --quick end to end on the CPU (tiny random Qwen3, TransformerLens run for
 real): every kind of row is written, the summary tables are built from the row files, a second call
-skips the rows already done, and the time budget holds back a row that would not fit."""
+skips the rows already done, and the time budget holds back a row that would not fit; and
+benchmarks/prefix_reuse_cpu.py on one short probe."""
 
 from __future__ import annotations
 
@@ -54,3 +55,16 @@ def test_quick_rows_resume_and_budget(benchmark, tmp_path, monkeypatch, capsys):
     assert "ioi: not started" in capsys.readouterr().out and not (rows_dir / "ioi.json").exists()
     with pytest.raises(SystemExit):
         benchmark.main(common + ["--rows", "bogus"])
+
+
+def test_prefix_reuse_cpu_benchmark(tmp_path, monkeypatch):
+    """benchmarks/prefix_reuse_cpu.py on one short probe of the demo model: both timings, equal scores."""
+    spec = importlib.util.spec_from_file_location("prefix_reuse_cpu", BENCHMARK.parent / "prefix_reuse_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert module.main(["--length", "64", "--pairs", "1", "--probes", "ioi"]) == 0
+    (row,) = json.loads((tmp_path / "prefix_reuse_cpu.json").read_text())["probes"]
+    assert row["probe"] == "ioi" and row["shared_mean"] > 0.5 and row["full_cpu_s"] > 0 and row["reuse_cpu_s"] > 0
+    assert row["max_abs_diff"] < 1e-5
+    assert "| ioi |" in (tmp_path / "prefix_reuse_cpu.md").read_text()
