@@ -182,7 +182,7 @@ class Bench:
         from headscope.patching import activation_scores
 
         lm = lm or self.lm
-        self.warm(probe)
+        self.warm()
         shared_prefix = common.shared_prefix
         if not reuse_prefix:
             common.shared_prefix = lambda clean, corrupt: torch.zeros(len(clean), dtype=torch.long)
@@ -192,12 +192,12 @@ class Bench:
             common.shared_prefix = shared_prefix
         return scores.values, seconds
 
-    def warm(self, probe) -> None:
-        """One small scoring run before the first timed one (kernels, allocator)."""
+    def warm(self) -> None:
+        """One small scoring run (2 pairs of the mix at ``--length``) before the first timed one (kernels, allocator)."""
         from headscope.patching import activation_scores
 
         if not self._warm:
-            activation_scores(self.lm, probe.subset(2), progress=False)
+            activation_scores(self.lm, self.probe("mix", self.args.length, 2), progress=False)
             self._warm = True
 
     def bridge(self, dtype=None):
@@ -299,7 +299,7 @@ def row_long(bench: Bench, length: int) -> dict:
             self.initial = batch_size
             made.append(self)
 
-    bench.warm(probe)
+    bench.warm()
     if bench.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
