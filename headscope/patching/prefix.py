@@ -34,8 +34,9 @@ IOI) share a batch. Batches are sized by memory per row, not rows (``AdaptiveBat
 per-item cost), so short suffixes make wide batches. Why not the alternatives:
 
 * exact grouping (one batch per distinct ``p``): built-in probes draw ``p`` per pair, so 32 pairs have
-  ~32 distinct values and a group is one pair's heads, ``n_heads`` rows: narrow batches, many launches;
-  sorting gives the same work up to the short spread inside a batch, at full batch width;
+  ~32 distinct values and a group is one pair's heads, ``n_heads`` rows: narrow batches, many launches
+  (IOI's few-token suffixes would be all launch cost); the break rule keeps exact groups only where the
+  positions a merge would recompute cost more than the batch it saves;
 * left padding to per-row suffixes: the pads are computed anyway (no saving over a common start),
   every row needs its own mask, position ids and ragged prefix cache, and sdpa loses its causal
   kernels. The waste of a common start is ``sum(p_row - p_min)``, which sorting keeps to the ``p``
