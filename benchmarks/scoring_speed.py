@@ -164,6 +164,7 @@ class Bench:
                 model.save_pretrained(self.model_dir)
                 marker.touch()
             self.lm = load_model(model)
+            self.lm.set_attn_implementation("sdpa")
             self.tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
         fp = self.lm.fingerprint
         self.n_heads = fp.n_layers * fp.n_heads
