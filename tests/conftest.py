@@ -100,3 +100,19 @@ def tiny_gpt2_sharp(seed: int = 0) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=1,
                         initializer_range=0.1)
     return GPT2LMHeadModel(config).eval()
+
+
+def prefix_probe(length: int = 12, seed: int = 0) -> Probe:
+    """Pairs whose first differing position spans the edge cases of shared-prefix reuse: position 0
+    (nothing shared), the last token only (everything but the query shared), and two in between."""
+    rng = random.Random(seed)
+    changes = [(0, length // 2), (length - 1,), (length // 3, length // 3 + 1), (2 * length // 3,)]
+    pairs = []
+    for positions in changes:
+        clean = [rng.randrange(2, VOCAB) for _ in range(length)]
+        corrupt = list(clean)
+        for pos in positions:
+            corrupt[pos] = (clean[pos] + rng.randrange(1, VOCAB - 2) - 2) % (VOCAB - 2) + 2  # another token
+        answer, wrong = rng.sample(range(2, VOCAB), 2)
+        pairs.append(PromptPair(tuple(clean), tuple(corrupt), answer, wrong))
+    return Probe("prefix_edges", "retrieval", pairs)

@@ -11,7 +11,8 @@ through the residual stream (and the MLPs, which still recompute). A head that m
 later heads scores ~0 here; a head that writes the answer scores high.
 
 Both are computed exactly and fast (see ``engine``): the patched run starts from the cached residual at
-the patched layer, and heads x pairs of one layer share a batch. ``reference`` holds the slow
+the patched layer and computes only the positions after the prefix its clean and corrupt prompts share,
+and heads x pairs of one layer share a batch. ``reference`` holds the slow
 one-head-at-a-time twins they are tested against.
 """
 
@@ -33,12 +34,16 @@ def _layer_effects(
 ) -> torch.Tensor:
     """Mean patched logit difference for every head (and position) of one layer.
 
+    Rows compute only the positions after their pairs' shared prefix (``PatchEngine.run_items``); a
+    single-position patch inside the prefix copies a value equal to the base run's, so it is not run:
+    its logit difference is the base run's.
+
     Args:
         heads: ``(K,)`` the heads of ``layer`` to patch (default: all ``H``).
     Returns:
         ``(K,)`` or, with ``positions``, ``(K, T)`` float32, averaged over pairs.
     """
-    fp = run.lm.fingerprint
+    fp, engine = run.lm.fingerprint, run.engine
     n_pairs, seq_len = run.base_ids.shape
     n_pos = seq_len if positions else 1
     device = run.base_ids.device
@@ -47,19 +52,25 @@ def _layer_effects(
     n_items = len(head_ids) * n_pos * n_pairs
     items = torch.arange(n_items, device=device)
     pair_of, head_of, pos_of = items % n_pairs, head_ids[items // (n_pos * n_pairs)], (items // n_pairs) % n_pos
+    patched = run.base.metric[pair_of].clone()  # (n_items,)
+    live = pos_of >= engine.shared.to(device)[pair_of] if positions else torch.ones_like(pair_of, dtype=torch.bool)
 
-    def run_batch(rows: slice) -> torch.Tensor:
+    def run_batch(rows: torch.Tensor, start: int) -> torch.Tensor:
         pairs, heads = pair_of[rows], head_of[rows]
         patches: dict[int, PatchFn] = {
-            layer: overwrite_heads(run.source.z[layer], pairs, heads, pos_of[rows] if positions else None, fp.n_heads)
+            layer: overwrite_heads(run.source.z[layer][:, start:], pairs, heads, pos_of[rows] - start if positions else None, fp.n_heads)
         }
         if freeze_later:
             for later in range(layer + 1, fp.n_layers):
-                patches[later] = replace_all_heads(run.base.z[later], pairs)
-        resid = run.base.resid_pre[layer][pairs]  # (B, T, d_model)
-        return run.engine.run_from(layer, resid, pairs, patches)
+                patches[later] = replace_all_heads(run.base.z[later][:, start:], pairs)
+        resid = run.base.resid_pre[layer][pairs, start:]  # (B, T - start, d_model)
+        return engine.run_from(layer, resid, pairs, patches, start)
 
-    patched = batcher.run(n_items, run_batch, whole_units(bar, n_pos * n_pairs))  # (n_items,)
+    progress = whole_units(bar, n_pos * n_pairs)
+    progress(int((~live).sum()))
+    if live.any():
+        chosen = items[live]
+        patched[chosen] = engine.run_items(batcher, pair_of[chosen], lambda rows, start: run_batch(chosen[rows], start), progress)
     means = patched.view(len(head_ids), n_pos, n_pairs).mean(-1)
     return means if positions else means[:, 0]
 

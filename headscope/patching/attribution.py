@@ -70,25 +70,27 @@ def attribution_deltas(run: ProbeRun, batch_size: int | None = None, progress: b
     n_layers = fp.n_layers
     device = run.base_ids.device
 
-    def run_batch(rows: slice) -> torch.Tensor:
-        pairs = torch.arange(run.n_pairs, device=device)[rows]
-        base_z = [run.base.z[l][pairs] for l in range(n_layers)]  # each (B, T, H * D)
+    def run_batch(pairs: torch.Tensor, start: int) -> torch.Tensor:
+        # Positions before ``start`` are the pairs' shared prefix: source and base outputs are equal there
+        # (no contribution) and its keys/values do not depend on later head outputs, so the gradient
+        # pass runs positions start..T-1 only, attending to the cached prefix.
+        base_z = [run.base.z[l][pairs, start:] for l in range(n_layers)]  # each (B, T - start, H * D)
         carriers = [torch.zeros_like(z, requires_grad=True) for z in base_z]
         patches = {l: (lambda z, c=carriers[l]: z + c) for l in range(n_layers)}
         with torch.enable_grad():
-            resid = engine.run_layers(0, n_layers, run.base.resid_pre[0][pairs], patches)
+            resid = engine.run_layers(0, n_layers, run.base.resid_pre[0][pairs, start:], patches, pairs, start)
             metric = engine.metric_from_resid(resid[:, -1], pairs)  # (B,)
             grads = torch.autograd.grad(metric.sum(), carriers)
         per_head = []
         for l in range(n_layers):
-            diff = (run.source.z[l][pairs] - base_z[l]).float()  # (B, T, H * D)
+            diff = (run.source.z[l][pairs, start:] - base_z[l]).float()  # (B, T - start, H * D)
             product = (diff * grads[l].float()).view(len(pairs), diff.shape[1], fp.n_heads, fp.head_dim)
             per_head.append(product.sum(dim=(1, 3)))  # (B, H)
         return torch.stack(per_head, dim=1)  # (B, L, H)
 
     batcher = AdaptiveBatcher(_grad_batch_size(run, batch_size))
     with tqdm(total=run.n_pairs, desc=f"attribution {run.probe.name}", unit="pair", disable=not progress) as bar:
-        per_pair = batcher.run(run.n_pairs, run_batch, bar.update)  # (N, L, H)
+        per_pair = engine.run_items(batcher, torch.arange(run.n_pairs, device=device), run_batch, bar.update)  # (N, L, H)
     return per_pair.mean(0).cpu()
 
 

@@ -22,6 +22,7 @@ import torch
 from headscope.heads import HeadScores, HeadscopeError
 from headscope.models import LoadedModel
 from headscope.patching.engine import PatchEngine, RunCache
+from headscope.patching.prefix import shared_prefix
 from headscope.probes.base import Probe
 
 MIN_GAP = 1e-6
@@ -98,8 +99,13 @@ class ProbeRun:
         )
 
 
-def prepare(lm: LoadedModel, probe: Probe, noising: bool = False) -> ProbeRun:
+def prepare(lm: LoadedModel, probe: Probe, noising: bool = False, reuse_prefix: bool = True) -> ProbeRun:
     """Validate ``probe`` against ``lm``, record the clean and corrupt runs.
+
+    Args:
+        reuse_prefix: keep the keys/values of the positions each pair's clean and corrupt prompts share
+            (``headscope.patching.prefix``) so patched runs start after them; False for scorers whose
+            intervention changes those positions too.
 
     Raises:
         HeadscopeError: the probe is longer than the context, uses ids outside the vocabulary, or the
@@ -110,7 +116,7 @@ def prepare(lm: LoadedModel, probe: Probe, noising: bool = False) -> ProbeRun:
     tensors = probe.tensors(lm.device)
     directions, offsets = lm.logit_direction(tensors["answer"], tensors["wrong"])
     engine = PatchEngine(lm, directions.detach(), offsets.detach())
-    clean = engine.record(tensors["clean"])
+    clean = engine.record(tensors["clean"], shared_prefix(tensors["clean"], tensors["corrupt"]) if reuse_prefix else None)
     corrupt = engine.record(tensors["corrupt"])
     run = ProbeRun(lm, probe, engine, clean, corrupt, {"clean": tensors["clean"], "corrupt": tensors["corrupt"]}, noising)
     if abs(run.gap) < MIN_GAP:

@@ -1,20 +1,26 @@
-"""The patching engine: cached runs, replay from any layer, many patched heads per forward.
+"""The patching engine: cached runs, replay from any layer and any shared position, many patched heads
+per forward.
 
-Exact patching normally costs one full forward per head. Two observations make it cheap without
+Exact patching normally costs one full forward per head. Three observations make it cheap without
 changing a single number:
 
-1. *Prefix caching.* Patching a head in layer ``l`` leaves layers ``0..l-1`` untouched, so the patched
+1. *Layer prefix.* Patching a head in layer ``l`` leaves layers ``0..l-1`` untouched, so the patched
    run can start from the cached residual stream at the input of layer ``l`` (the "resid_pre" of the
    base run). We record every decoder layer's call (its positional and keyword arguments: rotary
    embeddings, attention mask, position ids ...) once, from a real forward of the model, and replay
    layers ``l..L-1`` by calling the model's own decoder-layer modules with those arguments. So the
    attention implementation (sdpa or eager) and every architecture detail stay the model's own.
-2. *Batching heads.* Different heads of the same layer (and different prompt pairs) become different
+2. *Position prefix.* Positions before a pair's first differing token are the same in every run, so a
+   patched run computes only the positions after them, attending to the base run's cached keys and
+   values of the prefix (``headscope.patching.prefix``: how, and how pairs with different prefixes
+   share a batch).
+3. *Batching heads.* Different heads of the same layer (and different prompt pairs) become different
    rows of one batch. A forward pre-hook on the output projection overwrites, row by row, the slice of
    the per-head attention output that belongs to that row's head.
 
 Only the last position's logit difference is needed, so the unembedding is a dot product with
-``W_U[answer] - W_U[wrong]`` instead of a full vocabulary projection.
+``W_U[answer] - W_U[wrong]`` instead of a full vocabulary projection, and the recording forwards ask
+the model for the last position's logits only.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import torch
 from torch import nn
 
 from headscope.models import LoadedModel
+from headscope.patching.batching import AdaptiveBatcher, default_batch_size, overhead_tokens, row_cost
+from headscope.patching.prefix import CACHE_SLOT, LayerCall, PrefixKV, cache_kwarg, causal_variant, item_order
 
 PatchFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -75,14 +83,6 @@ def patched_head_outputs(lm: LoadedModel, patches: dict[int, PatchFn]) -> Iterat
 
 
 @dataclass
-class LayerCall:
-    """The arguments one decoder layer was called with (hidden states excluded)."""
-
-    args: tuple
-    kwargs: dict
-
-
-@dataclass
 class RunCache:
     """Everything a patched run needs from one unpatched run over all prompt pairs.
 
@@ -106,19 +106,28 @@ def _first_tensor(output) -> torch.Tensor:
 
 
 class PatchEngine:
-    """Cached clean/corrupt runs of one probe and replay from any layer.
+    """Cached clean/corrupt runs of one probe and replay from any layer and any shared-prefix position.
 
     Args:
         lm: the model.
         directions: ``(N, d_model)`` unembedding differences ``W_U[answer] - W_U[wrong]``.
         offsets: ``(N,)`` bias differences of the unembedding.
+
+    Attributes:
+        shared: ``(N,)`` long (CPU), per pair the positions that every run shares (``prefix``); zeros
+            until ``record`` is given them, which turns prefix reuse off.
+        prefix_kv: per layer the base run's ``(keys, values)`` of those positions,
+            ``(N, n_kv_heads, max(shared), head_dim)`` each.
     """
 
     def __init__(self, lm: LoadedModel, directions: torch.Tensor, offsets: torch.Tensor) -> None:
         self.lm = lm
         self.directions = directions.float()
         self.offsets = offsets.float()
-        self.calls: list[LayerCall] | None = None
+        self.shared = torch.zeros(len(directions), dtype=torch.long)
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.calls: dict[int, list[LayerCall]] = {}  # first computed position -> every layer's call
+        self._prompt: torch.Tensor | None = None  # (1, T) ids the layer calls are recorded with
 
     # --- metric ----------------------------------------------------------------------------------
     def metric_from_resid(self, resid_last: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
@@ -135,84 +144,182 @@ class PatchEngine:
 
     # --- recording -------------------------------------------------------------------------------
     @torch.no_grad()
-    def record(self, ids: torch.Tensor) -> RunCache:
-        """Run the unpatched model on ``ids`` ``(N, T)`` and cache residuals, head outputs and metric.
+    def record(self, ids: torch.Tensor, shared: torch.Tensor | None = None) -> RunCache:
+        """Run the unpatched model on ``ids`` ``(N, T)`` (in batches that fit) and cache residuals, head
+        outputs and metric.
 
-        The first call also records every layer's call arguments (from a batch-1 forward, so that
-        they broadcast over any batch of equal-length prompts).
+        Args:
+            ids: the prompts.
+            shared: ``(N,)`` per pair the leading positions every run shares (``prefix.shared_prefix``);
+                given, this run's keys/values of those positions become ``prefix_kv`` and patched runs
+                compute only the positions after them.
         """
+        from transformers import DynamicCache
+
+        n_pairs, length = ids.shape
         n_layers = len(self.lm.layers)
+        keep = int(shared.max()) if shared is not None else 0
         resid: list[torch.Tensor | None] = [None] * n_layers
         z: list[torch.Tensor | None] = [None] * n_layers
-        final: list[torch.Tensor] = []
+        keys: list[torch.Tensor | None] = [None] * n_layers
+        values: list[torch.Tensor | None] = [None] * n_layers
+        batch: dict[str, object] = {}
+
+        def store(buffers: list, layer: int, value: torch.Tensor) -> None:  # into (N, ...) buffers
+            if buffers[layer] is None:
+                buffers[layer] = value.new_empty((n_pairs,) + tuple(value.shape[1:]))
+            buffers[layer][batch["rows"]] = value.detach()
 
         def grab_resid(layer):
-            def hook(module, args, kwargs):
-                resid[layer] = _hidden_from_call(args, kwargs).detach()
-
-            return hook
+            return lambda module, args, kwargs: store(resid, layer, _hidden_from_call(args, kwargs))
 
         def grab_z(layer):
-            def hook(module, args):
-                z[layer] = args[0].detach()
-
-            return hook
+            return lambda module, args: store(z, layer, args[0])
 
         def grab_final(module, args, output):
-            final.append(_first_tensor(output)[:, -1].detach())
+            batch["last"] = _first_tensor(output)[:, -1].detach()
+
+        def run_rows(rows: slice) -> torch.Tensor:
+            batch["rows"] = rows
+            if keep:
+                cache = DynamicCache()
+                self.lm.model(ids[rows], **{cache_kwarg(self.lm.model): cache}, use_cache=True, logits_to_keep=1)
+                for layer, cached in enumerate(cache.layers):  # (B, n_kv_heads, T, head_dim) each
+                    store(keys, layer, cached.keys[:, :, :keep])
+                    store(values, layer, cached.values[:, :, :keep])
+            else:
+                self.lm.model(ids[rows], use_cache=False, logits_to_keep=1)
+            return self.metric_from_resid(batch["last"], torch.arange(n_pairs, device=ids.device)[rows])
 
         registrations = [(self.lm.layers[l], "pre_kwargs", grab_resid(l)) for l in range(n_layers)]
         registrations += [(self.lm.out_proj(l), "pre", grab_z(l)) for l in range(n_layers)]
         registrations.append((self.lm.layers[n_layers - 1], "post", grab_final))
         with hooked(registrations):
-            self.lm.model(ids, use_cache=False)
-        if self.calls is None:
-            self.calls = self._record_calls(ids[:1])
-        pair_index = torch.arange(ids.shape[0], device=ids.device)
-        metric = self.metric_from_resid(final[0], pair_index)
+            metric = AdaptiveBatcher(default_batch_size(self.lm, length)).run(n_pairs, run_rows)
+        if self._prompt is None:
+            self._prompt = ids[:1]
+        if keep:
+            self.shared = shared.cpu().long()
+            self.prefix_kv = list(zip(keys, values))
+            self.calls = {}
         return RunCache(resid_pre=list(resid), z=list(z), metric=metric)
 
-    def _record_calls(self, ids: torch.Tensor) -> list[LayerCall]:
+    def layer_calls(self, start: int) -> list[LayerCall]:
+        """Every layer's call arguments for computing positions ``start..T-1`` (recorded once per ``start``).
+
+        ``start == 0``: a plain batch-1 forward. Otherwise the model's generation path: the first
+        ``start`` tokens into a ``DynamicCache``, then the rest, recorded (the cache replaced by
+        ``CACHE_SLOT``, sdpa's causal mask by its lower-right causal variant). The calls broadcast over
+        any batch of rows of that length.
+        """
+        if start not in self.calls:
+            self.calls[start] = self._record_calls(start)
+        return self.calls[start]
+
+    @torch.no_grad()
+    def _record_calls(self, start: int) -> list[LayerCall]:
+        from transformers import DynamicCache
+
+        assert self._prompt is not None, "record() must run before replaying layers"
+        model, impl = self.lm.model, self.lm.attn_implementation
+        cache = DynamicCache() if start else None
+        if start:
+            model(self._prompt[:, :start], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
         calls: list[LayerCall] = []
 
+        def slot(value):
+            return CACHE_SLOT if cache is not None and value is cache else causal_variant(value, impl)
+
         def hook(module, args, kwargs):
-            calls.append(LayerCall(args=tuple(args[1:]) if args else (), kwargs={k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            rest = tuple(slot(value) for value in args[1:]) if args else ()
+            calls.append(LayerCall(args=rest, kwargs={k: slot(v) for k, v in kwargs.items() if k != "hidden_states"}))
 
         with hooked([(layer, "pre_kwargs", hook) for layer in self.lm.layers]):
-            self.lm.model(ids, use_cache=False)
+            if start:
+                model(self._prompt[:, start:], **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+            else:
+                model(self._prompt, use_cache=False, logits_to_keep=1)
         return calls
 
     # --- replay ----------------------------------------------------------------------------------
-    def run_layers(self, start: int, stop: int, resid: torch.Tensor, patches: dict[int, PatchFn]) -> torch.Tensor:
+    def start_of(self, pairs: torch.Tensor) -> int:
+        """The first position a batch of rows of ``pairs`` must compute: the smallest shared prefix."""
+        return int(self.shared[pairs.cpu()].min())
+
+    def run_items(self, batcher: AdaptiveBatcher, pair_of: torch.Tensor, fn: Callable[[torch.Tensor, int], torch.Tensor],
+                  on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run ``fn`` over items sorted by their pair's shared prefix, in batches that start at the batch's
+        smallest one and are packed by ``row_cost``; results come back in item order.
+
+        A batch ends before a group of items (one shared-prefix value) whose rows would recompute more
+        tokens than a separate batch's fixed cost (``overhead_tokens``), so pairs with distant first
+        differences run apart and pairs with close ones (or short suffixes) share a batch.
+
+        Args:
+            batcher: sets the batch budget and shrinks it on CUDA out-of-memory.
+            pair_of: ``(n_items,)`` the prompt pair of each item.
+            fn: ``fn(items, start)``: ``items`` ``(B,)`` item indices (on ``pair_of``'s device), ``start``
+                the first position to compute; returns ``(B, ...)``.
+        Returns:
+            ``(n_items, ...)``.
+        """
+        order = item_order(self.shared, pair_of)
+        starts = self.shared[pair_of.cpu()][order]  # ascending
+        length = self._prompt.shape[1]
+        values, counts = torch.unique_consecutive(starts, return_counts=True)
+        cost = torch.repeat_interleave(torch.tensor([row_cost(self.lm, length, int(v)) for v in values]), counts)
+        breaks, segment_start, begin = [], int(values[0]), 0
+        for value, count in zip(values.tolist(), counts.tolist()):
+            if count * (value - segment_start) > overhead_tokens(self.lm):
+                breaks.append(begin)
+                segment_start = value
+            begin += count
+        on_device = order.to(pair_of.device)
+        out = batcher.run(len(order), lambda rows: fn(on_device[rows], int(starts[rows.start])), on_progress, cost, breaks)
+        result = torch.empty_like(out)
+        result[on_device] = out
+        return result
+
+    def run_layers(self, start: int, stop: int, resid: torch.Tensor, patches: dict[int, PatchFn],
+                   pairs: torch.Tensor | None = None, first_position: int = 0) -> torch.Tensor:
         """Replay layers ``start..stop-1`` from ``resid`` with head-output patches (grad mode is the caller's).
 
         Args:
             start, stop: the layer range to run.
-            resid: ``(B, T, d_model)`` residual stream entering layer ``start``.
-            patches: layer -> function rewriting that layer's ``(B, T, H * D)`` head outputs.
+            resid: ``(B, T', d_model)`` residual stream entering layer ``start`` at positions
+                ``first_position..T-1`` (``T' = T - first_position``).
+            patches: layer -> function rewriting that layer's ``(B, T', H * D)`` head outputs.
+            pairs: ``(B,)`` prompt pair of each row (whose cached prefix keys/values the rows attend
+                to); needed when ``first_position > 0``.
+            first_position: positions before it are the shared prefix, not recomputed; at most
+                ``start_of(pairs)``.
         Returns:
-            ``(B, T, d_model)`` the residual stream leaving layer ``stop - 1``.
+            ``(B, T', d_model)`` the residual stream leaving layer ``stop - 1``.
         """
-        assert self.calls is not None, "record() must run before replaying layers"
+        calls = self.layer_calls(first_position)
+        cache = PrefixKV(self.prefix_kv, pairs, first_position) if first_position else None
         with patched_head_outputs(self.lm, patches):
             for layer in range(start, stop):
-                call = self.calls[layer]
-                resid = _first_tensor(self.lm.layers[layer](resid, *call.args, **call.kwargs))
+                args, kwargs = calls[layer].bind(cache)
+                resid = _first_tensor(self.lm.layers[layer](resid, *args, **kwargs))
         return resid
 
     @torch.no_grad()
-    def run_from(self, start: int, resid: torch.Tensor, pair_index: torch.Tensor, patches: dict[int, PatchFn]) -> torch.Tensor:
+    def run_from(self, start: int, resid: torch.Tensor, pair_index: torch.Tensor, patches: dict[int, PatchFn],
+                 first_position: int = 0) -> torch.Tensor:
         """Replay layers ``start..L-1`` from ``resid`` with head-output patches, return the metric.
 
         Args:
             start: first layer to run.
-            resid: ``(B, T, d_model)`` residual stream entering layer ``start``.
-            pair_index: ``(B,)`` prompt pair of each row (selects the answer direction).
-            patches: layer -> function rewriting that layer's ``(B, T, H * D)`` head outputs.
+            resid: ``(B, T', d_model)`` residual stream entering layer ``start`` at positions
+                ``first_position..T-1``.
+            pair_index: ``(B,)`` prompt pair of each row (selects the answer direction and prefix).
+            patches: layer -> function rewriting that layer's ``(B, T', H * D)`` head outputs.
+            first_position: as ``run_layers``.
         Returns:
             ``(B,)`` float32 logit difference at the last position.
         """
-        resid = self.run_layers(start, len(self.lm.layers), resid, patches)
+        resid = self.run_layers(start, len(self.lm.layers), resid, patches, pair_index, first_position)
         return self.metric_from_resid(resid[:, -1], pair_index)
 
 

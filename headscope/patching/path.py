@@ -23,8 +23,9 @@ The score is that logit difference, normalised as every other scorer (``common``
   KV group, but only the receiver head's output is read, so nothing leaks into other query heads.
 
 Fast and exact: stage 1 starts from the cached base residual at the sender layer and stops after the
-last receiver layer, stage 2 starts from the cached residual at the first receiver layer, and
-senders x pairs of one layer share a batch. ``reference.path_reference`` is the slow twin (full
+last receiver layer, stage 2 starts from the cached residual at the first receiver layer, both compute
+only the positions after the prefix the pair's prompts share (receivers are recomputed over the same
+positions, against the same cached prefix keys/values), and senders x pairs of one layer share a batch. ``reference.path_reference`` is the slow twin (full
 ``model(ids)`` forwards, one sender at a time, receiver inputs swapped at the projection outputs).
 """
 
@@ -191,8 +192,12 @@ def mixed_head_outputs(lm: LoadedModel, layer: int, call: AttentionCall, patched
     return captured[0]
 
 
-def _sender_layer_effects(run: ProbeRun, layer: int, receivers: list[Receiver], base_calls: dict[int, AttentionCall], batcher: AdaptiveBatcher, bar) -> torch.Tensor:
-    """Mean stage-2 logit difference for every head of sender layer ``layer``; ``(H,)`` float32."""
+def _sender_layer_effects(run: ProbeRun, layer: int, receivers: list[Receiver], base_hidden: dict[int, torch.Tensor], batcher: AdaptiveBatcher, bar) -> torch.Tensor:
+    """Mean stage-2 logit difference for every head of sender layer ``layer``; ``(H,)`` float32.
+
+    Args:
+        base_hidden: per receiver layer, the base run's attention input ``(N, T, d_model)``.
+    """
     fp, engine = run.lm.fingerprint, run.engine
     n_pairs = run.n_pairs
     device = run.base_ids.device
@@ -200,30 +205,31 @@ def _sender_layer_effects(run: ProbeRun, layer: int, receivers: list[Receiver], 
     items = torch.arange(fp.n_heads * n_pairs, device=device)  # ordered (sender head, pair), pair fastest
     pair_of, head_of = items % n_pairs, items // n_pairs
 
-    def run_batch(rows: slice) -> torch.Tensor:
+    def run_batch(rows: torch.Tensor, start: int) -> torch.Tensor:
         pairs, senders = pair_of[rows], head_of[rows]
         # Stage 1: sender patched, every other head frozen, up to the last receiver layer.
-        freeze: dict[int, PatchFn] = {l: replace_all_heads(run.base.z[l], pairs) for l in range(layer, receiver_layers[-1])}
-        freeze[layer] = then(freeze[layer], overwrite_heads(run.source.z[layer], pairs, senders, None, fp.n_heads))
-        resid = run.base.resid_pre[layer][pairs]  # (B, T, d_model)
-        patched_calls = attention_calls(lambda: engine.run_layers(layer, receiver_layers[-1] + 1, resid, freeze), receiver_layers, run.lm)
-        # Receivers' outputs with their chosen inputs from the patched stream.
+        freeze: dict[int, PatchFn] = {l: replace_all_heads(run.base.z[l][:, start:], pairs) for l in range(layer, receiver_layers[-1])}
+        freeze[layer] = then(freeze[layer], overwrite_heads(run.source.z[layer][:, start:], pairs, senders, None, fp.n_heads))
+        resid = run.base.resid_pre[layer][pairs, start:]  # (B, T - start, d_model)
+        patched_calls = attention_calls(lambda: engine.run_layers(layer, receiver_layers[-1] + 1, resid, freeze, pairs, start), receiver_layers, run.lm)
+        # Receivers' outputs with their chosen inputs from the patched stream; the base run's call has
+        # the patched run's arguments (same rows and positions, the same cached prefix).
         stage2: dict[int, PatchFn] = {}
         for receiver_layer in receiver_layers:
             here = [r for r in receivers if r.head.layer == receiver_layer]
-            base_call = base_calls[receiver_layer]
-            base_call_rows = AttentionCall(base_call.hidden[pairs], base_call.args, base_call.kwargs)
+            patched_call = patched_calls[receiver_layer]
+            base_call = AttentionCall(base_hidden[receiver_layer][pairs, start:], patched_call.args, patched_call.kwargs)
             outputs = []
             for inputs in sorted({r.inputs for r in here}, key=sorted):
-                z = head_view(mixed_head_outputs(run.lm, receiver_layer, base_call_rows, patched_calls[receiver_layer].hidden, inputs), fp.n_heads)
+                z = head_view(mixed_head_outputs(run.lm, receiver_layer, base_call, patched_call.hidden, inputs), fp.n_heads)
                 outputs += [(r.head.head, z[:, :, r.head.head]) for r in here if r.inputs == inputs]
             heads = [h for h, _ in outputs]
-            stage2[receiver_layer] = write_heads(torch.stack([v for _, v in outputs], dim=2), heads, fp.n_heads)  # (B, T, k, D)
+            stage2[receiver_layer] = write_heads(torch.stack([v for _, v in outputs], dim=2), heads, fp.n_heads)  # (B, T - start, k, D)
         # Stage 2: base run with only the receivers' outputs replaced.
-        start = receiver_layers[0]
-        return engine.run_from(start, run.base.resid_pre[start][pairs], pairs, stage2)
+        first = receiver_layers[0]
+        return engine.run_from(first, run.base.resid_pre[first][pairs, start:], pairs, stage2, start)
 
-    patched = batcher.run(len(items), run_batch, whole_units(bar, n_pairs))
+    patched = engine.run_items(batcher, pair_of, run_batch, whole_units(bar, n_pairs))
     return patched.view(fp.n_heads, n_pairs).mean(-1)
 
 
@@ -275,13 +281,14 @@ def path_scores(
     base_calls = attention_calls(
         lambda: [run.engine.run_layers(l, l + 1, run.base.resid_pre[l], {}) for l in receiver_layers], receiver_layers, lm
     )
+    base_hidden = {l: call.hidden for l, call in base_calls.items()}
     batcher = AdaptiveBatcher(batch_size or default_batch_size(lm, probe.length))
     base_mean = run.base.metric.mean().cpu()
     means = torch.full((fp.n_layers, fp.n_heads), float(base_mean))
     with tqdm(total=last_receiver_layer * fp.n_heads, desc=f"path {probe.name}", unit="head", disable=not progress) as bar:
         for layer in range(last_receiver_layer):
             later = [r for r in receivers if r.head.layer > layer]
-            means[layer] = _sender_layer_effects(run, layer, later, base_calls, batcher, bar).cpu()
+            means[layer] = _sender_layer_effects(run, layer, later, base_hidden, batcher, bar).cpu()
     values = run.normalise(means)
     values[last_receiver_layer:] = 0.0
     return run.to_scores(values, "path", receivers=[str(r) for r in receivers], receivers_chosen_by=chosen_by, sender_layers=last_receiver_layer)

@@ -105,7 +105,9 @@ def rope_dependence_scores(lm: LoadedModel, probe: Probe, *, noising: bool = Fal
     if noising:
         raise HeadscopeError("rope dependence is measured on the clean prompts only; --noising does not apply")
     _check(lm, probe)
-    run = prepare(lm, probe, noising=True)  # patched run = clean; score = (LD_clean - LD_patched) / gap
+    # The patched run is the clean run (score = (LD_clean - LD_patched) / gap); the NoPE head changes every
+    # position after 0, so no position prefix is shared.
+    run = prepare(lm, probe, noising=True, reuse_prefix=False)
     fp = lm.fingerprint
     batcher = AdaptiveBatcher(batch_size or default_batch_size(lm, probe.length))
     means = torch.zeros(fp.n_layers, fp.n_heads)
