@@ -453,7 +453,7 @@ def main(argv=None) -> int:
 
     from headscope.models import load_model
     from headscope.transfer import DataConfig
-    from headscope.transfer.distributed import init_distributed
+    from headscope.distributed import init_distributed
     from headscope.transfer.rowstore import RowStore
 
     if args.fresh:

@@ -23,10 +23,12 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation (default sdpa)")
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HeadscopeError(f"--device {args.device} asked for, but no CUDA device is available")
-    return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, attn_implementation=args.attn)
+def load_from_args(args: argparse.Namespace, device: str | None = None) -> LoadedModel:
+    """The model of ``--model`` with ``--dtype`` and ``--attn``, on ``device`` (default ``--device``)."""
+    device = device or args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeadscopeError(f"--device {device} asked for, but no CUDA device is available")
+    return load_model(args.model, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn)
 
 
 def add_probe_args(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,12 @@ generated with ``--pairs`` pairs (default 16) of ``--length`` tokens. ``--out`` 
 one probe, or a directory (one ``PROBE.METHOD.json`` per probe): new, empty or holding earlier scores
 (``--force`` writes into any other directory), never inside the model directory. Where it can be written
 is checked before any scoring; ``--resume`` skips probes already scored there.
+
+On several GPUs of one host start the same command through torchrun:
+``torchrun --nproc-per-node N -m headscope score --model DIR --probe P --out scores/``. torchrun's
+environment (``WORLD_SIZE > 1``) is the switch, there is no flag to forget: every process loads the whole
+model on the GPU of its ``LOCAL_RANK`` (NCCL; gloo with ``--device cpu``), the patched runs are split over
+the processes by head (``headscope.patching.sharding``), and rank 0 writes the one scores file.
 """
 
 from __future__ import annotations
@@ -103,27 +109,48 @@ def _already_scored(path: Path, fingerprint, method: str, n_pairs: int, length: 
     )
 
 
+def _device(args: argparse.Namespace, env) -> str:
+    """``--device``, or under torchrun the device of this process (``cuda`` means the GPU of its LOCAL_RANK)."""
+    if not env.distributed:
+        return args.device
+    if args.device not in ("cpu", "cuda"):
+        raise HeadscopeError(f"--device {args.device}: under torchrun every process uses the GPU of its LOCAL_RANK; pass --device cuda or cpu")
+    return str(env.device)
+
+
 def run(args: argparse.Namespace) -> int:
+    from headscope.distributed import broadcast_object, init_distributed, shutdown
     from headscope.patching import score
+    from headscope.patching.sharding import sharded
 
     if args.batch_size is not None and args.batch_size < 1:
         raise HeadscopeError(f"--batch-size must be at least 1, got {args.batch_size}")
     options = _method_options(args)
     check_out(args)
-    lm = load_from_args(args)
-    probes = [resolve_probe(lm, spec, args.length, args.pairs, args.seed) for spec in args.probe]
-    for spec, probe in zip(args.probe, probes):
-        if args.pairs is not None and len(probe) < args.pairs:
-            print(f"note: {spec} holds {len(probe)} pairs; --pairs {args.pairs} scores all of them")
-    for probe in probes:
-        path = _output_path(args.out, probe.name, args.method, len(probes) > 1)
-        if args.resume and _already_scored(path, lm.fingerprint, args.method, len(probe), probe.length, options):
-            print(f"{probe.name} [{args.method}] already scored in {path}; skipped (--resume)")
-            continue
-        scores = score(lm, probe, args.method, noising=args.noising, batch_size=args.batch_size, **options)
-        scores.save(path)
-        top = ", ".join(f"{h}={scores[h]:+.3f}" for h in scores.top(5))
-        via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
-        print(f"{probe.name} [{args.method}{via}] {len(probe)} pairs x {probe.length} tokens, clean-corrupt gap "
-              f"{scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top} -> {path}")
+    env = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
+    try:
+        lm = load_from_args(args, _device(args, env))
+        probes = [resolve_probe(lm, spec, args.length, args.pairs, args.seed) for spec in args.probe]
+        for spec, probe in zip(args.probe, probes):
+            if env.is_main and args.pairs is not None and len(probe) < args.pairs:
+                print(f"note: {spec} holds {len(probe)} pairs; --pairs {args.pairs} scores all of them")
+        processes = f" on {env.world_size} processes" if env.distributed else ""
+        with sharded(env):
+            for probe in probes:
+                path = _output_path(args.out, probe.name, args.method, len(probes) > 1)
+                # Rank 0 decides (it alone writes), so that every process skips the same probes.
+                if broadcast_object(args.resume and _already_scored(path, lm.fingerprint, args.method, len(probe), probe.length, options), env):
+                    if env.is_main:
+                        print(f"{probe.name} [{args.method}] already scored in {path}; skipped (--resume)")
+                    continue
+                scores = score(lm, probe, args.method, noising=args.noising, batch_size=args.batch_size, progress=env.is_main, **options)
+                if not env.is_main:
+                    continue
+                scores.save(path)
+                top = ", ".join(f"{h}={scores[h]:+.3f}" for h in scores.top(5))
+                via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
+                print(f"{probe.name} [{args.method}{via}] {len(probe)} pairs x {probe.length} tokens, clean-corrupt gap "
+                      f"{scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top}{processes} -> {path}")
+    finally:
+        shutdown(env)
     return 0

@@ -26,20 +26,21 @@ from headscope.models import LoadedModel
 from headscope.patching.batching import AdaptiveBatcher, default_batch_size, whole_units
 from headscope.patching.common import ProbeRun, prepare
 from headscope.patching.engine import PatchFn, overwrite_heads, replace_all_heads
+from headscope.patching.sharding import all_heads, map_heads, per_layer, replay_cost
 from headscope.probes.base import Probe
 
 
 def _layer_effects(
-    run: ProbeRun, layer: int, positions: bool, freeze_later: bool, batcher: AdaptiveBatcher, bar, heads: torch.Tensor | None = None
+    run: ProbeRun, layer: int, positions: bool, freeze_later: bool, batcher: AdaptiveBatcher, bar, heads: torch.Tensor
 ) -> torch.Tensor:
-    """Mean patched logit difference for every head (and position) of one layer.
+    """Mean patched logit difference for some heads (and every position) of one layer.
 
     Rows compute only the positions after their pairs' shared prefix (``PatchEngine.run_items``); a
     single-position patch inside the prefix copies a value equal to the base run's, so it is not run:
     its logit difference is the base run's.
 
     Args:
-        heads: ``(K,)`` the heads of ``layer`` to patch (default: all ``H``).
+        heads: ``(K,)`` the heads of ``layer`` to patch.
     Returns:
         ``(K,)`` or, with ``positions``, ``(K, T)`` float32, averaged over pairs.
     """
@@ -47,7 +48,7 @@ def _layer_effects(
     n_pairs, seq_len = run.base_ids.shape
     n_pos = seq_len if positions else 1
     device = run.base_ids.device
-    head_ids = torch.arange(fp.n_heads, device=device) if heads is None else heads.to(device)
+    head_ids = heads.to(device)
     # Items are ordered (head, position, pair), pair fastest.
     n_items = len(head_ids) * n_pos * n_pairs
     items = torch.arange(n_items, device=device)
@@ -75,14 +76,24 @@ def _layer_effects(
     return means if positions else means[:, 0]
 
 
+def head_effects(run: ProbeRun, heads: list[Head], positions: bool, freeze_later: bool, batcher: AdaptiveBatcher,
+                 progress: bool, desc: str) -> torch.Tensor:
+    """Mean patched logit difference of each of ``heads`` (one batched run per layer they touch).
+
+    Returns:
+        ``(len(heads),)`` or, with ``positions``, ``(len(heads), T)`` float32 on the CPU, in the order of ``heads``.
+    """
+    with tqdm(total=len(heads), desc=desc, unit="head", disable=not progress) as bar:
+        return per_layer(heads, lambda layer, subset: _layer_effects(run, layer, positions, freeze_later, batcher, bar, subset))
+
+
 def _scan(run: ProbeRun, positions: bool, freeze_later: bool, batch_size: int | None, progress: bool, desc: str) -> torch.Tensor:
+    """Normalised scores of every head, ``(n_layers, n_heads)`` (``(n_layers, n_heads, T)`` with ``positions``)."""
     fp = run.lm.fingerprint
     batcher = AdaptiveBatcher(batch_size or default_batch_size(run.lm, run.probe.length))
-    effects = []
-    with tqdm(total=fp.n_layers * fp.n_heads, desc=desc, unit="head", disable=not progress) as bar:
-        for layer in range(fp.n_layers):
-            effects.append(_layer_effects(run, layer, positions, freeze_later, batcher, bar))
-    return run.normalise(torch.stack(effects).cpu())
+    means = map_heads(all_heads(fp), lambda heads: head_effects(run, heads, positions, freeze_later, batcher, progress, desc),
+                      replay_cost(fp.n_layers))
+    return run.normalise(means.view(fp.n_layers, fp.n_heads, *means.shape[1:]))
 
 
 def activation_effects(run: ProbeRun, heads: list[Head], batch_size: int | None, progress: bool) -> torch.Tensor:
@@ -95,12 +106,8 @@ def activation_effects(run: ProbeRun, heads: list[Head], batch_size: int | None,
         ``(len(heads),)`` float32 normalised scores, in the order of ``heads``.
     """
     batcher = AdaptiveBatcher(batch_size or default_batch_size(run.lm, run.probe.length))
-    means = torch.zeros(len(heads))
-    with tqdm(total=len(heads), desc=f"exact {run.probe.name}", unit="head", disable=not progress) as bar:
-        for layer in sorted({h.layer for h in heads}):
-            slots = [i for i, h in enumerate(heads) if h.layer == layer]
-            subset = torch.tensor([heads[i].head for i in slots], dtype=torch.long)
-            means[slots] = _layer_effects(run, layer, False, False, batcher, bar, subset).cpu()
+    means = map_heads(heads, lambda subset: head_effects(run, subset, False, False, batcher, progress, f"exact {run.probe.name}"),
+                      replay_cost(run.lm.fingerprint.n_layers))
     return run.normalise(means)
 
 

@@ -43,6 +43,7 @@ from headscope.patching.activation import _scan
 from headscope.patching.batching import AdaptiveBatcher, default_batch_size, whole_units
 from headscope.patching.common import ProbeRun, prepare
 from headscope.patching.engine import PatchFn, head_view, hooked, overwrite_heads, replace_all_heads, then, write_heads
+from headscope.patching.sharding import all_heads, map_heads, per_layer
 from headscope.probes.base import Probe
 
 QKV = ("q", "k", "v")
@@ -192,8 +193,9 @@ def mixed_head_outputs(lm: LoadedModel, layer: int, call: AttentionCall, patched
     return captured[0]
 
 
-def _sender_layer_effects(run: ProbeRun, layer: int, receivers: list[Receiver], base_hidden: dict[int, torch.Tensor], batcher: AdaptiveBatcher, bar) -> torch.Tensor:
-    """Mean stage-2 logit difference for every head of sender layer ``layer``; ``(H,)`` float32.
+def _sender_layer_effects(run: ProbeRun, layer: int, heads: torch.Tensor, receivers: list[Receiver], base_hidden: dict[int, torch.Tensor],
+                          batcher: AdaptiveBatcher, bar) -> torch.Tensor:
+    """Mean stage-2 logit difference for the sender heads ``heads`` ``(K,)`` of layer ``layer``; ``(K,)`` float32.
 
     Args:
         base_hidden: per receiver layer, the base run's attention input ``(N, T, d_model)``.
@@ -202,8 +204,8 @@ def _sender_layer_effects(run: ProbeRun, layer: int, receivers: list[Receiver], 
     n_pairs = run.n_pairs
     device = run.base_ids.device
     receiver_layers = sorted({r.head.layer for r in receivers})
-    items = torch.arange(fp.n_heads * n_pairs, device=device)  # ordered (sender head, pair), pair fastest
-    pair_of, head_of = items % n_pairs, items // n_pairs
+    items = torch.arange(len(heads) * n_pairs, device=device)  # ordered (sender head, pair), pair fastest
+    pair_of, head_of = items % n_pairs, heads.to(device)[items // n_pairs]
 
     def run_batch(rows: torch.Tensor, start: int) -> torch.Tensor:
         pairs, senders = pair_of[rows], head_of[rows]
@@ -230,7 +232,7 @@ def _sender_layer_effects(run: ProbeRun, layer: int, receivers: list[Receiver], 
         return engine.run_from(first, run.base.resid_pre[first][pairs, start:], pairs, stage2, start)
 
     patched = engine.run_items(batcher, pair_of, run_batch, whole_units(bar, n_pairs))
-    return patched.view(fp.n_heads, n_pairs).mean(-1)
+    return patched.view(len(heads), n_pairs).mean(-1)
 
 
 def default_receivers(run: ProbeRun, n_receivers: int, batch_size: int | None, progress: bool) -> list[Receiver]:
@@ -283,12 +285,18 @@ def path_scores(
     )
     base_hidden = {l: call.hidden for l, call in base_calls.items()}
     batcher = AdaptiveBatcher(batch_size or default_batch_size(lm, probe.length))
-    base_mean = run.base.metric.mean().cpu()
-    means = torch.full((fp.n_layers, fp.n_heads), float(base_mean))
-    with tqdm(total=last_receiver_layer * fp.n_heads, desc=f"path {probe.name}", unit="head", disable=not progress) as bar:
-        for layer in range(last_receiver_layer):
-            later = [r for r in receivers if r.head.layer > layer]
-            means[layer] = _sender_layer_effects(run, layer, later, base_hidden, batcher, bar).cpu()
+
+    def effects(senders: list[Head]) -> torch.Tensor:  # (len(senders),)
+        with tqdm(total=len(senders), desc=f"path {probe.name}", unit="head", disable=not progress) as bar:
+            return per_layer(senders, lambda layer, heads: _sender_layer_effects(
+                run, layer, heads, [r for r in receivers if r.head.layer > layer], base_hidden, batcher, bar))
+
+    def cost(sender: Head) -> float:  # stage 1 up to the last receiver layer, stage 2 from the first receiver after it
+        first = min(l for l in receiver_layers if l > sender.layer)
+        return float(last_receiver_layer + 1 - sender.layer + fp.n_layers - first)
+
+    means = torch.full((fp.n_layers, fp.n_heads), float(run.base.metric.mean()))
+    means[:last_receiver_layer] = map_heads(all_heads(fp, last_receiver_layer), effects, cost).view(last_receiver_layer, fp.n_heads)
     values = run.normalise(means)
     values[last_receiver_layer:] = 0.0
     return run.to_scores(values, "path", receivers=[str(r) for r in receivers], receivers_chosen_by=chosen_by, sender_layers=last_receiver_layer)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from headscope.heads import HeadScores, HeadscopeError
+from headscope.heads import Head, HeadScores, HeadscopeError
 from headscope.models import LoadedModel
 from headscope.patching.batching import AdaptiveBatcher, default_batch_size
 from headscope.patching.common import ProbeRun, prepare
 from headscope.patching.engine import hooked, write_heads
+from headscope.patching.sharding import all_heads, map_heads, replay_cost
 from headscope.probes.base import Probe
 
 ROPE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -110,12 +111,14 @@ def rope_dependence_scores(lm: LoadedModel, probe: Probe, *, noising: bool = Fal
     run = prepare(lm, probe, noising=True, reuse_prefix=False)
     fp = lm.fingerprint
     batcher = AdaptiveBatcher(batch_size or default_batch_size(lm, probe.length))
-    means = torch.zeros(fp.n_layers, fp.n_heads)
-    with tqdm(total=fp.n_layers * fp.n_heads, desc=f"rope {probe.name}", unit="head", disable=not progress) as bar:
-        for layer in range(fp.n_layers):
-            for head in range(fp.n_heads):
-                means[layer, head] = batcher.run(run.n_pairs, lambda rows: _nope_metric(run, layer, head, rows)).mean()
-                bar.update(1)
+
+    def effects(heads: list[Head]) -> torch.Tensor:  # (len(heads),)
+        means = torch.zeros(len(heads))
+        for i, head in enumerate(tqdm(heads, desc=f"rope {probe.name}", unit="head", disable=not progress)):
+            means[i] = batcher.run(run.n_pairs, lambda rows: _nope_metric(run, head.layer, head.head, rows)).mean()
+        return means
+
+    means = map_heads(all_heads(fp), effects, replay_cost(fp.n_layers)).view(fp.n_layers, fp.n_heads)
     return run.to_scores(run.normalise(means), "rope", direction="clean")
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from headscope.distributed import DistEnv, barrier, init_distributed, shutdown
 from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint, read_json, write_json_atomic
 from headscope.mask import save_mask
 from headscope.models import load_model
@@ -35,7 +36,7 @@ from headscope.outputs import check_not_inside, check_writable
 from headscope.transfer.checkpoint import latest_checkpoint, load_checkpoint
 from headscope.transfer.config import RESUMABLE_CHANGES, HybridSpec, TransferConfig, config_from_dict
 from headscope.transfer.data import sequence_source
-from headscope.transfer.distributed import DistEnv, barrier, init_distributed, shard_fsdp, shutdown
+from headscope.transfer.distributed import shard_fsdp
 from headscope.transfer.objectives import AlignObjective, decoder_layers, set_trainable
 from headscope.transfer.trainer import StepInfo, TrainingDiverged, TransferTrainer
 

@@ -5,7 +5,8 @@ Layout under ``RUN_DIR/checkpoints/``: one directory per checkpoint, named
 ``meta.json``; ``latest.json`` names the newest. A checkpoint is written into a hidden temporary
 directory, flushed to disk, and renamed into place; only then does ``latest.json`` (itself replaced
 atomically) point at it, and only then are checkpoints beyond the newest ``keep`` deleted. A crash at
-any moment leaves ``latest.json`` naming a complete checkpoint.
+any moment leaves ``latest.json`` naming a complete checkpoint; the next write deletes the temporary
+directories a crashed one left (each can hold a whole model and its optimizer state).
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ def save_checkpoint(run_dir: str | os.PathLike, state: CheckpointState, keep: in
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.iterdir():  # .tmp-<tag>-<pid> / .stale-<tag>-<pid> of a writer killed mid-checkpoint
+        if leftover.is_dir() and leftover.name.startswith((".tmp-", ".stale-")):
+            shutil.rmtree(leftover)
     final = root / state.tag
     tmp = root / f".tmp-{state.tag}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     payload = {"format": FORMAT_VERSION, **state.__dict__}
     with open(tmp / "state.pt", "wb") as stream:

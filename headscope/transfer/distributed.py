@@ -1,9 +1,9 @@
 """Running the transfer on several processes with PyTorch's own distributed engine.
 
 ``torchrun --nproc-per-node N -m headscope.transfer --config run.yaml --out RUN_DIR`` starts N copies of
-the same entry point; ``init_distributed`` reads ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from torchrun's
-environment and joins the process group (NCCL on CUDA, gloo on CPU). Without torchrun (``WORLD_SIZE``
-unset or 1) nothing here touches ``torch.distributed`` and the single-process path is unchanged.
+the same entry point; ``headscope.distributed.init_distributed`` joins torchrun's process group (NCCL on
+CUDA, gloo on CPU). Without torchrun (``WORLD_SIZE`` unset or 1) nothing here touches
+``torch.distributed`` and the single-process path is unchanged.
 
 Strategies (``distributed`` in the run config):
 
@@ -22,64 +22,13 @@ other strategy: model weights as a plain ``state_dict`` and optimizer state keye
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from headscope.distributed import DistEnv
 from headscope.heads import HeadscopeError
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process runs: rank, world size, device, and whether it created the process group."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join torchrun's process group when there is one, and pick this process's device.
-
-    Args:
-        device: "auto" (CUDA if available), "cpu" or "cuda".
-    Returns:
-        The ``DistEnv``.
-    """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise HeadscopeError("the config asks for device 'cuda' but no CUDA device is available")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistEnv(device=torch.device("cuda" if use_cuda else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    owns = not dist.is_initialized()
-    if owns:
-        if use_cuda:
-            torch.cuda.set_device(target)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, target, owns)
-
-
-def shutdown(env: DistEnv) -> None:
-    """Leave the process group if ``init_distributed`` created it."""
-    if env.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def shard_fsdp(model: nn.Module, layers: nn.ModuleList, env: DistEnv) -> nn.Module:
@@ -166,43 +115,3 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, nam
         "state": {index[name]: value for name, value in named["state"].items()},
         "param_groups": [dict(group, params=[index[n] for n in group["params"]]) for group in named["param_groups"]],
     })
-
-
-def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Mean of a tensor over processes (identity on one process)."""
-    if env.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= env.world_size
-    return values
-
-
-def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum of a tensor over processes (identity on one process)."""
-    if env.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def gather_objects(value: Any, env: DistEnv) -> list[Any]:
-    """Every process's ``value`` in rank order, on every process."""
-    if not env.distributed:
-        return [value]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, value)
-    return out
-
-
-def broadcast_object(value: Any, env: DistEnv) -> Any:
-    """Rank 0's ``value`` on every process."""
-    if not env.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()

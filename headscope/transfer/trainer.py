@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from headscope.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, gather_objects
 from headscope.heads import HeadscopeError
 from headscope.transfer.checkpoint import CheckpointState, checkpoint_dir, rng_state, save_checkpoint, set_rng_state
 from headscope.transfer.config import StageConfig, TransferConfig
 from headscope.transfer.data import SequenceSource, StageData
-from headscope.transfer.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, barrier, full_state, gather_objects,
-                                            load_model_state, load_optimizer_state, wrap_for_stage)
+from headscope.transfer.distributed import full_state, load_model_state, load_optimizer_state, wrap_for_stage
 from headscope.transfer.losses import next_token_loss
 from headscope.transfer.objectives import make_objective, set_trainable
 from headscope.transfer.runlog import RunLog, write_loss_curves
