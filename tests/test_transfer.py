@@ -15,7 +15,7 @@ from headscope.heads import HeadscopeError
 from headscope.mask import random_mask
 from headscope.models import load_model
 from headscope.transfer import TrainingDiverged, align_hybrid, build_student, config_from_dict, load_config, run_transfer
-from headscope.transfer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from headscope.transfer.checkpoint import CheckpointState, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from headscope.transfer.config import DataConfig
 from headscope.transfer.data import Document, PackedSequences, StageData, key_fraction, read_documents, split_documents
 from headscope.transfer.losses import (distillation_kl, distillation_kl_reference, layer_alignment_loss,
@@ -309,6 +309,18 @@ def test_resume_is_bit_identical(setup):
     changed = make_config(setup, seed=5, log_every=2)  # log_every may change, the seed may not
     with pytest.raises(HeadscopeError, match=r"config differs from the run's in seed$"):
         run(setup, "interrupted", config=changed, resume=True)
+
+
+def test_a_checkpoint_deletes_what_a_killed_writer_left(tmp_path):
+    """A writer killed after ``state.pt`` but before the rename leaves ``.tmp-<tag>-<pid>`` (a whole model and
+    optimizer state); the resumed run writes under another pid, so the next checkpoint must delete it."""
+    leftover = tmp_path / "checkpoints" / ".tmp-s00-align-00000002-999"
+    leftover.mkdir(parents=True)
+    (leftover / "state.pt").write_bytes(b"the killed write")
+    state = CheckpointState(0, "align", 1, False, 96, {"w": torch.ones(2)}, {"state": {}}, {}, [], "digest")
+    save_checkpoint(tmp_path, state, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "s00-align-00000001"]
+    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path)).model["w"], torch.ones(2))
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(setup):

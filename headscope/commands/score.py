@@ -16,6 +16,7 @@ the processes by head (``headscope.patching.sharding``), and rank 0 writes the o
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from headscope.commands.options import add_model_args, add_probe_args, load_from_args, resolve_probe
@@ -143,14 +144,16 @@ def run(args: argparse.Namespace) -> int:
                     if env.is_main:
                         print(f"{probe.name} [{args.method}] already scored in {path}; skipped (--resume)")
                     continue
+                started = time.perf_counter()
                 scores = score(lm, probe, args.method, noising=args.noising, batch_size=args.batch_size, progress=env.is_main, **options)
                 if not env.is_main:
                     continue
+                seconds = time.perf_counter() - started
                 scores.save(path)
                 top = ", ".join(f"{h}={scores[h]:+.3f}" for h in scores.top(5))
                 via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
                 print(f"{probe.name} [{args.method}{via}] {len(probe)} pairs x {probe.length} tokens, clean-corrupt gap "
-                      f"{scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top}{processes} -> {path}")
+                      f"{scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top}; {seconds:.2f} s{processes} -> {path}")
     finally:
         shutdown(env)
     return 0

@@ -2,7 +2,8 @@
 
     scorer(lm: LoadedModel, probe: Probe, *, noising=False, batch_size=None, progress=True, **options) -> HeadScores
 
-and is registered in ``SCORERS`` under its method name; ``score(lm, probe, method)`` dispatches.
+and is registered in ``SCORERS`` under its method name; ``score(lm, probe, method)`` dispatches. Under
+torchrun, inside ``sharding.sharded(env)``, the scorers split their patched runs over the processes by head.
 """
 
 from __future__ import annotations
