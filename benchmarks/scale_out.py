@@ -6,7 +6,7 @@ Every run is the real command, on one process (``python -m ...``), then under ``
 * ``scoring``: ``-m headscope score --method activation`` (bf16 on CUDA) of a random-id probe (``--pairs`` x
   ``--length`` tokens whose corrupt version differs in a block of 16 tokens); the time is the one the
   command prints (recording the clean/corrupt runs, the patched runs, the gather; not the start-up). Reported:
-  the times, the speedup, and the largest score difference between K = N and K = 1.
+  the times, the speedup, and the largest score difference between N processes and one.
 * ``transfer``: ``-m headscope.transfer`` with two stages (align, distill; ``--steps`` each, ``--batch``
   sequences of ``--seq-len`` tokens per step, ``--micro`` per forward) on one process, then on N with
   ``distributed: ddp`` and ``fsdp``. The global batch of a step is the same whatever N (the data is a pure
@@ -29,8 +29,8 @@ Outputs ``--out`` (default ``$OUT`` or benchmarks/results): ``scale_out.json`` (
 loss curves) and ``scale_out.md``, rewritten after each phase; ``--phases`` runs some of them and keeps the
 others' results from an earlier run with the same settings.
 
-    python benchmarks/scale_out.py --gpus 2          # GPU box with 2 GPUs (about 6 minutes on 2 H200)
-    python benchmarks/scale_out.py --smoke           # CPU: tiny model, 2 gloo processes, every phase
+    . benchmarks/gpu_setup.sh && python benchmarks/scale_out.py --gpus 2    # 2 GPUs (not run yet; 5-8 minutes expected)
+    python benchmarks/scale_out.py --smoke           # CPU: tiny model, 2 gloo processes, every phase (tests/test_scale_out.py)
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--strategies", default="ddp,fsdp", help="transfer strategies run on N processes")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per transfer stage")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per transfer stage")
     parser.add_argument("--batch", type=int, default=16, help="sequences per optimizer step (all processes together)")
     parser.add_argument("--micro", type=int, default=4, help="sequences per forward on one process")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=3, help="first steps of a stage left out of tokens/s")
-    parser.add_argument("--checkpoint-every", type=int, default=4, help="resume phase: steps between checkpoints")
-    parser.add_argument("--kill-step", type=int, default=8, help="resume phase: kill once distill's checkpoint of this step is in")
+    parser.add_argument("--checkpoint-every", type=int, default=5, help="resume phase: steps between checkpoints")
+    parser.add_argument("--kill-step", type=int, default=5, help="resume phase: kill once distill's checkpoint of this step is in")
     parser.add_argument("--timeout", type=float, default=540, help="seconds for one torchrun command")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 gloo processes on the CPU, a few steps, ddp only")
     parser.add_argument("--out", type=Path, default=None, help="default $OUT or benchmarks/results; with --smoke WORK/results")
@@ -219,6 +219,7 @@ def transfer(args, paths: dict[str, Path]) -> dict:
         run_dir = fresh(args.work / f"transfer_{name}")
         finish(args, launch(args, nproc, ["-m", "headscope.transfer", "--config", str(config), "--out", str(run_dir)]), f"transfer {name}")
         runs[name] = stage_numbers(read_log(run_dir), args.warmup)
+        shutil.rmtree(run_dir / "checkpoints")  # a whole model and its optimizer state each; the log and final/ stay
     out = {"runs": runs}
     for name, stages in runs.items():
         if name == "1":
@@ -274,10 +275,7 @@ def resume(args, paths: dict[str, Path]) -> dict:
 
 # --- report ----------------------------------------------------------------------------------------------
 def device_name(args) -> str:
-    if args.device == "cpu":
-        return f"CPU, {args.gpus} gloo processes"
-    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.split("\n")
-    return f"{args.gpus} x {names[0].strip()}"
+    return f"{args.gpus} x {torch.cuda.get_device_name(0)}" if args.device == "cuda" else f"CPU, {args.gpus} gloo processes"
 
 
 def markdown(results: dict) -> str:
