@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import torch
@@ -12,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from headscope.probes.base import Probe, PromptPair
 
 VOCAB = 128
+T = TypeVar("T")
 
 
 def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
@@ -116,3 +123,24 @@ def prefix_probe(length: int = 12, seed: int = 0) -> Probe:
         answer, wrong = rng.sample(range(2, VOCAB), 2)
         pairs.append(PromptPair(tuple(clean), tuple(corrupt), answer, wrong))
     return Probe("prefix_edges", "retrieval", pairs)
+
+
+def beside_torchrun(worker: Path, args: list[str], reference: Callable[[], T], timeout: float = 150) -> tuple[T, str]:
+    """Start ``torchrun --nproc-per-node 2 worker args`` on the CPU and run ``reference()`` (single-threaded) while
+    its workers start up. Returns ``reference()``'s result and torchrun's output; fails unless both ranks exit 0."""
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), *args],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = reference()
+    finally:
+        torch.set_num_threads(before)
+    try:
+        output, _ = launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and its two workers (their own session, see Popen)
+        raise
+    assert launch.returncode == 0, output[-3000:]  # torchrun returns 0 only when both ranks exit 0
+    return result, output

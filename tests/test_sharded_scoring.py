@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import random_probe
+from conftest import beside_torchrun, random_probe
 from headscope import HeadScores, load_model
 from headscope.heads import Head, ModelFingerprint
 from headscope.patching import score
@@ -54,23 +50,12 @@ def test_two_processes_score_as_one(qwen3_dir, tmp_path):
     probe_file = tmp_path / "probe.jsonl"
     save_probe_jsonl(random_probe(n_pairs=3, length=10, seed=11), probe_file)
     probe = load_probe_jsonl(probe_file)  # as the command reads it (name and meta from the file)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(WORKER), qwen3_dir, str(probe_file), str(tmp_path / "dist")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the single-process references run while the two workers start up
+
+    def single_process() -> dict[str, HeadScores]:
         lm = load_model(qwen3_dir)
-        expected = {method: score(lm, probe, method, progress=False, **options) for method, options in OPTIONS.items()}
-    finally:
-        torch.set_num_threads(before)
-    try:
-        output, _ = launch.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and its two workers (their own session, see Popen)
-        raise
-    assert launch.returncode == 0, output[-3000:]
+        return {method: score(lm, probe, method, progress=False, **options) for method, options in OPTIONS.items()}
+
+    expected, output = beside_torchrun(WORKER, [qwen3_dir, str(probe_file), str(tmp_path / "dist")], single_process)
     assert output.count("on 2 processes") == len(OPTIONS), output[-3000:]  # rank 0 alone reports
     assert output.count("skipped (--resume)") == 1, output[-3000:]
     for method, single in expected.items():

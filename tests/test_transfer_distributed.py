@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import torch
 import yaml
 
-from conftest import VOCAB, save_model, tiny_qwen3
+from conftest import VOCAB, beside_torchrun, save_model, tiny_qwen3
 from headscope.transfer import run_transfer
 
 WORKER = Path(__file__).with_name("transfer_dist_worker.py")
@@ -34,22 +29,7 @@ def test_two_processes_match_one(tmp_path):
         "log_every": 1, "progress": False,
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(dict(config, distributed="ddp")))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(WORKER), str(tmp_path / "run.yaml"), str(tmp_path / "dist")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the single-process reference runs while the two workers start up
-        single = run_transfer(config, tmp_path / "single")
-    finally:
-        torch.set_num_threads(before)
-    try:
-        output, _ = launch.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and its two workers (their own session, see Popen)
-        raise
-    assert launch.returncode == 0, output[-3000:]  # torchrun returns 0 only when both ranks exit 0
+    single, _ = beside_torchrun(WORKER, [str(tmp_path / "run.yaml"), str(tmp_path / "dist")], lambda: run_transfer(config, tmp_path / "single"))
     report = json.loads((tmp_path / "dist" / "report.json").read_text())
     assert report["ddp_exit"] == 0
     digests = report["fsdp"]["digests"]

@@ -18,10 +18,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headscope.commands.options import add_model_args, add_probe_args, load_from_args, resolve_probe
 from headscope.outputs import check_output_dir, check_output_file, visible_entries
 from headscope.heads import HeadScores, HeadscopeError, read_json
+
+if TYPE_CHECKING:
+    from headscope.distributed import DistEnv
 
 
 def register(subparsers) -> None:
@@ -110,7 +114,7 @@ def _already_scored(path: Path, fingerprint, method: str, n_pairs: int, length: 
     )
 
 
-def _device(args: argparse.Namespace, env) -> str:
+def _device(args: argparse.Namespace, env: DistEnv) -> str:
     """``--device``, or under torchrun the device of this process (``cuda`` means the GPU of its LOCAL_RANK)."""
     if not env.distributed:
         return args.device
