@@ -29,6 +29,7 @@ from headscope.models import LoadedModel
 from headscope.patching.activation import activation_effects
 from headscope.patching.batching import AdaptiveBatcher, default_batch_size
 from headscope.patching.common import ProbeRun, prepare
+from headscope.patching.sharding import agreed
 from headscope.probes.base import Probe
 
 
@@ -148,7 +149,7 @@ def screen_scores(
     if not 1 <= k <= n_total:
         raise HeadscopeError(f"top_k must be between 1 and the number of heads ({n_total}), got {top_k}")
     run = prepare(lm, probe, noising)
-    estimate = _attribution_values(run, batch_size, progress)
+    estimate = agreed(_attribution_values(run, batch_size, progress))  # under torchrun: rank 0's, so every rank checks the same heads
     order = torch.argsort(estimate.abs().flatten(), descending=True, stable=True)[:k]
     heads = [Head(int(i) // fp.n_heads, int(i) % fp.n_heads) for i in order]
     exact = activation_effects(run, heads, batch_size, progress)  # (k,)

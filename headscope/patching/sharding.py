@@ -5,8 +5,7 @@ Every exact scorer does its per-head work through one call, ``map_heads(heads, e
 row) per head. On one process that is ``effects(heads)``. Inside ``with sharded(env):`` (under torchrun,
 ``WORLD_SIZE > 1``):
 
-1. rank 0's list of heads is broadcast, so every rank splits the same list (the screen picks its heads
-   from a gradient pass, which two GPUs may round differently in the last bit);
+1. rank 0's list of heads is broadcast (``agreed``), so every rank splits the same list;
 2. ``split_heads`` deals the heads to the ranks by their replay cost, longest first, each to the rank
    with the least work so far (LPT: within 4/3 of the best split). A patched run of a head in layer ``l``
    replays layers ``l..L-1`` from the cached residual, so its cost is ``L - l`` (``replay_cost``); path
@@ -15,8 +14,10 @@ row) per head. On one process that is ``effects(heads)``. Inside ``with sharded(
    ``heads``, on every rank.
 
 So everything a scorer does around its per-head work (recording the clean and corrupt runs, the
-normalisation, choosing path receivers, the screen's gradient pass) runs on every rank as it would on
-one process, every rank ends with the same ``HeadScores``, and rank 0 writes it. What differs from one
+normalisation, choosing path receivers from gathered direct scores) runs on every rank as it would on one
+process, every rank ends with the same ``HeadScores``, and rank 0 writes it. What a rank computes alone
+and then depends on, where two GPUs may round differently in the last bit (the screen's gradient
+estimates, which pick the heads it checks), is taken from rank 0 (``agreed``). What differs from one
 process is only which rows share a forward; the rows of a batch are independent, so the scores agree up
 to the round-off of differently shaped matrix products (a test holds them to 1e-5 in float32).
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -38,6 +39,7 @@ from headscope.heads import Head, ModelFingerprint
 
 Cost = Callable[[Head], float]
 Effects = Callable[[list[Head]], torch.Tensor]
+T = TypeVar("T")
 
 _ACTIVE: ContextVar[DistEnv | None] = ContextVar("headscope_sharded_scoring", default=None)
 
@@ -80,6 +82,12 @@ def sharded(env: DistEnv) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def agreed(value: T) -> T:
+    """Rank 0's ``value`` on every process of the enclosing ``sharded`` block (``value`` itself outside one)."""
+    env = _ACTIVE.get()
+    return value if env is None else broadcast_object(value, env)
+
+
 def map_heads(heads: list[Head], effects: Effects, cost: Cost) -> torch.Tensor:
     """``effects(heads)``, with the heads split over the processes of the enclosing ``sharded`` block.
 
@@ -93,7 +101,7 @@ def map_heads(heads: list[Head], effects: Effects, cost: Cost) -> torch.Tensor:
     env = _ACTIVE.get()
     if env is None or not heads:
         return effects(list(heads)).cpu()
-    heads = broadcast_object(list(heads), env)
+    heads = agreed(list(heads))
     mine = split_heads(heads, cost, env.world_size)[env.rank]
     local = effects([heads[i] for i in mine]).cpu() if mine else None
     parts = [(index, values) for index, values in gather_objects((mine, local), env) if index]
