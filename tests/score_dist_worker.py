@@ -34,6 +34,7 @@ def main(model_dir: str, probe: str, out: str) -> None:
         assert code == 0, f"{method}: exit {code}"
     assert cli_main(["score", "--model", model_dir, "--probe", probe, "--pairs", "3", "--device", "cpu",
                      "--out", f"{out}/activation.json", "--resume"]) == 0
+    dist.barrier()  # leave together: tearing gloo down while a peer still receives the last broadcast can abort
     dist.destroy_process_group()
 
 

@@ -51,6 +51,7 @@ def main(config_path: str, out_root: str) -> None:
     if dist.get_rank() == 0:
         with open(f"{out_root}/report.json", "w") as stream:
             json.dump(report, stream)
+    dist.barrier()  # leave together: tearing gloo down while a peer still receives the last gather can abort
     dist.destroy_process_group()
 
 

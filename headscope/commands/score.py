@@ -124,7 +124,7 @@ def _device(args: argparse.Namespace, env: DistEnv) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from headscope.distributed import broadcast_object, init_distributed, shutdown
+    from headscope.distributed import barrier, broadcast_object, init_distributed, shutdown
     from headscope.patching import score
     from headscope.patching.sharding import sharded
 
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
                 print(f"{probe.name} [{args.method}{via}] {len(probe)} pairs x {probe.length} tokens, clean-corrupt gap "
                       f"{scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top}; {seconds:.2f} s{processes} -> {path}")
+        barrier(env)  # leave together: tearing the group down while a peer still receives the last gather can abort (gloo)
     finally:
         shutdown(env)
     return 0
