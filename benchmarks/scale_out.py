@@ -158,7 +158,11 @@ def finish(args, run: subprocess.Popen, what: str) -> str:
 
 
 def fresh(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
+    """``path``, with the file or directory an earlier run left there removed."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
     return path
 
 
