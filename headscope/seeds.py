@@ -189,7 +189,7 @@ def seeds_markdown(results: Mapping[str, Any], families: Mapping[str, Mapping[st
         cells = [_pm(_value(family, key), _value(family, key, "sd"), 3 if key.startswith("heldout") else 2) for key in columns]
         noise = _value(family, f"retrieval@{base}", "transfer_sd")
         kv = "/".join(str(v) for v in family["kv_bytes_per_token"]) or "—"
-        lines.append(f"| {name} | {len(family["masks"])} | {",".join(map(str, seeds)) or "—"} (runs: {runs}) | {kv} | " + " | ".join(cells)
+        lines.append(f"| {name} | {len(family['masks'])} | {','.join(map(str, seeds)) or '—'} (runs: {runs}) | {kv} | " + " | ".join(cells)
                      + f" | {'—' if noise is None else f'{noise:.3f}'} |")
     lines += ["", "## Goals", ""]
     for check in checks:
