@@ -104,5 +104,8 @@ def test_row_store_serves_exactly_the_library_rows_from_the_pool_and_on_a_miss()
             assert torch.equal(stream[index], expected[index]) and stream[index].dtype == torch.int64
         held = store.stream("heldout", 2, 48)  # another stage's held-out stream is the same stream
         assert torch.equal(held[2], reference("heldout", 0, 48)[2]) and held.store is store.stream("heldout", 0, 48).store
+        other_seed, expected = store.source(3)("train", 1, 48), sequence_source(DataConfig(source="demo_corpus"), 3, tokenizer)("train", 1, 48)
+        assert store.fill([("train", 1, 48, 2)], seed=3)[1] == 2 * 48 and sorted(other_seed.store) == [0, 1]
+        assert torch.equal(other_seed[1], expected[1]) and not torch.equal(other_seed[1], stream[1])  # a transfer seed reads its own rows
     finally:
         store.close()
