@@ -56,8 +56,8 @@ and 4x against twice the transfer sd; selected vs layer-wise 3:1 within 2 points
 Outputs in ``--out`` (default ``$OUT`` or benchmarks/results; with ``--smoke`` ``WORK/results``), rewritten after every arm:
 ``hybrid_quality.json`` (settings, budget, one record per arm, ``summary``: families and goals),
 ``hybrid_quality.md`` (arm x metric tables, then the seed summary and the goals), ``hybrid_quality.html``
-(accuracy vs length, plotly from its CDN), ``.png`` when kaleido is installed, ``hybrid_quality_mask.json`` (the fused mask), ``hybrid_quality_logs/<arm>.jsonl`` (training
-logs). A rerun resumes: arms marked done are kept, the others run again (``--fresh`` starts over).
+(accuracy vs length, plotly from its CDN), ``.png`` when kaleido is installed, ``hybrid_quality_mask.json``
+(the fused mask), ``hybrid_quality_logs/<arm>.jsonl`` (training logs). A rerun resumes: arms marked done are kept, the others run again (``--fresh`` starts over).
 
     python benchmarks/hybrid_quality.py                 # GPU: ~8 minutes on one H100
     python benchmarks/hybrid_quality.py --smoke         # CPU: tiny run of everything, < 60 s
