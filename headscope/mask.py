@@ -20,7 +20,9 @@ as a whole); ``round(n_full / group_size)`` groups (at least 1) are chosen, so t
 multiple of ``group_size`` and ``kv_fraction == head_fraction``. With ``kv_aware`` the per-layer
 minimum is in heads and rounds up to whole groups.
 
-Baselines use the same budget arithmetic: ``random_mask`` (seeded, exact budget) and
+Baselines use the same budget arithmetic: ``random_mask`` (seeded, exact budget; optionally exactly
+``kv_groups`` KV groups touched, and ``kv_matched_random_mask`` matching a given mask's head and group
+counts, the fair baseline of a selection that concentrates its heads in few groups) and
 ``layerwise_mask`` (whole layers, the Qwen3-Next ``"3:1"`` layout: layer ``i`` is FA when
 ``i % (a+b) >= a``, i.e. layers 3, 7, 11, ...). ``layer_types``/``mask_from_layer_types`` convert a
 layer-wise mask to and from a Qwen3-Next style ``layer_types`` list. The versioned JSON file and the
@@ -232,6 +234,7 @@ def random_mask(
     n_full: int | None = None,
     seed: int = 0,
     kv_aware: bool = False,
+    kv_groups: int | None = None,
 ) -> HeadMask:
     """A uniformly random mask with exactly the budget of ``select_mask`` (same seed -> same mask).
 
@@ -240,16 +243,76 @@ def random_mask(
         ratio / n_full: the budget (default ``"7:1"``).
         seed: seed of a private ``torch.Generator`` (global RNG untouched).
         kv_aware: draw whole KV groups.
+        kv_groups: the heads touch exactly this many KV groups (the KV cost of the mask), uniformly over
+            all such masks: a uniform set of groups, then heads per group with the multiplicities of
+            ``_group_counts``; not with ``kv_aware``. ``kv_matched_random_mask`` takes both counts from a mask.
     Returns:
         ``HeadMask`` with provenance ``selection.method = "random"``.
     """
     budget = head_budget(fingerprint, ratio, n_full)
     generator = torch.Generator().manual_seed(int(seed))
-    importance = torch.rand(fingerprint.shape, generator=generator)  # (L, H); groups score by their max
-    full, record = _select(importance, fingerprint, budget, 0, kv_aware, "max")
+    if kv_groups is None:
+        importance = torch.rand(fingerprint.shape, generator=generator)  # (L, H); groups score by their max
+        full, record = _select(importance, fingerprint, budget, 0, kv_aware, "max")
+    else:
+        if kv_aware:
+            raise HeadscopeError("kv_groups fixes the KV groups of single heads; it does not combine with kv_aware")
+        full = _random_in_groups(fingerprint, budget, int(kv_groups), generator)
+        record = {"n_full_budget": budget, "n_full": int(full.sum()), "kv_groups": int(kv_groups), "min_per_layer": 0, "kv_aware": False}
     ratio_text = _ratio_record(ratio, n_full, full, record)
     selection = {"method": "random", "seed": int(seed), **record}
     return HeadMask(full, fingerprint, {"ratio": ratio_text, "selection": selection, "probes": [], "methods": [], "fusion": None})
+
+
+def kv_matched_random_mask(mask: HeadMask, seed: int = 0) -> HeadMask:
+    """A random mask with the FA head count of ``mask`` and as many KV groups touched (its KV cache bytes).
+
+    The fair random baseline of a selected mask: a plain ``random_mask`` of the same head budget spreads
+    its heads over more groups, so it keeps a larger KV cache than a selection that concentrates them.
+    """
+    groups = int(mask.kv_groups_full().sum())
+    matched = random_mask(mask.fingerprint, n_full=mask.n_full, seed=seed, kv_groups=groups)
+    matched.provenance["ratio"] = mask.provenance.get("ratio")
+    matched.provenance["selection"]["kv_matched_to"] = {"n_full": mask.n_full, "kv_groups": groups,
+                                                        "heads": [str(h) for h in mask.heads()]}
+    return matched
+
+
+def _group_counts(n_groups: int, group_size: int, n_heads: int) -> list[list[int]]:
+    """``ways[i][m]``: masks that put ``m`` heads in groups ``i..n_groups-1``, each group 1..``group_size`` heads."""
+    ways = [[0] * (n_heads + 1) for _ in range(n_groups + 1)]
+    ways[n_groups][0] = 1
+    for i in range(n_groups - 1, -1, -1):
+        for m in range(n_heads + 1):
+            ways[i][m] = sum(math.comb(group_size, k) * ways[i + 1][m - k] for k in range(1, min(group_size, m) + 1))
+    return ways
+
+
+def _random_in_groups(fingerprint: ModelFingerprint, n_full: int, n_groups: int, generator: torch.Generator) -> torch.Tensor:
+    """``(L, H)`` bool: ``n_full`` heads touching exactly ``n_groups`` KV groups, uniform over all such masks.
+
+    Every set of groups holds equally many masks, so the groups are a uniform draw; the head count ``k``
+    of each chosen group is drawn with probability proportional to ``C(group_size, k)`` times the ways
+    to place the rest (``_group_counts``), and the heads inside a group uniformly.
+    """
+    fp = fingerprint
+    size, total = fp.group_size, fp.n_layers * fp.n_kv_heads
+    if not 1 <= n_groups <= total or not n_groups <= n_full <= n_groups * size:
+        raise HeadscopeError(f"cannot place {n_full} full-attention heads in exactly {n_groups} KV groups of {size} heads "
+                             f"(the model has {total} groups): need groups <= heads <= groups x {size}")
+    groups = torch.randperm(total, generator=generator)[:n_groups].sort().values  # (G,) flat (layer, kv head) ids
+    ways = _group_counts(n_groups, size, n_full)
+    full = torch.zeros(total, size, dtype=torch.bool)  # (L * n_kv, group_size)
+    left = n_full
+    for i, group in enumerate(groups.tolist()):
+        target = float(torch.rand((), generator=generator)) * ways[i][left]  # in [0, ways[i][left])
+        cumulative, k = 0, 0
+        while cumulative <= target:  # exact integers against a float: k with zero ways is never taken
+            k += 1
+            cumulative += math.comb(size, k) * ways[i + 1][left - k]
+        full[group, torch.randperm(size, generator=generator)[:k]] = True
+        left -= k
+    return full.view(fp.shape)
 
 
 def layerwise_mask(fingerprint: ModelFingerprint, ratio: str = "3:1") -> HeadMask:
@@ -300,5 +363,5 @@ def mask_from_layer_types(types: Sequence[str], fingerprint: ModelFingerprint) -
 __all__ = [
     "GROUP_SCORES", "MASK_SCHEMA_VERSION", "budget_note", "export_duo_tsv", "export_retrieval_json", "head_budget",
     "layer_types", "layerwise_mask", "load_mask", "mask_from_layer_types", "mask_to_dict", "parse_ratio",
-    "random_mask", "ranking_from_mask", "realised_ratio", "save_mask", "select_mask", "select_units",
+    "kv_matched_random_mask", "random_mask", "ranking_from_mask", "realised_ratio", "save_mask", "select_mask", "select_units",
 ]

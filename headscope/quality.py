@@ -127,11 +127,23 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def capability_means(arm: Mapping[str, Any], length: int, metric: str = "argmax") -> dict[str, float]:
-    """Mean accuracy over the retrieval and over the reasoning probes of one arm at one length."""
+def probe_groups(settings: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The retrieval and reasoning probes a results mapping averages (its settings, else the defaults)."""
+    return {"retrieval": tuple(settings.get("retrieval_probes", RETRIEVAL_PROBES)),
+            "reasoning": tuple(settings.get("reasoning_probes", REASONING_PROBES))}
+
+
+def capability_means(arm: Mapping[str, Any], length: int, metric: str = "argmax",
+                     groups: Mapping[str, Iterable[str]] | None = None) -> dict[str, float]:
+    """Mean accuracy over the retrieval and over the reasoning probes of one arm at one length.
+
+    Args:
+        groups: ``{"retrieval": probes, "reasoning": probes}`` (default ``RETRIEVAL_PROBES``, ``REASONING_PROBES``).
+    """
+    groups = groups or {"retrieval": RETRIEVAL_PROBES, "reasoning": REASONING_PROBES}
     acc = arm.get("accuracy") or {}
     pick = lambda names: [acc[n][str(length)][metric] for n in names if n in acc and str(length) in acc[n]]  # noqa: E731
-    return {"retrieval": _mean(pick(RETRIEVAL_PROBES)), "reasoning": _mean(pick(REASONING_PROBES))}
+    return {capability: _mean(pick(names)) for capability, names in groups.items()}
 
 
 def _cell(value: float | None, digits: int = 2) -> str:
@@ -151,18 +163,20 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
     """
     settings, arms = results["settings"], results["arms"]
     lengths, base = settings["lengths"], settings["teacher_length"]
-    probes = [p for p in RETRIEVAL_PROBES + REASONING_PROBES if p in settings["probes"]]
+    groups = probe_groups(settings)
+    probes = [p for p in groups["retrieval"] + groups["reasoning"] if p in settings["probes"]]
     lines = [f"# Hybrid quality on {settings['model_name']}", ""]
     lines += [f"- {line}" for line in results.get("notes", [])]
     lines += ["", f"Accuracy = {metric} (answer is the argmax over the vocabulary)" if metric == "argmax"
               else f"Accuracy = {metric} (answer logit beats the corrupt answer's; chance 0.5)", ""]
     held = [str(n * base) for n in (1, 2)]
+    lines += [f"Retrieval = mean of {', '.join(groups['retrieval'])}; reasoning = mean of {', '.join(groups['reasoning'])}.", ""]
     header = (["arm", "status", "FA heads", "FA share", "KV B/token", "KV vs teacher"] + [f"held-out CE {h}" for h in held]
               + [f"retrieval {_length_label(n, base)}" for n in lengths] + [f"reasoning {_length_label(n, base)}" for n in lengths])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     teacher_kv = next((a["kv_bytes_per_token"] for a in arms.values() if a.get("kind") == "teacher"), None)
     for name, arm in arms.items():
-        means = [capability_means(arm, n, metric) for n in lengths]
+        means = [capability_means(arm, n, metric, groups) for n in lengths]
         kv = arm.get("kv_bytes_per_token")
         row = [name, arm.get("status", "?"), str(arm.get("n_full", "—")), _cell(arm.get("fa_head_share")), str(kv if kv is not None else "—"),
                _cell(kv / teacher_kv if kv is not None and teacher_kv else None)]
@@ -175,7 +189,7 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, arm in arms.items():
             acc = arm.get("accuracy") or {}
-            means = capability_means(arm, length, metric)
+            means = capability_means(arm, length, metric, groups)
             cells = [_cell(acc.get(p, {}).get(str(length), {}).get(metric)) for p in probes]
             lines.append("| " + " | ".join([name] + cells + [_cell(means["retrieval"]), _cell(means["reasoning"])]) + " |")
     problems = [(name, arm) for name, arm in arms.items() if arm.get("status") != "done"]
@@ -189,7 +203,7 @@ def accuracy_figure(results: Mapping[str, Any], metric: str = "argmax"):
     """Accuracy against context length, one line per arm, one panel per probe and per capability mean.
 
     Returns:
-        A ``plotly.graph_objects.Figure`` (2 rows: retrieval, reasoning; 4 columns: 3 probes + mean).
+        A ``plotly.graph_objects.Figure`` (2 rows: retrieval, reasoning; a column per probe, then the mean).
     """
     import plotly.graph_objects as go
     from plotly.colors import qualitative
@@ -197,9 +211,11 @@ def accuracy_figure(results: Mapping[str, Any], metric: str = "argmax"):
 
     settings, arms = results["settings"], results["arms"]
     lengths, base = settings["lengths"], settings["teacher_length"]
-    rows = [list(RETRIEVAL_PROBES) + ["retrieval"], list(REASONING_PROBES) + ["reasoning"]]
-    titles = [("mean " + t) if t in ("retrieval", "reasoning") else t for row in rows for t in row]
-    figure = make_subplots(rows=2, cols=4, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.14)
+    groups = probe_groups(settings)
+    cols = max(len(names) for names in groups.values()) + 1
+    rows = [[*names, *[None] * (cols - 1 - len(names)), capability] for capability, names in groups.items()]
+    titles = [("mean " + t) if t in groups else (t or "") for row in rows for t in row]
+    figure = make_subplots(rows=2, cols=cols, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.14)
     palette = qualitative.D3
     for index, (name, arm) in enumerate(arms.items()):
         if not arm.get("accuracy"):
@@ -208,8 +224,10 @@ def accuracy_figure(results: Mapping[str, Any], metric: str = "argmax"):
         dash = "dot" if arm.get("kind") == "random" else ("dash" if arm.get("kind") == "teacher" else "solid")
         for r, row in enumerate(rows, start=1):
             for c, panel in enumerate(row, start=1):
-                if panel in ("retrieval", "reasoning"):
-                    ys = [capability_means(arm, n, metric)[panel] for n in lengths]
+                if panel is None:
+                    continue
+                if panel in groups:
+                    ys = [capability_means(arm, n, metric, groups)[panel] for n in lengths]
                 else:
                     ys = [arm["accuracy"].get(panel, {}).get(str(n), {}).get(metric) for n in lengths]
                 figure.add_trace(go.Scatter(x=lengths, y=ys, mode="lines+markers", name=name, legendgroup=name,
@@ -219,5 +237,5 @@ def accuracy_figure(results: Mapping[str, Any], metric: str = "argmax"):
     figure.update_yaxes(range=[-0.03, 1.03])
     figure.update_yaxes(title_text=f"accuracy ({metric})", col=1)
     figure.update_layout(title=f"Probe accuracy vs context length — {settings['model_name']} (teacher trained at {base} tokens)",
-                         height=640, width=1400, legend={"title": "arm"})
+                         height=640, width=350 * cols, legend={"title": "arm"})
     return figure

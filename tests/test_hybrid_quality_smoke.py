@@ -15,6 +15,7 @@ import pytest
 
 from headscope.heads import HeadscopeError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_quality.py"
 ARMS = ["teacher", "headwise_fused_7to1", "layerwise_3to1", "layerwise_7to1",
         "headwise_random_7to1_s0", "headwise_random_7to1_s1", "headwise_random_7to1_s2"]
@@ -83,11 +84,14 @@ def test_table_and_figure_list_every_arm_and_length(smoke):
     for length, label in zip((48, 96, 192, 384), ("1x", "2x", "4x", "8x")):
         assert f"## Accuracy at {length} ({label}) tokens" in table
         assert f"retrieval {length} ({label})" in table and f"reasoning {length} ({label})" in table
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    arm_tables, seed_tables = table.split("## Seeds")
+    rows = [line for line in arm_tables.splitlines() if line.startswith("| ")]
     for name in ARMS:
         mine = [row for row in rows if row.startswith(f"| {name} |")]
         assert len(mine) == 5  # the summary table and one table per length
         assert all("—" not in row for row in mine)
+    assert "| headwise_random_7to1 | 3 | — (runs: 3) | 384 |" in seed_tables  # the family of the three random masks
+    assert "plain (not KV-matched) random headwise_random_7to1" in seed_tables
     assert "Arms without results" not in table
     page = (out / "hybrid_quality.html").read_text()
     assert all(name in page for name in ARMS)

@@ -15,6 +15,7 @@ from headscope.mask import (
     export_duo_tsv,
     export_retrieval_json,
     head_budget,
+    kv_matched_random_mask,
     layer_types,
     layerwise_mask,
     load_mask,
@@ -145,6 +146,45 @@ def test_random_mask_is_seeded_with_exact_budget():
     grouped = random_mask(FP8, "3:1", seed=5, kv_aware=True)
     assert grouped.n_full == 16 and grouped.kv_fraction == grouped.head_fraction == 0.25
     assert first.provenance["selection"] == {"method": "random", "seed": 3, "n_full_budget": 8, "n_full": 8, "min_per_layer": 0, "kv_aware": False}
+
+
+def test_kv_matched_random_masks_have_the_head_and_group_counts_of_the_mask():
+    concentrated = HeadMask(torch.zeros(FP8.shape, dtype=torch.bool).index_fill_(1, torch.tensor([0, 1, 2]), True), FP8)  # 24 heads, 8 groups
+    state = torch.random.get_rng_state()
+    draws = [kv_matched_random_mask(concentrated, seed) for seed in range(12)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for mask in draws:
+        assert mask.n_full == 24 and int(mask.kv_groups_full().sum()) == 8
+    assert len({tuple(m.full.flatten().tolist()) for m in draws}) == 12
+    assert torch.equal(kv_matched_random_mask(concentrated, 5).full, draws[5].full)
+    plain = random_mask(FP8, n_full=24, seed=0)
+    assert int(plain.kv_groups_full().sum()) > 8  # what the matching is for
+    selection = draws[0].provenance["selection"]
+    assert selection["kv_groups"] == 8 and selection["kv_matched_to"]["n_full"] == 24 and selection["method"] == "random"
+    one_per_group = random_mask(FP8, n_full=16, seed=1, kv_groups=16)
+    assert one_per_group.full.view(8, 2, 4).sum(-1).eq(1).all()  # 16 heads in 16 groups: one each
+    full_groups = random_mask(FP8, n_full=16, seed=1, kv_groups=4)
+    assert torch.isin(full_groups.full.view(8, 2, 4).sum(-1), torch.tensor([0, 4])).all()
+
+
+def test_random_masks_with_fixed_groups_are_uniform_over_all_such_masks():
+    fp = ModelFingerprint("qwen3", 2, 4, 2, 16, "small")  # 4 KV groups of 2 heads
+    every = [m for m in itertools.combinations(range(8), 3) if len({h // 2 for h in m}) == 2]  # 3 heads in exactly 2 groups
+    counts = dict.fromkeys(every, 0)
+    n_draws = 40 * len(every)
+    for seed in range(n_draws):
+        counts[tuple(random_mask(fp, n_full=3, seed=seed, kv_groups=2).full.flatten().nonzero().flatten().tolist())] += 1
+    assert len(every) == 24 and sum(counts.values()) == n_draws
+    assert min(counts.values()) > 20 and max(counts.values()) < 60  # 40 expected each; binomial sd 6.2
+
+
+@pytest.mark.parametrize("n_full, kv_groups, message", [(3, 4, "cannot place 3"), (9, 2, "cannot place 9"), (4, 0, "exactly 0 KV groups"),
+                                                        (4, 17, "the model has 16 groups")])
+def test_impossible_group_counts_are_one_clear_error(n_full, kv_groups, message):
+    with pytest.raises(HeadscopeError, match=message):
+        random_mask(FP8, n_full=n_full, kv_groups=kv_groups)
+    with pytest.raises(HeadscopeError, match="kv_aware"):
+        random_mask(FP8, n_full=8, kv_groups=2, kv_aware=True)
 
 
 def test_layerwise_layout_and_layer_types():

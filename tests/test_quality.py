@@ -104,5 +104,43 @@ def test_row_store_serves_exactly_the_library_rows_from_the_pool_and_on_a_miss()
             assert torch.equal(stream[index], expected[index]) and stream[index].dtype == torch.int64
         held = store.stream("heldout", 2, 48)  # another stage's held-out stream is the same stream
         assert torch.equal(held[2], reference("heldout", 0, 48)[2]) and held.store is store.stream("heldout", 0, 48).store
+        other_seed, expected = store.source(3)("train", 1, 48), sequence_source(DataConfig(source="demo_corpus"), 3, tokenizer)("train", 1, 48)
+        assert store.fill([("train", 1, 48, 2)], seed=3)[1] == 2 * 48 and sorted(other_seed.store) == [0, 1]
+        assert torch.equal(other_seed[1], expected[1]) and not torch.equal(other_seed[1], stream[1])  # a transfer seed reads its own rows
     finally:
         store.close()
+
+
+def _scored(kind: str, retrieval: float, reasoning: float = 0.5, kv: int = 64) -> dict:
+    accuracy = {p: {str(n): {"argmax": retrieval if p == "needle_single" else reasoning} for n in (8, 16)} for p in ("needle_single", "ioi")}
+    return {"kind": kind, "status": "done", "accuracy": accuracy, "kv_bytes_per_token": kv, "heldout_loss": {"8": 1.0}}
+
+
+def test_seed_summary_weighs_masks_equally_pools_transfer_noise_and_checks_the_goals():
+    from headscope.seeds import arm_family, family_stats, goal_checks, mask_name, seeds_markdown
+
+    settings = {"lengths": [8, 16], "teacher_length": 8, "retrieval_probes": ["needle_single"], "reasoning_probes": ["ioi"]}
+    arms = {"headwise_fused_7to1_t0": _scored("fused", 0.80), "headwise_fused_7to1_t1": _scored("fused", 0.90),
+            "headwise_randomkv_7to1_s0_t0": _scored("randomkv", 0.20), "headwise_randomkv_7to1_s0_t1": _scored("randomkv", 0.40),
+            "headwise_randomkv_7to1_s1": _scored("randomkv", 0.60), "layerwise_3to1": _scored("layerwise", 0.81, 0.52, kv=128),
+            "headwise_randomkv_7to1_s2": {"kind": "randomkv", "status": "failed"}}
+    results = {"settings": settings, "arms": arms}
+    assert mask_name("headwise_randomkv_7to1_s0_t1") == "headwise_randomkv_7to1_s0" and arm_family("headwise_randomkv_7to1_s0_t1") == "headwise_randomkv_7to1"
+    families = family_stats(results)
+    random_family = families["headwise_randomkv_7to1"]["metrics"]["retrieval@8"]
+    assert random_family["mean"] == pytest.approx((0.30 + 0.60) / 2)  # mask s0 (two runs) weighs as much as mask s1
+    assert random_family["sd"] == pytest.approx(math.sqrt(2) * 0.15) and random_family["n_masks"] == 2 and random_family["n_runs"] == 3
+    assert random_family["transfer_sd"] == pytest.approx(math.sqrt(0.02))  # only mask s0 was run twice
+    fused = families["headwise_fused_7to1"]["metrics"]["retrieval@8"]
+    assert fused["mean"] == pytest.approx(0.85) and fused["transfer_sd"] == pytest.approx(math.sqrt(0.005)) and fused["sd"] is None
+    goals = {(g["goal"], g.get("length")): g for g in goal_checks(results, families)}
+    beats = goals[("beats_random", 8)]
+    assert beats["margin"] == pytest.approx(0.40) and beats["threshold"] == pytest.approx(2 * math.sqrt(0.005)) and beats["met"] is True
+    assert goals[("beats_random", 32)]["met"] is None and "not evaluated" in goals[("beats_random", 32)]["reason"]
+    near = goals[("near_layerwise", None)]
+    assert near["gaps"]["retrieval@8"] == pytest.approx(0.04) and near["gaps"]["reasoning@8"] == pytest.approx(-0.02)
+    assert near["kv_at_most_half"] and near["met"] is True  # 2 points below on reasoning is still within 2 points
+    arms["layerwise_3to1"] = _scored("layerwise", 0.81, 0.53, kv=128)
+    assert goal_checks(results)[-1]["met"] is False
+    text = seeds_markdown(results, families, goal_checks(results, families))
+    assert "| headwise_randomkv_7to1 | 2 | 0,1 (runs: 3) | 64 | 0.45 ± 0.21 |" in text and "**met**" in text

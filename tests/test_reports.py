@@ -175,6 +175,10 @@ def test_cli_baselines(tmp_path, monkeypatch, capsys, qwen3_dir, inputs):
     like = str(inputs[0].save(tmp_path / "s.json"))
     code, _, _ = run_cli(monkeypatch, capsys, "mask", "random", "--like", like, "--n-full", "5", "--seed", "2", "--out", str(tmp_path / "x.json"))
     assert code == 0 and torch.equal(load_mask(tmp_path / "x.json").full, random_mask(FP, n_full=5, seed=2).full)
+    concentrated = save_mask(random_mask(FP, n_full=8, seed=0, kv_aware=True), tmp_path / "c.json")
+    code, out, _ = run_cli(monkeypatch, capsys, "mask", "random", "--kv-matched", str(concentrated), "--seed", "3", "--out", str(tmp_path / "k.json"))
+    matched = load_mask(tmp_path / "k.json", expect=FP)
+    assert code == 0 and matched.n_full == 8 and int(matched.kv_groups_full().sum()) == 2 and "(2 of 8 KV groups)" in out
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
@@ -188,6 +192,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
         (("fuse", str(tmp_path / "none.json"), "--out", str(tmp_path / "m.json")), "scores file not found"),
         (("mask", "export", str(tmp_path / "random.json"), "--format", "retrieval-json", "--out", str(tmp_path / "r.json")), "stores no head scores"),
         (("mask", "layerwise", "--model", str(tmp_path), "--out", str(tmp_path / "l.json")), "no config.json"),
+        (("mask", "random", "--kv-matched", str(tmp_path / "random.json"), "--n-full", "3", "--out", str(tmp_path / "k.json")), "drop --ratio"),
         (("report", other, "--mask", str(tmp_path / "random.json"), "--out", str(tmp_path / "r.html")), "made for another model"),
     ]
     for argv, message in cases:

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
         source.add_argument("--model", help="local Hugging Face model directory (only config.json is read)")
         source.add_argument("--like", help="take the model geometry from a scores or mask file")
         if name == "random":
+            source.add_argument("--kv-matched", metavar="MASK.json",
+                                help="as many full-attention heads AND KV groups touched as this mask (its geometry too)")
             add_budget_args(baseline)
             baseline.add_argument("--seed", type=int, default=0, help="seed of the random draw (default 0)")
         else:
@@ -86,17 +88,25 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from headscope.mask import budget_note, layerwise_mask, random_mask, save_mask
+    from headscope.mask import budget_note, kv_matched_random_mask, layerwise_mask, load_mask, random_mask, save_mask
 
-    fingerprint = fingerprint_from_args(args)
-    check_output_file(args.out, [args.model])
-    if args.mask_action == "random":
-        mask = random_mask(fingerprint, ratio=args.ratio, n_full=args.n_full, seed=args.seed, kv_aware=args.kv_aware)
+    if getattr(args, "kv_matched", None):
+        if args.ratio is not None or args.n_full is not None or args.kv_aware:
+            raise HeadscopeError("--kv-matched takes the budget from the mask; drop --ratio, --n-full and --kv-aware")
+        matched = load_mask(args.kv_matched)
+        check_output_file(args.out)
+        mask = kv_matched_random_mask(matched, seed=args.seed)
     else:
-        mask = layerwise_mask(fingerprint, ratio=args.ratio)
+        fingerprint = fingerprint_from_args(args)
+        check_output_file(args.out, [args.model])
+        if args.mask_action == "random":
+            mask = random_mask(fingerprint, ratio=args.ratio, n_full=args.n_full, seed=args.seed, kv_aware=args.kv_aware)
+        else:
+            mask = layerwise_mask(fingerprint, ratio=args.ratio)
     path = save_mask(mask, args.out)
     if note := budget_note(mask):
         print(note)
+    groups = mask.kv_groups_full()
     print(f"{args.mask_action} mask: {mask.n_full} of {mask.full.numel()} heads ({mask.head_fraction:.1%}), "
-          f"KV cache {mask.kv_fraction:.1%} -> {path}")
+          f"KV cache {mask.kv_fraction:.1%} ({int(groups.sum())} of {groups.numel()} KV groups) -> {path}")
     return 0

@@ -5,10 +5,14 @@ pure Python (a few ms per 1024-token row). Runs that train on the same streams (
 ``benchmarks/hybrid_quality.py``: same seed, same stages) read the same rows, so ``RowStore`` keeps every
 row it has served and ``fill`` generates the rows a run will need in parallel, ahead of the run.
 
-``RowStore.stream(split, stage, seq_len)`` is a ``SequenceSource`` for ``TransferTrainer``: the library's
-own demo-corpus streams (``sequence_source``, so seeds and the held-out stream are the library's) with
-rows served from the store; a row that is not stored yet is generated on the spot, so the rows are
-exactly ``DemoCorpusRows``' whether or not ``fill`` ran (a test compares them).
+``RowStore.source(seed)`` is a ``SequenceSource`` for ``TransferTrainer``: the library's own demo-corpus
+streams of a run with that seed (``sequence_source``, so stream seeds and the held-out stream are the
+library's) with rows served from the store; a row that is not stored yet is generated on the spot, so
+the rows are exactly ``DemoCorpusRows``' whether or not ``fill`` ran (a test compares them). Runs with
+different seeds (transfer seeds) read different streams; runs with the same seed share them.
+
+``FileRows`` is the same interface for data files (``data.source: files``): read, tokenised and split
+once for every run; the run seed does not change the sequences (it seeds their shuffle in ``StageData``).
 
 The pool uses the ``fork`` start method and is created in ``__init__``: create the store before CUDA is
 initialised. Its workers only run the corpus generator (Python and NumPy), never torch kernels.
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 
 from headscope.transfer.config import DataConfig
-from headscope.transfer.data import DemoCorpusRows, sequence_source
+from headscope.transfer.data import DemoCorpusRows, SequenceSource, sequence_source
 
 _WORKER_STATE: dict = {}
 
@@ -74,22 +78,31 @@ class RowStore:
     def __init__(self, data_config: DataConfig, seed: int, tokenizer: Any, workers: int) -> None:
         if data_config.source != "demo_corpus":
             raise ValueError("RowStore serves the demo corpus (data.source: demo_corpus) only")
-        self.base = sequence_source(data_config, seed, tokenizer)
-        self.streams: dict[tuple[str, int, int], DemoCorpusRows] = {}
+        self.data_config, self.seed, self.tokenizer = data_config, seed, tokenizer
+        self.bases: dict[int, SequenceSource] = {}  # run seed -> the library's streams of that run
+        self.streams: dict[tuple[int, str, int, int], DemoCorpusRows] = {}
         self.store: dict[tuple[int, int], dict[int, torch.Tensor]] = {}  # (stream seed, seq_len) -> row index -> (seq_len,)
         _WORKER_STATE["tokenizer"] = tokenizer
         self.pool = multiprocessing.get_context("fork").Pool(workers) if workers > 0 else None
 
-    def stream(self, split: str, stage: int, seq_len: int) -> CachedRows:
-        """The rows of ``split`` ("train"/"heldout") for stage ``stage`` at ``seq_len`` (a ``SequenceSource``)."""
-        key = (split, stage, seq_len)
+    def stream(self, split: str, stage: int, seq_len: int, seed: int | None = None) -> CachedRows:
+        """The rows of ``split`` ("train"/"heldout") for stage ``stage`` at ``seq_len`` of the run seeded
+        ``seed`` (default: the store's seed)."""
+        seed = self.seed if seed is None else seed
+        key = (seed, split, stage, seq_len)
         if key not in self.streams:
-            self.streams[key] = self.base(split, stage, seq_len)
+            if seed not in self.bases:
+                self.bases[seed] = sequence_source(self.data_config, seed, self.tokenizer)
+            self.streams[key] = self.bases[seed](split, stage, seq_len)
         rows = self.streams[key]
         return CachedRows(rows, self.store.setdefault((rows.seed, rows.seq_len), {}))
 
-    def fill(self, needs: list[tuple[str, int, int, int]], chunk: int = 16) -> tuple[float, int]:
-        """Generate rows ``0..n-1`` of each ``(split, stage, seq_len, n)`` not stored yet.
+    def source(self, seed: int | None = None) -> SequenceSource:
+        """The ``SequenceSource`` of a run seeded ``seed`` (default: the store's seed)."""
+        return lambda split, stage, seq_len: self.stream(split, stage, seq_len, seed)
+
+    def fill(self, needs: list[tuple[str, int, int, int]], chunk: int = 16, seed: int | None = None) -> tuple[float, int]:
+        """Generate rows ``0..n-1`` of each ``(split, stage, seq_len, n)`` of the run seeded ``seed`` not stored yet.
 
         Returns:
             (seconds taken, tokens generated).
@@ -98,7 +111,7 @@ class RowStore:
         wanted: dict[tuple[int, int], int] = {}
         streams: dict[tuple[int, int], CachedRows] = {}
         for split, stage, seq_len, n in needs:
-            rows = self.stream(split, stage, seq_len)
+            rows = self.stream(split, stage, seq_len, seed)
             key = (rows.rows.seed, seq_len)
             wanted[key], streams[key] = max(wanted.get(key, 0), n), rows
         tasks, tokens = [], 0
@@ -121,3 +134,30 @@ class RowStore:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+
+
+class FileRows:
+    """Data files (``data.source: files``) for every run, with ``RowStore``'s interface (see the module docstring).
+
+    Args:
+        data_config: a ``DataConfig`` with ``source: files``.
+        tokenizer: the model's tokenizer (for text documents).
+        vocab_size: ids at or above it are an error.
+    """
+
+    def __init__(self, data_config: DataConfig, tokenizer: Any, vocab_size: int | None = None) -> None:
+        self.base = sequence_source(data_config, 0, tokenizer, vocab_size)  # files: the run seed does not enter
+
+    def stream(self, split: str, stage: int, seq_len: int, seed: int | None = None):
+        """The packed training or held-out sequences at ``seq_len`` (the same for every seed and stage)."""
+        return self.base(split, stage, seq_len)
+
+    def source(self, seed: int | None = None) -> SequenceSource:
+        return self.base
+
+    def fill(self, needs: list[tuple[str, int, int, int]], chunk: int = 16, seed: int | None = None) -> tuple[float, int]:
+        """Nothing to generate: (0 seconds, 0 tokens)."""
+        return 0.0, 0
+
+    def close(self) -> None:
+        """Nothing to stop."""

@@ -1,0 +1,168 @@
+"""The real-model path of the quality benchmark on the CPU: transfer data sampled from a tiny random Llama with a
+BPE tokenizer (``benchmarks/real_transfer_data.py --quick``), then ``benchmarks/hybrid_quality.py`` on those
+files with an extra mask arm, two transfer seeds, KV-matched random arms and the seed summary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures import make_bpe_tokenizer
+from headscope.heads import HeadscopeError
+from headscope.mask import save_mask, select_mask
+from headscope.models import load_model
+from headscope.probes import haystack, sample_task_text, vocab
+from headscope.probes.surface import NATURAL
+from headscope.transfer.config import DataConfig
+from headscope.transfer.data import read_documents
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+LENGTH = 96  # the shortest length every probe below fits with this tokenizer
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def natural_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama (4 layers x 4 heads, 2 KV heads) with a byte-level BPE tokenizer in which the probes'
+    slot words are single tokens (trained on the essay, natural task text and the word lists)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rng = random.Random(0)
+    texts = [" ".join(NATURAL.sentence(tuple(s))) for s in haystack.haystack_sentences("essay")[:600]]
+    texts += [" ".join(sample_task_text(name, rng, 30, NATURAL)) for name in ("needle_single", "needle_multikey", "kv_recall", "ioi") for _ in range(50)]
+    words = [*vocab.KEYS, *vocab.WORD_VALUES, *vocab.NUMBER_VALUES, *(n.capitalize() for n in vocab.NAMES), *vocab.PLACES, *vocab.OBJECTS]
+    tokenizer = make_bpe_tokenizer(texts + [" ".join(words)] * 30, vocab_size=1500)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=LENGTH, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("natural-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def transfer_data(natural_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "transfer.jsonl"
+    assert load("real_transfer_data").main(["--model", str(natural_llama), "--out", str(out), "--quick", "--tokens", "6000"]) == 0
+    return out
+
+
+def test_transfer_data_holds_the_mix_it_records(transfer_data, natural_llama):
+    records = [json.loads(line) for line in transfer_data.read_text().splitlines()]
+    mix = json.loads(transfer_data.with_suffix(".mix.json").read_text())
+    assert mix["mix_asked"] == {"sampled": 0.5, "essay": 0.2, "tasks": 0.3} and mix["documents"] == len(records)
+    tokenizer = load_model(natural_llama).tokenizer
+    for kind, asked in mix["mix_asked"].items():
+        mine = [r for r in records if r["kind"] == kind]
+        tokens = sum(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in mine)
+        assert tokens == mix["mix_obtained"][kind]["tokens"] and len(mine) == mix["mix_obtained"][kind]["documents"]
+        assert abs(tokens / mix["tokens"] - asked) < 0.05 and 6000 * asked <= tokens
+    assert sorted(mix["task_documents"]) == ["induction", "ioi", "kv_recall", "needle_multikey", "needle_single"]
+    assert sum(mix["prompt_kinds"].values()) == mix["mix_obtained"]["sampled"]["documents"]
+    texts = {r.get("task"): r["text"] for r in records if r["kind"] == "tasks"}
+    assert "The special magic" in texts["needle_single"] and "Keys and values:" in texts["kv_recall"]  # NATURAL wording
+    assert [r["kind"] for r in records] != sorted(r["kind"] for r in records)  # shuffled, not grouped by kind
+    assert len(read_documents(DataConfig(paths=[str(transfer_data)]), tokenizer)) == len(records)
+
+
+def test_transfer_data_reruns_are_no_ops_and_other_settings_need_force(transfer_data, natural_llama):
+    module = load("real_transfer_data")
+    before = transfer_data.stat().st_mtime_ns
+    argv = ["--model", str(natural_llama), "--out", str(transfer_data), "--quick", "--tokens", "6000"]
+    assert module.main(argv) == 0 and transfer_data.stat().st_mtime_ns == before
+    with pytest.raises(HeadscopeError, match="other settings.*--force"):
+        module.main(argv + ["--seed", "1"])
+    with pytest.raises(SystemExit):
+        module.parse_args(argv + ["--mix", "sampled=0.5,essay=0.2"])  # shares must sum to 1
+
+
+@pytest.fixture(scope="module")
+def quality(natural_llama, transfer_data, tmp_path_factory):
+    from headscope.models import load_model
+
+    root = tmp_path_factory.mktemp("quality")
+    fp = load_model(natural_llama).fingerprint
+    importance = torch.arange(16, dtype=torch.float32).view(4, 4)  # heads of the last layers first
+    fused = save_mask(select_mask(importance, fp, n_full=2), root / "fused.json")  # L3H2 L3H3: one KV group
+    other = save_mask(select_mask(importance.flip(0), fp, n_full=2), root / "other.json")  # L0H2 L0H3
+    argv = ["--smoke", "--model", str(natural_llama), "--data", str(transfer_data), "--heldout-fraction", "0.3", "--teacher-length", str(LENGTH),
+            "--length-multiples", "1,2", "--mask", str(fused), "--arm", f"early={other}", "--transfer-seeds", "0,1", "--kv-matched",
+            "--random-seeds", "0,1", "--arms", "teacher,headwise_fused_7to1,early,layerwise_3to1,headwise_randomkv_7to1", "--steps", "2,2,2",
+            "--retrieval-probes", "needle_single,kv_recall", "--reasoning-probes", "ioi", "--out", str(root / "out"), "--work", str(root / "work")]
+    benchmark = load("hybrid_quality")
+    assert benchmark.main(argv) == 0
+    return benchmark, argv, json.loads((root / "out" / "hybrid_quality.json").read_text()), root / "out"
+
+
+def test_arms_run_in_rounds_with_transfer_seeds_and_kv_matched_random_masks(quality):
+    _, _, data, _ = quality
+    assert list(data["arms"]) == ["teacher", "headwise_fused_7to1_t0", "early_t0", "layerwise_3to1", "headwise_randomkv_7to1_s0",
+                                  "headwise_fused_7to1_t1", "early_t1", "headwise_randomkv_7to1_s1"]
+    arms = data["arms"]
+    for name, arm in arms.items():
+        assert arm["status"] == "done", (name, arm.get("error"), arm.get("traceback"))
+        assert sorted(arm["accuracy"]) == ["ioi", "kv_recall", "needle_single"] and sorted(arm["heldout_loss"]) == ["192", "96"]
+    assert [arms[f"headwise_fused_7to1_t{t}"]["transfer_seed"] for t in (0, 1)] == [0, 1]
+    assert arms["layerwise_3to1"]["transfer_seed"] == 0
+    fused = arms["headwise_fused_7to1_t0"]
+    for seed in (0, 1):
+        random_arm = arms[f"headwise_randomkv_7to1_s{seed}"]
+        assert random_arm["n_full"] == fused["n_full"] == 2 and random_arm["kv_groups"] == fused["kv_groups"] == 1
+        assert random_arm["kv_bytes_per_token"] == fused["kv_bytes_per_token"]
+    assert arms["early_t0"]["mask"]["full_attention_heads"] == arms["early_t1"]["mask"]["full_attention_heads"]
+    # different transfer seeds train differently: the student's initialisation and the data order
+    assert fused["training"]["stages"][0]["final_train_loss"] != arms["headwise_fused_7to1_t1"]["training"]["stages"][0]["final_train_loss"]
+    assert data["settings"]["data"]["source"] == "files" and data["settings"]["retrieval_probes"] == ["needle_single", "kv_recall"]
+
+
+def test_summary_has_family_spreads_and_the_goal_checks(quality):
+    _, _, data, out = quality
+    families = data["summary"]["families"]
+    assert list(families) == ["teacher", "headwise_fused_7to1", "early", "layerwise_3to1", "headwise_randomkv_7to1"]
+    fused = families["headwise_fused_7to1"]["metrics"]
+    runs = [data["arms"][f"headwise_fused_7to1_t{t}"]["heldout_loss"]["96"] for t in (0, 1)]
+    assert fused["heldout@96"]["mean"] == pytest.approx(sum(runs) / 2)
+    assert fused["heldout@96"]["transfer_sd"] == pytest.approx(abs(runs[0] - runs[1]) / math.sqrt(2))
+    assert fused["heldout@96"]["sd"] is None and fused["heldout@96"]["n_runs"] == 2  # one mask
+    random_ce = families["headwise_randomkv_7to1"]["metrics"]["heldout@96"]
+    assert random_ce["n_masks"] == 2 and random_ce["transfer_sd"] is None and random_ce["sd"] is not None
+    goals = {(g["goal"], g["family"], g.get("length")): g for g in data["summary"]["goals"]}
+    assert set(goals) == {("beats_random", f, n) for f in ("headwise_fused_7to1", "early") for n in (96, 384)} | {
+        ("near_layerwise", f, None) for f in ("headwise_fused_7to1", "early")}
+    at_1x = goals[("beats_random", "headwise_fused_7to1", 96)]
+    assert at_1x["kv_matched"] and at_1x["threshold"] == pytest.approx(2 * at_1x["transfer_sd"])
+    assert at_1x["met"] == (at_1x["margin"] > at_1x["threshold"])
+    assert goals[("beats_random", "early", 384)]["met"] is None  # 4x was not evaluated
+    near = goals[("near_layerwise", "headwise_fused_7to1", None)]
+    assert near["kv_at_most_half"] and sorted(near["gaps"]) == ["reasoning@192", "reasoning@96", "retrieval@192", "retrieval@96"]
+    table = (out / "hybrid_quality.md").read_text()
+    assert "## Seeds: mean ± sd per arm family" in table and "| headwise_randomkv_7to1 | 2 |" in table and "## Goals" in table
+    assert "KV-matched random headwise_randomkv_7to1" in table
+
+
+def test_a_rerun_with_another_seed_list_adds_only_the_new_arms(quality):
+    benchmark, argv, data, out = quality
+    again = argv[: argv.index("--transfer-seeds")] + ["--transfer-seeds", "0,1,2"] + argv[argv.index("--transfer-seeds") + 2:]
+    again[again.index("--arms") + 1] = "headwise_fused_7to1"
+    assert benchmark.main(again) == 0
+    arms = json.loads((out / "hybrid_quality.json").read_text())["arms"]
+    assert arms["headwise_fused_7to1_t2"]["status"] == "done"
+    assert {name: arms[name] for name in data["arms"]} == data["arms"]  # finished arms are kept as they were
+    with pytest.raises(HeadscopeError, match="seeded-arms"):
+        benchmark.main(again + ["--seeded-arms", "nonsense"])
