@@ -283,7 +283,7 @@ def test_help_texts_speak_to_users():
 
 
 def test_make_install_says_what_it_does():
-    proc = subprocess.run(["make", "-n", "-B", "install"], capture_output=True, text=True, cwd=REPO, check=True)
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-B", "install"], capture_output=True, text=True, cwd=REPO, check=True)
     commands = proc.stdout.splitlines()
     installs = [i for i, c in enumerate(commands) if "pip install" in c and not c.startswith("echo")]
     assert len(installs) == 3 and not [commands[i] for i in installs if " -q" in commands[i]], commands  # pip shows its progress
