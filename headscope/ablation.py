@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from headscope.heads import Head, HeadscopeError
 from headscope.models import LoadedModel
-from headscope.patching.engine import hooked, patched_head_outputs
+from headscope.patching.engine import hooked, patched_head_outputs, write_heads
 from headscope.probes.base import Probe
 from headscope.zoo.evaluate import ProbeAccuracy, probe_accuracy
 
@@ -72,18 +72,9 @@ def mean_ablated(lm: LoadedModel, heads: Sequence[Head], means: torch.Tensor) ->
             raise HeadscopeError(f"head {head} is not in {lm.fingerprint.name} ({lm.fingerprint.n_layers} x {lm.fingerprint.n_heads})")
         by_layer.setdefault(head.layer, []).append(head.head)
 
-    def make_patch(layer: int, layer_heads: list[int]):
-        index = torch.tensor(layer_heads, device=means.device)
-        value = means[layer, index]  # (k, D)
-
-        def patch(z: torch.Tensor) -> torch.Tensor:
-            out = z.clone().view(*z.shape[:-1], lm.fingerprint.n_heads, lm.fingerprint.head_dim)  # (B, T, H, D)
-            out[:, :, index] = value.to(out.dtype)
-            return out.view(z.shape)
-
-        return patch
-
-    with patched_head_outputs(lm, {layer: make_patch(layer, hs) for layer, hs in by_layer.items()}):
+    # (k, D) means broadcast over every row and position of the batch
+    patches = {layer: write_heads(means[layer, hs], hs, lm.fingerprint.n_heads) for layer, hs in by_layer.items()}
+    with patched_head_outputs(lm, patches):
         yield
 
 
@@ -119,15 +110,14 @@ class AblationResult:
 
     def summary(self) -> list[dict]:
         """Per k: selected accuracy / logit diff against the random sets' mean and standard deviation."""
+        def stats(values: list[float]) -> tuple[float, float]:
+            return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
         base = next(r for r in self.rows if r.selection == "none")
         out = []
         for k in sorted({r.k for r in self.rows if r.selection == "selected"}):
             chosen = next(r for r in self.rows if r.selection == "selected" and r.k == k)
             rand = [r for r in self.rows if r.selection == "random" and r.k == k]
-
-            def stats(values: list[float]) -> tuple[float, float]:
-                return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
             acc_mean, acc_sd = stats([r.argmax for r in rand])
             ld_mean, ld_sd = stats([r.logit_diff for r in rand])
             out.append({

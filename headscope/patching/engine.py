@@ -364,7 +364,8 @@ def write_heads(values: torch.Tensor, heads: list[int], n_heads: int) -> PatchFn
     """A patch that sets, in every row, the outputs of ``heads`` to ``values`` (row-aligned with the batch).
 
     Args:
-        values: ``(B, T, len(heads), D)`` new outputs of those heads, row ``b`` for batch row ``b``.
+        values: ``(B, T, len(heads), D)`` new outputs of those heads, row ``b`` for batch row ``b`` (or any shape
+            that broadcasts to it, e.g. ``(len(heads), D)`` for one value at every row and position).
         heads: head indices, in the order of ``values``' third axis.
     """
     index = torch.tensor(heads, dtype=torch.long, device=values.device)
