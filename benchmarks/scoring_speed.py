@@ -215,6 +215,7 @@ class Bench:
 
     def transformer_lens(self, probe, bridge=None):
         """(scores, seconds) of TransformerLens' all-position head-output patching, headscope's normalisation."""
+        stub_datasets_if_missing()  # before any transformer_lens import
         from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
         bridge = bridge or self.bridge()

@@ -163,3 +163,28 @@ def test_fla_backward_guard_matches_fla_issue_640_range():
     assert not fla_backward_broken("3.6.0", (8, 0), has_tilelang=False)  # Ampere is fine
     assert not fla_backward_broken("3.6.0", (9, 0), has_tilelang=True)
     assert fla_backward_broken("3.5.0+git1234", (9, 0), has_tilelang=False)
+
+
+def test_fla_gets_one_dtype_when_autocast_mixes_them(monkeypatch):
+    """A float32 model under bf16 autocast gives float32 q/k (RoPE) and bf16 v/beta; fla's kernels need one dtype."""
+    import types
+
+    import headscope.kernels.gdn.ops as gdn
+
+    seen = {}
+
+    def fake_chunk(*, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel):
+        seen.update(q=q.dtype, k=k.dtype, v=v.dtype, beta=beta.dtype, g=g.dtype)
+        return torch.zeros_like(v), None
+
+    fake = types.ModuleType("fla.ops.gated_delta_rule")
+    fake.chunk_gated_delta_rule = fake_chunk
+    fake.fused_recurrent_gated_delta_rule = fake_chunk
+    monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", fake)
+    monkeypatch.setattr(gdn, "_use_fla", lambda q: True)
+    q, k = (F.normalize(torch.randn(1, 5, 2, 8), dim=-1) for _ in range(2))  # float32
+    v, beta = torch.randn(1, 5, 2, 8, dtype=torch.bfloat16), torch.full((1, 5, 2), 0.5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        o, _ = gdn.gated_delta_rule(q, k, v, -torch.ones(1, 5, 2), beta)
+    assert seen == dict(q=torch.bfloat16, k=torch.bfloat16, v=torch.bfloat16, beta=torch.bfloat16, g=torch.float32)
+    assert o.dtype == torch.float32  # q's dtype, as documented

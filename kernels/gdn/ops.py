@@ -18,7 +18,7 @@ debugging). fla arguments are always passed by keyword: the 5th positional argum
 ``fused_recurrent_gated_delta_rule`` is ``gk``, not ``beta``.
 
 States are float32 everywhere: ``initial_state`` is cast to float32 and ``final_state`` comes back as
-(B, H, K, V) float32, whatever the dtype of q/k/v. The output o has q's dtype.
+(B, H, K, V) float32, whatever the dtype of q/k/v. The output o has q's dtype. fla gets q, k, v and beta in one dtype, the least precise of q, k, v (autocast can mix them).
 """
 
 from __future__ import annotations
@@ -82,6 +82,16 @@ def _fla_can_backward(q: torch.Tensor) -> bool:
     return not fla_backward_broken(triton.__version__, capability, importlib.util.find_spec("tilelang") is not None)
 
 
+def kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The one dtype fla's kernels get for q, k, v and beta: the least precise of q, k, v.
+
+    fla's Triton kernels need them in one dtype (``tl.dot`` refuses float32 x bfloat16). Under autocast
+    they can differ: the projections come out in bfloat16 while RoPE with a float32 model's cos/sin
+    tables makes q and k float32; the autocast dtype is the one the layer asked for.
+    """
+    return min((q.dtype, k.dtype, v.dtype), key=lambda dtype: torch.finfo(dtype).bits)
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
@@ -139,12 +149,13 @@ def gated_delta_rule(
             "install them, or set HEADSCOPE_NO_TRITON=1 for the slow torch path"
         ) from exc
     kernel = fused_recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
+    dtype = kernel_dtype(q, k, v)
     o, state = kernel(
-        q=q,
-        k=k,
-        v=v,
+        q=q.to(dtype),
+        k=k.to(dtype),
+        v=v.to(dtype),
         g=g,
-        beta=beta,
+        beta=beta.to(dtype),
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
