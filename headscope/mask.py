@@ -201,7 +201,9 @@ def select_mask(
         min_per_layer: full heads every layer must keep (in heads; whole groups with ``kv_aware``).
         kv_aware: choose whole KV groups (scored by ``group_score``: ``max`` or ``sum``).
         exclude: heads that must not get full attention, e.g. heads whose job needs RoPE (``rope``
-            scores: the FA branch is NoPE); the budget goes to the next heads. Not with ``kv_aware``.
+            scores: the FA branch is NoPE); the budget goes to the next heads. With ``kv_aware`` the
+            groups are scored without them and the budget stays in groups (the KV cache): a chosen
+            group keeps its excluded heads linear, so the mask has fewer FA heads than the budget.
     Returns:
         ``HeadMask`` whose provenance holds ratio, selection record, probes, methods, fusion, scores.
     """
@@ -209,8 +211,6 @@ def select_mask(
     budget = head_budget(fp, ratio, n_full)
     excluded = sorted(set(exclude), key=lambda h: (h.layer, h.head))
     if excluded:
-        if kv_aware:
-            raise HeadscopeError("exclude works on single heads; with kv_aware a chosen KV group could still hold an excluded head")
         for head in excluded:
             if not fp.has_head(head):
                 raise HeadscopeError(f"cannot exclude {head}: the model has {fp.n_layers} layers x {fp.n_heads} heads")
@@ -219,6 +219,10 @@ def select_mask(
         for head in excluded:
             importance[head.layer, head.head] = floor
     full, record = _select(importance, fp, budget, min_per_layer, kv_aware, group_score)
+    if excluded and kv_aware:
+        for head in excluded:
+            full[head.layer, head.head] = False
+        record["n_full"] = int(full.sum())
     if excluded:
         forced = [str(h) for h in excluded if full[h.layer, h.head]]
         if forced:

@@ -66,13 +66,27 @@ def test_excluded_heads_give_their_budget_to_the_next_ones():
     assert set(mask.heads()) == set(top[2:10])
     assert mask.provenance["selection"]["excluded"] == [str(h) for h in sorted(top[:2], key=lambda h: (h.layer, h.head))]
     assert select_mask(importance, FP8, ratio="7:1").provenance["selection"].get("excluded") is None
-    with pytest.raises(HeadscopeError, match="not.*kv_aware|with kv_aware"):
-        select_mask(importance, FP8, ratio="7:1", kv_aware=True, exclude=top[:1])
     with pytest.raises(HeadscopeError, match="cannot exclude L8H0"):
         select_mask(importance, FP8, ratio="7:1", exclude=[Head(8, 0)])
     whole_layer = [Head(0, h) for h in range(8)]
     with pytest.raises(HeadscopeError, match="forces excluded heads"):
         select_mask(importance, FP8, ratio="7:1", min_per_layer=1, exclude=whole_layer)
+
+
+def test_kv_aware_exclusion_keeps_the_group_budget_and_leaves_excluded_heads_linear():
+    """With kv_aware, groups are scored without the excluded heads; a chosen group keeps them linear."""
+    importance = distinct(FP8)
+    plain = select_mask(importance, FP8, ratio="7:1", kv_aware=True)
+    groups = lambda m: {(h.layer, h.head // FP8.group_size) for h in m.heads()}  # noqa: E731
+    best = max(plain.heads(), key=lambda h: float(importance[h.layer, h.head]))
+    mates = [Head(best.layer, h) for h in range(FP8.n_heads) if h // FP8.group_size == best.head // FP8.group_size]
+    one = select_mask(importance, FP8, ratio="7:1", kv_aware=True, exclude=[best])
+    assert len(groups(one)) == len(groups(plain))  # the KV cache budget is unchanged
+    kept = (best.layer, best.head // FP8.group_size) in groups(one)
+    assert best not in one.heads() and len(one.heads()) == len(groups(one)) * FP8.group_size - kept
+    assert one.provenance["selection"]["n_full"] == len(one.heads()) and one.provenance["selection"]["excluded"] == [str(best)]
+    whole = select_mask(importance, FP8, ratio="7:1", kv_aware=True, exclude=mates)  # the whole group: another one replaces it
+    assert (best.layer, best.head // FP8.group_size) not in groups(whole) and len(whole.heads()) == len(plain.heads())
 
 
 def test_min_per_layer_is_honoured():
