@@ -41,6 +41,7 @@ CUDA without autograd the two branches run concurrently on two streams (``run_br
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +49,11 @@ from torch import nn
 from transformers import initialization as init
 
 from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, gdn_decay_init, log_position_scale
+from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.kernels.epilogue.ops import head_epilogue
+from headscope.kernels.fa_decode.ops import decode_attention
 from headscope.kernels.gdn.ops import gated_delta_rule
+from headscope.kernels.gdn_decode.ops import gdn_decode_step
 from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm
 
 
@@ -98,6 +102,8 @@ class HybridLayerSpec:
 def previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The conv window ``(B, C, K)`` and recurrent state ``(B, H, Dk, Dv)`` a cache holds for a GDN layer,
     or ``(None, None)`` before its first step (the cache-layer API of transformers 5.17 and later)."""
+    if isinstance(cache, HybridStaticCache):
+        return cache.gdn_states(layer_idx)
     if cache is None or not cache.has_previous_state(layer_idx):
         return None, None
     slot = cache.layers[layer_idx]
@@ -264,18 +270,28 @@ class HeadwiseHybridAttention(nn.Module):
             ``(B, T, H, D)`` fused per-head outputs in head order (the ``o_proj`` input).
         """
         spec = self.spec
-        seq = x.shape[1]
+        batch, seq = x.shape[:2]
         q_fa, q_gdn = q.split((spec.n_fa_heads, spec.n_gdn_heads), dim=2)
         k_fa, k_gdn = k.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         v_fa, v_gdn = v.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
-        branches = []
-        if spec.n_fa_heads:
-            branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask))
-        if spec.n_gdn_heads:
-            branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
-        outputs = run_branches(branches, overlap=self.overlap_branches and x.is_cuda and not torch.is_grad_enabled())
-        o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, T, H, D)
+        overlap = self.overlap_branches and x.is_cuda and not torch.is_grad_enabled()
+        if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
+            o = q.new_empty(batch, 1, spec.n_heads, spec.head_dim)
+            branches = []
+            if spec.n_fa_heads:
+                branches.append(lambda: self._full_attention_step(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, o[:, :, : spec.n_fa_heads]))
+            if spec.n_gdn_heads:
+                branches.append(lambda: self._gated_delta_step(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :]))
+            run_branches(branches, overlap)
+        else:
+            branches = []
+            if spec.n_fa_heads:
+                branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask))
+            if spec.n_gdn_heads:
+                branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
+            outputs = run_branches(branches, overlap)
+            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, T, H, D)
         if spec.fusion_norm:
             return head_epilogue(o, self.gamma, gate)
         if gate is not None:
@@ -295,6 +311,31 @@ class HeadwiseHybridAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, D)
         return causal_attention(
             q, k, v, self.segments, scale=spec.head_dim**-0.5, padding_mask=padding_mask, sliding_window=spec.sliding_window
+        )
+
+    def _full_attention_step(self, q, k, v, position_embeddings, position_ids, cache, out) -> torch.Tensor:
+        """FA heads, one decode token against a ``HybridStaticCache``: ``kernels/fa_decode`` writes the new
+        key/value into the cache and attends over the tokens seen, into ``out`` ``(B, 1, n_fa, D)``."""
+        spec = self.spec
+        if spec.fa_rope:
+            cos, sin = position_embeddings
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        positions = position_ids[:, -1].contiguous() if spec.log_scaling else None  # (B,)
+        return decode_attention(
+            q, k, v, cache.keys[self.layer_idx], cache.values[self.layer_idx], cache.valid, cache.seen,
+            (0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,
+            attn_scale=spec.attn_scale, floor_scale=spec.floor_scale, sliding_window=spec.sliding_window, out=out,
+            device_offsets=cache.q_offsets[self.layer_idx],
+        )
+
+    def _gated_delta_step(self, x, q, k, v, position_embeddings, cache, out) -> torch.Tensor:
+        """GDN heads, one decode token against a ``HybridStaticCache``: ``kernels/gdn_decode`` (conv window,
+        RoPE + norm, beta/decay, delta rule) with both states updated in place, into ``out`` ``(B, 1, n_gdn, D)``."""
+        cos, sin = position_embeddings
+        return gdn_decode_step(
+            x[:, 0], q, k, v, self.conv1d.weight.squeeze(1), cache.conv_states[self.layer_idx], cos, sin,
+            self.b_proj.weight, self.a_proj.weight, self.A_log, self.dt_bias, cache.recurrent_states[self.layer_idx],
+            cache.step_mask, scale=self.spec.head_dim**-0.5, out=out,
         )
 
     def _gated_delta(self, x, q, k, v, position_embeddings, cache, step_mask) -> torch.Tensor:
