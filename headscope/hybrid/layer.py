@@ -36,7 +36,17 @@ pretrained attention (the builder's parity test).
 
 ``forward = o_proj(core(x, *project(x)))``: ``project`` holds the big input projections, ``core`` the
 rest (both branches and the fusion; what ``benchmarks/hybrid_speed.py`` times as the attention core). On
-CUDA without autograd the two branches run concurrently on two streams (``run_branches``).
+CUDA without autograd the two branches can run concurrently on two streams (``run_branches``): by default
+(``overlap_branches = "auto"``) while a CUDA graph is being captured (graph decode: 0.061 against 0.079 ms
+per layer core on the H100) and for calls of at least ``OVERLAP_MIN_TOKENS`` tokens (prefill at 64K-128K:
+7-9% faster), not for short eager calls, where the stream bookkeeping only adds host time (4K-16K
+prefill 5-7% slower, eager decode 10% slower; ``benchmarks/results/hybrid_speed.md``).
+
+Against a ``HybridStaticCache`` a one-token call is a decode step through ``kernels/fa_decode`` and
+``kernels/gdn_decode`` (cache write, log scaling, conv window, delta rule, states in place; no host
+synchronisation), both branches writing into one output: what ``headscope.hybrid.static_cache``
+captures in a CUDA graph. ``HybridModel`` computes the FA query scale once per forward and passes it to
+every layer (``query_scale``), instead of each layer recomputing it.
 """
 
 from __future__ import annotations
@@ -111,6 +121,14 @@ def previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.T
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+OVERLAP_MIN_TOKENS = 32768  # "auto" overlaps eager calls from here: between the measured 16K (slower) and 64K (faster)
+
+
+def should_overlap(setting: bool | str, x: torch.Tensor) -> bool:
+    """Whether ``core`` runs its branches on two streams (``overlap_branches``: True, False or "auto")."""
+    if setting is False or not x.is_cuda or torch.is_grad_enabled():
+        return False
+    return setting is True or x.shape[0] * x.shape[1] >= OVERLAP_MIN_TOKENS or torch.cuda.is_current_stream_capturing()
 
 
 def run_branches(branches: list, overlap: bool) -> list[torch.Tensor]:
@@ -161,8 +179,9 @@ class HeadwiseHybridAttention(nn.Module):
     """
 
     # On CUDA without autograd, run the GDN branch on a side stream while the FA branch runs on the
-    # current one (``run_branches``); a run-time switch, not part of the saved config.
-    overlap_branches: bool = True
+    # current one (``run_branches``): True, False or "auto" (``should_overlap``); a run-time switch, not
+    # part of the saved config.
+    overlap_branches: bool | str = "auto"
 
     def __init__(self, spec: HybridLayerSpec, layer_idx: int) -> None:
         super().__init__()
@@ -229,6 +248,7 @@ class HeadwiseHybridAttention(nn.Module):
         position_ids: torch.Tensor,
         past_key_values=None,
         padding_mask: torch.Tensor | None = None,
+        query_scale: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """One attention layer: ``o_proj(core(x, *project(x)))``.
@@ -240,11 +260,12 @@ class HeadwiseHybridAttention(nn.Module):
             past_key_values: a ``transformers.DynamicCache`` built from the ``HybridConfig`` (its layer
                 types give this layer a KV slot if it has FA heads, conv + recurrent states if GDN), or None.
             padding_mask: ``(B, past + T)`` 1 for real tokens, or None when nothing is padded.
+            query_scale: ``(B, T)`` float32 ``log_position_scale`` of ``position_ids`` (computed here when None).
         Returns:
             ``(B, T, hidden)``.
         """
         batch, seq, _ = hidden_states.shape
-        o = self.core(hidden_states, *self.project(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask)
+        o = self.core(hidden_states, *self.project(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
         return self.o_proj(o.reshape(batch, seq, -1))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -260,7 +281,7 @@ class HeadwiseHybridAttention(nn.Module):
         gate = self.gate_proj(x).view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
         return q, k, v, gate
 
-    def core(self, x, q, k, v, gate, position_embeddings, position_ids, cache=None, padding_mask=None) -> torch.Tensor:
+    def core(self, x, q, k, v, gate, position_embeddings, position_ids, cache=None, padding_mask=None, query_scale=None) -> torch.Tensor:
         """Everything between the projections and ``o_proj``: both branches and the fusion.
 
         Args:
@@ -275,7 +296,7 @@ class HeadwiseHybridAttention(nn.Module):
         k_fa, k_gdn = k.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         v_fa, v_gdn = v.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
-        overlap = self.overlap_branches and x.is_cuda and not torch.is_grad_enabled()
+        overlap = should_overlap(self.overlap_branches, x)
         if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
             o = q.new_empty(batch, 1, spec.n_heads, spec.head_dim)
             branches = []
@@ -287,7 +308,7 @@ class HeadwiseHybridAttention(nn.Module):
         else:
             branches = []
             if spec.n_fa_heads:
-                branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask))
+                branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask, query_scale))
             if spec.n_gdn_heads:
                 branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
             outputs = run_branches(branches, overlap)
@@ -298,14 +319,16 @@ class HeadwiseHybridAttention(nn.Module):
             return torch.cat((o[:, :, : spec.n_fa_heads] * torch.sigmoid(gate), o[:, :, spec.n_fa_heads :]), dim=2)
         return o
 
-    def _full_attention(self, q, k, v, position_embeddings, position_ids, cache, padding_mask) -> torch.Tensor:
+    def _full_attention(self, q, k, v, position_embeddings, position_ids, cache, padding_mask, query_scale=None) -> torch.Tensor:
         """FA heads: ``(B, T, n_fa, D)`` from q ``(B, T, n_fa, D)`` and k, v ``(B, T, n_fa_kv, D)``."""
         spec = self.spec
         if spec.fa_rope:
             cos, sin = position_embeddings
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if spec.log_scaling:
-            q = q * log_position_scale(position_ids, spec.attn_scale, spec.floor_scale)[:, :, None, None].to(q.dtype)
+            if query_scale is None:
+                query_scale = log_position_scale(position_ids, spec.attn_scale, spec.floor_scale)
+            q = q * query_scale[:, :, None, None].to(q.dtype)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, D)

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from headscope.heads import HeadscopeError
 from headscope.hybrid.configuration import HybridConfig, family_of
+from headscope.hybrid.functional import log_position_scale
 from headscope.hybrid.layer import HeadwiseHybridAttention
 from headscope.hybrid.static_cache import HybridStaticCache
 
@@ -55,8 +56,8 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = norm(base.hidden_size, eps=base.rms_norm_eps)
         self.post_attention_layernorm = norm(base.hidden_size, eps=base.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, position_ids, past_key_values=None, padding_mask=None, **kwargs):
-        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask)
+    def forward(self, hidden_states, position_embeddings, position_ids, past_key_values=None, padding_mask=None, query_scale=None, **kwargs):
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
         hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -120,13 +121,14 @@ class HybridModel(HybridPreTrainedModel):
         if position_ids is None:
             position_ids = self._positions(attention_mask, past_key_values, seq, hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        query_scale = self._query_scale(position_ids)
         static = isinstance(past_key_values, HybridStaticCache)
         if static:
             past_key_values.check_room(seq, hidden.shape[0])
             past_key_values.begin_prefill(attention_mask, seq)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, position_embeddings, position_ids, past_key_values, padding_mask)
+            hidden = layer(hidden, position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
             if all_hidden is not None:
                 all_hidden.append(hidden)
         if static:
@@ -137,6 +139,12 @@ class HybridModel(HybridPreTrainedModel):
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
+
+    def _query_scale(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The FA query scale ``(B, T)`` every log-scaled layer uses (the same switches for all), once per forward."""
+        if not any(layer.self_attn.spec.log_scaling and layer.self_attn.spec.n_fa_heads for layer in self.layers):
+            return None
+        return log_position_scale(position_ids, float(self.config.attn_scale), float(self.config.floor_scale))
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: HybridStaticCache) -> torch.Tensor:
         """Final hidden states ``(B, 1, C)`` of one token per row against a static cache: device work only, no
