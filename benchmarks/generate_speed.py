@@ -48,6 +48,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -241,6 +242,9 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                     variants[variant]["graph_equals_static_eager"] = graph_check(bench, ids, variants[variant]["new_tokens"], args.check_tokens)
             except torch.OutOfMemoryError as err:
                 variants[variant] = {"skipped": f"out of memory: {str(err).splitlines()[0]}"}
+            except Exception as err:  # noqa: BLE001 -- one failing variant (a compile, a capture) must not stop the row
+                traceback.print_exc()
+                variants[variant] = {"skipped": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
             finally:
                 bench.release()
         for name, twin in TWIN.items():

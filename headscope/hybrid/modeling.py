@@ -214,8 +214,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             isinstance(cache, HybridStaticCache) and input_ids is not None and input_ids.shape[1] == 1
             and labels is None and not output_hidden_states and not torch.is_grad_enabled()
         ):
-            if position_ids is None:
-                position_ids = self.model._positions(attention_mask, cache, 1, input_ids.device)
+            if position_ids is None and attention_mask is not None:  # the last entry of the mask's running count
+                position_ids = (attention_mask.sum(-1, keepdim=True) - 1).clamp_min(0)
+            elif position_ids is None:
+                position_ids = self.model._positions(None, cache, 1, input_ids.device)
             logits = cache.decode(self, input_ids, attention_mask, position_ids)
             return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
         out = self.model(

@@ -157,6 +157,7 @@ class HybridStaticCache:
             with torch.cuda.stream(side):
                 logits = model.decode_logits(input_ids, positions, self)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            logits.record_stream(torch.cuda.current_stream(self.device))  # made on the side stream, used on this one
             self._warmed_up = True
         else:
             logits = model.decode_logits(input_ids, positions, self)
