@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_interpreter import print_report  # same directory (sys.path[0] of this script)
+from triton_interpreter import cases_in_dtypes, print_report  # same directory (sys.path[0] of this script)
 
 # name, B, FA query heads per KV head, D, slots L, seen, log scaling, sliding window, splits (None = default)
 CASES = [
@@ -56,13 +56,5 @@ def run_case(batch, groups, dim, length, seen, log_scaling, window, splits, dtyp
     }
 
 
-def run_cases() -> list[dict]:
-    cases = []
-    for seed, (name, *args) in enumerate(CASES):
-        for dtype in (torch.float32, torch.bfloat16):
-            cases.append({"name": name, "dtype": str(dtype).removeprefix("torch."), **run_case(*args, dtype, seed)})
-    return cases
-
-
 if __name__ == "__main__":
-    print_report(run_cases)
+    print_report(lambda: cases_in_dtypes(CASES, run_case))

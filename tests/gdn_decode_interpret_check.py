@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_interpreter import print_report  # same directory (sys.path[0] of this script)
+from triton_interpreter import cases_in_dtypes, print_report  # same directory (sys.path[0] of this script)
 
 # name, B, H, D, conv width K, hidden, with padding mask, cos batch, value block
 CASES = [
@@ -49,13 +49,5 @@ def run_case(batch, heads, dim, width, hidden, with_mask, cos_batch, block_v, dt
     }
 
 
-def run_cases() -> list[dict]:
-    cases = []
-    for seed, (name, *args) in enumerate(CASES):
-        for dtype in (torch.float32, torch.bfloat16):
-            cases.append({"name": name, "dtype": str(dtype).removeprefix("torch."), **run_case(*args, dtype, seed)})
-    return cases
-
-
 if __name__ == "__main__":
-    print_report(run_cases)
+    print_report(lambda: cases_in_dtypes(CASES, run_case))

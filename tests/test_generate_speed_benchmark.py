@@ -4,23 +4,16 @@ paths' (float32), the summary built from the row files, a rerun running only mis
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import save_model, tiny_llama
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "generate_speed.py"
+from conftest import load_benchmark, save_model, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("generate_speed_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generate_speed")
 
 
 def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_thread):
