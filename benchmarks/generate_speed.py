@@ -16,7 +16,8 @@ context, batch) with random prompt tokens; in one process it times ``generate()`
   CUDA graph; ``--smoke``: the same static path, eager, on the CPU).
 
 Per variant: a warm-up ``generate()`` of the same shape stopped after 3 tokens (kernels compile, the
-static caches and graphs are built and then reused), then the timed call. A logits processor records a
+static caches and graphs are built and then reused), then the timed call (``--prefill-chunk``: all
+variants prefill in chunks, transformers' ``prefill_chunk_size``, for batch x context that does not fit at once). A logits processor records a
 CUDA event at every step, so one call gives the time to first token (``generate()`` entered -> first
 logits: prefill and set-up) and the per-token latency (mean over the remaining steps); tokens/s = batch x
 new tokens / total. Correctness: ``graph_equals_static_eager``: the graph path's first ``--check-tokens``
@@ -157,7 +158,7 @@ class StepClock:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | None = None) -> dict:
+def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | None = None, prefill_chunk: int | None = None) -> dict:
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
     class StopAfter(StoppingCriteria):
@@ -168,7 +169,7 @@ def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | N
             self.calls += 1
             return torch.full((input_ids.shape[0],), self.calls >= self.steps, dtype=torch.bool, device=input_ids.device)
 
-    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, prefill_chunk_size=prefill_chunk,
                               cache_implementation="static" if variant == "original_compiled" else None)
     kwargs = {"generation_config": config, "logits_processor": LogitsProcessorList(list(processors))}
     if stop_after:
@@ -178,17 +179,17 @@ def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | N
     return kwargs
 
 
-def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int) -> dict:
+def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, prefill_chunk: int | None = None) -> dict:
     model = bench.hybrid if variant.startswith("hybrid") else bench.original
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, stop_after=3))  # warm-up
+        model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, stop_after=3, prefill_chunk=prefill_chunk))  # warm-up
         clock = StepClock(bench.device)
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = clock.mark()
-        out = model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, processors=[clock]))
+        out = model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, processors=[clock], prefill_chunk=prefill_chunk))
         end = clock.mark()
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
@@ -231,13 +232,13 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
         if time.perf_counter() > deadline:
             print(f"  {row} {variant}: not started (budget spent); run again", flush=True)
             return
-        need = bench.cache_bytes(variant, batch, context + args.new_tokens) + bench.prefill_bytes(batch, context)
+        need = bench.cache_bytes(variant, batch, context + args.new_tokens) + bench.prefill_bytes(batch, min(context, args.prefill_chunk or context))
         if free is not None and need > 0.92 * free:
             variants[variant] = {"skipped": f"needs ~{need / 1e9:.0f} GB (cache + prefill activations), {free / 1e9:.0f} GB free"}
         else:
             print(f"  {row} {variant} ...", flush=True)
             try:
-                variants[variant] = timed_generate(bench, variant, ids, args.new_tokens)
+                variants[variant] = timed_generate(bench, variant, ids, args.new_tokens, args.prefill_chunk)
                 if variant == "hybrid_graph":
                     variants[variant]["graph_equals_static_eager"] = graph_check(bench, ids, variants[variant]["new_tokens"], args.check_tokens)
             except torch.OutOfMemoryError as err:
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--check-tokens", type=int, default=32, help="tokens of the graph vs static-eager check")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens (all variants; less activation memory)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds: start no variant after this")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU in float32 (the test)")
     args = parser.parse_args(argv)
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"device": torch.cuda.get_device_name() if cuda else "cpu (--smoke)", "dtype": str(dtype).removeprefix("torch."),
                 "torch": torch.__version__, "transformers": transformers.__version__, "new_tokens": args.new_tokens}
+    if args.prefill_chunk:
+        settings["prefill_chunk"] = args.prefill_chunk
     row_path = lambda row: rows_dir / f"{row.replace(':', '_')}.json"  # noqa: E731
 
     def write_summary() -> None:
