@@ -5,7 +5,8 @@ from ``headscope.hybrid``'s own modules, random weights):
 
 * ``full``: 16 FA heads on 8 KV heads with RoPE: the pretrained attention (plain layer);
 * ``headwise``: 2 FA heads sharing KV group 0 + 14 GDN heads (the 7:1 hybrid), timed with its FA and
-  GDN branches on two CUDA streams (the layer's inference default) and one after the other (``seq``);
+  GDN branches on two CUDA streams (``overlap_branches=True``) and one after the other (``False``; the layer's
+  default "auto" picks between them by length, from these rows);
 * ``fa_branch`` / ``gdn_branch``: each branch alone (2 FA heads; 14 GDN heads) as its own layer;
 * ``linear``: a pure 16-head GDN layer; ``layerwise`` = (full + 3 x linear) / 4, the per-layer average
   of a layer-wise 3:1 hybrid.

@@ -55,6 +55,16 @@ def print_report(run_cases: Callable[[], list[dict]]) -> None:
     print(json.dumps({"status": "ok", "cases": run_cases()}))
 
 
+def cases_in_dtypes(cases: list[tuple], run_case: Callable[..., dict]) -> list[dict]:
+    """``run_case(*args, dtype, seed)`` for every ``(name, *args)`` of ``cases`` (seed = its index) in float32 and
+    bfloat16, each result as ``{name, dtype, **result}``: the ``run_cases`` of a helper."""
+    return [
+        {"name": name, "dtype": str(dtype).removeprefix("torch."), **run_case(*args, dtype, seed)}
+        for seed, (name, *args) in enumerate(cases)
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+
+
 def interpreted_cases(helper: Path, timeout: int = 600) -> list[dict]:
     """Run a helper script under ``TRITON_INTERPRET=1`` and return its cases (a pytest skip when it cannot).
 

@@ -36,11 +36,22 @@ pretrained attention (the builder's parity test).
 
 ``forward = o_proj(core(x, *project(x)))``: ``project`` holds the big input projections, ``core`` the
 rest (both branches and the fusion; what ``benchmarks/hybrid_speed.py`` times as the attention core). On
-CUDA without autograd the two branches run concurrently on two streams (``run_branches``).
+CUDA without autograd the two branches can run concurrently on two streams (``run_branches``): by default
+(``overlap_branches = "auto"``) while a CUDA graph is being captured (graph decode: 0.061 against 0.079 ms
+per layer core on the H100) and for calls of at least ``OVERLAP_MIN_TOKENS`` tokens (prefill at 64K-128K:
+7-9% faster), not for short eager calls, where the stream bookkeeping only adds host time (4K-16K
+prefill 5-7% slower, eager decode 10% slower; ``benchmarks/results/hybrid_speed.md``).
+
+Against a ``HybridStaticCache`` a one-token call is a decode step through ``kernels/fa_decode`` and
+``kernels/gdn_decode`` (cache write, log scaling, conv window, delta rule, states in place; no host
+synchronisation), both branches writing into one output: what ``headscope.hybrid.static_cache``
+captures in a CUDA graph. ``HybridModel`` computes the FA query scale once per forward and passes it to
+every layer (``query_scale``), instead of each layer recomputing it.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +59,11 @@ from torch import nn
 from transformers import initialization as init
 
 from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, gdn_decay_init, log_position_scale
+from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.kernels.epilogue.ops import head_epilogue
+from headscope.kernels.fa_decode.ops import decode_attention
 from headscope.kernels.gdn.ops import gated_delta_rule
+from headscope.kernels.gdn_decode.ops import gdn_decode_step
 from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm
 
 
@@ -98,6 +112,8 @@ class HybridLayerSpec:
 def previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The conv window ``(B, C, K)`` and recurrent state ``(B, H, Dk, Dv)`` a cache holds for a GDN layer,
     or ``(None, None)`` before its first step (the cache-layer API of transformers 5.17 and later)."""
+    if isinstance(cache, HybridStaticCache):
+        return cache.gdn_states(layer_idx)
     if cache is None or not cache.has_previous_state(layer_idx):
         return None, None
     slot = cache.layers[layer_idx]
@@ -105,6 +121,14 @@ def previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.T
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+OVERLAP_MIN_TOKENS = 32768  # "auto" overlaps eager calls from here: between the measured 16K (slower) and 64K (faster)
+
+
+def should_overlap(setting: bool | str, x: torch.Tensor) -> bool:
+    """Whether ``core`` runs its branches on two streams (``overlap_branches``: True, False or "auto")."""
+    if setting is False or not x.is_cuda or torch.is_grad_enabled():
+        return False
+    return setting is True or x.shape[0] * x.shape[1] >= OVERLAP_MIN_TOKENS or torch.cuda.is_current_stream_capturing()
 
 
 def run_branches(branches: list, overlap: bool) -> list[torch.Tensor]:
@@ -155,8 +179,9 @@ class HeadwiseHybridAttention(nn.Module):
     """
 
     # On CUDA without autograd, run the GDN branch on a side stream while the FA branch runs on the
-    # current one (``run_branches``); a run-time switch, not part of the saved config.
-    overlap_branches: bool = True
+    # current one (``run_branches``): True, False or "auto" (``should_overlap``); a run-time switch, not
+    # part of the saved config.
+    overlap_branches: bool | str = "auto"
 
     def __init__(self, spec: HybridLayerSpec, layer_idx: int) -> None:
         super().__init__()
@@ -223,6 +248,7 @@ class HeadwiseHybridAttention(nn.Module):
         position_ids: torch.Tensor,
         past_key_values=None,
         padding_mask: torch.Tensor | None = None,
+        query_scale: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """One attention layer: ``o_proj(core(x, *project(x)))``.
@@ -234,11 +260,12 @@ class HeadwiseHybridAttention(nn.Module):
             past_key_values: a ``transformers.DynamicCache`` built from the ``HybridConfig`` (its layer
                 types give this layer a KV slot if it has FA heads, conv + recurrent states if GDN), or None.
             padding_mask: ``(B, past + T)`` 1 for real tokens, or None when nothing is padded.
+            query_scale: ``(B, T)`` float32 ``log_position_scale`` of ``position_ids`` (computed here when None).
         Returns:
             ``(B, T, hidden)``.
         """
         batch, seq, _ = hidden_states.shape
-        o = self.core(hidden_states, *self.project(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask)
+        o = self.core(hidden_states, *self.project(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
         return self.o_proj(o.reshape(batch, seq, -1))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -254,7 +281,7 @@ class HeadwiseHybridAttention(nn.Module):
         gate = self.gate_proj(x).view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
         return q, k, v, gate
 
-    def core(self, x, q, k, v, gate, position_embeddings, position_ids, cache=None, padding_mask=None) -> torch.Tensor:
+    def core(self, x, q, k, v, gate, position_embeddings, position_ids, cache=None, padding_mask=None, query_scale=None) -> torch.Tensor:
         """Everything between the projections and ``o_proj``: both branches and the fusion.
 
         Args:
@@ -264,37 +291,74 @@ class HeadwiseHybridAttention(nn.Module):
             ``(B, T, H, D)`` fused per-head outputs in head order (the ``o_proj`` input).
         """
         spec = self.spec
-        seq = x.shape[1]
+        batch, seq = x.shape[:2]
         q_fa, q_gdn = q.split((spec.n_fa_heads, spec.n_gdn_heads), dim=2)
         k_fa, k_gdn = k.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         v_fa, v_gdn = v.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
-        branches = []
-        if spec.n_fa_heads:
-            branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask))
-        if spec.n_gdn_heads:
-            branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
-        outputs = run_branches(branches, overlap=self.overlap_branches and x.is_cuda and not torch.is_grad_enabled())
-        o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, T, H, D)
+        overlap = should_overlap(self.overlap_branches, x)
+        if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
+            o = q.new_empty(batch, 1, spec.n_heads, spec.head_dim)
+            branches = []
+            if spec.n_fa_heads:
+                branches.append(lambda: self._full_attention_step(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, o[:, :, : spec.n_fa_heads]))
+            if spec.n_gdn_heads:
+                branches.append(lambda: self._gated_delta_step(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :]))
+            run_branches(branches, overlap)
+        else:
+            branches = []
+            if spec.n_fa_heads:
+                branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask, query_scale))
+            if spec.n_gdn_heads:
+                branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
+            outputs = run_branches(branches, overlap)
+            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, T, H, D)
         if spec.fusion_norm:
             return head_epilogue(o, self.gamma, gate)
         if gate is not None:
             return torch.cat((o[:, :, : spec.n_fa_heads] * torch.sigmoid(gate), o[:, :, spec.n_fa_heads :]), dim=2)
         return o
 
-    def _full_attention(self, q, k, v, position_embeddings, position_ids, cache, padding_mask) -> torch.Tensor:
+    def _full_attention(self, q, k, v, position_embeddings, position_ids, cache, padding_mask, query_scale=None) -> torch.Tensor:
         """FA heads: ``(B, T, n_fa, D)`` from q ``(B, T, n_fa, D)`` and k, v ``(B, T, n_fa_kv, D)``."""
         spec = self.spec
         if spec.fa_rope:
             cos, sin = position_embeddings
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if spec.log_scaling:
-            q = q * log_position_scale(position_ids, spec.attn_scale, spec.floor_scale)[:, :, None, None].to(q.dtype)
+            if query_scale is None:
+                query_scale = log_position_scale(position_ids, spec.attn_scale, spec.floor_scale)
+            q = q * query_scale[:, :, None, None].to(q.dtype)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, D)
         return causal_attention(
             q, k, v, self.segments, scale=spec.head_dim**-0.5, padding_mask=padding_mask, sliding_window=spec.sliding_window
+        )
+
+    def _full_attention_step(self, q, k, v, position_embeddings, position_ids, cache, out) -> torch.Tensor:
+        """FA heads, one decode token against a ``HybridStaticCache``: ``kernels/fa_decode`` writes the new
+        key/value into the cache and attends over the tokens seen, into ``out`` ``(B, 1, n_fa, D)``."""
+        spec = self.spec
+        if spec.fa_rope:
+            cos, sin = position_embeddings
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        positions = position_ids[:, -1].contiguous() if spec.log_scaling else None  # (B,)
+        return decode_attention(
+            q, k, v, cache.keys[self.layer_idx], cache.values[self.layer_idx], cache.valid, cache.seen,
+            (0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,
+            attn_scale=spec.attn_scale, floor_scale=spec.floor_scale, sliding_window=spec.sliding_window, out=out,
+            device_offsets=cache.q_offsets[self.layer_idx],
+        )
+
+    def _gated_delta_step(self, x, q, k, v, position_embeddings, cache, out) -> torch.Tensor:
+        """GDN heads, one decode token against a ``HybridStaticCache``: ``kernels/gdn_decode`` (conv window,
+        RoPE + norm, beta/decay, delta rule) with both states updated in place, into ``out`` ``(B, 1, n_gdn, D)``."""
+        cos, sin = position_embeddings
+        return gdn_decode_step(
+            x[:, 0], q, k, v, self.conv1d.weight.squeeze(1), cache.conv_states[self.layer_idx], cos, sin,
+            self.b_proj.weight, self.a_proj.weight, self.A_log, self.dt_bias, cache.recurrent_states[self.layer_idx],
+            cache.step_mask, scale=self.spec.head_dim**-0.5, out=out,
         )
 
     def _gated_delta(self, x, q, k, v, position_embeddings, cache, step_mask) -> torch.Tensor:

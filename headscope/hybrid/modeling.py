@@ -23,7 +23,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from headscope.heads import HeadscopeError
 from headscope.hybrid.configuration import HybridConfig, family_of
+from headscope.hybrid.functional import log_position_scale
 from headscope.hybrid.layer import HeadwiseHybridAttention
+from headscope.hybrid.static_cache import HybridStaticCache
 
 # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the forward keyword ``generate()`` passes and
 # the output field); the forwards take both names and the outputs use the installed version's field.
@@ -54,8 +56,8 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = norm(base.hidden_size, eps=base.rms_norm_eps)
         self.post_attention_layernorm = norm(base.hidden_size, eps=base.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, position_ids, past_key_values=None, padding_mask=None, **kwargs):
-        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask)
+    def forward(self, hidden_states, position_embeddings, position_ids, past_key_values=None, padding_mask=None, query_scale=None, **kwargs):
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
         hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -119,11 +121,18 @@ class HybridModel(HybridPreTrainedModel):
         if position_ids is None:
             position_ids = self._positions(attention_mask, past_key_values, seq, hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        query_scale = self._query_scale(position_ids)
+        static = isinstance(past_key_values, HybridStaticCache)
+        if static:
+            past_key_values.check_room(seq, hidden.shape[0])
+            past_key_values.begin_prefill(attention_mask, seq)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, position_embeddings, position_ids, past_key_values, padding_mask)
+            hidden = layer(hidden, position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
             if all_hidden is not None:
                 all_hidden.append(hidden)
+        if static:
+            past_key_values.end_prefill(seq)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
@@ -131,12 +140,33 @@ class HybridModel(HybridPreTrainedModel):
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
+    def _query_scale(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The FA query scale ``(B, T)`` every log-scaled layer uses (the same switches for all), once per forward."""
+        if not any(layer.self_attn.spec.log_scaling and layer.self_attn.spec.n_fa_heads for layer in self.layers):
+            return None
+        return log_position_scale(position_ids, float(self.config.attn_scale), float(self.config.floor_scale))
+
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: HybridStaticCache) -> torch.Tensor:
+        """Final hidden states ``(B, 1, C)`` of one token per row against a static cache: device work only, no
+        host synchronisation (what ``HybridStaticCache`` captures in a CUDA graph).
+
+        Args:
+            input_ids: ``(B, 1)``; position_ids: ``(B, 1)``; the token's padding mask is ``cache.step_mask``.
+        """
+        hidden = self.embed_tokens(input_ids)  # (B, 1, C)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        cache.begin_decode()
+        for layer in self.layers:
+            hidden = layer(hidden, position_embeddings, position_ids, cache, None)
+        cache.end_decode()
+        return self.norm(hidden)
+
     def _positions(self, attention_mask, cache, seq: int, device) -> torch.Tensor:
         """``(B, T)`` positions: from the mask's running count (left padding) or after the cached tokens."""
         if attention_mask is not None:
             return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
         past = 0
-        if cache is not None and any(t != "linear_attention" for t in self.config.layer_types):
+        if isinstance(cache, HybridStaticCache) or (cache is not None and any(t != "linear_attention" for t in self.config.layer_types)):
             past = cache.get_seq_length()
         elif cache is not None and cache.has_previous_state():
             raise HeadscopeError("a hybrid without FA heads cannot infer positions from its cache; pass attention_mask or position_ids")
@@ -147,6 +177,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     """The head-wise hybrid causal LM (``generate()`` uses a ``DynamicCache`` built from the config)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # generate()'s default decode path (see ``generate``); a run-time switch, not part of the saved config
+    decode_mode: str = "auto"
 
     def __init__(self, config: HybridConfig) -> None:
         super().__init__(config)
@@ -174,16 +206,49 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``(B, T, vocab)`` (last ``logits_to_keep`` positions if > 0) and the loss if ``labels``; the
-        cache comes back as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier)."""
+        cache comes back as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier). One token per
+        row against a ``HybridStaticCache`` is a decode step (``HybridStaticCache.decode``: eager, or a
+        CUDA-graph replay)."""
+        cache = one_cache(cache, past_key_values)
+        if (
+            isinstance(cache, HybridStaticCache) and input_ids is not None and input_ids.shape[1] == 1
+            and labels is None and not output_hidden_states and not torch.is_grad_enabled()
+        ):
+            if position_ids is None and attention_mask is not None:  # the last entry of the mask's running count
+                position_ids = (attention_mask.sum(-1, keepdim=True) - 1).clamp_min(0)
+            elif position_ids is None:
+                position_ids = self.model._positions(None, cache, 1, input_ids.device)
+            logits = cache.decode(self, input_ids, attention_mask, position_ids)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
+
+    def decode_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: HybridStaticCache) -> torch.Tensor:
+        """``(B, 1, vocab)`` logits of ``HybridModel.decode_step`` (device work only: capturable)."""
+        return self.lm_head(self.model.decode_step(input_ids, position_ids, cache))
+
+    def generate(self, inputs=None, *args, decode_mode: str | None = None, **kwargs):
+        """``GenerationMixin.generate`` with a static hybrid cache and CUDA-graph decode steps where they apply.
+
+        ``decode_mode`` (default ``self.decode_mode``, "auto"): "graph" (``HybridStaticCache`` + one captured
+        CUDA graph per step), "static" (the same cache, eager steps), "dynamic" (transformers'
+        ``DynamicCache``, eager: the reference) or "auto" ("graph" on CUDA, "dynamic" on CPU). Beam search,
+        several sequences per prompt, assisted decoding or a cache passed in take the dynamic path
+        (``headscope.hybrid.generation``).
+        """
+        from headscope.hybrid.generation import static_cache_for_generate
+
+        cache = static_cache_for_generate(self, inputs, args, kwargs, decode_mode or self.decode_mode)
+        if cache is not None:
+            kwargs[CACHE_FIELD] = cache
+        return super().generate(inputs, *args, **kwargs)
 
 
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)

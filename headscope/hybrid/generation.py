@@ -1,0 +1,100 @@
+"""Which cache ``HybridForCausalLM.generate`` decodes with: the static hybrid cache where it applies.
+
+``static_cache_for_generate(model, inputs, args, kwargs, mode)`` returns a ``HybridStaticCache`` for
+``generate()`` to use, or None for transformers' own ``DynamicCache`` (the eager reference path). Modes:
+
+* ``"graph"``: static cache, decode steps captured in a CUDA graph (CUDA models only);
+* ``"static"``: static cache, eager decode steps (any device: how the CPU tests check the static path);
+* ``"dynamic"``: None;
+* ``"auto"`` (the default): ``"graph"`` on CUDA, ``"dynamic"`` elsewhere.
+
+The static path needs one sequence per prompt row from ``input_ids``: beam search, sampling several
+sequences per prompt, assisted decoding, ``use_cache=False``, a cache passed in or ``inputs_embeds``
+without ids take the dynamic path (an explicit "graph"/"static" there is a ``HeadscopeError``). The cache
+holds prompt + ``max_new_tokens`` (or ``max_length``) tokens, rounded up to ``LENGTH_STEP``. It is kept
+on the model and reused (reset, its captured graph kept) by the next call with the same batch size, as
+long as it is long enough and the model's weights have not moved; otherwise it is replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headscope.heads import HeadscopeError
+from headscope.hybrid.static_cache import HybridStaticCache
+
+MODES = ("auto", "graph", "static", "dynamic")
+LENGTH_STEP = 256
+_CACHE_ATTRIBUTE = "_headscope_static_cache"
+
+
+def _weights_key(model) -> tuple:
+    """Where the weights live: a captured graph is only valid for these addresses and dtypes."""
+    return tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+
+
+def _unsupported(model, input_ids, kwargs, config) -> str | None:
+    """Why the static path cannot serve this call, or None."""
+    if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+        return "generate() got no 2D input_ids"
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return "a cache was passed in"
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+        return "assisted decoding"
+    for name, fine in (("num_beams", 1), ("num_return_sequences", 1)):
+        if kwargs.get(name, getattr(config, name, 1) or 1) != fine:
+            return f"{name} != 1"
+    if kwargs.get("use_cache", config.use_cache) is False:
+        return "use_cache=False"
+    return None
+
+
+def _total_length(input_ids: torch.Tensor, kwargs, config) -> int:
+    new = kwargs.get("max_new_tokens", config.max_new_tokens if "max_length" not in kwargs else None)
+    if new is not None:
+        return input_ids.shape[1] + int(new)
+    return int(kwargs.get("max_length", config.max_length))
+
+
+def static_cache_for_generate(model, inputs, args: tuple, kwargs: dict, mode: str) -> HybridStaticCache | None:
+    """The ``HybridStaticCache`` ``generate()`` should decode with, or None (module docstring).
+
+    Args:
+        model: the ``HybridForCausalLM``.
+        inputs, args, kwargs: what ``generate()`` was called with (``generation_config`` as the first of
+            ``args`` or in ``kwargs``; ``input_ids`` as ``inputs`` or in ``kwargs``).
+        mode: one of ``MODES``.
+    Raises:
+        HeadscopeError: an unknown mode, "graph" off CUDA, or an explicit static mode the call cannot use.
+    """
+    if mode not in MODES:
+        raise HeadscopeError(f"decode_mode must be one of {', '.join(MODES)}; got {mode!r}")
+    cuda, requested = model.device.type == "cuda", mode
+    if mode == "auto":
+        mode = "graph" if cuda else "dynamic"
+    if mode == "dynamic":
+        return None
+    if mode == "graph" and not cuda:
+        raise HeadscopeError(f"decode_mode='graph' needs a CUDA model; this one is on {model.device} (use 'static')")
+    config = (args[0] if args else None) or kwargs.get("generation_config") or model.generation_config
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    reason = _unsupported(model, input_ids, kwargs, config)
+    if reason is not None:
+        if requested == "auto":
+            return None
+        raise HeadscopeError(f"decode_mode={mode!r} cannot serve this generate() call: {reason}")
+    batch, needed = input_ids.shape[0], _total_length(input_ids, kwargs, config)
+    graphed = mode == "graph"
+    key = _weights_key(model)
+    cache = getattr(model, _CACHE_ATTRIBUTE, None)
+    if cache is not None:
+        old, old_key = cache
+        if old.batch_size == batch and old.graphed == graphed and old.max_length >= needed and old_key == key:
+            old.reset()
+            return old
+        delattr(model, _CACHE_ATTRIBUTE)  # free the old buffers before allocating the new ones
+        del old, cache
+    length = -(-needed // LENGTH_STEP) * LENGTH_STEP
+    cache = HybridStaticCache(model, batch, length, graphed=graphed)
+    setattr(model, _CACHE_ATTRIBUTE, (cache, key))
+    return cache

@@ -1,0 +1,82 @@
+"""Dispatcher of the FA heads' decode step against a static KV cache: Triton on CUDA, the torch reference on CPU.
+
+``decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, ...)`` (math in :mod:`.naive`)
+writes the new token into slot ``seen`` of the caches and returns the FA heads' outputs ``(B, 1, Hq, D)``.
+
+* CUDA (unless ``HEADSCOPE_NO_TRITON=1``), no gradient needed, D <= 256: the two Triton kernels of
+  :mod:`.triton_fa_decode` (split-K over the cached tokens, new token folded in, cache write included);
+  nothing reads the device-side length on the host, so a CUDA graph can capture the call.
+* Everything else: :func:`.naive.decode_attention_reference` (float32, over the whole buffer with a mask).
+
+triton is imported only when the Triton path is taken, so ``import headscope.kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from headscope.heads import HeadscopeError
+from headscope.kernels.fa_decode.naive import decode_attention_reference
+
+MAX_HEAD_DIM = 256
+
+
+def _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out) -> None:
+    def fail(what: str) -> None:
+        raise HeadscopeError(f"decode_attention: {what}")
+
+    if q.dim() != 4 or q.shape[1] != 1:
+        fail(f"q must be (B, 1, Hq, D); got {tuple(q.shape)}")
+    batch, _, n_q, dim = q.shape
+    n_kv = k_cache.shape[1] if k_cache.dim() == 4 else -1
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != dim:
+        fail(f"k_cache and v_cache must be (B, Hkv, L, D) = ({batch}, Hkv, L, {dim}); got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if tuple(t.shape) != (batch, 1, n_kv, dim):
+            fail(f"{name} must be (B, 1, Hkv, D) = {(batch, 1, n_kv, dim)}; got {tuple(t.shape)}")
+    if tuple(valid.shape) != (batch, k_cache.shape[2]):
+        fail(f"valid must be (B, L) = {(batch, k_cache.shape[2])}; got {tuple(valid.shape)}")
+    if seen.shape != (1,) or seen.dtype != torch.long:
+        fail(f"seen must be a (1,) int64 tensor; got {tuple(seen.shape)} {seen.dtype}")
+    if len(q_offsets) != n_kv + 1 or q_offsets[0] != 0 or q_offsets[-1] != n_q or any(b <= a for a, b in zip(q_offsets, q_offsets[1:])):
+        fail(f"q_offsets must rise from 0 to Hq={n_q} in Hkv={n_kv} steps; got {tuple(q_offsets)}")
+    if out is not None and tuple(out.shape) != tuple(q.shape):
+        fail(f"out must be (B, 1, Hq, D) = {tuple(q.shape)}; got {tuple(out.shape)}")
+
+
+def use_triton(q: torch.Tensor, k_cache: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1" or q.shape[-1] > MAX_HEAD_DIM:
+        return False
+    if k_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, *tensors)))
+
+
+def decode_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    valid: torch.Tensor, seen: torch.Tensor, q_offsets: tuple[int, ...], *, scale: float,
+    positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
+    sliding_window: int | None = None, out: torch.Tensor | None = None, device_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step of the FA heads against a static cache (see :func:`.naive.decode_attention_reference`).
+
+    Args:
+        as the reference; ``out``: ``(B, 1, Hq, D)`` to write the result into (any strides), or None;
+        ``device_offsets``: ``q_offsets`` as an int32 tensor on q's device (made here when None; the layer
+        keeps one so a captured graph does not copy it every step).
+    Returns:
+        ``(B, 1, Hq, D)`` (``out`` when given).
+    """
+    _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out)
+    kwargs = dict(scale=scale, positions=positions, attn_scale=attn_scale, floor_scale=floor_scale, sliding_window=sliding_window)
+    if not use_triton(q, k_cache, k_new, v_new):
+        o = decode_attention_reference(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, **kwargs)
+        return o if out is None else out.copy_(o)
+    from headscope.kernels.fa_decode.triton_fa_decode import triton_decode_attention
+
+    if device_offsets is None:
+        device_offsets = torch.tensor(q_offsets, dtype=torch.int32, device=q.device)
+    max_group = max(b - a for a, b in zip(q_offsets, q_offsets[1:]))
+    return triton_decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, device_offsets, max_group=max_group, out=out, **kwargs)

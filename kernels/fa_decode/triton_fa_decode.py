@@ -1,0 +1,196 @@
+"""Triton split-K decode attention of the FA heads against a static KV cache (see :mod:`.naive` for the math).
+
+Two kernels per step, both with fixed grids (the cache length ``L`` is static, the number of tokens seen
+``n`` is read from device memory), so the step can be captured in a CUDA graph:
+
+* ``_split_kernel``, grid ``(B · Hkv, S)``: program ``(b, j, s)`` takes the slots of split ``s``
+  (``[s·chunk, (s+1)·chunk) ∩ [lo, n)``, ``lo`` the sliding window's first slot) and every query head of
+  KV head ``j`` at once (a ``BLOCK_G x D`` tile, so the keys are read once per KV head, not once per query
+  head), runs an online softmax over blocks of ``BLOCK_N`` slots (masked by ``valid``) and writes its
+  partial maximum, sum and weighted values ``(B, Hq, S[, D])`` in float32. Split 0 also folds in the new
+  token from registers (its key and value are never re-read) and writes it into slot ``n``: no other
+  program reads slot ``n``, so the cache write needs no separate kernel. The log scaling of the queries
+  is computed in the kernel from the positions. Splits past ``n`` stop at once, so a step reads the
+  ``n`` cached tokens, not the whole buffer.
+* ``_combine_kernel``, grid ``(B · Hq,)``: merges the ``S`` partials of one query head and writes the
+  output (any strides: the layer passes a slice of its fused per-head output).
+
+The number of splits fills the GPU: about two programs per streaming multiprocessor over ``B · Hkv``
+(batch 1 with one KV head at 128K slots: ~260 splits of ~500 slots). All arithmetic is float32. Runs on
+CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # slots per inner step
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, seen_ptr, pos_ptr, qoff_ptr, m_ptr, l_ptr, acc_ptr,
+    Hkv, Hq, S, chunk, window, scale, attn_scale, floor_scale,
+    sq_b, sq_h, sq_d, skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
+    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d, sva_b, sva_l,
+    D: tl.constexpr, LOG_SCALING: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // Hkv).to(tl.int64)
+    j = pid % Hkv
+    n = tl.load(seen_ptr)  # tokens already cached; the new token takes slot n
+    q0 = tl.load(qoff_ptr + j)
+    n_heads = tl.load(qoff_ptr + j + 1) - q0
+    rows = tl.arange(0, BLOCK_G)  # (BLOCK_G,) query heads of this KV head
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_heads
+    dim_ok = dims < D
+    qk_mask = row_ok[:, None] & dim_ok[None, :]
+
+    q = tl.load(q_ptr + b * sq_b + (q0 + rows)[:, None] * sq_h + dims[None, :] * sq_d, mask=qk_mask, other=0.0)
+    if LOG_SCALING:  # floor() of a positive number as a truncation
+        pos = tl.load(pos_ptr + b).to(tl.float32)
+        q = q.to(tl.float32) * (1.0 + attn_scale * tl.log(((pos + 1.0) / floor_scale).to(tl.int64).to(tl.float32) + 1.0))
+    # the dots run in the cache's dtype with float32 accumulation (bf16 tensor cores; exact float32 for a float32 cache)
+    # (UPCAST: the same products in float32; the interpreter cannot multiply bf16 matrices)
+    q = q.to(kc_ptr.dtype.element_ty)  # (BLOCK_G, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(n - window + 1, 0)
+    start = tl.maximum(split * chunk, lo)
+    end = tl.minimum((split + 1) * chunk, n)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    kc_base = kc_ptr + b * skc_b + j * skc_h
+    vc_base = vc_ptr + b * svc_b + j * svc_h
+    for first in range(start, end, BLOCK_N):
+        slots = first + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        real = slots < end
+        real = real & (tl.load(valid_ptr + b * sva_b + slots * sva_l, mask=real, other=0) != 0)
+        kv_mask = real[:, None] & dim_ok[None, :]
+        k = tl.load(kc_base + slots[:, None].to(tl.int64) * skc_l + dims[None, :] * skc_d, mask=kv_mask, other=0.0)
+        v = tl.load(vc_base + slots[:, None].to(tl.int64) * svc_l + dims[None, :] * svc_d, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_G, BLOCK_N)
+        scores = tl.where(real[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = p.to(vc_ptr.dtype.element_ty)
+        if UPCAST:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+
+    if split == 0:  # the new token: from registers, and into slot n of the caches
+        k_new = tl.load(kn_ptr + b * skn_b + j * skn_h + dims * skn_d, mask=dim_ok, other=0.0)
+        v_new = tl.load(vn_ptr + b * svn_b + j * svn_h + dims * svn_d, mask=dim_ok, other=0.0)
+        tl.store(kc_base + n.to(tl.int64) * skc_l + dims * skc_d, k_new.to(kc_ptr.dtype.element_ty), mask=dim_ok)
+        tl.store(vc_base + n.to(tl.int64) * svc_l + dims * svc_d, v_new.to(vc_ptr.dtype.element_ty), mask=dim_ok)
+        # the cache's dtype, as a DynamicCache would hold it
+        k_new = k_new.to(kc_ptr.dtype.element_ty).to(tl.float32)
+        v_new = v_new.to(vc_ptr.dtype.element_ty).to(tl.float32)
+        score = tl.sum(q.to(tl.float32) * k_new[None, :], axis=1) * scale  # (BLOCK_G,)
+        m_new = tl.maximum(m_i, score)
+        p = tl.exp(score - m_new)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
+        m_i = m_new
+
+    heads = (b * Hq + q0 + rows) * S + split  # (BLOCK_G,) row of the partials
+    tl.store(m_ptr + heads, m_i, mask=row_ok)
+    tl.store(l_ptr + heads, l_i, mask=row_ok)
+    tl.store(acc_ptr + heads[:, None] * D + dims[None, :], acc, mask=qk_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    m_ptr, l_ptr, acc_ptr, o_ptr, Hq, S, so_b, so_h, so_d,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # b * Hq + h
+    b = pid // Hq
+    h = pid % Hq
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    m_all = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)  # running max and sum (scalars)
+    l_all = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for first in range(0, S, BLOCK_S):
+        splits = first + tl.arange(0, BLOCK_S)
+        ok = splits < S
+        m = tl.load(m_ptr + pid * S + splits, mask=ok, other=float("-inf"))  # (BLOCK_S,)
+        l = tl.load(l_ptr + pid * S + splits, mask=ok, other=0.0)
+        part = tl.load(acc_ptr + (pid * S + splits)[:, None] * D + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_all, tl.max(m, axis=0))  # finite: split 0 always holds the new token
+        w = tl.exp(m - m_new)  # (BLOCK_S,)
+        alpha = tl.exp(m_all - m_new)
+        l_all = l_all * alpha + tl.sum(w * l, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
+        m_all = m_new
+    tl.store(o_ptr + b * so_b + h * so_h + dims * so_d, (acc / l_all).to(o_ptr.dtype.element_ty), mask=dim_ok)
+
+
+def n_splits(batch: int, n_kv: int, length: int, device: torch.device) -> int:
+    """Splits of the ``length`` slots: about two programs per multiprocessor, at least ``BLOCK_N`` slots each."""
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(triton.cdiv(2 * units, batch * n_kv), triton.cdiv(length, BLOCK_N)))
+
+
+def triton_decode_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    valid: torch.Tensor, seen: torch.Tensor, q_offsets: torch.Tensor, *, scale: float, max_group: int | None = None,
+    positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
+    sliding_window: int | None = None, out: torch.Tensor | None = None, splits: int | None = None,
+) -> torch.Tensor:
+    """:func:`.naive.decode_attention_reference` in two Triton kernels (no input checks).
+
+    Args:
+        as the reference, except ``q_offsets``: a ``(Hkv + 1,)`` int32 tensor on the device; ``max_group``:
+        the most query heads of one KV head (``Hq`` when None, an upper bound); ``out``: a
+        ``(B, 1, Hq, D)`` tensor to write into (any strides; allocated when None); ``splits``: the number
+        of splits (:func:`n_splits` when None).
+    Returns:
+        ``out``.
+    """
+    batch, _, n_q, dim = q.shape
+    n_kv, length = k_cache.shape[1], k_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    splits = splits or n_splits(batch, n_kv, length, q.device)
+    chunk = triton.cdiv(triton.cdiv(length, splits), BLOCK_N) * BLOCK_N
+    block_g = max(16, triton.next_power_of_2(max_group or n_q))  # tl.dot needs 16 rows
+    m = torch.empty(batch, n_q, splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(batch, n_q, splits, dim, device=q.device, dtype=torch.float32)
+    pos = positions if positions is not None else seen
+    block_d = triton.next_power_of_2(dim)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _split_kernel[(batch * n_kv, splits)](
+            q, k_new, v_new, k_cache, v_cache, valid, seen, pos, q_offsets, m, l, acc,
+            n_kv, n_q, splits, chunk, sliding_window or 0, scale, attn_scale, floor_scale,
+            q.stride(0), q.stride(2), q.stride(3), k_new.stride(0), k_new.stride(2), k_new.stride(3),
+            v_new.stride(0), v_new.stride(2), v_new.stride(3), *k_cache.stride(), *v_cache.stride(), *valid.stride(),
+            D=dim, LOG_SCALING=positions is not None, WINDOW=sliding_window is not None, UPCAST=not q.is_cuda,
+            BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        )
+        _combine_kernel[(batch * n_q,)](
+            m, l, acc, out, n_q, splits, out.stride(0), out.stride(2), out.stride(3),
+            D=dim, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+        )
+    return out

@@ -1,0 +1,60 @@
+"""Helper run by tests/test_kernels_fa_decode.py in a subprocess with TRITON_INTERPRET=1.
+
+Runs the split-K decode attention on CPU through the interpreter and prints one JSON line (see
+``tests/triton_interpreter.py``) whose cases are ``{name, dtype, error, cache_written, others_untouched}``:
+the relative RMS error of the output against the float32 reference (same dtype-rounded inputs), whether
+slot ``seen`` of both caches holds the new token exactly and whether every other slot is unchanged. The
+output goes into a NaN-filled strided buffer, so an element the kernel does not write is an infinite error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triton_interpreter import cases_in_dtypes, print_report  # same directory (sys.path[0] of this script)
+
+# name, B, FA query heads per KV head, D, slots L, seen, log scaling, sliding window, splits (None = default)
+CASES = [
+    ("gqa_two_heads_one_kv", 2, (2,), 32, 150, 97, True, None, 3),
+    ("uneven_groups_padding", 3, (1, 3, 3), 24, 80, 64, False, None, 2),
+    ("first_token_empty_cache", 2, (2, 2), 16, 64, 0, True, None, 4),
+    ("sliding_window", 1, (1, 1), 32, 200, 150, False, 40, 5),
+    ("one_split_default", 2, (4,), 16, 40, 39, True, None, None),
+]
+
+
+def run_case(batch, groups, dim, length, seen, log_scaling, window, splits, dtype, seed):
+    from headscope.kernels.fa_decode.naive import decode_attention_reference
+    from headscope.kernels.fa_decode.triton_fa_decode import triton_decode_attention
+    from headscope.kernels.metrics import relative_rms_error as rel
+
+    gen = torch.Generator().manual_seed(seed)
+    n_kv, n_q = len(groups), sum(groups)
+    offsets = tuple(int(x) for x in torch.tensor((0,) + groups).cumsum(0))
+    q = torch.randn(batch, 1, n_q + 1, dim, generator=gen).to(dtype)[:, :, 1:]  # a slice, as the layer passes
+    k_new, v_new = (torch.randn(batch, 1, n_kv, dim, generator=gen).to(dtype) for _ in range(2))
+    k_cache, v_cache = (torch.randn(batch, n_kv, length, dim, generator=gen).to(dtype) for _ in range(2))
+    valid = (torch.rand(batch, length, generator=gen) > 0.25).to(torch.int8)
+    seen_t = torch.tensor([seen])
+    positions = torch.randint(0, 40000, (batch,), generator=gen) if log_scaling else None
+    kwargs = dict(scale=dim**-0.5, positions=positions, attn_scale=0.1, floor_scale=8192.0, sliding_window=window)
+    k_ref, v_ref = k_cache.float().clone(), v_cache.float().clone()  # own copies (float() of float32 is no copy)
+    want = decode_attention_reference(q.float(), k_new.float(), v_new.float(), k_ref, v_ref, valid, seen_t, offsets, **kwargs)
+    out = torch.full((batch, 1, n_q, 2 * dim), float("nan"), dtype=dtype)[..., :dim]
+    before = k_cache.clone(), v_cache.clone()
+    got = triton_decode_attention(
+        q, k_new, v_new, k_cache, v_cache, valid, seen_t, torch.tensor(offsets, dtype=torch.int32),
+        max_group=max(groups), out=out, splits=splits, **kwargs,
+    )
+    others = torch.ones(length, dtype=torch.bool)
+    others[seen] = False
+    return {
+        "error": rel(got, want),
+        "wrote_into_out": got.data_ptr() == out.data_ptr(),
+        "cache_written": torch.equal(k_cache[:, :, seen], k_new[:, 0]) and torch.equal(v_cache[:, :, seen], v_new[:, 0]),
+        "others_untouched": torch.equal(k_cache[:, :, others], before[0][:, :, others]) and torch.equal(v_cache[:, :, others], before[1][:, :, others]),
+    }
+
+
+if __name__ == "__main__":
+    print_report(lambda: cases_in_dtypes(CASES, run_case))

@@ -1,0 +1,47 @@
+"""benchmarks/generate_speed.py --smoke end to end on the CPU: both model kinds (a random Qwen3 and a local
+model directory), every variant timed and written per row, the static path's tokens equal to the eager
+paths' (float32), the summary built from the row files, a rerun running only missing variants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_benchmark, save_model, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_benchmark("generate_speed")
+
+
+def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    rows_dir = tmp_path / "rows"
+    model_dir = save_model(tiny_llama(seed=3), tmp_path / "llama")
+    common = ["--smoke", "--rows-dir", str(rows_dir), "--model", model_dir]
+    assert benchmark.main(common + ["--rows", "qwen3-1.7b:40:b3,smollm2:16:b1", "--variants", "original,hybrid_eager,hybrid_graph"]) == 0
+    row = json.loads((rows_dir / "qwen3-1.7b_40_b3.json").read_text())
+    assert row["n_full_heads"] == 3 * 2 and set(row["variants"]) == {"original", "hybrid_eager", "hybrid_graph"}
+    graph = row["variants"]["hybrid_graph"]
+    assert graph["graph_equals_static_eager"] and graph["vs_hybrid_eager"]["match_fraction"] == 1.0  # float32: same tokens
+    for result in row["variants"].values():
+        assert result["ttft_ms"] > 0 and result["per_token_ms"] > 0 and len(result["new_tokens"]) == 3
+        assert all(len(tokens) == 6 for tokens in result["new_tokens"])
+    smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
+    assert "random KV-aware 7:1" in smol["mask"]  # the SmolLM2 mask file does not fit the tiny Llama
+    before = (rows_dir / "qwen3-1.7b_40_b3.json").read_text()
+    assert benchmark.main(common + ["--rows", "qwen3-1.7b:40:b3", "--variants", "original,original_compiled", "--prefill-chunk", "16"]) == 0
+    after = json.loads((rows_dir / "qwen3-1.7b_40_b3.json").read_text())
+    assert after["variants"]["hybrid_graph"] == json.loads(before)["variants"]["hybrid_graph"]  # kept, not rerun
+    assert after["variants"]["original_compiled"]["vs_original"]["match_fraction"] == 1.0
+    summary = (tmp_path / "out" / "generate_speed.md").read_text()
+    assert "| qwen3-1.7b | 40 | 3 | hybrid_graph |" in summary and "| smollm2 | 16 | 1 | original |" in summary
+    assert (tmp_path / "out" / "rows" / "smollm2_16_b1.json").is_file()  # the row files travel with $OUT
+
+
+def test_bad_rows_are_one_clear_error(benchmark, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--smoke", "--rows", "smollm2:16:b1"])
+    assert exit_info.value.code == 2 and "needs --model" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""HybridStaticCache: the static-cache decode path (eager on CPU, the body a CUDA graph captures) against
+transformers' DynamicCache path: logits within 1e-5 in float32, identical greedy generations, generate()'s
+choice of path, cache reuse and bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_qwen3
+from headscope.heads import HeadMask, HeadscopeError
+from headscope.hybrid import HybridConfig, HybridForCausalLM, build_hybrid
+from headscope.hybrid.generation import static_cache_for_generate
+from headscope.hybrid.modeling import CACHE_FIELD
+from headscope.hybrid.static_cache import HybridStaticCache
+from headscope.models import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def built(full_heads: list[tuple[int, int]], seed: int = 7) -> HybridForCausalLM:
+    lm = load_model(tiny_qwen3(seed=seed).float())
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    for layer, head in full_heads:
+        full[layer, head] = True
+    return build_hybrid(lm, HeadMask(full, lm.fingerprint), HybridConfig(floor_scale=4))
+
+
+@pytest.fixture(scope="module")
+def hybrid() -> HybridForCausalLM:
+    """Layers: 0 hybrid (1 FA head, log scaling from position 3), 1 plain full attention, 2 pure GDN."""
+    return built([(0, 2), (1, 0), (1, 1), (1, 2), (1, 3)])
+
+
+def prompt(batch=3, length=7, seed=0):
+    ids = torch.randint(2, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1:, : batch - 1] = 0  # left padding (rows padded by different amounts)
+    mask[-1, :3] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def run(model, cache, ids, mask, steps: int, chunk: int = 3) -> list[torch.Tensor]:
+    """Prefill, ``steps`` decode steps (greedy), a ``chunk``-token prefill continuing the cache, one more step."""
+    out = model(ids, attention_mask=mask, cache=cache, use_cache=True)
+    logits = [out.logits]
+    for step in range(steps + 1):
+        if step == steps:  # a multi-token chunk after decoding (prefill into a cache that holds tokens)
+            new = torch.randint(2, 128, (ids.shape[0], chunk), generator=torch.Generator().manual_seed(9))
+        else:
+            new = out.logits[:, -1:].argmax(-1)
+        ids, mask = torch.cat((ids, new), 1), torch.cat((mask, torch.ones_like(new)), 1)
+        out = model(new, attention_mask=mask, cache=getattr(out, CACHE_FIELD), use_cache=True)
+        logits.append(out.logits)
+    out = model(out.logits[:, -1:].argmax(-1), attention_mask=torch.cat((mask, torch.ones_like(mask[:, :1])), 1),
+                cache=getattr(out, CACHE_FIELD), use_cache=True)
+    return logits + [out.logits]
+
+
+def test_static_cache_logits_match_the_dynamic_cache(hybrid):
+    ids, mask = prompt()
+    dynamic = run(hybrid, DynamicCache(config=hybrid.config), ids, mask, steps=6)
+    static_cache = HybridStaticCache(hybrid, batch_size=3, max_length=20)
+    static = run(hybrid, static_cache, ids, mask, steps=6)
+    assert static_cache.seen_tokens == 7 + 6 + 3 + 1 and int(static_cache.seen) == static_cache.seen_tokens
+    for a, b in zip(dynamic, static):
+        assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
+
+
+def test_greedy_generate_static_equals_dynamic_and_reuses_its_cache(hybrid):
+    ids, mask = prompt(seed=1)
+    want = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, decode_mode="dynamic")
+    got = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, decode_mode="static")
+    assert torch.equal(got, want)
+    cache = static_cache_for_generate(hybrid, ids, (), {"max_new_tokens": 10}, "static")
+    again = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, decode_mode="static")
+    assert torch.equal(again, want) and static_cache_for_generate(hybrid, ids, (), {"max_new_tokens": 10}, "static") is cache
+    one = ids[:, -1:]  # a one-token prompt decodes from zero GDN states, whatever the cache held before
+    assert torch.equal(hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="static"),
+                       hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="dynamic"))
+
+
+def test_generate_picks_the_dynamic_path_where_the_static_one_cannot_serve(hybrid):
+    ids, _ = prompt(batch=1)
+    assert static_cache_for_generate(hybrid, ids, (), {}, "auto") is None  # CPU: dynamic
+    assert static_cache_for_generate(hybrid, ids, (), {"num_beams": 2}, "auto") is None
+    with pytest.raises(HeadscopeError, match="num_beams"):
+        hybrid.generate(ids, max_new_tokens=2, num_beams=2, decode_mode="static")
+    with pytest.raises(HeadscopeError, match="needs a CUDA model"):
+        hybrid.generate(ids, max_new_tokens=2, decode_mode="graph")
+    with pytest.raises(HeadscopeError, match="decode_mode must be one of"):
+        hybrid.generate(ids, max_new_tokens=2, decode_mode="fast")
+    cache = static_cache_for_generate(hybrid, ids, (), {"max_length": 300}, "static")
+    assert cache.max_length == 512 and cache.batch_size == 1  # rounded up to 256-token steps
+
+
+def test_a_full_static_cache_is_one_clear_error(hybrid):
+    ids, mask = prompt(batch=2, length=6)
+    cache = HybridStaticCache(hybrid, batch_size=2, max_length=7)
+    with torch.no_grad():
+        out = hybrid(ids, attention_mask=mask, cache=cache, use_cache=True)
+        hybrid(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        with pytest.raises(HeadscopeError, match="holds 7 tokens per row; 7 \\+ 1 do not fit"):
+            hybrid(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        with pytest.raises(HeadscopeError, match="built for batch 2, not 1"):
+            hybrid(ids[:1, :1], cache=HybridStaticCache(hybrid, batch_size=2, max_length=7), use_cache=True)
+
+
+def test_a_pure_gdn_hybrid_decodes_without_a_mask_on_the_static_cache():
+    """A DynamicCache cannot tell a hybrid without FA heads its position; the static cache counts tokens."""
+    model = built([])
+    ids, _ = prompt(batch=2, length=9, seed=3)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = HybridStaticCache(model, batch_size=2, max_length=9)
+        pieces = [model(ids[:, :5], cache=cache, use_cache=True).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 9)]
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5

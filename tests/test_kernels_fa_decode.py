@@ -1,0 +1,75 @@
+"""Decode attention against a static KV cache: the float32 reference is the layer's dynamic-cache attention
+for one token, the CPU dispatcher is the reference, and the Triton kernels match it under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from headscope.heads import HeadscopeError
+from headscope.hybrid.functional import causal_attention, fa_segments, log_position_scale
+from headscope.kernels.fa_decode.naive import decode_attention_reference
+from headscope.kernels.fa_decode.ops import decode_attention
+from triton_interpreter import interpreted_cases
+
+HELPER = Path(__file__).with_name("fa_decode_interpret_check.py")
+TOL_FP32, TOL_BF16 = 1e-5, 0.015  # bf16: q and p rounded for the dots, the output rounded (truncated by the interpreter)
+
+
+def random_step(batch=3, sizes=(1, 2, 2), dim=16, length=40, seen=23, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_kv, n_q = len(sizes), sum(sizes)
+    q = torch.randn(batch, 1, n_q, dim, generator=gen)
+    k_new, v_new = (torch.randn(batch, 1, n_kv, dim, generator=gen) for _ in range(2))
+    k_cache, v_cache = (torch.randn(batch, n_kv, length, dim, generator=gen) for _ in range(2))
+    valid = (torch.rand(batch, length, generator=gen) > 0.3).to(torch.int8)
+    positions = torch.randint(0, 50, (batch,), generator=gen)
+    return q, k_new, v_new, k_cache, v_cache, valid, torch.tensor([seen]), positions
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_reference_is_the_layers_attention_over_a_grown_cache(window):
+    sizes = (1, 2, 2)
+    q, k_new, v_new, k_cache, v_cache, valid, seen, positions = random_step(sizes=sizes)
+    n = int(seen)
+    keys = torch.cat((k_cache[:, :, :n], k_new.transpose(1, 2)), dim=2)  # what DynamicCache.update returns
+    values = torch.cat((v_cache[:, :, :n], v_new.transpose(1, 2)), dim=2)
+    padding = torch.cat((valid[:, :n], torch.ones(valid.shape[0], 1, dtype=valid.dtype)), dim=1)
+    scaled = q * log_position_scale(positions[:, None], 0.1, 4.0)[:, :, None, None]
+    want = causal_attention(scaled, keys, values, fa_segments(sizes), scale=0.25, padding_mask=padding, sliding_window=window)
+    offsets = (0, 1, 3, 5)
+    got = decode_attention_reference(q, k_new, v_new, k_cache, v_cache, valid, seen, offsets, scale=0.25,
+                                     positions=positions, attn_scale=0.1, floor_scale=4.0, sliding_window=window)
+    assert (got - want).abs().max().item() < 1e-5
+    assert torch.equal(k_cache[:, :, n], k_new[:, 0]) and torch.equal(v_cache[:, :, n], v_new[:, 0])
+
+
+def test_cpu_dispatch_is_the_reference_and_writes_into_out():
+    q, k_new, v_new, k_cache, v_cache, valid, seen, positions = random_step(seed=1)
+    caches = (k_cache.clone(), v_cache.clone())
+    want = decode_attention_reference(q, k_new, v_new, *caches, valid, seen, (0, 1, 3, 5), scale=0.25, positions=positions)
+    out = torch.full((3, 1, 5, 32), float("nan"))[..., 8:24]
+    got = decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, (0, 1, 3, 5), scale=0.25, positions=positions, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+
+
+def test_bad_inputs_are_one_clear_error():
+    q, k_new, v_new, k_cache, v_cache, valid, seen, _ = random_step()
+    with pytest.raises(HeadscopeError, match="q_offsets"):
+        decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, (0, 2, 5), scale=1.0)
+    with pytest.raises(HeadscopeError, match="seen must be"):
+        decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen.int(), (0, 1, 3, 5), scale=1.0)
+    with pytest.raises(HeadscopeError, match="q must be"):
+        decode_attention(q.expand(3, 2, 5, 16), k_new, v_new, k_cache, v_cache, valid, seen, (0, 1, 3, 5), scale=1.0)
+
+
+def test_triton_kernels_match_the_reference_under_the_interpreter():
+    cases = interpreted_cases(HELPER, timeout=300)
+    assert len(cases) == 10
+    for case in cases:
+        label = str(case)
+        assert case["wrote_into_out"] and case["cache_written"] and case["others_untouched"], label
+        assert case["error"] <= (TOL_FP32 if case["dtype"] == "float32" else TOL_BF16), label
