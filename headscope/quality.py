@@ -7,12 +7,14 @@ Used by ``benchmarks/hybrid_quality.py`` and ``notebooks/04_transfer_and_quality
   vocabulary, ``argmax``; does its logit beat the corrupt prompt's answer, ``beats_wrong``, chance 0.5).
   The headline accuracy is ``argmax``, an exact-answer score like RULER's.
 * ``heldout_loss``: mean next-token cross-entropy on held-out rows of the demo corpus.
+* ``evaluate_quality``: all of it for one model (original or hybrid): the accuracy grid, held-out CE at
+  each length, FA-head share, KV groups and cache sizes, evaluation time.
 * ``kv_cache_bytes_per_token``: the KV cache a mask keeps, per token: for every layer the KV groups that
   hold at least one full-attention head (a group with one FA head keeps its whole K and V), times
   ``head_dim x 2 (K and V) x dtype bytes``. ``recurrent_state_bytes`` is the constant per-sequence state
   of the Gated DeltaNet heads (a ``D x D`` float32 matrix each, plus the short-convolution window).
 * ``results_markdown`` and ``accuracy_figure`` turn a results mapping (the benchmark's JSON, layout in
-  its docstring) into an arm x metric table and accuracy-vs-length curves.
+  ``benchmarks/hybrid_quality_results.py``) into an arm x metric table and accuracy-vs-length curves.
 
 Evaluation runs under bf16 autocast on CUDA and in float32 on the CPU (``autocast_for``).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -120,6 +123,40 @@ def heldout_loss(model: nn.Module, rows: torch.Tensor) -> float:
     finally:
         model.train(was_training)
     return total / rows.shape[0]
+
+
+def evaluate_quality(model: nn.Module, fingerprint: ModelFingerprint, mask: HeadMask | None, grid: Mapping[tuple[str, int], Probe],
+                     heldout: Mapping[int, torch.Tensor], progress: bool = True) -> dict[str, Any]:
+    """Accuracy grid, held-out CE, FA share and cache sizes of one model.
+
+    Args:
+        model: a causal LM on its device.
+        fingerprint: the original model's layout.
+        mask: the hybrid's head mask; None for the original model.
+        grid: a ``probe_grid``.
+        heldout: ``{length: rows (N, length)}`` for ``heldout_loss``.
+        progress: show the accuracy progress bar.
+    Returns:
+        ``n_full``, ``fa_head_share``, ``kv_fraction``, ``kv_groups``, ``kv_bytes_per_token`` (bf16),
+        ``gdn_state_bytes_per_sequence``, ``heldout_loss`` ``{str(length): CE}``, ``accuracy`` (``grid_accuracy``)
+        and ``eval_seconds``.
+    """
+    fp = fingerprint
+    started = time.perf_counter()
+    record = {
+        "n_full": fp.n_layers * fp.n_heads if mask is None else mask.n_full,
+        "fa_head_share": 1.0 if mask is None else mask.head_fraction,
+        "kv_fraction": 1.0 if mask is None else mask.kv_fraction,
+        "kv_groups": fp.n_layers * fp.n_kv_heads if mask is None else int(mask.kv_groups_full().sum()),
+        "kv_bytes_per_token": kv_cache_bytes_per_token(fp, mask),
+        "gdn_state_bytes_per_sequence": recurrent_state_bytes(fp, mask),
+        "heldout_loss": {str(length): heldout_loss(model, rows) for length, rows in heldout.items()},
+        "accuracy": grid_accuracy(model, grid, progress=progress),
+    }
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+    record["eval_seconds"] = round(time.perf_counter() - started, 2)
+    return record
 
 
 # --- reading a results mapping ---------------------------------------------------------------------

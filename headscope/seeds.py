@@ -1,6 +1,6 @@
 """Arms repeated over seeds: families, mean +- sd over transfer and mask seeds, and the selection goals.
 
-An arm name of ``benchmarks/hybrid_quality.py`` carries its seeds: ``_s<k>`` is the mask seed of a random
+An arm name (``headscope.arms``) carries its seeds: ``_s<k>`` is the mask seed of a random
 arm, ``_t<k>`` (last) the transfer seed of an arm repeated over transfer runs (the student's
 initialisation and the order of its training data). Dropping ``_t<k>`` gives the arm's *mask*; dropping
 ``_s<k>`` too gives its *family* (``headwise_randomkv_7to1_s3_t1`` -> mask ``headwise_randomkv_7to1_s3``

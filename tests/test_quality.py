@@ -1,17 +1,17 @@
-"""headscope.quality (cache sizes, held-out loss, tables), the shared corpus rows and the layer-wise arm masks."""
+"""headscope.quality (cache sizes, held-out loss, evaluation, tables), the shared corpus rows and headscope.arms
+(arm plan, layer-wise masks)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from headscope.heads import HeadMask, ModelFingerprint
+from headscope.arms import evenly_spaced_layers, layerwise_arm_mask, plan_arms
+from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint
 from headscope.mask import layerwise_mask
-from headscope.quality import (capability_means, heldout_loss, kv_cache_bytes_per_token, recurrent_state_bytes,
+from headscope.quality import (capability_means, evaluate_quality, heldout_loss, kv_cache_bytes_per_token, recurrent_state_bytes,
                                results_markdown)
 from headscope.transfer.losses import next_token_loss
 from conftest import VOCAB, tiny_qwen3
@@ -39,6 +39,22 @@ def test_heldout_loss_is_the_row_weighted_mean_cross_entropy():
     assert heldout_loss(model, rows) == pytest.approx(expected, rel=1e-5)
 
 
+def test_evaluate_quality_records_the_cache_layout_and_heldout_loss_of_the_original_and_a_hybrid():
+    model = tiny_qwen3()
+    fp = ModelFingerprint("qwen3", n_layers=3, n_heads=4, n_kv_heads=2, head_dim=24)
+    rows = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    full = torch.zeros(3, 4, dtype=torch.bool)
+    full[1, 0] = full[1, 1] = full[2, 3] = True  # two KV groups
+    mask = HeadMask(full, fp)
+    original, hybrid = (evaluate_quality(model, fp, m, {}, {12: rows}, progress=False) for m in (None, mask))
+    assert original["heldout_loss"] == {"12": pytest.approx(heldout_loss(model, rows))} and original["accuracy"] == {}
+    assert (original["n_full"], original["kv_groups"], original["fa_head_share"]) == (12, 6, 1.0)
+    assert original["gdn_state_bytes_per_sequence"] == 0
+    assert (hybrid["n_full"], hybrid["kv_groups"], hybrid["fa_head_share"]) == (3, 2, 0.25)
+    assert hybrid["kv_bytes_per_token"] == kv_cache_bytes_per_token(fp, mask) == original["kv_bytes_per_token"] // 3
+    assert hybrid["gdn_state_bytes_per_sequence"] == recurrent_state_bytes(fp, mask) and hybrid["eval_seconds"] >= 0
+
+
 def _arm(status="done", value=0.5, lengths=(8, 16)):
     probes = ["needle_single", "needle_multikey", "kv_recall", "multihop", "ioi", "comparison"]
     accuracy = {p: {str(n): {"argmax": value, "beats_wrong": 1.0, "logit_diff": 0.1} for n in lengths} for p in probes}
@@ -59,29 +75,34 @@ def test_markdown_lists_every_arm_and_names_the_ones_without_results():
     assert all(math.isnan(v) for v in capability_means(results["arms"]["b"], 8).values())
 
 
-def _benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_quality.py"
-    spec = importlib.util.spec_from_file_location("hybrid_quality_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(("n_layers", "ratio"), [(4, "3:1"), (12, "3:1"), (28, "3:1"), (8, "7:1"), (32, "7:1"), (36, "5:1")])
 def test_evenly_spaced_layers_is_the_qwen3_next_layout_when_the_ratio_divides_the_depth(n_layers, ratio):
     fp = ModelFingerprint("qwen3", n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=8)
     reference = layerwise_mask(fp, ratio).full[:, 0].nonzero().flatten().tolist()
-    assert _benchmark().evenly_spaced_layers(n_layers, ratio) == reference
+    assert evenly_spaced_layers(n_layers, ratio) == reference
 
 
 def test_layerwise_arms_of_a_six_layer_model():
-    bench = _benchmark()
     fp = ModelFingerprint("qwen3", n_layers=6, n_heads=8, n_kv_heads=4, head_dim=32)
-    masks = {ratio: bench.layerwise_arm_mask(fp, ratio) for ratio in ("3:1", "7:1")}
+    masks = {ratio: layerwise_arm_mask(fp, ratio) for ratio in ("3:1", "7:1")}
     assert masks["3:1"].full[:, 0].nonzero().flatten().tolist() == [2, 5] and masks["3:1"].n_full == 16
     assert masks["7:1"].full[:, 0].nonzero().flatten().tolist() == [5] and masks["7:1"].n_full == 8
-    assert torch.equal(bench.layerwise_arm_mask(ModelFingerprint("qwen3", 8, 8, 4, 32), "3:1").full,
+    assert torch.equal(layerwise_arm_mask(ModelFingerprint("qwen3", 8, 8, 4, 32), "3:1").full,
                        layerwise_mask(ModelFingerprint("qwen3", 8, 8, 4, 32), "3:1").full)
+
+
+def test_arm_plan_runs_transfer_and_mask_seeds_in_rounds_and_filters_by_family():
+    arms = plan_arms(["early"], random_seeds=[0, 1], random_kinds=["kv"], transfer_seeds=[0, 1], seeded=["headwise_fused_7to1", "early"])
+    assert arms == [("teacher", "teacher"), ("headwise_fused_7to1_t0", "fused"), ("early_t0", "file"), ("layerwise_3to1", "layerwise"),
+                    ("layerwise_7to1", "layerwise"), ("headwise_randomkv_7to1_s0", "randomkv"),
+                    ("headwise_fused_7to1_t1", "fused"), ("early_t1", "file"), ("headwise_randomkv_7to1_s1", "randomkv")]
+    assert plan_arms(random_kinds=["plain", "kv"], only={"headwise_random_7to1", "layerwise_7to1"}) == [
+        ("layerwise_7to1", "layerwise"), ("headwise_random_7to1_s0", "random"), ("headwise_random_7to1_s1", "random"),
+        ("headwise_random_7to1_s2", "random")]
+    with pytest.raises(HeadscopeError, match="seeded-arms"):
+        plan_arms(transfer_seeds=[0], seeded=["headwise_fused"])
+    with pytest.raises(HeadscopeError, match="unknown arms"):
+        plan_arms(only={"layerwise_5to1"})
 
 
 def test_row_store_serves_exactly_the_library_rows_from_the_pool_and_on_a_miss():

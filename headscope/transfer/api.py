@@ -167,7 +167,8 @@ def _save_final(student: nn.Module, tokenizer: Any, mask: HeadMask, run_dir: Pat
     return final
 
 
-def _summaries(config: TransferConfig, records: list[dict]) -> list[StageSummary]:
+def stage_summaries(config: TransferConfig, records: list[dict]) -> list[StageSummary]:
+    """One ``StageSummary`` per stage of ``config`` from a run's log ``records``."""
     out = []
     for index, stage in enumerate(config.stages):
         train = [r for r in records if r["stage_index"] == index and r["event"] == "train"]
@@ -223,7 +224,7 @@ def run_transfer(config: TransferConfig | dict, out_dir: str | os.PathLike, resu
         trainer = TransferTrainer(cfg, run_dir, env, teacher, student, sequences, on_step=on_step)
         trainer.run(load_checkpoint(resume_path) if resume_path else None, resume_path)
         final = _save_final(student, tokenizer, mask, run_dir, env, cfg.distributed)
-        stages = _summaries(cfg, trainer.log.records() if env.is_main else [])
+        stages = stage_summaries(cfg, trainer.log.records() if env.is_main else [])
         result = TransferResult(run_dir, final, stages, run_dir / "log.jsonl", run_dir / "loss_curves.html",
                                 str(resume_path) if resume_path else None, student)
         if env.is_main:

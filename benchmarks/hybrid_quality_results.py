@@ -1,0 +1,118 @@
+"""The results of ``benchmarks/hybrid_quality.py`` (a helper module of that script, not a script).
+
+``Results`` holds the one JSON document of a run (schema ``headscope.hybrid_quality/1``): ``settings``
+(everything that changes the numbers; ``settings_of``), ``budget`` (the training steps every hybrid arm
+gets, fixed once), ``fused_mask``, ``arms`` (one record per arm in run order: ``pending``, ``done``,
+``failed`` with the error and traceback, or ``skipped_out_of_time``), ``notes`` and ``summary``
+(``headscope.seeds``: per arm family the mean +- sd over mask seeds and the transfer-seed sd, and the
+goal checks). ``Results.write`` rewrites, atomically, after every arm:
+
+* ``hybrid_quality.json`` in ``--out`` and a copy in ``--work`` (a rerun resumes from the ``--out`` file,
+  else from the copy, so an empty ``--out`` such as the device tool's ``$OUT`` still resumes);
+* ``hybrid_quality.md``: ``headscope.quality.results_markdown`` (arm x metric tables) and
+  ``headscope.seeds.seeds_markdown`` (seed summary, goals);
+* ``hybrid_quality.html``: ``headscope.quality.accuracy_figure`` (plotly from its CDN), and
+  ``hybrid_quality.png`` when kaleido is installed and can render.
+
+A results file made with other settings is never overwritten: resuming from it is an error that names
+the settings that changed (``--fresh`` or another ``--out``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import traceback
+from pathlib import Path
+
+from headscope.heads import HeadscopeError, read_json, write_json_atomic, write_text_atomic
+from headscope.quality import accuracy_figure, results_markdown
+from headscope.seeds import family_stats, goal_checks, seeds_markdown
+
+SCHEMA = "headscope.hybrid_quality/1"
+
+
+class Results:
+    """The results file: settings (checked on resume), budget, fused mask and one record per arm.
+
+    A copy is kept in the work directory too, so a rerun resumes even when ``--out`` starts empty (the
+    device tool's ``$OUT``); the file in ``--out`` wins when both exist.
+    """
+
+    def __init__(self, out: Path, work: Path, settings: dict, arms: list[tuple[str, str]], fresh: bool) -> None:
+        self.out, self.path, self.copy = out, out / "hybrid_quality.json", work / "hybrid_quality.json"
+        source = next((p for p in (self.path, self.copy) if p.is_file()), None) if not fresh else None
+        data = read_json(source, "results") if source is not None else None
+        if data is not None and data.get("settings") != settings:
+            changed = sorted(k for k in set(settings) | set(data.get("settings", {})) if settings.get(k) != data["settings"].get(k))
+            raise HeadscopeError(f"{source} was made with other settings ({', '.join(changed)}); pass --fresh or another --out")
+        if source is not None:
+            print(f"resuming from {source}", flush=True)
+        self.data = data or {"schema": SCHEMA, "settings": settings, "budget": None, "fused_mask": None, "arms": {}, "notes": []}
+        for name, kind in arms:
+            self.data["arms"].setdefault(name, {"kind": kind, "status": "pending"})
+
+    @property
+    def arms(self) -> dict:
+        return self.data["arms"]
+
+    def note(self, text: str) -> None:
+        """Print ``text`` and keep it (once) in the results' notes."""
+        print(text, flush=True)
+        if text not in self.data["notes"]:
+            self.data["notes"].append(text)
+
+    def write(self) -> None:
+        """JSON (with the seed summary and goal checks), markdown tables and figure (png too when kaleido is
+        installed), all atomically."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        families = family_stats(self.data)
+        self.data["summary"] = {"families": families, "goals": goal_checks(self.data, families)}
+        write_json_atomic(self.path, self.data)
+        write_json_atomic(self.copy, self.data)
+        try:
+            table = results_markdown(self.data) + "\n" + seeds_markdown(self.data, families, self.data["summary"]["goals"])
+            write_text_atomic(self.out / "hybrid_quality.md", table)
+            figure = accuracy_figure(self.data)
+            write_text_atomic(self.out / "hybrid_quality.html", figure.to_html(include_plotlyjs="cdn", full_html=True))
+        except Exception as error:  # noqa: BLE001 - the JSON is written; the tables can be rebuilt from it
+            print(f"writing the table/figure failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            return
+        try:
+            import kaleido  # noqa: F401
+        except ImportError:
+            return
+        try:
+            figure.write_image(str(self.out / "hybrid_quality.png"), width=figure.layout.width, height=figure.layout.height)
+        except Exception as error:  # noqa: BLE001 - kaleido needs a browser; the html has the same figure
+            print(f"png not written: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+
+
+def data_settings(args) -> dict:
+    """What the training data is: the demo corpus, or the ``--data`` paths with a digest of their bytes."""
+    if not args.data:
+        return {"source": "demo_corpus"}
+    digest = hashlib.sha256()
+    for entry in args.data:
+        path = Path(entry)
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(file.read_bytes())
+    return {"source": "files", "paths": list(args.data), "sha256": digest.hexdigest()[:16], "heldout_fraction": args.heldout_fraction}
+
+
+def settings_of(args, model_dir: Path, fingerprint, base: int) -> dict:
+    """The run's settings: a rerun with other settings does not resume (see ``Results``)."""
+    return {
+        "model": str(model_dir), "model_name": model_dir.name, "fingerprint": fingerprint.to_dict(), "teacher_length": base,
+        "lengths": [base * k for k in args.length_multiples], "probes": list(dict.fromkeys(args.retrieval_probes + args.reasoning_probes)),
+        "retrieval_probes": args.retrieval_probes, "reasoning_probes": args.reasoning_probes, "data": data_settings(args),
+        "pairs": args.pairs, "eval_seed": args.eval_seed, "heldout_rows": args.heldout_rows, "batch": args.batch, "lr": args.lr,
+        "seed": args.seed, "smoke": args.smoke, "fixed_steps": args.steps, "mask_file": args.mask, "eval_sequences": args.eval_sequences,
+        "fused_recipe": {"length": args.score_length, "pairs": args.score_pairs, "receivers": args.receivers, "ratio": "7:1"},
+    }
+
+
+def failure(error: BaseException) -> dict:
+    """The record of a failed arm: status, error and the end of the traceback."""
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
