@@ -35,10 +35,11 @@ from headscope import load_model
 from headscope.ablation import ablation_check
 from headscope.demo import REASONING_PROBES, RETRIEVAL_PROBES, build_probes, score_probes
 from headscope.fusion import fuse
-from headscope.heads import Head, HeadScores, write_json_atomic, write_text_atomic
+from headscope.heads import HeadScores, write_json_atomic, write_text_atomic
 from headscope.mask import select_mask
 from headscope.maskfile import load_mask, save_mask
 from headscope.patching import activation_scores, rope_dependence_scores
+from headscope.patching.rope import rope_dependent_heads
 from headscope.probes import make_probe
 from headscope.reports import build_report_html
 from headscope.zoo.evaluate import probe_accuracy
@@ -49,7 +50,6 @@ FULL = dict(table_lengths=(512, 2048), table_pairs=32, score_length=1024, score_
 QUICK = dict(table_lengths=(160,), table_pairs=4, score_length=160, score_pairs=2, ablate_length=160, ablate_pairs=4, ks=(1, 2),
              n_random=2)
 SOLVED = dict(argmax=0.5, gap=2.0)  # a probe enters the mask when the model solves it this well at the first length
-ROPE_THRESHOLD = 0.25
 
 
 def probe_table(lm, sizes: dict, log) -> list[dict]:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for_mask = [s for s in receivers_senders if s.probe in solved]
     ranking = fuse(for_mask)
     rope = extra_scores(lm, [p for p in probes if p.name in solved], "rope", out, log)
-    rope_heads = sorted({Head(int(l), int(h)) for s in rope for l, h in (s.values >= ROPE_THRESHOLD).nonzero().tolist()})
+    rope_heads = rope_dependent_heads(rope, min_gap=0.0)  # rope was scored on the solved probes only
     mask = select_mask(ranking, lm.fingerprint, ratio="7:1")
     rope_aware = select_mask(ranking, lm.fingerprint, ratio="7:1", exclude=rope_heads)
     save_mask(mask, out / "mask.json")

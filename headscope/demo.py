@@ -9,9 +9,14 @@ were made for the same model, probe length, pair count and seed):
 2. score receivers with ``direct`` (the head's own effect on the answer) and senders with ``path``
    (effect routed through that probe's top receivers outside layer 0), one HeadScores JSON per probe
    and method;
-3. fuse every score into one ranking (``fuse`` defaults: z-scored |score|, equal weight per capability), pick the
-   full-attention heads at the 7:1 budget, write ``mask.json`` and ``report.html``;
-4. build the 7:1 head-wise hybrid from the mask, calibrate its per-head output scales, align it briefly
+3. on a RoPE model, score every solved probe (clean/corrupt gap >= 2) with ``rope`` and keep the heads that
+   need RoPE for a probe (>= 0.25 of its gap lost without it) off full attention: the hybrid's FA heads
+   are NoPE, and on the demo model putting one such head (L2H6) there took kv_recall from 0.88 to 0.03
+   after transfer (``benchmarks/results/hybrid_quality_seeds``);
+4. fuse every direct/path score into one ranking (``fuse`` defaults: z-scored |score|, equal weight per
+   capability), pick the full-attention heads at the 7:1 budget without the RoPE-dependent heads, write
+   ``mask.json`` and ``report.html``;
+5. build the 7:1 head-wise hybrid from the mask, calibrate its per-head output scales, align it briefly
    to the original model on the demo corpus (stage 1 of the transfer, CPU, a minute or two) and compare
    the argmax accuracy on the retrieval probes of the original, the hybrid as built and the aligned
    hybrid (written to ``hybrid.json``).
@@ -28,7 +33,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from headscope.heads import HeadMask, HeadScores, HeadscopeError, write_json_atomic, write_text_atomic
+from headscope.heads import Head, HeadMask, HeadScores, HeadscopeError, write_json_atomic, write_text_atomic
 from headscope.models import LoadedModel, load_model
 from headscope.probes import Probe, make_probe
 
@@ -53,6 +58,7 @@ class DemoSettings:
         seed: probe, corpus and torch seed.
         probes: built-in probe names to run.
         build_hybrid: build, align and evaluate the hybrid after the mask.
+        rope_aware: keep RoPE-dependent heads off full attention (``rope`` scores; RoPE models only).
         progress: show progress bars.
     """
 
@@ -68,17 +74,21 @@ class DemoSettings:
     seed: int = 0
     probes: tuple[str, ...] = RETRIEVAL_PROBES + REASONING_PROBES
     build_hybrid: bool = True
+    rope_aware: bool = True
     progress: bool = True
 
 
 @dataclass
 class DemoResult:
-    """What ``run_demo`` made: scores, the mask, and (with the hybrid) accuracies and alignment losses.
+    """What ``run_demo`` made: scores, rope scores and the heads they kept off full attention, the mask, and
+    (with the hybrid) accuracies and alignment losses.
 
     ``accuracies[stage][probe]`` is the argmax accuracy for each stage of ``STAGES``.
     """
 
     scores: list[HeadScores] = field(default_factory=list)
+    rope_scores: list[HeadScores] = field(default_factory=list)
+    excluded: list[Head] = field(default_factory=list)
     mask: HeadMask | None = None
     accuracies: dict[str, dict[str, float]] = field(default_factory=dict)
     align_losses: list[float] = field(default_factory=list)
@@ -166,6 +176,41 @@ def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: i
     if reused:
         log(f"reused {reused} score files from {out / 'scores'}")
     return results
+
+
+def rope_step(lm: LoadedModel, probes: list[Probe], scores: list[HeadScores], out: Path, settings: DemoSettings,
+              log=print) -> tuple[list[HeadScores], list[Head]]:
+    """``rope`` scores of the solved probes (``out/scores/PROBE.rope.json``, reused like the others) and the
+    RoPE-dependent heads to keep off full attention; ``([], [])`` with a note where it cannot apply."""
+    from headscope.mask import head_budget
+    from headscope.patching.rope import MIN_GAP, rope_dependence_scores, rope_dependent_heads, rope_unsupported
+
+    if problem := rope_unsupported(lm, settings.length):
+        log(f"note: the mask is not RoPE-aware: {problem}")
+        return [], []
+    gaps = {s.probe: s.meta["ld_clean"] - s.meta["ld_corrupt"] for s in scores if s.method == "direct"}
+    solved = [probe for probe in probes if gaps.get(probe.name, 0.0) >= MIN_GAP]
+    rope, reused = [], 0
+    for probe in solved:
+        path = out / "scores" / f"{probe.name}.rope.json"
+        item = _reusable(path, lm, probe, settings.seed)
+        if item is None:
+            item = rope_dependence_scores(lm, probe, progress=settings.progress)
+            item.save(path)
+        else:
+            reused += 1
+        rope.append(item)
+    if reused:
+        log(f"reused {reused} rope score files")
+    excluded = rope_dependent_heads(rope)
+    fp = lm.fingerprint
+    if fp.n_layers * fp.n_heads - len(excluded) < head_budget(fp, settings.ratio):
+        log(f"note: {len(excluded)} RoPE-dependent heads leave fewer heads than the budget; none excluded")
+        return rope, []
+    skipped = [probe.name for probe in probes if gaps.get(probe.name, 0.0) < MIN_GAP]
+    log(f"RoPE-dependent heads kept off full attention (rope >= 0.25 on {len(solved)} probes with a gap >= {MIN_GAP:g}"
+        f"{'; not scored: ' + ', '.join(skipped) if skipped else ''}): {' '.join(str(h) for h in excluded) or 'none'}")
+    return rope, excluded
 
 
 def top_heads_by_capability(scores: list[HeadScores], k: int = 5) -> dict[str, list[str]]:
@@ -277,11 +322,13 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
     result = DemoResult()
     result.scores = score_probes(lm, probes, out, settings.n_receivers, settings.seed, log, settings.progress)
 
+    if settings.rope_aware:
+        result.rope_scores, result.excluded = rope_step(lm, probes, result.scores, out, settings, log)
     ranking = fuse(result.scores)
-    mask = select_mask(ranking, fp, ratio=settings.ratio)
+    mask = select_mask(ranking, fp, ratio=settings.ratio, exclude=result.excluded)
     result.mask = mask
     save_mask(mask, out / "mask.json")
-    write_text_atomic(out / "report.html", build_report_html(result.scores, mask, ranking))
+    write_text_atomic(out / "report.html", build_report_html(result.scores + result.rope_scores, mask, ranking))
 
     log("\ntop heads per capability (fused over probes and methods):")
     for capability, heads in top_heads_by_capability(result.scores).items():

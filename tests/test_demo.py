@@ -136,3 +136,54 @@ def test_demo_falls_back_to_an_untrained_model(tmp_path, monkeypatch, capsys):
     assert "UNTRAINED" in out and "mask 7:1" in out
     assert (tmp_path / "untrained-model" / "config.json").is_file()
     load_mask(tmp_path / "mask.json", expect=load_model(tmp_path / "untrained-model").fingerprint)
+
+
+def test_demo_keeps_rope_dependent_heads_off_full_attention(tiny_dir, tmp_path, monkeypatch):
+    """A head the rope scorer marks as RoPE-dependent is not put on the (NoPE) FA branch; rope files are reused."""
+    import headscope.patching.rope as rope
+    from dataclasses import replace
+
+    settings = DemoSettings(length=64, n_pairs=2, probes=PROBES, progress=False, build_hybrid=False)
+    plain = run_demo(tiny_dir, tmp_path / "plain", replace(settings, rope_aware=False), log=lambda *a: None)
+    top = plain.mask.heads()[0]
+    real, calls = rope.rope_dependence_scores, []
+
+    def marked(lm, probe, progress=True):  # the real scorer's file, with only ``top`` marked as needing RoPE
+        calls.append(probe.name)
+        scores = real(lm, probe, progress=False)
+        scores.values.zero_()
+        scores.values[top.layer, top.head] = 0.6
+        scores.meta.update(ld_clean=5.0, ld_corrupt=0.0)
+        return scores
+
+    monkeypatch.setattr(rope, "rope_dependence_scores", marked)
+    monkeypatch.setattr(rope, "MIN_GAP", -math.inf)  # the random model solves nothing: score every probe
+    lines: list[str] = []
+    aware = run_demo(tiny_dir, tmp_path / "aware", settings, log=lines.append)
+    assert aware.excluded == [top] and top not in aware.mask.heads() and aware.mask.n_full == plain.mask.n_full
+    assert aware.mask.provenance["selection"]["excluded"] == [str(top)]
+    assert sorted(calls) == sorted(PROBES) and all((tmp_path / "aware" / "scores" / f"{p}.rope.json").is_file() for p in PROBES)
+    assert "RoPE-dependent heads kept off full attention (rope >= 0.25 on 3 probes" in "\n".join(lines)
+    again = run_demo(tiny_dir, tmp_path / "aware", settings, log=lines.append)
+    assert len(calls) == len(PROBES) and again.mask.heads() == aware.mask.heads() and "reused 3 rope score files" in lines
+    monkeypatch.setattr(rope, "MIN_GAP", 2.0)  # with the real gap rule nothing is scored on a random model
+    none = run_demo(tiny_dir, tmp_path / "none", settings, log=lines.append)
+    assert none.rope_scores == [] and none.excluded == [] and none.mask.heads() == plain.mask.heads()
+
+
+def test_rope_dependent_heads_ignore_unsolved_probes_and_refuse_other_methods():
+    from headscope.heads import Head, HeadScores, ModelFingerprint
+    from headscope.patching.rope import rope_dependent_heads
+
+    fp = ModelFingerprint("llama", 2, 3, 3, 8, "t")
+    def scores(cells, gap, method="rope"):
+        values = torch.zeros(2, 3)
+        for (layer, head), value in cells.items():
+            values[layer, head] = value
+        return HeadScores(values=values, probe="p", method=method, fingerprint=fp, capability="retrieval",
+                          meta={"ld_clean": gap, "ld_corrupt": 0.0})
+    solved, unsolved = scores({(1, 2): 0.3, (0, 1): 0.24, (0, 0): 0.25}, 3.0), scores({(1, 0): 0.9}, 0.5)
+    assert rope_dependent_heads([solved, unsolved]) == [Head(0, 0), Head(1, 2)]
+    assert rope_dependent_heads([solved, unsolved], threshold=0.2, min_gap=0.0) == [Head(0, 0), Head(0, 1), Head(1, 0), Head(1, 2)]
+    with pytest.raises(HeadscopeError, match="expected rope scores"):
+        rope_dependent_heads([scores({}, 3.0, method="direct")])

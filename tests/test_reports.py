@@ -156,6 +156,15 @@ def test_cli_fuse_report_export(tmp_path, monkeypatch, capsys, inputs):
     excluded = load_mask(tmp_path / "e.json")
     assert code == 0 and excluded.n_full == 6 and not excluded.full[0, 0] and not excluded.full[1, 1]
     assert excluded.provenance["selection"]["excluded"] == ["L0H0", "L1H1"]
+    rope_values = torch.zeros(FP.shape)
+    rope_values[1, 2] = 0.3  # RoPE-dependent on a solved probe: kept off, with the --exclude heads
+    rope = HeadScores(values=rope_values, probe="p", method="rope", fingerprint=FP, capability="retrieval", meta={"ld_clean": 4.0, "ld_corrupt": 0.0})
+    rope_file = str(rope.save(tmp_path / "p.rope.json"))
+    code, out, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--n-full", "6", "--exclude", "L0H0", "--rope-scores", rope_file, "--out", str(tmp_path / "ro.json"))
+    assert code == 0 and "RoPE-dependent heads kept off full attention: L1H2" in out
+    assert load_mask(tmp_path / "ro.json").provenance["selection"]["excluded"] == ["L0H0", "L1H2"]
+    code, _, err = run_cli(monkeypatch, capsys, "fuse", *files, rope_file, "--n-full", "6", "--out", str(tmp_path / "bad.json"))
+    assert code == 2 and "pass it with --rope-scores" in err and not (tmp_path / "bad.json").exists()
 
     code, out, _ = run_cli(monkeypatch, capsys, "report", *files, "--mask", str(mask_path), "--out", str(tmp_path / "r.html"))
     assert code == 0 and (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")

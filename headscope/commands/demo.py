@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--align-steps", type=int, default=60, help="stage-1 alignment steps of the hybrid (default 60)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--no-hybrid", action="store_true", help="stop after the mask and report")
+    parser.add_argument("--no-rope-aware", action="store_true",
+                        help="do not keep RoPE-dependent heads off full attention (skips the rope scores)")
     parser.set_defaults(func=run, interrupted="interrupted; rerun the same command to reuse the finished score files")
 
 
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print("note: running on an UNTRAINED model of the same shape built locally; its scores show no real head specialisation")
         model_dir = fallback_model(out)
     settings = DemoSettings(length=args.length, n_pairs=args.pairs, ratio=args.ratio, align_steps=args.align_steps,
+                            rope_aware=not args.no_rope_aware,
                             probes=probes, build_hybrid=not args.no_hybrid, progress=not args.no_progress)
     run_demo(model_dir, out, settings)
     return 0

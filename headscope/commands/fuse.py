@@ -53,6 +53,10 @@ def register(subparsers) -> None:
     parser.add_argument("--exclude", default="", metavar="HEADS",
                         help="heads kept off full attention, comma-separated, as LxHy or LAYER.HEAD (e.g. L2H6,1.3: heads that need RoPE, "
                              "see `headscope score --method rope`)")
+    parser.add_argument("--rope-scores", nargs="+", default=[], metavar="ROPE.json",
+                        help="`headscope score --method rope` files: heads that need RoPE for a solved probe (clean/corrupt gap >= 2) "
+                             "are kept off the hybrid's NoPE full-attention heads, as with --exclude")
+    parser.add_argument("--rope-threshold", type=float, default=None, help="rope score that marks a head as RoPE-dependent (default 0.25)")
     parser.add_argument("--out", required=True, help="output mask JSON")
     parser.set_defaults(func=run)
 
@@ -62,9 +66,17 @@ def run(args: argparse.Namespace) -> int:
     from headscope.heads import Head
     from headscope.mask import budget_note, save_mask, select_mask
 
+    from headscope.patching.rope import ROPE_THRESHOLD, rope_dependent_heads
+
     scores = load_scores(args.scores)
+    if rope := [item.meta["source"] for item in scores if item.method == "rope"]:
+        raise HeadscopeError(f"{rope[0]} holds rope scores (RoPE dependence, not importance): pass it with --rope-scores")
     ranking = fuse(scores, normalise=args.normalise, rule=args.rule, weights=parse_weights(args.weight), rrf_k=args.rrf_k)
     exclude = [Head.parse(text) for text in args.exclude.split(",") if text.strip()]
+    if args.rope_scores:
+        rope_heads = rope_dependent_heads(load_scores(args.rope_scores), args.rope_threshold if args.rope_threshold is not None else ROPE_THRESHOLD)
+        print(f"RoPE-dependent heads kept off full attention: {' '.join(str(h) for h in rope_heads) or 'none'}")
+        exclude = sorted(set(exclude) | set(rope_heads), key=lambda h: (h.layer, h.head))
     mask = select_mask(ranking, ratio=args.ratio, n_full=args.n_full, min_per_layer=args.min_per_layer,
                        kv_aware=args.kv_aware, group_score=args.group_score, exclude=exclude)
     path = save_mask(mask, args.out)

@@ -21,6 +21,8 @@ Qwen3) with full causal attention over the probe (a sliding window shorter than 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
@@ -33,6 +35,37 @@ from headscope.patching.sharding import all_heads, map_heads, replay_cost
 from headscope.probes.base import Probe
 
 ROPE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_THRESHOLD = 0.25  # share of a probe's gap lost without RoPE that marks a head as RoPE-dependent
+MIN_GAP = 2.0  # clean - corrupt logit difference below which a probe's normalised scores are mostly noise
+
+
+def rope_dependent_heads(scores: Sequence[HeadScores], threshold: float = ROPE_THRESHOLD, min_gap: float = MIN_GAP) -> list[Head]:
+    """Heads whose ``rope`` score reaches ``threshold`` on any probe with a clean/corrupt gap >= ``min_gap``.
+
+    These are the heads a head-wise hybrid should not put on its NoPE full-attention branch (``select_mask(...,
+    exclude=...)``); a probe the model does not solve has a tiny gap, which would turn noise into scores.
+    Returned in (layer, head) order.
+    """
+    heads = set()
+    for item in scores:
+        if item.method != "rope":
+            raise HeadscopeError(f"{item.meta.get('source', item.probe)}: method {item.method!r}, expected rope scores")
+        if item.meta.get("ld_clean", 0.0) - item.meta.get("ld_corrupt", 0.0) >= min_gap:
+            heads.update(Head(int(layer), int(head)) for layer, head in (item.values >= threshold).nonzero().tolist())
+    return sorted(heads, key=lambda h: (h.layer, h.head))
+
+
+def rope_unsupported(lm: LoadedModel, length: int) -> str | None:
+    """Why ``rope_dependence_scores`` cannot run on ``lm`` at ``length`` tokens, or None."""
+    if lm.fingerprint.architecture not in ROPE_ARCHITECTURES:
+        return (f"rope dependence needs a RoPE model ({', '.join(ROPE_ARCHITECTURES)}); "
+                f"{lm.fingerprint.architecture} has no rotary position embedding")
+    config = lm.model.config
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < length:
+        return (f"rope dependence recomputes full causal attention, but the model uses a sliding "
+                f"window of {window} tokens, shorter than the probe ({length})")
+    return None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,17 +107,6 @@ def head_output(lm: LoadedModel, layer: int, head: int, hidden: torch.Tensor, ro
     return (weights.to(v.dtype) @ v)  # (B, T, D)
 
 
-def _check(lm: LoadedModel, probe: Probe) -> None:
-    if lm.fingerprint.architecture not in ROPE_ARCHITECTURES:
-        raise HeadscopeError(f"rope dependence needs a RoPE model ({', '.join(ROPE_ARCHITECTURES)}); "
-                             f"{lm.fingerprint.architecture} has no rotary position embedding")
-    config = lm.model.config
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < probe.length:
-        raise HeadscopeError(f"rope dependence recomputes full causal attention, but the model uses a sliding "
-                             f"window of {window} tokens, shorter than the probe ({probe.length})")
-
-
 @torch.no_grad()
 def rope_dependence_scores(lm: LoadedModel, probe: Probe, *, noising: bool = False, batch_size: int | None = None,
                            progress: bool = True) -> HeadScores:
@@ -105,7 +127,8 @@ def rope_dependence_scores(lm: LoadedModel, probe: Probe, *, noising: bool = Fal
     """
     if noising:
         raise HeadscopeError("rope dependence is measured on the clean prompts only; --noising does not apply")
-    _check(lm, probe)
+    if problem := rope_unsupported(lm, probe.length):
+        raise HeadscopeError(problem)
     # The patched run is the clean run (score = (LD_clean - LD_patched) / gap); the NoPE head changes every
     # position after 0, so no position prefix is shared.
     run = prepare(lm, probe, noising=True, reuse_prefix=False)
