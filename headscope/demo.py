@@ -131,6 +131,17 @@ def _reusable(path: Path, lm: LoadedModel, probe: Probe, seed: int, receivers: l
     return scores if same else None
 
 
+def _scores_file(path: Path, lm: LoadedModel, probe: Probe, seed: int, compute: Callable[[], HeadScores],
+                 receivers: list[str] | None = None) -> tuple[HeadScores, bool]:
+    """The scores at ``path`` when reusable (``_reusable``), else ``compute()`` saved there; and whether reused."""
+    scores = _reusable(path, lm, probe, seed, receivers)
+    if scores is not None:
+        return scores, True
+    scores = compute()
+    scores.save(path)
+    return scores, False
+
+
 def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: int, seed: int = 0, log=print,
                  progress: bool = True) -> list[HeadScores]:
     """Receivers (``direct``) and senders (``path`` through the top receivers) for every probe.
@@ -154,24 +165,16 @@ def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: i
 
     results, reused = [], 0
     for probe in probes:
-        path = out / "scores" / f"{probe.name}.direct.json"
-        direct = _reusable(path, lm, probe, seed)
-        if direct is None:
-            direct = direct_scores(lm, probe, progress=progress)
-            direct.save(path)
-        else:
-            reused += 1
+        direct, again = _scores_file(out / "scores" / f"{probe.name}.direct.json", lm, probe, seed,
+                                     lambda: direct_scores(lm, probe, progress=progress))
+        reused += again
         results.append(direct)
         chosen = [Receiver(h) for h in direct.top(lm.fingerprint.n_layers * lm.fingerprint.n_heads) if h.layer > 0][:n_receivers]
         if not chosen:
             continue
-        path = out / "scores" / f"{probe.name}.path.json"
-        senders = _reusable(path, lm, probe, seed, [str(r) for r in chosen])
-        if senders is None:
-            senders = path_scores(lm, probe, receivers=chosen, progress=progress)
-            senders.save(path)
-        else:
-            reused += 1
+        senders, again = _scores_file(out / "scores" / f"{probe.name}.path.json", lm, probe, seed,
+                                      lambda: path_scores(lm, probe, receivers=chosen, progress=progress), [str(r) for r in chosen])
+        reused += again
         results.append(senders)
     if reused:
         log(f"reused {reused} score files from {out / 'scores'}")
@@ -192,13 +195,9 @@ def rope_step(lm: LoadedModel, probes: list[Probe], scores: list[HeadScores], ou
     solved = [probe for probe in probes if gaps.get(probe.name, 0.0) >= MIN_GAP]
     rope, reused = [], 0
     for probe in solved:
-        path = out / "scores" / f"{probe.name}.rope.json"
-        item = _reusable(path, lm, probe, settings.seed)
-        if item is None:
-            item = rope_dependence_scores(lm, probe, progress=settings.progress)
-            item.save(path)
-        else:
-            reused += 1
+        item, again = _scores_file(out / "scores" / f"{probe.name}.rope.json", lm, probe, settings.seed,
+                                   lambda: rope_dependence_scores(lm, probe, progress=settings.progress))
+        reused += again
         rope.append(item)
     if reused:
         log(f"reused {reused} rope score files")
