@@ -3,7 +3,7 @@
 Arms, in the order they run, so that the comparisons that matter most exist first if time runs out:
 
 * ``teacher``: the original model, no training (RoPE extrapolated past its training length);
-* ``headwise_fused_7to1``: the ``headscope.demo`` recipe: built-in probes (all seven, 256 tokens, 8 pairs,
+* ``headwise_fused_7to1``: the ``headscope.demo`` recipe without its RoPE-aware step: built-in probes (all seven, 256 tokens, 8 pairs,
   seed 0), ``direct`` scores (receivers) and ``path`` scores through each probe's top-3 receivers (senders),
   ``fuse`` with its defaults (z-scored |score|, mean with equal weight per capability), ``select_mask(ratio="7:1")``; or ``--mask FILE``;
 * ``layerwise_3to1`` and ``layerwise_7to1``: whole FA layers (``headscope.arms.layerwise_arm_mask``: the

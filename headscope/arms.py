@@ -3,8 +3,8 @@
 An arm is a name and a kind; the kind says where its head mask comes from (``arm_mask``):
 
 * ``teacher``: the original model (no mask, no training);
-* ``fused``: the selected mask (``fused_mask``: the ``headscope.demo`` recipe, built-in probes scored
-  with ``direct`` for receivers and ``path`` through each probe's top receivers for senders, ``fuse``
+* ``fused``: the selected mask (``fused_mask``: the ``headscope.demo`` recipe without its RoPE-aware step,
+  built-in probes scored with ``direct`` for receivers and ``path`` through each probe's top receivers for senders, ``fuse``
   with its defaults, ``select_mask``);
 * ``file``: a mask file given by name (``extra``);
 * ``layerwise``: whole FA layers at ``a:b`` (``layerwise_3to1``, ``layerwise_7to1``): ``n = max(1,
@@ -63,9 +63,10 @@ def layerwise_arm_mask(fingerprint: ModelFingerprint, ratio: str) -> HeadMask:
 
 
 def fused_mask(lm, work: Path, length: int, n_pairs: int, n_receivers: int, ratio: str = "7:1") -> HeadMask:
-    """The fused mask of the ``headscope.demo`` recipe: every built-in demo probe at ``length`` tokens with
-    ``n_pairs`` pairs (seed 0), ``direct`` + ``path`` scores (files cached in ``work/scores``), ``fuse``,
-    ``select_mask`` at ``ratio``."""
+    """The fused mask of the ``headscope.demo`` recipe without its RoPE-aware step (the plain selection the
+    benchmark's baselines are measured against; a RoPE-aware mask comes in as a ``file`` arm): every built-in
+    demo probe at ``length`` tokens with ``n_pairs`` pairs (seed 0), ``direct`` + ``path`` scores (files
+    cached in ``work/scores``), ``fuse``, ``select_mask`` at ``ratio``."""
     from headscope.demo import REASONING_PROBES, RETRIEVAL_PROBES, score_probes
     from headscope.fusion import fuse
     from headscope.mask import select_mask
