@@ -33,7 +33,7 @@ def _weights_key(model) -> tuple:
     return tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
 
 
-def _unsupported(model, input_ids, kwargs, config) -> str | None:
+def _unsupported(input_ids, kwargs, config) -> str | None:
     """Why the static path cannot serve this call, or None."""
     if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         return "generate() got no 2D input_ids"
@@ -78,7 +78,7 @@ def static_cache_for_generate(model, inputs, args: tuple, kwargs: dict, mode: st
         raise HeadscopeError(f"decode_mode='graph' needs a CUDA model; this one is on {model.device} (use 'static')")
     config = (args[0] if args else None) or kwargs.get("generation_config") or model.generation_config
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-    reason = _unsupported(model, input_ids, kwargs, config)
+    reason = _unsupported(input_ids, kwargs, config)
     if reason is not None:
         if requested == "auto":
             return None

@@ -121,7 +121,10 @@ class HybridStaticCache:
     def begin_prefill(self, attention_mask: torch.Tensor | None, length: int) -> None:
         """Record a prefill chunk's padding mask (the last ``length`` columns of ``attention_mask``)."""
         chunk = self.valid[:, self.seen_tokens : self.seen_tokens + length]
-        chunk.copy_(attention_mask[:, -length:]) if attention_mask is not None else chunk.fill_(1)
+        if attention_mask is None:
+            chunk.fill_(1)
+        else:
+            chunk.copy_(attention_mask[:, -length:])
 
     def end_prefill(self, length: int) -> None:
         self.seen_tokens += length
@@ -146,8 +149,12 @@ class HybridStaticCache:
         self.check_room(1, batch)
         if not self.seen_tokens:  # a one-token prompt: the GDN states start from zero, not from a previous prompt
             for t in self.conv_states + self.recurrent_states:
-                t.zero_() if t is not None else None
-        self.step_mask.copy_(attention_mask[:, -1]) if attention_mask is not None else self.step_mask.fill_(1)
+                if t is not None:
+                    t.zero_()
+        if attention_mask is None:
+            self.step_mask.fill_(1)
+        else:
+            self.step_mask.copy_(attention_mask[:, -1])
         positions = position_ids.expand(batch, 1)
         if self.graphed and self._warmed_up:
             logits = self._replay(model, input_ids, positions)
