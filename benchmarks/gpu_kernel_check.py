@@ -93,17 +93,17 @@ def grads_of(fn, inputs, do, dht):
 def section_gdn(device: str, tiny: bool) -> None:
     print("\n[a] Gated DeltaNet vs float32 naive recurrent reference", flush=True)
     impls = {"torch_chunk": torch_chunk}
-    fla_can_backward = True
     if device == "cuda":
         import importlib.util
 
         import triton
 
-        fla_can_backward = not fla_backward_broken(triton.__version__, torch.cuda.get_device_capability(),
-                                                   importlib.util.find_spec("tilelang") is not None)
-        if not fla_can_backward:
-            print("  fla refuses its chunk backward here (Hopper, Triton in [3.4, 3.7.1), fla #640): forward only;"
-                  " the dispatcher trains through the torch chunk path", flush=True)
+        if fla_backward_broken(triton.__version__, torch.cuda.get_device_capability(), importlib.util.find_spec("tilelang") is not None):
+            from headscope.kernels.gdn.fla_dqkwg import register_fla_backend
+
+            register_fla_backend()
+            print("  fla refuses its chunk_bwd_dqkwg kernel here (Hopper, Triton in [3.4, 3.7.1), fla #640): fla_chunk's"
+                  " backward runs with headscope's torch chunk_bwd_dqkwg, as the dispatcher's does", flush=True)
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
         impls["fla_chunk"] = lambda *a, **kw: chunk_gated_delta_rule(
@@ -122,12 +122,7 @@ def section_gdn(device: str, tiny: bool) -> None:
             for name, fn in impls.items():
                 if name == "torch_chunk" and length > 1000:
                     continue  # exact in float32 (CPU tests); skip the big shape to save time
-                if name == "fla_chunk" and not fla_can_backward:  # forward only; training takes the torch chunk path
-                    with torch.no_grad():
-                        o, s = fn(*inputs[:5], initial_state=inputs[5], output_final_state=True)
-                    grads = ()
-                else:
-                    o, s, grads = grads_of(fn, inputs, do, dht)
+                o, s, grads = grads_of(fn, inputs, do, dht)
                 record("gdn", f"{name} {case}", "o", rel(o, o_ref))
                 record("gdn", f"{name} {case}", "state", rel(s, s_ref))
                 for quantity, got, want in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, g_ref):

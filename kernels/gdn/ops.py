@@ -11,9 +11,10 @@ CPU         :func:`.chunk.chunk_gated_delta_rule`  :func:`.chunk.recurrent_step`
 
 fla's fused recurrent kernel has no backward, so a T == 1 call that needs gradients goes to the chunk
 kernel. fla 0.6 refuses its chunk *backward* on Hopper GPUs with Triton >= 3.4.0 and < 3.7.1 (wrong
-results in ``chunk_bwd_dqkwg``, fla issue #640) unless tilelang is installed; there a call that needs
-gradients takes the exact torch chunk path instead (slower, correct), and inference keeps fla. fla is imported lazily, only when a CUDA tensor arrives, so ``import headscope.kernels`` works
-without triton or fla. ``HEADSCOPE_NO_TRITON=1`` forces the torch paths on CUDA too (slow; for
+results in one kernel, ``chunk_bwd_dqkwg``, fla issue #640) unless tilelang is installed; there the
+dispatcher registers :mod:`.fla_dqkwg`, a torch implementation of that one kernel, as an fla backend, and
+fla's backward runs with it (the rest of fla's backward is unaffected). fla is imported lazily, only when
+a CUDA tensor arrives, so ``import headscope.kernels`` works without triton or fla. ``HEADSCOPE_NO_TRITON=1`` forces the torch paths on CUDA too (slow; for
 debugging). fla arguments are always passed by keyword: the 5th positional argument of
 ``fused_recurrent_gated_delta_rule`` is ``gk``, not ``beta``.
 
@@ -73,13 +74,17 @@ def fla_backward_broken(triton_version: str, capability: tuple[int, int], has_ti
     return capability[0] == 9 and (3, 4, 0) <= parts < (3, 7, 1) and not has_tilelang
 
 
-def _fla_can_backward(q: torch.Tensor) -> bool:
+def _prepare_fla_backward(q: torch.Tensor) -> None:
+    """Where fla refuses its chunk backward, give it headscope's torch ``chunk_bwd_dqkwg`` (once)."""
     import importlib.util
 
     import triton
 
     capability = torch.cuda.get_device_capability(q.device)
-    return not fla_backward_broken(triton.__version__, capability, importlib.util.find_spec("tilelang") is not None)
+    if fla_backward_broken(triton.__version__, capability, importlib.util.find_spec("tilelang") is not None):
+        from headscope.kernels.gdn.fla_dqkwg import register_fla_backend
+
+        register_fla_backend()
 
 
 def kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
@@ -131,7 +136,7 @@ def gated_delta_rule(
     needs_grad = _needs_grad(q, k, v, g, beta, initial_state)
     decode = q.shape[1] == 1 and not needs_grad
 
-    if not _use_fla(q) or (needs_grad and not _fla_can_backward(q)):
+    if not _use_fla(q):
         if decode:
             o, state = recurrent_step(q, k, v, g, beta, initial_state, scale=scale)
             return o, (state if output_final_state else None)
@@ -148,6 +153,8 @@ def gated_delta_rule(
             f"gated_delta_rule on CUDA needs flash-linear-attention (fla) and triton ({exc}); "
             "install them, or set HEADSCOPE_NO_TRITON=1 for the slow torch path"
         ) from exc
+    if needs_grad:
+        _prepare_fla_backward(q)
     kernel = fused_recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
     dtype = kernel_dtype(q, k, v)
     o, state = kernel(
