@@ -13,7 +13,7 @@ from typing import Callable
 from headscope.heads import HeadScores, HeadscopeError
 from headscope.models import LoadedModel
 from headscope.patching.activation import activation_scores, activation_scores_by_position, direct_scores
-from headscope.patching.attribution import attribution_scores, rank_correlation, screen_scores
+from headscope.patching.attribution import attribution_scores, rank_correlation, screen_order, screen_scores
 from headscope.patching.path import Receiver, parse_receivers, path_scores
 from headscope.patching.rope import rope_dependence_scores
 from headscope.probes.base import Probe
@@ -46,5 +46,5 @@ def score(lm: LoadedModel, probe: Probe, method: str = "activation", **options) 
 
 __all__ = [
     "SCORERS", "Receiver", "Scorer", "activation_scores", "activation_scores_by_position", "attribution_scores", "direct_scores",
-    "parse_receivers", "path_scores", "rank_correlation", "register_scorer", "rope_dependence_scores", "score", "screen_scores",
+    "parse_receivers", "path_scores", "rank_correlation", "register_scorer", "rope_dependence_scores", "score", "screen_order", "screen_scores",
 ]

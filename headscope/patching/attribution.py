@@ -123,6 +123,11 @@ def attribution_scores(
     return run.to_scores(_attribution_values(run, batch_size, progress), "attribution")
 
 
+def screen_order(estimate: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the ``k`` heads the screen verifies exactly: largest |estimate| first (ties: lower index first)."""
+    return torch.argsort(estimate.abs().flatten(), descending=True, stable=True)[:k]
+
+
 def screen_scores(
     lm: LoadedModel,
     probe: Probe,
@@ -150,7 +155,7 @@ def screen_scores(
         raise HeadscopeError(f"top_k must be between 1 and the number of heads ({n_total}), got {top_k}")
     run = prepare(lm, probe, noising)
     estimate = agreed(_attribution_values(run, batch_size, progress))  # under torchrun: rank 0's, so every rank checks the same heads
-    order = torch.argsort(estimate.abs().flatten(), descending=True, stable=True)[:k]
+    order = screen_order(estimate, k)
     heads = [Head(int(i) // fp.n_heads, int(i) % fp.n_heads) for i in order]
     exact = activation_effects(run, heads, batch_size, progress)  # (k,)
     values = estimate.clone()
