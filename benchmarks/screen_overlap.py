@@ -184,31 +184,36 @@ def summarise(records: dict[str, dict], args, settings: dict, fp, budget: int, k
             curve.append(point)
             screens[k].append(as_scores(values))
         rows.append(dict(probe=name, logit_diff_gap=stages["exact"]["ld_clean"] - stages["exact"]["ld_corrupt"], exact_s=exact_s,
-                         exact_cpu_s=exact_cpu, attribution_s=attribution_s, attribution_cpu_s=attribution_cpu, spearman_attribution=rank_correlation(estimate, exact),
+                         exact_cpu_s=exact_cpu, attribution_s=attribution_s, attribution_cpu_s=attribution_cpu,
+                         spearman_attribution=rank_correlation(estimate, exact),
                          max_load_avg_1min=max(s["load_avg_1min"] for s in stages.values()), curve=curve,
                          exact_values=exact.tolist(), attribution_values=estimate.tolist()))
     totals = []
     if done:
-        mask_exact = select_mask(fuse(exacts), ratio=args.ratio)
-        exact_heads = {str(h) for h in mask_exact.heads()}
+        fused_exact = fuse(exacts)
+        exact_heads = set(select_mask(fused_exact, ratio=args.ratio).heads())
+        exact_rank = fused_exact.ranks()  # where the heads the masks disagree on sit in the exact ranking
+
+        def ranked(heads: set[Head]) -> list[str]:
+            return [f"{h} (#{int(exact_rank[h.layer, h.head])})" for h in sorted(heads)]
+
         total_exact, total_exact_cpu = sum(r["exact_s"] for r in rows), sum(r["exact_cpu_s"] for r in rows)
         for i, k in enumerate([0, *ks]):
             points = [r["curve"][i] for r in rows]
-            mask = select_mask(fuse(screens[k]), ratio=args.ratio)
-            heads = {str(h) for h in mask.heads()}
+            heads = set(select_mask(fuse(screens[k]), ratio=args.ratio).heads())
             total_s, total_cpu = sum(p["screen_s"] for p in points), sum(p["screen_cpu_s"] for p in points)
             totals.append(dict(top_k=k, screen_s=total_s, speedup=total_exact / total_s, screen_cpu_s=total_cpu,
                                speedup_cpu=total_exact_cpu / total_cpu, time_derived=any(p["time_derived"] for p in points),
                                mean_overlap=sum(p["overlap"] for p in points) / len(points), min_overlap=min(p["overlap"] for p in points),
                                fused_mask_overlap=len(heads & exact_heads) / budget,
-                               fused_only_exact=sorted(exact_heads - heads, key=Head.parse),
-                               fused_only_screen=sorted(heads - exact_heads, key=Head.parse)))
+                               fused_only_exact=ranked(exact_heads - heads), fused_only_screen=ranked(heads - exact_heads)))
     at_budget = next((t for t in totals if t["top_k"] == budget), None)
     goals = None if at_budget is None or missing else dict(
         fused_mask_overlap=at_budget["fused_mask_overlap"], fused_overlap_goal_met=at_budget["fused_mask_overlap"] >= 0.9,
         speedup=at_budget["speedup"], speedup_goal_met=at_budget["speedup"] >= 5.0)
     return dict(meta=settings, summary=dict(budget=budget, n_heads=fp.n_layers * fp.n_heads, top_ks=ks, timed_top_ks=timed_ks,
-                                            complete_probes=done, missing=missing, goals_at_budget=goals, exhaustive_exact_s=sum(r["exact_s"] for r in rows)),
+                                            complete_probes=done, missing=missing, goals_at_budget=goals,
+                                            exhaustive_exact_s=sum(r["exact_s"] for r in rows)),
                 curve=totals, probes=rows)
 
 
@@ -234,7 +239,8 @@ def markdown(record: dict) -> str:
               "| probe | " + " | ".join(fmt_k(c["top_k"]) for c in curve) + " |", "|---|" + "---:|" * len(curve)]
     lines += [f"| {r['probe']} | " + " | ".join(f"{p['overlap']:.2f} ({'~' if p['time_derived'] else ''}{p['speedup']:.1f}x)" for p in r["curve"]) + " |"
               for r in rows]
-    lines += ["", f"Over the probes (fused = {meta['ratio']} mask of `fuse` defaults over the {len(rows)} probes, screen vs exact):", "",
+    lines += ["", f"Over the probes (fused = {meta['ratio']} mask of `fuse` defaults over the {len(rows)} probes, screen vs exact; "
+              "a head the masks disagree on is shown with its rank in the exact fused ranking):", "",
               "| K | screen s (total) | speed-up | speed-up by CPU time | mean overlap | min overlap | fused-mask overlap | only in exact's mask "
               "| only in screen's |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     lines += [f"| {fmt_k(c['top_k'])} | {'~' if c['time_derived'] else ''}{c['screen_s']:.1f} | {'~' if c['time_derived'] else ''}{c['speedup']:.2f}x | "
