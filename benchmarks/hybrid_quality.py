@@ -25,7 +25,8 @@ round ``k`` holds the ``k``-th transfer seed of the seeded arms and the ``k``-th
 
 Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults: NoPE + log-scaled FA
 heads with the output gate, MHA-style GDN heads with RoPE, scale-normalised fusion; all-FA layers of the
-layer-wise arms stay the pretrained attention, RoPE kept), then ``TransferTrainer`` with the same three
+layer-wise arms stay the pretrained attention, RoPE kept; ``--hybrid-option KEY=VALUE`` changes a switch for
+every hybrid arm, e.g. ``fa_rope=true`` keeps RoPE on the head-wise FA heads), then ``TransferTrainer`` with the same three
 stages and token budget: align (1x length, ``--batch`` rows), distill (1x, KL + 0.1 CE), long_context (2x
 length, ``--batch // 2`` rows: equal tokens per step). Data: the demo corpus (``data.source:
 demo_corpus``), or with ``--data FILE_OR_DIR`` (a real model: e.g. the .jsonl of
@@ -116,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-kind", default="plain", help="random arms: plain (same head budget), kv (KV-matched) or plain,kv")
     p.add_argument("--kv-matched", action="store_true", help="random arms are KV-matched to the fused mask (= --random-kind kv)")
     p.add_argument("--arm", action="append", default=[], metavar="NAME=MASK.json", help="an extra arm with this mask file (repeatable)")
+    p.add_argument("--hybrid-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a build_hybrid switch for every hybrid arm (repeatable; headscope.hybrid.builder.SWITCHES), e.g. fa_rope=true")
     p.add_argument("--transfer-seeds", default=None, help="repeat the --seeded-arms once per transfer seed, e.g. 0,1,2")
     p.add_argument("--seeded-arms", default=None, help="arms or families repeated per transfer seed (default: the fused and --arm arms)")
     p.add_argument("--arms", default=None, help="comma-separated subset of arms (names or families) to run (default: all)")
@@ -164,6 +167,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or re.search(r"_[st]\d+$", name) or name in BUILTIN_ARMS or not path:
             p.error(f"--arm {spec!r}: expected NAME=MASK.json, NAME of letters, digits and _ not ending in _s<k>/_t<k>, not a built-in arm")
         args.extra_masks[name] = path
+    from headscope.hybrid.builder import SWITCHES
+
+    args.hybrid_options = {}
+    for spec in args.hybrid_option:
+        key, sep, text = spec.partition("=")
+        if key not in SWITCHES or not sep:
+            p.error(f"--hybrid-option {spec!r}: expected KEY=VALUE with KEY one of {', '.join(SWITCHES)}")
+        try:
+            args.hybrid_options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            p.error(f"--hybrid-option {spec!r}: VALUE must be JSON (true, false, a number)")
     if args.seeded_arms is None:
         args.seeded_arms = ["headwise_fused_7to1", *args.extra_masks]
     else:

@@ -103,7 +103,7 @@ def data_settings(args) -> dict:
 
 def settings_of(args, model_dir: Path, fingerprint, base: int) -> dict:
     """The run's settings: a rerun with other settings does not resume (see ``Results``)."""
-    return {
+    settings = {
         "model": str(model_dir), "model_name": model_dir.name, "fingerprint": fingerprint.to_dict(), "teacher_length": base,
         "lengths": [base * k for k in args.length_multiples], "probes": list(dict.fromkeys(args.retrieval_probes + args.reasoning_probes)),
         "retrieval_probes": args.retrieval_probes, "reasoning_probes": args.reasoning_probes, "data": data_settings(args),
@@ -111,6 +111,9 @@ def settings_of(args, model_dir: Path, fingerprint, base: int) -> dict:
         "seed": args.seed, "smoke": args.smoke, "fixed_steps": args.steps, "mask_file": args.mask, "eval_sequences": args.eval_sequences,
         "fused_recipe": {"length": args.score_length, "pairs": args.score_pairs, "receivers": args.receivers, "ratio": "7:1"},
     }
+    if args.hybrid_options:  # absent when unused, so results made before the option existed still resume
+        settings["hybrid_options"] = args.hybrid_options
+    return settings
 
 
 def failure(error: BaseException) -> dict:

@@ -1,7 +1,7 @@
 """Training of the hybrid arms of ``benchmarks/hybrid_quality.py`` and their shared token budget (a helper
 module of that script, not a script).
 
-Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults) on the shared teacher,
+Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults, or ``--hybrid-option`` switches) on the shared teacher,
 then ``TransferTrainer`` with the same three stages (``Bench.stages``): align (1x the teacher length,
 ``--batch`` rows), distill (1x, KL + 0.1 CE), long_context (2x length, ``--batch // 2`` rows: equal tokens
 per step). The corpus rows come from the shared ``RowStore`` / ``FileRows`` (``Bench.row_needs`` says
@@ -106,13 +106,13 @@ class Bench:
         run_dir.mkdir(parents=True)
         save_mask(mask, run_dir / "mask.json")
         config = config_from_dict({
-            "model": str(self.model_dir), "hybrid": {"mask": str(run_dir / "mask.json")},
+            "model": str(self.model_dir), "hybrid": {"mask": str(run_dir / "mask.json"), "options": self.args.hybrid_options},
             "data": self.data_config(),
             "stages": self.stages(steps), "seed": seed, "log_every": 10, "eval_every": 0, "checkpoint_every": 0,
             "keep_checkpoints": 1, "device": self.env.device.type, "precision": "auto", "progress": self.progress,
         })
         torch.manual_seed(seed)
-        student = build_student(self.lm.model, mask, {}).to(self.env.device)
+        student = build_student(self.lm.model, mask, self.args.hybrid_options).to(self.env.device)
         trainer = TransferTrainer(config, run_dir, self.env, self.lm.model, student, self.rows.source(seed), on_step=on_step)
         trainer.run()
         records = trainer.log.records()

@@ -115,3 +115,22 @@ def test_a_rerun_keeps_finished_arms_and_retries_a_failed_one(smoke):
     assert read(out)["arms"] == again["arms"]
     with pytest.raises(HeadscopeError, match="pairs"):
         benchmark.main(argv + ["--pairs", "3"])
+
+
+def test_hybrid_options_reach_every_student_and_the_settings(smoke, tmp_path, monkeypatch):
+    import headscope.transfer
+
+    benchmark, _, _ = smoke
+    assert benchmark.parse_args(["--hybrid-option", "fa_rope=true", "--hybrid-option", "attn_scale=0.2"]).hybrid_options == {
+        "fa_rope": True, "attn_scale": 0.2}
+    for bad in ("not_a_switch=1", "fa_rope", "fa_rope=yes"):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.parse_args(["--hybrid-option", bad])
+        assert exit_info.value.code == 2
+    seen, build = [], headscope.transfer.build_student
+    monkeypatch.setattr(headscope.transfer, "build_student", lambda teacher, mask, options: seen.append(options) or build(teacher, mask, options))
+    argv = ["--smoke", "--tiny-model", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+            "--arms", "teacher,layerwise_7to1", "--hybrid-option", "fa_rope=true"]
+    assert benchmark.main(argv) == 0
+    assert seen == [{"fa_rope": True}] * len(seen) and seen
+    assert read(tmp_path / "out")["settings"]["hybrid_options"] == {"fa_rope": True}
