@@ -58,6 +58,11 @@ Outputs in ``--out`` (default ``$OUT`` or benchmarks/results; with ``--smoke`` `
 (accuracy vs length, plotly from its CDN), ``.png`` when kaleido is installed, ``hybrid_quality_mask.json``
 (the fused mask), ``hybrid_quality_logs/<arm>.jsonl`` (training logs). A rerun resumes: arms marked done are kept, the others run again (``--fresh`` starts over).
 
+Sharing one GPU: a 135M-parameter model does not fill an H200, so ``--shard I/N`` (with fixed ``--steps``)
+runs every N-th hybrid arm from the I-th (shard 0 also the teacher), N processes side by side, each with its
+own ``--out`` and ``--work``; ``--merge OUT0,OUT1,... --out OUT`` then checks that their settings and
+budgets are identical and writes the combined results (tables, seed summary, goals) into ``OUT``.
+
 Code: arm names, rounds and masks in ``headscope.arms``; the evaluation of a model in
 ``headscope.quality.evaluate_quality``; training and budget in ``hybrid_quality_training.py`` and the
 results file in ``hybrid_quality_results.py`` (helper modules next to this script).
@@ -96,7 +101,7 @@ import torch  # noqa: E402
 from headscope.arms import BUILTIN_ARMS, RANDOM_KINDS, arm_mask, arm_seed, fused_mask, plan_arms  # noqa: E402
 from headscope.heads import HeadscopeError  # noqa: E402
 from headscope.quality import REASONING_PROBES, RETRIEVAL_PROBES, evaluate_quality, probe_grid  # noqa: E402
-from hybrid_quality_results import Results, failure, settings_of  # noqa: E402
+from hybrid_quality_results import Results, failure, merge_results, settings_of  # noqa: E402
 from hybrid_quality_training import Bench, build_tiny_model, decide_budget, projected_arm_seconds, stage_records  # noqa: E402
 
 REPO = HERE.parent  # not headscope.zoo.REPO_ROOT: on the GPU box headscope is installed elsewhere
@@ -145,6 +150,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--receivers", type=int, default=3)
     p.add_argument("--workers", type=int, default=None, help="row-generation processes (default: CPUs - 2 on CUDA, 1 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the I-th of N interleaved shares of the hybrid arms (shard 0 also evaluates the teacher); "
+                        "needs --steps; run N processes side by side on one GPU, then --merge their --out folders")
+    p.add_argument("--merge", default=None, metavar="DIR,DIR,...",
+                   help="combine the results of shards (same settings and budget) into --out, then stop")
     p.add_argument("--fresh", action="store_true", help="discard earlier results and runs")
     p.add_argument("--smoke", action="store_true", help="everything tiny on the CPU (< 60 s)")
     p.add_argument("--tiny-model", action="store_true", help="use a tiny random Qwen3 even when the demo model exists")
@@ -195,6 +205,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps = [int(x) for x in args.steps.split(",")]
         if len(args.steps) != 3 or min(args.steps) < 1:
             p.error("--steps takes three positive integers ALIGN,DISTILL,LONG")
+    args.merge = [Path(x) for x in args.merge.split(",") if x.strip()] if args.merge else None
+    if args.shard is not None:
+        match = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+        if not match or not int(match[1]) < int(match[2]):
+            p.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N")
+        if args.steps is None:
+            p.error("--shard needs --steps (every shard must train the same budget; calibration would differ)")
+        args.shard = (int(match[1]), int(match[2]))
     if len(args.lr) != 3 or args.batch < 2 or len(args.random_seeds) < 1:
         p.error("--lr takes three numbers, --batch at least 2, --random-seeds at least one seed")
     return args
@@ -216,6 +234,11 @@ def main(argv=None) -> int:
     """Set up (model, corpus rows, device, results) and run the arms; returns the exit code."""
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.merge:
+        merged = merge_results(args.merge, args.out, args.work)
+        print((args.out / "hybrid_quality.md").read_text())
+        print(f"merged {len(args.merge)} result files: {merged} arms done")
+        return 0
     from transformers import AutoTokenizer
 
     from headscope.distributed import init_distributed
@@ -244,6 +267,10 @@ def main(argv=None) -> int:
         bench = Bench(args, model_dir, lm, env, rows, base, started)
         arms = plan_arms(args.extra_masks, args.random_seeds, args.random_kind, args.transfer_seeds, args.seeded_arms,
                          {a.strip() for a in args.arms.split(",")} if args.arms else None)
+        if args.shard is not None:
+            index, count = args.shard
+            hybrid = [arm for arm in arms if arm[1] != "teacher"]
+            arms = [arm for arm in arms if arm[1] == "teacher" and index == 0] + hybrid[index::count]
         extra = {name: load_mask(path, expect=lm.fingerprint) for name, path in args.extra_masks.items()}
         results = Results(args.out, args.work, settings_of(args, model_dir, lm.fingerprint, base), arms, args.fresh)
         return run_arms(bench, results, arms, tokenizer, stand_in, extra)

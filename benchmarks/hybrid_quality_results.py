@@ -15,7 +15,8 @@ goal checks). ``Results.write`` rewrites, atomically, after every arm:
   ``hybrid_quality.png`` when kaleido is installed and can render.
 
 A results file made with other settings is never overwritten: resuming from it is an error that names
-the settings that changed (``--fresh`` or another ``--out``).
+the settings that changed (``--fresh`` or another ``--out``). ``merge_results`` combines the files of
+``--shard`` runs.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class Results:
         for name, kind in arms:
             self.data["arms"].setdefault(name, {"kind": kind, "status": "pending"})
 
+    @classmethod
+    def of(cls, out: Path, work: Path, data: dict) -> "Results":
+        """Results holding ``data`` as they are (no file read, no settings check): for ``merge_results``."""
+        results = cls.__new__(cls)
+        results.out, results.path, results.copy, results.data = out, out / "hybrid_quality.json", work / "hybrid_quality.json", data
+        return results
+
     @property
     def arms(self) -> dict:
         return self.data["arms"]
@@ -86,6 +94,40 @@ class Results:
             figure.write_image(str(self.out / "hybrid_quality.png"), width=figure.layout.width, height=figure.layout.height)
         except Exception as error:  # noqa: BLE001 - kaleido needs a browser; the html has the same figure
             print(f"png not written: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+
+
+def merge_results(sources: list[Path], out: Path, work: Path) -> int:
+    """Combine the results files of ``--shard`` runs into ``out``; returns how many arms are done.
+
+    Every source must have the settings and budget of the first; an arm takes the record of the first
+    source where it is done (else its first record). Raises HeadscopeError on a missing or mismatched file.
+    """
+    datas = []
+    for source in sources:
+        path = source / "hybrid_quality.json"
+        if not path.is_file():
+            raise HeadscopeError(f"--merge: {path} does not exist")
+        datas.append((path, read_json(path, "results")))
+    first_path, first = datas[0]
+    for path, data in datas[1:]:
+        if data.get("settings") != first.get("settings"):
+            changed = sorted(k for k in set(data["settings"]) | set(first["settings"]) if data["settings"].get(k) != first["settings"].get(k))
+            raise HeadscopeError(f"--merge: {path} was made with other settings than {first_path} ({', '.join(changed)})")
+        if data.get("budget") != first.get("budget"):
+            raise HeadscopeError(f"--merge: {path} has another training budget than {first_path}; shards must share it (--steps)")
+    merged = dict(first, arms={}, notes=list(dict.fromkeys(n for _, d in datas for n in d.get("notes", []))))
+    # Plan order again: shard I holds hybrid arms I, I+N, ...; so the teacher, then the sources' arms in turn.
+    lists = [[name for name, record in d["arms"].items() if record.get("kind") != "teacher"] for _, d in datas]
+    order = [name for _, d in datas for name, record in d["arms"].items() if record.get("kind") == "teacher"]
+    order += [names[i] for i in range(max(map(len, lists))) for names in lists if i < len(names)]
+    for name in dict.fromkeys(order):
+        records = [d["arms"][name] for _, d in datas if name in d["arms"]]
+        merged["arms"][name] = next((r for r in records if r.get("status") == "done"), records[0])
+    merged["fused_mask"] = next((d["fused_mask"] for _, d in datas if d.get("fused_mask")), None)
+    merged["merged_from"] = [str(path) for path, _ in datas]
+    work.mkdir(parents=True, exist_ok=True)
+    Results.of(out, work, merged).write()
+    return sum(1 for record in merged["arms"].values() if record.get("status") == "done")
 
 
 def data_settings(args) -> dict:

@@ -134,3 +134,32 @@ def test_hybrid_options_reach_every_student_and_the_settings(smoke, tmp_path, mo
     assert benchmark.main(argv) == 0
     assert seen == [{"fa_rope": True}] * len(seen) and seen
     assert read(tmp_path / "out")["settings"]["hybrid_options"] == {"fa_rope": True}
+
+
+def test_shards_merge_into_the_plan_order_with_one_budget(smoke, tmp_path):
+    benchmark, _, _ = smoke
+    model = benchmark.build_tiny_model(tmp_path / "tiny", benchmark.SMOKE_LENGTH)  # one teacher for both shards
+    common = ["--smoke", "--model", str(model), "--steps", "1,1,1", "--random-seeds", "0,1",
+              "--arms", "teacher,layerwise_7to1,headwise_random_7to1_s0,headwise_random_7to1_s1"]
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--shard", "0/2"])  # no --steps: shards would calibrate different budgets
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--shard", "2/2", "--steps", "1,1,1"])
+    outs = []
+    for index in range(2):
+        out = tmp_path / f"out{index}"
+        assert benchmark.main(common + ["--shard", f"{index}/2", "--out", str(out), "--work", str(tmp_path / f"work{index}")]) == 0
+        outs.append(out)
+    assert list(read(outs[0])["arms"]) == ["teacher", "layerwise_7to1", "headwise_random_7to1_s1"]
+    assert list(read(outs[1])["arms"]) == ["headwise_random_7to1_s0"]
+    merged = tmp_path / "merged"
+    assert benchmark.main(common + ["--merge", f"{outs[0]},{outs[1]}", "--out", str(merged), "--work", str(tmp_path / "wm")]) == 0
+    data = read(merged)
+    assert list(data["arms"]) == ["teacher", "layerwise_7to1", "headwise_random_7to1_s0", "headwise_random_7to1_s1"]
+    assert all(arm["status"] == "done" for arm in data["arms"].values())
+    assert data["summary"]["families"] and (merged / "hybrid_quality.md").is_file()
+    other = read(outs[1])
+    other["budget"] = {**other["budget"], "steps": [9, 9, 9]}
+    (outs[1] / "hybrid_quality.json").write_text(json.dumps(other))
+    with pytest.raises(HeadscopeError, match="budget"):
+        benchmark.main(common + ["--merge", f"{outs[0]},{outs[1]}", "--out", str(tmp_path / "m2")])
