@@ -26,7 +26,8 @@ round ``k`` holds the ``k``-th transfer seed of the seeded arms and the ``k``-th
 Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults: NoPE + log-scaled FA
 heads with the output gate, MHA-style GDN heads with RoPE, scale-normalised fusion; all-FA layers of the
 layer-wise arms stay the pretrained attention, RoPE kept; ``--hybrid-option KEY=VALUE`` changes a switch for
-every hybrid arm, e.g. ``fa_rope=true`` keeps RoPE on the head-wise FA heads), then ``TransferTrainer`` with the same three
+every hybrid arm, e.g. ``fa_rope=true`` keeps RoPE on the head-wise FA heads; every fused head starts at its
+pretrained output RMS, measured on the arm's first ``--calibrate-gamma`` training rows), then ``TransferTrainer`` with the same three
 stages and token budget: align (1x length, ``--batch`` rows), distill (1x, KL + 0.1 CE), long_context (2x
 length, ``--batch // 2`` rows: equal tokens per step). Data: the demo corpus (``data.source:
 demo_corpus``), or with ``--data FILE_OR_DIR`` (a real model: e.g. the .jsonl of
@@ -122,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-kind", default="plain", help="random arms: plain (same head budget), kv (KV-matched) or plain,kv")
     p.add_argument("--kv-matched", action="store_true", help="random arms are KV-matched to the fused mask (= --random-kind kv)")
     p.add_argument("--arm", action="append", default=[], metavar="NAME=MASK.json", help="an extra arm with this mask file (repeatable)")
+    p.add_argument("--calibrate-gamma", type=int, default=8, metavar="ROWS",
+                   help="training rows that set each head's fusion scale to its pretrained output RMS (0: scales stay 1, the recipe before 2026-12-03)")
     p.add_argument("--hybrid-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a build_hybrid switch for every hybrid arm (repeatable; headscope.hybrid.builder.SWITCHES), e.g. fa_rope=true")
     p.add_argument("--transfer-seeds", default=None, help="repeat the --seeded-arms once per transfer seed, e.g. 0,1,2")
@@ -188,6 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.hybrid_options[key] = json.loads(text)
         except json.JSONDecodeError:
             p.error(f"--hybrid-option {spec!r}: VALUE must be JSON (true, false, a number)")
+    if args.calibrate_gamma < 0:
+        p.error("--calibrate-gamma must be >= 0")
     if args.seeded_arms is None:
         args.seeded_arms = ["headwise_fused_7to1", *args.extra_masks]
     else:

@@ -155,6 +155,8 @@ def settings_of(args, model_dir: Path, fingerprint, base: int) -> dict:
     }
     if args.hybrid_options:  # absent when unused, so results made before the option existed still resume
         settings["hybrid_options"] = args.hybrid_options
+    if args.calibrate_gamma:  # likewise: absent = scales left at 1, the recipe of the results made before it
+        settings["calibrate_gamma"] = args.calibrate_gamma
     return settings
 
 

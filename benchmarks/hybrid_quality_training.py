@@ -2,6 +2,7 @@
 module of that script, not a script).
 
 Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults, or ``--hybrid-option`` switches) on the shared teacher,
+fusion scales calibrated on the arm's first ``--calibrate-gamma`` training rows (``calibrate_student``),
 then ``TransferTrainer`` with the same three stages (``Bench.stages``): align (1x the teacher length,
 ``--batch`` rows), distill (1x, KL + 0.1 CE), long_context (2x length, ``--batch // 2`` rows: equal tokens
 per step). The corpus rows come from the shared ``RowStore`` / ``FileRows`` (``Bench.row_needs`` says
@@ -99,6 +100,7 @@ class Bench:
         """``build_student`` + ``TransferTrainer`` on ``mask`` with transfer seed ``seed``; returns (student, log records, stage configs)."""
         from headscope.mask import save_mask
         from headscope.transfer import build_student, config_from_dict
+        from headscope.transfer.api import calibrate_student
         from headscope.transfer.trainer import TransferTrainer
 
         run_dir = self.args.work / "runs" / name
@@ -106,14 +108,17 @@ class Bench:
         run_dir.mkdir(parents=True)
         save_mask(mask, run_dir / "mask.json")
         config = config_from_dict({
-            "model": str(self.model_dir), "hybrid": {"mask": str(run_dir / "mask.json"), "options": self.args.hybrid_options},
+            "model": str(self.model_dir), "hybrid": {"mask": str(run_dir / "mask.json"), "options": self.args.hybrid_options,
+                       "calibrate_gamma": self.args.calibrate_gamma},
             "data": self.data_config(),
             "stages": self.stages(steps), "seed": seed, "log_every": 10, "eval_every": 0, "checkpoint_every": 0,
             "keep_checkpoints": 1, "device": self.env.device.type, "precision": "auto", "progress": self.progress,
         })
         torch.manual_seed(seed)
         student = build_student(self.lm.model, mask, self.args.hybrid_options).to(self.env.device)
-        trainer = TransferTrainer(config, run_dir, self.env, self.lm.model, student, self.rows.source(seed), on_step=on_step)
+        sequences = self.rows.source(seed)
+        calibrate_student(student, self.lm.model, sequences, config.hybrid, config.stages[0].seq_len)
+        trainer = TransferTrainer(config, run_dir, self.env, self.lm.model, student, sequences, on_step=on_step)
         trainer.run()
         records = trainer.log.records()
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

@@ -369,3 +369,37 @@ def test_cuda_bf16_pipeline(setup):
     align = [r["loss"] for r in records if r["event"] == "train" and r["stage"] == "align"]
     assert all(np.isfinite(r["loss"]) for r in records if r["event"] == "train") and align[-1] < align[0]
     assert next(result.model.parameters()).dtype == torch.float32 and next(result.model.parameters()).is_cuda
+
+
+def test_fresh_runs_start_each_fused_head_at_its_pretrained_scale(setup):
+    from headscope.transfer.api import calibrate_student
+    from headscope.transfer.config import HybridSpec
+    from headscope.transfer.data import sequence_source
+
+    teacher = load_model(setup["model"]).model
+    cfg = config_from_dict(make_config(setup))
+    sequences = sequence_source(cfg.data, 0, vocab_size=VOCAB)
+    student = hybrid_of(teacher)
+    assert calibrate_student(student, teacher, sequences, HybridSpec(baseline="random", calibrate_gamma=0), 24) is None
+    assert all(bool((layer.self_attn.gamma == 1).all()) for layer in student.model.layers)
+    rms = calibrate_student(student, teacher, sequences, cfg.hybrid, 24)  # the default: 8 rows
+    assert cfg.hybrid.calibrate_gamma == 8 and rms.shape == (len(student.model.layers), teacher.config.num_attention_heads)
+    rows = sequences("train", 0, 24)
+    ids = torch.stack([torch.as_tensor(rows[i]) for i in range(8)])
+    outputs = {}
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: outputs.__setitem__(l, a[0]))
+             for l, layer in enumerate(teacher.model.layers)]
+    try:
+        with torch.no_grad():
+            teacher(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for l, layer in enumerate(student.model.layers):
+        attention = layer.self_attn
+        want = outputs[l].reshape(-1, teacher.config.num_attention_heads, teacher.config.head_dim).pow(2).mean((0, 2)).sqrt()
+        order = list(student.config.layer_plan(l).head_order)
+        gdn = slice(attention.spec.n_fa_heads, None)  # GDN heads: no gate, gamma is the RMS itself
+        assert torch.allclose(attention.gamma[gdn].detach(), want[order][gdn], rtol=1e-4)
+    with pytest.raises(HeadscopeError, match="calibrate_gamma"):
+        config_from_dict(make_config(setup, hybrid={"baseline": "random", "calibrate_gamma": -1}))

@@ -180,7 +180,9 @@ class HybridSpec:
 
     ``layerwise``: whole layers, ``ratio`` linear:full layers (default "3:1", the Qwen3-Next layout);
     ``random``: a seeded uniform draw of ``ratio`` (default "7:1") or exactly ``n_full`` heads, whole
-    KV groups with ``kv_aware``.
+    KV groups with ``kv_aware``. ``options`` go to ``build_hybrid``; ``calibrate_gamma``: on a fresh run,
+    each head's fusion scale starts at its pretrained head's output RMS over that many training sequences
+    of the first stage (``headscope.hybrid.calibrate_gamma``; 0 keeps the scales at 1).
     """
 
     mask: str | None = None
@@ -190,6 +192,7 @@ class HybridSpec:
     seed: int = 0
     kv_aware: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # passed to build_hybrid(config=...)
+    calibrate_gamma: int = 8  # first-stage training sequences that set each head's fusion scale (0: keep 1)
 
 
 _HYBRID_SCHEMA = {
@@ -200,6 +203,7 @@ _HYBRID_SCHEMA = {
     "seed": ("int", 0),
     "kv_aware": ("bool", False),
     "options": ("dict", dict),
+    "calibrate_gamma": ("int", 8),
 }
 
 
@@ -311,6 +315,7 @@ def config_from_dict(raw: Any, base_dir: str | os.PathLike | None = None) -> Tra
         extra = [k for k in ("ratio", "n_full", "kv_aware") if hybrid[k] not in (None, False)]
         _require(not extra, f"hybrid.{extra[0] if extra else ''}", "only applies to a baseline, not to a mask file")
         hybrid["mask"] = _resolve(hybrid["mask"], base)
+    _require(hybrid["calibrate_gamma"] >= 0, "hybrid.calibrate_gamma", "must be >= 0 (0 keeps every fusion scale at 1)")
     if hybrid["baseline"] == "layerwise":
         _require(hybrid["n_full"] is None and not hybrid["kv_aware"], "hybrid.n_full", "a layerwise baseline takes only 'ratio'")
     _require(hybrid["ratio"] is None or hybrid["n_full"] is None, "hybrid.n_full", "give either 'ratio' or 'n_full', not both")
