@@ -14,8 +14,8 @@ kernel. fla 0.6 refuses its chunk *backward* on Hopper GPUs with Triton >= 3.4.0
 results in one kernel, ``chunk_bwd_dqkwg``, fla issue #640) unless tilelang is installed; there the
 dispatcher registers :mod:`.fla_dqkwg`, a torch implementation of that one kernel, as an fla backend, and
 fla's backward runs with it (the rest of fla's backward is unaffected). fla is imported lazily, only when
-a CUDA tensor arrives, so ``import headscope.kernels`` works without triton or fla. ``HEADSCOPE_NO_TRITON=1`` forces the torch paths on CUDA too (slow; for
-debugging). fla arguments are always passed by keyword: the 5th positional argument of
+a CUDA tensor arrives, so ``import headscope.kernels`` works without triton or fla.
+``HEADSCOPE_NO_TRITON=1`` forces the torch paths on CUDA too (slow; for debugging). fla arguments are always passed by keyword: the 5th positional argument of
 ``fused_recurrent_gated_delta_rule`` is ``gk``, not ``beta``.
 
 States are float32 everywhere: ``initial_state`` is cast to float32 and ``final_state`` comes back as
