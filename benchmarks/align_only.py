@@ -81,12 +81,15 @@ def markdown(data: dict) -> str:
              f"calibrated on {s['calibrate_rows']} rows; accuracy = argmax over {s['pairs']} prompts per probe at "
              f"{s['eval_length']} tokens (seed {s['eval_seed']}); held-out CE on {s['heldout_rows']} rows of {s['eval_length']}. "
              "No distillation or long-context stage: a ranking of aligned hybrids, not of fully transferred ones.", "",
-             "| arm | FA heads | KV groups | held-out CE | " + " | ".join(s["probes"]) + " | mean | minutes |",
-             "|---|---|---|---|" + "---|" * (len(s["probes"]) + 2)]
+             "Per probe: argmax accuracy / mean logit difference answer - wrong (the finer signal when accuracy is 0).", "",
+             "| arm | FA heads | KV groups | held-out CE | " + " | ".join(s["probes"]) + " | mean accuracy | mean logit diff | minutes |",
+             "|---|---|---|---|" + "---|" * (len(s["probes"]) + 3)]
     for name, arm in data["arms"].items():
-        acc = [arm["accuracy"][p][str(s["eval_length"])]["argmax"] for p in s["probes"]]
+        cells = [arm["accuracy"][p][str(s["eval_length"])] for p in s["probes"]]
+        acc, diff = [c["argmax"] for c in cells], [c["logit_diff"] for c in cells]
         lines.append(f"| {name} | {arm['n_full']} | {arm['kv_groups']} | {arm['heldout_loss'][str(s['eval_length'])]:.3f} | "
-                     + " | ".join(f"{a:.2f}" for a in acc) + f" | {sum(acc) / len(acc):.2f} | {arm['minutes']:.1f} |")
+                     + " | ".join(f"{a:.2f} / {d:+.2f}" for a, d in zip(acc, diff))
+                     + f" | {sum(acc) / len(acc):.2f} | {sum(diff) / len(diff):+.2f} | {arm['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
