@@ -28,6 +28,14 @@ import torch
 import torch.nn.functional as F
 
 
+UNCOVERED = "headscope's chunk_bwd_dqkwg covers gated, fixed-length calls only (g given, no g_gamma, no cu_seqlens)"
+
+
+def covers(g: torch.Tensor | None, g_gamma: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> bool:
+    """Whether :func:`chunk_bwd_dqkwg` computes this call (else fla's own kernel must)."""
+    return g is not None and g_gamma is None and cu_seqlens is None
+
+
 def chunk_bwd_dqkwg(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -57,8 +65,8 @@ def chunk_bwd_dqkwg(
         dq, dk: (B, T, H, K) in q's dtype; dw: like ``w`` or None; dg: (B, T, HV) float32, before fla's
         reverse cumulative sum.
     """
-    if g is None or g_gamma is not None or cu_seqlens is not None:
-        raise ValueError("headscope's chunk_bwd_dqkwg covers gated, fixed-length calls only (g given, no g_gamma, no cu_seqlens)")
+    if not covers(g, g_gamma, cu_seqlens):
+        raise ValueError(UNCOVERED)
     batch, length, n_qk, key_dim = k.shape
     n_v, value_dim = v.shape[2], v.shape[-1]
     group = n_v // n_qk
@@ -131,9 +139,7 @@ def register_fla_backend() -> None:
         priority = 1
 
         def chunk_bwd_dqkwg_verifier(self, *args, g=None, g_gamma=None, cu_seqlens=None, **kwargs) -> tuple[bool, str | None]:
-            if g is None or g_gamma is not None or cu_seqlens is not None:
-                return False, "headscope's torch chunk_bwd_dqkwg covers gated fixed-length calls only"
-            return True, None
+            return (True, None) if covers(g, g_gamma, cu_seqlens) else (False, UNCOVERED)
 
         def chunk_bwd_dqkwg(self, *args, **kwargs):
             return chunk_bwd_dqkwg(*args, **kwargs)
