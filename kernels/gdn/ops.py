@@ -24,6 +24,7 @@ States are float32 everywhere: ``initial_state`` is cast to float32 and ``final_
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -74,13 +75,15 @@ def fla_backward_broken(triton_version: str, capability: tuple[int, int], has_ti
     return capability[0] == 9 and (3, 4, 0) <= parts < (3, 7, 1) and not has_tilelang
 
 
-def _prepare_fla_backward(q: torch.Tensor) -> None:
-    """Where fla refuses its chunk backward, give it headscope's torch ``chunk_bwd_dqkwg`` (once)."""
+@functools.cache
+def _prepare_fla_backward(device: torch.device) -> None:
+    """Where fla refuses its chunk backward, give it headscope's torch ``chunk_bwd_dqkwg`` (once per device:
+    the version and capability checks stay off the per-layer training path)."""
     import importlib.util
 
     import triton
 
-    capability = torch.cuda.get_device_capability(q.device)
+    capability = torch.cuda.get_device_capability(device)
     if fla_backward_broken(triton.__version__, capability, importlib.util.find_spec("tilelang") is not None):
         from headscope.kernels.gdn.fla_dqkwg import register_fla_backend
 
@@ -154,7 +157,7 @@ def gated_delta_rule(
             "install them, or set HEADSCOPE_NO_TRITON=1 for the slow torch path"
         ) from exc
     if needs_grad:
-        _prepare_fla_backward(q)
+        _prepare_fla_backward(q.device)
     kernel = fused_recurrent_gated_delta_rule if decode else chunk_gated_delta_rule
     dtype = kernel_dtype(q, k, v)
     o, state = kernel(
