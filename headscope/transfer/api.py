@@ -111,10 +111,8 @@ def calibrate_student(student: nn.Module, teacher: nn.Module, sequences: Sequenc
     n = min(spec.calibrate_gamma, len(rows))
     if n == 0:
         raise HeadscopeError(f"hybrid.calibrate_gamma: the training data holds no sequence of {seq_len} tokens")
-    device = next(teacher.parameters()).device
-    ids = torch.stack([torch.as_tensor(rows[i]) for i in range(n)]).to(device)  # (n, seq_len)
-    with torch.no_grad():
-        return calibrate_gamma(student, teacher, ids)
+    ids = torch.stack([torch.as_tensor(rows[i]) for i in range(n)])  # (n, seq_len); calibrate_gamma moves it to the teacher
+    return calibrate_gamma(student, teacher, ids)
 
 
 def resolve_mask(spec: HybridSpec, fingerprint: ModelFingerprint) -> HeadMask:
