@@ -4,8 +4,9 @@ A cheap proxy of ``benchmarks/hybrid_quality.py`` for a real model when no GPU i
 hybrid of ``--model`` under one mask, its fusion scales calibrated on ``--calibrate-rows`` training rows
 (``headscope.hybrid.calibrate_gamma``), then ``--steps`` steps of teacher-forced layer alignment
 (``headscope.transfer.align_hybrid``: attention modules only, AdamW at a constant ``--lr``) on
-``--batch`` x ``--length`` token rows of ``--data`` (a ``.jsonl`` of ``{"text": ...}``; rows are packed from
-consecutive documents, the first ``--heldout-rows`` rows held out). Then ``headscope.quality.evaluate_quality``:
+``--batch`` x ``--length`` token rows of ``--data`` (a ``.jsonl`` of ``{"text": ...}``, packed from consecutive
+documents: first ``--heldout-rows`` rows of ``--eval-length`` held out, then the calibration rows, then the
+training rows, disjoint). Then ``headscope.quality.evaluate_quality``:
 argmax accuracy of the ``--probes`` (``--pairs`` each, seed ``--eval-seed``) at ``--eval-length`` and the
 held-out CE. Arms: the teacher, each ``--mask NAME=FILE``, and ``--random-seeds`` KV-matched random masks of
 the first mask (``headscope.mask.kv_matched_random_mask``: as many FA heads and KV groups).
@@ -63,15 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def token_rows(path: str, tokenizer, n_rows: int, length: int) -> torch.Tensor:
-    """``(n_rows, length)`` ids packed from the documents of ``path`` in file order (EOS between them)."""
+def read_tokens(path: str, tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first ``n_tokens`` ids of the documents of ``path`` in file order (EOS between them), ``(n_tokens,)``."""
     ids: list[int] = []
     with open(path, encoding="utf-8") as stream:
         for line in stream:
             ids += tokenizer(json.loads(line)["text"]).input_ids + [tokenizer.eos_token_id]
-            if len(ids) >= n_rows * length:
-                return torch.tensor(ids[: n_rows * length]).view(n_rows, length)
-    raise SystemExit(f"headscope: error: {path} holds fewer than {n_rows} x {length} tokens")
+            if len(ids) >= n_tokens:
+                return torch.tensor(ids[:n_tokens])
+    raise SystemExit(f"headscope: error: {path} holds fewer than the {n_tokens} tokens this run needs")
 
 
 def markdown(data: dict) -> str:
@@ -114,12 +115,12 @@ def main(argv=None) -> int:
     data = read_json(path, "results") if path.is_file() else None
     if data is None or data["settings"] != settings:
         data = {"schema": "headscope.align_only/1", "settings": settings, "arms": {}}
-    n_train = args.steps * args.batch
-    train = token_rows(args.data, lm.tokenizer, args.heldout_rows + args.calibrate_rows + n_train, args.length)
-    calib, train = train[args.heldout_rows: args.heldout_rows + args.calibrate_rows], train[args.heldout_rows + args.calibrate_rows:]
-    heldout = {args.eval_length: token_rows(args.data, lm.tokenizer, args.heldout_rows, args.eval_length)}
+    n_heldout = args.heldout_rows * args.eval_length  # held out first, then calibration rows, then training rows
+    tokens = read_tokens(args.data, lm.tokenizer, n_heldout + (args.calibrate_rows + args.steps * args.batch) * args.length)
+    heldout = {args.eval_length: tokens[:n_heldout].view(args.heldout_rows, args.eval_length)}
+    rows = tokens[n_heldout:].view(-1, args.length)  # (calibrate_rows + steps * batch, length)
+    calib, batches = rows[: args.calibrate_rows], rows[args.calibrate_rows:].view(args.steps, args.batch, args.length)
     grid = probe_grid(lm.tokenizer, args.probes, [args.eval_length], args.pairs, args.eval_seed)
-    batches = train.view(args.steps, args.batch, args.length)
     for name, mask in [("teacher", None), *masks.items()]:
         if name in data["arms"]:
             continue
@@ -128,8 +129,7 @@ def main(argv=None) -> int:
         if mask is not None:
             torch.manual_seed(args.seed)
             model = build_student(lm.model, mask, {})
-            with torch.no_grad():
-                calibrate_gamma(model, lm, calib)
+            calibrate_gamma(model, lm, calib)
             losses = align_hybrid(model, lm.model, batches, args.steps, args.lr, progress=sys.stderr.isatty())
         model.eval()
         with torch.no_grad():
