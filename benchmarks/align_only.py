@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data!r}: no such file")
     args.masks = []
     for spec in args.mask:
         name, sep, path = spec.partition("=")
@@ -147,4 +149,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from headscope.heads import HeadscopeError
+
+    try:
+        raise SystemExit(main())
+    except HeadscopeError as error:
+        print(f"headscope: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

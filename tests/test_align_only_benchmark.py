@@ -39,6 +39,7 @@ def test_arms_are_aligned_evaluated_and_resumed(tmp_path, capsys):
     capsys.readouterr()
     assert benchmark.main(argv) == 0  # same settings: nothing reruns
     assert "CE" not in capsys.readouterr().out.split("# Align-only")[0]
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(argv[:4] + ["--mask", "bad"])
-    assert exit_info.value.code == 2
+    for bad in (argv[:4] + ["--mask", "bad"], ["--model", "x", "--data", str(tmp_path / "missing.jsonl"), "--mask", f"sel={mask}"]):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(bad)
+        assert exit_info.value.code == 2
