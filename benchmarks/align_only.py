@@ -149,10 +149,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from headscope.heads import HeadscopeError
+    from headscope.cli import script_main
 
-    try:
-        raise SystemExit(main())
-    except HeadscopeError as error:
-        print(f"headscope: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    script_main(main)

@@ -100,6 +100,7 @@ if str(HERE) not in sys.path:
 import torch  # noqa: E402
 
 from headscope.arms import BUILTIN_ARMS, RANDOM_KINDS, arm_mask, arm_seed, fused_mask, plan_arms  # noqa: E402
+from headscope.cli import script_main  # noqa: E402
 from headscope.heads import HeadscopeError  # noqa: E402
 from headscope.quality import REASONING_PROBES, RETRIEVAL_PROBES, evaluate_quality, probe_grid  # noqa: E402
 from hybrid_quality_results import Results, failure, merge_results, settings_of  # noqa: E402
@@ -419,8 +420,4 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
 if __name__ == "__main__":
     if "--smoke" in sys.argv:
         torch.set_num_threads(1)  # tiny matmuls on a shared CPU are far faster single-threaded
-    try:
-        raise SystemExit(main())
-    except HeadscopeError as error:
-        print(f"headscope: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    script_main(main)

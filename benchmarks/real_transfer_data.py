@@ -272,11 +272,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from headscope.heads import HeadscopeError
+    from headscope.cli import script_main
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        raise SystemExit(main())
-    except HeadscopeError as error:
-        print(f"headscope: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    script_main(main)

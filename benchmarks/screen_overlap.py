@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.heads import Head, HeadscopeError, read_json, write_json_atomic, write_text_atomic
+from headscope.cli import script_main
 
 SOURCE_RUN, SOURCE_COMPOSED = "screen run", "AtP + exhaustive exact"
 
@@ -307,8 +308,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except HeadscopeError as error:
-        print(f"headscope: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    script_main(main)

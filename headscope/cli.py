@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable, NoReturn
 
 from headscope.heads import HeadscopeError
 
@@ -60,6 +61,20 @@ def run_command(args: argparse.Namespace, prog: str = "headscope") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: {getattr(args, 'interrupted', INTERRUPTED)}", file=sys.stderr)
         return 130
+
+
+def script_main(main: Callable[[], int | None], prog: str = "headscope") -> NoReturn:
+    """Exit with ``main()``'s code, with the CLI's handling of ``HeadscopeError`` (one line, exit 2) and Ctrl-C
+    (one line, exit 130): the ``__main__`` of the scripts under ``benchmarks/`` and of ``train_demo``."""
+    try:
+        code = int(main() or 0)
+    except HeadscopeError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import random_probe
@@ -40,3 +41,28 @@ def test_user_mistakes_exit_2_with_one_line(qwen3_dir, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("headscope: error:") and message in err[-1], err
+
+
+def test_script_main_maps_mistakes_and_ctrl_c_like_the_cli(capsys):
+    from headscope.cli import script_main
+    from headscope.heads import HeadscopeError
+
+    def mistake():
+        raise HeadscopeError("no such file: x.jsonl")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    for func, code, line in [(mistake, 2, "bench: error: no such file: x.jsonl"), (interrupted, 130, "bench: interrupted"),
+                             (lambda: 3, 3, None), (lambda: None, 0, None)]:
+        with pytest.raises(SystemExit) as exit_info:
+            script_main(func, prog="bench")
+        assert exit_info.value.code == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (err[-1].startswith(line) and len(err) == 1) if line else not err
+
+    def bug():
+        raise ValueError("a bug keeps its traceback")
+
+    with pytest.raises(ValueError):
+        script_main(bug)

@@ -355,8 +355,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except HeadscopeError as err:  # bad arguments or state: one line, as the headscope CLI does
-        print(f"train_demo: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    from headscope.cli import script_main
+
+    script_main(main, prog="train_demo")
