@@ -276,3 +276,54 @@ def accuracy_figure(results: Mapping[str, Any], metric: str = "argmax"):
     figure.update_layout(title=f"Probe accuracy vs context length — {settings['model_name']} (teacher trained at {base} tokens)",
                          height=640, width=350 * cols, legend={"title": "arm"})
     return figure
+
+
+def family_figure(results: Mapping[str, Any], families: Mapping[str, Mapping[str, Any]], metric: str = "argmax"):
+    """Selection against chance: retrieval and reasoning vs context length, one line per arm family.
+
+    A line is the family's mean (``headscope.seeds.family_stats``: the mean over its masks of each mask's
+    mean over transfer seeds), its error bars the sd over masks (random families), and every run is
+    drawn as a faint dot, so the transfer noise of a selected mask and the spread of random masks are
+    both visible beside the gap between them.
+
+    Args:
+        results: the benchmark's results mapping (``settings``, ``arms``).
+        families: ``family_stats(results, metric)``.
+    Returns:
+        A ``plotly.graph_objects.Figure`` with a retrieval and a reasoning panel.
+    """
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    from headscope.seeds import arm_family, arm_metrics
+
+    settings = results["settings"]
+    lengths, base = settings["lengths"], settings["teacher_length"]
+    capabilities = ("retrieval", "reasoning")
+    figure = make_subplots(rows=1, cols=2, subplot_titles=[f"mean {c}" for c in capabilities], shared_yaxes=True, horizontal_spacing=0.05)
+    runs: dict[str, list[dict[str, float]]] = {}
+    for name, arm in results["arms"].items():
+        if arm.get("status") == "done":
+            runs.setdefault(arm_family(name), []).append(arm_metrics(arm, settings, metric))
+    for index, (name, family) in enumerate(families.items()):
+        color = qualitative.D3[index % len(qualitative.D3)]
+        dash = "dash" if family["kind"] == "teacher" else ("dot" if str(family["kind"]).startswith("random") else "solid")
+        n_masks, n_runs = len(family["masks"]), len(runs.get(name, []))
+        label = name + (f" ({n_masks} masks, {n_runs} runs)" if n_masks > 1 else f" ({n_runs} runs)" if n_runs > 1 else "")
+        for col, capability in enumerate(capabilities, start=1):
+            stats = [family["metrics"].get(f"{capability}@{n}", {}) for n in lengths]
+            sds = [s.get("sd") or 0.0 for s in stats]
+            figure.add_trace(go.Scatter(x=lengths, y=[s.get("mean") for s in stats], mode="lines+markers", name=label, legendgroup=name,
+                                        showlegend=col == 1, line={"color": color, "dash": dash},
+                                        error_y={"type": "data", "array": sds, "visible": any(sds)}), row=1, col=col)
+            points = [(n, run[f"{capability}@{n}"]) for run in runs.get(name, []) for n in lengths if f"{capability}@{n}" in run]
+            if n_runs > 1:
+                figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", legendgroup=name,
+                                            showlegend=False, opacity=0.35, marker={"color": color, "size": 6}, hoverinfo="y"), row=1, col=col)
+    figure.update_xaxes(tickvals=lengths, ticktext=[_length_label(n, base) for n in lengths], type="log")
+    figure.update_yaxes(range=[-0.03, 1.03])
+    figure.update_yaxes(title_text=f"accuracy ({metric})", col=1)
+    figure.update_layout(title=f"Arm families vs context length — {settings['model_name']}: mean, sd over masks, every run",
+                         height=480, width=1100, legend={"title": "family"})
+    return figure

@@ -165,3 +165,22 @@ def test_seed_summary_weighs_masks_equally_pools_transfer_noise_and_checks_the_g
     assert goal_checks(results)[-1]["met"] is False
     text = seeds_markdown(results, families, goal_checks(results, families))
     assert "| headwise_randomkv_7to1 | 2 | 0,1 (runs: 3) | 64 | 0.45 ± 0.21 |" in text and "**met**" in text
+
+
+def test_family_figure_draws_each_family_mean_with_its_mask_sd_and_every_run():
+    from headscope.quality import family_figure
+    from headscope.seeds import family_stats
+
+    settings = {"lengths": [8, 16], "teacher_length": 8, "retrieval_probes": ["needle_single"], "reasoning_probes": ["ioi"], "model_name": "t"}
+    arms = {"teacher": _scored("teacher", 0.9), "headwise_fused_7to1_t0": _scored("fused", 0.80), "headwise_fused_7to1_t1": _scored("fused", 0.90),
+            "headwise_randomkv_7to1_s0": _scored("randomkv", 0.20), "headwise_randomkv_7to1_s1": _scored("randomkv", 0.60),
+            "headwise_randomkv_7to1_s2": {"kind": "randomkv", "status": "failed"}}
+    results = {"settings": settings, "arms": arms}
+    figure = family_figure(results, family_stats(results))
+    lines = {t.name: t for t in figure.data if t.mode == "lines+markers" and t.xaxis == "x"}
+    assert set(lines) == {"teacher", "headwise_fused_7to1 (2 runs)", "headwise_randomkv_7to1 (2 masks, 2 runs)"}
+    random_line = lines["headwise_randomkv_7to1 (2 masks, 2 runs)"]
+    assert list(random_line.y) == pytest.approx([0.4, 0.4]) and list(random_line.error_y.array) == pytest.approx([math.sqrt(0.08)] * 2)
+    assert random_line.line.dash == "dot" and lines["teacher"].line.dash == "dash" and not lines["teacher"].error_y.visible
+    dots = [t for t in figure.data if t.mode == "markers" and t.xaxis == "x"]  # the runs of the families run more than once
+    assert sorted(sorted(t.y) for t in dots) == [pytest.approx([0.2, 0.2, 0.6, 0.6]), pytest.approx([0.8, 0.8, 0.9, 0.9])]
