@@ -13,6 +13,9 @@ Arms, in the order they run, so that the comparisons that matter most exist firs
 * ``headwise_randomkv_7to1_s<seed>`` (``--kv-matched`` or ``--random-kind kv``; ``plain,kv`` runs both):
   ``headscope.mask.kv_matched_random_mask`` of the fused mask: as many FA heads AND KV groups touched (the
   same KV cache), the fair baseline of a selection that concentrates its heads in few groups;
+* ``headwise_randomlayer_7to1_s<seed>`` (``--layer-matched`` or ``--random-kind layer``; ``kv,layer`` runs both):
+  ``headscope.mask.layer_matched_random_mask`` of the fused mask: the same FA heads and KV groups in every
+  layer, drawn within the layer: "these heads" against "these layers";
 * ``--arm NAME=MASK.json`` (repeatable): any mask file, e.g. ``rope_aware=benchmarks/results/rope_aware_mask.json``.
 
 Transfer seeds: ``--transfer-seeds 0,1,2`` repeats the ``--seeded-arms`` (default: the fused arm and the
@@ -51,7 +54,8 @@ held-out CE on ``--heldout-rows`` held-out rows (demo corpus: its held-out strea
 documents, packed) at 1x and 2x; FA-head share; KV groups and KV-cache bytes per token (bf16); GDN
 state bytes. The summary (``headscope.seeds``) gives per arm family the mean +- sd over mask seeds and
 the transfer-seed sd, and checks the selection goals (selected 7:1 vs the KV-matched random mean at 1x
-and 4x against twice the transfer sd; selected vs layer-wise 3:1 within 2 points at half the KV cache).
+and 4x against twice the transfer sd, and the same against the layer-matched random mean when it ran;
+selected vs layer-wise 3:1 within 2 points at half the KV cache).
 
 Outputs in ``--out`` (default ``$OUT`` or benchmarks/results; with ``--smoke`` ``WORK/results``), rewritten after every arm:
 ``hybrid_quality.json`` (settings, budget, one record per arm, ``summary``: families and goals),
@@ -99,7 +103,7 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-from headscope.arms import BUILTIN_ARMS, RANDOM_KINDS, arm_mask, arm_seed, fused_mask, plan_arms  # noqa: E402
+from headscope.arms import BUILTIN_ARMS, MATCHED_KINDS, RANDOM_KINDS, arm_mask, arm_seed, fused_mask, plan_arms  # noqa: E402
 from headscope.cli import script_main  # noqa: E402
 from headscope.heads import HeadscopeError  # noqa: E402
 from headscope.quality import REASONING_PROBES, RETRIEVAL_PROBES, evaluate_quality, probe_grid  # noqa: E402
@@ -121,8 +125,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="scratch directory for runs and caches (default: /tmp/headscope-hybrid-quality)")
     p.add_argument("--mask", default=None, help="fused mask file to use instead of scoring (headscope mask JSON)")
     p.add_argument("--random-seeds", default="0,1,2")
-    p.add_argument("--random-kind", default="plain", help="random arms: plain (same head budget), kv (KV-matched) or plain,kv")
+    p.add_argument("--random-kind", default="plain",
+                   help="random arms: plain (same head budget), kv (KV-matched), layer (layer-matched), or several comma-separated")
     p.add_argument("--kv-matched", action="store_true", help="random arms are KV-matched to the fused mask (= --random-kind kv)")
+    p.add_argument("--layer-matched", action="store_true",
+                   help="random arms are layer-matched to the fused mask (= --random-kind layer; with --kv-matched: kv,layer)")
     p.add_argument("--arm", action="append", default=[], metavar="NAME=MASK.json", help="an extra arm with this mask file (repeatable)")
     p.add_argument("--calibrate-gamma", type=int, default=8, metavar="ROWS",
                    help="training rows that set each head's fusion scale to its pretrained output RMS (0: scales stay 1, the recipe before 2026-12-03)")
@@ -172,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     names = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     args.random_seeds = ints(args.random_seeds)
     args.transfer_seeds = ints(args.transfer_seeds) if args.transfer_seeds else []
-    args.random_kind = ["kv"] if args.kv_matched else names(args.random_kind)
+    flagged = [kind for kind, flag in (("kv", args.kv_matched), ("layer", args.layer_matched)) if flag]
+    args.random_kind = flagged or names(args.random_kind)
     args.retrieval_probes, args.reasoning_probes = names(args.retrieval_probes), names(args.reasoning_probes)
     args.length_multiples = ints(args.length_multiples)
     args.extra_masks = {}
@@ -314,7 +322,7 @@ def prepare_fused(bench: Bench, results: Results, hybrid: list[tuple[str, str]])
         return fused
     except Exception as error:  # noqa: BLE001
         for name, kind in hybrid:
-            if kind in ("fused", "randomkv"):
+            if kind in MATCHED_KINDS:
                 results.arms[name].update(failure(error), kind=kind)
         results.write()
         print(f"fused mask failed: {error}", file=sys.stderr, flush=True)
@@ -353,9 +361,9 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
 
     hybrid = [(name, kind) for name, kind in arms if kind != "teacher" and results.arms[name]["status"] != "done"]
     fused = None
-    if any(kind in ("fused", "randomkv") for _, kind in hybrid) or (hybrid and results.data["budget"] is None):
+    if any(kind in MATCHED_KINDS for _, kind in hybrid) or (hybrid and results.data["budget"] is None):
         fused = prepare_fused(bench, results, hybrid)
-    hybrid = [(name, kind) for name, kind in hybrid if not (kind in ("fused", "randomkv") and fused is None)]
+    hybrid = [(name, kind) for name, kind in hybrid if not (kind in MATCHED_KINDS and fused is None)]
     if not hybrid:
         results.write()
         print((results.out / "hybrid_quality.md").read_text())

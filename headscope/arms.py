@@ -16,7 +16,10 @@ An arm is a name and a kind; the kind says where its head mask comes from (``arm
 * ``random`` (``headwise_random_7to1_s<seed>``): ``random_mask`` with the fused mask's 7:1 budget;
 * ``randomkv`` (``headwise_randomkv_7to1_s<seed>``): ``kv_matched_random_mask`` of the fused mask: as many
   FA heads and KV groups touched (the same KV cache), the fair baseline of a selection that concentrates
-  its heads in few groups.
+  its heads in few groups;
+* ``randomlayer`` (``headwise_randomlayer_7to1_s<seed>``): ``layer_matched_random_mask`` of the fused mask:
+  as many FA heads and KV groups touched *in every layer*, drawn at random within the layer: the stricter
+  baseline that tells "these heads" from "these layers" (an all-FA layer of the fused mask is the same in it).
 
 Seeds live in the names (``headscope.seeds``): ``_s<k>`` is a random arm's mask seed, ``_t<k>`` the
 transfer seed of an arm repeated over transfer runs. ``plan_arms`` orders the arms in rounds so that
@@ -33,11 +36,13 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint
-from headscope.mask import kv_matched_random_mask, layerwise_mask, parse_ratio, random_mask
+from headscope.mask import kv_matched_random_mask, layer_matched_random_mask, layerwise_mask, parse_ratio, random_mask
 from headscope.seeds import arm_family, mask_name, mask_seed, transfer_seed
 
 BUILTIN_ARMS = ("teacher", "headwise_fused_7to1", "layerwise_3to1", "layerwise_7to1")
-RANDOM_KINDS = {"plain": ("random", "headwise_random_7to1"), "kv": ("randomkv", "headwise_randomkv_7to1")}  # kind, name prefix
+RANDOM_KINDS = {"plain": ("random", "headwise_random_7to1"), "kv": ("randomkv", "headwise_randomkv_7to1"),
+                "layer": ("randomlayer", "headwise_randomlayer_7to1")}  # kind, name prefix
+MATCHED_KINDS = ("fused", "randomkv", "randomlayer")  # kinds whose mask is, or is matched to, the fused mask
 
 
 def evenly_spaced_layers(n_layers: int, ratio: str) -> list[int]:
@@ -84,7 +89,7 @@ def plan_arms(extra: Iterable[str] = (), random_seeds: Sequence[int] = (0, 1, 2)
     Args:
         extra: names of the mask-file arms (kind ``file``).
         random_seeds: mask seeds of the random arms.
-        random_kinds: ``"plain"`` and/or ``"kv"`` (``RANDOM_KINDS``).
+        random_kinds: ``"plain"``, ``"kv"`` and/or ``"layer"`` (``RANDOM_KINDS``).
         transfer_seeds: when given, every arm or family in ``seeded`` runs once per seed, named ``<arm>_t<seed>``.
         seeded: arms or families repeated per transfer seed.
         only: keep the arms whose name, mask name or family is listed (None: all).
@@ -118,7 +123,7 @@ def plan_arms(extra: Iterable[str] = (), random_seeds: Sequence[int] = (0, 1, 2)
 
 def arm_mask(name: str, kind: str, fingerprint: ModelFingerprint, fused: HeadMask | None, extra: Mapping[str, HeadMask]) -> HeadMask:
     """The mask of one hybrid arm (``fused``: the fused mask; ``extra``: the mask-file arms' masks by name)."""
-    if kind in ("fused", "randomkv") and fused is None:
+    if kind in MATCHED_KINDS and fused is None:
         raise HeadscopeError("the fused mask is missing (its computation failed)")
     if kind == "fused":
         return fused
@@ -128,6 +133,8 @@ def arm_mask(name: str, kind: str, fingerprint: ModelFingerprint, fused: HeadMas
         return random_mask(fingerprint, ratio="7:1", seed=mask_seed(name))
     if kind == "randomkv":
         return kv_matched_random_mask(fused, seed=mask_seed(name))
+    if kind == "randomlayer":
+        return layer_matched_random_mask(fused, seed=mask_seed(name))
     return layerwise_arm_mask(fingerprint, arm_family(name).split("_")[1].replace("to", ":"))
 
 

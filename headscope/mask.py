@@ -22,9 +22,10 @@ minimum is in heads and rounds up to whole groups.
 
 Baselines use the same budget arithmetic: ``random_mask`` (seeded, exact budget; optionally exactly
 ``kv_groups`` KV groups touched, and ``kv_matched_random_mask`` matching a given mask's head and group
-counts, the fair baseline of a selection that concentrates its heads in few groups) and
-``layerwise_mask`` (whole layers, the Qwen3-Next ``"3:1"`` layout: layer ``i`` is FA when
-``i % (a+b) >= a``, i.e. layers 3, 7, 11, ...). ``layer_types``/``mask_from_layer_types`` convert a
+counts, the fair baseline of a selection that concentrates its heads in few groups),
+``layer_matched_random_mask`` (the same head and group counts in every layer: the stricter baseline that
+separates "these heads" from "these layers") and ``layerwise_mask`` (whole layers, the Qwen3-Next
+``"3:1"`` layout: layer ``i`` is FA when ``i % (a+b) >= a``, i.e. layers 3, 7, 11, ...). ``layer_types``/``mask_from_layer_types`` convert a
 layer-wise mask to and from a Qwen3-Next style ``layer_types`` list. The versioned JSON file and the
 DuoAttention / Retrieval_Head exports live in ``headscope.maskfile`` and are re-exported here.
 """
@@ -261,8 +262,12 @@ def random_mask(
     else:
         if kv_aware:
             raise HeadscopeError("kv_groups fixes the KV groups of single heads; it does not combine with kv_aware")
-        full = _random_in_groups(fingerprint, budget, int(kv_groups), generator)
-        record = {"n_full_budget": budget, "n_full": int(full.sum()), "kv_groups": int(kv_groups), "min_per_layer": 0, "kv_aware": False}
+        kv_groups, size, total = int(kv_groups), fingerprint.group_size, fingerprint.n_layers * fingerprint.n_kv_heads
+        if not 1 <= kv_groups <= total or not kv_groups <= budget <= kv_groups * size:
+            raise HeadscopeError(f"cannot place {budget} full-attention heads in exactly {kv_groups} KV groups of {size} heads "
+                                 f"(the model has {total} groups): need groups <= heads <= groups x {size}")
+        full = _random_in_groups(total, size, budget, kv_groups, generator).view(fingerprint.shape)
+        record = {"n_full_budget": budget, "n_full": int(full.sum()), "kv_groups": kv_groups, "min_per_layer": 0, "kv_aware": False}
     ratio_text = _ratio_record(ratio, n_full, full, record)
     selection = {"method": "random", "seed": int(seed), **record}
     return HeadMask(full, fingerprint, {"ratio": ratio_text, "selection": selection, "probes": [], "methods": [], "fusion": None})
@@ -292,21 +297,19 @@ def _group_counts(n_groups: int, group_size: int, n_heads: int) -> list[list[int
     return ways
 
 
-def _random_in_groups(fingerprint: ModelFingerprint, n_full: int, n_groups: int, generator: torch.Generator) -> torch.Tensor:
-    """``(L, H)`` bool: ``n_full`` heads touching exactly ``n_groups`` KV groups, uniform over all such masks.
+def _random_in_groups(n_slots: int, size: int, n_full: int, n_groups: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n_slots, size)`` bool: ``n_full`` heads touching exactly ``n_groups`` of ``n_slots`` KV groups of
+    ``size`` heads, uniform over all such masks (the caller checks ``1 <= n_groups <= n_slots`` and
+    ``n_groups <= n_full <= n_groups * size``).
 
     Every set of groups holds equally many masks, so the groups are a uniform draw; the head count ``k``
-    of each chosen group is drawn with probability proportional to ``C(group_size, k)`` times the ways
-    to place the rest (``_group_counts``), and the heads inside a group uniformly.
+    of each chosen group is drawn with probability proportional to ``C(size, k)`` times the ways to place
+    the rest (``_group_counts``), and the heads inside a group uniformly. The slots are the whole model's
+    groups (``random_mask``) or one layer's (``layer_matched_random_mask``).
     """
-    fp = fingerprint
-    size, total = fp.group_size, fp.n_layers * fp.n_kv_heads
-    if not 1 <= n_groups <= total or not n_groups <= n_full <= n_groups * size:
-        raise HeadscopeError(f"cannot place {n_full} full-attention heads in exactly {n_groups} KV groups of {size} heads "
-                             f"(the model has {total} groups): need groups <= heads <= groups x {size}")
-    groups = torch.randperm(total, generator=generator)[:n_groups].sort().values  # (G,) flat (layer, kv head) ids
+    groups = torch.randperm(n_slots, generator=generator)[:n_groups].sort().values  # (G,) slot ids
     ways = _group_counts(n_groups, size, n_full)
-    full = torch.zeros(total, size, dtype=torch.bool)  # (L * n_kv, group_size)
+    full = torch.zeros(n_slots, size, dtype=torch.bool)  # (n_slots, size)
     left = n_full
     for i, group in enumerate(groups.tolist()):
         target = float(torch.rand((), generator=generator)) * ways[i][left]  # in [0, ways[i][left])
@@ -316,7 +319,40 @@ def _random_in_groups(fingerprint: ModelFingerprint, n_full: int, n_groups: int,
             cumulative += math.comb(size, k) * ways[i + 1][left - k]
         full[group, torch.randperm(size, generator=generator)[:k]] = True
         left -= k
-    return full.view(fp.shape)
+    return full
+
+
+def layer_matched_random_mask(mask: HeadMask, seed: int = 0) -> HeadMask:
+    """A random mask with, in every layer, as many FA heads and KV groups touched as ``mask`` there.
+
+    The stricter baseline: ``kv_matched_random_mask`` draws its groups over the whole model, so a
+    selection that sits in a few (late) layers may beat it only by *where* its heads are. This one keeps
+    the layers and, per layer, the head and group counts (so the KV cache too), and draws the groups and
+    heads uniformly inside each layer: uniform over all masks with those per-layer counts (the layers are
+    independent draws of ``_random_in_groups`` from one seeded generator). What is left to beat it is
+    the choice of heads within the layers.
+
+    A layer whose every head is FA is the same in every such mask (and so is a layer without FA heads);
+    no other head is forced (a partly FA layer can always drop any given head: choose other groups, or
+    fewer heads of its group). Each head of layer ``l`` is FA with probability ``n_l / H``, so the
+    expected overlap with ``mask`` is ``sum_l n_l^2 / H`` heads, far more than a KV-matched draw's.
+    Provenance ``selection.layer_matched_to``: the source's heads, per-layer head and group counts, and
+    ``forced_heads`` (its FA heads in all-FA layers, which every draw shares) with ``forced_layers``.
+    """
+    fp, generator = mask.fingerprint, torch.Generator().manual_seed(int(seed))
+    heads_per_layer = mask.full.sum(1).tolist()  # (L,)
+    groups_per_layer = mask.kv_groups_full().sum(1).tolist()  # (L,)
+    full = torch.zeros(fp.shape, dtype=torch.bool)  # (L, H)
+    for layer, (n_heads, n_groups) in enumerate(zip(heads_per_layer, groups_per_layer)):
+        if n_heads:
+            full[layer] = _random_in_groups(fp.n_kv_heads, fp.group_size, n_heads, n_groups, generator).view(fp.n_heads)
+    forced_layers = [layer for layer, n in enumerate(heads_per_layer) if n == fp.n_heads]
+    record = {"n_full": int(full.sum()), "kv_groups": int(sum(groups_per_layer)), "min_per_layer": 0, "kv_aware": False}
+    matched_to = {"n_full": mask.n_full, "kv_groups": int(sum(groups_per_layer)), "heads_per_layer": heads_per_layer,
+                  "kv_groups_per_layer": groups_per_layer, "forced_heads": len(forced_layers) * fp.n_heads,
+                  "forced_layers": forced_layers, "heads": [str(h) for h in mask.heads()]}
+    selection = {"method": "random", "seed": int(seed), **record, "layer_matched_to": matched_to}
+    return HeadMask(full, fp, {"ratio": mask.provenance.get("ratio"), "selection": selection, "probes": [], "methods": [], "fusion": None})
 
 
 def layerwise_mask(fingerprint: ModelFingerprint, ratio: str = "3:1") -> HeadMask:
@@ -366,6 +402,6 @@ def mask_from_layer_types(types: Sequence[str], fingerprint: ModelFingerprint) -
 
 __all__ = [
     "GROUP_SCORES", "MASK_SCHEMA_VERSION", "budget_note", "export_duo_tsv", "export_retrieval_json", "head_budget",
-    "layer_types", "layerwise_mask", "load_mask", "mask_from_layer_types", "mask_to_dict", "parse_ratio",
-    "kv_matched_random_mask", "random_mask", "ranking_from_mask", "realised_ratio", "save_mask", "select_mask", "select_units",
+    "layer_types", "layerwise_mask", "load_mask", "mask_from_layer_types", "mask_to_dict", "parse_ratio", "kv_matched_random_mask",
+    "layer_matched_random_mask", "random_mask", "ranking_from_mask", "realised_ratio", "save_mask", "select_mask", "select_units",
 ]

@@ -22,6 +22,10 @@ mask given as a file):
 1. ``beats_random`` at each of ``GOAL_MULTIPLES`` x the teacher length: ``selected - random > 2 x
    transfer_sd(selected)`` on the retrieval mean, ``random`` the mean of the KV-matched random family
    (``randomkv``; the plain random family when there is none, said in the record);
+   ``beats_layer_random``: the same test against the layer-matched random family (``randomlayer``: the
+   same FA heads and KV groups in every layer), only when one is done: it asks whether the selection
+   beats its own layers, beside the primary goal above (its own name, so the primary one stays one
+   record per family and length);
 2. ``near_layerwise``: at every length, retrieval and reasoning of the selected family are at least
    layer-wise 3:1's minus ``NEAR_POINTS`` (2 accuracy points), with at most half its KV cache.
 
@@ -120,8 +124,28 @@ def _value(family: Mapping[str, Any] | None, key: str, field: str = "mean") -> f
     return family["metrics"][key][field]
 
 
+def _beats(goal: str, name: str, random_name: str | None, families: Mapping[str, Mapping[str, Any]], base: int, multiple: int,
+           lengths: list[int], **fields: Any) -> dict[str, Any]:
+    """One ``beats_random``-style record of family ``name`` against ``random_name`` (None: no random family done):
+    ``selected - random > 2 x transfer_sd(selected)`` on the retrieval mean at ``multiple`` x ``base`` tokens."""
+    key, selected, random_family = f"retrieval@{base * multiple}", families[name], families.get(random_name)
+    record = {"goal": goal, "family": name, "length": base * multiple, "random_family": random_name, **fields, "met": None}
+    if base * multiple not in lengths:
+        return {**record, "reason": f"{multiple}x the teacher length was not evaluated"}
+    mine, theirs, noise = _value(selected, key), _value(random_family, key), _value(selected, key, "transfer_sd")
+    record.update(selected=mine, random_mean=theirs, random_sd=_value(random_family, key, "sd"),
+                  random_masks=_value(random_family, key, "n_masks"), transfer_sd=noise, transfer_runs=_value(selected, key, "n_runs"))
+    if theirs is None or mine is None:
+        record["reason"] = "no random arm is done"
+    elif noise is None:
+        record["reason"] = "needs >= 2 transfer seeds of the selected arm"
+    else:
+        record.update(margin=mine - theirs, threshold=2 * noise, met=mine - theirs > 2 * noise)
+    return record
+
+
 def goal_checks(results: Mapping[str, Any], families: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """The two goals of the module docstring for every selected family (one record per goal and family)."""
+    """The goals of the module docstring for every selected family (one record per goal, family and length)."""
     families = family_stats(results) if families is None else families
     settings = results["settings"]
     base, lengths = settings["teacher_length"], settings["lengths"]
@@ -129,28 +153,16 @@ def goal_checks(results: Mapping[str, Any], families: Mapping[str, Mapping[str, 
     for name, family in families.items():
         by_kind.setdefault(family["kind"], []).append(name)
     random_kind = "randomkv" if by_kind.get("randomkv") else "random"
-    random_family = families[by_kind[random_kind][0]] if by_kind.get(random_kind) else None
+    random_name = by_kind.get(random_kind, [None])[0]
+    layer_name = by_kind.get("randomlayer", [None])[0]
     layerwise = families.get("layerwise_3to1")
     checks = []
     for name in [n for kind in SELECTED_KINDS for n in by_kind.get(kind, [])]:
         selected = families[name]
-        for multiple in GOAL_MULTIPLES:
-            key = f"retrieval@{base * multiple}"
-            record = {"goal": "beats_random", "family": name, "length": base * multiple, "random_family": by_kind.get(random_kind, [None])[0],
-                      "kv_matched": random_kind == "randomkv", "met": None}
-            if base * multiple not in lengths:
-                checks.append({**record, "reason": f"{multiple}x the teacher length was not evaluated"})
-                continue
-            mine, theirs, noise = _value(selected, key), _value(random_family, key), _value(selected, key, "transfer_sd")
-            record.update(selected=mine, random_mean=theirs, random_sd=_value(random_family, key, "sd"),
-                          random_masks=_value(random_family, key, "n_masks"), transfer_sd=noise, transfer_runs=_value(selected, key, "n_runs"))
-            if theirs is None or mine is None:
-                record["reason"] = "no random arm is done"
-            elif noise is None:
-                record["reason"] = "needs >= 2 transfer seeds of the selected arm"
-            else:
-                record.update(margin=mine - theirs, threshold=2 * noise, met=mine - theirs > 2 * noise)
-            checks.append(record)
+        checks += [_beats("beats_random", name, random_name, families, base, multiple, lengths, kv_matched=random_kind == "randomkv")
+                   for multiple in GOAL_MULTIPLES]
+        if layer_name is not None:
+            checks += [_beats("beats_layer_random", name, layer_name, families, base, multiple, lengths) for multiple in GOAL_MULTIPLES]
         record = {"goal": "near_layerwise", "family": name, "points": NEAR_POINTS, "met": None}
         if layerwise is None:
             checks.append({**record, "reason": "layerwise_3to1 is not done"})
@@ -194,8 +206,11 @@ def seeds_markdown(results: Mapping[str, Any], families: Mapping[str, Mapping[st
     lines += ["", "## Goals", ""]
     for check in checks:
         verdict = {True: "**met**", False: "**not met**", None: "undecided"}[check["met"]]
-        if check["goal"] == "beats_random":
-            against = f"{'KV-matched ' if check['kv_matched'] else 'plain (not KV-matched) '}random {check['random_family']}"
+        if check["goal"] in ("beats_random", "beats_layer_random"):
+            if check["goal"] == "beats_layer_random":
+                against = f"layer-matched random {check['random_family']} (the same FA heads and KV groups in every layer)"
+            else:
+                against = f"{'KV-matched ' if check['kv_matched'] else 'plain (not KV-matched) '}random {check['random_family']}"
             if check.get("margin") is not None:
                 detail = (f"{check['selected']:.3f} - {check['random_mean']:.3f} (sd over {check['random_masks']} masks "
                           f"{_pm(check['random_sd'], None, 3)}) = {check['margin']:+.3f} vs 2 x transfer sd {check['threshold']:.3f} "

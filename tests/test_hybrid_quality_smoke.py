@@ -163,3 +163,12 @@ def test_shards_merge_into_the_plan_order_with_one_budget(smoke, tmp_path):
     (outs[1] / "hybrid_quality.json").write_text(json.dumps(other))
     with pytest.raises(HeadscopeError, match="budget"):
         benchmark.main(common + ["--merge", f"{outs[0]},{outs[1]}", "--out", str(tmp_path / "m2")])
+
+
+def test_random_kinds_from_flags_and_list():
+    parse = load_benchmark().parse_args
+    assert parse([]).random_kind == ["plain"] and parse(["--layer-matched"]).random_kind == ["layer"]
+    assert parse(["--kv-matched", "--layer-matched"]).random_kind == parse(["--random-kind", "kv,layer"]).random_kind == ["kv", "layer"]
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--random-kind", "kv,layers"])
+    assert exit_info.value.code == 2

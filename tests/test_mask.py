@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from headscope.mask import (
     export_retrieval_json,
     head_budget,
     kv_matched_random_mask,
+    layer_matched_random_mask,
     layer_types,
     layerwise_mask,
     load_mask,
@@ -190,6 +192,61 @@ def test_random_masks_with_fixed_groups_are_uniform_over_all_such_masks():
         counts[tuple(random_mask(fp, n_full=3, seed=seed, kv_groups=2).full.flatten().nonzero().flatten().tolist())] += 1
     assert len(every) == 24 and sum(counts.values()) == n_draws
     assert min(counts.values()) > 20 and max(counts.values()) < 60  # 40 expected each; binomial sd 6.2
+
+
+def _layer_counts(mask: HeadMask) -> tuple[list[int], list[int]]:
+    return mask.full.sum(1).tolist(), mask.kv_groups_full().sum(1).tolist()
+
+
+def _layouts_per_layer(mask: HeadMask) -> list[list[tuple[int, ...]]]:
+    """Every set of flat head ids of each layer with that layer's head and KV-group counts in ``mask`` (by enumeration)."""
+    fp = mask.fingerprint
+    heads = [range(layer * fp.n_heads, (layer + 1) * fp.n_heads) for layer in range(fp.n_layers)]
+    return [[m for m in itertools.combinations(ids, n) if len({h // fp.group_size for h in m}) == g]
+            for ids, n, g in zip(heads, *_layer_counts(mask))]
+
+
+def test_layer_matched_random_masks_keep_every_layers_head_and_group_counts():
+    all_fa_layer = HeadMask(torch.zeros(FP8.shape, dtype=torch.bool).index_fill_(0, torch.tensor([5]), True), FP8)  # layer 5 all FA
+    all_fa_layer.full[2, [0, 1, 4]] = True  # plus 3 heads in 2 groups of layer 2
+    sources = [random_mask(FP8, "7:1", seed=1), random_mask(FP8, "3:1", seed=2, kv_aware=True),
+               random_mask(FP8, n_full=20, seed=3, kv_groups=7), all_fa_layer]
+    state = torch.random.get_rng_state()
+    for source in sources:
+        draws = [layer_matched_random_mask(source, seed) for seed in range(12)]
+        for mask in draws:
+            assert _layer_counts(mask) == _layer_counts(source) and mask.fingerprint is source.fingerprint
+        layouts = math.prod(len(ms) for ms in _layouts_per_layer(source))  # 4 (the KV-aware one) to 589,824
+        assert len({tuple(m.full.flatten().tolist()) for m in draws}) >= min(layouts, 4)
+        assert torch.equal(layer_matched_random_mask(source, 7).full, draws[7].full)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    matched_to = draws[0].provenance["selection"]["layer_matched_to"]
+    assert matched_to["forced_heads"] == 8 and matched_to["forced_layers"] == [5] and all(bool(m.full[5].all()) for m in draws)
+    assert matched_to["heads_per_layer"] == [0, 0, 3, 0, 0, 8, 0, 0] and matched_to["kv_groups_per_layer"] == [0, 0, 2, 0, 0, 2, 0, 0]
+    assert draws[0].provenance["selection"]["method"] == "random" and draws[0].provenance["selection"]["kv_groups"] == 4
+    assert layer_matched_random_mask(sources[0]).provenance["selection"]["layer_matched_to"]["forced_heads"] == 0
+    layerwise = layerwise_mask(FP8, "3:1")  # whole layers: the only mask with its per-layer counts
+    assert all(torch.equal(layer_matched_random_mask(layerwise, seed).full, layerwise.full) for seed in range(3))
+
+
+def test_layer_matched_random_masks_are_uniform_over_all_masks_with_the_per_layer_counts():
+    fp = ModelFingerprint("qwen3", 4, 6, 2, 16, "small")  # 2 KV groups of 3 heads per layer
+    source = torch.zeros(fp.shape, dtype=torch.bool)
+    source[0, [0, 1, 3, 4]] = True  # 4 heads in 2 groups: 15 layouts, the groups holding 1+3, 2+2 or 3+1 heads
+    source[1, [4, 5]] = True  # 2 heads in 1 group: 6 layouts
+    source[2] = True  # all FA: 1 layout; layer 3 none: 1 layout
+    source = HeadMask(source, fp)
+    per_layer = _layouts_per_layer(source)
+    every = [sum(ms, ()) for ms in itertools.product(*per_layer)]
+    assert [len(ms) for ms in per_layer] == [15, 6, 1, 1] and len(every) == 90
+    counts = dict.fromkeys(every, 0)
+    n_draws = 40 * len(every)
+    for seed in range(n_draws):
+        counts[tuple(layer_matched_random_mask(source, seed).full.flatten().nonzero().flatten().tolist())] += 1
+    assert sum(counts.values()) == n_draws
+    chi2 = sum((c - 40) ** 2 / 40 for c in counts.values())
+    dof = len(every) - 1  # the chi-square quantile at p = 0.999 (Wilson-Hilferty; 136 for 89 dof)
+    assert chi2 < dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3, chi2
 
 
 @pytest.mark.parametrize("n_full, kv_groups, message", [(3, 4, "cannot place 3"), (9, 2, "cannot place 9"), (4, 0, "exactly 0 KV groups"),

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from headscope.arms import evenly_spaced_layers, layerwise_arm_mask, plan_arms
+from headscope.arms import arm_mask, evenly_spaced_layers, layerwise_arm_mask, plan_arms
 from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint
-from headscope.mask import layerwise_mask
+from headscope.mask import kv_matched_random_mask, layer_matched_random_mask, layerwise_mask, random_mask
 from headscope.quality import (capability_means, evaluate_quality, heldout_loss, kv_cache_bytes_per_token, recurrent_state_bytes,
                                results_markdown)
 from headscope.transfer.losses import next_token_loss
@@ -105,6 +105,23 @@ def test_arm_plan_runs_transfer_and_mask_seeds_in_rounds_and_filters_by_family()
         plan_arms(only={"layerwise_5to1"})
 
 
+def test_layer_matched_random_arms_follow_the_kv_matched_ones_and_match_the_fused_mask():
+    arms = plan_arms(random_seeds=[0, 1], random_kinds=["kv", "layer"])
+    assert arms[4:] == [("headwise_randomkv_7to1_s0", "randomkv"), ("headwise_randomlayer_7to1_s0", "randomlayer"),
+                        ("headwise_randomkv_7to1_s1", "randomkv"), ("headwise_randomlayer_7to1_s1", "randomlayer")]
+    assert plan_arms(random_seeds=[0, 1, 2], random_kinds=["kv", "layer"], only={"headwise_randomlayer_7to1"}) == [
+        (f"headwise_randomlayer_7to1_s{seed}", "randomlayer") for seed in range(3)]
+    fp = ModelFingerprint("qwen3", 8, 8, 2, 16, "eight")
+    fused = random_mask(fp, "7:1", seed=4)
+    for name, kind in arms[4:]:
+        made, seed = arm_mask(name, kind, fp, fused, {}), int(name[-1])
+        expected = (kv_matched_random_mask if kind == "randomkv" else layer_matched_random_mask)(fused, seed)
+        assert torch.equal(made.full, expected.full)
+    assert arm_mask("headwise_randomlayer_7to1_s1", "randomlayer", fp, fused, {}).full.sum(1).tolist() == fused.full.sum(1).tolist()
+    with pytest.raises(HeadscopeError, match="fused mask is missing"):
+        arm_mask("headwise_randomlayer_7to1_s0", "randomlayer", fp, None, {})
+
+
 def test_row_store_serves_exactly_the_library_rows_from_the_pool_and_on_a_miss():
     from headscope.probes.tasks import TASK_NAMES, sample_task_text, task_vocabulary
     from headscope.transfer.config import DataConfig
@@ -184,3 +201,31 @@ def test_family_figure_draws_each_family_mean_with_its_mask_sd_and_every_run():
     assert random_line.line.dash == "dot" and lines["teacher"].line.dash == "dash" and not lines["teacher"].error_y.visible
     dots = [t for t in figure.data if t.mode == "markers" and t.xaxis == "x"]  # the runs of the families run more than once
     assert sorted(sorted(t.y) for t in dots) == [pytest.approx([0.2, 0.2, 0.6, 0.6]), pytest.approx([0.8, 0.8, 0.9, 0.9])]
+
+
+def test_a_layer_matched_random_family_adds_its_own_goal_beside_the_kv_matched_one():
+    from headscope.seeds import family_stats, goal_checks, seeds_markdown
+
+    settings = {"lengths": [8, 16], "teacher_length": 8, "retrieval_probes": ["needle_single"], "reasoning_probes": ["ioi"]}
+    arms = {"headwise_fused_7to1_t0": _scored("fused", 0.80), "headwise_fused_7to1_t1": _scored("fused", 0.90),
+            "headwise_randomkv_7to1_s0": _scored("randomkv", 0.20), "layerwise_3to1": _scored("layerwise", 0.81, kv=128)}
+    results = {"settings": settings, "arms": arms}
+    without = goal_checks(results)
+    arms.update({"headwise_randomlayer_7to1_s0": _scored("randomlayer", 0.60), "headwise_randomlayer_7to1_s1": _scored("randomlayer", 0.40),
+                 "headwise_randomlayer_7to1_s2": {"kind": "randomlayer", "status": "pending"}})
+    families = family_stats(results)
+    checks = goal_checks(results, families)
+    assert [(c["goal"], c.get("length")) for c in checks] == [("beats_random", 8), ("beats_random", 32), ("beats_layer_random", 8),
+                                                             ("beats_layer_random", 32), ("near_layerwise", None)]
+    assert [c for c in checks if c["goal"] != "beats_layer_random"] == without  # the primary goal is unchanged
+    layer = checks[2]
+    assert layer["random_family"] == "headwise_randomlayer_7to1" and layer["random_masks"] == 2 and "kv_matched" not in layer
+    assert layer["random_mean"] == pytest.approx(0.50) and layer["margin"] == pytest.approx(0.35) and layer["met"] is True
+    assert checks[3]["met"] is None and "not evaluated" in checks[3]["reason"]
+    arms["headwise_randomlayer_7to1_s1"] = _scored("randomlayer", 0.90)  # mean 0.75: margin 0.10 < 2 x transfer sd 0.141
+    assert goal_checks(results)[2]["met"] is False
+    text = seeds_markdown(results, families, checks)
+    assert "| headwise_randomlayer_7to1 | 2 | — (runs: 2) | 64 | 0.50 ± 0.14 |" in text
+    assert ("**met**: headwise_fused_7to1 beats the layer-matched random headwise_randomlayer_7to1 (the same FA heads and KV groups "
+            "in every layer) on retrieval at 8 tokens") in text
+    assert "beats the KV-matched random headwise_randomkv_7to1 on retrieval at 8 tokens" in text

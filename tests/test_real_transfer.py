@@ -1,6 +1,7 @@
 """The real-model path of the quality benchmark on the CPU: transfer data sampled from a tiny random Llama with a
 BPE tokenizer (``benchmarks/real_transfer_data.py --quick``), then ``benchmarks/hybrid_quality.py`` on those
-files with an extra mask arm, two transfer seeds, KV-matched random arms and the seed summary.
+files with an extra mask arm, two transfer seeds, KV-matched random arms and the seed summary; layer-matched random
+arms added to the finished results in shards and merged.
 """
 
 from __future__ import annotations
@@ -166,3 +167,36 @@ def test_a_rerun_with_another_seed_list_adds_only_the_new_arms(quality):
     assert {name: arms[name] for name in data["arms"]} == data["arms"]  # finished arms are kept as they were
     with pytest.raises(HeadscopeError, match="seeded-arms"):
         benchmark.main(again + ["--seeded-arms", "nonsense"])
+
+
+def test_layer_matched_arms_run_in_shards_beside_finished_results_and_merge_after_them(quality, tmp_path):
+    """The way to add a baseline family to finished results: each shard resumes from a copy of them
+    (same settings), runs its share of the new arms; ``--merge`` puts the new arms after the old ones."""
+    benchmark, argv, _, out = quality
+    finished = json.loads((out / "hybrid_quality.json").read_text())
+    shards = []
+    for index in range(2):
+        shard = tmp_path / f"shard{index}"
+        shard.mkdir()
+        (shard / "hybrid_quality.json").write_text(json.dumps(finished))
+        assert benchmark.main(argv + ["--layer-matched", "--arms", "headwise_randomlayer_7to1", "--shard", f"{index}/2",
+                                      "--out", str(shard), "--work", str(tmp_path / f"work{index}")]) == 0
+        shards.append(str(shard))
+    assert benchmark.main(["--merge", ",".join(shards), "--out", str(tmp_path / "merged"), "--work", str(tmp_path / "work_merged")]) == 0
+    data = json.loads((tmp_path / "merged" / "hybrid_quality.json").read_text())
+    layer_arms = ["headwise_randomlayer_7to1_s0", "headwise_randomlayer_7to1_s1"]
+    assert list(data["arms"]) == list(finished["arms"]) + layer_arms
+    assert {name: data["arms"][name] for name in finished["arms"]} == finished["arms"]
+    fused = finished["arms"]["headwise_fused_7to1_t0"]["mask"]["full_attention_heads"]  # L3H2 L3H3: one KV group of layer 3
+    for name in layer_arms:
+        arm = data["arms"][name]
+        assert arm["status"] == "done" and arm["kind"] == "randomlayer" and arm["transfer_seed"] == 0
+        heads = arm["mask"]["full_attention_heads"]
+        assert {layer for layer, _ in heads} == {3} and len(heads) == len(fused) and arm["kv_groups"] == 1
+    goals = {(g["goal"], g["family"], g.get("length")): g for g in data["summary"]["goals"]}
+    layer_goal = goals[("beats_layer_random", "headwise_fused_7to1", 96)]
+    assert layer_goal["random_family"] == "headwise_randomlayer_7to1" and layer_goal["random_masks"] == 2
+    assert layer_goal["met"] == (layer_goal["margin"] > layer_goal["threshold"])
+    before = {(g["goal"], g["family"], g.get("length")): g for g in finished["summary"]["goals"]}
+    assert {key: goals[key] for key in before} == before  # the KV-matched goal and the others are unchanged
+    assert "layer-matched random headwise_randomlayer_7to1" in (tmp_path / "merged" / "hybrid_quality.md").read_text()

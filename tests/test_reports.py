@@ -12,8 +12,8 @@ import torch
 
 from headscope import cli
 from headscope.fusion import fuse
-from headscope.heads import Head, HeadscopeError, HeadScores, ModelFingerprint
-from headscope.mask import load_mask, random_mask, save_mask, select_mask
+from headscope.heads import Head, HeadMask, HeadscopeError, HeadScores, ModelFingerprint
+from headscope.mask import layer_matched_random_mask, load_mask, random_mask, save_mask, select_mask
 from headscope.reports import (
     build_report_html,
     fused_heatmap,
@@ -188,6 +188,16 @@ def test_cli_baselines(tmp_path, monkeypatch, capsys, qwen3_dir, inputs):
     code, out, _ = run_cli(monkeypatch, capsys, "mask", "random", "--kv-matched", str(concentrated), "--seed", "3", "--out", str(tmp_path / "k.json"))
     matched = load_mask(tmp_path / "k.json", expect=FP)
     assert code == 0 and matched.n_full == 8 and int(matched.kv_groups_full().sum()) == 2 and "(2 of 8 KV groups)" in out
+    layer_fa = HeadMask(torch.zeros(FP.shape, dtype=torch.bool).index_fill_(0, torch.tensor([1]), True), FP)  # layer 1 all FA
+    layer_fa.full[3, [0, 5]] = True
+    source = save_mask(layer_fa, tmp_path / "lf.json")
+    code, out, _ = run_cli(monkeypatch, capsys, "mask", "random", "--layer-matched", str(source), "--seed", "3", "--out", str(tmp_path / "m.json"))
+    matched = load_mask(tmp_path / "m.json", expect=FP)
+    assert code == 0 and torch.equal(matched.full, layer_matched_random_mask(layer_fa, seed=3).full) and "(4 of 8 KV groups)" in out
+    assert f"note: 8 heads are in every layer-matched mask of {source} (its all-full-attention layers: 1)" in out
+    with pytest.raises(SystemExit) as exit_info:  # one source of the budget only
+        run_cli(monkeypatch, capsys, "mask", "random", "--layer-matched", str(source), "--kv-matched", str(source), "--out", str(tmp_path / "b.json"))
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
@@ -202,6 +212,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
         (("mask", "export", str(tmp_path / "random.json"), "--format", "retrieval-json", "--out", str(tmp_path / "r.json")), "stores no head scores"),
         (("mask", "layerwise", "--model", str(tmp_path), "--out", str(tmp_path / "l.json")), "no config.json"),
         (("mask", "random", "--kv-matched", str(tmp_path / "random.json"), "--n-full", "3", "--out", str(tmp_path / "k.json")), "drop --ratio"),
+        (("mask", "random", "--layer-matched", str(tmp_path / "random.json"), "--kv-aware", "--out", str(tmp_path / "k.json")),
+         "--layer-matched takes the budget from the mask; drop --ratio"),
         (("report", other, "--mask", str(tmp_path / "random.json"), "--out", str(tmp_path / "r.html")), "made for another model"),
     ]
     for argv, message in cases:

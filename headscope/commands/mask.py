@@ -58,6 +58,9 @@ def register(subparsers) -> None:
         if name == "random":
             source.add_argument("--kv-matched", metavar="MASK.json",
                                 help="as many full-attention heads AND KV groups touched as this mask (its geometry too)")
+            source.add_argument("--layer-matched", metavar="MASK.json",
+                                help="as many full-attention heads AND KV groups touched as this mask in every layer, "
+                                     "drawn within each layer (the stricter baseline)")
             add_budget_args(baseline)
             baseline.add_argument("--seed", type=int, default=0, help="seed of the random draw (default 0)")
         else:
@@ -88,14 +91,28 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from headscope.mask import budget_note, kv_matched_random_mask, layerwise_mask, load_mask, random_mask, save_mask
+    from headscope.mask import (
+        budget_note,
+        kv_matched_random_mask,
+        layer_matched_random_mask,
+        layerwise_mask,
+        load_mask,
+        random_mask,
+        save_mask,
+    )
 
-    if getattr(args, "kv_matched", None):
+    kv, layer = getattr(args, "kv_matched", None), getattr(args, "layer_matched", None)  # mutually exclusive
+    if kv or layer:
         if args.ratio is not None or args.n_full is not None or args.kv_aware:
-            raise HeadscopeError("--kv-matched takes the budget from the mask; drop --ratio, --n-full and --kv-aware")
-        matched = load_mask(args.kv_matched)
+            raise HeadscopeError(f"{'--kv-matched' if kv else '--layer-matched'} takes the budget from the mask; "
+                                 "drop --ratio, --n-full and --kv-aware")
+        matched = load_mask(kv or layer)
         check_output_file(args.out)
-        mask = kv_matched_random_mask(matched, seed=args.seed)
+        mask = (kv_matched_random_mask if kv else layer_matched_random_mask)(matched, seed=args.seed)
+        matched_to = mask.provenance["selection"].get("layer_matched_to", {})
+        if matched_to.get("forced_heads"):
+            print(f"note: {matched_to['forced_heads']} heads are in every layer-matched mask of {layer} "
+                  f"(its all-full-attention layers: {', '.join(map(str, matched_to['forced_layers']))})")
     else:
         fingerprint = fingerprint_from_args(args)
         check_output_file(args.out, [args.model])
