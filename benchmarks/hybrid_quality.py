@@ -57,6 +57,13 @@ the transfer-seed sd, and checks the selection goals (selected 7:1 vs the KV-mat
 and 4x against twice the transfer sd, and the same against the layer-matched random mean when it ran;
 selected vs layer-wise 3:1 within 2 points at half the KV cache).
 
+Held-out CE per document kind (``--heldout-kinds sampled,essay,tasks``, files only): the same CE, rows and
+packing on the held-out documents of each listed kind alone (the .jsonl ``kind``), stored per arm as
+``heldout_loss_by_kind`` and shown as extra columns. In ``real_transfer_data.py``'s data ``sampled`` is the
+teacher's own samples, while ``essay`` and ``tasks`` are synthetic text that the students learn during
+transfer and the teacher never saw: the all-documents CE of a student falls below the teacher's for that
+reason, and only the ``sampled`` CE compares a student with the teacher.
+
 Outputs in ``--out`` (default ``$OUT`` or benchmarks/results; with ``--smoke`` ``WORK/results``), rewritten after every arm:
 ``hybrid_quality.json`` (settings, budget, one record per arm, ``summary``: families and goals),
 ``hybrid_quality.md`` (arm x metric tables, then the seed summary and the goals), ``hybrid_quality.html``
@@ -154,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=32, help="prompts per probe and length")
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--heldout-rows", type=int, default=32)
+    p.add_argument("--heldout-kinds", default=None, metavar="KIND[,KIND...]",
+                   help="with --data: held-out CE also on the held-out documents of each kind alone (.jsonl 'kind', e.g. sampled,essay,tasks)")
     p.add_argument("--eval-sequences", type=int, default=16, help="held-out rows of the trainer's stage-end evaluation")
     p.add_argument("--teacher-length", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--score-length", type=int, default=256)
@@ -183,6 +192,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.random_kind = flagged or names(args.random_kind)
     args.retrieval_probes, args.reasoning_probes = names(args.retrieval_probes), names(args.reasoning_probes)
     args.length_multiples = ints(args.length_multiples)
+    if args.heldout_kinds is not None:
+        kinds = names(args.heldout_kinds)
+        if not args.data:
+            p.error("--heldout-kinds needs --data (the demo corpus has no document kinds)")
+        if not kinds or len(set(kinds)) != len(kinds) or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", k) for k in kinds):
+            p.error(f"--heldout-kinds {args.heldout_kinds!r}: expected distinct kinds KIND[,KIND...] (letters, digits, _ . -)")
+    args.heldout_kinds = names(args.heldout_kinds or "")
     args.extra_masks = {}
     for spec in args.arm:
         name, _, path = spec.partition("=")
@@ -271,6 +287,12 @@ def main(argv=None) -> int:
     if args.data:
         rows = FileRows(DataConfig(source="files", paths=list(args.data), heldout_fraction=args.heldout_fraction), tokenizer,
                         vocab_size=len(tokenizer))
+        held_kinds = rows.kinds("heldout")
+        absent = [kind for kind in args.heldout_kinds if kind not in held_kinds]
+        if absent:
+            found = ", ".join(f"{kind} ({n})" for kind, n in held_kinds.items()) or "none"
+            raise HeadscopeError(f"--heldout-kinds: no held-out document of kind {', '.join(absent)} "
+                                 f"(kinds of the held-out documents, with their counts: {found})")
     else:
         rows = RowStore(DataConfig(source="demo_corpus"), args.seed, tokenizer, args.workers)  # forks before CUDA starts
     try:
@@ -292,14 +314,16 @@ def main(argv=None) -> int:
         rows.close()
 
 
-def heldout_rows(bench: Bench, results: Results, length: int) -> torch.Tensor:
-    """The first ``--heldout-rows`` held-out rows at ``length`` (fewer, with a note, when the split holds fewer)."""
-    stream = bench.rows.stream("heldout", 0, length)
+def heldout_rows(bench: Bench, results: Results, length: int, kind: str | None = None) -> torch.Tensor:
+    """The first ``--heldout-rows`` held-out rows at ``length`` (fewer, with a note, when the split holds fewer);
+    with ``kind`` (data files only), of the held-out documents of that kind alone, packed the same way."""
+    stream = bench.rows.stream("heldout", 0, length) if kind is None else bench.rows.stream("heldout", 0, length, kind=kind)
+    documents = "the held-out documents" + ("" if kind is None else f" of kind {kind}")
     n = min(bench.args.heldout_rows, len(stream))
     if n == 0:
-        raise HeadscopeError(f"the held-out documents hold no sequence of {length} tokens; raise --heldout-fraction or give more --data")
+        raise HeadscopeError(f"{documents} hold no sequence of {length} tokens; raise --heldout-fraction or give more --data")
     if n < bench.args.heldout_rows:
-        results.note(f"held-out CE at {length} tokens over {n} rows (the held-out documents hold no more)")
+        results.note(f"held-out CE{'' if kind is None else ' ' + kind} at {length} tokens over {n} rows ({documents} hold no more)")
     return torch.stack([stream[i] for i in range(n)])
 
 
@@ -347,12 +371,13 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
     grid = probe_grid(tokenizer, results.data["settings"]["probes"], bench.lengths, args.pairs, args.eval_seed)
     bench.rows.fill([("heldout", 0, length, args.heldout_rows) for length in (base, 2 * base)])
     heldout = {length: heldout_rows(bench, results, length) for length in (base, 2 * base)}
+    by_kind = {kind: {length: heldout_rows(bench, results, length, kind) for length in (base, 2 * base)} for kind in args.heldout_kinds}
     print(f"[{bench.elapsed():6.0f}s] probes and held-out rows ready", flush=True)
 
     if "teacher" in results.arms and results.arms["teacher"]["status"] != "done":
         try:
             results.arms["teacher"] = {"kind": "teacher", "status": "done", "mask": None,
-                                       **evaluate_quality(lm.model, fp, None, grid, heldout, bench.progress)}
+                                       **evaluate_quality(lm.model, fp, None, grid, heldout, bench.progress, by_kind)}
         except Exception as error:  # noqa: BLE001 - recorded, the other arms go on
             results.arms["teacher"] = {"kind": "teacher", **failure(error)}
         results.write()
@@ -402,7 +427,7 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
             logs.mkdir(parents=True, exist_ok=True)
             (logs / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             record = {"kind": kind, "status": "done", "transfer_seed": arm_seed(name, args.seed), "mask": mask_to_dict(mask),
-                      **evaluate_quality(student, fp, mask, grid, heldout, bench.progress),
+                      **evaluate_quality(student, fp, mask, grid, heldout, bench.progress, by_kind),
                       "training": {"stages": stage_records(records, config), "seconds": round(train_seconds, 2)}}
             results.arms[name] = record
         except Exception as error:  # noqa: BLE001 - recorded, the other arms go on

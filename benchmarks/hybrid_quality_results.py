@@ -157,6 +157,8 @@ def settings_of(args, model_dir: Path, fingerprint, base: int) -> dict:
         settings["hybrid_options"] = args.hybrid_options
     if args.calibrate_gamma:  # likewise: absent = scales left at 1, the recipe of the results made before it
         settings["calibrate_gamma"] = args.calibrate_gamma
+    if args.heldout_kinds:  # likewise: absent = no per-kind held-out CE
+        settings["heldout_kinds"] = args.heldout_kinds
     return settings
 
 

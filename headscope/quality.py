@@ -8,7 +8,8 @@ Used by ``benchmarks/hybrid_quality.py`` and ``notebooks/04_transfer_and_quality
   The headline accuracy is ``argmax``, an exact-answer score like RULER's.
 * ``heldout_loss``: mean next-token cross-entropy on held-out rows of the demo corpus.
 * ``evaluate_quality``: all of it for one model (original or hybrid): the accuracy grid, held-out CE at
-  each length, FA-head share, KV groups and cache sizes, evaluation time.
+  each length (and, when asked, on the held-out documents of each kind alone), FA-head share, KV groups
+  and cache sizes, evaluation time.
 * ``kv_cache_bytes_per_token``: the KV cache a mask keeps, per token: for every layer the KV groups that
   hold at least one full-attention head (a group with one FA head keeps its whole K and V), times
   ``head_dim x 2 (K and V) x dtype bytes``. ``recurrent_state_bytes`` is the constant per-sequence state
@@ -126,7 +127,8 @@ def heldout_loss(model: nn.Module, rows: torch.Tensor) -> float:
 
 
 def evaluate_quality(model: nn.Module, fingerprint: ModelFingerprint, mask: HeadMask | None, grid: Mapping[tuple[str, int], Probe],
-                     heldout: Mapping[int, torch.Tensor], progress: bool = True) -> dict[str, Any]:
+                     heldout: Mapping[int, torch.Tensor], progress: bool = True,
+                     heldout_by_kind: Mapping[str, Mapping[int, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Accuracy grid, held-out CE, FA share and cache sizes of one model.
 
     Args:
@@ -136,10 +138,11 @@ def evaluate_quality(model: nn.Module, fingerprint: ModelFingerprint, mask: Head
         grid: a ``probe_grid``.
         heldout: ``{length: rows (N, length)}`` for ``heldout_loss``.
         progress: show the accuracy progress bar.
+        heldout_by_kind: ``{kind: {length: rows}}``: the held-out rows of each document kind alone.
     Returns:
         ``n_full``, ``fa_head_share``, ``kv_fraction``, ``kv_groups``, ``kv_bytes_per_token`` (bf16),
-        ``gdn_state_bytes_per_sequence``, ``heldout_loss`` ``{str(length): CE}``, ``accuracy`` (``grid_accuracy``)
-        and ``eval_seconds``.
+        ``gdn_state_bytes_per_sequence``, ``heldout_loss`` ``{str(length): CE}``, with ``heldout_by_kind``
+        ``heldout_loss_by_kind`` ``{kind: {str(length): CE}}``, ``accuracy`` (``grid_accuracy``) and ``eval_seconds``.
     """
     fp = fingerprint
     started = time.perf_counter()
@@ -151,8 +154,11 @@ def evaluate_quality(model: nn.Module, fingerprint: ModelFingerprint, mask: Head
         "kv_bytes_per_token": kv_cache_bytes_per_token(fp, mask),
         "gdn_state_bytes_per_sequence": recurrent_state_bytes(fp, mask),
         "heldout_loss": {str(length): heldout_loss(model, rows) for length, rows in heldout.items()},
-        "accuracy": grid_accuracy(model, grid, progress=progress),
     }
+    if heldout_by_kind:
+        record["heldout_loss_by_kind"] = {kind: {str(length): heldout_loss(model, rows) for length, rows in by_length.items()}
+                                          for kind, by_length in heldout_by_kind.items()}
+    record["accuracy"] = grid_accuracy(model, grid, progress=progress)
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
     record["eval_seconds"] = round(time.perf_counter() - started, 2)
@@ -207,8 +213,13 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
     lines += ["", f"Accuracy = {metric} (answer is the argmax over the vocabulary)" if metric == "argmax"
               else f"Accuracy = {metric} (answer logit beats the corrupt answer's; chance 0.5)", ""]
     held = [str(n * base) for n in (1, 2)]
-    lines += [f"Retrieval = mean of {', '.join(groups['retrieval'])}; reasoning = mean of {', '.join(groups['reasoning'])}.", ""]
+    kinds = settings.get("heldout_kinds", [])
+    lines += [f"Retrieval = mean of {', '.join(groups['retrieval'])}; reasoning = mean of {', '.join(groups['reasoning'])}."]
+    if kinds:
+        lines.append(f"Held-out CE <kind>: on the held-out documents of that kind alone ({', '.join(kinds)}).")
+    lines.append("")
     header = (["arm", "status", "FA heads", "FA share", "KV B/token", "KV vs teacher"] + [f"held-out CE {h}" for h in held]
+              + [f"held-out CE {kind} {h}" for kind in kinds for h in held]
               + [f"retrieval {_length_label(n, base)}" for n in lengths] + [f"reasoning {_length_label(n, base)}" for n in lengths])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     teacher_kv = next((a["kv_bytes_per_token"] for a in arms.values() if a.get("kind") == "teacher"), None)
@@ -218,6 +229,7 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
         row = [name, arm.get("status", "?"), str(arm.get("n_full", "—")), _cell(arm.get("fa_head_share")), str(kv if kv is not None else "—"),
                _cell(kv / teacher_kv if kv is not None and teacher_kv else None)]
         row += [_cell((arm.get("heldout_loss") or {}).get(h), 3) for h in held]
+        row += [_cell((arm.get("heldout_loss_by_kind") or {}).get(kind, {}).get(h), 3) for kind in kinds for h in held]
         row += [_cell(m["retrieval"]) for m in means] + [_cell(m["reasoning"]) for m in means]
         lines.append("| " + " | ".join(row) + " |")
     for length in lengths:

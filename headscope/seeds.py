@@ -6,8 +6,9 @@ initialisation and the order of its training data). Dropping ``_t<k>`` gives the
 ``_s<k>`` too gives its *family* (``headwise_randomkv_7to1_s3_t1`` -> mask ``headwise_randomkv_7to1_s3``
 -> family ``headwise_randomkv_7to1``).
 
-Per family and metric (retrieval and reasoning means at every length, held-out CE at 1x), over the arms
-that are done:
+Per family and metric (retrieval and reasoning means at every length, held-out CE at every evaluated
+length, ``heldout@<length>``, and on the held-out documents of one kind, ``heldout:<kind>@<length>``), over
+the arms that are done:
 
 * ``mean``: the mean over the family's masks of each mask's mean over its transfer seeds (a mask run
   twice weighs as much as a mask run once);
@@ -69,7 +70,8 @@ def mask_seed(arm: str) -> int | None:
 
 
 def arm_metrics(arm: Mapping[str, Any], settings: Mapping[str, Any], metric: str = "argmax") -> dict[str, float]:
-    """``retrieval@<length>``, ``reasoning@<length>`` (capability means) and ``heldout@<length>`` of one arm."""
+    """``retrieval@<length>``, ``reasoning@<length>`` (capability means), ``heldout@<length>`` and
+    ``heldout:<kind>@<length>`` (held-out CE on the documents of one kind) of one arm."""
     groups = probe_groups(settings)
     out: dict[str, float] = {}
     for length in settings["lengths"]:
@@ -77,6 +79,9 @@ def arm_metrics(arm: Mapping[str, Any], settings: Mapping[str, Any], metric: str
             out[f"{capability}@{length}"] = value
     for length, value in (arm.get("heldout_loss") or {}).items():
         out[f"heldout@{length}"] = value
+    for kind, by_length in (arm.get("heldout_loss_by_kind") or {}).items():
+        for length, value in by_length.items():
+            out[f"heldout:{kind}@{length}"] = value
     return out
 
 
@@ -113,9 +118,10 @@ def family_stats(results: Mapping[str, Any], metric: str = "argmax") -> dict[str
     return out
 
 
-def _metric_order(key: str) -> tuple[int, int]:
+def _metric_order(key: str) -> tuple[int, str, int]:
     name, length = key.split("@")
-    return ("retrieval", "reasoning", "heldout").index(name), int(length)
+    metric, _, kind = name.partition(":")
+    return ("retrieval", "reasoning", "heldout").index(metric), kind, int(length)
 
 
 def _value(family: Mapping[str, Any] | None, key: str, field: str = "mean") -> float | None:
@@ -188,8 +194,11 @@ def seeds_markdown(results: Mapping[str, Any], families: Mapping[str, Mapping[st
     """Markdown: per family mean ± sd (over masks; transfer sd beside it) at every length, then the goals."""
     settings = results["settings"]
     base, lengths = settings["teacher_length"], settings["lengths"]
-    columns = [f"retrieval@{n}" for n in lengths] + [f"reasoning@{n}" for n in lengths] + [f"heldout@{base}"]
-    labels = [f"retrieval {n // base}x" for n in lengths] + [f"reasoning {n // base}x" for n in lengths] + ["held-out CE 1x"]
+    kinds = settings.get("heldout_kinds", [])
+    columns = ([f"retrieval@{n}" for n in lengths] + [f"reasoning@{n}" for n in lengths] + [f"heldout@{base}"]
+               + [f"heldout:{kind}@{base}" for kind in kinds])
+    labels = ([f"retrieval {n // base}x" for n in lengths] + [f"reasoning {n // base}x" for n in lengths] + ["held-out CE 1x"]
+              + [f"held-out CE {kind} 1x" for kind in kinds])
     lines = ["## Seeds: mean ± sd per arm family", "",
              "Mean over masks of each mask's mean over its transfer seeds; ± the sd over masks (mask seeds; transfer noise "
              "included). `transfer sd`: the spread over transfer seeds alone, pooled over masks run more than once.", "",

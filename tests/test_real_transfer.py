@@ -200,3 +200,56 @@ def test_layer_matched_arms_run_in_shards_beside_finished_results_and_merge_afte
     before = {(g["goal"], g["family"], g.get("length")): g for g in finished["summary"]["goals"]}
     assert {key: goals[key] for key in before} == before  # the KV-matched goal and the others are unchanged
     assert "layer-matched random headwise_randomlayer_7to1" in (tmp_path / "merged" / "hybrid_quality.md").read_text()
+
+
+def test_heldout_kinds_add_the_ce_of_each_kind_and_leave_runs_without_them_as_they_were(quality, natural_llama, transfer_data, tmp_path):
+    from headscope.quality import heldout_loss
+    from headscope.transfer.rowstore import FileRows
+
+    benchmark, argv, data, out = quality
+    assert "heldout_kinds" not in data["settings"] and all("heldout_loss_by_kind" not in arm for arm in data["arms"].values())
+    before = (out / "hybrid_quality.json").read_text()
+    with pytest.raises(HeadscopeError, match="heldout_kinds"):  # a results dir made without the flag does not take it
+        benchmark.main(argv + ["--heldout-kinds", "sampled"])
+    assert (out / "hybrid_quality.json").read_text() == before
+    common = ["--smoke", "--model", str(natural_llama), "--data", str(transfer_data), "--heldout-fraction", "0.3", "--teacher-length",
+              str(LENGTH), "--length-multiples", "1,2", "--arms", "teacher,layerwise_7to1", "--steps", "1,1,1",
+              "--retrieval-probes", "needle_single", "--reasoning-probes", "ioi", "--work", str(tmp_path / "work")]
+    with pytest.raises(HeadscopeError, match=r"no held-out document of kind poetry \(kinds of the held-out documents.*sampled \(\d+\)"):
+        benchmark.main(common + ["--heldout-kinds", "sampled,poetry", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "work" / "hybrid_quality.json").exists()
+    for bad in (["--heldout-kinds", ""], ["--heldout-kinds", "tasks,tasks"], ["--heldout-kinds", "a@b"]):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.parse_args(common + bad)
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--smoke", "--heldout-kinds", "sampled"])  # the demo corpus has no kinds
+    assert exit_info.value.code == 2
+
+    assert benchmark.main(common + ["--heldout-kinds", "sampled,tasks", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "hybrid_quality.json").read_text())
+    assert result["settings"]["heldout_kinds"] == ["sampled", "tasks"]
+    lengths = [str(LENGTH), str(2 * LENGTH)]
+    rows = FileRows(DataConfig(source="files", paths=[str(transfer_data)], heldout_fraction=0.3), load_model(natural_llama).tokenizer)
+    teacher = load_model(natural_llama).model
+    for name, arm in result["arms"].items():
+        assert arm["status"] == "done", (name, arm.get("error"))
+        assert sorted(arm["heldout_loss_by_kind"]) == ["sampled", "tasks"]
+        assert all(sorted(ce, key=int) == lengths and all(math.isfinite(v) for v in ce.values()) for ce in arm["heldout_loss_by_kind"].values())
+    for kind in ("sampled", "tasks"):  # the teacher's CE of a kind is the CE on that kind's rows
+        stream = rows.stream("heldout", 0, LENGTH, kind=kind)
+        expected = heldout_loss(teacher, torch.stack([stream[i] for i in range(min(2, len(stream)))]))
+        assert result["arms"]["teacher"]["heldout_loss_by_kind"][kind][str(LENGTH)] == pytest.approx(expected, rel=1e-5)
+    by_kind = result["arms"]["teacher"]["heldout_loss_by_kind"]
+    assert by_kind["sampled"][str(LENGTH)] != pytest.approx(by_kind["tasks"][str(LENGTH)])
+    assert result["summary"]["families"]["layerwise_7to1"]["metrics"][f"heldout:tasks@{LENGTH}"]["n_runs"] == 1
+    merged = tmp_path / "merged"  # --merge carries the setting and the columns
+    assert benchmark.main(common + ["--merge", str(tmp_path / "out"), "--out", str(merged), "--work", str(tmp_path / "wm")]) == 0
+    for folder in (tmp_path / "out", merged):
+        table = (folder / "hybrid_quality.md").read_text()
+        arm_tables, seed_tables = table.split("## Seeds")
+        assert f"| held-out CE sampled {LENGTH} | held-out CE sampled {2 * LENGTH} | held-out CE tasks {LENGTH} |" in arm_tables
+        assert "| held-out CE 1x | held-out CE sampled 1x | held-out CE tasks 1x |" in seed_tables
+        teacher_row = next(line for line in arm_tables.splitlines() if line.startswith("| teacher |"))
+        assert f"| {by_kind['sampled'][str(LENGTH)]:.3f} | {by_kind['sampled'][str(2 * LENGTH)]:.3f} | {by_kind['tasks'][str(LENGTH)]:.3f} |" in teacher_row
+    assert json.loads((merged / "hybrid_quality.json").read_text())["settings"] == result["settings"]

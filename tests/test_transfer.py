@@ -172,6 +172,40 @@ def test_heldout_split_is_deterministic(tmp_path):
     assert [d.key for d in held_f] == [d.key for d in one[-30:]] and len(train_f) == 270
 
 
+def test_jsonl_kinds_are_kept_and_heldout_rows_of_a_kind_hold_only_its_documents(tmp_path):
+    from headscope.transfer.data import sequence_source
+
+    rng = random.Random(2)
+    kinds = {"real": range(2, 20), "synthetic": range(20, VOCAB)}  # each kind's ids in its own range
+    with open(tmp_path / "mix.jsonl", "w") as stream:
+        for index in range(400):
+            kind = rng.choice(sorted(kinds))
+            record = {"input_ids": [rng.choice(kinds[kind]) for _ in range(rng.randrange(3, 9))]}
+            stream.write(json.dumps(record if index % 50 == 0 else {**record, "kind": kind}) + "\n")  # a few without a kind
+    (tmp_path / "plain.txt").write_text("w3 w4")
+    config = DataConfig(paths=[str(tmp_path)], heldout_fraction=0.2, eos_id=1)
+    docs = read_documents(config, word_tokenizer())
+    records = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
+    assert [d.kind for d in docs] == [r.get("kind") for r in records] + [None]  # .txt: no kind
+    train, held = split_documents(docs, "hash", 0.2)
+    source = sequence_source(config, 0, word_tokenizer())
+    # training and all-documents held-out packing are unchanged by kinds
+    for split, side in (("train", train), ("heldout", held)):
+        assert torch.equal(torch.stack(list(source(split, 0, 16))), torch.stack(list(PackedSequences(side, 16, 1))))
+    assert source.kinds("heldout") == {k: sum(d.kind == k for d in held) for k in dict.fromkeys(d.kind for d in held if d.kind)}
+    assert set(source.kinds("heldout")) == set(kinds) and sum(source.kinds("train").values()) == sum(d.kind is not None for d in train)
+    for kind, ids in kinds.items():
+        rows = torch.stack(list(source("heldout", 0, 16, kind=kind)))  # (n, 16)
+        mine = [d for d in held if d.kind == kind]
+        assert torch.equal(rows, torch.stack(list(PackedSequences(mine, 16, 1))))  # the same packing, of this kind's documents
+        assert len(rows) == sum(len(d.tokens) + 1 for d in mine) // 16 > 3
+        assert set(rows.unique().tolist()) <= set(ids) | {1}  # eos separators and this kind's ids only
+    assert len(source("heldout", 0, 16, kind="absent")) == 0
+    (tmp_path / "mix.jsonl").write_text(json.dumps({"input_ids": [2, 3], "kind": 7}) + "\n")
+    with pytest.raises(HeadscopeError, match="'kind' must be a string"):
+        read_documents(DataConfig(paths=[str(tmp_path / "mix.jsonl")]))
+
+
 def test_batches_are_a_function_of_the_step_and_split_over_ranks():
     sequences = PackedSequences([Document(f"d#{i}", np.arange(i * 10, i * 10 + 10)) for i in range(10)], seq_len=5, eos_id=None)
     data, again = StageData(sequences, sequences, seed=3, eval_sequences=3), StageData(sequences, sequences, seed=3, eval_sequences=3)

@@ -4,7 +4,9 @@ Documents come from files (``data.source: files``; ``demo_corpus`` instead gener
 model's corpus, see ``DemoCorpusRows``):
 
 * ``*.txt``: one document per file, tokenised with the model's tokenizer (no special tokens);
-* ``*.jsonl``: one document per line, ``{"text": "..."}`` (tokenised) or ``{"input_ids": [...]}``;
+* ``*.jsonl``: one document per line, ``{"text": "..."}`` (tokenised) or ``{"input_ids": [...]}``, with an
+  optional ``"kind"`` string kept as the document's kind (e.g. ``sampled`` / ``essay`` / ``tasks`` of
+  ``benchmarks/real_transfer_data.py``); .txt and .bin documents have none;
 * ``*.bin``: a flat stream of ``uint16``/``uint32`` token ids (``data.bin_dtype``), memory-mapped and cut
   into pseudo-documents of ``data.bin_doc_tokens`` tokens (only the split needs documents).
 
@@ -20,6 +22,8 @@ Packing: the documents of one side are concatenated (text documents each followe
 .bin blocks are already a stream) and cut into sequences of exactly ``seq_len`` tokens, dropping the
 tail; attention runs across document boundaries inside a sequence, as in ordinary LM pre-training.
 Sequence ``i`` is read on demand (``PackedSequences[i]``), so .bin data stays memory-mapped.
+``FileSequences`` packs one side at a stage's length, or only the documents of one kind of it, in the
+same order and the same way (for a held-out loss per kind; training always packs every document).
 
 Batches are a pure function of (seed, stage, step): epoch ``e`` visits the training sequences in a
 permutation drawn from a generator seeded with ``(seed, stage, e)``, and the batch of step ``s`` is the
@@ -48,11 +52,12 @@ SUFFIXES = (".txt", ".jsonl", ".bin")
 
 @dataclass(frozen=True)
 class Document:
-    """One document: its split key, its token ids and whether an eos id follows it when packed."""
+    """One document: its split key, its token ids, whether an eos id follows it when packed, and its kind."""
 
     key: str
     tokens: np.ndarray  # (n,) integer ids; a memmap view for .bin data
     separated: bool = True
+    kind: str | None = None  # a .jsonl record's "kind"; None for .txt, .bin and records without one
 
 
 def _expand(paths: Sequence[str]) -> list[tuple[Path, Path]]:
@@ -92,8 +97,11 @@ def _jsonl_documents(path: Path, name: str, tokenizer: Any) -> list[Document]:
             tokens = _encode(tokenizer, record["text"], where)
         else:
             raise HeadscopeError(f"{where}: expected an object with 'text' (string) or 'input_ids' (list)")
+        kind = record.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise HeadscopeError(f"{where}: 'kind' must be a string")
         if len(tokens):
-            docs.append(Document(f"{name}#{number - 1}", tokens))
+            docs.append(Document(f"{name}#{number - 1}", tokens, kind=kind))
     return docs
 
 
@@ -257,10 +265,35 @@ def sequence_source(data: DataConfig, run_seed: int, tokenizer: Any = None, voca
     """
     if data.source == "demo_corpus":
         return lambda split, stage, seq_len: DemoCorpusRows(tokenizer, seq_len, run_seed * 1000 + stage if split == "train" else -(run_seed + 1))
-    docs = read_documents(data, tokenizer, vocab_size)
-    train, heldout = split_documents(docs, data.heldout_method, data.heldout_fraction)
-    eos_id = data.eos_id if data.eos_id is not None else getattr(tokenizer, "eos_token_id", None)
-    return lambda split, stage, seq_len: PackedSequences(train if split == "train" else heldout, seq_len, eos_id)
+    train, heldout = split_documents(read_documents(data, tokenizer, vocab_size), data.heldout_method, data.heldout_fraction)
+    return FileSequences(train, heldout, data.eos_id if data.eos_id is not None else getattr(tokenizer, "eos_token_id", None))
+
+
+class FileSequences:
+    """The ``SequenceSource`` of data files: each side of the split packed at the asked length.
+
+    Args:
+        train, heldout: the documents of each side (``split_documents``).
+        eos_id: the separator id after each ``separated`` document (None: no separator).
+    """
+
+    def __init__(self, train: list[Document], heldout: list[Document], eos_id: int | None) -> None:
+        self.sides = {"train": train, "heldout": heldout}
+        self.eos_id = eos_id
+
+    def __call__(self, split: str, stage: int, seq_len: int, kind: str | None = None) -> PackedSequences:
+        """The documents of ``split`` ("train"/"heldout"; the stage does not enter), or only those of ``kind``,
+        packed into sequences of ``seq_len`` in their split order."""
+        docs = self.sides[split]
+        return PackedSequences(docs if kind is None else [d for d in docs if d.kind == kind], seq_len, self.eos_id)
+
+    def kinds(self, split: str) -> dict[str, int]:
+        """Documents per kind on one side, in order of first appearance (documents without a kind not counted)."""
+        counts: dict[str, int] = {}
+        for doc in self.sides[split]:
+            if doc.kind is not None:
+                counts[doc.kind] = counts.get(doc.kind, 0) + 1
+        return counts
 
 
 class EpochShuffler:

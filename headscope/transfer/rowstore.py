@@ -13,6 +13,8 @@ different seeds (transfer seeds) read different streams; runs with the same seed
 
 ``FileRows`` is the same interface for data files (``data.source: files``): read, tokenised and split
 once for every run; the run seed does not change the sequences (it seeds their shuffle in ``StageData``).
+Its ``stream`` also packs the documents of one kind alone (``kind``; the .jsonl ``kind`` field), and
+``kinds`` counts the documents of each kind on a side.
 
 The pool uses the ``fork`` start method and is created in ``__init__``: create the store before CUDA is
 initialised. Its workers only run the corpus generator (Python and NumPy), never torch kernels.
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from headscope.transfer.config import DataConfig
-from headscope.transfer.data import DemoCorpusRows, SequenceSource, sequence_source
+from headscope.transfer.data import DemoCorpusRows, FileSequences, SequenceSource, sequence_source
 
 _WORKER_STATE: dict = {}
 
@@ -146,11 +148,16 @@ class FileRows:
     """
 
     def __init__(self, data_config: DataConfig, tokenizer: Any, vocab_size: int | None = None) -> None:
-        self.base = sequence_source(data_config, 0, tokenizer, vocab_size)  # files: the run seed does not enter
+        self.base: FileSequences = sequence_source(data_config, 0, tokenizer, vocab_size)  # files: the run seed does not enter
 
-    def stream(self, split: str, stage: int, seq_len: int, seed: int | None = None):
-        """The packed training or held-out sequences at ``seq_len`` (the same for every seed and stage)."""
-        return self.base(split, stage, seq_len)
+    def stream(self, split: str, stage: int, seq_len: int, seed: int | None = None, kind: str | None = None):
+        """The packed training or held-out sequences at ``seq_len`` (the same for every seed and stage); with
+        ``kind``, those of the documents of that kind only."""
+        return self.base(split, stage, seq_len, kind)
+
+    def kinds(self, split: str) -> dict[str, int]:
+        """Documents per kind on ``split`` ("train"/"heldout")."""
+        return self.base.kinds(split)
 
     def source(self, seed: int | None = None) -> SequenceSource:
         return self.base
