@@ -95,6 +95,8 @@ def test_table_and_figure_list_every_arm_and_length(smoke):
     assert "Arms without results" not in table
     page = (out / "hybrid_quality.html").read_text()
     assert all(name in page for name in ARMS)
+    assert "Arm families vs context length" in page and "headwise_random_7to1 (3 masks, 3 runs)" in page  # family_figure, first
+    assert page.index("Arm families vs context length") < page.index("Probe accuracy vs context length") and page.count("cdn.plot.ly") == 1
     logs = sorted(p.stem for p in (out / "hybrid_quality_logs").glob("*.jsonl"))
     assert logs == sorted(ARMS[1:])
 
