@@ -62,7 +62,11 @@ packing on the held-out documents of each listed kind alone (the .jsonl ``kind``
 ``heldout_loss_by_kind`` and shown as extra columns. In ``real_transfer_data.py``'s data ``sampled`` is the
 teacher's own samples, while ``essay`` and ``tasks`` are synthetic text that the students learn during
 transfer and the teacher never saw: the all-documents CE of a student falls below the teacher's for that
-reason, and only the ``sampled`` CE compares a student with the teacher.
+reason, and only the ``sampled`` CE compares a student with the teacher. Held-out CE on evaluation-only
+text (``--eval-data FILE[,FILE...]``, .txt / .jsonl, never trained on; with or without ``--data``): the same
+CE on the first ``--heldout-rows`` rows of each file packed in order, stored as ``eval:<file stem>`` in
+``heldout_loss_by_kind``: real text that neither the teacher's samples nor the synthetic data stand for
+(``benchmarks/python_docs_text.py`` writes one from the Python documentation, offline).
 
 Outputs in ``--out`` (default ``$OUT`` or benchmarks/results; with ``--smoke`` ``WORK/results``), rewritten after every arm:
 ``hybrid_quality.json`` (settings, budget, one record per arm, ``summary``: families and goals),
@@ -114,6 +118,7 @@ from headscope.arms import BUILTIN_ARMS, MATCHED_KINDS, RANDOM_KINDS, arm_mask, 
 from headscope.cli import script_main  # noqa: E402
 from headscope.heads import HeadscopeError  # noqa: E402
 from headscope.quality import REASONING_PROBES, RETRIEVAL_PROBES, evaluate_quality, probe_grid  # noqa: E402
+from headscope.transfer.data import text_rows  # noqa: E402
 from hybrid_quality_results import Results, failure, merge_results, settings_of  # noqa: E402
 from hybrid_quality_training import Bench, build_tiny_model, decide_budget, projected_arm_seconds, stage_records  # noqa: E402
 
@@ -163,6 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-rows", type=int, default=32)
     p.add_argument("--heldout-kinds", default=None, metavar="KIND[,KIND...]",
                    help="with --data: held-out CE also on the held-out documents of each kind alone (.jsonl 'kind', e.g. sampled,essay,tasks)")
+    p.add_argument("--eval-data", default=None, metavar="FILE[,FILE...]",
+                   help="held-out CE also on each of these .txt/.jsonl files, never trained on (e.g. benchmarks/python_docs_text.py's output)")
     p.add_argument("--eval-sequences", type=int, default=16, help="held-out rows of the trainer's stage-end evaluation")
     p.add_argument("--teacher-length", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--score-length", type=int, default=256)
@@ -199,6 +206,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not kinds or len(set(kinds)) != len(kinds) or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", k) for k in kinds):
             p.error(f"--heldout-kinds {args.heldout_kinds!r}: expected distinct kinds KIND[,KIND...] (letters, digits, _ . -)")
     args.heldout_kinds = names(args.heldout_kinds or "")
+    args.eval_data = [Path(x) for x in names(args.eval_data or "")]
+    for path in args.eval_data:
+        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+            p.error(f"--eval-data {path}: not a .txt or .jsonl file")
+    if len({path.stem for path in args.eval_data}) != len(args.eval_data):
+        p.error("--eval-data: the files need distinct names (their stems name the columns)")
     args.extra_masks = {}
     for spec in args.arm:
         name, _, path = spec.partition("=")
@@ -372,6 +385,11 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
     bench.rows.fill([("heldout", 0, length, args.heldout_rows) for length in (base, 2 * base)])
     heldout = {length: heldout_rows(bench, results, length) for length in (base, 2 * base)}
     by_kind = {kind: {length: heldout_rows(bench, results, length, kind) for length in (base, 2 * base)} for kind in args.heldout_kinds}
+    for path in args.eval_data:
+        by_kind[f"eval:{path.stem}"] = {length: text_rows(path, tokenizer, length, args.heldout_rows, len(tokenizer)) for length in (base, 2 * base)}
+        short = [f"{len(rows)} rows at {length}" for length, rows in by_kind[f"eval:{path.stem}"].items() if len(rows) < args.heldout_rows]
+        if short:
+            results.note(f"held-out CE eval:{path.stem} over {', '.join(short)} tokens ({path.name} holds no more)")
     print(f"[{bench.elapsed():6.0f}s] probes and held-out rows ready", flush=True)
 
     if "teacher" in results.arms and results.arms["teacher"]["status"] != "done":

@@ -163,6 +163,9 @@ def settings_of(args, model_dir: Path, fingerprint, base: int) -> dict:
         settings["calibrate_gamma"] = args.calibrate_gamma
     if args.heldout_kinds:  # likewise: absent = no per-kind held-out CE
         settings["heldout_kinds"] = args.heldout_kinds
+    if args.eval_data:  # likewise: absent = no evaluation-only text
+        settings["eval_data"] = [{"name": path.stem, "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+                                 for path in args.eval_data]
     return settings
 
 

@@ -189,6 +189,12 @@ def capability_means(arm: Mapping[str, Any], length: int, metric: str = "argmax"
     return {capability: _mean(pick(names)) for capability, names in groups.items()}
 
 
+def heldout_columns(settings: Mapping[str, Any]) -> list[str]:
+    """The extra held-out CE of a results mapping, in column order: each ``--heldout-kinds`` kind, then
+    ``eval:<name>`` for each evaluation-only text (``--eval-data``); keys of ``heldout_loss_by_kind``."""
+    return list(settings.get("heldout_kinds", [])) + [f"eval:{entry['name']}" for entry in settings.get("eval_data", [])]
+
+
 def _cell(value: float | None, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -213,10 +219,13 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
     lines += ["", f"Accuracy = {metric} (answer is the argmax over the vocabulary)" if metric == "argmax"
               else f"Accuracy = {metric} (answer logit beats the corrupt answer's; chance 0.5)", ""]
     held = [str(n * base) for n in (1, 2)]
-    kinds = settings.get("heldout_kinds", [])
+    kinds = heldout_columns(settings)
     lines += [f"Retrieval = mean of {', '.join(groups['retrieval'])}; reasoning = mean of {', '.join(groups['reasoning'])}."]
-    if kinds:
-        lines.append(f"Held-out CE <kind>: on the held-out documents of that kind alone ({', '.join(kinds)}).")
+    if settings.get("heldout_kinds"):
+        lines.append(f"Held-out CE <kind>: on the held-out documents of that kind alone ({', '.join(settings['heldout_kinds'])}).")
+    if settings.get("eval_data"):
+        lines.append("Held-out CE eval:<name>: on the evaluation-only text <name>, never trained on ("
+                     + ", ".join(f"{e['name']}: sha256 {e['sha256']}" for e in settings["eval_data"]) + ").")
     lines.append("")
     header = (["arm", "status", "FA heads", "FA share", "KV B/token", "KV vs teacher"] + [f"held-out CE {h}" for h in held]
               + [f"held-out CE {kind} {h}" for kind in kinds for h in held]

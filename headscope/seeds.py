@@ -40,7 +40,7 @@ import re
 import statistics
 from typing import Any, Mapping
 
-from headscope.quality import capability_means, probe_groups
+from headscope.quality import capability_means, heldout_columns, probe_groups
 
 GOAL_MULTIPLES = (1, 4)
 NEAR_POINTS = 0.02
@@ -194,7 +194,7 @@ def seeds_markdown(results: Mapping[str, Any], families: Mapping[str, Mapping[st
     """Markdown: per family mean ± sd (over masks; transfer sd beside it) at every length, then the goals."""
     settings = results["settings"]
     base, lengths = settings["teacher_length"], settings["lengths"]
-    kinds = settings.get("heldout_kinds", [])
+    kinds = heldout_columns(settings)
     columns = ([f"retrieval@{n}" for n in lengths] + [f"reasoning@{n}" for n in lengths] + [f"heldout@{base}"]
                + [f"heldout:{kind}@{base}" for kind in kinds])
     labels = ([f"retrieval {n // base}x" for n in lengths] + [f"reasoning {n // base}x" for n in lengths] + ["held-out CE 1x"]

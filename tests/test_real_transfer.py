@@ -253,3 +253,43 @@ def test_heldout_kinds_add_the_ce_of_each_kind_and_leave_runs_without_them_as_th
         teacher_row = next(line for line in arm_tables.splitlines() if line.startswith("| teacher |"))
         assert f"| {by_kind['sampled'][str(LENGTH)]:.3f} | {by_kind['sampled'][str(2 * LENGTH)]:.3f} | {by_kind['tasks'][str(LENGTH)]:.3f} |" in teacher_row
     assert json.loads((merged / "hybrid_quality.json").read_text())["settings"] == result["settings"]
+
+
+def test_eval_data_scores_evaluation_only_text_beside_the_heldout_ce(natural_llama, transfer_data, tmp_path):
+    from headscope.quality import heldout_loss
+    from headscope.transfer.data import text_rows
+
+    benchmark = load("hybrid_quality")
+    docs = load("python_docs_text").documents()
+    assert len(docs) > 20 and all(d["kind"] == "python_docs" and d["text"] for d in docs) and "Python 3" in docs[0]["source"]
+    real = tmp_path / "python_docs.jsonl"
+    assert load("python_docs_text").main(["--out", str(real)]) == 0
+    with pytest.raises(HeadscopeError, match="exists"):  # kept unless --force
+        load("python_docs_text").main(["--out", str(real)])
+    prose = tmp_path / "prose.txt"
+    prose.write_text(" ".join(" ".join(NATURAL.sentence(tuple(s))) for s in haystack.haystack_sentences("essay")[:80]))
+    common = ["--smoke", "--model", str(natural_llama), "--data", str(transfer_data), "--heldout-fraction", "0.3", "--teacher-length",
+              str(LENGTH), "--length-multiples", "1,2", "--arms", "teacher,layerwise_7to1", "--steps", "1,1,1",
+              "--retrieval-probes", "needle_single", "--reasoning-probes", "ioi", "--work", str(tmp_path / "work")]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "python_docs.jsonl").write_text(real.read_text())  # the same stem twice: one column name
+    for bad in ([str(tmp_path / "absent.jsonl")], [str(transfer_data.with_suffix(".mix.json"))], [f"{real},{tmp_path / 'x' / 'python_docs.jsonl'}"]):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.parse_args(common + ["--eval-data", *bad])
+        assert exit_info.value.code == 2
+    assert benchmark.main(common + ["--eval-data", f"{real},{prose}", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "hybrid_quality.json").read_text())
+    assert [e["name"] for e in result["settings"]["eval_data"]] == ["python_docs", "prose"] and "heldout_kinds" not in result["settings"]
+    tokenizer, teacher = load_model(natural_llama).tokenizer, load_model(natural_llama).model
+    for name, arm in result["arms"].items():
+        assert arm["status"] == "done" and sorted(arm["heldout_loss_by_kind"]) == ["eval:prose", "eval:python_docs"], name
+    for path in (real, prose):  # the teacher's CE on a file is the CE on its first rows, packed in order
+        expected = heldout_loss(teacher, text_rows(path, tokenizer, LENGTH, 2))
+        assert result["arms"]["teacher"]["heldout_loss_by_kind"][f"eval:{path.stem}"][str(LENGTH)] == pytest.approx(expected, rel=1e-5)
+    assert len(text_rows(real, tokenizer, LENGTH, 1000)) > 2  # the rows are a prefix of the file's packing
+    table = (tmp_path / "out" / "hybrid_quality.md").read_text()
+    assert f"| held-out CE eval:python_docs {LENGTH} | held-out CE eval:python_docs {2 * LENGTH} | held-out CE eval:prose {LENGTH} |" in table
+    assert "| held-out CE 1x | held-out CE eval:python_docs 1x | held-out CE eval:prose 1x |" in table
+    assert "evaluation-only text <name>, never trained on (python_docs: sha256" in table
+    with pytest.raises(HeadscopeError, match="not one row"):
+        text_rows(prose, tokenizer, 100_000, 1)
