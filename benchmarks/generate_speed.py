@@ -27,7 +27,8 @@ new tokens / total. Correctness: ``graph_equals_static_eager``: the graph path's
 tokens against the same static path run eagerly (identical kernels: must be equal); and each variant's
 tokens against its eager twin (``hybrid_graph`` vs ``hybrid_eager``, ``original_compiled`` vs
 ``original``): fraction equal and first mismatch (different kernels round differently in bf16, so long
-greedy runs of a random model may part). A variant whose estimated memory does not fit is recorded as
+greedy runs of a random model may part); ``graph_captured`` (CUDA): whether the hybrid's decode step really
+was captured (a failed capture warns and decodes eagerly; the summary flags it). A variant whose estimated memory does not fit is recorded as
 skipped with its estimate; an out-of-memory error is recorded, not raised.
 
 Usage (GPU, after ``. benchmarks/gpu_setup.sh``)::
@@ -227,6 +228,9 @@ def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, pref
               "tokens_per_s": ids.shape[0] * new / (total_ms / 1e3), "new_tokens": out[:, ids.shape[1]:].tolist()}
     if bench.device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    static = getattr(bench.hybrid, "_headscope_static_cache", None) if variant == "hybrid_graph" else None
+    if static is not None and bench.device.type == "cuda":  # a failed capture warns and decodes eagerly: say so in the row
+        result["graph_captured"] = static[0]._graph is not None
     return result
 
 
@@ -304,6 +308,7 @@ def summary_lines(rows: dict, settings: dict) -> list[str]:
             twin = r.get(f"vs_{TWIN.get(variant)}")
             twin_text = "" if twin is None else f"{twin['match_fraction']:.2f} ({twin['rows_identical']} rows identical)"
             check = {True: "yes", False: "**NO**", None: ""}[r.get("graph_equals_static_eager")]
+            check += " (**capture failed: decoded eagerly**)" if r.get("graph_captured") is False else ""
             lines.append(f"| {model} | {context} | {batch[1:]} | {variant} | {r['ttft_ms']:.1f} | {r['per_token_ms']:.2f} | "
                          f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | {twin_text} | {check} |")
     lines += ["", "## Per-token latency, original / hybrid (fastest variant of each)", "",

@@ -71,3 +71,12 @@ def test_original_compiled_reuses_one_static_cache_for_warm_up_and_timed_call(be
     assert compiled["new_tokens"] == benchmark.timed_generate(bench, "original", ids, 5)["new_tokens"]
     bench.release()
     assert bench._static is None
+
+
+def test_summary_flags_a_graph_row_whose_capture_failed(benchmark):
+    settings = {"device": "gpu", "dtype": "bfloat16", "torch": "t", "transformers": "t", "new_tokens": 4}
+    timing = {"ttft_ms": 1.0, "per_token_ms": 0.5, "tokens_per_s": 8.0, "graph_equals_static_eager": True}
+    for captured, flagged in ((True, False), (False, True)):
+        rows = {"qwen3-1.7b:4096:b1": {"variants": {"hybrid_graph": {**timing, "graph_captured": captured}}}}
+        line = next(x for x in benchmark.summary_lines(rows, settings) if "hybrid_graph" in x)
+        assert ("capture failed" in line) == flagged
