@@ -9,8 +9,11 @@ context, batch) with random prompt tokens; in one process it times ``generate()`
 ``--new-tokens`` new tokens) for each variant:
 
 * ``original``: transformers' default (``DynamicCache``, eager);
-* ``original_compiled``: transformers' static cache, which ``generate()`` compiles on CUDA
-  (``torch.compile``, mode reduce-overhead): the original's fast path;
+* ``original_compiled``: transformers' ``StaticCache``, which ``generate()`` compiles on CUDA
+  (``torch.compile``, mode reduce-overhead): the original's fast path. One cache serves the warm-up and the
+  timed call (reset in between), as the hybrid's does: the compiled graphs treat the cache tensors as static
+  addresses, and a fresh cache per call (``cache_implementation="static"``) would re-record them in the timed
+  call;
 * ``hybrid_eager``: the hybrid with ``decode_mode="dynamic"`` (``DynamicCache``, eager: the reference);
 * ``hybrid_graph``: the hybrid's default on CUDA (``HybridStaticCache``, decode steps replayed as one
   CUDA graph; ``--smoke``: the same static path, eager, on the CPU).
@@ -24,7 +27,8 @@ new tokens / total. Correctness: ``graph_equals_static_eager``: the graph path's
 tokens against the same static path run eagerly (identical kernels: must be equal); and each variant's
 tokens against its eager twin (``hybrid_graph`` vs ``hybrid_eager``, ``original_compiled`` vs
 ``original``): fraction equal and first mismatch (different kernels round differently in bf16, so long
-greedy runs of a random model may part). A variant whose estimated memory does not fit is recorded as
+greedy runs of a random model may part); ``graph_captured`` (CUDA): whether the hybrid's decode step really
+was captured (a failed capture warns and decodes eagerly; the summary flags it). A variant whose estimated memory does not fit is recorded as
 skipped with its estimate; an out-of-memory error is recorded, not raised.
 
 Usage (GPU, after ``. benchmarks/gpu_setup.sh``)::
@@ -100,6 +104,7 @@ class Bench:
         self.hybrid = build_hybrid(lm, self.mask)
         self.vocab = original.config.vocab_size
         self.config = original.config
+        self._static = None  # ((batch, tokens), StaticCache) of original_compiled
 
     @staticmethod
     def _file_mask(path, fp):
@@ -121,11 +126,27 @@ class Bench:
         fa_kv, gdn = int(self.mask.kv_groups_full().sum()), int((~self.mask.full).sum())
         return 2 * fa_kv * d * el * batch * tokens + batch * gdn * (4 * d * d + 3 * d * self.hybrid.config.conv_size * el)
 
+    def static_cache(self, batch: int, tokens: int):
+        """The original's ``StaticCache`` for ``batch`` rows of ``tokens``: kept for the row's calls, made empty."""
+        from transformers import StaticCache
+
+        if self._static is None or self._static[0] != (batch, tokens):
+            self._static = None  # free the old buffers before allocating the new ones
+            cache, c = StaticCache(config=self.config, max_cache_len=tokens), self.config
+            # allocated now, as generate() does for chunked prefill: a compiled chunk must not meet an empty cache
+            cache.early_initialization(batch_size=batch, num_heads=c.num_key_value_heads, dtype=self.dtype, device=self.device,
+                                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+            self._static = ((batch, tokens), cache)
+        cache = self._static[1]
+        with torch.inference_mode():  # its tensors were made under inference mode by the generate() that filled them
+            cache.reset()
+        return cache
+
     def release(self) -> None:
-        """Drop the caches generate() keeps on the models (the hybrid's static cache, transformers' static cache)."""
-        for model, name in ((self.hybrid, "_headscope_static_cache"), (self.original, "_cache")):
-            if hasattr(model, name):
-                delattr(model, name)
+        """Drop the static caches of the last variant (the hybrid keeps its own on the model)."""
+        self._static = None
+        if hasattr(self.hybrid, "_headscope_static_cache"):
+            delattr(self.hybrid, "_headscope_static_cache")
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -158,8 +179,12 @@ class StepClock:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | None = None, prefill_chunk: int | None = None) -> dict:
+def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | None = None, prefill_chunk: int | None = None,
+                      cache=None) -> dict:
+    """generate()'s keywords for ``variant``; ``cache``: the ``StaticCache`` of ``original_compiled`` (required there)."""
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    from headscope.hybrid.modeling import CACHE_FIELD
 
     class StopAfter(StoppingCriteria):
         def __init__(self, steps: int) -> None:
@@ -169,9 +194,10 @@ def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | N
             self.calls += 1
             return torch.full((input_ids.shape[0],), self.calls >= self.steps, dtype=torch.bool, device=input_ids.device)
 
-    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, prefill_chunk_size=prefill_chunk,
-                              cache_implementation="static" if variant == "original_compiled" else None)
+    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, prefill_chunk_size=prefill_chunk)
     kwargs = {"generation_config": config, "logits_processor": LogitsProcessorList(list(processors))}
+    if variant == "original_compiled":
+        kwargs[CACHE_FIELD] = cache  # generate()'s keyword: past_key_values before transformers 5.24, cache after
     if stop_after:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfter(stop_after)])
     if variant.startswith("hybrid"):
@@ -182,14 +208,16 @@ def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | N
 def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, prefill_chunk: int | None = None) -> dict:
     model = bench.hybrid if variant.startswith("hybrid") else bench.original
     mask = torch.ones_like(ids)
+    cache = (lambda: bench.static_cache(ids.shape[0], ids.shape[1] + new)) if variant == "original_compiled" else (lambda: None)
     with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, stop_after=3, prefill_chunk=prefill_chunk))  # warm-up
+        model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, stop_after=3, prefill_chunk=prefill_chunk, cache=cache()))  # warm-up
         clock = StepClock(bench.device)
+        kwargs = generation_kwargs(variant, new, processors=[clock], prefill_chunk=prefill_chunk, cache=cache())  # (the reset: untimed)
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = clock.mark()
-        out = model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, processors=[clock], prefill_chunk=prefill_chunk))
+        out = model.generate(ids, attention_mask=mask, **kwargs)
         end = clock.mark()
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
@@ -200,6 +228,9 @@ def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, pref
               "tokens_per_s": ids.shape[0] * new / (total_ms / 1e3), "new_tokens": out[:, ids.shape[1]:].tolist()}
     if bench.device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    static = getattr(bench.hybrid, "_headscope_static_cache", None) if variant == "hybrid_graph" else None
+    if static is not None and bench.device.type == "cuda":  # a failed capture warns and decodes eagerly: say so in the row
+        result["graph_captured"] = static[0]._graph is not None
     return result
 
 
@@ -277,6 +308,7 @@ def summary_lines(rows: dict, settings: dict) -> list[str]:
             twin = r.get(f"vs_{TWIN.get(variant)}")
             twin_text = "" if twin is None else f"{twin['match_fraction']:.2f} ({twin['rows_identical']} rows identical)"
             check = {True: "yes", False: "**NO**", None: ""}[r.get("graph_equals_static_eager")]
+            check += " (**capture failed: decoded eagerly**)" if r.get("graph_captured") is False else ""
             lines.append(f"| {model} | {context} | {batch[1:]} | {variant} | {r['ttft_ms']:.1f} | {r['per_token_ms']:.2f} | "
                          f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | {twin_text} | {check} |")
     lines += ["", "## Per-token latency, original / hybrid (fastest variant of each)", "",

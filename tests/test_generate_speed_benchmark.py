@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import load_benchmark, save_model, tiny_llama
 
@@ -45,3 +46,37 @@ def test_bad_rows_are_one_clear_error(benchmark, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--smoke", "--rows", "smollm2:16:b1"])
     assert exit_info.value.code == 2 and "needs --model" in capsys.readouterr().err
+
+
+def test_original_compiled_reuses_one_static_cache_for_warm_up_and_timed_call(benchmark, one_thread):
+    """The compiled original's graphs take the cache tensors as static addresses: the timed call must get the
+    warm-up's cache (reset), not a fresh one whose new addresses would re-record the CUDA graphs mid-timing."""
+    from types import SimpleNamespace
+
+    bench = benchmark.Bench("qwen3-1.7b", SimpleNamespace(smoke=True, model=None, mask=None), torch.device("cpu"), torch.float32)
+    seen, generate = [], bench.original.generate
+
+    def spy(*args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        assert cache is not None and cache.get_seq_length() == 0  # passed in, and empty
+        out = generate(*args, **kwargs)
+        seen.append((id(cache), cache.layers[0].keys.data_ptr()))
+        return out
+
+    bench.original.generate = spy
+    ids = torch.randint(0, bench.vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    compiled = benchmark.timed_generate(bench, "original_compiled", ids, 5, prefill_chunk=8)
+    assert len(seen) == 2 and seen[0] == seen[1]
+    bench.original.generate = generate
+    assert compiled["new_tokens"] == benchmark.timed_generate(bench, "original", ids, 5)["new_tokens"]
+    bench.release()
+    assert bench._static is None
+
+
+def test_summary_flags_a_graph_row_whose_capture_failed(benchmark):
+    settings = {"device": "gpu", "dtype": "bfloat16", "torch": "t", "transformers": "t", "new_tokens": 4}
+    timing = {"ttft_ms": 1.0, "per_token_ms": 0.5, "tokens_per_s": 8.0, "graph_equals_static_eager": True}
+    for captured, flagged in ((True, False), (False, True)):
+        rows = {"qwen3-1.7b:4096:b1": {"variants": {"hybrid_graph": {**timing, "graph_captured": captured}}}}
+        line = next(x for x in benchmark.summary_lines(rows, settings) if "hybrid_graph" in x)
+        assert ("capture failed" in line) == flagged

@@ -1,0 +1,136 @@
+"""Compile headscope's Triton kernels for a GPU (default sm_90, the H200) on a CPU-only machine, launching nothing.
+
+The kernel tests run each kernel under ``TRITON_INTERPRET=1``, which checks what a kernel computes but not
+that Triton's compiler accepts it: a construct the installed Triton cannot lower (an op or keyword an older
+Triton lacks, a layout ptxas rejects) only shows on the GPU. This script drives each kernel's test helper
+(``tests/<kernel>_interpret_check.py``, every case, both dtypes) with the interpreter off and a stand-in
+active driver that reports a CUDA target: every ``JITFunction.run`` then compiles its kernel down to a cubin
+(Triton's own ptxas) with ``warmup=True``, and nothing runs (the helpers' outputs are garbage and ignored).
+Constexprs that only exist for the interpreter (``UPCAST``) take their CUDA value. One line per helper:
+the kernels compiled (and how many specialisations), or the first compile error of each failing kernel.
+
+Run it where the GPU's Triton is installed (on a box without internet: in a copy of its venv, or on the
+box itself before a benchmark) to learn that the kernels build there before spending GPU time::
+
+    python benchmarks/triton_compile_check.py                  # all helpers, sm_90
+    python benchmarks/triton_compile_check.py --helpers fa_decode --arch 100
+
+``fla_dqkwg`` is not driven: fla reads the device name at import, which needs a real GPU. Exit status 1
+when a kernel failed to compile or a helper compiled nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = ("epilogue", "rope_norm", "gdn_prep", "gdn_decode", "fa_decode")
+CPU_ONLY_CONSTEXPRS = {"UPCAST": False}  # interpreter-only switches -> their value on CUDA
+
+
+def compile_helper(helper: Path, arch: int) -> dict:
+    """In this process: run ``helper``'s cases with every kernel launch replaced by a compile for ``arch``.
+
+    Returns ``{"compiled": {kernel: specialisations}, "failed": {kernel: first error}, "stopped": error or None}``.
+    """
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class CompileOnlyDriver:
+        """What ``JITFunction.run`` asks of the active driver before it compiles."""
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def is_active(self):
+            return True
+
+    driver.set_active(CompileOnlyDriver())
+    compiled: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    launch = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kwargs.update({k: v for k, v in CPU_ONLY_CONSTEXPRS.items() if k in kwargs})
+        name = self.fn.__name__
+        try:
+            kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+            kernel = kernel.result() if hasattr(kernel, "result") else kernel
+            if "cubin" not in kernel.asm:
+                raise RuntimeError(f"no cubin for {kernel.metadata.target}")
+            compiled[name] = compiled.get(name, 0) + 1
+        except Exception as err:  # noqa: BLE001 -- recorded: one kernel's failure must not hide the others'
+            failed.setdefault(name, f"{type(err).__name__}: {err}"[:2000])
+
+    JITFunction.run = compile_only
+    sys.path[:0] = [str(helper.parent), str(ROOT / "tests")]  # the helpers import tests/triton_interpreter.py
+    import triton_interpreter
+
+    triton_interpreter.print_report = lambda run_cases: run_cases()  # all cases, no report of their (garbage) outputs
+    stopped = None
+    try:
+        runpy.run_path(str(helper), run_name="__main__")
+    except Exception as err:  # noqa: BLE001 -- e.g. a library that needs a real device at import
+        stopped = f"{type(err).__name__}: {str(err)[:300]}"
+    return {"triton": triton.__version__, "compiled": compiled, "failed": failed, "stopped": stopped}
+
+
+def check(helper: Path, arch: int, timeout: float = 900) -> dict:
+    """``compile_helper`` in a fresh interpreter (it replaces Triton's active driver for the whole process)."""
+    done = subprocess.run([sys.executable, __file__, "--one", str(helper), "--arch", str(arch)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"compiled": {}, "failed": {}, "stopped": f"exit {done.returncode}: {done.stderr[-1500:]}"}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--helpers", type=lambda s: s.split(","), default=list(HELPERS), help=f"comma list of {', '.join(HELPERS)}")
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: the child process of check()
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(compile_helper(Path(args.one), args.arch)), flush=True)
+        return 0
+    unknown = [h for h in args.helpers if not (ROOT / "tests" / f"{h}_interpret_check.py").is_file()]
+    if unknown:
+        parser.error(f"no helper tests/<name>_interpret_check.py for {unknown}")
+    bad = 0
+    for name in args.helpers:
+        report = check(ROOT / "tests" / f"{name}_interpret_check.py", args.arch)
+        ok = report["compiled"] and not report["failed"] and not report["stopped"]
+        bad += not ok
+        kernels = ", ".join(f"{k} x{n}" for k, n in report["compiled"].items()) or "nothing"
+        print(f"{name}: {'ok' if ok else 'FAILED'} (triton {report.get('triton', '?')}, sm_{args.arch}): compiled {kernels}", flush=True)
+        for kernel, error in report["failed"].items():
+            print(f"  {kernel}: {error}", flush=True)
+        if report["stopped"]:
+            print(f"  helper stopped: {report['stopped']}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

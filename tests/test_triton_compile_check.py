@@ -1,0 +1,67 @@
+"""benchmarks/triton_compile_check.py on the CPU: a kernel test helper's kernels compile to sm_90 cubins with the
+installed Triton (nothing launched), and a kernel Triton cannot compile is reported with its error."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import load_benchmark
+
+pytest.importorskip("triton")
+
+BROKEN_HELPER = '''
+import torch
+import triton
+import triton.language as tl
+
+from triton_interpreter import print_report
+
+
+@triton.jit
+def _fine_kernel(x_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) + 1.0)
+
+
+@triton.jit
+def _broken_kernel(x_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.no_such_op(tl.load(x_ptr + offsets)))
+
+
+def run_cases():
+    x = torch.zeros(16)
+    _fine_kernel[(1,)](x, BLOCK=16)
+    _broken_kernel[(1,)](x, BLOCK=16)
+    return []
+
+
+if __name__ == "__main__":
+    print_report(run_cases)
+'''
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_benchmark("triton_compile_check")
+
+
+def test_decode_attention_kernels_compile_for_sm90(benchmark, capsys):
+    assert benchmark.main(["--helpers", "fa_decode"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line.startswith("fa_decode: ok") and "sm_90" in line
+    assert "_split_kernel x10" in line and "_combine_kernel x10" in line  # 5 cases x 2 dtypes, each compiled
+
+
+def test_a_kernel_triton_cannot_compile_is_reported(benchmark, tmp_path):
+    helper = tmp_path / "broken_interpret_check.py"
+    helper.write_text(BROKEN_HELPER)
+    report = benchmark.check(helper, arch=90)
+    assert report["compiled"] == {"_fine_kernel": 1} and report["stopped"] is None
+    assert list(report["failed"]) == ["_broken_kernel"] and "no_such_op" in report["failed"]["_broken_kernel"]
+
+
+def test_unknown_helper_is_one_clear_error(benchmark, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--helpers", "fa_decode,nope"])
+    assert exit_info.value.code == 2 and "nope" in capsys.readouterr().err
