@@ -208,7 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.heldout_kinds = names(args.heldout_kinds or "")
     args.eval_data = [Path(x) for x in names(args.eval_data or "")]
     for path in args.eval_data:
-        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+        if not path.is_file():
+            p.error(f"--eval-data {path}: no such file")
+        if path.suffix not in (".txt", ".jsonl"):
             p.error(f"--eval-data {path}: not a .txt or .jsonl file")
     if len({path.stem for path in args.eval_data}) != len(args.eval_data):
         p.error("--eval-data: the files need distinct names (their stems name the columns)")
@@ -386,7 +388,7 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
     heldout = {length: heldout_rows(bench, results, length) for length in (base, 2 * base)}
     by_kind = {kind: {length: heldout_rows(bench, results, length, kind) for length in (base, 2 * base)} for kind in args.heldout_kinds}
     for path in args.eval_data:
-        by_kind[f"eval:{path.stem}"] = {length: text_rows(path, tokenizer, length, args.heldout_rows, len(tokenizer)) for length in (base, 2 * base)}
+        by_kind[f"eval:{path.stem}"] = text_rows(path, tokenizer, (base, 2 * base), args.heldout_rows, len(tokenizer))
         short = [f"{len(rows)} rows at {length}" for length, rows in by_kind[f"eval:{path.stem}"].items() if len(rows) < args.heldout_rows]
         if short:
             results.note(f"held-out CE eval:{path.stem} over {', '.join(short)} tokens ({path.name} holds no more)")

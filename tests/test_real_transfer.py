@@ -284,12 +284,12 @@ def test_eval_data_scores_evaluation_only_text_beside_the_heldout_ce(natural_lla
     for name, arm in result["arms"].items():
         assert arm["status"] == "done" and sorted(arm["heldout_loss_by_kind"]) == ["eval:prose", "eval:python_docs"], name
     for path in (real, prose):  # the teacher's CE on a file is the CE on its first rows, packed in order
-        expected = heldout_loss(teacher, text_rows(path, tokenizer, LENGTH, 2))
+        expected = heldout_loss(teacher, text_rows(path, tokenizer, [LENGTH], 2)[LENGTH])
         assert result["arms"]["teacher"]["heldout_loss_by_kind"][f"eval:{path.stem}"][str(LENGTH)] == pytest.approx(expected, rel=1e-5)
-    assert len(text_rows(real, tokenizer, LENGTH, 1000)) > 2  # the rows are a prefix of the file's packing
+    assert len(text_rows(real, tokenizer, [LENGTH], 1000)[LENGTH]) > 2  # the rows are a prefix of the file's packing
     table = (tmp_path / "out" / "hybrid_quality.md").read_text()
     assert f"| held-out CE eval:python_docs {LENGTH} | held-out CE eval:python_docs {2 * LENGTH} | held-out CE eval:prose {LENGTH} |" in table
     assert "| held-out CE 1x | held-out CE eval:python_docs 1x | held-out CE eval:prose 1x |" in table
     assert "evaluation-only text <name>, never trained on (python_docs: sha256" in table
     with pytest.raises(HeadscopeError, match="not one row"):
-        text_rows(prose, tokenizer, 100_000, 1)
+        text_rows(prose, tokenizer, [LENGTH, 100_000], 1)

@@ -251,15 +251,19 @@ class DemoCorpusRows:
         return torch.from_numpy(ids)
 
 
-def text_rows(path: str | Path, tokenizer: Any, seq_len: int, n_rows: int, vocab_size: int | None = None) -> torch.Tensor:
-    """``(n, seq_len)``: the first ``n = min(n_rows, available)`` rows of a .txt / .jsonl file's documents,
-    packed in file order like training data (eos between documents): evaluation-only text, never split
-    or trained on. Raises HeadscopeError when the file holds no document or no full row."""
+def text_rows(path: str | Path, tokenizer: Any, seq_lens: Sequence[int], n_rows: int, vocab_size: int | None = None) -> dict[int, torch.Tensor]:
+    """``{seq_len: (n, seq_len)}``: for each length, the first ``n = min(n_rows, available)`` rows of a .txt /
+    .jsonl file's documents (read once), packed in file order like training data (eos between documents):
+    evaluation-only text, never split or trained on. Raises HeadscopeError when the file holds no
+    document or no full row of a length."""
     docs = read_documents(DataConfig(source="files", paths=[str(path)]), tokenizer, vocab_size)
-    sequences = PackedSequences(docs, seq_len, getattr(tokenizer, "eos_token_id", None))
-    if not len(sequences):
-        raise HeadscopeError(f"{path} holds {sequences.n_tokens} tokens, not one row of {seq_len}")
-    return torch.stack([sequences[i] for i in range(min(n_rows, len(sequences)))])
+    rows = {}
+    for seq_len in seq_lens:
+        sequences = PackedSequences(docs, seq_len, getattr(tokenizer, "eos_token_id", None))
+        if not len(sequences):
+            raise HeadscopeError(f"{path} holds {sequences.n_tokens} tokens, not one row of {seq_len}")
+        rows[seq_len] = torch.stack([sequences[i] for i in range(min(n_rows, len(sequences)))])
+    return rows
 
 
 SequenceSource = Callable[[str, int, int], Any]  # (split "train"/"heldout", stage index, seq_len) -> sequences
