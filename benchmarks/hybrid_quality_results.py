@@ -11,7 +11,8 @@ goal checks). ``Results.write`` rewrites, atomically, after every arm:
   else from the copy, so an empty ``--out`` such as the device tool's ``$OUT`` still resumes);
 * ``hybrid_quality.md``: ``headscope.quality.results_markdown`` (arm x metric tables) and
   ``headscope.seeds.seeds_markdown`` (seed summary, goals);
-* ``hybrid_quality.html``: ``headscope.quality.family_figure`` then ``accuracy_figure`` (plotly from its CDN), and
+* ``hybrid_quality.html``: ``headscope.quality.family_figure``, ``headscope.seeds.overlap_figure`` (when there is a
+  fused mask) then ``accuracy_figure`` (plotly from its CDN), and
   ``hybrid_quality.png`` when kaleido is installed and can render.
 
 A results file made with other settings is never overwritten: resuming from it is an error that names
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from headscope.heads import HeadscopeError, read_json, write_json_atomic, write_text_atomic
 from headscope.quality import accuracy_figure, family_figure, results_markdown
-from headscope.seeds import family_stats, goal_checks, seeds_markdown
+from headscope.seeds import family_stats, goal_checks, overlap_figure, seeds_markdown
 
 SCHEMA = "headscope.hybrid_quality/1"
 
@@ -82,11 +83,14 @@ class Results:
             table = results_markdown(self.data) + "\n" + seeds_markdown(self.data, families, self.data["summary"]["goals"])
             write_text_atomic(self.out / "hybrid_quality.md", table)
             figure = accuracy_figure(self.data)
-            divs = [family_figure(self.data, families).to_html(full_html=False, include_plotlyjs="cdn"),
-                    figure.to_html(full_html=False, include_plotlyjs=False)]
+            overlap = overlap_figure(self.data)
+            divs = [family_figure(self.data, families).to_html(full_html=False, include_plotlyjs="cdn")]
+            divs += [overlap.to_html(full_html=False, include_plotlyjs=False)] if overlap is not None else []
+            divs.append(figure.to_html(full_html=False, include_plotlyjs=False))
             title = f"Hybrid quality — {self.data['settings']['model_name']}"
+            body = "\n".join(divs)
             write_text_atomic(self.out / "hybrid_quality.html", f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-                              f'</head><body>\n{divs[0]}\n{divs[1]}\n</body></html>\n')
+                              f'</head><body>\n{body}\n</body></html>\n')
         except Exception as error:  # noqa: BLE001 - the JSON is written; the tables can be rebuilt from it
             print(f"writing the table/figure failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             return

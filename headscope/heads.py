@@ -345,6 +345,13 @@ class HeadMask:
         fp = self.fingerprint
         return self.full.view(fp.n_layers, fp.n_kv_heads, fp.group_size).any(dim=-1)
 
+    def shared_with(self, other: "HeadMask") -> tuple[int, int]:
+        """(full-attention heads, KV groups holding one) that this mask and ``other`` have in common."""
+        if other.fingerprint.shape != self.fingerprint.shape or other.fingerprint.n_kv_heads != self.fingerprint.n_kv_heads:
+            raise HeadscopeError("masks of different models have no heads in common")
+        heads = int((self.full & other.full).sum())
+        return heads, int((self.kv_groups_full() & other.kv_groups_full()).sum())
+
     @property
     def kv_fraction(self) -> float:
         """Fraction of the full model's KV cache this mask keeps."""

@@ -15,7 +15,8 @@ Used by ``benchmarks/hybrid_quality.py`` and ``notebooks/04_transfer_and_quality
   ``head_dim x 2 (K and V) x dtype bytes``. ``recurrent_state_bytes`` is the constant per-sequence state
   of the Gated DeltaNet heads (a ``D x D`` float32 matrix each, plus the short-convolution window).
 * ``results_markdown`` and ``accuracy_figure`` turn a results mapping (the benchmark's JSON, layout in
-  ``benchmarks/hybrid_quality_results.py``) into an arm x metric table and accuracy-vs-length curves.
+  ``benchmarks/hybrid_quality_results.py``) into an arm x metric table and accuracy-vs-length curves;
+  ``shared_with_fused`` gives each arm's heads and KV groups in common with the selected mask.
 
 Evaluation runs under bf16 autocast on CUDA and in float32 on the CPU (``autocast_for``).
 """
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from headscope.heads import HeadMask, ModelFingerprint
+from headscope.maskfile import mask_from_dict
 from headscope.probes import Probe, make_probe
 from headscope.transfer.losses import next_token_loss
 from headscope.zoo.evaluate import probe_accuracy
@@ -195,6 +197,18 @@ def heldout_columns(settings: Mapping[str, Any]) -> list[str]:
     return list(settings.get("heldout_kinds", [])) + [f"eval:{entry['name']}" for entry in settings.get("eval_data", [])]
 
 
+def shared_with_fused(results: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Per arm with a mask: (FA heads, KV groups) it shares with the results' fused (selected) mask.
+
+    Empty when the results hold no fused mask. How far a random mask overlaps the selected one says what a
+    comparison between them tests: a layer-matched random mask shares whole layers with it.
+    """
+    if not results.get("fused_mask"):
+        return {}
+    fused = mask_from_dict(results["fused_mask"], "fused_mask")
+    return {name: mask_from_dict(arm["mask"], name).shared_with(fused) for name, arm in results["arms"].items() if arm.get("mask")}
+
+
 def _cell(value: float | None, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -227,7 +241,11 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
         lines.append("Held-out CE eval:<name>: on the evaluation-only text <name>, never trained on ("
                      + ", ".join(f"{e['name']}: sha256 {e['sha256']}" for e in settings["eval_data"]) + ").")
     lines.append("")
-    header = (["arm", "status", "FA heads", "FA share", "KV B/token", "KV vs teacher"] + [f"held-out CE {h}" for h in held]
+    shared = shared_with_fused(results)
+    if shared:
+        lines += ["`shared`: full-attention heads (KV groups) in common with the fused (selected) mask.", ""]
+    header = (["arm", "status", "FA heads", "FA share", "KV B/token", "KV vs teacher"] + (["shared"] if shared else [])
+              + [f"held-out CE {h}" for h in held]
               + [f"held-out CE {kind} {h}" for kind in kinds for h in held]
               + [f"retrieval {_length_label(n, base)}" for n in lengths] + [f"reasoning {_length_label(n, base)}" for n in lengths])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -237,6 +255,8 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
         kv = arm.get("kv_bytes_per_token")
         row = [name, arm.get("status", "?"), str(arm.get("n_full", "—")), _cell(arm.get("fa_head_share")), str(kv if kv is not None else "—"),
                _cell(kv / teacher_kv if kv is not None and teacher_kv else None)]
+        if shared:
+            row.append("{} ({})".format(*shared[name]) if name in shared else "all" if arm.get("kind") == "teacher" else "—")
         row += [_cell((arm.get("heldout_loss") or {}).get(h), 3) for h in held]
         row += [_cell((arm.get("heldout_loss_by_kind") or {}).get(kind, {}).get(h), 3) for kind in kinds for h in held]
         row += [_cell(m["retrieval"]) for m in means] + [_cell(m["reasoning"]) for m in means]

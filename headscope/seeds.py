@@ -31,6 +31,10 @@ mask given as a file):
    layer-wise 3:1's minus ``NEAR_POINTS`` (2 accuracy points), with at most half its KV cache.
 
 A goal without the arms or seeds it needs is ``None`` (not met, not failed), with the reason.
+
+``overlap_figure`` plots every run's retrieval against the heads its mask shares with the selected one:
+whether accuracy follows the overlap across families (the selection found where retrieval lives) and
+within one (the exact heads matter) are different claims, and a layer-matched family separates them.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import re
 import statistics
 from typing import Any, Mapping
 
-from headscope.quality import capability_means, heldout_columns, probe_groups
+from headscope.quality import capability_means, heldout_columns, probe_groups, shared_with_fused
 
 GOAL_MULTIPLES = (1, 4)
 NEAR_POINTS = 0.02
@@ -238,3 +242,45 @@ def seeds_markdown(results: Mapping[str, Any], families: Mapping[str, Mapping[st
             lines.append(f"- {verdict}: {check['family']} within {check['points'] * 100:.0f} points of layerwise_3to1 on retrieval and "
                          f"reasoning at every length with at most half its KV cache: {detail}")
     return "\n".join(lines) + "\n"
+
+
+def overlap_figure(results: Mapping[str, Any], metric: str = "argmax"):
+    """Retrieval of every hybrid run against the FA heads its mask shares with the fused (selected) mask.
+
+    One panel per evaluated length, one colour per arm family, one dot per run (hover: the arm and its
+    shared KV groups).
+
+    Returns:
+        A ``plotly.graph_objects.Figure``, or ``None`` when the results hold no fused mask.
+    """
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    shared = shared_with_fused(results)
+    if not shared:
+        return None
+    settings = results["settings"]
+    lengths, base = settings["lengths"], settings["teacher_length"]
+    figure = make_subplots(rows=1, cols=len(lengths), subplot_titles=[f"retrieval at {n} ({n // base}x)" for n in lengths],
+                           shared_yaxes=True, horizontal_spacing=0.04)
+    families: dict[str, list[str]] = {}
+    for name, arm in results["arms"].items():
+        if arm.get("status") == "done" and name in shared:
+            families.setdefault(arm_family(name), []).append(name)
+    for index, (family, arms) in enumerate(families.items()):
+        color = qualitative.D3[index % len(qualitative.D3)]
+        for col, length in enumerate(lengths, start=1):
+            values = [arm_metrics(results["arms"][a], settings, metric).get(f"retrieval@{length}") for a in arms]
+            figure.add_trace(go.Scatter(x=[shared[a][0] for a in arms], y=values, mode="markers", name=family, legendgroup=family,
+                                        showlegend=col == 1, marker={"color": color, "size": 9, "opacity": 0.8},
+                                        text=[f"{a}: {shared[a][1]} KV groups shared" for a in arms],
+                                        hovertemplate="%{text}<br>%{x} heads shared<br>retrieval %{y:.2f}<extra></extra>"),
+                             row=1, col=col)
+    n_full = int(sum(1 for _ in results["fused_mask"]["full_attention_heads"]))
+    figure.update_xaxes(title_text=f"FA heads shared with the selected mask (of its {n_full})", range=[-1, n_full + 1])
+    figure.update_yaxes(range=[-0.03, 1.03])
+    figure.update_yaxes(title_text=f"retrieval ({metric})", col=1)
+    figure.update_layout(title=f"Does accuracy follow the selected heads? — {settings['model_name']}: one dot per run",
+                         height=420, width=380 * len(lengths) + 200, legend={"title": "family"})
+    return figure

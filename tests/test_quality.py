@@ -229,3 +229,40 @@ def test_a_layer_matched_random_family_adds_its_own_goal_beside_the_kv_matched_o
     assert ("**met**: headwise_fused_7to1 beats the layer-matched random headwise_randomlayer_7to1 (the same FA heads and KV groups "
             "in every layer) on retrieval at 8 tokens") in text
     assert "beats the KV-matched random headwise_randomkv_7to1 on retrieval at 8 tokens" in text
+
+
+def test_shared_heads_count_heads_and_kv_groups_full_in_both_masks_and_refuse_another_model():
+    a, b = torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)
+    a[0, 0] = a[1, 2] = a[1, 3] = True  # groups (0, 0) and (1, 1)
+    b[0, 1] = b[1, 3] = True  # groups (0, 0) and (1, 1): one head in common, both groups
+    assert HeadMask(a, FP).shared_with(HeadMask(b, FP)) == (1, 2) == HeadMask(b, FP).shared_with(HeadMask(a, FP))
+    assert HeadMask(a, FP).shared_with(HeadMask(a, FP)) == (3, 2)
+    other = ModelFingerprint("qwen3", n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8)
+    with pytest.raises(HeadscopeError, match="different models"):
+        HeadMask(a, FP).shared_with(HeadMask(a, other))
+
+
+def test_the_table_and_overlap_figure_place_every_run_by_the_heads_it_shares_with_the_fused_mask():
+    from headscope.maskfile import mask_to_dict
+    from headscope.seeds import overlap_figure
+
+    fused = torch.zeros(2, 4, dtype=torch.bool)
+    fused[1, :2] = True
+    near, far = fused.clone(), torch.zeros(2, 4, dtype=torch.bool)
+    near[1, 1], near[1, 2] = False, True  # one head and one group in common
+    far[0, 2] = far[0, 3] = True
+    settings = {"lengths": [8, 16], "teacher_length": 8, "retrieval_probes": ["needle_single"], "reasoning_probes": ["ioi"],
+                "probes": ["needle_single", "ioi"], "model_name": "t"}
+    arms = {"teacher": _scored("teacher", 0.9), "headwise_fused_7to1": {**_scored("fused", 0.8), "mask": mask_to_dict(HeadMask(fused, FP))},
+            "headwise_randomlayer_7to1_s0": {**_scored("randomlayer", 0.6), "mask": mask_to_dict(HeadMask(near, FP))},
+            "headwise_randomkv_7to1_s0": {**_scored("randomkv", 0.1), "mask": mask_to_dict(HeadMask(far, FP))}}
+    results = {"settings": settings, "arms": arms, "fused_mask": mask_to_dict(HeadMask(fused, FP))}
+    table = results_markdown(results)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[6] for line in table.splitlines() if line.startswith("| ") and "| done |" in line}
+    assert "| shared |" in table and rows == {"teacher": "all", "headwise_fused_7to1": "2 (1)", "headwise_randomlayer_7to1_s0": "1 (1)",
+                                              "headwise_randomkv_7to1_s0": "0 (0)"}
+    figure = overlap_figure(results)
+    points = {(t.name, t.xaxis): (list(t.x), list(t.y)) for t in figure.data}
+    assert points[("headwise_randomlayer_7to1", "x")] == ([1], [pytest.approx(0.6)]) and points[("headwise_randomkv_7to1", "x2")][0] == [0]
+    assert ("teacher", "x") not in points and len(figure.data) == 6  # 3 masked families x 2 lengths
+    assert overlap_figure({**results, "fused_mask": None}) is None and "| shared |" not in results_markdown({**results, "fused_mask": None})
