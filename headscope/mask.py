@@ -18,7 +18,10 @@ importance is the ``max`` of its members (default: a group holding one critical 
 cache anyway, and the other heads then get FA for free) or their ``sum`` (favours groups that matter
 as a whole); ``round(n_full / group_size)`` groups (at least 1) are chosen, so the head count is a
 multiple of ``group_size`` and ``kv_fraction == head_fraction``. With ``kv_aware`` the per-layer
-minimum is in heads and rounds up to whole groups.
+minimum is in heads and rounds up to whole groups. ``whole_layers=True`` selects whole layers the same
+way (a layer's importance is the ``max`` or ``sum`` of its heads; ``round(n_full / n_heads)`` layers): a
+layer-wise hybrid whose layers the scores choose, the control that asks whether a head-wise mask beats
+the same scores spent on whole layers (an all-FA layer stays the pretrained attention, RoPE included).
 
 Baselines use the same budget arithmetic: ``random_mask`` (seeded, exact budget; optionally exactly
 ``kv_groups`` KV groups touched, and ``kv_matched_random_mask`` matching a given mask's head and group
@@ -157,14 +160,16 @@ def _importance_of(source: FusedRanking | HeadScores | torch.Tensor, fingerprint
     return values.to(torch.float32), own, provenance
 
 
-def _select(importance, fingerprint, n_full, min_per_layer, kv_aware, group_score) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Heads (L, H) bool of a budget, by heads or by whole KV groups; plus the selection record."""
+def _select(importance, fingerprint, n_full, min_per_layer, kv_aware, group_score, whole_layers=False) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Heads (L, H) bool of a budget, by heads, by whole KV groups or by whole layers; plus the selection record."""
     fp = fingerprint
     if not 0 <= min_per_layer <= fp.n_heads:
         raise HeadscopeError(f"min_per_layer must be between 0 and {fp.n_heads}, got {min_per_layer}")
     if group_score not in GROUP_SCORES:
         raise HeadscopeError(f"unknown group score {group_score!r}; choose one of {', '.join(GROUP_SCORES)}")
-    unit = fp.group_size if kv_aware else 1
+    if whole_layers and (kv_aware or min_per_layer):
+        raise HeadscopeError("whole layers cannot be combined with kv_aware or a per-layer minimum (a whole layer holds all its groups)")
+    unit = fp.n_heads if whole_layers else fp.group_size if kv_aware else 1
     grouped = importance.view(fp.n_layers, fp.n_heads // unit, unit)  # (L, U, unit)
     unit_importance = grouped.amax(-1) if group_score == "max" else grouped.sum(-1)  # (L, U)
     n_units = max(1, (2 * n_full + unit) // (2 * unit))  # round half up, at least one unit
@@ -177,7 +182,9 @@ def _select(importance, fingerprint, n_full, min_per_layer, kv_aware, group_scor
     chosen = select_units(unit_importance, n_units, min_units)  # (L, U)
     full = chosen[:, :, None].expand(-1, -1, unit).reshape(fp.shape)  # (L, H)
     record = {"n_full_budget": n_full, "n_full": int(full.sum()), "min_per_layer": min_per_layer, "kv_aware": kv_aware}
-    if kv_aware:
+    if whole_layers:
+        record["whole_layers"] = True
+    if kv_aware or whole_layers:
         record["group_score"] = group_score
     return full, record
 
@@ -191,6 +198,7 @@ def select_mask(
     kv_aware: bool = False,
     group_score: str = "max",
     exclude: Sequence[Head] = (),
+    whole_layers: bool = False,
 ) -> HeadMask:
     """Keep the most important heads at full attention under a head budget.
 
@@ -205,12 +213,16 @@ def select_mask(
             scores: the FA branch is NoPE); the budget goes to the next heads. With ``kv_aware`` the
             groups are scored without them and the budget stays in groups (the KV cache): a chosen
             group keeps its excluded heads linear, so the mask has fewer FA heads than the budget.
+        whole_layers: choose whole layers (scored by ``group_score`` over their heads); not with
+            ``kv_aware``, ``min_per_layer`` or ``exclude``.
     Returns:
         ``HeadMask`` whose provenance holds ratio, selection record, probes, methods, fusion, scores.
     """
     importance, fp, provenance = _importance_of(ranking_or_values, fingerprint)
     budget = head_budget(fp, ratio, n_full)
     excluded = sorted(set(exclude), key=lambda h: (h.layer, h.head))
+    if excluded and whole_layers:
+        raise HeadscopeError("whole layers cannot exclude heads: an all-FA layer stays the pretrained attention, RoPE included")
     if excluded:
         for head in excluded:
             if not fp.has_head(head):
@@ -219,7 +231,7 @@ def select_mask(
         floor = float(importance.min()) - 1.0  # below every other head, still finite
         for head in excluded:
             importance[head.layer, head.head] = floor
-    full, record = _select(importance, fp, budget, min_per_layer, kv_aware, group_score)
+    full, record = _select(importance, fp, budget, min_per_layer, kv_aware, group_score, whole_layers)
     if excluded and kv_aware:
         for head in excluded:
             full[head.layer, head.head] = False

@@ -140,6 +140,28 @@ def test_kv_aware_picks_whole_groups():
         select_mask(importance, fp, kv_aware=True, group_score="mean")
 
 
+def test_whole_layers_picks_the_layers_the_scores_rank_first_and_builds_them_as_plain_attention():
+    from headscope.hybrid.plan import plan_layer
+
+    fp = ModelFingerprint("qwen3", 4, 8, 2, 16)
+    importance = torch.zeros(fp.shape)
+    importance[0, 0] = 7.0  # one critical head: best max, worst sum
+    importance[2, :] = 1.5  # a uniformly useful layer: best sum (12)
+    importance[3, :4] = 2.0  # sum 8
+    by_max = select_mask(importance, fp, n_full=16, whole_layers=True)
+    assert set(by_max.heads()) == {Head(0, h) for h in range(8)} | {Head(3, h) for h in range(8)}
+    by_sum = select_mask(importance, fp, n_full=16, whole_layers=True, group_score="sum")
+    assert set(by_sum.heads()) == {Head(l, h) for l in (2, 3) for h in range(8)}
+    assert by_sum.provenance["selection"]["whole_layers"] and by_sum.provenance["selection"]["group_score"] == "sum"
+    assert select_mask(importance, fp, n_full=11, whole_layers=True).n_full == 8  # 1.375 layers -> 1
+    assert select_mask(importance, fp, ratio="1:1", whole_layers=True).n_full == 16
+    plans = [plan_layer(row, fp.group_size, None, True, layer).kind for layer, row in enumerate(by_sum.full.tolist())]
+    assert plans == ["linear", "linear", "full", "full"]  # an all-FA layer stays the pretrained attention
+    for kwargs, match in (({"kv_aware": True}, "kv_aware"), ({"min_per_layer": 1}, "per-layer minimum"), ({"exclude": [Head(2, 0)]}, "exclude")):
+        with pytest.raises(HeadscopeError, match=match):
+            select_mask(importance, fp, n_full=16, whole_layers=True, **kwargs)
+
+
 def test_select_from_scores_and_ranking():
     fp = ModelFingerprint("qwen3", 2, 4, 2, 16)
     raw = HeadScores(torch.tensor([[0.1, -5.0, 0.2, 0.0], [0.3, 0.0, 0.0, 0.0]]), "needle", "activation", fp, "retrieval")

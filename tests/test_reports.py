@@ -163,6 +163,9 @@ def test_cli_fuse_report_export(tmp_path, monkeypatch, capsys, inputs):
     code, out, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--n-full", "6", "--exclude", "L0H0", "--rope-scores", rope_file, "--out", str(tmp_path / "ro.json"))
     assert code == 0 and "RoPE-dependent heads kept off full attention: L1H2" in out
     assert load_mask(tmp_path / "ro.json").provenance["selection"]["excluded"] == ["L0H0", "L1H2"]
+    code, out, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--ratio", "1:1", "--whole-layers", "--group-score", "sum", "--out", str(tmp_path / "wl.json"))
+    layers = load_mask(tmp_path / "wl.json").full
+    assert code == 0 and "16 of 32 heads" in out and layers.all(1).sum() == 2 and layers.sum() == 16  # two whole layers of 8
     code, _, err = run_cli(monkeypatch, capsys, "fuse", *files, rope_file, "--n-full", "6", "--out", str(tmp_path / "bad.json"))
     assert code == 2 and "pass it with --rope-scores" in err and not (tmp_path / "bad.json").exists()
 
@@ -215,6 +218,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
         (("mask", "random", "--layer-matched", str(tmp_path / "random.json"), "--kv-aware", "--out", str(tmp_path / "k.json")),
          "--layer-matched takes the budget from the mask; drop --ratio"),
         (("report", other, "--mask", str(tmp_path / "random.json"), "--out", str(tmp_path / "r.html")), "made for another model"),
+        (("fuse", good, "--whole-layers", "--kv-aware", "--out", str(tmp_path / "m.json")), "whole layers cannot be combined with kv_aware"),
     ]
     for argv, message in cases:
         code, _, err = run_cli(monkeypatch, capsys, *argv)

@@ -45,7 +45,10 @@ def register(subparsers) -> None:
     parser.add_argument("scores", nargs="+", metavar="SCORES.json", help="HeadScores files (from `headscope score`)")
     add_budget_args(parser)
     parser.add_argument("--min-per-layer", type=int, default=0, help="full-attention heads every layer keeps (default 0)")
-    parser.add_argument("--group-score", choices=["max", "sum"], default="max", help="KV group importance with --kv-aware (default max)")
+    parser.add_argument("--whole-layers", action="store_true",
+                        help="choose whole layers by their heads' importance (a layer-wise hybrid chosen by the scores; not with --kv-aware, --exclude)")
+    parser.add_argument("--group-score", choices=["max", "sum"], default="max",
+                        help="KV group (--kv-aware) or layer (--whole-layers) importance from its heads' (default max)")
     parser.add_argument("--normalise", choices=NORMALISATIONS, default=None, help="per-input normalisation of |score| (default: rank for --rule rrf, else zscore, which keeps heads that matter for one probe only)")
     parser.add_argument("--rule", choices=RULES, default="mean", help="combination rule (default mean)")
     parser.add_argument("--rrf-k", type=float, default=DEFAULT_RRF_K, help=f"reciprocal rank fusion constant (default {DEFAULT_RRF_K:g})")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"RoPE-dependent heads kept off full attention: {' '.join(str(h) for h in rope_heads) or 'none'}")
         exclude = sorted(set(exclude) | set(rope_heads), key=lambda h: (h.layer, h.head))
     mask = select_mask(ranking, ratio=args.ratio, n_full=args.n_full, min_per_layer=args.min_per_layer,
-                       kv_aware=args.kv_aware, group_score=args.group_score, exclude=exclude)
+                       kv_aware=args.kv_aware, group_score=args.group_score, exclude=exclude, whole_layers=args.whole_layers)
     path = save_mask(mask, args.out)
     if note := budget_note(mask):
         print(note)
