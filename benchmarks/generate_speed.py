@@ -5,8 +5,11 @@ download), whose hybrid keeps KV group 0 of every layer at full attention (2 of 
 ``smollm2`` (``--model DIR``, e.g. SmolLM2-135M), whose hybrid uses ``--mask`` (default the KV-aware fused
 mask ``benchmarks/results/smollm2/kv_aware_mask.json``; a random KV-aware 7:1 mask when that file was
 made for another model). The hybrid is ``build_hybrid`` of the same weights. Each row is one (model,
-context, batch) with random prompt tokens; in one process it times ``generate()`` (greedy, exactly
-``--new-tokens`` new tokens) for each variant:
+context, batch). Prompts are random ids, except that with ``--prompt-file`` (a .txt / .jsonl file, read and
+tokenised once with ``--model``'s tokenizer, eos between documents) the smollm2 rows get real text: the
+file's tokens tiled end to end, row ``i`` starting ``i x context`` tokens in. A row records its prompt, and a
+run that would add variants with another prompt to a row stops with one line (exit 2). In one process a
+row times ``generate()`` (greedy, exactly ``--new-tokens`` new tokens) for each variant:
 
 * ``original``: transformers' default (``DynamicCache``, eager);
 * ``original_compiled``: transformers' ``StaticCache``, which ``generate()`` compiles on CUDA
@@ -20,49 +23,61 @@ context, batch) with random prompt tokens; in one process it times ``generate()`
 
 Per variant: a warm-up ``generate()`` of the same shape stopped after 3 tokens (kernels compile, the
 static caches and graphs are built and then reused), then the timed call (``--prefill-chunk``: all
-variants prefill in chunks, transformers' ``prefill_chunk_size``, for batch x context that does not fit at once). A logits processor records a
-CUDA event at every step, so one call gives the time to first token (``generate()`` entered -> first
-logits: prefill and set-up) and the per-token latency (mean over the remaining steps); tokens/s = batch x
-new tokens / total. Correctness: ``graph_equals_static_eager``: the graph path's first ``--check-tokens``
-tokens against the same static path run eagerly (identical kernels: must be equal); and each variant's
-tokens against its eager twin (``hybrid_graph`` vs ``hybrid_eager``, ``original_compiled`` vs
-``original``): fraction equal and first mismatch (different kernels round differently in bf16, so long
-greedy runs of a random model may part); ``graph_captured`` (CUDA): whether the hybrid's decode step really
-was captured (a failed capture warns and decodes eagerly; the summary flags it). A variant whose estimated memory does not fit is recorded as
+variants prefill in chunks, transformers' ``prefill_chunk_size``, for batch x context that does not fit at
+once; recorded per variant). A logits processor records a CUDA event at every step, so one call gives the
+time to first token (``generate()`` entered -> first logits: prefill and set-up) and the per-token latency
+(mean over the remaining steps); tokens/s = batch x new tokens / total. ``graph_captured`` (CUDA): whether
+the hybrid's decode step really was captured (a failed capture warns and decodes eagerly; the summary flags
+it). Correctness, after the timed call, on its first ``--check-tokens`` tokens
+(``generate_speed_report``): ``graph_equals_static_eager``: the graph path's tokens against the same static
+path run eagerly with the same prefill (chunks included: identical kernels on identical inputs, must be
+equal); ``reference_check``: each variant's tokens teacher-forced through the same model's plain forward
+with float32 weights (``--reference-dtype``), on the first ``--check-rows`` rows: how far below the exact
+model's best each chosen token is (nats; ``--gap-tol``), and the first step's logit error; ``vs_<twin>``:
+where the greedy tokens part from the eager twin's (``hybrid_graph`` vs ``hybrid_eager``,
+``original_compiled`` vs ``original``; in bf16 they part at the first near-tie). A check that fails (out of
+memory) is recorded and the timing kept. A variant whose estimated memory does not fit is recorded as
 skipped with its estimate; an out-of-memory error is recorded, not raised.
 
 Usage (GPU, after ``. benchmarks/gpu_setup.sh``)::
 
     python benchmarks/generate_speed.py --rows qwen3-1.7b:4096:b1,qwen3-1.7b:4096:b32
-    python benchmarks/generate_speed.py --model /tmp/smol --rows smollm2:32768:b1
+    python benchmarks/python_docs_text.py --out /tmp/python_docs.jsonl
+    python benchmarks/generate_speed.py --model /tmp/smol --prompt-file /tmp/python_docs.jsonl --rows smollm2:32768:b1
 
 Rows are ``<model>:<context>:b<batch>`` over ``--contexts`` x ``--batches`` (default 4096, 32768, 131072 x
 1, 32); without ``--rows`` every unfinished row of the models at hand runs. Row files
 (``--rows-dir``, default ``benchmarks/results/generate_speed_rows``) are written after every variant; a
-rerun runs only the missing variants (``--variants`` restricts them), and stops starting variants after
-``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}`` (OUT defaults to benchmarks/results)
-is rebuilt from all row files, and ``$OUT`` gets a copy of them. ``--smoke``: tiny models on the CPU in
-float32 (results under /tmp/headscope_generate_speed_smoke).
+rerun runs only the missing variants (``--variants`` restricts them; ``--redo``: those of ``--variants``
+again), and stops starting variants after ``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}``
+(OUT defaults to benchmarks/results) is rebuilt from all row files, and ``$OUT`` gets a copy of them.
+``--smoke``: tiny models on the CPU in float32 (results under /tmp/headscope_generate_speed_smoke).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))  # the helper module next to this script, also when it is loaded by path (the tests)
 
-ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("original", "original_compiled", "hybrid_eager", "hybrid_graph")
-TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original"}
+import torch  # noqa: E402
+
+from generate_speed_report import RANDOM_PROMPT, TWIN, VARIANTS, agreement, default_gap_tol, reference_gaps, summary_lines  # noqa: E402
+from headscope.heads import HeadscopeError  # noqa: E402
+
+ROOT = HERE.parent
 SMOL_MASK = ROOT / "benchmarks" / "results" / "smollm2" / "kv_aware_mask.json"
-GOALS = {4096: 1.0, 32768: 2.0, 131072: 4.0}  # original / hybrid per-token latency, Qwen3-1.7B shape, batch 32
 
 
 def qwen3_config(smoke: bool):
@@ -78,7 +93,7 @@ def qwen3_config(smoke: bool):
 class Bench:
     """Both models of one kind on the device, built once per process."""
 
-    def __init__(self, kind: str, args, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, kind: str, args, device: torch.device, dtype: torch.dtype, text: tuple[torch.Tensor, str] | None = None) -> None:
         from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
         from headscope.heads import HeadMask
@@ -105,6 +120,20 @@ class Bench:
         self.vocab = original.config.vocab_size
         self.config = original.config
         self._static = None  # ((batch, tokens), StaticCache) of original_compiled
+        self.text, self.prompt = text if text is not None else (None, RANDOM_PROMPT)  # (n,) token ids of --prompt-file
+
+    def prompt_ids(self, batch: int, context: int) -> torch.Tensor:
+        """``(batch, context)`` prompt ids: random (seeded by the row), or the text's tokens tiled (row ``i`` starts
+        ``i x context`` tokens into the text repeated end to end)."""
+        if self.text is None:
+            ids = torch.randint(0, self.vocab, (batch, context), generator=torch.Generator().manual_seed(context + batch))
+        else:
+            ids = self.text[torch.arange(batch * context) % len(self.text)].view(batch, context)
+        return ids.to(self.device)
+
+    def model_of(self, variant: str):
+        """The model ``variant`` runs (the hybrid or the original): its plain forward is also the variant's reference."""
+        return self.hybrid if variant.startswith("hybrid") else self.original
 
     @staticmethod
     def _file_mask(path, fp):
@@ -160,9 +189,10 @@ class Bench:
 class StepClock:
     """A logits processor that timestamps every generation step (CUDA events, no synchronisation)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keep_rows: int = 0) -> None:
         self.cuda = device.type == "cuda"
         self.marks: list = []
+        self.keep_rows, self.first_scores = keep_rows, None  # (keep_rows, V): the first step's scores, for the checks
 
     def mark(self):
         if self.cuda:
@@ -173,6 +203,8 @@ class StepClock:
 
     def __call__(self, input_ids, scores):
         self.marks.append(self.mark())
+        if self.first_scores is None and self.keep_rows:
+            self.first_scores = scores[: self.keep_rows].float().clone()  # a small device copy, no synchronisation
         return scores
 
     def ms(self, a, b) -> float:
@@ -205,13 +237,15 @@ def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | N
     return kwargs
 
 
-def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, prefill_chunk: int | None = None) -> dict:
-    model = bench.hybrid if variant.startswith("hybrid") else bench.original
+def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, prefill_chunk: int | None = None,
+                   keep_rows: int = 0) -> tuple[dict, torch.Tensor | None]:
+    """The row's result of one variant, and the first step's scores ``(keep_rows, V)`` (None without ``keep_rows``)."""
+    model = bench.model_of(variant)
     mask = torch.ones_like(ids)
     cache = (lambda: bench.static_cache(ids.shape[0], ids.shape[1] + new)) if variant == "original_compiled" else (lambda: None)
     with torch.inference_mode():
         model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, stop_after=3, prefill_chunk=prefill_chunk, cache=cache()))  # warm-up
-        clock = StepClock(bench.device)
+        clock = StepClock(bench.device, keep_rows)
         kwargs = generation_kwargs(variant, new, processors=[clock], prefill_chunk=prefill_chunk, cache=cache())  # (the reset: untimed)
         if bench.device.type == "cuda":
             torch.cuda.synchronize()
@@ -225,40 +259,64 @@ def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, pref
     total_ms = clock.ms(start, end)
     steps = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
     result = {"ttft_ms": clock.ms(start, marks[0]), "per_token_ms": sum(steps) / max(1, len(steps)), "total_s": total_ms / 1e3,
-              "tokens_per_s": ids.shape[0] * new / (total_ms / 1e3), "new_tokens": out[:, ids.shape[1]:].tolist()}
+              "tokens_per_s": ids.shape[0] * new / (total_ms / 1e3), "prefill_chunk": prefill_chunk, "new_tokens": out[:, ids.shape[1]:].tolist()}
     if bench.device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     static = getattr(bench.hybrid, "_headscope_static_cache", None) if variant == "hybrid_graph" else None
     if static is not None and bench.device.type == "cuda":  # a failed capture warns and decodes eagerly: say so in the row
         result["graph_captured"] = static[0]._graph is not None
-    return result
+    return result, clock.first_scores
 
 
-def graph_check(bench: Bench, ids: torch.Tensor, graph_tokens: list, n: int) -> bool:
-    """The graph path's first ``n`` tokens equal the static path run eagerly (same kernels, no graph)."""
+def graph_check(bench: Bench, ids: torch.Tensor, graph_tokens: list, n: int, prefill_chunk: int | None = None) -> bool:
+    """The graph path's first ``n`` tokens equal the static path run eagerly with the timed call's prefill
+    (``prefill_chunk``): the same kernels on the same inputs, no graph. (A whole prefill where the timed call
+    chunked rounds differently in bf16, and greedy decoding parts at the first near-tie.)"""
     with torch.inference_mode():
-        kwargs = generation_kwargs("hybrid_graph", n)
+        kwargs = generation_kwargs("hybrid_graph", n, prefill_chunk=prefill_chunk)
         kwargs["decode_mode"] = "static"
         eager = bench.hybrid.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
     return eager.tolist() == [row[:n] for row in graph_tokens]
 
 
-def agreement(tokens: list, reference: list) -> dict:
-    a, b = torch.tensor(tokens), torch.tensor(reference)
-    same = a == b
-    first = [int(row.logical_not().nonzero()[0]) if not row.all() else None for row in same]
-    return {"match_fraction": float(same.float().mean()), "rows_identical": int(same.all(1).sum()), "first_mismatch": first}
+def attempt(step):
+    """``step()``, or ``{"failed": "..."}`` when it raises: one failing variant or check (a compile, a capture, out
+    of memory) must not stop the row, nor lose a timing already made."""
+    try:
+        return step()
+    except torch.OutOfMemoryError as err:
+        return {"failed": f"out of memory: {str(err).splitlines()[0]}"}
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        return {"failed": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+
+
+def read_prompt(path: str, model_dir: str) -> tuple[torch.Tensor, str]:
+    """A .txt / .jsonl file's token ids ``(n,)`` (``model_dir``'s tokenizer, documents in file order, eos
+    between them: ``headscope.transfer.data``'s reader) and the prompt's name for the rows (file name, tokens,
+    a hash of the ids). A missing, unreadable or empty file is a ``HeadscopeError``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from headscope.transfer.config import DataConfig
+    from headscope.transfer.data import PackedSequences, read_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    docs = read_documents(DataConfig(source="files", paths=[str(path)]), tokenizer, vocab)
+    n = PackedSequences(docs, 1, tokenizer.eos_token_id).n_tokens
+    ids = PackedSequences(docs, n, tokenizer.eos_token_id)[0]
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
+    return ids, f"text {Path(path).name} ({n} tokens, ids sha256 {digest})"
 
 
 def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -> None:
     _, context, batch = row.split(":")
     context, batch = int(context), int(batch.removeprefix("b"))
-    gen = torch.Generator().manual_seed(context + batch)
-    ids = torch.randint(0, bench.vocab, (batch, context), generator=gen).to(bench.device)
+    ids = bench.prompt_ids(batch, context)
     variants = record.setdefault("variants", {})
     free = torch.cuda.mem_get_info()[0] if bench.device.type == "cuda" else None
     for variant in args.variants:
-        if variant in variants:
+        if variant in variants and not args.redo:
             continue
         if time.perf_counter() > deadline:
             print(f"  {row} {variant}: not started (budget spent); run again", flush=True)
@@ -268,17 +326,20 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
             variants[variant] = {"skipped": f"needs ~{need / 1e9:.0f} GB (cache + prefill activations), {free / 1e9:.0f} GB free"}
         else:
             print(f"  {row} {variant} ...", flush=True)
-            try:
-                variants[variant] = timed_generate(bench, variant, ids, args.new_tokens, args.prefill_chunk)
-                if variant == "hybrid_graph":
-                    variants[variant]["graph_equals_static_eager"] = graph_check(bench, ids, variants[variant]["new_tokens"], args.check_tokens)
-            except torch.OutOfMemoryError as err:
-                variants[variant] = {"skipped": f"out of memory: {str(err).splitlines()[0]}"}
-            except Exception as err:  # noqa: BLE001 -- one failing variant (a compile, a capture) must not stop the row
-                traceback.print_exc()
-                variants[variant] = {"skipped": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
-            finally:
-                bench.release()
+            timed = attempt(lambda: timed_generate(bench, variant, ids, args.new_tokens, args.prefill_chunk, min(args.check_rows, batch)))
+            bench.release()
+            if isinstance(timed, dict):
+                variants[variant] = {"skipped": timed["failed"]}
+            else:
+                (result, first_scores), n = timed, min(args.check_tokens, args.new_tokens)
+                if variant == "hybrid_graph":  # the checks run after the timed call's caches are gone
+                    result["graph_equals_static_eager"] = attempt(lambda: graph_check(bench, ids, result["new_tokens"], n, args.prefill_chunk))
+                    bench.release()
+                tokens = torch.tensor([r[:n] for r in result["new_tokens"][: first_scores.shape[0]]])
+                reference_dtype = torch.float32 if args.reference_dtype == "float32" else None
+                result["reference_check"] = attempt(lambda: reference_gaps(bench.model_of(variant), ids[: len(tokens)], tokens, first_scores,
+                                                                           args.gap_tol, reference_dtype))
+                variants[variant] = result
         for name, twin in TWIN.items():
             if "new_tokens" in variants.get(name, {}) and "new_tokens" in variants.get(twin, {}):
                 variants[name][f"vs_{twin}"] = agreement(variants[name]["new_tokens"], variants[twin]["new_tokens"])
@@ -286,45 +347,6 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
         print(f"  {row} {variant}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
                                                  if k not in ("new_tokens",) and not k.startswith("vs_")), flush=True)
         save()
-
-
-def summary_lines(rows: dict, settings: dict) -> list[str]:
-    lines = ["# generate() speed: original vs 7:1 head-wise hybrid", "",
-             f"{settings['device']}, {settings['dtype']}, torch {settings['torch']}, transformers {settings['transformers']}. "
-             f"Greedy, {settings['new_tokens']} new tokens after a random prompt of `context` tokens; TTFT = generate() entered -> "
-             "first logits; per-token = mean of the later steps; tokens/s = batch x new tokens / total. Variants of one row ran in one "
-             "process. `graph = static eager`: the graph path's first tokens equal the same static path run eagerly.", "",
-             "| model | context | batch | variant | TTFT ms | per-token ms | tokens/s | peak GB | tokens = eager twin | graph = static eager |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
-    for name, record in rows.items():
-        model, context, batch = name.split(":")
-        for variant in VARIANTS:
-            r = record.get("variants", {}).get(variant)
-            if r is None:
-                continue
-            if "skipped" in r:
-                lines.append(f"| {model} | {context} | {batch[1:]} | {variant} | - | - | - | - | skipped: {r['skipped']} | |")
-                continue
-            twin = r.get(f"vs_{TWIN.get(variant)}")
-            twin_text = "" if twin is None else f"{twin['match_fraction']:.2f} ({twin['rows_identical']} rows identical)"
-            check = {True: "yes", False: "**NO**", None: ""}[r.get("graph_equals_static_eager")]
-            check += " (**capture failed: decoded eagerly**)" if r.get("graph_captured") is False else ""
-            lines.append(f"| {model} | {context} | {batch[1:]} | {variant} | {r['ttft_ms']:.1f} | {r['per_token_ms']:.2f} | "
-                         f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | {twin_text} | {check} |")
-    lines += ["", "## Per-token latency, original / hybrid (fastest variant of each)", "",
-              "| model | context | batch | original ms | hybrid ms | ratio | goal (Qwen3-1.7B shape, batch 32) |", "|---|---:|---:|---:|---:|---:|---|"]
-    for name, record in rows.items():
-        model, context, batch = name.split(":")
-        best = {}
-        for side in ("original", "hybrid"):
-            times = [r["per_token_ms"] for v, r in record.get("variants", {}).items() if v.startswith(side) and "per_token_ms" in r]
-            best[side] = min(times) if times else None
-        ratio = best["original"] / best["hybrid"] if best["original"] and best["hybrid"] else None
-        goal = GOALS.get(int(context)) if model == "qwen3-1.7b" and batch == "b32" else None
-        fmt = lambda x: f"{x:.2f}" if x else "-"  # noqa: E731
-        lines.append(f"| {model} | {context} | {batch[1:]} | {fmt(best['original'])} | {fmt(best['hybrid'])} | {fmt(ratio)}{'x' if ratio else ''} | "
-                     f"{'>= %gx: %s' % (goal, 'met' if ratio and ratio >= goal else 'not met') if goal else ''} |")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--check-tokens", type=int, default=32, help="tokens of the graph vs static-eager check")
+    parser.add_argument("--check-tokens", type=int, default=32, help="new tokens the correctness checks look at (the first ones)")
+    parser.add_argument("--check-rows", type=int, default=1, help="rows of the teacher-forced reference check (the first ones)")
+    parser.add_argument("--gap-tol", type=float, default=None, help="nats: a token is consistent with the reference when its "
+                        "logit is at most this far below the reference's best (default 0.1 in bf16, 1e-4 in float32)")
+    parser.add_argument("--reference-dtype", choices=("float32", "model"), default="float32",
+                        help="weights of the teacher-forced reference forward: float32 copies (the exact model) or the model's own")
+    parser.add_argument("--prompt-file", default=None, help="a .txt / .jsonl file: the smollm2 rows' prompts are its text, "
+                        "tokenised once and tiled to the context (default: random ids)")
+    parser.add_argument("--redo", action="store_true", help="run the --variants of the rows again even where recorded")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens (all variants; less activation memory)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds: start no variant after this")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU in float32 (the test)")
@@ -350,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown variants {bad}; variants are {', '.join(VARIANTS)}")
+    if args.check_tokens < 1 or args.check_rows < 1:
+        parser.error("--check-tokens and --check-rows must be at least 1")
+    if args.prompt_file and not args.model:
+        parser.error("--prompt-file needs --model (the smollm2 rows' tokenizer)")
     results = Path("/tmp/headscope_generate_speed_smoke") if args.smoke else ROOT / "benchmarks" / "results"
     rows_dir = Path(args.rows_dir or results / "generate_speed_rows")
     out_dir = Path(os.environ.get("OUT", results))
@@ -364,21 +398,26 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"row {row!r} needs --model (the SmolLM2 directory)")
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    args.gap_tol = default_gap_tol(dtype) if args.gap_tol is None else args.gap_tol
     import transformers
 
     settings = {"device": torch.cuda.get_device_name() if cuda else "cpu (--smoke)", "dtype": str(dtype).removeprefix("torch."),
                 "torch": torch.__version__, "transformers": transformers.__version__, "new_tokens": args.new_tokens}
-    if args.prefill_chunk:
-        settings["prefill_chunk"] = args.prefill_chunk
     row_path = lambda row: rows_dir / f"{row.replace(':', '_')}.json"  # noqa: E731
+    text = read_prompt(args.prompt_file, args.model) if args.prompt_file else None
+    prompt_of = lambda row: text[1] if text is not None and row.startswith("smollm2:") else RANDOM_PROMPT  # noqa: E731
 
     def write_summary() -> None:
         rows = {row: json.loads(row_path(row).read_text()) for row in dict.fromkeys(order + wanted) if row_path(row).is_file()}
         write_json_atomic(out_dir / "generate_speed.json", {"settings": settings, "rows": rows})
         write_text_atomic(out_dir / "generate_speed.md", "\n".join(summary_lines(rows, settings)) + "\n")
 
-    pending = [row for row in wanted if not row_path(row).is_file()
-               or not set(args.variants) <= set(json.loads(row_path(row).read_text()).get("variants", {}))]
+    recorded = {row: json.loads(row_path(row).read_text()) for row in wanted if row_path(row).is_file()}
+    pending = [row for row in wanted if args.redo or not set(args.variants) <= set(recorded.get(row, {}).get("variants", {}))]
+    for row in pending:  # one prompt per row: its variants are compared with each other
+        if row in recorded and recorded[row].get("prompt", RANDOM_PROMPT) != prompt_of(row):
+            raise HeadscopeError(f"row {row} in {rows_dir} was made with the prompt '{recorded[row].get('prompt', RANDOM_PROMPT)}', "
+                                 f"this run's is '{prompt_of(row)}': use another --rows-dir or remove {row_path(row).name}")
     print(f"{len(wanted) - len(pending)} of {len(wanted)} rows done in {rows_dir}; running {pending or 'none'}", flush=True)
     benches: dict[str, Bench] = {}
     for row in pending:
@@ -386,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         if kind not in benches:
             benches.clear()
             gc.collect()
-            benches[kind] = Bench(kind, args, device, dtype)
+            benches[kind] = Bench(kind, args, device, dtype, text if kind == "smollm2" else None)
         bench = benches[kind]
-        record = json.loads(row_path(row).read_text()) if row_path(row).is_file() else {}
-        record.update(row=row, mask=bench.mask_source, n_full_heads=bench.mask.n_full, **settings)
+        record = recorded.get(row, {})
+        record.update(row=row, mask=bench.mask_source, n_full_heads=bench.mask.n_full, prompt=bench.prompt, **settings)
         run_row(bench, row, record, args, lambda: (write_json_atomic(row_path(row), record), write_summary()), started + args.budget)
     if out_dir.resolve() != rows_dir.parent.resolve() and rows_dir.is_dir():
         shutil.copytree(rows_dir, out_dir / rows_dir.name, dirs_exist_ok=True)
@@ -399,4 +438,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from headscope.cli import script_main
+
+    script_main(main)

@@ -1,6 +1,8 @@
 """benchmarks/generate_speed.py --smoke end to end on the CPU: both model kinds (a random Qwen3 and a local
 model directory), every variant timed and written per row, the static path's tokens equal to the eager
-paths' (float32), the summary built from the row files, a rerun running only missing variants."""
+paths' (float32) and consistent with the float32 reference, the summary built from the row files, a rerun
+running only missing variants; the graph check prefilling as the timed call did; --prompt-file prompts
+(tiled text, recorded per row, never mixed with random ones in a row; a bad file is one line, exit 2)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     assert row["n_full_heads"] == 3 * 2 and set(row["variants"]) == {"original", "hybrid_eager", "hybrid_graph"}
     graph = row["variants"]["hybrid_graph"]
     assert graph["graph_equals_static_eager"] and graph["vs_hybrid_eager"]["match_fraction"] == 1.0  # float32: same tokens
+    assert row["prompt"] == "random ids"
     for result in row["variants"].values():
         assert result["ttft_ms"] > 0 and result["per_token_ms"] > 0 and len(result["new_tokens"]) == 3
         assert all(len(tokens) == 6 for tokens in result["new_tokens"])
+        check = result["reference_check"]
+        assert check["rows"] == 1 and check["checked_tokens"] == 4 and check["consistent"] == 4 and check["max_gap"] < 1e-4
     smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
     assert "random KV-aware 7:1" in smol["mask"]  # the SmolLM2 mask file does not fit the tiny Llama
     before = (rows_dir / "qwen3-1.7b_40_b3.json").read_text()
@@ -38,7 +43,9 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     assert after["variants"]["hybrid_graph"] == json.loads(before)["variants"]["hybrid_graph"]  # kept, not rerun
     assert after["variants"]["original_compiled"]["vs_original"]["match_fraction"] == 1.0
     summary = (tmp_path / "out" / "generate_speed.md").read_text()
-    assert "| qwen3-1.7b | 40 | 3 | hybrid_graph |" in summary and "| smollm2 | 16 | 1 | original |" in summary
+    assert "| qwen3-1.7b | 40 | 3 | random ids | one pass | hybrid_graph |" in summary
+    assert "| qwen3-1.7b | 40 | 3 | random ids | chunks of 16 | original_compiled |" in summary
+    assert "| smollm2 | 16 | 1 | random ids | one pass | original |" in summary
     assert (tmp_path / "out" / "rows" / "smollm2_16_b1.json").is_file()  # the row files travel with $OUT
 
 
@@ -65,18 +72,79 @@ def test_original_compiled_reuses_one_static_cache_for_warm_up_and_timed_call(be
 
     bench.original.generate = spy
     ids = torch.randint(0, bench.vocab, (2, 20), generator=torch.Generator().manual_seed(0))
-    compiled = benchmark.timed_generate(bench, "original_compiled", ids, 5, prefill_chunk=8)
+    compiled, _ = benchmark.timed_generate(bench, "original_compiled", ids, 5, prefill_chunk=8)
     assert len(seen) == 2 and seen[0] == seen[1]
     bench.original.generate = generate
-    assert compiled["new_tokens"] == benchmark.timed_generate(bench, "original", ids, 5)["new_tokens"]
+    assert compiled["new_tokens"] == benchmark.timed_generate(bench, "original", ids, 5)[0]["new_tokens"]
     bench.release()
     assert bench._static is None
 
 
-def test_summary_flags_a_graph_row_whose_capture_failed(benchmark):
+def test_summary_flags_failed_captures_and_inconsistent_tokens_and_reads_old_rows(benchmark):
     settings = {"device": "gpu", "dtype": "bfloat16", "torch": "t", "transformers": "t", "new_tokens": 4}
     timing = {"ttft_ms": 1.0, "per_token_ms": 0.5, "tokens_per_s": 8.0, "graph_equals_static_eager": True}
     for captured, flagged in ((True, False), (False, True)):
         rows = {"qwen3-1.7b:4096:b1": {"variants": {"hybrid_graph": {**timing, "graph_captured": captured}}}}
-        line = next(x for x in benchmark.summary_lines(rows, settings) if "hybrid_graph" in x)
-        assert ("capture failed" in line) == flagged
+        line = next(x for x in benchmark.summary_lines(rows, settings) if x.startswith("| qwen3-1.7b | 4096 | 1 | random ids | one pass | hybrid_graph"))
+        assert ("capture failed" in line) == flagged  # a row from before the prompt and prefill fields: random ids, one pass
+    check = {"rows": 1, "checked_tokens": 32, "max_gap": 9.5, "mean_gap": 1.25, "consistent": 20, "first_inconsistent": 3,
+             "tolerance": 0.1, "first_step_max_abs_diff": 0.5}
+    rows = {"smollm2:4096:b1": {"prompt": "text a.txt (9 tokens, ids sha256 0)", "variants": {
+        "hybrid_graph": {**timing, "prefill_chunk": 1024, "reference_check": check, "vs_hybrid_eager": {"first_mismatch": [7], "rows_identical": 0}},
+        "original": {**timing, "reference_check": {"failed": "out of memory: CUDA"}}}}}
+    lines = [x for x in benchmark.summary_lines(rows, settings) if x.startswith("| smollm2")]
+    assert "| text a.txt | chunks of 1024 | hybrid_graph |" in lines[1] and "| parts at 7 | 1.2 / 9.5; **20/32** (from step 3) <= 0.1 | 0.5 | yes |" in lines[1]
+    assert "| original |" in lines[0] and "check out of memory: CUDA" in lines[0]
+
+
+def test_graph_check_prefills_as_the_timed_call_did(benchmark, one_thread):
+    """The check compares the graph path with the static path run eagerly: it must prefill in the timed call's
+    chunks (a whole prefill rounds differently in bf16, and the tokens part at the first near-tie)."""
+    from types import SimpleNamespace
+
+    bench = benchmark.Bench("qwen3-1.7b", SimpleNamespace(smoke=True, model=None, mask=None), torch.device("cpu"), torch.float32)
+    chunks, generate = [], bench.hybrid.generate
+
+    def spy(*args, **kwargs):
+        chunks.append((kwargs["decode_mode"], kwargs["generation_config"].prefill_chunk_size))
+        return generate(*args, **kwargs)
+
+    bench.hybrid.generate = spy
+    ids = bench.prompt_ids(2, 40)
+    result, first = benchmark.timed_generate(bench, "hybrid_graph", ids, 5, prefill_chunk=16, keep_rows=1)
+    assert benchmark.graph_check(bench, ids, result["new_tokens"], 4, prefill_chunk=16)
+    assert chunks == [("static", 16)] * 3 and result["prefill_chunk"] == 16 and first.shape == (1, bench.vocab)
+
+
+def test_prompt_file_rows_are_tiled_text_recorded_per_row(benchmark, tmp_path, monkeypatch, capsys, one_thread):
+    from headscope.cli import script_main
+    from headscope.heads import HeadscopeError
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    model_dir = save_model(tiny_llama(seed=3), tmp_path / "llama")
+    text = tmp_path / "prose.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(10, 30)))  # 20 tokens and eos: rows of 16 wrap around
+    ids, name = benchmark.read_prompt(text, model_dir)
+    assert ids.tolist() == [*range(12, 32), 1] and name.startswith("text prose.txt (21 tokens, ids sha256 ")
+    from types import SimpleNamespace
+
+    bench = benchmark.Bench("smollm2", SimpleNamespace(smoke=True, model=model_dir, mask=None), torch.device("cpu"), torch.float32, (ids, name))
+    rows = bench.prompt_ids(3, 16)
+    assert rows[0].tolist() == list(range(12, 28)) and rows[1].tolist() == [*range(28, 32), 1, *range(12, 23)]
+    rows_dir = tmp_path / "rows"
+    common = ["--smoke", "--rows-dir", str(rows_dir), "--model", model_dir, "--rows", "smollm2:16:b1,qwen3-1.7b:16:b1", "--variants", "original"]
+    assert benchmark.main(common + ["--prompt-file", str(text)]) == 0
+    assert json.loads((rows_dir / "smollm2_16_b1.json").read_text())["prompt"] == name
+    assert json.loads((rows_dir / "qwen3-1.7b_16_b1.json").read_text())["prompt"] == "random ids"  # no tokenizer: random ids
+    assert "| smollm2 | 16 | 1 | text prose.txt | one pass | original |" in (tmp_path / "out" / "generate_speed.md").read_text()
+    before = (rows_dir / "smollm2_16_b1.json").read_text()
+    with pytest.raises(HeadscopeError, match="made with the prompt 'text prose.txt"):  # random ids would join a text row
+        benchmark.main(common[:-1] + ["original,hybrid_eager"])
+    assert (rows_dir / "smollm2_16_b1.json").read_text() == before
+    (tmp_path / "empty.jsonl").write_text("")
+    for bad, says in ((tmp_path / "missing.txt", "not found"), (tmp_path / "empty.jsonl", "hold no tokens")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            script_main(lambda: benchmark.main(common + ["--prompt-file", str(bad), "--rows-dir", str(tmp_path / "never")]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and says in err and err.startswith("headscope: error:") and not (tmp_path / "never").exists()

@@ -1,0 +1,179 @@
+"""What ``benchmarks/generate_speed.py`` checks besides the timings, and its summary table.
+
+Two kernel paths of one model (a compiled step and an eager one, a chunked prefill and a whole one) round
+differently in bf16, and greedy decoding follows the rounding at the first near-tie: from there on the two
+token streams have nothing in common, so the fraction of equal tokens says little about correctness (a
+random model's logits are all near-ties). ``agreement`` still records it, and where the streams part.
+
+``reference_gaps`` asks instead, token by token, whether the candidate's choice was a (near-)best choice of
+the exact model, given the candidate's own earlier tokens (teacher forcing): one forward of the same model
+with float32 copies of its weights (``weights_in``), no cache, over the first ``--check-rows`` rows of the
+prompt and the candidate's first ``n - 1`` tokens (the prompt in one pass: free of the candidate's prefill
+chunking, static cache, graph or compile) gives the reference logits of each of the ``n`` steps. Per step::
+
+    gap_t = max_v ref_t[v] - ref_t[token_t] = log(p_best / p_chosen)     (0: the exact model agrees)
+    consistent_t = gap_t <= max(gap_tol, 2 ulp of max_v |ref_t[v]| in the candidate's dtype)
+
+in nats, over the tokens the candidate could choose (those ``generate()``'s processors set to -inf, eos
+before ``min_new_tokens``, left out); the second term is the resolution of the candidate's own logits
+(bf16: 0.25 at logits of 16-32). ``first_step_max_abs_diff``: the largest |candidate - reference| logit
+at the first step (the prefill's logits, before any of the candidate's tokens enters).
+
+Why float32: the bf16 plain forward is no exact reference either. On the CPU (bf16, SmolLM2-135M and its
+untrained 7:1 hybrid, 1024 tokens of text, 32 steps) the hybrid's bf16 forward is off its float32 forward by
+up to 6.6 nats at some steps (the original's by 0.3), so against a bf16 reference the static path showed
+a 4.75-nat gap that was the reference's error; against float32: original 0.02 max / 0.0007 mean, hybrid
+eager 1.04 / 0.13, hybrid static 1.37 / 0.07, while planted bugs in the static path give 8.4 / 1.6 (decode
+positions off by one) and 19.5 / 10.1 (GDN states lost after the prefill). A fast path is correct when its
+gaps look like its eager twin's. Cost: one float32 prefill of the checked rows per variant.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+
+import torch
+
+VARIANTS = ("original", "original_compiled", "hybrid_eager", "hybrid_graph")
+TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original"}
+GOALS = {4096: 1.0, 32768: 2.0, 131072: 4.0}  # original / hybrid per-token latency, Qwen3-1.7B shape, batch 32
+RANDOM_PROMPT = "random ids"
+
+
+def default_gap_tol(dtype: torch.dtype) -> float:
+    """Nats: 0.1 for 16-bit models, 1e-4 for float32 ones."""
+    return 1e-4 if dtype == torch.float32 else 0.1
+
+
+def agreement(tokens: list, reference: list) -> dict:
+    """Greedy tokens of two paths: fraction equal, rows identical, first mismatch per row (None: none)."""
+    a, b = torch.tensor(tokens), torch.tensor(reference)
+    same = a == b
+    first = [int(row.logical_not().nonzero()[0]) if not row.all() else None for row in same]
+    return {"match_fraction": float(same.float().mean()), "rows_identical": int(same.all(1).sum()), "first_mismatch": first}
+
+
+@contextmanager
+def weights_in(model, dtype: torch.dtype):
+    """Inside the block ``model``'s floating parameters and buffers are ``dtype`` copies; after it, the very
+    tensors they were (same storage: captured graphs and compiled calls that hold their addresses stay valid)."""
+    saved = [(t, t.data) for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    try:
+        for t, data in saved:
+            t.data = data.to(dtype)
+        yield model
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
+def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scores: torch.Tensor, gap_tol: float,
+                   reference_dtype: torch.dtype | None = torch.float32) -> dict:
+    """Teacher-forced check of a candidate's greedy tokens against ``model``'s plain forward (module docstring).
+
+    Args:
+        model: the candidate's model (the original, or the hybrid), on the prompt's device.
+        prompt: ``(r, C)`` the checked rows' prompt ids.
+        tokens: ``(r, n)`` the candidate's first ``n`` new tokens of those rows.
+        first_scores: ``(r, V)`` float32: the candidate's first-step scores as ``generate()``'s logits
+            processors saw them (-inf where a processor banned a token).
+        gap_tol: nats (``default_gap_tol``).
+        reference_dtype: the reference forward's weights (float32: the exact model), or None: the model's own.
+    Returns:
+        ``{"rows", "checked_tokens", "max_gap", "mean_gap", "consistent", "first_inconsistent", "tolerance",
+        "first_step_max_abs_diff", "reference_dtype"}``: ``consistent`` of ``rows x checked_tokens``;
+        ``first_inconsistent`` the first step with an inconsistent token in any row (None: all consistent).
+    """
+    rows, n = tokens.shape
+    dtype = next(model.parameters()).dtype  # the candidate's: its logits' resolution
+    ids = torch.cat((prompt, tokens[:, : n - 1].to(prompt.device)), dim=1)  # (r, C + n - 1)
+    with weights_in(model, reference_dtype or dtype), torch.inference_mode():
+        ref = model(input_ids=ids, use_cache=False, logits_to_keep=n).logits.float()  # (r, n, V)
+    allowed = torch.isfinite(first_scores).to(ref.device)[:, None]  # (r, 1, V)
+    ref = ref.masked_fill(~allowed, float("-inf"))
+    gap = ref.amax(-1) - ref.gather(-1, tokens.to(ref.device)[..., None])[..., 0]  # (r, n), inf for a banned token
+    finfo = torch.finfo(dtype)
+    scale = ref.masked_fill(~allowed, 0).abs().amax(-1).clamp_min(finfo.tiny)  # (r, n)
+    ok = gap <= torch.clamp_min(2 * finfo.eps * torch.exp2(torch.floor(torch.log2(scale))), gap_tol)
+    bad_steps = (~ok).any(0).nonzero()
+    diff = (first_scores.to(ref.device) - ref[:, 0]).abs().masked_fill(~allowed[:, 0], 0)
+    return {"rows": rows, "checked_tokens": n, "max_gap": float(gap.max()), "mean_gap": float(gap.mean()), "consistent": int(ok.sum()),
+            "first_inconsistent": int(bad_steps[0]) if len(bad_steps) else None, "tolerance": gap_tol,
+            "first_step_max_abs_diff": float(diff.max()), "reference_dtype": str(reference_dtype or dtype).removeprefix("torch.")}
+
+
+def twin_text(twin: dict | None) -> str:
+    """Where a variant's greedy tokens part from its eager twin's (``agreement``): 'identical' or 'parts at t'."""
+    if twin is None:
+        return ""
+    firsts, rows = [t for t in twin["first_mismatch"] if t is not None], len(twin["first_mismatch"])
+    if not firsts:
+        return "identical"
+    return f"parts at {min(firsts)}" + (f" ({twin['rows_identical']}/{rows} rows identical)" if rows > 1 else "")
+
+
+def reference_text(check: dict | None) -> tuple[str, str]:
+    """The summary's teacher-forced cells of a ``reference_gaps`` result: mean / max gap and consistent tokens; step-1 difference."""
+    if check is None:
+        return "", ""
+    if "failed" in check:
+        return f"check {check['failed']}", ""
+    total = check["rows"] * check["checked_tokens"]
+    counted = f"{check['consistent']}/{total}"
+    if check["consistent"] < total:
+        counted = f"**{counted}** (from step {check['first_inconsistent']})"
+    return f"{check['mean_gap']:.2g} / {check['max_gap']:.2g}; {counted} <= {check['tolerance']:g}", f"{check['first_step_max_abs_diff']:.2g}"
+
+
+def summary_lines(rows: dict, settings: dict) -> list[str]:
+    lines = ["# generate() speed: original vs 7:1 head-wise hybrid", "",
+             f"{settings['device']}, {settings['dtype']}, torch {settings['torch']}, transformers {settings['transformers']}. "
+             f"Greedy, {settings['new_tokens']} new tokens after a prompt of `context` tokens (`prompt`: random ids, or a text file's "
+             "tokens tiled to the context); `prefill`: in one pass or in chunks (transformers' prefill_chunk_size). TTFT = generate() "
+             "entered -> first logits; per-token = mean of the later steps; tokens/s = batch x new tokens / total. Variants of one row "
+             "ran in one process.", "",
+             "Correctness, on the first --check-tokens new tokens. `greedy vs twin`: where the variant's greedy tokens part from its "
+             "eager twin's (hybrid_graph vs hybrid_eager, original_compiled vs original); in bf16 two kernel paths part at the first "
+             "near-tie, so this alone says little. `ref gap`: teacher-forced against the same model's plain forward with float32 "
+             "weights (no cache, prompt in one pass) over the variant's own tokens, first --check-rows rows: mean / max over steps of "
+             "log(p_best / p_chosen) in nats under that exact model, and how many tokens are within the tolerance; a fast path is "
+             "fine when its gaps look like its eager twin's (bugs planted in the static path gave means of 1.6-10 nats on the CPU). "
+             "`step-1 dlogit`: the largest |variant - reference| logit at the first step (the prefill). `graph = static eager`: the "
+             "graph path's tokens equal the same static path's run eagerly with the same prefill (must hold exactly).", "",
+             "| model | context | batch | prompt | prefill | variant | TTFT ms | per-token ms | tokens/s | peak GB | greedy vs twin | "
+             "ref gap mean / max (nats); consistent | step-1 dlogit | graph = static eager |",
+             "|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---|"]
+    for name, record in rows.items():
+        model, context, batch = name.split(":")
+        prompt = record.get("prompt", RANDOM_PROMPT).split(" (")[0]
+        for variant in VARIANTS:
+            r = record.get("variants", {}).get(variant)
+            if r is None:
+                continue
+            head = f"| {model} | {context} | {batch[1:]} | {prompt} |"
+            if "skipped" in r:
+                lines.append(f"{head} | {variant} | - | - | - | - | skipped: {r['skipped']} | | | |")
+                continue
+            chunk = r.get("prefill_chunk", record.get("prefill_chunk"))
+            gap, first = reference_text(r.get("reference_check"))
+            graph = r.get("graph_equals_static_eager")
+            check = f"check {graph['failed']}" if isinstance(graph, dict) else {True: "yes", False: "**NO**", None: ""}[graph]
+            check += " (**capture failed: decoded eagerly**)" if r.get("graph_captured") is False else ""
+            lines.append(f"{head} {f'chunks of {chunk}' if chunk else 'one pass'} | {variant} | {r['ttft_ms']:.1f} | {r['per_token_ms']:.2f} | "
+                         f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | "
+                         f"{twin_text(r.get(f'vs_{TWIN.get(variant)}'))} | {gap} | {first} | {check} |")
+    lines += ["", "## Per-token latency, original / hybrid (fastest variant of each)", "",
+              "| model | context | batch | original ms | hybrid ms | ratio | goal (Qwen3-1.7B shape, batch 32) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, record in rows.items():
+        model, context, batch = name.split(":")
+        best = {}
+        for side in ("original", "hybrid"):
+            times = [r["per_token_ms"] for v, r in record.get("variants", {}).items() if v.startswith(side) and "per_token_ms" in r]
+            best[side] = min(times) if times else None
+        ratio = best["original"] / best["hybrid"] if best["original"] and best["hybrid"] else None
+        goal = GOALS.get(int(context)) if model == "qwen3-1.7b" and batch == "b32" else None
+        fmt = lambda x: f"{x:.2f}" if x else "-"  # noqa: E731
+        lines.append(f"| {model} | {context} | {batch[1:]} | {fmt(best['original'])} | {fmt(best['hybrid'])} | {fmt(ratio)}{'x' if ratio else ''} | "
+                     f"{'>= %gx: %s' % (goal, 'met' if ratio and ratio >= goal else 'not met') if goal else ''} |")
+    return lines

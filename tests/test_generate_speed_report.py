@@ -1,0 +1,84 @@
+"""benchmarks/generate_speed_report.py: the teacher-forced reference check passes a correct fast path and
+fails a broken one (GDN states lost in the static cache), leaves banned tokens out, and runs the float32
+reference on copies of the weights that leave the model's own tensors untouched."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import load_benchmark, tiny_qwen3
+from headscope.hybrid.static_cache import HybridStaticCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_benchmark("generate_speed")
+
+
+@pytest.fixture(scope="module")
+def bench(benchmark):
+    return benchmark.Bench("qwen3-1.7b", SimpleNamespace(smoke=True, model=None, mask=None), torch.device("cpu"), torch.float32)
+
+
+def check(benchmark, bench, variant: str, ids: torch.Tensor, n: int = 5) -> dict:
+    result, first = benchmark.timed_generate(bench, variant, ids, n, keep_rows=2)
+    bench.release()
+    tokens = torch.tensor(result["new_tokens"])[:2]
+    return benchmark.reference_gaps(bench.model_of(variant), ids[:2], tokens, first, gap_tol=1e-4)
+
+
+def test_a_correct_static_path_is_consistent_and_a_broken_one_is_not(benchmark, bench, monkeypatch):
+    ids = bench.prompt_ids(3, 24)
+    good = check(benchmark, bench, "hybrid_graph", ids)
+    assert good["consistent"] == 2 * 5 and good["max_gap"] < 1e-4 and good["first_step_max_abs_diff"] < 1e-4
+    assert good["reference_dtype"] == "float32" and good["first_inconsistent"] is None
+    decode = HybridStaticCache.decode
+
+    def forgetful(self, model, input_ids, attention_mask, position_ids):  # the GDN states lost before every step
+        for state in self.recurrent_states:
+            if state is not None:
+                state.zero_()
+        return decode(self, model, input_ids, attention_mask, position_ids)
+
+    monkeypatch.setattr(HybridStaticCache, "decode", forgetful)
+    bad = check(benchmark, bench, "hybrid_graph", ids)
+    assert bad["consistent"] < 2 * 5 and bad["first_inconsistent"] >= 1 and bad["max_gap"] > 1e-2
+    assert bad["first_step_max_abs_diff"] < 1e-4  # the prefill is still right
+
+
+def test_tokens_a_processor_banned_are_left_out():
+    model = tiny_qwen3(seed=1).float()
+    from_benchmark = load_benchmark("generate_speed_report")
+    prompt = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(prompt).logits[:, -1].float()  # (1, V)
+    best, second = logits[0].topk(2).indices.tolist()
+    scores = logits.clone()
+    scores[0, best] = float("-inf")  # as min_new_tokens bans eos: the candidate had to take the second best
+    got = from_benchmark.reference_gaps(model, prompt, torch.tensor([[second]]), scores, gap_tol=1e-4)
+    assert got["max_gap"] < 1e-4 and got["consistent"] == 1 and got["first_step_max_abs_diff"] < 1e-4
+    worst = int(logits[0].argmin())
+    got = from_benchmark.reference_gaps(model, prompt, torch.tensor([[worst]]), logits, gap_tol=1e-4)
+    assert got["consistent"] == 0 and got["max_gap"] == pytest.approx(float(logits[0].max() - logits[0, worst]), rel=1e-4)
+
+
+def test_the_float32_reference_leaves_the_models_tensors_as_they_were():
+    report = load_benchmark("generate_speed_report")
+    model = tiny_qwen3(seed=2).to(torch.bfloat16)
+    before = {name: (t.data_ptr(), t.dtype, t.clone()) for name, t in model.state_dict(keep_vars=True).items()}
+    prompt = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with report.weights_in(model, torch.float32):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with torch.no_grad():
+            exact = model(prompt).logits[:, -1].float()
+    with torch.no_grad():
+        rounded = model(prompt).logits[:, -1].float()
+    assert not torch.equal(exact, rounded)  # float32 math, not bf16
+    for name, t in model.state_dict(keep_vars=True).items():
+        ptr, dtype, value = before[name]
+        assert t.data_ptr() == ptr and t.dtype == dtype and torch.equal(t, value)
