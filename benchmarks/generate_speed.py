@@ -61,6 +61,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -73,7 +74,9 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-from generate_speed_report import RANDOM_PROMPT, TWIN, VARIANTS, agreement, default_gap_tol, reference_gaps, summary_lines  # noqa: E402
+from generate_speed_report import (  # noqa: E402
+    RANDOM_PROMPT, TWIN, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, summary_lines,
+)
 from headscope.heads import HeadscopeError  # noqa: E402
 
 ROOT = HERE.parent
@@ -403,21 +406,24 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"device": torch.cuda.get_device_name() if cuda else "cpu (--smoke)", "dtype": str(dtype).removeprefix("torch."),
                 "torch": torch.__version__, "transformers": transformers.__version__, "new_tokens": args.new_tokens}
-    row_path = lambda row: rows_dir / f"{row.replace(':', '_')}.json"  # noqa: E731
     text = read_prompt(args.prompt_file, args.model) if args.prompt_file else None
-    prompt_of = lambda row: text[1] if text is not None and row.startswith("smollm2:") else RANDOM_PROMPT  # noqa: E731
+    texts = lambda row: text is not None and row.startswith("smollm2:")  # noqa: E731
+    prompt_of = lambda row: text[1] if texts(row) else RANDOM_PROMPT  # noqa: E731
+    tag = "_text-" + re.sub(r"[^A-Za-z0-9.-]", "_", Path(args.prompt_file).stem) if text is not None else ""
+    row_path = lambda row: rows_dir / f"{row.replace(':', '_')}{tag if texts(row) else ''}.json"  # noqa: E731
 
-    def write_summary() -> None:
-        rows = {row: json.loads(row_path(row).read_text()) for row in dict.fromkeys(order + wanted) if row_path(row).is_file()}
+    def write_summary() -> None:  # every row file of the directory, whatever this run's rows and prompt
+        rows = {path.stem: json.loads(path.read_text()) for path in rows_dir.glob("*.json")}
+        rows = dict(sorted(rows.items(), key=lambda item: row_order(item[1])))
         write_json_atomic(out_dir / "generate_speed.json", {"settings": settings, "rows": rows})
         write_text_atomic(out_dir / "generate_speed.md", "\n".join(summary_lines(rows, settings)) + "\n")
 
     recorded = {row: json.loads(row_path(row).read_text()) for row in wanted if row_path(row).is_file()}
     pending = [row for row in wanted if args.redo or not set(args.variants) <= set(recorded.get(row, {}).get("variants", {}))]
-    for row in pending:  # one prompt per row: its variants are compared with each other
+    for row in pending:  # one prompt per row file (a text's name is in it): its variants are compared with each other
         if row in recorded and recorded[row].get("prompt", RANDOM_PROMPT) != prompt_of(row):
-            raise HeadscopeError(f"row {row} in {rows_dir} was made with the prompt '{recorded[row].get('prompt', RANDOM_PROMPT)}', "
-                                 f"this run's is '{prompt_of(row)}': use another --rows-dir or remove {row_path(row).name}")
+            raise HeadscopeError(f"{row_path(row)} was made with the prompt '{recorded[row].get('prompt', RANDOM_PROMPT)}', "
+                                 f"this run's is '{prompt_of(row)}': use another --rows-dir or remove the file")
     print(f"{len(wanted) - len(pending)} of {len(wanted)} rows done in {rows_dir}; running {pending or 'none'}", flush=True)
     benches: dict[str, Bench] = {}
     for row in pending:

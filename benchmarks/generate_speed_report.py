@@ -126,7 +126,14 @@ def reference_text(check: dict | None) -> tuple[str, str]:
     return f"{check['mean_gap']:.2g} / {check['max_gap']:.2g}; {counted} <= {check['tolerance']:g}", f"{check['first_step_max_abs_diff']:.2g}"
 
 
+def row_order(record: dict) -> tuple:
+    """Summary order of a row file's record: model (the Qwen3 shape first), context, batch, prompt."""
+    model, context, batch = record["row"].split(":")
+    return model != "qwen3-1.7b", model, int(context), int(batch[1:]), record.get("prompt", RANDOM_PROMPT)
+
+
 def summary_lines(rows: dict, settings: dict) -> list[str]:
+    """The summary's markdown lines; ``rows``: row-file name -> record (each with its ``row`` and ``variants``)."""
     lines = ["# generate() speed: original vs 7:1 head-wise hybrid", "",
              f"{settings['device']}, {settings['dtype']}, torch {settings['torch']}, transformers {settings['transformers']}. "
              f"Greedy, {settings['new_tokens']} new tokens after a prompt of `context` tokens (`prompt`: random ids, or a text file's "
@@ -144,8 +151,8 @@ def summary_lines(rows: dict, settings: dict) -> list[str]:
              "| model | context | batch | prompt | prefill | variant | TTFT ms | per-token ms | tokens/s | peak GB | greedy vs twin | "
              "ref gap mean / max (nats); consistent | step-1 dlogit | graph = static eager |",
              "|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---|"]
-    for name, record in rows.items():
-        model, context, batch = name.split(":")
+    for record in rows.values():
+        model, context, batch = record["row"].split(":")
         prompt = record.get("prompt", RANDOM_PROMPT).split(" (")[0]
         for variant in VARIANTS:
             r = record.get("variants", {}).get(variant)
@@ -164,9 +171,10 @@ def summary_lines(rows: dict, settings: dict) -> list[str]:
                          f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | "
                          f"{twin_text(r.get(f'vs_{TWIN.get(variant)}'))} | {gap} | {first} | {check} |")
     lines += ["", "## Per-token latency, original / hybrid (fastest variant of each)", "",
-              "| model | context | batch | original ms | hybrid ms | ratio | goal (Qwen3-1.7B shape, batch 32) |", "|---|---:|---:|---:|---:|---:|---|"]
-    for name, record in rows.items():
-        model, context, batch = name.split(":")
+              "| model | context | batch | prompt | original ms | hybrid ms | ratio | goal (Qwen3-1.7B shape, batch 32) |",
+              "|---|---:|---:|---|---:|---:|---:|---|"]
+    for record in rows.values():
+        model, context, batch = record["row"].split(":")
         best = {}
         for side in ("original", "hybrid"):
             times = [r["per_token_ms"] for v, r in record.get("variants", {}).items() if v.startswith(side) and "per_token_ms" in r]
@@ -174,6 +182,6 @@ def summary_lines(rows: dict, settings: dict) -> list[str]:
         ratio = best["original"] / best["hybrid"] if best["original"] and best["hybrid"] else None
         goal = GOALS.get(int(context)) if model == "qwen3-1.7b" and batch == "b32" else None
         fmt = lambda x: f"{x:.2f}" if x else "-"  # noqa: E731
-        lines.append(f"| {model} | {context} | {batch[1:]} | {fmt(best['original'])} | {fmt(best['hybrid'])} | {fmt(ratio)}{'x' if ratio else ''} | "
+        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | {fmt(best['original'])} | {fmt(best['hybrid'])} | {fmt(ratio)}{'x' if ratio else ''} | "
                      f"{'>= %gx: %s' % (goal, 'met' if ratio and ratio >= goal else 'not met') if goal else ''} |")
     return lines

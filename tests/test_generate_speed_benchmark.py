@@ -84,12 +84,12 @@ def test_summary_flags_failed_captures_and_inconsistent_tokens_and_reads_old_row
     settings = {"device": "gpu", "dtype": "bfloat16", "torch": "t", "transformers": "t", "new_tokens": 4}
     timing = {"ttft_ms": 1.0, "per_token_ms": 0.5, "tokens_per_s": 8.0, "graph_equals_static_eager": True}
     for captured, flagged in ((True, False), (False, True)):
-        rows = {"qwen3-1.7b:4096:b1": {"variants": {"hybrid_graph": {**timing, "graph_captured": captured}}}}
+        rows = {"qwen3-1.7b_4096_b1": {"row": "qwen3-1.7b:4096:b1", "variants": {"hybrid_graph": {**timing, "graph_captured": captured}}}}
         line = next(x for x in benchmark.summary_lines(rows, settings) if x.startswith("| qwen3-1.7b | 4096 | 1 | random ids | one pass | hybrid_graph"))
         assert ("capture failed" in line) == flagged  # a row from before the prompt and prefill fields: random ids, one pass
     check = {"rows": 1, "checked_tokens": 32, "max_gap": 9.5, "mean_gap": 1.25, "consistent": 20, "first_inconsistent": 3,
              "tolerance": 0.1, "first_step_max_abs_diff": 0.5}
-    rows = {"smollm2:4096:b1": {"prompt": "text a.txt (9 tokens, ids sha256 0)", "variants": {
+    rows = {"smollm2_4096_b1_text-a": {"row": "smollm2:4096:b1", "prompt": "text a.txt (9 tokens, ids sha256 0)", "variants": {
         "hybrid_graph": {**timing, "prefill_chunk": 1024, "reference_check": check, "vs_hybrid_eager": {"first_mismatch": [7], "rows_identical": 0}},
         "original": {**timing, "reference_check": {"failed": "out of memory: CUDA"}}}}}
     lines = [x for x in benchmark.summary_lines(rows, settings) if x.startswith("| smollm2")]
@@ -134,13 +134,18 @@ def test_prompt_file_rows_are_tiled_text_recorded_per_row(benchmark, tmp_path, m
     rows_dir = tmp_path / "rows"
     common = ["--smoke", "--rows-dir", str(rows_dir), "--model", model_dir, "--rows", "smollm2:16:b1,qwen3-1.7b:16:b1", "--variants", "original"]
     assert benchmark.main(common + ["--prompt-file", str(text)]) == 0
-    assert json.loads((rows_dir / "smollm2_16_b1.json").read_text())["prompt"] == name
+    assert json.loads((rows_dir / "smollm2_16_b1_text-prose.json").read_text())["prompt"] == name  # the text names the row file
     assert json.loads((rows_dir / "qwen3-1.7b_16_b1.json").read_text())["prompt"] == "random ids"  # no tokenizer: random ids
-    assert "| smollm2 | 16 | 1 | text prose.txt | one pass | original |" in (tmp_path / "out" / "generate_speed.md").read_text()
-    before = (rows_dir / "smollm2_16_b1.json").read_text()
-    with pytest.raises(HeadscopeError, match="made with the prompt 'text prose.txt"):  # random ids would join a text row
-        benchmark.main(common[:-1] + ["original,hybrid_eager"])
-    assert (rows_dir / "smollm2_16_b1.json").read_text() == before
+    assert benchmark.main(common[:-1] + ["original,hybrid_eager", "--rows", "smollm2:16:b1"]) == 0  # random ids: another row file
+    assert set(json.loads((rows_dir / "smollm2_16_b1.json").read_text())["variants"]) == {"original", "hybrid_eager"}
+    summary = (tmp_path / "out" / "generate_speed.md").read_text()  # every row file, also those this run did not name
+    assert "| smollm2 | 16 | 1 | text prose.txt | one pass | original |" in summary and "| smollm2 | 16 | 1 | random ids | one pass | original |" in summary
+    assert "| qwen3-1.7b | 16 | 1 | random ids | one pass | original |" in summary
+    before = (rows_dir / "smollm2_16_b1_text-prose.json").read_text()
+    text.write_text("w5 w6 w7")  # another text under the same name
+    with pytest.raises(HeadscopeError, match="made with the prompt 'text prose.txt"):
+        benchmark.main(common[:-1] + ["original,hybrid_eager", "--prompt-file", str(text)])
+    assert (rows_dir / "smollm2_16_b1_text-prose.json").read_text() == before
     (tmp_path / "empty.jsonl").write_text("")
     for bad, says in ((tmp_path / "missing.txt", "not found"), (tmp_path / "empty.jsonl", "hold no tokens")):
         capsys.readouterr()

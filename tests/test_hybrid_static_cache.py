@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from conftest import tiny_qwen3
 from headscope.heads import HeadMask, HeadscopeError
@@ -80,6 +80,22 @@ def test_greedy_generate_static_equals_dynamic_and_reuses_its_cache(hybrid):
     one = ids[:, -1:]  # a one-token prompt decodes from zero GDN states, whatever the cache held before
     assert torch.equal(hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="static"),
                        hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="dynamic"))
+
+
+@pytest.mark.parametrize("length, chunk", [(11, 4), (7, 3)])  # chunks 4+4+3; 3+3+1 (a one-token chunk is a decode step)
+def test_chunked_prefill_on_the_static_cache_matches_one_pass_on_the_dynamic_cache(hybrid, length, chunk):
+    """generate() with prefill_chunk_size (what benchmarks/generate_speed.py times at 32K) over left padding and
+    log-scaled positions: the same greedy tokens and logits as the dynamic path's one-pass prefill."""
+    ids, mask = prompt(length=length, seed=4)
+
+    def generate(mode, prefill_chunk):
+        config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0, prefill_chunk_size=prefill_chunk,
+                                  output_logits=True, return_dict_in_generate=True)
+        return hybrid.generate(ids, attention_mask=mask, generation_config=config, decode_mode=mode)
+
+    want, got = generate("dynamic", None), generate("static", chunk)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-5
 
 
 def test_generate_picks_the_dynamic_path_where_the_static_one_cannot_serve(hybrid):
