@@ -21,7 +21,7 @@ at the first step (the prefill's logits, before any of the candidate's tokens en
 
 Why float32: the bf16 plain forward is no exact reference either. On the CPU (bf16, SmolLM2-135M and its
 untrained 7:1 hybrid, 1024 tokens of text, 32 steps) the hybrid's bf16 forward is off its float32 forward by
-up to 6.6 nats at some steps (the original's by 0.3), so against a bf16 reference the static path showed
+up to 6.6 nats at some steps (the original's by up to 0.6), so against a bf16 reference the static path showed
 a 4.75-nat gap that was the reference's error; against float32: original 0.02 max / 0.0007 mean, hybrid
 eager 1.04 / 0.13, hybrid static 1.37 / 0.07, while planted bugs in the static path give 8.4 / 1.6 (decode
 positions off by one) and 19.5 / 10.1 (GDN states lost after the prefill). A fast path is correct when its
