@@ -7,8 +7,10 @@ mask ``benchmarks/results/smollm2/kv_aware_mask.json``; a random KV-aware 7:1 ma
 made for another model). The hybrid is ``build_hybrid`` of the same weights. Each row is one (model,
 context, batch). Prompts are random ids, except that with ``--prompt-file`` (a .txt / .jsonl file, read and
 tokenised once with ``--model``'s tokenizer, eos between documents) the smollm2 rows get real text: the
-file's tokens tiled end to end, row ``i`` starting ``i x context`` tokens in. A row records its prompt, and a
-run that would add variants with another prompt to a row stops with one line (exit 2). In one process a
+file's tokens tiled end to end, row ``i`` starting ``i x context`` tokens in. A row file records its prompt;
+a text's row files carry its name (``smollm2_4096_b1_text-python_docs.json``), so random-id and text rows
+of one shape sit side by side in the summary, each labelled; a run that would add variants with another
+prompt to a row file (another text under the same name) stops with one line (exit 2). In one process a
 row times ``generate()`` (greedy, exactly ``--new-tokens`` new tokens) for each variant:
 
 * ``original``: transformers' default (``DynamicCache``, eager);
@@ -50,7 +52,8 @@ Rows are ``<model>:<context>:b<batch>`` over ``--contexts`` x ``--batches`` (def
 (``--rows-dir``, default ``benchmarks/results/generate_speed_rows``) are written after every variant; a
 rerun runs only the missing variants (``--variants`` restricts them; ``--redo``: those of ``--variants``
 again), and stops starting variants after ``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}``
-(OUT defaults to benchmarks/results) is rebuilt from all row files, and ``$OUT`` gets a copy of them.
+(OUT defaults to benchmarks/results) is rebuilt from every row file of the directory, and ``$OUT`` gets a copy
+of them.
 ``--smoke``: tiny models on the CPU in float32 (results under /tmp/headscope_generate_speed_smoke).
 """
 
