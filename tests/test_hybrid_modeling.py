@@ -10,6 +10,7 @@ from conftest import save_model, tiny_llama, tiny_qwen3
 from headscope.cli import main
 from headscope.heads import HeadMask
 from headscope.hybrid import HybridConfig, HybridForCausalLM, build_hybrid
+from headscope.hybrid.functional import log_position_scale
 from headscope.hybrid.modeling import CACHE_FIELD
 from headscope.mask import save_mask
 from headscope.models import load_model
@@ -54,6 +55,24 @@ def test_prefill_then_decode_equals_full_forward(hybrid):
         out = hybrid(ids[:, 12:], past_key_values=getattr(out, CACHE_FIELD), use_cache=True)  # the pre-5.24 keyword
         pieces.append(out.logits)
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-4
+
+
+def test_query_scale_is_one_float_while_every_position_is_below_the_floor(hybrid):
+    """floor_scale 4: the scale is exactly 1 up to position 2; the model passes 1.0 (no multiply) when the
+    positions it made stay there, the tensor otherwise, and the logits do not change."""
+    model, a = hybrid.model, float(hybrid.config.attn_scale)
+    three, four = torch.arange(3)[None], torch.arange(4)[None]
+    assert model._query_scale(three, 2, torch.float32) == 1.0
+    scale = model._query_scale(four, 3, torch.float32)  # position 3: floor(4 / 4) = 1
+    assert isinstance(scale, torch.Tensor) and torch.equal(scale, log_position_scale(four, a, 4.0)) and scale[0, 3] > 1
+    assert isinstance(model._query_scale(three, None, torch.float32), torch.Tensor)  # positions passed in: no bound
+    ids = ids_of(2, 3, seed=3)
+    with torch.no_grad():
+        made_here, passed = hybrid(ids).logits, hybrid(ids, position_ids=three.expand(2, 3)).logits
+        mask = torch.tensor([[1, 1, 1], [0, 1, 1]])  # positions from the mask: bounded by its length - 1
+        padded = hybrid(ids, attention_mask=mask).logits
+        padded_passed = hybrid(ids, attention_mask=mask, position_ids=torch.tensor([[0, 1, 2], [0, 0, 1]])).logits
+    assert torch.equal(made_here, passed) and torch.equal(padded, padded_passed)
 
 
 def test_greedy_generate_equals_argmax_of_full_forward(hybrid):

@@ -23,8 +23,9 @@ one call, ``headscope.kernels.gdn_prep.ops.short_conv_rope_l2norm``: at inferenc
 that reads the strided q/k/v slices of the projections once and writes q, k, v once (no ``cat``); with
 autograd or on CPU the composition (cat, fla's ``causal_conv1d`` / torch conv, the fused RoPE + L2 norm).
 Padded positions get a zero conv input (the call's ``input_mask``). ``beta = sigmoid(b_proj(x))``;
-``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)`` (A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]);
-``headscope.kernels.gdn.ops.gated_delta_rule`` with scale 1/sqrt(D). The cache holds the conv window
+``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)`` (A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]), then the
+delta rule with scale 1/sqrt(D): ``headscope.kernels.gdn.ops.gated_delta_rule_from_logits`` takes the two
+logits (short CUDA prefill computes the gates inside its first kernel). The cache holds the conv window
 ``(B, C, K)`` (the last K conv inputs) and the recurrent state ``(B, n_gdn, D, D)`` fp32.
 
 Fusion (``fusion_norm``): every head's output is RMS-normalised, scaled by a learned ``gamma_h``
@@ -46,7 +47,8 @@ Against a ``HybridStaticCache`` a one-token call is a decode step through ``kern
 ``kernels/gdn_decode`` (cache write, log scaling, conv window, delta rule, states in place; no host
 synchronisation), both branches writing into one output: what ``headscope.hybrid.static_cache``
 captures in a CUDA graph. ``HybridModel`` computes the FA query scale once per forward and passes it to
-every layer (``query_scale``), instead of each layer recomputing it.
+every layer (``query_scale``), instead of each layer recomputing it, and passes exactly 1.0 (no multiply)
+when every position it made is below ``floor_scale - 1``, where the scale is 1.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from headscope.hybrid.functional import apply_rope, causal_attention, fa_segment
 from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.kernels.epilogue.ops import head_epilogue
 from headscope.kernels.fa_decode.ops import decode_attention
-from headscope.kernels.gdn.ops import gated_delta_rule
+from headscope.kernels.gdn.ops import gated_delta_rule_from_logits
 from headscope.kernels.gdn_decode.ops import gdn_decode_step
 from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm
 
@@ -248,7 +250,7 @@ class HeadwiseHybridAttention(nn.Module):
         position_ids: torch.Tensor,
         past_key_values=None,
         padding_mask: torch.Tensor | None = None,
-        query_scale: torch.Tensor | None = None,
+        query_scale: torch.Tensor | float | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """One attention layer: ``o_proj(core(x, *project(x)))``.
@@ -260,7 +262,9 @@ class HeadwiseHybridAttention(nn.Module):
             past_key_values: a ``transformers.DynamicCache`` built from the ``HybridConfig`` (its layer
                 types give this layer a KV slot if it has FA heads, conv + recurrent states if GDN), or None.
             padding_mask: ``(B, past + T)`` 1 for real tokens, or None when nothing is padded.
-            query_scale: ``(B, T)`` float32 ``log_position_scale`` of ``position_ids`` (computed here when None).
+            query_scale: ``(B, T)`` ``log_position_scale`` of ``position_ids``, or one float for every position
+                (``HybridModel`` passes 1.0 when it knows every position is below ``floor_scale - 1``), or
+                None (computed here).
         Returns:
             ``(B, T, hidden)``.
         """
@@ -328,7 +332,10 @@ class HeadwiseHybridAttention(nn.Module):
         if spec.log_scaling:
             if query_scale is None:
                 query_scale = log_position_scale(position_ids, spec.attn_scale, spec.floor_scale)
-            q = q * query_scale[:, :, None, None].to(q.dtype)
+            if isinstance(query_scale, torch.Tensor):
+                q = q * query_scale[:, :, None, None].to(q.dtype)
+            elif query_scale != 1.0:
+                q = q * query_scale
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, D)
@@ -374,12 +381,10 @@ class HeadwiseHybridAttention(nn.Module):
             q, k, v, self.conv1d.weight.squeeze(1), cos, sin, conv_state=conv_state, input_mask=step_mask,
             output_conv_state=cache is not None,
         )
-        beta = torch.sigmoid(self.b_proj(x))  # (B, T, n_gdn)
-        g = -self.A_log.float().exp() * nn.functional.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        if step_mask is not None:
-            beta = beta * step_mask.to(beta.dtype)[..., None]
-            g = g * step_mask.to(g.dtype)[..., None]
-        o, state = gated_delta_rule(q, k, v, g, beta, scale=spec.head_dim**-0.5, initial_state=state, output_final_state=cache is not None)
+        o, state = gated_delta_rule_from_logits(  # beta = sigmoid(b_proj(x)), g = -exp(A_log)·softplus(a_proj(x) + dt_bias)
+            q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias, input_mask=step_mask,  # a, b (B, T, n_gdn)
+            scale=spec.head_dim**-0.5, initial_state=state, output_final_state=cache is not None,
+        )
         if cache is not None:
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=spec.conv_size)
             cache.update_recurrent_state(state, self.layer_idx)

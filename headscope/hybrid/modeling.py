@@ -118,10 +118,11 @@ class HybridModel(HybridPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise HeadscopeError(f"HybridForCausalLM takes a 2D attention_mask, got shape {tuple(attention_mask.shape)}")
         padding_mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        last_position = None  # the largest position, when known on the host (positions made here)
         if position_ids is None:
-            position_ids = self._positions(attention_mask, past_key_values, seq, hidden.device)
+            position_ids, last_position = self._positions(attention_mask, past_key_values, seq, hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        query_scale = self._query_scale(position_ids)
+        query_scale = self._query_scale(position_ids, last_position, hidden.dtype)
         static = isinstance(past_key_values, HybridStaticCache)
         if static:
             past_key_values.check_room(seq, hidden.shape[0])
@@ -140,11 +141,16 @@ class HybridModel(HybridPreTrainedModel):
             **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
-    def _query_scale(self, position_ids: torch.Tensor) -> torch.Tensor | None:
-        """The FA query scale ``(B, T)`` every log-scaled layer uses (the same switches for all), once per forward."""
+    def _query_scale(self, position_ids: torch.Tensor, last_position: int | None, dtype: torch.dtype) -> torch.Tensor | float | None:
+        """The FA query scale every log-scaled layer uses (the same switches for all), once per forward:
+        ``(B, T)`` in ``dtype`` (the layers round it to the queries' dtype: the same values), or exactly 1.0
+        when ``last_position`` (known on the host) is below ``floor_scale - 1``, which spares every layer its
+        multiply (a 4K prefill: ``log_position_scale`` is 1 up to position 8190)."""
         if not any(layer.self_attn.spec.log_scaling and layer.self_attn.spec.n_fa_heads for layer in self.layers):
             return None
-        return log_position_scale(position_ids, float(self.config.attn_scale), float(self.config.floor_scale))
+        if last_position is not None and last_position + 1 < float(self.config.floor_scale):
+            return 1.0
+        return log_position_scale(position_ids, float(self.config.attn_scale), float(self.config.floor_scale)).to(dtype)
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: HybridStaticCache) -> torch.Tensor:
         """Final hidden states ``(B, 1, C)`` of one token per row against a static cache: device work only, no
@@ -161,16 +167,17 @@ class HybridModel(HybridPreTrainedModel):
         cache.end_decode()
         return self.norm(hidden)
 
-    def _positions(self, attention_mask, cache, seq: int, device) -> torch.Tensor:
-        """``(B, T)`` positions: from the mask's running count (left padding) or after the cached tokens."""
+    def _positions(self, attention_mask, cache, seq: int, device) -> tuple[torch.Tensor, int]:
+        """``(B, T)`` positions: from the mask's running count (left padding) or after the cached tokens; and
+        an upper bound on them known on the host (the mask's length - 1, or the last position)."""
         if attention_mask is not None:
-            return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
+            return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:], attention_mask.shape[1] - 1
         past = 0
         if isinstance(cache, HybridStaticCache) or (cache is not None and any(t != "linear_attention" for t in self.config.layer_types)):
             past = cache.get_seq_length()
         elif cache is not None and cache.has_previous_state():
             raise HeadscopeError("a hybrid without FA heads cannot infer positions from its cache; pass attention_mask or position_ids")
-        return torch.arange(past, past + seq, device=device)[None]
+        return torch.arange(past, past + seq, device=device)[None], past + seq - 1
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
@@ -217,7 +224,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             if position_ids is None and attention_mask is not None:  # the last entry of the mask's running count
                 position_ids = (attention_mask.sum(-1, keepdim=True) - 1).clamp_min(0)
             elif position_ids is None:
-                position_ids = self.model._positions(None, cache, 1, input_ids.device)
+                position_ids = self.model._positions(None, cache, 1, input_ids.device)[0]
             logits = cache.decode(self, input_ids, attention_mask, position_ids)
             return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
         out = self.model(

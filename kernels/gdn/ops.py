@@ -9,6 +9,14 @@ CUDA        fla ``chunk_gated_delta_rule``         fla ``fused_recurrent_gated_d
 CPU         :func:`.chunk.chunk_gated_delta_rule`  :func:`.chunk.recurrent_step`
 ==========  =====================================  ==========================================
 
+Short prefill on CUDA without gradients (1 < T <= ``FUSED_MAX_LENGTH``, K and V <= 128) takes headscope's
+own two-launch chunk kernels instead (:mod:`.triton_chunk`: same algorithm and precision as fla, without
+fla's three extra launches and its per-call Python). ``gated_delta_rule_from_logits`` is the layer's entry:
+it takes the raw beta/decay logits, which that path turns into beta and g inside its first kernel (the
+other paths compute them with :func:`gdn_gates`, ~11 eager ops on CUDA). ``FUSED_MAX_LENGTH`` is 0 (off)
+until the GPU measurement of ``benchmarks/gdn_prefill_speed.py`` sets it; the environment variable
+``HEADSCOPE_GDN_FUSED_MAX_T`` sets it at import.
+
 fla's fused recurrent kernel has no backward, so a T == 1 call that needs gradients goes to the chunk
 kernel. fla 0.6 refuses its chunk *backward* on Hopper GPUs with Triton >= 3.4.0 and < 3.7.1 (wrong
 results in one kernel, ``chunk_bwd_dqkwg``, fla issue #640) unless tilelang is installed; there the
@@ -28,16 +36,27 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.gdn.chunk import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
 from headscope.kernels.gdn.chunk import recurrent_step
 
 FLA_MAX_KEY_DIM = 256
+FUSED_MAX_DIM = 128  # the fused kernels hold whole (chunk, K) and (chunk, V) tiles in registers
+FUSED_MAX_LENGTH = int(os.environ.get("HEADSCOPE_GDN_FUSED_MAX_T", "0"))  # longest T for the fused path; 0 = off
 
 
 def _use_fla(q: torch.Tensor) -> bool:
     return q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON", "0") != "1"
+
+
+def use_fused(q: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether a prefill of these inputs takes headscope's fused chunk kernels (module docstring)."""
+    return (
+        _use_fla(q) and not needs_grad and 1 < q.shape[1] <= FUSED_MAX_LENGTH
+        and max(q.shape[-1], v.shape[-1]) <= FUSED_MAX_DIM and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
 
 
 def _check_inputs(
@@ -139,6 +158,15 @@ def gated_delta_rule(
     needs_grad = _needs_grad(q, k, v, g, beta, initial_state)
     decode = q.shape[1] == 1 and not needs_grad
 
+    if use_fused(q, v, needs_grad):
+        from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
+
+        dtype = kernel_dtype(q, k, v)
+        o, state = triton_chunk_gated_delta_rule(
+            q.to(dtype), k.to(dtype), v.to(dtype), g, beta, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
+        return o.to(q.dtype), state
     if not _use_fla(q):
         if decode:
             o, state = recurrent_step(q, k, v, g, beta, initial_state, scale=scale)
@@ -172,3 +200,71 @@ def gated_delta_rule(
         use_qk_l2norm_in_kernel=False,
     )
     return o.to(q.dtype), state
+
+
+def gdn_gates(
+    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, input_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GDN gates from their logits: ``g = -exp(A_log)·softplus(a + dt_bias)`` (float32) and
+    ``beta = sigmoid(b)`` (b's dtype), both times ``input_mask`` ``(B, T)`` when given (a padded token is
+    a no-op: no decay, no write).
+
+    Args:
+        a, b: ``(B, T, H)`` outputs of ``a_proj`` and ``b_proj``.
+        A_log, dt_bias: ``(H,)``.
+    Returns:
+        g, beta: ``(B, T, H)``.
+    """
+    beta = torch.sigmoid(b)
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    if input_mask is not None:
+        beta = beta * input_mask.to(beta.dtype)[..., None]
+        g = g * input_mask.to(g.dtype)[..., None]
+    return g, beta
+
+
+def gated_delta_rule_from_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    *,
+    input_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``gated_delta_rule`` with the gates given as logits (:func:`gdn_gates`): the hybrid layer's GDN call.
+
+    On the fused path (``use_fused``) the gates are computed inside its first kernel; everywhere else
+    :func:`gdn_gates` then :func:`gated_delta_rule`.
+
+    Args:
+        q, k, v, scale, initial_state, output_final_state: as :func:`gated_delta_rule`.
+        a, b: ``(B, T, H)`` the decay and beta logits (``a_proj(x)``, ``b_proj(x)``).
+        A_log, dt_bias: ``(H,)`` decay parameters.
+        input_mask: ``(B, T)`` 1 for real tokens, 0 for padding (made no-ops), or None.
+    Returns:
+        As :func:`gated_delta_rule`.
+    """
+    _check_inputs(q, k, v, a, b, initial_state)
+    heads = q.shape[2]
+    if A_log.shape != (heads,) or dt_bias.shape != (heads,):
+        raise HeadscopeError(f"gated_delta_rule_from_logits: A_log and dt_bias must be (H,) = ({heads},); got {tuple(A_log.shape)}, {tuple(dt_bias.shape)}")
+    if input_mask is not None and input_mask.shape != q.shape[:2]:
+        raise HeadscopeError(f"gated_delta_rule_from_logits: input_mask must be (B, T) = {tuple(q.shape[:2])}; got {tuple(input_mask.shape)}")
+    if use_fused(q, v, _needs_grad(q, k, v, a, b, A_log, dt_bias, initial_state)):
+        from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
+
+        dtype = kernel_dtype(q, k, v)
+        o, state = triton_chunk_gated_delta_rule(
+            q.to(dtype), k.to(dtype), v.to(dtype), a, b, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+            A_log=A_log, dt_bias=dt_bias, input_mask=input_mask,
+            initial_state=initial_state.float() if initial_state is not None else None, output_final_state=output_final_state,
+        )
+        return o.to(q.dtype), state
+    g, beta = gdn_gates(a, b, A_log, dt_bias, input_mask)
+    return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)

@@ -1,0 +1,264 @@
+"""Headscope's own chunked Gated DeltaNet forward: two Triton launches, the gates computed inside.
+
+Why: at batch 1 and a few thousand tokens the GDN branch of a hybrid layer is bound by launches, not by
+arithmetic (4K tokens x 14 heads is ~10 GFLOP, ~15 us of an H100). fla's ``chunk_gated_delta_rule``
+runs five Triton kernels (gate cumsum, fused K Kᵀ + triangular solve, W/U, state recurrence, output)
+behind autotuners and decorators, and the layer computes beta and the decay in ~11 eager ops before it.
+Here the same chunked algorithm (:mod:`.chunk` is its torch twin) is two kernels:
+
+1. ``_chunk_intra_kernel``, grid ``(chunks, B·H)``, fully parallel. Per chunk of ``BT`` tokens: the gates
+   ``g = -exp(A_log)·softplus(a + dt_bias)``, ``beta = sigmoid(b)`` from the raw logits (or g and beta as
+   given), times the padding mask; ``c = cumsum(g)`` within the chunk;
+   ``L = strict_lower(diag(beta) K Kᵀ ⊙ exp(c_i − c_j))``; ``A = (I + L)⁻¹`` by forward substitution on
+   the ``BC x BC`` diagonal blocks and block rows ``X_i = A_ii (E_i − Σ_{j<i} L_ij X_j)`` merged through a
+   float32 scratch tile (stored, barrier, re-read: register tensors cannot be sliced);
+   ``W = A diag(beta·exp(c)) K``, ``U = A diag(beta) V`` and ``P = scale · (Q Kᵀ ⊙ exp(c_i − c_j))_{i≥j}``.
+2. ``_chunk_scan_kernel``, grid ``(V / BV, B·H)``: the chunks in order with the state ``S`` (``K x BV``,
+   float32) in registers: ``Δ = U − W S``; ``O = scale·diag(exp(c)) Q S + P Δ``;
+   ``S ← exp(c_last) S + (K ⊙ exp(c_last − c))ᵀ Δ``. fla stores S per chunk and computes O in a third,
+   parallel kernel; at batch 1 one launch less and no S round trip is worth more than the two extra
+   dots per step on the sequential path (``benchmarks/gdn_prefill_speed.py`` measures where that stops).
+
+Every exponent is ``≤ 0`` (c falls within a chunk), masked before ``exp``: no overflow, underflow to 0.
+Precision is fla's: input-dtype operands on the tensor cores with float32 accumulation (S, Δ and A
+rounded to the input dtype for their products; L and the inverse blocks float32, tf32 dots on GPU);
+the gates, c and S are float32. Tokens past T in the last chunk are inert (k = q = v = 0, g = beta = 0).
+Inference only. Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+SUB_BLOCK = 16  # BC: rows of a diagonal block inverted by forward substitution (tl.dot's smallest side)
+
+
+@triton.jit
+def _operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x`` rounded to the dots' operand dtype; back in float32 under UPCAST (the interpreter cannot
+    multiply bf16 tiles: the same rounded products, accumulated in float32 as the tensor cores do)."""
+    x = x.to(dtype)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _unit_lower_inverse(lower, BC: tl.constexpr):
+    """``(I + lower)⁻¹`` of a strictly lower ``(BC, BC)`` float32 tile, by forward substitution on rows."""
+    idx = tl.arange(0, BC)
+    inv = -lower  # rows 0 and 1 are already final
+    for i in range(2, BC):
+        row = tl.sum(tl.where(idx[:, None] == i, -lower, 0.0), 0)  # -L[i, :], zero from column i on
+        row = row + tl.sum(row[:, None] * inv, 0)  # rows < i of inv are final, row[j >= i] = 0
+        inv = tl.where(idx[:, None] == i, row[None, :], inv)
+    return inv + (idx[:, None] == idx[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _chunk_intra_kernel(
+    q_ptr, k_ptr, v_ptr, ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr,
+    c_ptr, w_ptr, u_ptr, p_ptr, inv_ptr,
+    T, T_PAD, H, scale,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    RAW_GATES: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    rows = tl.arange(0, BT)
+    t = i_t * BT + rows
+    valid = t < T
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BVA)
+
+    # gates: g (log-decay) and beta per token, float32; inert past T and where masked
+    za = tl.load(ga_ptr + b * sga_b + t * sga_t + h * sga_h, mask=valid, other=0.0).to(tl.float32)
+    zb = tl.load(gb_ptr + b * sgb_b + t * sgb_t + h * sgb_h, mask=valid, other=0.0).to(tl.float32)
+    if RAW_GATES:
+        z = za + tl.load(dtb_ptr + h).to(tl.float32)
+        e = tl.exp(-tl.abs(z))
+        one_plus = 1.0 + e
+        log1p = tl.where(one_plus == 1.0, e, tl.log(one_plus) * e / (one_plus - 1.0))  # log1p(e), accurately
+        g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * (tl.maximum(z, 0.0) + log1p)  # softplus(z) = max(z, 0) + log1p(exp(-|z|))
+        beta = tl.sigmoid(zb)
+    else:
+        g = za
+        beta = zb
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b * sm_b + t * sm_t, mask=valid, other=0).to(tl.float32)
+        g = g * keep
+        beta = beta * keep
+    g = tl.where(valid, g, 0.0)
+    beta = tl.where(valid, beta, 0.0)
+    c = tl.cumsum(g, 0)  # (BT,)
+    scratch = i_bh * T_PAD + i_t * BT  # first row of this chunk in the (B·H, T_PAD, ...) scratch tensors
+    tl.store(c_ptr + scratch + rows, c)
+
+    dtype = w_ptr.dtype.element_ty
+    kk = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + dk[None, :], mask=valid[:, None] & (dk[None, :] < K), other=0.0)
+    kk = _operand(kk, dtype, UPCAST)  # (BT, BK)
+    lower = rows[:, None] > rows[None, :]
+    decay = tl.exp(tl.where(lower, c[:, None] - c[None, :], 0.0))
+    lmat = tl.where(lower, tl.dot(kk, tl.trans(kk)) * beta[:, None] * decay, 0.0)  # (BT, BT) float32
+    cols = tl.arange(0, BT)
+    inv_tile = inv_ptr + (scratch + rows[:, None]) * BT + cols[None, :]
+    tl.store(inv_tile, lmat)
+    tl.debug_barrier()
+
+    # block rows of (I + L)^-1, written over the rows of L they replace
+    for i in tl.static_range(BT // BC):
+        r = i * BC + tl.arange(0, BC)
+        rc = tl.arange(0, BC)
+        l_ii = tl.load(inv_ptr + (scratch + r[:, None]) * BT + (i * BC + rc)[None, :])
+        acc = (r[:, None] == cols[None, :]).to(tl.float32)  # E_i, (BC, BT)
+        for j in tl.static_range(i):
+            l_ij = tl.load(inv_ptr + (scratch + r[:, None]) * BT + (j * BC + rc)[None, :])
+            x_j = tl.load(inv_ptr + (scratch + j * BC + rc[:, None]) * BT + cols[None, :])
+            acc -= tl.dot(l_ij, x_j)
+        x_i = tl.dot(_unit_lower_inverse(l_ii, BC), acc)
+        tl.debug_barrier()  # every thread has read block row i of L
+        tl.store(inv_ptr + (scratch + r[:, None]) * BT + cols[None, :], x_i)
+        tl.debug_barrier()  # block row i of the inverse is visible to the next block rows
+
+    inv = _operand(tl.load(inv_tile), dtype, UPCAST)
+    w = tl.dot(inv, _operand(kk.to(tl.float32) * (beta * tl.exp(c))[:, None], dtype, UPCAST))  # (BT, BK)
+    tl.store(w_ptr + (scratch + rows[:, None]) * K + dk[None, :], w.to(dtype), mask=dk[None, :] < K)
+    vv = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + dv[None, :], mask=valid[:, None] & (dv[None, :] < V), other=0.0)
+    u = tl.dot(inv, _operand(vv.to(tl.float32) * beta[:, None], dtype, UPCAST))  # (BT, BVA)
+    tl.store(u_ptr + (scratch + rows[:, None]) * V + dv[None, :], u.to(dtype), mask=dv[None, :] < V)
+    qq = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + dk[None, :], mask=valid[:, None] & (dk[None, :] < K), other=0.0)
+    qq = _operand(qq, dtype, UPCAST)
+    causal = rows[:, None] >= rows[None, :]
+    p = tl.where(causal, tl.dot(qq, tl.trans(kk)) * tl.exp(tl.where(causal, c[:, None] - c[None, :], 0.0)) * scale, 0.0)
+    tl.store(p_ptr + (scratch + rows[:, None]) * BT + cols[None, :], p.to(dtype))
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    q_ptr, k_ptr, c_ptr, w_ptr, u_ptr, p_ptr, h0_ptr, o_ptr, ht_ptr,
+    T, T_PAD, H, n_chunks, scale,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sh0_b, sh0_h, sh0_k, sh0_v, so_b, so_t, so_h,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    rows = tl.arange(0, BT)
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    k_ok = dk < K
+    v_ok = dv < V
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0_ptr + b * sh0_b + h * sh0_h + dk[:, None] * sh0_k + dv[None, :] * sh0_v, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    dtype = w_ptr.dtype.element_ty
+    for n in range(n_chunks):
+        t = n * BT + rows
+        valid = t < T
+        scratch = i_bh * T_PAD + n * BT
+        w = tl.load(w_ptr + (scratch + rows[:, None]) * K + dk[None, :], mask=k_ok[None, :], other=0.0)
+        u = tl.load(u_ptr + (scratch + rows[:, None]) * V + dv[None, :], mask=v_ok[None, :], other=0.0)
+        p = tl.load(p_ptr + (scratch + rows[:, None]) * BT + rows[None, :])
+        c = tl.load(c_ptr + scratch + rows)
+        c_last = tl.load(c_ptr + scratch + BT - 1)  # g = 0 past T: the last real token's c
+        qq = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + dk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        kk = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + dk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w, p, qq, kk = _operand(w, dtype, UPCAST), _operand(p, dtype, UPCAST), _operand(qq, dtype, UPCAST), _operand(kk, dtype, UPCAST)
+        s_in = _operand(state, dtype, UPCAST)
+        delta = u.to(tl.float32) - tl.dot(w, s_in)  # (BT, BV)
+        o = tl.dot(qq, s_in) * (tl.exp(c) * scale)[:, None] + tl.dot(p, _operand(delta, dtype, UPCAST))
+        tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + dv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None] & v_ok[None, :])
+        delta = delta * tl.exp(c_last - c)[:, None]
+        state = state * tl.exp(c_last) + tl.dot(tl.trans(kk), _operand(delta, dtype, UPCAST))
+    if STORE_HT:
+        tl.store(ht_ptr + ((i_bh * K + dk[:, None]) * V + dv[None, :]), state, mask=k_ok[:, None] & v_ok[None, :])
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def triton_chunk_gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, write: torch.Tensor, *,
+    scale: float, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+    input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = 64, block_v: int = 32,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule over a sequence in two Triton launches (no input checks, no autograd).
+
+    Args:
+        q, k: ``(B, T, H, K)`` L2-normalised, v: ``(B, T, H, V)``; one dtype; any strides with the last one 1
+            (others are copied).
+        decay, write: ``(B, T, H)``: the log-decay g (<= 0) and beta; or, when ``A_log`` is given, the raw
+            logits ``a`` and ``b`` of ``g = -exp(A_log)·softplus(a + dt_bias)`` and ``beta = sigmoid(b)``.
+        scale: query scale.
+        A_log, dt_bias: ``(H,)`` the decay parameters (raw-logit mode), or None.
+        input_mask: ``(B, T)`` 1 for real tokens; a 0 makes the token a no-op (g = beta = 0), or None.
+        initial_state: ``(B, H, K, V)`` float32, any strides, or None (zeros).
+        output_final_state: also return the state after the last token.
+        out: ``(B, T, H, V)`` to write the output into (any strides, e.g. a slice of the layer's per-head
+            output), allocated in q's dtype when None.
+        chunk_size: tokens per chunk ``BT`` (a multiple of 16; 64 as fla).
+        block_v: value columns per program of the recurrence (its grid is ``V / block_v`` x ``B·H``).
+        num_warps: warps per program (4 for ``chunk_size`` <= 64, else 8, when None).
+        num_stages: software-pipelining depth of the recurrence's chunk loop (the next chunk's W, U, P, Q,
+            K tiles are fetched while this one computes): 2 for ``chunk_size`` <= 64, else 1 when None
+            (sm_90, K = V = 128, block_v 32: chunk 64 takes ~125 KB of shared memory at 2 stages, 188 KB at
+            3; chunk 128 over 227 KB from 2 stages on).
+    Returns:
+        ``out`` and the final state ``(B, H, K, V)`` float32, or None unless ``output_final_state``.
+    """
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    batch, length, n_heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    if out is None:
+        out = torch.empty(batch, length, n_heads, value_dim, dtype=q.dtype, device=q.device)
+    final = torch.empty(batch, n_heads, key_dim, value_dim, dtype=torch.float32, device=q.device) if output_final_state else None
+    if not (batch and length and n_heads):
+        if final is not None:
+            final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
+        return out, final
+    n_chunks = triton.cdiv(length, chunk_size)
+    padded = n_chunks * chunk_size
+    rows = batch * n_heads * padded
+    c = torch.empty(rows, dtype=torch.float32, device=q.device)
+    w = torch.empty(rows, key_dim, dtype=q.dtype, device=q.device)
+    u = torch.empty(rows, value_dim, dtype=q.dtype, device=q.device)
+    p = torch.empty(rows, chunk_size, dtype=q.dtype, device=q.device)
+    inverse = torch.empty(rows, chunk_size, dtype=torch.float32, device=q.device)
+    raw = A_log is not None
+    mask = input_mask if input_mask is not None else decay  # placeholder pointers when unused
+    warps = num_warps or (4 if chunk_size <= 64 else 8)
+    block_k = max(16, triton.next_power_of_2(key_dim))
+    block_v = max(16, min(block_v, triton.next_power_of_2(value_dim)))
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _chunk_intra_kernel[(n_chunks, batch * n_heads)](
+            q, k, v, decay, write, A_log if raw else decay, dt_bias if raw else decay, mask,
+            c, w, u, p, inverse,
+            length, padded, n_heads, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            *decay.stride(), *write.stride(), *(mask.stride() if input_mask is not None else (0, 0)),
+            K=key_dim, V=value_dim, BK=block_k, BVA=max(16, triton.next_power_of_2(value_dim)), BT=chunk_size, BC=SUB_BLOCK,
+            RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=warps,
+        )
+        h0 = initial_state if initial_state is not None else c
+        _chunk_scan_kernel[(triton.cdiv(value_dim, block_v), batch * n_heads)](
+            q, k, c, w, u, p, h0, out, final if final is not None else c,
+            length, padded, n_heads, n_chunks, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            *(initial_state.stride() if initial_state is not None else (0, 0, 0, 0)), out.stride(0), out.stride(1), out.stride(2),
+            K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=chunk_size,
+            HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=warps,
+            num_stages=num_stages or (2 if chunk_size <= 64 else 1),
+        )
+    return out, final

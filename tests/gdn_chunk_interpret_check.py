@@ -1,0 +1,68 @@
+"""Helper run by tests/test_kernels_gdn_chunk.py in a subprocess with TRITON_INTERPRET=1.
+
+Runs headscope's fused chunk GDN kernels (``kernels/gdn/triton_chunk.py``) on CPU through the interpreter
+and prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are
+``{name, dtype, errors: {o, state}, wrote_into_out}``: relative RMS errors against the float32 token-by-token
+reference (``naive_recurrent_gated_delta_rule``, gates from ``gdn_gates``) run on the same dtype-rounded
+inputs. q, k, v are slices of wider rows, and the output goes into a NaN-filled strided buffer, so an
+element the kernels do not write is an infinite error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from triton_interpreter import cases_in_dtypes, print_report  # same directory (sys.path[0] of this script)
+
+# name, B, T, H, K, V, chunk, block_v, raw gates, padding mask, initial state, log-decay scale
+CASES = [
+    ("raw_gates_mask_state", 2, 100, 3, 32, 48, 32, 16, True, True, True, 1.0),
+    ("given_gates_chunk64", 1, 150, 2, 16, 32, 64, 32, False, False, False, 1.0),
+    ("strong_decay_partial_chunk", 1, 20, 2, 16, 16, 16, 16, False, False, True, 40.0),
+    ("head_dim_128_chunk64", 1, 80, 1, 128, 128, 64, 32, True, False, False, 1.0),  # the Qwen3-1.7B tiles
+    ("head_dim_128_chunk128", 1, 150, 1, 128, 128, 128, 32, True, False, True, 1.0),
+]
+
+
+def run_case(batch, length, heads, key_dim, value_dim, chunk, block_v, raw, with_mask, with_state, decay_scale, dtype, seed):
+    from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule
+    from headscope.kernels.gdn.ops import gdn_gates
+    from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
+    from headscope.kernels.metrics import relative_rms_error as rel
+
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(batch, length, heads + 1, 2 * key_dim + value_dim, generator=gen)
+    q = F.normalize(wide[:, :, 1:, :key_dim], dim=-1).to(dtype)
+    k = F.normalize(wide[:, :, :-1, key_dim : 2 * key_dim], dim=-1).to(dtype)
+    v = wide[:, :, 1:, 2 * key_dim :].to(dtype)
+    mask = None
+    if with_mask:  # row 1 left-padded by 7 tokens, row 0 with one hole
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[1, :7] = 0
+        mask[0, 40] = 0
+    if raw:
+        a, b = (torch.randn(batch, length, heads, generator=gen).to(dtype) for _ in range(2))
+        A_log, dt_bias = torch.rand(heads, generator=gen).mul(16).log(), torch.randn(heads, generator=gen) - 2.0
+        g, beta = gdn_gates(a.float(), b.float(), A_log, dt_bias, mask)
+        decay, write, gates = a, b, {"A_log": A_log, "dt_bias": dt_bias, "input_mask": mask}
+    else:
+        g = F.logsigmoid(torch.randn(batch, length, heads, generator=gen) + 2.0) * decay_scale
+        g[:, : length // 4] = 0.0
+        beta = torch.rand(batch, length, heads, generator=gen)
+        decay, write, gates = g, beta.to(dtype), {}
+    h0 = torch.randn(batch, heads, key_dim, value_dim, generator=gen) * 0.3 if with_state else None
+    scale = key_dim**-0.5
+    want, want_state = naive_recurrent_gated_delta_rule(
+        q.float(), k.float(), v.float(), g, write.float() if not raw else beta, scale=scale, initial_state=h0, output_final_state=True
+    )
+    out = torch.full((batch, length, heads, 2 * value_dim), float("nan"), dtype=dtype)[..., value_dim:]
+    got, state = triton_chunk_gated_delta_rule(
+        q, k, v, decay, write, scale=scale, initial_state=h0, output_final_state=True, out=out,
+        chunk_size=chunk, block_v=block_v, **gates,
+    )
+    return {"errors": {"o": rel(got, want), "state": rel(state, want_state)}, "wrote_into_out": got.data_ptr() == out.data_ptr()}
+
+
+if __name__ == "__main__":
+    print_report(lambda: cases_in_dtypes(CASES, run_case))
