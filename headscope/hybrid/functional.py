@@ -10,6 +10,8 @@
   It is exactly 1 for ``pos < floor_scale - 1`` (8191 with the default ``floor_scale = 8192``), so short
   contexts see the pretrained logits unchanged, and grows like ``attn_scale · log(pos / floor_scale)``
   beyond: at 128K tokens with ``attn_scale = 0.1`` it is 1.28. It multiplies the queries, hence the logits.
+  ``model_query_scale`` is what a model passes its layers: 1.0 when it knows every position is below
+  ``floor_scale - 1``.
 * ``causal_attention``: SDPA over contiguous head segments of the full-attention heads. Each segment is
   a run of KV heads serving the same number of query heads, so grouped-query attention runs without
   gathering or copying keys (``enable_gqa``); a mask is built only when padding, a sliding window or a
@@ -55,6 +57,20 @@ def log_position_scale(position_ids: torch.Tensor, attn_scale: float, floor_scal
     """
     pos = position_ids.to(torch.float32)
     return 1.0 + attn_scale * torch.log(torch.floor((pos + 1.0) / floor_scale) + 1.0)
+
+
+def model_query_scale(
+    position_ids: torch.Tensor, last_position: int | None, attn_scale: float, floor_scale: float, dtype: torch.dtype
+) -> torch.Tensor | float:
+    """The FA query scale a model computes once per forward for all its layers.
+
+    Exactly 1.0 (a Python float: the layers skip the multiply) when ``last_position``, an upper bound on
+    the positions known on the host, is below ``floor_scale - 1``; else ``log_position_scale`` ``(B, T)``
+    in ``dtype`` (the layers round it to the queries' dtype anyway).
+    """
+    if last_position is not None and last_position + 1 < floor_scale:
+        return 1.0
+    return log_position_scale(position_ids, attn_scale, floor_scale).to(dtype)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from headscope.heads import HeadscopeError
 from headscope.hybrid.configuration import HybridConfig, family_of
-from headscope.hybrid.functional import log_position_scale
+from headscope.hybrid.functional import model_query_scale
 from headscope.hybrid.layer import HeadwiseHybridAttention
 from headscope.hybrid.static_cache import HybridStaticCache
 
@@ -142,15 +142,12 @@ class HybridModel(HybridPreTrainedModel):
         )
 
     def _query_scale(self, position_ids: torch.Tensor, last_position: int | None, dtype: torch.dtype) -> torch.Tensor | float | None:
-        """The FA query scale every log-scaled layer uses (the same switches for all), once per forward:
-        ``(B, T)`` in ``dtype`` (the layers round it to the queries' dtype: the same values), or exactly 1.0
-        when ``last_position`` (known on the host) is below ``floor_scale - 1``, which spares every layer its
-        multiply (a 4K prefill: ``log_position_scale`` is 1 up to position 8190)."""
+        """The FA query scale every log-scaled layer uses (the same switches for all), once per forward
+        (``model_query_scale``: 1.0 while the positions made here stay below ``floor_scale - 1``, which
+        spares every layer its multiply; ``log_position_scale`` is 1 up to position 8190 by default)."""
         if not any(layer.self_attn.spec.log_scaling and layer.self_attn.spec.n_fa_heads for layer in self.layers):
             return None
-        if last_position is not None and last_position + 1 < float(self.config.floor_scale):
-            return 1.0
-        return log_position_scale(position_ids, float(self.config.attn_scale), float(self.config.floor_scale)).to(dtype)
+        return model_query_scale(position_ids, last_position, float(self.config.attn_scale), float(self.config.floor_scale), dtype)
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: HybridStaticCache) -> torch.Tensor:
         """Final hidden states ``(B, 1, C)`` of one token per row against a static cache: device work only, no

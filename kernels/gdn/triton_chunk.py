@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 SUB_BLOCK = 16  # BC: rows of a diagonal block inverted by forward substitution (tl.dot's smallest side)
+CHUNK_SIZE, BLOCK_V = 64, 32  # the defaults: fla's chunk; the recurrence's grid is (V / 32) x (B·H), 56 programs for 14 heads of 128
 
 
 @triton.jit
@@ -191,7 +192,7 @@ def triton_chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, write: torch.Tensor, *,
     scale: float, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = 64, block_v: int = 32,
+    output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE, block_v: int = BLOCK_V,
     num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule over a sequence in two Triton launches (no input checks, no autograd).

@@ -1,0 +1,363 @@
+"""Short-context prefill of the head-wise hybrid, path by path: device time, host time, kernel launches (issue 15).
+
+At batch 1 and a few thousand tokens the 7:1 hybrid's attention core was 3.9x slower than full attention on
+an H200 (0.35 vs 1.37 ms at 4K) although it does a fraction of the arithmetic: it launched ~33 kernels
+per layer (full attention: 11), most of them tiny (the FA query scale's 10 elementwise ops, beta and the
+decay's 11, fla's five Triton kernels behind autotuners and decorators), so the GPU waited on the host.
+This benchmark measures each cut separately, on one Qwen3-1.7B-like layer (``hybrid_speed``'s shape and
+layers, random weights, bf16), B = 1:
+
+* ``full``: 16 FA heads (the plain layer);
+* ``hybrid_fla``: the hybrid as before the cuts: fla's chunk kernel, beta/decay in torch, the query scale
+  computed in the layer (``query_scale=None``);
+* ``hybrid_fla_scale``: the same with the query scale ``HybridModel`` passes (``model_query_scale``:
+  1.0 below position 8190, no multiply): the query-scale cut alone;
+* ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside):
+  every cut (``FUSED_MAX_LENGTH`` raised for the run).
+
+Sections: ``check`` (first; on the device in bf16 at T = 1000, not a multiple of the chunk: every fused
+kernel config and fla against the float32 token-by-token reference, o and final state, B = 2 with a
+left-padded row and an initial state; the layer's core on the fla and fused paths against the same layer
+in float32 through the torch paths, ``HEADSCOPE_NO_TRITON=1``); ``kernel`` (the GDN call alone, 14
+heads: fla given g/beta, fla with the gates in torch, each fused config ``(chunk, block_v)``);
+``prefill`` (core and whole layer per path). Each timing: device ms (CUDA events, median), host ms (time
+to enqueue the call, no sync: when it is close to the device time the call is launch-bound) and the
+kernels launched (torch.profiler's CUDA activity of one call; memcpy/memset included).
+
+Usage (GPU): ``python benchmarks/gdn_prefill_speed.py`` (writes ``$OUT/gdn_prefill_speed.{json,md}``, OUT
+defaults to benchmarks/results). ``--tiny``: tiny shapes on the CPU, to check the script (under
+``TRITON_INTERPRET=1`` the fused kernels then run through the interpreter; the layers take their CPU paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))  # hybrid_speed next to this script, also when it is loaded by path (the tests)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import headscope.kernels.gdn.ops as gdn_ops  # noqa: E402
+from headscope.hybrid.functional import model_query_scale  # noqa: E402
+from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule  # noqa: E402
+from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
+from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
+
+# path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it), fused GDN)
+PATHS = {
+    "full": ("full", "layer", False),
+    "hybrid_fla": ("headwise", "layer", False),
+    "hybrid_fla_scale": ("headwise", "model", False),
+    "hybrid_fused": ("headwise", "model", True),
+}
+CONFIGS = ((64, 32), (64, 16), (64, 64), (128, 32))  # (chunk_size, block_v) of the fused kernels swept; 64x32 is the layer's
+GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
+
+
+@contextlib.contextmanager
+def fused_gdn(enabled: bool):
+    """The fused chunk path on (for every T) or off (fla) for the calls inside."""
+    before = gdn_ops.FUSED_MAX_LENGTH
+    gdn_ops.FUSED_MAX_LENGTH = 1 << 30 if enabled else 0
+    try:
+        yield
+    finally:
+        gdn_ops.FUSED_MAX_LENGTH = before
+
+
+def host_ms(fn, device: torch.device, reps: int = 10) -> float:
+    """Median wall time of enqueuing ``fn`` (synchronised before and after, not inside)."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def launches(fn, device: torch.device) -> dict | None:
+    """Kernels (and memcpy/memset) one call of ``fn`` puts on the GPU, by name, and the sum of their
+    durations (``busy_ms``: well below the call's time when the GPU waits on the host); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = Counter(e.name[:90] for e in events)
+    busy = sum(e.time_range.end - e.time_range.start for e in events) / 1e3
+    return {"count": len(events), "busy_ms": busy, "by_name": dict(names.most_common())}
+
+
+class Run:
+    """Rows, errors and the shared settings of one run."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, shape: Shape, tiny: bool, configs: tuple) -> None:
+        self.device, self.dtype, self.shape, self.tiny, self.configs = device, dtype, shape, tiny, configs
+        self.timer = Timer(device, budget_ms=50.0 if tiny else 300.0)
+        self.rows: list[dict] = []
+        self.errors: list[str] = []
+
+    def measure(self, fn, **row) -> None:
+        """One timed row: device ms, host ms, launches."""
+        ms = self.timer(fn, warmup=1 if self.tiny else 3)
+        row.update(ms=ms, host_ms=host_ms(fn, self.device, reps=3 if self.tiny else 10), launches=launches(fn, self.device))
+        self.rows.append(row)
+        counts = f" launches={row['launches']['count']} busy_ms={row['launches']['busy_ms']:.4g}" if row["launches"] else ""
+        print("  " + " ".join(f"{k}={(round(v, 4) if isinstance(v, float) else v)}" for k, v in row.items() if k != "launches") + counts, flush=True)
+
+    def gdn_inputs(self, batch: int, t: int, heads: int, seed: int = 0):
+        """q, k (unit rows), v, the raw decay/beta logits and A_log, dt_bias as the layer makes them."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        d = self.shape.head_dim
+        randn = partial(torch.randn, generator=gen, device=self.device)
+        q, k = (F.normalize(randn(batch, t, heads, d), dim=-1).to(self.dtype) for _ in range(2))
+        v = randn(batch, t, heads, d).to(self.dtype)
+        a, b = randn(batch, t, heads).to(self.dtype), randn(batch, t, heads).to(self.dtype)
+        A_log = torch.rand(heads, generator=gen, device=self.device).mul(16).log()
+        dt_bias = torch.rand(heads, generator=gen, device=self.device).mul(-4.6).add(-2.3)  # softplus = 1e-3 .. 0.1
+        return q, k, v, a, b, A_log, dt_bias
+
+
+def fused_kernel(chunk: int, block_v: int):
+    from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
+
+    return partial(triton_chunk_gated_delta_rule, chunk_size=chunk, block_v=block_v)
+
+
+def can_run_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --- sections ----------------------------------------------------------------------------------
+def check(run: Run) -> None:
+    """Errors of the fused kernels and fla against the float32 reference, and of the layer's core paths."""
+    t, heads = (100, 3) if run.tiny else (1000, run.shape.heads - 2)
+    q, k, v, a, b, A_log, dt_bias = run.gdn_inputs(2, t, heads, seed=1)
+    mask = torch.ones(2, t, dtype=torch.long, device=run.device)
+    mask[1, : t // 10] = 0
+    h0 = 0.3 * torch.randn(2, heads, run.shape.head_dim, run.shape.head_dim, device=run.device)
+    scale = run.shape.head_dim**-0.5
+    g, beta = gdn_ops.gdn_gates(a.float(), b.float(), A_log, dt_bias, mask)
+    want, want_state = naive_recurrent_gated_delta_rule(q.float(), k.float(), v.float(), g, beta, scale=scale, initial_state=h0, output_final_state=True)
+    results = {}
+    if run.device.type == "cuda":
+        with fused_gdn(False):
+            results["fla"] = gdn_ops.gated_delta_rule_from_logits(q, k, v, a, b, A_log, dt_bias, input_mask=mask, scale=scale, initial_state=h0, output_final_state=True)
+    if can_run_triton(run.device):
+        for chunk, block_v in run.configs:
+            results[f"fused_c{chunk}_v{block_v}"] = fused_kernel(chunk, block_v)(
+                q, k, v, a, b, scale=scale, A_log=A_log, dt_bias=dt_bias, input_mask=mask, initial_state=h0, output_final_state=True)
+    errors = {name: {"o": rel(o, want), "state": rel(s, want_state)} for name, (o, s) in results.items()}
+    run.rows.append({"phase": "check", "scope": "kernel", "context": t, "errors": errors})
+    print(f"  check kernel T={t}: " + ", ".join(f"{n} o {e['o']:.2e} state {e['state']:.2e}" for n, e in errors.items()), flush=True)
+    worst = max((e["o"] for n, e in errors.items() if n != "fla"), default=0.0)
+    limit = max(2 * errors["fla"]["o"], 0.02) if "fla" in errors else 0.03
+    if worst > limit:
+        run.errors.append(f"check: fused kernel error {worst:.3g} above {limit:.3g} (fla: {errors.get('fla')})")
+    check_layer(run, t)
+
+
+def check_layer(run: Run, t: int) -> None:
+    """The hybrid attention's core in the run's dtype on the fla and fused paths vs float32 torch paths."""
+    torch.manual_seed(0)
+    attn = decoder_layer(run.shape, variants(run.shape)["headwise"], run.device, torch.float32).self_attn
+    x = torch.randn(1, t, run.shape.hidden, device=run.device)
+    pos = torch.arange(t, device=run.device)[None]
+    with mock.patch.dict(os.environ, {"HEADSCOPE_NO_TRITON": "1"}):  # the torch paths (float32 matmuls, no tf32)
+        want = attn.core(x, *attn.project(x), rope(pos, run.shape.head_dim, torch.float32), pos)
+    attn.to(run.dtype)
+    xd, pe = x.to(run.dtype), rope(pos, run.shape.head_dim, run.dtype)
+    errors = {}
+    for name, enabled in (("fla", False), ("fused", True)):
+        with fused_gdn(enabled):
+            errors[name] = rel(attn.core(xd, *attn.project(xd), pe, pos), want)
+    run.rows.append({"phase": "check", "scope": "core", "context": t, "errors": errors})
+    print(f"  check core T={t}: " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items()), flush=True)
+    if errors["fused"] > max(1.5 * errors["fla"], 0.02):
+        run.errors.append(f"check: fused layer core error {errors['fused']:.3g} against fla's {errors['fla']:.3g}")
+
+
+def bench_kernel(run: Run, t: int) -> None:
+    """The GDN call alone at B = 1: fla given g and beta, fla with the gates in torch, each fused config."""
+    heads = run.shape.heads - 2
+    q, k, v, a, b, A_log, dt_bias = run.gdn_inputs(1, t, heads)
+    g, beta = gdn_ops.gdn_gates(a, b, A_log, dt_bias)
+    calls = {}
+    if run.device.type == "cuda":
+        calls["fla"] = (partial(gdn_ops.gated_delta_rule, q, k, v, g, beta), False)
+        calls["fla+gates"] = (partial(gdn_ops.gated_delta_rule_from_logits, q, k, v, a, b, A_log, dt_bias), False)
+    if can_run_triton(run.device):
+        for chunk, block_v in run.configs:
+            calls[f"fused_c{chunk}_v{block_v}"] = (partial(fused_kernel(chunk, block_v), q, k, v, a, b, scale=run.shape.head_dim**-0.5, A_log=A_log, dt_bias=dt_bias), True)
+    for name, (call, fused) in calls.items():
+        with fused_gdn(fused):
+            run.measure(call, phase="prefill", scope="kernel", path=name, context=t)
+
+
+def bench_prefill(run: Run, t: int) -> None:
+    """Core and whole layer per path, B = 1, no cache."""
+    x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
+    pos = torch.arange(t, device=run.device)[None]
+    pe = rope(pos, run.shape.head_dim, run.dtype)
+    for path, (variant, scale_mode, fused) in PATHS.items():
+        layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
+        attn, spec = layer.self_attn, layer.self_attn.spec
+        scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
+        h = layer.input_layernorm(x)
+        projected = attn.project(h)
+        with fused_gdn(fused):
+            run.measure(partial(attn.core, h, *projected, pe, pos, None, None, scale), phase="prefill", scope="core", path=path, context=t)
+            run.measure(partial(layer, x, pe, pos, None, None, scale), phase="prefill", scope="layer", path=path, context=t)
+        del layer, attn, projected
+
+
+# --- results -----------------------------------------------------------------------------------
+def pick(rows: list[dict], **where) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in where.items())), None)
+
+
+def ms_of(rows: list[dict], **where) -> float | None:
+    row = pick(rows, **where)
+    return row["ms"] if row else None
+
+
+def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, int]) -> dict:
+    """Ratios to full attention at each T, the goals at 4K, where the fused kernels in the layer's config
+    (``default_config``, timed when swept) beat fla with the gates in torch."""
+    per_context = {}
+    for t in contexts:
+        entry = {}
+        for scope in ("core", "layer"):
+            ms = {p: ms_of(rows, scope=scope, path=p, context=t) for p in PATHS}
+            entry[scope] = {p: {"ms": ms[p], "over_full": ms[p] / ms["full"] if ms[p] and ms["full"] else None} for p in PATHS}
+        kernel = {r["path"]: r["ms"] for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel" and r["context"] == t}
+        fused = {p: ms for p, ms in kernel.items() if p.startswith("fused")}
+        default = f"fused_c{default_config[0]}_v{default_config[1]}"
+        entry["kernel"] = {"ms": kernel, "best_fused": min(fused, key=fused.get) if fused else None,
+                           "default_fused_over_fla_gates": (kernel[default] / kernel["fla+gates"]) if "fla+gates" in kernel and default in kernel else None}
+        per_context[t] = entry
+    wins = [t for t, e in per_context.items() if e["kernel"]["default_fused_over_fla_gates"] is not None and e["kernel"]["default_fused_over_fla_gates"] < 1]
+    at4k = per_context.get(4096, {})
+    goals = {
+        "core_4k_over_full": {"value": at4k.get("core", {}).get("hybrid_fused", {}).get("over_full"),
+                              "before": at4k.get("core", {}).get("hybrid_fla", {}).get("over_full"), "goal": f"<= {GOALS['core_4k_over_full']}"},
+        "layer_4k_over_full": {"value": at4k.get("layer", {}).get("hybrid_fused", {}).get("over_full"),
+                               "before": at4k.get("layer", {}).get("hybrid_fla", {}).get("over_full"), "goal": f"<= {GOALS['layer_4k_over_full']}"},
+    }
+    return {"per_context": per_context, "goals": goals, "fused_faster_at": wins}
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
+    lines = [f"# Short-context prefill of the head-wise hybrid ({meta['device']})", "",
+             f"One Qwen3-1.7B-like layer ({meta['shape']}), {meta['dtype']}, batch 1; torch {meta['torch']}, triton {meta['triton']}. "
+             "ms = device time (median), host = time to enqueue the call, launches = kernels + memcpy/memset of one call.", "",
+             "## Goals (T = 4096)", ""]
+    for name, goal in summary["goals"].items():
+        lines.append(f"- {name}: {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])})")
+    lines.append(f"- fused GDN kernels (the layer's config) faster than fla + torch gates at T = {summary['fused_faster_at']} "
+                 "(`FUSED_MAX_LENGTH`: the largest T of an unbroken run from the shortest)")
+    for scope, title in (("core", "attention core"), ("layer", "whole layer")):
+        lines += ["", f"## Prefill, {title}: ms / host ms / launches (x full)", "", "| T | " + " | ".join(PATHS) + " |", "|---" * (len(PATHS) + 1) + "|"]
+        for t, e in summary["per_context"].items():
+            cells = []
+            for p in PATHS:
+                r = pick(rows, scope=scope, path=p, context=t)
+                n = r["launches"]["count"] if r and r["launches"] else "-"
+                cells.append(f"{fmt(r['ms'])} / {fmt(r['host_ms'])} / {n} ({fmt(e[scope][p]['over_full'])}x)" if r else "-")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    names = sorted({r["path"] for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel"}, key=lambda n: (not n.startswith("fla"), n))
+    lines += ["", f"## The GDN call alone ({meta['shape']['heads'] - 2} heads): ms / host ms / launches", "", "| T | " + " | ".join(names) + " | best fused |", "|---" * (len(names) + 2) + "|"]
+    for t, e in summary["per_context"].items():
+        cells = []
+        for n in names:
+            r = pick(rows, scope="kernel", path=n, context=t)
+            cells.append(f"{fmt(r['ms'])} / {fmt(r['host_ms'])} / {r['launches']['count'] if r['launches'] else '-'}" if r else "-")
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {fmt(e['kernel']['best_fused'])} |")
+    lines += ["", "## Checks (relative RMS error against float32)", ""]
+    for r in rows:
+        if r.get("phase") == "check":
+            lines.append(f"- {r['scope']} T={r['context']}: " + json.dumps(r["errors"], default=str).replace("e-0", "e-"))
+    at = max(summary["per_context"]) if summary["per_context"] else None
+    lines += ["", f"## Kernels launched by the core at T = {at}", ""]
+    for p in PATHS:
+        r = pick(rows, scope="core", path=p, context=at)
+        if r and r["launches"]:
+            lines.append(f"- {p} ({r['launches']['count']}): " + ", ".join(f"{n} x{c}" for n, c in r["launches"]["by_name"].items()))
+    if meta["errors"]:
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in meta["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="prefill lengths (default 1024 2048 4096 8192; --tiny: 64)")
+    parser.add_argument("--configs", type=lambda s: tuple(tuple(int(n) for n in c.split("x")) for c in s.split(",")), default=CONFIGS,
+                        help="fused kernel configs CHUNKxBLOCK_V,... to sweep (default " + ",".join(f"{c}x{v}" for c, v in CONFIGS) + ")")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script, times nothing useful)")
+    parser.add_argument("--max-minutes", type=float, default=3.5, help="skip remaining sections after this long")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.tiny
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    shape = Shape(hidden=64, heads=5, kv_heads=1, head_dim=16, mlp=128) if args.tiny else Shape()
+    contexts = args.contexts or ([64] if args.tiny else [1024, 2048, 4096, 8192])
+    out = Path(os.environ.get("OUT", "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    run = Run(device, dtype, shape, args.tiny, args.configs)
+    plan = [("check", check, ())] + [(f"kernel T={t}", bench_kernel, (t,)) for t in contexts] + [(f"prefill T={t}", bench_prefill, (t,)) for t in contexts]
+    with torch.inference_mode():
+        for name, fn, fn_args in plan:
+            if (time.time() - started) / 60 > args.max_minutes:
+                run.errors.append(f"{name}: skipped (time budget of {args.max_minutes} min spent)")
+                continue
+            print(f"== {name} ({time.time() - started:.0f} s)", flush=True)
+            try:
+                fn(run, *fn_args)
+            except Exception as err:  # noqa: BLE001 -- one failing section must not stop the run
+                run.errors.append(f"{name}: {type(err).__name__}: {err}")
+                traceback.print_exc()
+    import triton
+
+    from headscope.kernels.gdn.triton_chunk import BLOCK_V, CHUNK_SIZE
+
+    summary = summarise(run.rows, contexts, (CHUNK_SIZE, BLOCK_V))
+    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__, "triton": triton.__version__,
+            "dtype": str(dtype).replace("torch.", ""), "shape": shape.__dict__, "errors": run.errors, "seconds": time.time() - started,
+            "configs": args.configs, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+    (out / "gdn_prefill_speed.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": run.rows}, indent=1, default=str))
+    report = markdown(meta, run.rows, summary)
+    (out / "gdn_prefill_speed.md").write_text(report)
+    print("\n" + report)
+    return 1 if run.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""benchmarks/gdn_prefill_speed.py --tiny on the CPU, with the fused kernels through the Triton interpreter: every
+section runs, the fused configs agree with the float32 reference, every path has core and layer rows, and
+the summary reads the goals and the fused path's break-even from the rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_benchmark("gdn_prefill_speed")
+
+
+def test_tiny_run_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gdn_prefill_speed.py"), "--tiny", "--configs", "64x32,16x16"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "gdn_prefill_speed.json").read_text())
+    assert result["meta"]["interpreter"] and not result["meta"]["errors"]
+    rows = result["rows"]
+    kernel_check = next(r for r in rows if r["phase"] == "check" and r["scope"] == "kernel")
+    assert set(kernel_check["errors"]) == {"fused_c64_v32", "fused_c16_v16"}
+    assert all(e["o"] < 1e-5 and e["state"] < 1e-5 for e in kernel_check["errors"].values())  # float32
+    timed = {(r["scope"], r["path"]) for r in rows if r["phase"] == "prefill"}
+    assert timed == {(scope, path) for scope in ("core", "layer") for path in ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused")} | {
+        ("kernel", "fused_c64_v32"), ("kernel", "fused_c16_v16")}
+    assert all(r["ms"] > 0 and r["host_ms"] > 0 and r["launches"] is None for r in rows if r["phase"] == "prefill")  # no CUDA: no launch counts
+    report = (tmp_path / "gdn_prefill_speed.md").read_text()
+    assert "## Prefill, attention core" in report and "## The GDN call alone (3 heads)" in report and "fused_c16_v16" in report
+
+
+def test_summary_ratios_and_break_even(benchmark):
+    rows = []
+    for t, fused_ms in ((1024, 0.2), (2048, 0.3), (4096, 0.6)):
+        rows += [{"phase": "prefill", "scope": "kernel", "path": "fla+gates", "context": t, "ms": 0.5},
+                 {"phase": "prefill", "scope": "kernel", "path": "fused_c64_v32", "context": t, "ms": fused_ms},
+                 {"phase": "prefill", "scope": "kernel", "path": "fused_c64_v16", "context": t, "ms": fused_ms * 0.9}]
+        for scope, full in (("core", 0.4), ("layer", 1.6)):
+            for path, ms in (("full", full), ("hybrid_fla", 3 * full), ("hybrid_fla_scale", 2.5 * full), ("hybrid_fused", 1.25 * full)):
+                rows.append({"phase": "prefill", "scope": scope, "path": path, "context": t, "ms": ms})
+    summary = benchmark.summarise(rows, [1024, 2048, 4096], (64, 32))
+    assert summary["fused_faster_at"] == [1024, 2048]  # 0.6 ms > fla's 0.5 at 4K
+    assert summary["per_context"][4096]["kernel"]["best_fused"] == "fused_c64_v16"
+    assert summary["goals"]["core_4k_over_full"]["value"] == pytest.approx(1.25)
+    assert summary["goals"]["layer_4k_over_full"]["before"] == pytest.approx(3.0)
