@@ -12,8 +12,14 @@ layers, random weights, bf16), B = 1:
   computed in the layer (``query_scale=None``);
 * ``hybrid_fla_scale``: the same with the query scale ``HybridModel`` passes (``model_query_scale``:
   1.0 below position 8190, no multiply): the query-scale cut alone;
-* ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside):
-  every cut (``FUSED_MAX_LENGTH`` raised for the run).
+* ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside;
+  ``FUSED_MAX_LENGTH`` raised for the run);
+* ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
+  the whole layer only): every cut;
+* ``full_qknorm``: full attention with the one-launch q/k RMSNorm too (what that cut gives the baseline).
+
+``full`` and the ``hybrid_fla*``/``hybrid_fused`` paths run the norms eagerly, as before the cuts and as
+the Hugging Face model does.
 
 Sections: ``check`` (first; on the device in bf16 at T = 1000, not a multiple of the chunk: every fused
 kernel config and fla against the float32 token-by-token reference, o and final state, B = 2 with a
@@ -52,31 +58,36 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import headscope.kernels.gdn.ops as gdn_ops  # noqa: E402
+import headscope.kernels.qk_norm.ops as qk_ops  # noqa: E402
 from headscope.hybrid.functional import model_query_scale  # noqa: E402
 from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule  # noqa: E402
 from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
-# path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it), fused GDN)
+# path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
+#          fused GDN kernels, one-launch q/k RMSNorm)
 PATHS = {
-    "full": ("full", "layer", False),
-    "hybrid_fla": ("headwise", "layer", False),
-    "hybrid_fla_scale": ("headwise", "model", False),
-    "hybrid_fused": ("headwise", "model", True),
+    "full": ("full", "layer", False, False),
+    "hybrid_fla": ("headwise", "layer", False, False),
+    "hybrid_fla_scale": ("headwise", "model", False, False),
+    "hybrid_fused": ("headwise", "model", True, False),
+    "hybrid_all": ("headwise", "model", True, True),
+    "full_qknorm": ("full", "layer", False, True),
 }
 CONFIGS = ((64, 32), (64, 16), (64, 64), (128, 32))  # (chunk_size, block_v) of the fused kernels swept; 64x32 is the layer's
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
 
 
 @contextlib.contextmanager
-def fused_gdn(enabled: bool):
-    """The fused chunk path on (for every T) or off (fla) for the calls inside."""
-    before = gdn_ops.FUSED_MAX_LENGTH
-    gdn_ops.FUSED_MAX_LENGTH = 1 << 30 if enabled else 0
+def switches(enabled: bool, qk_norm: bool = True):
+    """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch q/k
+    RMSNorm on or off."""
+    before = gdn_ops.FUSED_MAX_LENGTH, qk_ops.FUSED
+    gdn_ops.FUSED_MAX_LENGTH, qk_ops.FUSED = (1 << 30 if enabled else 0), qk_norm
     try:
         yield
     finally:
-        gdn_ops.FUSED_MAX_LENGTH = before
+        gdn_ops.FUSED_MAX_LENGTH, qk_ops.FUSED = before
 
 
 def host_ms(fn, device: torch.device, reps: int = 10) -> float:
@@ -163,7 +174,7 @@ def check(run: Run) -> None:
     want, want_state = naive_recurrent_gated_delta_rule(q.float(), k.float(), v.float(), g, beta, scale=scale, initial_state=h0, output_final_state=True)
     results = {}
     if run.device.type == "cuda":
-        with fused_gdn(False):
+        with switches(False):
             results["fla"] = gdn_ops.gated_delta_rule_from_logits(q, k, v, a, b, A_log, dt_bias, input_mask=mask, scale=scale, initial_state=h0, output_final_state=True)
     if can_run_triton(run.device):
         for chunk, block_v in run.configs:
@@ -191,7 +202,7 @@ def check_layer(run: Run, t: int) -> None:
     xd, pe = x.to(run.dtype), rope(pos, run.shape.head_dim, run.dtype)
     errors = {}
     for name, enabled in (("fla", False), ("fused", True)):
-        with fused_gdn(enabled):
+        with switches(enabled):
             errors[name] = rel(attn.core(xd, *attn.project(xd), pe, pos), want)
     run.rows.append({"phase": "check", "scope": "core", "context": t, "errors": errors})
     print(f"  check core T={t}: " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items()), flush=True)
@@ -212,7 +223,7 @@ def bench_kernel(run: Run, t: int) -> None:
         for chunk, block_v in run.configs:
             calls[f"fused_c{chunk}_v{block_v}"] = (partial(fused_kernel(chunk, block_v), q, k, v, a, b, scale=run.shape.head_dim**-0.5, A_log=A_log, dt_bias=dt_bias), True)
     for name, (call, fused) in calls.items():
-        with fused_gdn(fused):
+        with switches(fused):
             run.measure(call, phase="prefill", scope="kernel", path=name, context=t)
 
 
@@ -221,13 +232,13 @@ def bench_prefill(run: Run, t: int) -> None:
     x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
-    for path, (variant, scale_mode, fused) in PATHS.items():
+    for path, (variant, scale_mode, fused, qk_norm) in PATHS.items():
         layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
         attn, spec = layer.self_attn, layer.self_attn.spec
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
-        h = layer.input_layernorm(x)
-        projected = attn.project(h)
-        with fused_gdn(fused):
+        with switches(fused, qk_norm):
+            h = layer.input_layernorm(x)
+            projected = attn.project(h)
             run.measure(partial(attn.core, h, *projected, pe, pos, None, None, scale), phase="prefill", scope="core", path=path, context=t)
             run.measure(partial(layer, x, pe, pos, None, None, scale), phase="prefill", scope="layer", path=path, context=t)
         del layer, attn, projected
@@ -260,11 +271,15 @@ def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, 
         per_context[t] = entry
     wins = [t for t, e in per_context.items() if e["kernel"]["default_fused_over_fla_gates"] is not None and e["kernel"]["default_fused_over_fla_gates"] < 1]
     at4k = per_context.get(4096, {})
+    def ratio(scope: str, path: str, base: str = "full") -> float | None:
+        ms = at4k.get(scope, {})
+        a, b = ms.get(path, {}).get("ms"), ms.get(base, {}).get("ms")
+        return a / b if a and b else None
+
     goals = {
-        "core_4k_over_full": {"value": at4k.get("core", {}).get("hybrid_fused", {}).get("over_full"),
-                              "before": at4k.get("core", {}).get("hybrid_fla", {}).get("over_full"), "goal": f"<= {GOALS['core_4k_over_full']}"},
-        "layer_4k_over_full": {"value": at4k.get("layer", {}).get("hybrid_fused", {}).get("over_full"),
-                               "before": at4k.get("layer", {}).get("hybrid_fla", {}).get("over_full"), "goal": f"<= {GOALS['layer_4k_over_full']}"},
+        "core_4k_over_full": {"value": ratio("core", "hybrid_all"), "before": ratio("core", "hybrid_fla"), "goal": f"<= {GOALS['core_4k_over_full']}"},
+        "layer_4k_over_full": {"value": ratio("layer", "hybrid_all"), "before": ratio("layer", "hybrid_fla"), "goal": f"<= {GOALS['layer_4k_over_full']}",
+                               "vs_full_qknorm": ratio("layer", "hybrid_all", "full_qknorm")},
     }
     return {"per_context": per_context, "goals": goals, "fused_faster_at": wins}
 
@@ -281,7 +296,8 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
              "ms = device time (median), host = time to enqueue the call, launches = kernels + memcpy/memset of one call.", "",
              "## Goals (T = 4096)", ""]
     for name, goal in summary["goals"].items():
-        lines.append(f"- {name}: {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])})")
+        extra = f"; against full with the one-launch norm too {fmt(goal['vs_full_qknorm'])}" if "vs_full_qknorm" in goal else ""
+        lines.append(f"- {name} (hybrid_all): {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])}{extra})")
     lines.append(f"- fused GDN kernels (the layer's config) faster than fla + torch gates at T = {summary['fused_faster_at']} "
                  "(`FUSED_MAX_LENGTH`: the largest T of an unbroken run from the shortest)")
     for scope, title in (("core", "attention core"), ("layer", "whole layer")):

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HELPERS = ("epilogue", "rope_norm", "gdn_prep", "gdn_decode", "fa_decode", "gdn_chunk")
+HELPERS = ("epilogue", "rope_norm", "gdn_prep", "gdn_decode", "fa_decode", "gdn_chunk", "qk_norm")
 CPU_ONLY_CONSTEXPRS = {"UPCAST": False}  # interpreter-only switches -> their value on CUDA
 
 

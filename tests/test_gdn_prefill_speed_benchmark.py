@@ -37,7 +37,8 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     assert set(kernel_check["errors"]) == {"fused_c64_v32", "fused_c16_v16"}
     assert all(e["o"] < 1e-5 and e["state"] < 1e-5 for e in kernel_check["errors"].values())  # float32
     timed = {(r["scope"], r["path"]) for r in rows if r["phase"] == "prefill"}
-    assert timed == {(scope, path) for scope in ("core", "layer") for path in ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused")} | {
+    paths = ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused", "hybrid_all", "full_qknorm")
+    assert timed == {(scope, path) for scope in ("core", "layer") for path in paths} | {
         ("kernel", "fused_c64_v32"), ("kernel", "fused_c16_v16")}
     assert all(r["ms"] > 0 and r["host_ms"] > 0 and r["launches"] is None for r in rows if r["phase"] == "prefill")  # no CUDA: no launch counts
     report = (tmp_path / "gdn_prefill_speed.md").read_text()
@@ -51,10 +52,12 @@ def test_summary_ratios_and_break_even(benchmark):
                  {"phase": "prefill", "scope": "kernel", "path": "fused_c64_v32", "context": t, "ms": fused_ms},
                  {"phase": "prefill", "scope": "kernel", "path": "fused_c64_v16", "context": t, "ms": fused_ms * 0.9}]
         for scope, full in (("core", 0.4), ("layer", 1.6)):
-            for path, ms in (("full", full), ("hybrid_fla", 3 * full), ("hybrid_fla_scale", 2.5 * full), ("hybrid_fused", 1.25 * full)):
+            for path, ms in (("full", full), ("hybrid_fla", 3 * full), ("hybrid_fla_scale", 2.5 * full), ("hybrid_fused", 1.5 * full),
+                             ("hybrid_all", 1.25 * full), ("full_qknorm", 0.5 * full)):
                 rows.append({"phase": "prefill", "scope": scope, "path": path, "context": t, "ms": ms})
     summary = benchmark.summarise(rows, [1024, 2048, 4096], (64, 32))
     assert summary["fused_faster_at"] == [1024, 2048]  # 0.6 ms > fla's 0.5 at 4K
     assert summary["per_context"][4096]["kernel"]["best_fused"] == "fused_c64_v16"
     assert summary["goals"]["core_4k_over_full"]["value"] == pytest.approx(1.25)
     assert summary["goals"]["layer_4k_over_full"]["before"] == pytest.approx(3.0)
+    assert summary["goals"]["layer_4k_over_full"]["vs_full_qknorm"] == pytest.approx(2.5)

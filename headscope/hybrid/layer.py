@@ -10,7 +10,8 @@ that order; ``head_order[p]`` (in the config) names the pretrained head at posit
   (MHA-like; initialised by repeating the pretrained KV group's rows).
 * ``o_proj``: ``H·D`` input columns in the same head order.
 
-FA branch: optional q_norm/k_norm (Qwen3); RoPE only if ``fa_rope`` (the HydraHead FA heads are NoPE);
+FA branch: optional q_norm/k_norm (Qwen3; ``project`` applies both, to all heads, with
+``headscope.kernels.qk_norm.ops.qk_rms_norm``: one Triton launch at inference on CUDA); RoPE only if ``fa_rope`` (the HydraHead FA heads are NoPE);
 queries times ``log_position_scale`` if ``log_scaling``; causal SDPA with grouped KV; the KV cache holds
 only the FA KV heads. Output gate (``output_gate``): ``sigmoid(gate_proj(x))`` per head and channel,
 ``gate_proj`` initialised with zero weight and bias ``gate_bias_init`` (4.0: sigmoid = 0.982, close to
@@ -67,6 +68,8 @@ from headscope.kernels.fa_decode.ops import decode_attention
 from headscope.kernels.gdn.ops import gated_delta_rule_from_logits
 from headscope.kernels.gdn_decode.ops import gdn_decode_step
 from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm
+from headscope.kernels.qk_norm.naive import head_rms_norm_reference
+from headscope.kernels.qk_norm.ops import qk_rms_norm
 
 
 @dataclass(frozen=True)
@@ -166,10 +169,7 @@ class HeadRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.to(torch.float32)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(dtype)
+        return head_rms_norm_reference(x, self.weight, self.variance_epsilon)
 
 
 class HeadwiseHybridAttention(nn.Module):
@@ -280,8 +280,8 @@ class HeadwiseHybridAttention(nn.Module):
         q = self.q_proj(x).view(batch, seq, spec.n_heads, d)
         k = self.k_proj(x).view(batch, seq, -1, d)
         v = self.v_proj(x).view(batch, seq, -1, d)
-        if spec.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.qk_norm:  # both norms in one Triton launch at inference on CUDA
+            q, k = qk_rms_norm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon)
         gate = self.gate_proj(x).view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
         return q, k, v, gate
 
