@@ -13,7 +13,7 @@ layers, random weights, bf16), B = 1:
 * ``hybrid_fla_scale``: the same with the query scale ``HybridModel`` passes (``model_query_scale``:
   1.0 below position 8190, no multiply): the query-scale cut alone;
 * ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside;
-  ``FUSED_MAX_LENGTH`` raised for the run);
+  ``FUSED_MAX_TOKENS`` raised for the run);
 * ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
   the whole layer only): every cut;
 * ``full_qknorm``: full attention with the one-launch q/k RMSNorm too (what that cut gives the baseline).
@@ -82,12 +82,12 @@ GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
 def switches(enabled: bool, qk_norm: bool = True):
     """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch q/k
     RMSNorm on or off."""
-    before = gdn_ops.FUSED_MAX_LENGTH, qk_ops.FUSED
-    gdn_ops.FUSED_MAX_LENGTH, qk_ops.FUSED = (1 << 30 if enabled else 0), qk_norm
+    before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED
+    gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED = (1 << 30 if enabled else 0), qk_norm
     try:
         yield
     finally:
-        gdn_ops.FUSED_MAX_LENGTH, qk_ops.FUSED = before
+        gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED = before
 
 
 def host_ms(fn, device: torch.device, reps: int = 10) -> float:
@@ -210,10 +210,10 @@ def check_layer(run: Run, t: int) -> None:
         run.errors.append(f"check: fused layer core error {errors['fused']:.3g} against fla's {errors['fla']:.3g}")
 
 
-def bench_kernel(run: Run, t: int) -> None:
-    """The GDN call alone at B = 1: fla given g and beta, fla with the gates in torch, each fused config."""
+def bench_kernel(run: Run, t: int, batch: int = 1) -> None:
+    """The GDN call alone: fla given g and beta, fla with the gates in torch, each fused config."""
     heads = run.shape.heads - 2
-    q, k, v, a, b, A_log, dt_bias = run.gdn_inputs(1, t, heads)
+    q, k, v, a, b, A_log, dt_bias = run.gdn_inputs(batch, t, heads)
     g, beta = gdn_ops.gdn_gates(a, b, A_log, dt_bias)
     calls = {}
     if run.device.type == "cuda":
@@ -224,7 +224,7 @@ def bench_kernel(run: Run, t: int) -> None:
             calls[f"fused_c{chunk}_v{block_v}"] = (partial(fused_kernel(chunk, block_v), q, k, v, a, b, scale=run.shape.head_dim**-0.5, A_log=A_log, dt_bias=dt_bias), True)
     for name, (call, fused) in calls.items():
         with switches(fused):
-            run.measure(call, phase="prefill", scope="kernel", path=name, context=t)
+            run.measure(call, phase="prefill", scope="kernel", path=name, context=t, batch=batch)
 
 
 def bench_prefill(run: Run, t: int) -> None:
@@ -263,7 +263,7 @@ def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, 
         for scope in ("core", "layer"):
             ms = {p: ms_of(rows, scope=scope, path=p, context=t) for p in PATHS}
             entry[scope] = {p: {"ms": ms[p], "over_full": ms[p] / ms["full"] if ms[p] and ms["full"] else None} for p in PATHS}
-        kernel = {r["path"]: r["ms"] for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel" and r["context"] == t}
+        kernel = {r["path"]: r["ms"] for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel" and r["context"] == t and r.get("batch", 1) == 1}
         fused = {p: ms for p, ms in kernel.items() if p.startswith("fused")}
         default = f"fused_c{default_config[0]}_v{default_config[1]}"
         entry["kernel"] = {"ms": kernel, "best_fused": min(fused, key=fused.get) if fused else None,
@@ -299,7 +299,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         extra = f"; against full with the one-launch norm too {fmt(goal['vs_full_qknorm'])}" if "vs_full_qknorm" in goal else ""
         lines.append(f"- {name} (hybrid_all): {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])}{extra})")
     lines.append(f"- fused GDN kernels (the layer's config) faster than fla + torch gates at T = {summary['fused_faster_at']} "
-                 "(`FUSED_MAX_LENGTH`: the largest T of an unbroken run from the shortest)")
+                 "(`FUSED_MAX_TOKENS`: the largest of an unbroken run from the shortest, at batch 1; the batch-8 row shows whether B·T is the right bound)")
     for scope, title in (("core", "attention core"), ("layer", "whole layer")):
         lines += ["", f"## Prefill, {title}: ms / host ms / launches (x full)", "", "| T | " + " | ".join(PATHS) + " |", "|---" * (len(PATHS) + 1) + "|"]
         for t, e in summary["per_context"].items():
@@ -310,13 +310,15 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
                 cells.append(f"{fmt(r['ms'])} / {fmt(r['host_ms'])} / {n} ({fmt(e[scope][p]['over_full'])}x)" if r else "-")
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     names = sorted({r["path"] for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel"}, key=lambda n: (not n.startswith("fla"), n))
-    lines += ["", f"## The GDN call alone ({meta['shape']['heads'] - 2} heads): ms / host ms / launches", "", "| T | " + " | ".join(names) + " | best fused |", "|---" * (len(names) + 2) + "|"]
-    for t, e in summary["per_context"].items():
+    lines += ["", f"## The GDN call alone ({meta['shape']['heads'] - 2} heads): ms / host ms / launches", "", "| B x T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for batch, t in sorted({(r["batch"], r["context"]) for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel"}):
         cells = []
         for n in names:
-            r = pick(rows, scope="kernel", path=n, context=t)
+            r = pick(rows, scope="kernel", path=n, context=t, batch=batch)
             cells.append(f"{fmt(r['ms'])} / {fmt(r['host_ms'])} / {r['launches']['count'] if r['launches'] else '-'}" if r else "-")
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {fmt(e['kernel']['best_fused'])} |")
+        lines.append(f"| {batch} x {t} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Best fused config per T (batch 1): " + ", ".join(f"{t}: {e['kernel']['best_fused']}" for t, e in summary["per_context"].items()))
     lines += ["", "## Checks (relative RMS error against float32)", ""]
     for r in rows:
         if r.get("phase") == "check":
@@ -348,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     run = Run(device, dtype, shape, args.tiny, args.configs)
-    plan = [("check", check, ())] + [(f"kernel T={t}", bench_kernel, (t,)) for t in contexts] + [(f"prefill T={t}", bench_prefill, (t,)) for t in contexts]
+    batched = (2, 32) if args.tiny else (8, 1024)  # B·T = 8K in 8 rows: is B·T the fused path's bound?
+    plan = [("check", check, ())] + [(f"kernel T={t}", bench_kernel, (t,)) for t in contexts]
+    plan += [(f"prefill T={t}", bench_prefill, (t,)) for t in contexts] + [(f"kernel B={batched[0]} T={batched[1]}", bench_kernel, batched[::-1])]
     with torch.inference_mode():
         for name, fn, fn_args in plan:
             if (time.time() - started) / 60 > args.max_minutes:

@@ -59,17 +59,18 @@ def test_gates_are_the_layers_formula_and_padding_is_a_no_op():
 def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
     q = torch.zeros(1, 4096, 2, 128)
     monkeypatch.setattr(gdn_ops, "_use_fla", lambda x: True)  # as on CUDA
-    monkeypatch.setattr(gdn_ops, "FUSED_MAX_LENGTH", 8192)
+    monkeypatch.setattr(gdn_ops, "FUSED_MAX_TOKENS", 8192)
     assert gdn_ops.use_fused(q, q, needs_grad=False)
     assert not gdn_ops.use_fused(q, q, needs_grad=True)  # training: fla (it has a backward)
     assert not gdn_ops.use_fused(q[:, :1], q[:, :1], needs_grad=False)  # decode: fla's one-kernel recurrent step
     assert not gdn_ops.use_fused(torch.zeros(1, 8193, 2, 128), torch.zeros(1, 8193, 2, 128), needs_grad=False)
+    assert not gdn_ops.use_fused(torch.zeros(3, 4096, 2, 128), torch.zeros(3, 4096, 2, 128), needs_grad=False)  # B·T counts
     assert not gdn_ops.use_fused(torch.zeros(1, 64, 2, 256), torch.zeros(1, 64, 2, 256), needs_grad=False)
     assert not gdn_ops.use_fused(q.double(), q.double(), needs_grad=False)
-    monkeypatch.setattr(gdn_ops, "FUSED_MAX_LENGTH", 0)  # off
+    monkeypatch.setattr(gdn_ops, "FUSED_MAX_TOKENS", 0)  # off
     assert not gdn_ops.use_fused(q, q, needs_grad=False)
     monkeypatch.setattr(gdn_ops, "_use_fla", lambda x: False)  # CPU
-    monkeypatch.setattr(gdn_ops, "FUSED_MAX_LENGTH", 8192)
+    monkeypatch.setattr(gdn_ops, "FUSED_MAX_TOKENS", 8192)
     assert not gdn_ops.use_fused(q, q, needs_grad=False)
 
 

@@ -9,13 +9,16 @@ CUDA        fla ``chunk_gated_delta_rule``         fla ``fused_recurrent_gated_d
 CPU         :func:`.chunk.chunk_gated_delta_rule`  :func:`.chunk.recurrent_step`
 ==========  =====================================  ==========================================
 
-Short prefill on CUDA without gradients (1 < T <= ``FUSED_MAX_LENGTH``, K and V <= 128) takes headscope's
-own two-launch chunk kernels instead (:mod:`.triton_chunk`: same algorithm and precision as fla, without
+Short prefill on CUDA without gradients (T > 1, B·T <= ``FUSED_MAX_TOKENS``, K and V <= 128) takes
+headscope's own two-launch chunk kernels instead (:mod:`.triton_chunk`: same algorithm and precision as fla, without
 fla's three extra launches and its per-call Python). ``gated_delta_rule_from_logits`` is the layer's entry:
 it takes the raw beta/decay logits, which that path turns into beta and g inside its first kernel (the
-other paths compute them with :func:`gdn_gates`, ~11 eager ops on CUDA). ``FUSED_MAX_LENGTH`` is 0 (off)
-until the GPU measurement of ``benchmarks/gdn_prefill_speed.py`` sets it; the environment variable
-``HEADSCOPE_GDN_FUSED_MAX_T`` sets it at import.
+other paths compute them with :func:`gdn_gates`, ~11 eager ops on CUDA). The bound is on all tokens of
+the call: the fused recurrence computes each chunk's output on its sequential path, which pays while
+few programs run (batch 1: 56 for 14 heads) and costs once the grid fills the GPU, where fla's parallel
+output kernel wins. ``FUSED_MAX_TOKENS`` is 0 (off) until the GPU measurement of
+``benchmarks/gdn_prefill_speed.py`` sets it; the environment variable ``HEADSCOPE_GDN_FUSED_MAX_TOKENS``
+sets it at import.
 
 fla's fused recurrent kernel has no backward, so a T == 1 call that needs gradients goes to the chunk
 kernel. fla 0.6 refuses its chunk *backward* on Hopper GPUs with Triton >= 3.4.0 and < 3.7.1 (wrong
@@ -44,7 +47,7 @@ from headscope.kernels.gdn.chunk import recurrent_step
 
 FLA_MAX_KEY_DIM = 256
 FUSED_MAX_DIM = 128  # the fused kernels hold whole (chunk, K) and (chunk, V) tiles in registers
-FUSED_MAX_LENGTH = int(os.environ.get("HEADSCOPE_GDN_FUSED_MAX_T", "0"))  # longest T for the fused path; 0 = off
+FUSED_MAX_TOKENS = int(os.environ.get("HEADSCOPE_GDN_FUSED_MAX_TOKENS", "0"))  # most B·T for the fused path; 0 = off
 
 
 def _use_fla(q: torch.Tensor) -> bool:
@@ -54,7 +57,7 @@ def _use_fla(q: torch.Tensor) -> bool:
 def use_fused(q: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> bool:
     """Whether a prefill of these inputs takes headscope's fused chunk kernels (module docstring)."""
     return (
-        _use_fla(q) and not needs_grad and 1 < q.shape[1] <= FUSED_MAX_LENGTH
+        _use_fla(q) and not needs_grad and q.shape[1] > 1 and q.shape[0] * q.shape[1] <= FUSED_MAX_TOKENS
         and max(q.shape[-1], v.shape[-1]) <= FUSED_MAX_DIM and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
     )
 
