@@ -60,7 +60,7 @@ def _unit_lower_inverse(lower, BC: tl.constexpr):
     return inv + (idx[:, None] == idx[None, :]).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "T_PAD"])  # one compile for every length
 def _chunk_intra_kernel(
     q_ptr, k_ptr, v_ptr, ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr,
     c_ptr, w_ptr, u_ptr, p_ptr, inv_ptr,
@@ -141,7 +141,7 @@ def _chunk_intra_kernel(
     tl.store(p_ptr + (scratch + rows[:, None]) * BT + cols[None, :], p.to(dtype))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "T_PAD", "n_chunks"])
 def _chunk_scan_kernel(
     q_ptr, k_ptr, c_ptr, w_ptr, u_ptr, p_ptr, h0_ptr, o_ptr, ht_ptr,
     T, T_PAD, H, n_chunks, scale,
