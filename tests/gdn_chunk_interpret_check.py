@@ -5,7 +5,8 @@ and prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are
 ``{name, dtype, errors: {o, state}, wrote_into_out}``: relative RMS errors against the float32 token-by-token
 reference (``naive_recurrent_gated_delta_rule``, gates from ``gdn_gates``) run on the same dtype-rounded
 inputs. q, k, v are slices of wider rows, and the output goes into a NaN-filled strided buffer, so an
-element the kernels do not write is an infinite error.
+element the kernels do not write is an infinite error. One more case runs a hybrid layer through the
+dispatcher with the fused path forced (as on CUDA) against the layer on its CPU paths.
 """
 
 from __future__ import annotations
@@ -64,5 +65,37 @@ def run_case(batch, length, heads, key_dim, value_dim, chunk, block_v, raw, with
     return {"errors": {"o": rel(got, want), "state": rel(state, want_state)}, "wrote_into_out": got.data_ptr() == out.data_ptr()}
 
 
+def layer_case() -> dict:
+    """A hybrid layer (float32, padded batch) through the dispatcher with the fused path forced, as on CUDA,
+    against the same layer on the CPU paths: the layer's logits entry, its gates and padding mask."""
+    from unittest import mock
+
+    import headscope.kernels.gdn.ops as gdn_ops
+    from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
+    from headscope.kernels.metrics import relative_rms_error as rel
+
+    torch.manual_seed(0)
+    spec = HybridLayerSpec(hidden_size=48, head_dim=16, n_fa_heads=2, n_gdn_heads=3, fa_kv_sizes=(2,), qk_norm=True, floor_scale=32.0)
+    layer = HeadwiseHybridAttention(spec, layer_idx=0)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        x = torch.randn(2, 70, 48)
+        pos = torch.arange(70)[None].expand(2, 70)
+        angle = pos[..., None].float() * torch.linspace(0.05, 1.0, 8)
+        rope = (torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1))
+        mask = torch.ones(2, 70, dtype=torch.long)
+        mask[1, :9] = 0
+        want = layer(x, rope, pos, padding_mask=mask)
+        calls = []
+        with mock.patch.object(gdn_ops, "_use_fla", lambda q: True), mock.patch.object(gdn_ops, "FUSED_MAX_TOKENS", 1 << 20):
+            from headscope.kernels.gdn import triton_chunk
+
+            real = triton_chunk.triton_chunk_gated_delta_rule
+            with mock.patch.object(triton_chunk, "triton_chunk_gated_delta_rule", lambda *a, **k: calls.append(1) or real(*a, **k)):
+                got = layer(x, rope, pos, padding_mask=mask)
+    return {"name": "layer_through_dispatch", "dtype": "float32", "errors": {"o": rel(got, want)}, "fused_calls": len(calls)}
+
+
 if __name__ == "__main__":
-    print_report(lambda: cases_in_dtypes(CASES, run_case))
+    print_report(lambda: cases_in_dtypes(CASES, run_case) + [layer_case()])
