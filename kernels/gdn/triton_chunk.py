@@ -74,7 +74,7 @@ def _chunk_intra_kernel(
     b = i_bh // H
     h = i_bh % H
     rows = tl.arange(0, BT)
-    t = i_t * BT + rows
+    t = (i_t * BT + rows).to(tl.int64)
     valid = t < T
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BVA)
@@ -163,7 +163,7 @@ def _chunk_scan_kernel(
         state += tl.load(h0_ptr + b * sh0_b + h * sh0_h + dk[:, None] * sh0_k + dv[None, :] * sh0_v, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     dtype = w_ptr.dtype.element_ty
     for n in range(n_chunks):
-        t = n * BT + rows
+        t = (n * BT + rows).to(tl.int64)
         valid = t < T
         scratch = i_bh * T_PAD + n * BT
         w = tl.load(w_ptr + (scratch + rows[:, None]) * K + dk[None, :], mask=k_ok[None, :], other=0.0)
