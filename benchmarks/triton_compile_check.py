@@ -7,7 +7,9 @@ Triton lacks, a layout ptxas rejects) only shows on the GPU. This script drives 
 active driver that reports a CUDA target: every ``JITFunction.run`` then compiles its kernel down to a cubin
 (Triton's own ptxas) with ``warmup=True``, and nothing runs (the helpers' outputs are garbage and ignored).
 Constexprs that only exist for the interpreter (``UPCAST``) take their CUDA value. One line per helper:
-the kernels compiled (and how many specialisations), or the first compile error of each failing kernel.
+the kernels compiled (how many specialisations, the most shared memory one asks for), or the first compile
+error of each failing kernel. A specialisation that asks for more shared memory than an SM of the target
+has (software pipelining buffers whole tiles per stage) compiles but could never launch: it fails the check.
 
 Run it where the GPU's Triton is installed (on a box without internet: in a copy of its venv, or on the
 box itself before a benchmark) to learn that the kernels build there before spending GPU time::
@@ -32,12 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = ("epilogue", "rope_norm", "gdn_prep", "gdn_decode", "fa_decode", "gdn_chunk", "qk_norm")
 CPU_ONLY_CONSTEXPRS = {"UPCAST": False}  # interpreter-only switches -> their value on CUDA
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # per block, opt-in maximum
 
 
 def compile_helper(helper: Path, arch: int) -> dict:
     """In this process: run ``helper``'s cases with every kernel launch replaced by a compile for ``arch``.
 
-    Returns ``{"compiled": {kernel: specialisations}, "failed": {kernel: first error}, "stopped": error or None}``.
+    Returns ``{"compiled": {kernel: specialisations}, "shared": {kernel: most bytes}, "failed": {kernel: first
+    error}, "stopped": error or None}``.
     """
     import torch
     import triton
@@ -68,6 +72,7 @@ def compile_helper(helper: Path, arch: int) -> dict:
 
     driver.set_active(CompileOnlyDriver())
     compiled: dict[str, int] = {}
+    shared: dict[str, int] = {}
     failed: dict[str, str] = {}
     launch = JITFunction.run
 
@@ -79,7 +84,12 @@ def compile_helper(helper: Path, arch: int) -> dict:
             kernel = kernel.result() if hasattr(kernel, "result") else kernel
             if "cubin" not in kernel.asm:
                 raise RuntimeError(f"no cubin for {kernel.metadata.target}")
+            limit = MAX_SHARED_BYTES.get(arch)
+            if limit is not None and kernel.metadata.shared > limit:
+                config = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+                raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory, sm_{arch} has {limit} ({config})")
             compiled[name] = compiled.get(name, 0) + 1
+            shared[name] = max(shared.get(name, 0), kernel.metadata.shared)
         except Exception as err:  # noqa: BLE001 -- recorded: one kernel's failure must not hide the others'
             failed.setdefault(name, f"{type(err).__name__}: {err}"[:2000])
 
@@ -93,7 +103,7 @@ def compile_helper(helper: Path, arch: int) -> dict:
         runpy.run_path(str(helper), run_name="__main__")
     except Exception as err:  # noqa: BLE001 -- e.g. a library that needs a real device at import
         stopped = f"{type(err).__name__}: {str(err)[:300]}"
-    return {"triton": triton.__version__, "compiled": compiled, "failed": failed, "stopped": stopped}
+    return {"triton": triton.__version__, "compiled": compiled, "shared": shared, "failed": failed, "stopped": stopped}
 
 
 def check(helper: Path, arch: int, timeout: float = 900) -> dict:
@@ -102,7 +112,7 @@ def check(helper: Path, arch: int, timeout: float = 900) -> dict:
                           text=True, timeout=timeout, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return {"compiled": {}, "failed": {}, "stopped": f"exit {done.returncode}: {done.stderr[-1500:]}"}
+        return {"compiled": {}, "shared": {}, "failed": {}, "stopped": f"exit {done.returncode}: {done.stderr[-1500:]}"}
     return json.loads(lines[-1])
 
 
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         report = check(ROOT / "tests" / f"{name}_interpret_check.py", args.arch)
         ok = report["compiled"] and not report["failed"] and not report["stopped"]
         bad += not ok
-        kernels = ", ".join(f"{k} x{n}" for k, n in report["compiled"].items()) or "nothing"
+        kernels = ", ".join(f"{k} x{n} ({report['shared'][k] // 1024} KB shared)" for k, n in report["compiled"].items()) or "nothing"
         print(f"{name}: {'ok' if ok else 'FAILED'} (triton {report.get('triton', '?')}, sm_{args.arch}): compiled {kernels}", flush=True)
         for kernel, error in report["failed"].items():
             print(f"  {kernel}: {error}", flush=True)

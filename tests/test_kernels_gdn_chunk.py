@@ -32,9 +32,9 @@ def logits_inputs(seed=0, batch=2, length=37, heads=3, dim=8):
 
 def test_triton_chunk_kernels_match_the_reference_under_the_interpreter():
     cases = interpreted_cases(HELPER, timeout=300)
-    assert len(cases) == 11
-    layer = cases.pop()  # a hybrid layer through the dispatcher, fused path forced, vs its CPU paths
-    assert layer["fused_calls"] == 1 and layer["errors"]["o"] <= TOL_FP32, str(layer)
+    assert len(cases) == 12
+    layer = cases.pop()  # a bf16 hybrid layer through the dispatcher, fused path forced, vs float32 CPU paths
+    assert layer["fused_calls"] == 1 and layer["errors"]["o"] <= min(TOL_BF16, 1.5 * layer["cpu_paths_error"]), str(layer)
     for case in cases:
         label = str(case)
         assert case["wrote_into_out"], label
@@ -59,16 +59,19 @@ def test_gates_are_the_layers_formula_and_padding_is_a_no_op():
 
 
 def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
-    q = torch.zeros(1, 4096, 2, 128)
+    def bf16(*shape):
+        return torch.zeros(*shape, dtype=torch.bfloat16)
+
+    q = bf16(1, 4096, 2, 128)
     monkeypatch.setattr(gdn_ops, "_use_fla", lambda x: True)  # as on CUDA
     monkeypatch.setattr(gdn_ops, "FUSED_MAX_TOKENS", 8192)
     assert gdn_ops.use_fused(q, q, needs_grad=False)
     assert not gdn_ops.use_fused(q, q, needs_grad=True)  # training: fla (it has a backward)
     assert not gdn_ops.use_fused(q[:, :1], q[:, :1], needs_grad=False)  # decode: fla's one-kernel recurrent step
-    assert not gdn_ops.use_fused(torch.zeros(1, 8193, 2, 128), torch.zeros(1, 8193, 2, 128), needs_grad=False)
-    assert not gdn_ops.use_fused(torch.zeros(3, 4096, 2, 128), torch.zeros(3, 4096, 2, 128), needs_grad=False)  # B·T counts
-    assert not gdn_ops.use_fused(torch.zeros(1, 64, 2, 256), torch.zeros(1, 64, 2, 256), needs_grad=False)
-    assert not gdn_ops.use_fused(q.double(), q.double(), needs_grad=False)
+    assert not gdn_ops.use_fused(bf16(1, 8193, 2, 128), bf16(1, 8193, 2, 128), needs_grad=False)
+    assert not gdn_ops.use_fused(bf16(3, 4096, 2, 128), bf16(3, 4096, 2, 128), needs_grad=False)  # B·T counts
+    assert not gdn_ops.use_fused(bf16(1, 64, 2, 256), bf16(1, 64, 2, 256), needs_grad=False)
+    assert not gdn_ops.use_fused(q.float(), q.float(), needs_grad=False)  # float32 tiles: fla
     monkeypatch.setattr(gdn_ops, "FUSED_MAX_TOKENS", 0)  # off
     assert not gdn_ops.use_fused(q, q, needs_grad=False)
     monkeypatch.setattr(gdn_ops, "_use_fla", lambda x: False)  # CPU

@@ -40,6 +40,34 @@ if __name__ == "__main__":
     print_report(run_cases)
 '''
 
+GREEDY_HELPER = '''
+import torch
+import triton
+import triton.language as tl
+
+from triton_interpreter import print_report
+
+
+@triton.jit
+def _greedy_kernel(a_ptr, b_ptr, c_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tile = offs[:, None] * BLOCK + offs[None, :]
+    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for i in range(n):
+        acc += tl.dot(tl.load(a_ptr + i * BLOCK * BLOCK + tile), tl.load(b_ptr + i * BLOCK * BLOCK + tile))
+    tl.store(c_ptr + tile, acc)
+
+
+def run_cases():
+    a = torch.zeros(4, 128, 128, dtype=torch.bfloat16)
+    _greedy_kernel[(1,)](a, a, torch.zeros(128, 128), 4, BLOCK=128, num_warps=8, num_stages=8)  # 7 stages x 64 KB of tiles
+    return []
+
+
+if __name__ == "__main__":
+    print_report(run_cases)
+'''
+
 
 @pytest.fixture(scope="module")
 def benchmark():
@@ -65,3 +93,11 @@ def test_unknown_helper_is_one_clear_error(benchmark, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--helpers", "fa_decode,nope"])
     assert exit_info.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_a_kernel_asking_for_more_shared_memory_than_the_sm_has_fails(benchmark, tmp_path):
+    """It compiles, but could never launch: software pipelining keeps whole tiles per stage in shared memory."""
+    helper = tmp_path / "greedy_interpret_check.py"
+    helper.write_text(GREEDY_HELPER)
+    report = benchmark.check(helper, arch=90)
+    assert report["compiled"] == {} and "shared memory, sm_90 has 232448" in report["failed"]["_greedy_kernel"]

@@ -9,7 +9,7 @@ CUDA        fla ``chunk_gated_delta_rule``         fla ``fused_recurrent_gated_d
 CPU         :func:`.chunk.chunk_gated_delta_rule`  :func:`.chunk.recurrent_step`
 ==========  =====================================  ==========================================
 
-Short prefill on CUDA without gradients (T > 1, B·T <= ``FUSED_MAX_TOKENS``, K and V <= 128) takes
+Short prefill on CUDA without gradients (T > 1, B·T <= ``FUSED_MAX_TOKENS``, K and V <= 128, bf16/fp16) takes
 headscope's own two-launch chunk kernels instead (:mod:`.triton_chunk`: same algorithm and precision as fla, without
 fla's three extra launches and its per-call Python). ``gated_delta_rule_from_logits`` is the layer's entry:
 it takes the raw beta/decay logits, which that path turns into beta and g inside its first kernel (the
@@ -58,7 +58,7 @@ def use_fused(q: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> bool:
     """Whether a prefill of these inputs takes headscope's fused chunk kernels (module docstring)."""
     return (
         _use_fla(q) and not needs_grad and q.shape[1] > 1 and q.shape[0] * q.shape[1] <= FUSED_MAX_TOKENS
-        and max(q.shape[-1], v.shape[-1]) <= FUSED_MAX_DIM and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and max(q.shape[-1], v.shape[-1]) <= FUSED_MAX_DIM and q.dtype in (torch.bfloat16, torch.float16)
     )
 
 

@@ -209,13 +209,15 @@ def triton_chunk_gated_delta_rule(
         output_final_state: also return the state after the last token.
         out: ``(B, T, H, V)`` to write the output into (any strides, e.g. a slice of the layer's per-head
             output), allocated in q's dtype when None.
-        chunk_size: tokens per chunk ``BT`` (a multiple of 16; 64 as fla).
+        chunk_size: tokens per chunk ``BT`` (a multiple of 16; 64 as fla; 128 needs 2-byte inputs at head dim
+            128: float32 tiles of 128 tokens ask for more shared memory than an sm_90 SM has).
         block_v: value columns per program of the recurrence (its grid is ``V / block_v`` x ``B·H``).
         num_warps: warps per program (4 for ``chunk_size`` <= 64, else 8, when None).
         num_stages: software-pipelining depth of the recurrence's chunk loop (the next chunk's W, U, P, Q,
-            K tiles are fetched while this one computes): 2 for ``chunk_size`` <= 64, else 1 when None
-            (sm_90, K = V = 128, block_v 32: chunk 64 takes ~125 KB of shared memory at 2 stages, 188 KB at
-            3; chunk 128 over 227 KB from 2 stages on).
+            K tiles are fetched while this one computes): 2 for ``chunk_size`` <= 64 and 2-byte inputs, else
+            1 when None (sm_90, K = V = 128, block_v 32, bf16: chunk 64 takes ~125 KB of shared memory at 2
+            stages, 188 KB at 3, chunk 128 ~145 KB at 1 and over the SM's 227 KB from 2 on; float32 doubles
+            every tile: chunk 64 needs 1 stage). ``benchmarks/triton_compile_check.py`` checks the helper's cases.
     Returns:
         ``out`` and the final state ``(B, H, K, V)`` float32, or None unless ``output_final_state``.
     """
@@ -260,6 +262,6 @@ def triton_chunk_gated_delta_rule(
             *(initial_state.stride() if initial_state is not None else (0, 0, 0, 0)), out.stride(0), out.stride(1), out.stride(2),
             K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=chunk_size,
             HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=warps,
-            num_stages=num_stages or (2 if chunk_size <= 64 else 1),
+            num_stages=num_stages or (2 if chunk_size <= 64 and q.element_size() == 2 else 1),
         )
     return out, final
