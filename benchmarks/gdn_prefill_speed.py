@@ -327,12 +327,14 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
     for r in rows:
         if r.get("phase") == "check":
             lines.append(f"- {r['scope']} T={r['context']}: " + json.dumps(r["errors"], default=str).replace("e-0", "e-"))
-    at = max(summary["per_context"]) if summary["per_context"] else None
-    lines += ["", f"## Kernels launched by the core at T = {at}", ""]
-    for p in PATHS:
-        r = pick(rows, scope="core", path=p, context=at)
-        if r and r["launches"]:
-            lines.append(f"- {p} ({r['launches']['count']}): " + ", ".join(f"{n} x{c}" for n, c in r["launches"]["by_name"].items()))
+    at = 4096 if 4096 in summary["per_context"] else max(summary["per_context"], default=None)
+    for scope in ("core", "layer"):
+        lines += ["", f"## Kernels launched by the {scope} at T = {at} (GPU busy ms of the call's kernels)", ""]
+        for p in PATHS:
+            r = pick(rows, scope=scope, path=p, context=at)
+            if r and r["launches"]:
+                lines.append(f"- {p} ({r['launches']['count']}, busy {fmt(r['launches']['busy_ms'])} of {fmt(r['ms'])} ms): "
+                             + ", ".join(f"{n} x{c}" for n, c in r["launches"]["by_name"].items()))
     if meta["errors"]:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in meta["errors"]]
     return "\n".join(lines) + "\n"
