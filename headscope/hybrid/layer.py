@@ -15,7 +15,8 @@ FA branch: optional q_norm/k_norm (Qwen3; ``project`` applies both, to all heads
 ``fa_rope`` (the HydraHead FA heads are NoPE); queries times ``log_position_scale`` if ``log_scaling``;
 causal SDPA with grouped KV; the KV cache holds only the FA KV heads. Output gate (``output_gate``):
 ``sigmoid(gate_proj(x))`` per head and channel, ``gate_proj`` initialised with zero weight and bias
-``gate_bias_init`` (4.0: sigmoid = 0.982, close to the identity while the gate's gradient, ∝ s(1 − s), stays 18x larger than at bias 8).
+``gate_bias_init`` (4.0: sigmoid = 0.982, close to the identity while the gate's gradient, ∝ s(1 − s),
+stays 18x larger than at bias 8).
 
 GDN branch (fla's GatedDeltaNet recipe): q/k/v (after q_norm/k_norm, as in the pretrained pipeline) ->
 causal depthwise conv over the ``C = 3·n_gdn·D`` channels of ``cat(q, k, v)`` (kernel ``conv_size``,
