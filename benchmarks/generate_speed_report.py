@@ -9,7 +9,10 @@ random model's logits are all near-ties). ``agreement`` still records it, and wh
 the exact model, given the candidate's own earlier tokens (teacher forcing): one forward of the same model
 with float32 copies of its weights (``weights_in``), no cache, over the first ``--check-rows`` rows of the
 prompt and the candidate's first ``n - 1`` tokens (the prompt in one pass: free of the candidate's prefill
-chunking, static cache, graph or compile) gives the reference logits of each of the ``n`` steps. Per step::
+chunking, static cache, graph or compile) gives the reference logits of each of the ``n`` steps. That forward
+normalises Qwen3's queries and keys with the torch ops (``torch_qk_norm``), not the one-launch kernel of
+``kernels/qk_norm`` the candidate runs on CUDA (which also takes float32): a fault of that kernel shows as
+gaps instead of being in the reference too. Per step::
 
     gap_t = max_v ref_t[v] - ref_t[token_t] = log(p_best / p_chosen)     (0: the exact model agrees)
     consistent_t = gap_t <= max(gap_tol, 2 ulp of max_v |ref_t[v]| in the candidate's dtype)
@@ -34,6 +37,8 @@ import itertools
 from contextlib import contextmanager
 
 import torch
+
+import headscope.kernels.qk_norm.ops as qk_ops
 
 VARIANTS = ("original", "original_compiled", "hybrid_eager", "hybrid_graph")
 TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original"}
@@ -68,6 +73,17 @@ def weights_in(model, dtype: torch.dtype):
             t.data = data
 
 
+@contextmanager
+def torch_qk_norm():
+    """Inside the block the hybrid's q/k RMSNorm runs as torch ops (its definition), not as the one-launch
+    kernel (``kernels/qk_norm``, on by default on CUDA) that the candidate ran."""
+    fused, qk_ops.FUSED = qk_ops.FUSED, False
+    try:
+        yield
+    finally:
+        qk_ops.FUSED = fused
+
+
 def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scores: torch.Tensor, gap_tol: float,
                    reference_dtype: torch.dtype | None = torch.float32) -> dict:
     """Teacher-forced check of a candidate's greedy tokens against ``model``'s plain forward (module docstring).
@@ -88,7 +104,7 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
     rows, n = tokens.shape
     dtype = next(model.parameters()).dtype  # the candidate's: its logits' resolution
     ids = torch.cat((prompt, tokens[:, : n - 1].to(prompt.device)), dim=1)  # (r, C + n - 1)
-    with weights_in(model, reference_dtype or dtype), torch.inference_mode():
+    with weights_in(model, reference_dtype or dtype), torch_qk_norm(), torch.inference_mode():
         ref = model(input_ids=ids, use_cache=False, logits_to_keep=n).logits.float()  # (r, n, V)
     allowed = torch.isfinite(first_scores).to(ref.device)[:, None]  # (r, 1, V)
     ref = ref.masked_fill(~allowed, float("-inf"))

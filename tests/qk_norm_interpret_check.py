@@ -17,6 +17,8 @@ CASES = [
     ("qwen_like_gqa", 2, 9, 4, 2, 32),
     ("more_keys_than_queries", 1, 5, 2, 7, 16),  # the hybrid's k: FA KV heads + one per GDN head
     ("dim_not_power_of_two", 3, 4, 3, 3, 24),
+    ("head_dim_128", 1, 3, 4, 3, 128),  # Qwen3's head dim: the compile check builds the layer's own tiles
+    ("decode_step", 2, 1, 4, 3, 128),  # T = 1 (Triton specialises an int argument equal to 1): the captured decode step
 ]
 
 

@@ -51,6 +51,22 @@ def test_a_correct_static_path_is_consistent_and_a_broken_one_is_not(benchmark, 
     assert bad["first_step_max_abs_diff"] < 1e-4  # the prefill is still right
 
 
+def test_the_reference_does_not_share_a_faulty_qk_norm_kernel(benchmark, bench, monkeypatch):
+    """On CUDA the hybrid's q/k norm is a Triton kernel, also in float32: the reference must not run it."""
+    pytest.importorskip("triton")
+    import headscope.kernels.qk_norm.ops as qk_ops
+    import headscope.kernels.qk_norm.triton_qk_norm as triton_qk_norm
+    from headscope.kernels.qk_norm.naive import head_rms_norm_reference
+
+    def faulty(q, k, q_weight, k_weight, eps):  # a planted bug: queries 4x too sharp
+        return 4 * head_rms_norm_reference(q, q_weight, eps), head_rms_norm_reference(k, k_weight, eps)
+
+    monkeypatch.setattr(qk_ops, "use_triton", lambda *tensors: qk_ops.FUSED)  # the kernel path, as on CUDA
+    monkeypatch.setattr(triton_qk_norm, "triton_qk_rms_norm", faulty)
+    got = check(benchmark, bench, "hybrid_eager", bench.prompt_ids(2, 24))
+    assert got["first_step_max_abs_diff"] > 1e-3 and qk_ops.FUSED
+
+
 def test_tokens_a_processor_banned_are_left_out():
     model = tiny_qwen3(seed=1).float()
     from_benchmark = load_benchmark("generate_speed_report")
