@@ -24,7 +24,8 @@ the Hugging Face model does.
 Sections: ``check`` (first; on the device in bf16 at T = 1000, not a multiple of the chunk: every fused
 kernel config and fla against the float32 token-by-token reference, o and final state, B = 2 with a
 left-padded row and an initial state; the layer's core on the fla and fused paths against the same layer
-in float32 through the torch paths, ``HEADSCOPE_NO_TRITON=1``); ``prefill`` (core and whole layer per
+in float32 through the torch paths, ``HEADSCOPE_NO_TRITON=1``; the one-launch q/k RMSNorm, which both of
+those core paths run, at T and T = 1 against float32, beside the torch norm); ``prefill`` (core and whole layer per
 path); ``kernel`` (the GDN call alone, 14 heads, at each T and at B = 8 x 1024: fla given g/beta, fla with
 the gates in torch, each fused config ``(chunk, block_v)``), last, as the first to go when the time budget
 (``--max-minutes``) runs out. Each timing: device ms (CUDA events, median), host ms (time
@@ -189,6 +190,30 @@ def check(run: Run) -> None:
     if worst > limit:
         run.errors.append(f"check: fused kernel error {worst:.3g} above {limit:.3g} (fla: {errors.get('fla')})")
     check_layer(run, t)
+    check_qk_norm(run, t)
+
+
+def check_qk_norm(run: Run, t: int) -> None:
+    """The one-launch q/k RMSNorm (both arms of ``check_layer`` run it, so a fault of it is in both) against the
+    float32 reference at T and at T = 1 (the decode step's shape), beside the torch norm in the run's dtype."""
+    from headscope.kernels.qk_norm.naive import head_rms_norm_reference
+
+    gen = torch.Generator(device=run.device).manual_seed(2)
+    heads, d, errors = run.shape.heads, run.shape.head_dim, {}
+    for length in (t, 1):
+        q, k = ((3 * torch.randn(2, length, n, d, generator=gen, device=run.device)).to(run.dtype) for n in (heads, heads - 1))
+        wq, wk = (torch.rand(d, generator=gen, device=run.device).add(0.5).to(run.dtype) for _ in range(2))
+        want = (head_rms_norm_reference(q.float(), wq.float(), 1e-6), head_rms_norm_reference(k.float(), wk.float(), 1e-6))
+        for name, on in (("kernel", True), ("torch", False)):
+            with switches(False, qk_norm=on):
+                got = qk_ops.qk_rms_norm(q, k, wq, wk, 1e-6)
+            errors[f"{name}_T{length}"] = max(rel(g, w) for g, w in zip(got, want))
+    run.rows.append({"phase": "check", "scope": "qk_norm", "context": t, "errors": errors})
+    print("  check qk_norm: " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items()), flush=True)
+    for length in (t, 1):
+        if errors[f"kernel_T{length}"] > max(1.5 * errors[f"torch_T{length}"], 1e-6):
+            run.errors.append(f"check: q/k norm kernel error {errors[f'kernel_T{length}']:.3g} at T={length} against the torch norm's "
+                              f"{errors[f'torch_T{length}']:.3g}")
 
 
 def check_layer(run: Run, t: int) -> None:

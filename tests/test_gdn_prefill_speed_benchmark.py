@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import load_benchmark
 
@@ -44,6 +46,29 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     assert {(r["batch"], r["context"]) for r in rows if r["phase"] == "prefill" and r["scope"] == "kernel"} == {(1, 64), (2, 32)}
     report = (tmp_path / "gdn_prefill_speed.md").read_text()
     assert "## Prefill, attention core" in report and "## The GDN call alone (3 heads)" in report and "fused_c16_v16" in report
+
+
+def test_qk_norm_check_flags_a_faulty_kernel(benchmark, monkeypatch):
+    pytest.importorskip("triton")
+    import headscope.kernels.qk_norm.ops as qk_ops
+    import headscope.kernels.qk_norm.triton_qk_norm as triton_qk_norm
+    from headscope.kernels.qk_norm.naive import head_rms_norm_reference
+
+    def run_check():
+        run = benchmark.Run(torch.device("cpu"), torch.float32, benchmark.Shape(hidden=64, heads=5, kv_heads=1, head_dim=16, mlp=128), True, ())
+        benchmark.check_qk_norm(run, 20)
+        return run
+
+    def kernel(q, k, q_weight, k_weight, eps, faulty=False):  # a right kernel, or one whose keys get the query weight
+        return head_rms_norm_reference(q, q_weight, eps), head_rms_norm_reference(k, q_weight if faulty else k_weight, eps)
+
+    monkeypatch.setattr(qk_ops, "use_triton", lambda *tensors: qk_ops.FUSED)  # the kernel path, as on CUDA
+    monkeypatch.setattr(triton_qk_norm, "triton_qk_rms_norm", kernel)
+    run = run_check()
+    assert not run.errors and set(run.rows[0]["errors"]) == {"kernel_T20", "torch_T20", "kernel_T1", "torch_T1"}
+    monkeypatch.setattr(triton_qk_norm, "triton_qk_rms_norm", partial(kernel, faulty=True))
+    run = run_check()
+    assert len(run.errors) == 2 and "q/k norm kernel" in run.errors[0]
 
 
 def test_summary_ratios_and_break_even(benchmark):
