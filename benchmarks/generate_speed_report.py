@@ -8,8 +8,12 @@ random model's logits are all near-ties). ``agreement`` still records it, and wh
 ``reference_gaps`` asks instead, token by token, whether the candidate's choice was a (near-)best choice of
 the exact model, given the candidate's own earlier tokens (teacher forcing): one forward of the same model
 with float32 copies of its weights (``weights_in``), no cache, over the first ``--check-rows`` rows of the
-prompt and the candidate's first ``n - 1`` tokens (the prompt in one pass: free of the candidate's prefill
-chunking, static cache, graph or compile) gives the reference logits of each of the ``n`` steps. That forward
+prompt and the candidate's first ``n - 1`` tokens gives the reference logits of each of the ``n`` steps: free of
+the candidate's static cache, graph or compile, and of its prefill chunking up to ``REFERENCE_CHUNK`` tokens.
+Longer prompts go through a float32 dynamic cache in chunks of ``REFERENCE_CHUNK`` (the last ``n`` positions
+in one call): float32 attention with grouped KV heads only has PyTorch's math kernel, whose (heads x T x T)
+score matrix would not fit at 32K for the original or at 128K for the hybrid; in float32 a chunked prefill
+equals a whole one to ~1e-6 (the tests). That forward
 normalises Qwen3's queries and keys with the torch ops (``torch_qk_norm``), not the one-launch kernel of
 ``kernels/qk_norm`` the candidate runs on CUDA (which also takes float32): a fault of that kernel shows as
 gaps instead of being in the reference too. Per step::
@@ -44,6 +48,7 @@ VARIANTS = ("original", "original_compiled", "hybrid_eager", "hybrid_graph")
 TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original"}
 GOALS = {4096: 1.0, 32768: 2.0, 131072: 4.0}  # original / hybrid per-token latency, Qwen3-1.7B shape, batch 32
 RANDOM_PROMPT = "random ids"
+REFERENCE_CHUNK = 4096  # tokens per call of the reference forward beyond which it goes through a cache
 
 
 def default_gap_tol(dtype: torch.dtype) -> float:
@@ -84,8 +89,20 @@ def torch_qk_norm():
         qk_ops.FUSED = fused
 
 
+def teacher_forced_logits(model, ids: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
+    """``(r, n, V)`` logits of the last ``n`` positions of ``ids`` ``(r, T)``: one call without a cache when
+    ``T <= chunk``, else the first ``T - n`` tokens in calls of ``chunk`` through the model's dynamic cache."""
+    if ids.shape[1] <= chunk:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=n).logits
+    cache = None
+    for start in range(0, ids.shape[1] - n, chunk):
+        piece = ids[:, start: min(start + chunk, ids.shape[1] - n)]
+        cache = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    return model(input_ids=ids[:, -n:], past_key_values=cache, use_cache=True, logits_to_keep=n).logits
+
+
 def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scores: torch.Tensor, gap_tol: float,
-                   reference_dtype: torch.dtype | None = torch.float32) -> dict:
+                   reference_dtype: torch.dtype | None = torch.float32, chunk: int = REFERENCE_CHUNK) -> dict:
     """Teacher-forced check of a candidate's greedy tokens against ``model``'s plain forward (module docstring).
 
     Args:
@@ -96,6 +113,7 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
             processors saw them (-inf where a processor banned a token).
         gap_tol: nats (``default_gap_tol``).
         reference_dtype: the reference forward's weights (float32: the exact model), or None: the model's own.
+        chunk: longest call of the reference forward (``teacher_forced_logits``).
     Returns:
         ``{"rows", "checked_tokens", "max_gap", "mean_gap", "consistent", "first_inconsistent", "tolerance",
         "first_step_max_abs_diff", "reference_dtype"}``: ``consistent`` of ``rows x checked_tokens``;
@@ -105,7 +123,7 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
     dtype = next(model.parameters()).dtype  # the candidate's: its logits' resolution
     ids = torch.cat((prompt, tokens[:, : n - 1].to(prompt.device)), dim=1)  # (r, C + n - 1)
     with weights_in(model, reference_dtype or dtype), torch_qk_norm(), torch.inference_mode():
-        ref = model(input_ids=ids, use_cache=False, logits_to_keep=n).logits.float()  # (r, n, V)
+        ref = teacher_forced_logits(model, ids, n, chunk).float()  # (r, n, V)
     allowed = torch.isfinite(first_scores).to(ref.device)[:, None]  # (r, 1, V)
     ref = ref.masked_fill(~allowed, float("-inf"))
     gap = ref.amax(-1) - ref.gather(-1, tokens.to(ref.device)[..., None])[..., 0]  # (r, n), inf for a banned token

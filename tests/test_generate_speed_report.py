@@ -98,3 +98,15 @@ def test_the_float32_reference_leaves_the_models_tensors_as_they_were():
     for name, t in model.state_dict(keep_vars=True).items():
         ptr, dtype, value = before[name]
         assert t.data_ptr() == ptr and t.dtype == dtype and torch.equal(t, value)
+
+
+@pytest.mark.parametrize("variant", ["original", "hybrid_eager"])
+def test_a_long_prompt_is_referenced_through_a_cache_in_chunks_as_in_one_pass(benchmark, bench, variant):
+    from_benchmark = load_benchmark("generate_speed_report")
+    ids = bench.prompt_ids(2, 40)
+    model = bench.model_of(variant)
+    with torch.inference_mode():
+        whole = from_benchmark.teacher_forced_logits(model, ids, 5, chunk=64)  # one call
+        chunked = from_benchmark.teacher_forced_logits(model, ids, 5, chunk=16)  # 35 tokens in 16 + 16 + 3, then 5
+    assert whole.shape == chunked.shape == (2, 5, whole.shape[-1])
+    torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-5)
