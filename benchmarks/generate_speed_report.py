@@ -10,8 +10,8 @@ the exact model, given the candidate's own earlier tokens (teacher forcing): one
 with float32 copies of its weights (``weights_in``), no cache, over the first ``--check-rows`` rows of the
 prompt and the candidate's first ``n - 1`` tokens gives the reference logits of each of the ``n`` steps: free of
 the candidate's static cache, graph or compile, and of its prefill chunking up to ``REFERENCE_CHUNK`` tokens.
-Longer prompts go through a float32 dynamic cache in chunks of ``REFERENCE_CHUNK`` (the last ``n`` positions
-in one call): float32 attention with grouped KV heads only has PyTorch's math kernel, whose (heads x T x T)
+Longer prompts go through a float32 dynamic cache in chunks of ``REFERENCE_CHUNK`` tokens, fewer past 32K
+(``REFERENCE_SCORES`` bounds chunk x length; the last ``n`` positions in one call): float32 attention with grouped KV heads only has PyTorch's math kernel, whose (heads x T x T)
 score matrix would not fit at 32K for the original or at 128K for the hybrid; in float32 a chunked prefill
 equals a whole one to ~1e-6 (the tests). That forward
 normalises Qwen3's queries and keys with the torch ops (``torch_qk_norm``), not the one-launch kernel of
@@ -49,6 +49,7 @@ TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original"}
 GOALS = {4096: 1.0, 32768: 2.0, 131072: 4.0}  # original / hybrid per-token latency, Qwen3-1.7B shape, batch 32
 RANDOM_PROMPT = "random ids"
 REFERENCE_CHUNK = 4096  # tokens per call of the reference forward beyond which it goes through a cache
+REFERENCE_SCORES = 1 << 27  # chunk x total length of one call's score matrix per head (16 heads in float32: 8.6 GB)
 
 
 def default_gap_tol(dtype: torch.dtype) -> float:
@@ -123,6 +124,7 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
     dtype = next(model.parameters()).dtype  # the candidate's: its logits' resolution
     ids = torch.cat((prompt, tokens[:, : n - 1].to(prompt.device)), dim=1)  # (r, C + n - 1)
     with weights_in(model, reference_dtype or dtype), torch_qk_norm(), torch.inference_mode():
+        chunk = min(chunk, max(256, REFERENCE_SCORES // ids.shape[1]))  # 4096 up to 32K, 1024 at 128K
         ref = teacher_forced_logits(model, ids, n, chunk).float()  # (r, n, V)
     allowed = torch.isfinite(first_scores).to(ref.device)[:, None]  # (r, 1, V)
     ref = ref.masked_fill(~allowed, float("-inf"))
