@@ -220,7 +220,9 @@ def seeds_markdown(results: Mapping[str, Any], families: Mapping[str, Mapping[st
     for check in checks:
         verdict = {True: "**met**", False: "**not met**", None: "undecided"}[check["met"]]
         if check["goal"] in ("beats_random", "beats_layer_random"):
-            if check["goal"] == "beats_layer_random":
+            if check.get("random_family") is None:
+                against = "random masks"
+            elif check["goal"] == "beats_layer_random":
                 against = f"layer-matched random {check['random_family']} (the same FA heads and KV groups in every layer)"
             else:
                 against = f"{'KV-matched ' if check['kv_matched'] else 'plain (not KV-matched) '}random {check['random_family']}"

@@ -182,6 +182,9 @@ def test_seed_summary_weighs_masks_equally_pools_transfer_noise_and_checks_the_g
     assert goal_checks(results)[-1]["met"] is False
     text = seeds_markdown(results, families, goal_checks(results, families))
     assert "| headwise_randomkv_7to1 | 2 | 0,1 (runs: 3) | 64 | 0.45 ± 0.21 |" in text and "**met**" in text
+    alone = {"settings": settings, "arms": {"headwise_fused_7to1_t0": arms["headwise_fused_7to1_t0"]}}
+    assert "beats the random masks on retrieval at 8 tokens by more than 2 transfer sd: no random arm is done" in seeds_markdown(
+        alone, family_stats(alone), goal_checks(alone))
 
 
 def test_family_figure_draws_each_family_mean_with_its_mask_sd_and_every_run():
