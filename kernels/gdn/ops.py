@@ -159,17 +159,23 @@ def gated_delta_rule(
     if initial_state is not None:
         initial_state = initial_state.float()
     needs_grad = _needs_grad(q, k, v, g, beta, initial_state)
-    decode = q.shape[1] == 1 and not needs_grad
-
     if use_fused(q, v, needs_grad):
-        from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
+        return _fused(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    return _unfused(q, k, v, g, beta, scale, initial_state, output_final_state, needs_grad)
 
-        dtype = kernel_dtype(q, k, v)
-        o, state = triton_chunk_gated_delta_rule(
-            q.to(dtype), k.to(dtype), v.to(dtype), g, beta, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state,
-        )
-        return o.to(q.dtype), state
+
+def _fused(q, k, v, decay, write, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """headscope's two-launch chunk kernels (``use_fused``) on q, k, v in one dtype; o back in q's dtype."""
+    from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
+
+    dtype = kernel_dtype(q, k, v)
+    o, state = triton_chunk_gated_delta_rule(q.to(dtype), k.to(dtype), v.to(dtype), decay, write, **kwargs)
+    return o.to(q.dtype), state
+
+
+def _unfused(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, needs_grad: bool):
+    """``gated_delta_rule`` on checked inputs off the fused path: torch on the CPU, fla on CUDA."""
+    decode = q.shape[1] == 1 and not needs_grad
     if not _use_fla(q):
         if decode:
             o, state = recurrent_step(q, k, v, g, beta, initial_state, scale=scale)
@@ -259,15 +265,13 @@ def gated_delta_rule_from_logits(
         raise HeadscopeError(f"gated_delta_rule_from_logits: A_log and dt_bias must be (H,) = ({heads},); got {tuple(A_log.shape)}, {tuple(dt_bias.shape)}")
     if input_mask is not None and input_mask.shape != q.shape[:2]:
         raise HeadscopeError(f"gated_delta_rule_from_logits: input_mask must be (B, T) = {tuple(q.shape[:2])}; got {tuple(input_mask.shape)}")
-    if use_fused(q, v, _needs_grad(q, k, v, a, b, A_log, dt_bias, initial_state)):
-        from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
-
-        dtype = kernel_dtype(q, k, v)
-        o, state = triton_chunk_gated_delta_rule(
-            q.to(dtype), k.to(dtype), v.to(dtype), a, b, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-            A_log=A_log, dt_bias=dt_bias, input_mask=input_mask,
-            initial_state=initial_state.float() if initial_state is not None else None, output_final_state=output_final_state,
-        )
-        return o.to(q.dtype), state
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    needs_grad = _needs_grad(q, k, v, a, b, A_log, dt_bias, initial_state)
+    if use_fused(q, v, needs_grad):
+        return _fused(q, k, v, a, b, scale=scale, A_log=A_log, dt_bias=dt_bias, input_mask=input_mask,
+                      initial_state=initial_state, output_final_state=output_final_state)
     g, beta = gdn_gates(a, b, A_log, dt_bias, input_mask)
-    return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    return _unfused(q, k, v, g, beta, scale, initial_state, output_final_state, needs_grad)
