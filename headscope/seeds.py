@@ -272,14 +272,15 @@ def overlap_figure(results: Mapping[str, Any], metric: str = "argmax"):
             families.setdefault(arm_family(name), []).append(name)
     for index, (family, arms) in enumerate(families.items()):
         color = qualitative.D3[index % len(qualitative.D3)]
+        metrics = [arm_metrics(results["arms"][a], settings, metric) for a in arms]
         for col, length in enumerate(lengths, start=1):
-            values = [arm_metrics(results["arms"][a], settings, metric).get(f"retrieval@{length}") for a in arms]
+            values = [m.get(f"retrieval@{length}") for m in metrics]
             figure.add_trace(go.Scatter(x=[shared[a][0] for a in arms], y=values, mode="markers", name=family, legendgroup=family,
                                         showlegend=col == 1, marker={"color": color, "size": 9, "opacity": 0.8},
                                         text=[f"{a}: {shared[a][1]} KV groups shared" for a in arms],
                                         hovertemplate="%{text}<br>%{x} heads shared<br>retrieval %{y:.2f}<extra></extra>"),
                              row=1, col=col)
-    n_full = int(sum(1 for _ in results["fused_mask"]["full_attention_heads"]))
+    n_full = len(results["fused_mask"]["full_attention_heads"])
     figure.update_xaxes(title_text=f"FA heads shared with the selected mask (of its {n_full})", range=[-1, n_full + 1])
     figure.update_yaxes(range=[-0.03, 1.03])
     figure.update_yaxes(title_text=f"retrieval ({metric})", col=1)
