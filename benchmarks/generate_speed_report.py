@@ -179,7 +179,7 @@ def summary_lines(rows: dict, settings: dict) -> list[str]:
              "Correctness, on the first --check-tokens new tokens. `greedy vs twin`: where the variant's greedy tokens part from its "
              "eager twin's (hybrid_graph vs hybrid_eager, original_compiled vs original); in bf16 two kernel paths part at the first "
              "near-tie, so this alone says little. `ref gap`: teacher-forced against the same model's plain forward with float32 "
-             "weights (no cache, prompt in one pass) over the variant's own tokens, first --check-rows rows: mean / max over steps of "
+             "weights (no cache, the prompt in one pass up to 4096 tokens, longer ones in chunks through a float32 cache) over the variant's own tokens, first --check-rows rows: mean / max over steps of "
              "log(p_best / p_chosen) in nats under that exact model, and how many tokens are within the tolerance; a fast path is "
              "fine when its gaps look like its eager twin's (bugs planted in the static path gave means of 1.6-10 nats on the CPU). "
              "`step-1 dlogit`: the largest |variant - reference| logit at the first step (the prefill). `graph = static eager`: the "
