@@ -16,7 +16,8 @@ Arms, in the order they run, so that the comparisons that matter most exist firs
 * ``headwise_randomlayer_7to1_s<seed>`` (``--layer-matched`` or ``--random-kind layer``; ``kv,layer`` runs both):
   ``headscope.mask.layer_matched_random_mask`` of the fused mask: the same FA heads and KV groups in every
   layer, drawn within the layer: "these heads" against "these layers";
-* ``--arm NAME=MASK.json`` (repeatable): any mask file, e.g. ``rope_aware=benchmarks/results/rope_aware_mask.json``.
+* ``--arm NAME=MASK.json`` (repeatable): any mask file, e.g. ``rope_aware=benchmarks/results/rope_aware_mask.json``
+  (with ``--arm-option NAME:KEY=VALUE``: built with other ``build_hybrid`` switches, see Switches below).
 
 Transfer seeds: ``--transfer-seeds 0,1,2`` repeats the ``--seeded-arms`` (default: the fused arm and the
 ``--arm`` arms; an arm or a family such as ``headwise_randomkv_7to1_s0``) once per seed, named
@@ -28,8 +29,7 @@ round ``k`` holds the ``k``-th transfer seed of the seeded arms and the ``k``-th
 
 Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults: NoPE + log-scaled FA
 heads with the output gate, MHA-style GDN heads with RoPE, scale-normalised fusion; all-FA layers of the
-layer-wise arms stay the pretrained attention, RoPE kept; ``--hybrid-option KEY=VALUE`` changes a switch for
-every hybrid arm, e.g. ``fa_rope=true`` keeps RoPE on the head-wise FA heads; every fused head starts at its
+layer-wise arms stay the pretrained attention, RoPE kept; every fused head starts at its
 pretrained output RMS, measured on the arm's first ``--calibrate-gamma`` training rows), then ``TransferTrainer`` with the same three
 stages and token budget: align (1x length, ``--batch`` rows), distill (1x, KL + 0.1 CE), long_context (2x
 length, ``--batch // 2`` rows: equal tokens per step). Data: the demo corpus (``data.source:
@@ -38,6 +38,27 @@ demo_corpus``), or with ``--data FILE_OR_DIR`` (a real model: e.g. the .jsonl of
 ``--heldout-fraction`` held out. The teacher is loaded once and shared; the corpus rows, a pure function
 of (seed, stream, index), are generated once for all arms of a seed by ``--workers`` forked processes
 (``RowStore``); files are read and split once (``FileRows``).
+
+Switches (``headscope.hybrid.builder.SWITCHES``, JSON values): ``--hybrid-option KEY=VALUE`` changes one for
+every hybrid arm and is part of the settings (a run with another one does not resume); ``--arm-option
+FAMILY:KEY=VALUE`` changes one for one arm family (an ``--arm`` name or a built-in family such as
+``headwise_fused_7to1``, ``layerwise_3to1``, ``headwise_randomkv_7to1``), every mask and transfer seed of it,
+over ``--hybrid-option`` (the arm's wins). A family, not one seed, so that the seed statistics pool like runs;
+compare switched and plain on one mask with a second name: ``--arm kv_aware_rope=kv_aware_mask.json
+--arm-option kv_aware_rope:fa_rope=true`` beside ``--arm kv_aware=kv_aware_mask.json`` (``fa_rope=true``: the
+head-wise FA heads keep RoPE; the log scaling is 1 below ``floor_scale`` positions). Arm options live in the
+arm's record (``hybrid_options``), not in the settings: adding such an arm to existing results resumes them,
+like adding an ``--arm``. A done arm whose recorded options differ from the command's is not reused: an
+error (the options, a new name, ``--fresh`` or another ``--out``); ``--merge`` refuses one arm done with
+different options in two sources. The table's ``options`` column shows each arm's switches beyond the defaults.
+
+A second transfer seed for an arm first run unseeded (``layerwise_scored``, recorded with transfer seed
+``--seed``): ``--seeded-arms ...,layerwise_scored --transfer-seeds 0,1 --arms layerwise_scored_t1``; the
+old record is that mask's seed-0 run (the seed summary reads its recorded ``transfer_seed``). Planning
+``layerwise_scored_t0`` beside it would train the same run again: an error.
+
+``--dry-run`` loads the teacher, runs the resume checks (settings, mask files, recorded options) and
+prints every arm this command (and ``--shard``) would keep or run with its switches; it writes nothing.
 
 Budget: ``--steps A,D,L`` fixes the steps. Otherwise they are calibrated once: two short runs of the
 three stages on the fused arm's hybrid (the first compiles kernels, the second is timed), then the steps
@@ -117,7 +138,8 @@ import torch  # noqa: E402
 from headscope.arms import BUILTIN_ARMS, MATCHED_KINDS, RANDOM_KINDS, arm_mask, arm_seed, fused_mask, plan_arms  # noqa: E402
 from headscope.cli import script_main  # noqa: E402
 from headscope.heads import HeadscopeError  # noqa: E402
-from headscope.quality import REASONING_PROBES, RETRIEVAL_PROBES, evaluate_quality, probe_grid  # noqa: E402
+from headscope.quality import REASONING_PROBES, RETRIEVAL_PROBES, evaluate_quality, format_switches, probe_grid  # noqa: E402
+from headscope.seeds import arm_family  # noqa: E402
 from headscope.transfer.data import text_rows  # noqa: E402
 from hybrid_quality_results import Results, failure, merge_results, settings_of  # noqa: E402
 from hybrid_quality_training import Bench, build_tiny_model, decide_budget, projected_arm_seconds, stage_records  # noqa: E402
@@ -147,6 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training rows that set each head's fusion scale to its pretrained output RMS (0: scales stay 1, the recipe before 2026-12-03)")
     p.add_argument("--hybrid-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a build_hybrid switch for every hybrid arm (repeatable; headscope.hybrid.builder.SWITCHES), e.g. fa_rope=true")
+    p.add_argument("--arm-option", action="append", default=[], metavar="FAMILY:KEY=VALUE",
+                   help="a build_hybrid switch for one arm family, all its mask and transfer seeds (repeatable; wins over "
+                        "--hybrid-option; stored in the arms' records, not the settings), e.g. kv_aware_rope:fa_rope=true")
     p.add_argument("--transfer-seeds", default=None, help="repeat the --seeded-arms once per transfer seed, e.g. 0,1,2")
     p.add_argument("--seeded-arms", default=None, help="arms or families repeated per transfer seed (default: the fused and --arm arms)")
     p.add_argument("--arms", default=None, help="comma-separated subset of arms (names or families) to run (default: all)")
@@ -183,6 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", default=None, metavar="DIR,DIR,...",
                    help="combine the results of shards (same settings and budget) into --out, then stop")
     p.add_argument("--fresh", action="store_true", help="discard earlier results and runs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="load the teacher, check the results to resume and print what each arm would do (kept or run, its switches); write nothing")
     p.add_argument("--smoke", action="store_true", help="everything tiny on the CPU (< 60 s)")
     p.add_argument("--tiny-model", action="store_true", help="use a tiny random Qwen3 even when the demo model exists")
     if p.parse_args(argv).smoke:  # smoke defaults; flags given on the command line still win
@@ -222,15 +249,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.extra_masks[name] = path
     from headscope.hybrid.builder import SWITCHES
 
-    args.hybrid_options = {}
-    for spec in args.hybrid_option:
-        key, sep, text = spec.partition("=")
+    def switch(flag: str, spec: str, text: str) -> tuple[str, object]:
+        key, sep, value = text.partition("=")
         if key not in SWITCHES or not sep:
-            p.error(f"--hybrid-option {spec!r}: expected KEY=VALUE with KEY one of {', '.join(SWITCHES)}")
+            p.error(f"{flag} {spec!r}: expected KEY=VALUE with KEY one of {', '.join(SWITCHES)}")
         try:
-            args.hybrid_options[key] = json.loads(text)
+            return key, json.loads(value)
         except json.JSONDecodeError:
-            p.error(f"--hybrid-option {spec!r}: VALUE must be JSON (true, false, a number)")
+            p.error(f"{flag} {spec!r}: VALUE must be JSON (true, false, a number)")
+
+    args.hybrid_options = dict(switch("--hybrid-option", spec, spec) for spec in args.hybrid_option)
+    args.arm_options = {}
+    for spec in args.arm_option:
+        family, sep, text = spec.partition(":")
+        if not sep:
+            p.error(f"--arm-option {spec!r}: expected FAMILY:KEY=VALUE")
+        key, value = switch("--arm-option", spec, text)
+        args.arm_options.setdefault(family, {})[key] = value
     if args.calibrate_gamma < 0:
         p.error("--calibrate-gamma must be >= 0")
     if args.seeded_arms is None:
@@ -241,6 +276,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--transfer-seeds must be distinct seeds; the teacher is evaluated once (not a seeded arm)")
     if not set(args.random_kind) <= set(RANDOM_KINDS) or not args.random_kind:
         p.error(f"--random-kind takes {' or '.join(RANDOM_KINDS)} (comma-separated)")
+    families = {arm_family(name) for name, kind in plan_arms(args.extra_masks, args.random_seeds, args.random_kind) if kind != "teacher"}
+    for family in args.arm_options:
+        if family not in families:
+            p.error(f"--arm-option {family}:...: {family!r} is not a hybrid arm family of this run (one of {', '.join(sorted(families))}); "
+                    "an option holds for a whole family, every mask and transfer seed of it")
     if not args.retrieval_probes or not args.length_multiples or min(args.length_multiples) < 1 or 1 not in args.length_multiples:
         p.error("--retrieval-probes needs a probe and --length-multiples positive integers including 1")
     if not 0 < args.heldout_fraction < 1:
@@ -261,6 +301,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(args.lr) != 3 or args.batch < 2 or len(args.random_seeds) < 1:
         p.error("--lr takes three numbers, --batch at least 2, --random-seeds at least one seed")
     return args
+
+
+def planned_arms(args) -> list[tuple[str, str]]:
+    """(name, kind) of the arms this command runs: the plan (``headscope.arms.plan_arms``), ``--arms``, then ``--shard``."""
+    arms = plan_arms(args.extra_masks, args.random_seeds, args.random_kind, args.transfer_seeds, args.seeded_arms,
+                     {a.strip() for a in args.arms.split(",")} if args.arms else None)
+    if args.shard is None:
+        return arms
+    index, count = args.shard
+    hybrid = [arm for arm in arms if arm[1] != "teacher"]
+    return [arm for arm in arms if arm[1] == "teacher" and index == 0] + hybrid[index::count]
+
+
+def arm_options(args, arms: list[tuple[str, str]]) -> dict[str, dict]:
+    """Per hybrid arm, its ``--arm-option`` switches (those of its family; the record's ``hybrid_options``)."""
+    return {name: dict(args.arm_options.get(arm_family(name), {})) for name, kind in arms if kind != "teacher"}
 
 
 def resolve_model(args) -> tuple[Path, str | None]:
@@ -292,6 +348,8 @@ def main(argv=None) -> int:
     from headscope.transfer import DataConfig
     from headscope.transfer.rowstore import FileRows, RowStore
 
+    if args.dry_run:
+        return dry_run(args)
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -316,17 +374,38 @@ def main(argv=None) -> int:
         lm.model.requires_grad_(False)
         base = args.teacher_length or lm.max_context
         bench = Bench(args, model_dir, lm, env, rows, base, started)
-        arms = plan_arms(args.extra_masks, args.random_seeds, args.random_kind, args.transfer_seeds, args.seeded_arms,
-                         {a.strip() for a in args.arms.split(",")} if args.arms else None)
-        if args.shard is not None:
-            index, count = args.shard
-            hybrid = [arm for arm in arms if arm[1] != "teacher"]
-            arms = [arm for arm in arms if arm[1] == "teacher" and index == 0] + hybrid[index::count]
+        arms = planned_arms(args)
         extra = {name: load_mask(path, expect=lm.fingerprint) for name, path in args.extra_masks.items()}
-        results = Results(args.out, args.work, settings_of(args, model_dir, lm.fingerprint, base), arms, args.fresh)
+        results = Results(args.out, args.work, settings_of(args, model_dir, lm.fingerprint, base), arms, args.fresh, arm_options(args, arms))
         return run_arms(bench, results, arms, tokenizer, stand_in, extra)
     finally:
         rows.close()
+
+
+def dry_run(args) -> int:
+    """``--dry-run``: the checks of a resume (settings, mask files, recorded options) and, per arm, whether it is
+    kept (done) or runs and with which switches; nothing is trained or written."""
+    from headscope.mask import load_mask
+    from headscope.models import load_model
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir, _ = resolve_model(args)
+    lm = load_model(model_dir)
+    for path in args.extra_masks.values():
+        load_mask(path, expect=lm.fingerprint)
+    arms = planned_arms(args)
+    options = arm_options(args, arms)
+    results = Results(args.out, args.work, settings_of(args, model_dir, lm.fingerprint, args.teacher_length or lm.max_context), arms,
+                      args.fresh, options)
+    for name, kind in arms:
+        switches = "" if kind == "teacher" else format_switches({**args.hybrid_options, **options[name]}) or "defaults"
+        action = "kept (done)" if results.arms[name]["status"] == "done" else "runs"
+        print(f"{name:34} {kind:10} {action:12} {switches}")
+    others = [name for name in results.arms if name not in dict(arms)]
+    runs = sum(results.arms[name]["status"] != "done" for name, _ in arms)
+    print(f"dry run: {len(arms)} arms planned, {runs} to run; {len(others)} other arms in the results stay as they are"
+          + (f" ({', '.join(others)})" if others else "") + "; nothing written")
+    return 0
 
 
 def heldout_rows(bench: Bench, results: Results, length: int, kind: str | None = None) -> torch.Tensor:
@@ -429,10 +508,12 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
     except Exception as error:  # noqa: BLE001 - rows are then generated on demand during training
         results.note(f"parallel corpus generation failed ({type(error).__name__}: {error}); rows generated during training")
     projected = projected_arm_seconds(budget, 1.5 * teacher_eval)
+    options = arm_options(args, hybrid)
 
     for name, kind in hybrid:
+        head = {"kind": kind, **({"hybrid_options": options[name]} if options[name] else {})}  # every record of the arm names its options
         if bench.elapsed() + projected > args.deadline_minutes * 60:
-            results.arms[name] = {"kind": kind, "status": "skipped_out_of_time",
+            results.arms[name] = {**head, "status": "skipped_out_of_time",
                                   "error": f"would end after --deadline-minutes {args.deadline_minutes:g} (projected {projected:.0f} s); rerun the same command to resume"}
             results.write()
             print(f"[{bench.elapsed():6.0f}s] {name}: skipped (out of time)", flush=True)
@@ -441,17 +522,17 @@ def run_arms(bench: Bench, results: Results, arms: list[tuple[str, str]], tokeni
         student = None
         try:
             mask = arm_mask(name, kind, fp, fused, extra)
-            student, records, config = bench.train(name, mask, budget["steps"], arm_seed(name, args.seed))
+            student, records, config = bench.train(name, mask, budget["steps"], arm_seed(name, args.seed), {**args.hybrid_options, **options[name]})
             train_seconds = time.perf_counter() - started
             logs = args.out / "hybrid_quality_logs"
             logs.mkdir(parents=True, exist_ok=True)
             (logs / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-            record = {"kind": kind, "status": "done", "transfer_seed": arm_seed(name, args.seed), "mask": mask_to_dict(mask),
+            record = {**head, "status": "done", "transfer_seed": arm_seed(name, args.seed), "mask": mask_to_dict(mask),
                       **evaluate_quality(student, fp, mask, grid, heldout, bench.progress, by_kind),
                       "training": {"stages": stage_records(records, config), "seconds": round(train_seconds, 2)}}
             results.arms[name] = record
         except Exception as error:  # noqa: BLE001 - recorded, the other arms go on
-            results.arms[name] = {"kind": kind, **failure(error)}
+            results.arms[name] = {**head, **failure(error)}
         finally:
             student = None
             gc.collect()

@@ -26,10 +26,11 @@ import hashlib
 import sys
 import traceback
 from pathlib import Path
+from typing import Mapping
 
 from headscope.heads import HeadscopeError, read_json, write_json_atomic, write_text_atomic
-from headscope.quality import accuracy_figure, family_figure, results_markdown
-from headscope.seeds import family_stats, goal_checks, overlap_figure, seeds_markdown
+from headscope.quality import accuracy_figure, family_figure, format_switches, results_markdown
+from headscope.seeds import family_stats, goal_checks, mask_name, overlap_figure, seeds_markdown, transfer_seed
 
 SCHEMA = "headscope.hybrid_quality/1"
 
@@ -41,18 +42,23 @@ class Results:
     device tool's ``$OUT``); the file in ``--out`` wins when both exist.
     """
 
-    def __init__(self, out: Path, work: Path, settings: dict, arms: list[tuple[str, str]], fresh: bool) -> None:
+    def __init__(self, out: Path, work: Path, settings: dict, arms: list[tuple[str, str]], fresh: bool,
+                 options: Mapping[str, dict] | None = None) -> None:
+        """``arms``: (name, kind) of the arms to run; ``options``: per arm, its ``--arm-option`` switches (missing: none)."""
         self.out, self.path, self.copy = out, out / "hybrid_quality.json", work / "hybrid_quality.json"
         source = next((p for p in (self.path, self.copy) if p.is_file()), None) if not fresh else None
         data = read_json(source, "results") if source is not None else None
-        if data is not None and data.get("settings") != settings:
-            changed = sorted(k for k in set(settings) | set(data.get("settings", {})) if settings.get(k) != data["settings"].get(k))
-            raise HeadscopeError(f"{source} was made with other settings ({', '.join(changed)}); pass --fresh or another --out")
-        if source is not None:
+        options = options or {}
+        if data is not None:
+            if data.get("settings") != settings:
+                changed = sorted(k for k in set(settings) | set(data.get("settings", {})) if settings.get(k) != data["settings"].get(k))
+                raise HeadscopeError(f"{source} was made with other settings ({', '.join(changed)}); pass --fresh or another --out")
+            check_resumed_arms(source, data["arms"], [name for name, _ in arms], options)
             print(f"resuming from {source}", flush=True)
         self.data = data or {"schema": SCHEMA, "settings": settings, "budget": None, "fused_mask": None, "arms": {}, "notes": []}
         for name, kind in arms:
-            self.data["arms"].setdefault(name, {"kind": kind, "status": "pending"})
+            switches = options.get(name)
+            self.data["arms"].setdefault(name, {"kind": kind, **({"hybrid_options": switches} if switches else {}), "status": "pending"})
 
     @classmethod
     def of(cls, out: Path, work: Path, data: dict) -> "Results":
@@ -104,6 +110,24 @@ class Results:
             print(f"png not written: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
 
 
+def check_resumed_arms(source: Path, records: Mapping[str, dict], names: list[str], options: Mapping[str, dict]) -> None:
+    """Refuse to resume ``names`` from the ``records`` of ``source`` when a done arm was trained with other
+    ``--arm-option`` switches than ``options`` gives it (its record's ``hybrid_options``), or when ``<arm>_t<k>``
+    would repeat the done ``<arm>`` trained with transfer seed ``k``. Raises HeadscopeError."""
+    differ = [f"{name} ({format_switches(records[name].get('hybrid_options', {})) or 'no options'}; this command: "
+              f"{format_switches(options.get(name, {})) or 'no options'})"
+              for name in names if records.get(name, {}).get("status") == "done"
+              and records[name].get("hybrid_options", {}) != options.get(name, {})]
+    if differ:
+        raise HeadscopeError(f"{source} holds arms trained with other --arm-option switches: {'; '.join(differ)}; "
+                             "give the same options, a new arm name, --fresh or another --out")
+    for name in names:
+        seed, twin = transfer_seed(name), records.get(mask_name(name), {})
+        if seed is not None and name not in records and twin.get("status") == "done" and twin.get("transfer_seed") == seed:
+            raise HeadscopeError(f"{source}: {mask_name(name)} is done with transfer seed {seed}, the run {name} would repeat; "
+                                 f"leave {name} out (--arms), the record already counts as that seed of the mask")
+
+
 def merge_results(sources: list[Path], out: Path, work: Path) -> int:
     """Combine the results files of ``--shard`` runs into ``out``; returns how many arms are done.
 
@@ -130,6 +154,8 @@ def merge_results(sources: list[Path], out: Path, work: Path) -> int:
     order += [names[i] for i in range(max(map(len, lists))) for names in lists if i < len(names)]
     for name in dict.fromkeys(order):
         records = [d["arms"][name] for _, d in datas if name in d["arms"]]
+        if len({format_switches(r.get("hybrid_options", {})) for r in records if r.get("status") == "done"}) > 1:
+            raise HeadscopeError(f"--merge: {name} is done with different --arm-option switches in different sources; rename one arm")
         merged["arms"][name] = next((r for r in records if r.get("status") == "done"), records[0])
     merged["fused_mask"] = next((d["fused_mask"] for _, d in datas if d.get("fused_mask")), None)
     merged["merged_from"] = [str(path) for path, _ in datas]

@@ -1,7 +1,8 @@
 """Training of the hybrid arms of ``benchmarks/hybrid_quality.py`` and their shared token budget (a helper
 module of that script, not a script).
 
-Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults, or ``--hybrid-option`` switches) on the shared teacher,
+Every hybrid arm: ``headscope.transfer.build_student`` (``build_hybrid`` defaults, or the ``--hybrid-option`` switches updated by the
+arm family's ``--arm-option`` ones) on the shared teacher,
 fusion scales calibrated on the arm's first ``--calibrate-gamma`` training rows (``calibrate_student``),
 then ``TransferTrainer`` with the same three stages (``Bench.stages``): align (1x the teacher length,
 ``--batch`` rows), distill (1x, KL + 0.1 CE), long_context (2x length, ``--batch // 2`` rows: equal tokens
@@ -96,8 +97,9 @@ class Bench:
         return {"source": "files", "paths": [str(Path(p).resolve()) for p in a.data], "heldout_fraction": a.heldout_fraction,
                 "eval_sequences": a.eval_sequences}
 
-    def train(self, name: str, mask, steps, seed: int, on_step=None):
-        """``build_student`` + ``TransferTrainer`` on ``mask`` with transfer seed ``seed``; returns (student, log records, stage configs)."""
+    def train(self, name: str, mask, steps, seed: int, options: dict, on_step=None):
+        """``build_student`` with the ``build_hybrid`` switches ``options`` + ``TransferTrainer`` on ``mask`` with transfer seed
+        ``seed``; returns (student, log records, stage configs)."""
         from headscope.mask import save_mask
         from headscope.transfer import build_student, config_from_dict
         from headscope.transfer.api import calibrate_student
@@ -108,14 +110,14 @@ class Bench:
         run_dir.mkdir(parents=True)
         save_mask(mask, run_dir / "mask.json")
         config = config_from_dict({
-            "model": str(self.model_dir), "hybrid": {"mask": str(run_dir / "mask.json"), "options": self.args.hybrid_options,
+            "model": str(self.model_dir), "hybrid": {"mask": str(run_dir / "mask.json"), "options": options,
                        "calibrate_gamma": self.args.calibrate_gamma},
             "data": self.data_config(),
             "stages": self.stages(steps), "seed": seed, "log_every": 10, "eval_every": 0, "checkpoint_every": 0,
             "keep_checkpoints": 1, "device": self.env.device.type, "precision": "auto", "progress": self.progress,
         })
         torch.manual_seed(seed)
-        student = build_student(self.lm.model, mask, self.args.hybrid_options).to(self.env.device)
+        student = build_student(self.lm.model, mask, options).to(self.env.device)
         sequences = self.rows.source(seed)
         calibrate_student(student, self.lm.model, sequences, config.hybrid, config.stages[0].seq_len)
         trainer = TransferTrainer(config, run_dir, self.env, self.lm.model, student, sequences, on_step=on_step)
@@ -145,10 +147,10 @@ def calibrate(bench: Bench, mask) -> dict:
         stamps[(info.stage_index, info.step)] = time.perf_counter()
 
     started = time.perf_counter()
-    bench.train("calibration_warmup", mask, (warm,) * 3, bench.args.seed)
+    bench.train("calibration_warmup", mask, (warm,) * 3, bench.args.seed, bench.args.hybrid_options)
     warm_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    bench.train("calibration_timed", mask, (timed + 1,) * 3, bench.args.seed, on_step=on_step)
+    bench.train("calibration_timed", mask, (timed + 1,) * 3, bench.args.seed, bench.args.hybrid_options, on_step=on_step)
     wall = time.perf_counter() - started
     step_seconds = [statistics.median(stamps[(s, k + 1)] - stamps[(s, k)] for k in range(1, timed + 1)) for s in range(3)]
     shutil.rmtree(bench.args.work / "runs", ignore_errors=True)

@@ -13,10 +13,13 @@ Used by ``benchmarks/hybrid_quality.py`` and ``notebooks/04_transfer_and_quality
 * ``kv_cache_bytes_per_token``: the KV cache a mask keeps, per token: for every layer the KV groups that
   hold at least one full-attention head (a group with one FA head keeps its whole K and V), times
   ``head_dim x 2 (K and V) x dtype bytes``. ``recurrent_state_bytes`` is the constant per-sequence state
-  of the Gated DeltaNet heads (a ``D x D`` float32 matrix each, plus the short-convolution window).
+  of the Gated DeltaNet heads (a ``D x D`` float32 matrix each, plus the short-convolution window of the
+  model's own ``conv_size``).
 * ``results_markdown`` and ``accuracy_figure`` turn a results mapping (the benchmark's JSON, layout in
   ``benchmarks/hybrid_quality_results.py``) into an arm x metric table and accuracy-vs-length curves;
-  ``shared_with_fused`` gives each arm's heads and KV groups in common with the selected mask.
+  ``shared_with_fused`` gives each arm's heads and KV groups in common with the selected mask;
+  ``arm_switches`` the ``build_hybrid`` switches an arm was trained with (an ``options`` column when any
+  arm has some).
 
 Evaluation runs under bf16 autocast on CUDA and in float32 on the CPU (``autocast_for``).
 """
@@ -24,6 +27,7 @@ Evaluation runs under bf16 autocast on CUDA and in float32 on the CPU (``autocas
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from typing import Any, Iterable, Mapping
@@ -154,7 +158,8 @@ def evaluate_quality(model: nn.Module, fingerprint: ModelFingerprint, mask: Head
         "kv_fraction": 1.0 if mask is None else mask.kv_fraction,
         "kv_groups": fp.n_layers * fp.n_kv_heads if mask is None else int(mask.kv_groups_full().sum()),
         "kv_bytes_per_token": kv_cache_bytes_per_token(fp, mask),
-        "gdn_state_bytes_per_sequence": recurrent_state_bytes(fp, mask),
+        # the model's own conv window: a hybrid built with another conv_size holds another state
+        "gdn_state_bytes_per_sequence": recurrent_state_bytes(fp, mask, getattr(getattr(model, "config", None), "conv_size", 4)),
         "heldout_loss": {str(length): heldout_loss(model, rows) for length, rows in heldout.items()},
     }
     if heldout_by_kind:
@@ -209,6 +214,17 @@ def shared_with_fused(results: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     return {name: mask_from_dict(arm["mask"], name).shared_with(fused) for name, arm in results["arms"].items() if arm.get("mask")}
 
 
+def arm_switches(arm: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``build_hybrid`` switches a hybrid arm was trained with beyond the defaults: the run's
+    ``--hybrid-option`` ones (settings ``hybrid_options``) updated by the arm's own (record ``hybrid_options``)."""
+    return {**settings.get("hybrid_options", {}), **arm.get("hybrid_options", {})}
+
+
+def format_switches(switches: Mapping[str, Any]) -> str:
+    """``key=value`` (JSON values) sorted by key, comma-separated; "" for none."""
+    return ", ".join(f"{key}={json.dumps(value)}" for key, value in sorted(switches.items()))
+
+
 def _cell(value: float | None, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -244,7 +260,12 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
     shared = shared_with_fused(results)
     if shared:
         lines += ["`shared`: full-attention heads (KV groups) in common with the fused (selected) mask.", ""]
-    header = (["arm", "status", "FA heads", "FA share", "KV B/token", "KV vs teacher"] + (["shared"] if shared else [])
+    switches = {name: format_switches(arm_switches(arm, settings)) for name, arm in arms.items() if arm.get("kind") != "teacher"}
+    if any(switches.values()):
+        lines += ["`options`: the build_hybrid switches an arm was trained with beyond the defaults (--hybrid-option for every arm, "
+                  "--arm-option per arm family; fa_rope=true: the head-wise FA heads keep RoPE).", ""]
+    header = (["arm", "status"] + (["options"] if any(switches.values()) else []) + ["FA heads", "FA share", "KV B/token", "KV vs teacher"]
+              + (["shared"] if shared else [])
               + [f"held-out CE {h}" for h in held]
               + [f"held-out CE {kind} {h}" for kind in kinds for h in held]
               + [f"retrieval {_length_label(n, base)}" for n in lengths] + [f"reasoning {_length_label(n, base)}" for n in lengths])
@@ -253,8 +274,9 @@ def results_markdown(results: Mapping[str, Any], metric: str = "argmax") -> str:
     for name, arm in arms.items():
         means = [capability_means(arm, n, metric, groups) for n in lengths]
         kv = arm.get("kv_bytes_per_token")
-        row = [name, arm.get("status", "?"), str(arm.get("n_full", "—")), _cell(arm.get("fa_head_share")), str(kv if kv is not None else "—"),
-               _cell(kv / teacher_kv if kv is not None and teacher_kv else None)]
+        row = [name, arm.get("status", "?")] + ([switches.get(name) or ("defaults" if name in switches else "—")] if any(switches.values()) else [])
+        row += [str(arm.get("n_full", "—")), _cell(arm.get("fa_head_share")), str(kv if kv is not None else "—"),
+                _cell(kv / teacher_kv if kv is not None and teacher_kv else None)]
         if shared:
             row.append("{} ({})".format(*shared[name]) if name in shared else "all" if arm.get("kind") == "teacher" else "—")
         row += [_cell((arm.get("heldout_loss") or {}).get(h), 3) for h in held]

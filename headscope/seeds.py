@@ -6,6 +6,10 @@ initialisation and the order of its training data). Dropping ``_t<k>`` gives the
 ``_s<k>`` too gives its *family* (``headwise_randomkv_7to1_s3_t1`` -> mask ``headwise_randomkv_7to1_s3``
 -> family ``headwise_randomkv_7to1``).
 
+The transfer seed of a run is its record's ``transfer_seed`` (the ``_t<k>`` of its name, else the
+``--seed`` it ran with), so an arm first run once (``kv_aware``, seed 0) and later given a second transfer
+seed (``kv_aware_t1``) reads as one mask with seeds 0 and 1.
+
 Per family and metric (retrieval and reasoning means at every length, held-out CE at every evaluated
 length, ``heldout@<length>``, and on the held-out documents of one kind, ``heldout:<kind>@<length>``), over
 the arms that are done:
@@ -117,7 +121,8 @@ def family_stats(results: Mapping[str, Any], metric: str = "argmax") -> dict[str
             metrics[key] = {"mean": statistics.fmean(means) if means else None, "sd": statistics.stdev(means) if len(means) > 1 else None,
                             "n_masks": len(means), "n_runs": sum(len(v) for v in runs), "transfer_sd": _pooled_sd(runs)}
         kv = sorted(v for v in family["kv_bytes_per_token"] if v is not None)
-        out[family_name] = {"kind": family["kind"], "masks": {m: [transfer_seed(a) for a in arms] for m, arms in family["masks"].items()},
+        seeds = {m: [results["arms"][a].get("transfer_seed", transfer_seed(a)) for a in arms] for m, arms in family["masks"].items()}
+        out[family_name] = {"kind": family["kind"], "masks": seeds,
                             "kv_bytes_per_token": kv, "metrics": metrics}
     return out
 

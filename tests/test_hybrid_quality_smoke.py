@@ -90,7 +90,7 @@ def test_table_and_figure_list_every_arm_and_length(smoke):
         mine = [row for row in rows if row.startswith(f"| {name} |")]
         assert len(mine) == 5  # the summary table and one table per length
         assert all("—" not in row for row in mine)
-    assert "| headwise_random_7to1 | 3 | — (runs: 3) | 384 |" in seed_tables  # the family of the three random masks
+    assert "| headwise_random_7to1 | 3 | 0 (runs: 3) | 384 |" in seed_tables  # three random masks, each trained with --seed 0
     assert "plain (not KV-matched) random headwise_random_7to1" in seed_tables
     assert "Arms without results" not in table
     page = (out / "hybrid_quality.html").read_text()
