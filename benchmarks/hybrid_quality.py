@@ -53,12 +53,12 @@ error (the options, a new name, ``--fresh`` or another ``--out``); ``--merge`` r
 different options in two sources. The table's ``options`` column shows each arm's switches beyond the defaults.
 
 A second transfer seed for an arm first run unseeded (``layerwise_scored``, recorded with transfer seed
-``--seed``): ``--seeded-arms ...,layerwise_scored --transfer-seeds 0,1 --arms layerwise_scored_t1``; the
-old record is that mask's seed-0 run (the seed summary reads its recorded ``transfer_seed``). Planning
+``--seed``, 0): ``--seeded-arms ...,layerwise_scored --transfer-seeds 0,1 --arms layerwise_scored_t1``; the
+old record counts as the mask's seed-0 run (the seed summary reads its recorded ``transfer_seed``). Planning
 ``layerwise_scored_t0`` beside it would train the same run again: an error.
 
 ``--dry-run`` loads the teacher, runs the resume checks (settings, mask files, recorded options) and
-prints every arm this command (and ``--shard``) would keep or run with its switches; it writes nothing.
+prints every arm this command (and ``--shard``) would keep or run with its switches; the results stay untouched.
 
 Budget: ``--steps A,D,L`` fixes the steps. Otherwise they are calibrated once: two short runs of the
 three stages on the fused arm's hybrid (the first compiles kernels, the second is timed), then the steps
@@ -222,7 +222,6 @@ def dry_run(args) -> int:
     from headscope.mask import load_mask
     from headscope.models import load_model
 
-    args.work.mkdir(parents=True, exist_ok=True)
     model_dir, _ = resolve_model(args)
     lm = load_model(model_dir)
     for path in args.extra_masks.values():
@@ -238,7 +237,7 @@ def dry_run(args) -> int:
     others = [name for name in results.arms if name not in dict(arms)]
     runs = sum(results.arms[name]["status"] != "done" for name, _ in arms)
     print(f"dry run: {len(arms)} arms planned, {runs} to run; {len(others)} other arms in the results stay as they are"
-          + (f" ({', '.join(others)})" if others else "") + "; nothing written")
+          + (f" ({', '.join(others)})" if others else "") + "; results untouched")
     return 0
 
 

@@ -84,7 +84,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    help="combine the results of shards (same settings and budget) into --out, then stop")
     p.add_argument("--fresh", action="store_true", help="discard earlier results and runs")
     p.add_argument("--dry-run", action="store_true",
-                   help="load the teacher, check the results to resume and print what each arm would do (kept or run, its switches); write nothing")
+                   help="load the teacher, check the results to resume and print what each arm would do (kept or run, its switches); the results stay untouched")
     p.add_argument("--smoke", action="store_true", help="everything tiny on the CPU (< 60 s)")
     p.add_argument("--tiny-model", action="store_true", help="use a tiny random Qwen3 even when the demo model exists")
     if p.parse_args(argv).smoke:  # smoke defaults; flags given on the command line still win

@@ -15,9 +15,14 @@ goal checks). ``Results.write`` rewrites, atomically, after every arm:
   fused mask) then ``accuracy_figure`` (plotly from its CDN), and
   ``hybrid_quality.png`` when kaleido is installed and can render.
 
+An arm record built with ``--arm-option`` switches holds them as ``hybrid_options`` (the run's
+``--hybrid-option`` ones are in ``settings``); records without the key were built with none.
+
 A results file made with other settings is never overwritten: resuming from it is an error that names
-the settings that changed (``--fresh`` or another ``--out``). ``merge_results`` combines the files of
-``--shard`` runs.
+the settings that changed (``--fresh`` or another ``--out``); so is resuming a done arm under other
+``--arm-option`` switches, or planning ``<arm>_t<k>`` beside a done ``<arm>`` run with transfer seed ``k``
+(``check_resumed_arms``). ``merge_results`` combines the files of ``--shard`` runs (and refuses an arm
+done with different switches in two of them).
 """
 
 from __future__ import annotations
