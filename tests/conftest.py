@@ -48,6 +48,23 @@ def load_benchmark(name: str):
     return module
 
 
+OFF_BY_ONE = ("cache slot", "position")
+
+
+def plant_off_by_one(monkeypatch, bug: str) -> None:
+    """Break the static decode path (``HybridStaticCache``) by one: "cache slot" writes each decode step's key and
+    value one slot early (over the last prompt token's), "position" runs the decode step one position ahead."""
+    from headscope.hybrid.modeling import HybridModel
+    from headscope.hybrid.static_cache import HybridStaticCache
+
+    if bug == "cache slot":
+        end_prefill = HybridStaticCache.end_prefill
+        monkeypatch.setattr(HybridStaticCache, "end_prefill", lambda self, length: end_prefill(self, length - 1))
+    else:
+        step = HybridModel.decode_step
+        monkeypatch.setattr(HybridModel, "decode_step", lambda self, ids, positions, cache: step(self, ids, positions + 1, cache))
+
+
 def tiny_qwen3(seed: int = 0, n_layers: int = 3) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen3Config(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen3
+from conftest import OFF_BY_ONE, plant_off_by_one, tiny_gpt2, tiny_llama, tiny_qwen3
 from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint
 from headscope.hybrid import HybridConfig, build_hybrid
 from headscope.mask import layerwise_mask, random_mask
@@ -155,3 +155,45 @@ def test_calibrate_gamma_sets_each_head_to_its_pretrained_rms(qwen3):
         gate = torch.sigmoid(torch.tensor(4.0))  # FA heads: gamma x initial gate value = pretrained RMS
         scale = torch.tensor([gate if p < attention.spec.n_fa_heads else 1.0 for p in range(fp.n_heads)])
         torch.testing.assert_close(attention.gamma * scale, expected[order], rtol=1e-5, atol=0)
+
+
+def greedy(model, ids, **kwargs):
+    """Greedy tokens and per-step scores ``(steps, B, V)`` of 8 new tokens."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("make", [tied_qwen3, lambda: tiny_qwen3(seed=2)], ids=["tied", "untied"])
+def test_full_attention_twin_shares_the_weights_and_decodes_as_the_model(make):
+    """build_full_attention: the original's own tensors in an all-plain HybridForCausalLM, whose static decode path
+    (what the benchmark's original_graph replays as a CUDA graph) gives the eager original's greedy tokens and scores."""
+    from headscope.hybrid import build_full_attention
+
+    model = make().float()
+    twin = build_full_attention(model)
+    ours, theirs = dict(twin.named_parameters()), dict(model.named_parameters())
+    assert ours.keys() == theirs.keys() and all(ours[n].data_ptr() == theirs[n].data_ptr() for n in ours)  # nothing copied
+    assert {twin.config.layer_plan(l).kind for l in range(model.config.num_hidden_layers)} == {"full"}
+    ids = torch.randint(2, 128, (3, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, want_scores = greedy(model, ids)
+        for chunk in (None, 8):  # one prefill, and chunks (the static cache filled in three calls)
+            got, scores = greedy(twin, ids, decode_mode="static", prefill_chunk_size=chunk)
+            assert torch.equal(got, want) and (scores - want_scores).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bug", OFF_BY_ONE)
+def test_full_attention_twin_check_catches_an_off_by_one(monkeypatch, bug):
+    """The comparison above fails when the static decode writes its key one slot early or runs RoPE one position ahead."""
+    from headscope.hybrid import build_full_attention
+
+    model = tiny_qwen3(seed=2).float()
+    twin = build_full_attention(model)
+    plant_off_by_one(monkeypatch, bug)
+    ids = torch.randint(2, 128, (3, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, want = greedy(model, ids)
+        _, got = greedy(twin, ids, decode_mode="static")
+    assert (got[0] - want[0]).abs().max() < 1e-5  # the prefill's logits are right
+    assert (got[1:] - want[1:]).abs().max() > 1e-2 and not torch.equal(got.argmax(-1), want.argmax(-1))  # the tokens part too

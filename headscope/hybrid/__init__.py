@@ -10,7 +10,8 @@ import importlib
 
 _HOMES = {
     "HeadwiseHybridAttention": "layer", "HybridConfig": "configuration", "HybridForCausalLM": "modeling",
-    "HybridLayerSpec": "layer", "build_hybrid": "builder", "calibrate_gamma": "builder", "hybrid_config_for": "builder",
+    "HybridLayerSpec": "layer", "build_full_attention": "builder", "build_hybrid": "builder", "calibrate_gamma": "builder",
+    "hybrid_config_for": "builder",
 }
 __all__ = sorted(_HOMES)
 

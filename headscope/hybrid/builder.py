@@ -16,7 +16,10 @@
 
 Baselines use the same builder: a random head mask or a layer-wise mask (``headscope.mask``) at a
 given ratio; in a layer-wise mask the all-FA layers become plain attention layers and the others pure
-GDN layers through the plan above.
+GDN layers through the plan above. ``build_full_attention(model)`` is the pretrained model itself in
+hybrid clothing: every layer plain full attention, its parameters the very tensors of ``model``, so it
+decodes through the hybrid's static cache, ``kernels/fa_decode`` step and CUDA graph (the original timed
+on the hybrid's kernels).
 """
 
 from __future__ import annotations
@@ -132,6 +135,34 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
             f"weight migration mismatch for {lm.fingerprint.architecture}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return hybrid.eval()
+
+
+@torch.no_grad()
+def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
+    """The pretrained model as a ``HybridForCausalLM`` with every head at full attention, sharing its weights.
+
+    Every layer is a plain layer (the pretrained attention's math, heads in pretrained order: the builder's
+    parity test), and every parameter is re-pointed at ``model``'s own tensor of the same name, so nothing
+    is copied or new: the twin computes what ``model`` computes, through the hybrid's code paths
+    (``HybridStaticCache``, the ``kernels/fa_decode`` decode step, CUDA-graph capture).
+
+    Args:
+        model: a ``PreTrainedModel`` of a supported family (or its ``LoadedModel``); not modified.
+    Returns:
+        ``HybridForCausalLM`` in eval mode, on the model's device and dtype, whose parameters share
+        storage with ``model``'s.
+    Raises:
+        HeadscopeError: unsupported family, or a parameter without a same-shaped twin in ``model``.
+    """
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    fp = lm.fingerprint
+    twin = build_hybrid(lm, HeadMask(torch.ones(fp.shape, dtype=torch.bool), fp, {"ratio": "all FA"}), HybridConfig(plain_full_layers=True))
+    source = dict(lm.model.named_parameters())
+    for name, param in twin.named_parameters():  # tied weights appear once, under their first name, in both
+        if name not in source or source[name].shape != param.shape:
+            raise HeadscopeError(f"build_full_attention: {name} {tuple(param.shape)} has no twin of that shape in the model")
+        param.data = source[name].data
+    return twin
 
 
 @torch.no_grad()
