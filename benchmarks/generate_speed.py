@@ -15,13 +15,23 @@ row times ``generate()`` (greedy, exactly ``--new-tokens`` new tokens) for each 
 
 * ``original``: transformers' default (``DynamicCache``, eager);
 * ``original_compiled``: transformers' ``StaticCache``, which ``generate()`` compiles on CUDA
-  (``torch.compile``, mode reduce-overhead): the original's fast path. One cache serves the warm-up and the
-  timed call (reset in between), as the hybrid's does: the compiled graphs treat the cache tensors as static
-  addresses, and a fresh cache per call (``cache_implementation="static"``) would re-record them in the timed
-  call;
+  (``torch.compile``, mode reduce-overhead): the original's fast path as shipped. One cache serves the warm-up
+  and the timed call (reset in between), as the hybrid's does: the compiled graphs treat the cache tensors as
+  static addresses, and a fresh cache per call (``cache_implementation="static"``) would re-record them in the
+  timed call. Its sdpa attention gets a bool mask over the static length, so transformers repeats the KV heads
+  to the query heads (``repeat_kv``: twice the cache written and read again per layer and step; 5.17 always,
+  5.25 when compiling) before the kernel (``sdpa_backends`` records which);
+* ``original_graph``: the original on the hybrid's kernels: ``build_full_attention`` (the same weight
+  tensors as an all-FA ``HybridForCausalLM``) decoded as ``hybrid_graph`` is (static cache, one CUDA graph per
+  step, ``kernels/fa_decode`` reading each KV head once for its query heads, over the tokens seen only). The
+  fastest exact baseline at hand: transformers' compiled path pays ``repeat_kv``; SDPA's grouped kernels want
+  no mask (flash; the keys then sliced to a length that changes every step, which a CUDA graph cannot hold),
+  and a masked grouped call has cuDNN as its only fused kernel in torch 2.11 (the memory-efficient kernel
+  takes no grouped heads; math otherwise), over the whole static buffer. Its reference check runs the
+  original's own float32 forward;
 * ``hybrid_eager``: the hybrid with ``decode_mode="dynamic"`` (``DynamicCache``, eager: the reference);
 * ``hybrid_graph``: the hybrid's default on CUDA (``HybridStaticCache``, decode steps replayed as one
-  CUDA graph; ``--smoke``: the same static path, eager, on the CPU).
+  CUDA graph; ``--smoke``: the same static path, eager, on the CPU; original_graph likewise).
 
 Per variant: a warm-up ``generate()`` of the same shape stopped after 3 tokens (kernels compile, the
 static caches and graphs are built and then reused), then the timed call (``--prefill-chunk``: all
@@ -29,31 +39,38 @@ variants prefill in chunks, transformers' ``prefill_chunk_size``, for batch x co
 once; recorded per variant). A logits processor records a CUDA event at every step, so one call gives the
 time to first token (``generate()`` entered -> first logits: prefill and set-up) and the per-token latency
 (mean over the remaining steps); tokens/s = batch x new tokens / total. ``graph_captured`` (CUDA): whether
-the hybrid's decode step really was captured (a failed capture warns and decodes eagerly; the summary flags
-it). Correctness, after the timed call, on its first ``--check-tokens`` tokens
-(``generate_speed_report``): ``graph_equals_static_eager``: the graph path's tokens against the same static
+a graph variant's decode step really was captured (a failed capture warns and decodes eagerly; the summary
+flags it). Correctness, after the timed call, on its first ``--check-tokens`` tokens
+(``generate_speed_report``): ``graph_equals_static_eager``: a graph variant's tokens against the same static
 path run eagerly with the same prefill (chunks included: identical kernels on identical inputs, must be
-equal); ``reference_check``: each variant's tokens teacher-forced through the same model's plain forward
-with float32 weights (``--reference-dtype``), on the first ``--check-rows`` rows: how far below the exact
-model's best each chosen token is (nats; ``--gap-tol``), and the first step's logit error; ``vs_<twin>``:
-where the greedy tokens part from the eager twin's (``hybrid_graph`` vs ``hybrid_eager``,
-``original_compiled`` vs ``original``; in bf16 they part at the first near-tie). A check that fails (out of
-memory) is recorded and the timing kept. A variant whose estimated memory does not fit is recorded as
-skipped with its estimate; an out-of-memory error is recorded, not raised.
+equal); ``reference_check``: each variant's tokens teacher-forced through a plain forward with float32
+weights (``--reference-dtype``; the hybrid's, or the original's for every original variant), on the first
+``--check-rows`` rows: how far below the exact model's best each chosen token is (nats; ``--gap-tol``), and
+the first step's logit error; ``vs_<twin>``: where the greedy tokens part from the eager twin's
+(``hybrid_graph`` vs ``hybrid_eager``, ``original_compiled`` and ``original_graph`` vs ``original``; in bf16
+they part at the first near-tie). A check that fails (out of memory) is recorded and the timing kept. Memory
+(``generate_speed_device``): before each variant its need beyond the weights is estimated (cache + prefill
+activations, recorded as ``estimated_*_gb``; the row records ``weights_gb``) and the variant is skipped,
+with the estimate, only when that plus ``HEADROOM`` exceeds the memory free at that moment; an
+out-of-memory error is recorded, not raised. Each row also records ``sdpa_backends``.
 
 Usage (GPU, after ``. benchmarks/gpu_setup.sh``)::
 
     python benchmarks/generate_speed.py --rows qwen3-1.7b:4096:b1,qwen3-1.7b:4096:b32
+    python benchmarks/generate_speed.py --rows qwen3-1.7b:32768:b32 --prefill-chunk 4096 --variants original_graph,hybrid_graph,original_compiled
     python benchmarks/python_docs_text.py --out /tmp/python_docs.jsonl
     python benchmarks/generate_speed.py --model /tmp/smol --prompt-file /tmp/python_docs.jsonl --rows smollm2:32768:b1
 
 Rows are ``<model>:<context>:b<batch>`` over ``--contexts`` x ``--batches`` (default 4096, 32768, 131072 x
 1, 32); without ``--rows`` every unfinished row of the models at hand runs. Row files
 (``--rows-dir``, default ``benchmarks/results/generate_speed_rows``) are written after every variant; a
-rerun runs only the missing variants (``--variants`` restricts them; ``--redo``: those of ``--variants``
-again), and stops starting variants after ``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}``
+rerun runs only the variants not timed yet (missing, or skipped: by the memory guard, out of memory, a failure;
+``--variants`` restricts them; ``--redo``: those of ``--variants`` again), and stops starting variants after
+``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}``
 (OUT defaults to benchmarks/results) is rebuilt from every row file of the directory, and ``$OUT`` gets a copy
-of them.
+of them; ``--summary-only`` rebuilds it from the row files alone (no model, nothing run). It sets the two
+baselines side by side at each row's batch: the original as shipped (the faster of original and
+original_compiled) and on the same kernels (original_graph), each over the hybrid.
 ``--smoke``: tiny models on the CPU in float32 (results under /tmp/headscope_generate_speed_smoke).
 """
 
@@ -77,8 +94,9 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
+from generate_speed_device import HEADROOM, fits, free_bytes, memory_need, sdpa_backends  # noqa: E402
 from generate_speed_report import (  # noqa: E402
-    RANDOM_PROMPT, TWIN, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, summary_lines,
+    RANDOM_PROMPT, TWIN, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines,
 )
 from headscope.heads import HeadscopeError  # noqa: E402
 
@@ -103,7 +121,7 @@ class Bench:
         from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
         from headscope.heads import HeadMask
-        from headscope.hybrid import build_hybrid
+        from headscope.hybrid import build_full_attention, build_hybrid
         from headscope.models import load_model
 
         self.kind, self.device, self.dtype = kind, device, dtype
@@ -123,6 +141,7 @@ class Bench:
             self.mask, self.mask_source = HeadMask(full, fp, {"ratio": "7:1"}), "KV group 0 of every layer"
         self.original = original
         self.hybrid = build_hybrid(lm, self.mask)
+        self.same_kernels = build_full_attention(lm)  # original_graph: the original's own tensors on the hybrid's decode path
         self.vocab = original.config.vocab_size
         self.config = original.config
         self._static = None  # ((batch, tokens), StaticCache) of original_compiled
@@ -138,7 +157,14 @@ class Bench:
         return ids.to(self.device)
 
     def model_of(self, variant: str):
-        """The model ``variant`` runs (the hybrid or the original): its plain forward is also the variant's reference."""
+        """The model ``variant`` generates with: the hybrid, the original's all-FA twin (original_graph) or the original."""
+        if variant == "original_graph":
+            return self.same_kernels
+        return self.hybrid if variant.startswith("hybrid") else self.original
+
+    def reference_of(self, variant: str):
+        """The model whose plain float32 forward checks ``variant``'s tokens: the hybrid, or the original itself
+        (also for original_graph: its twin is checked against the model it stands for, not against itself)."""
         return self.hybrid if variant.startswith("hybrid") else self.original
 
     @staticmethod
@@ -152,14 +178,16 @@ class Bench:
         except HeadscopeError as err:
             return random_mask(fp, "7:1", seed=0, kv_aware=True), f"random KV-aware 7:1 (seed 0; {Path(path).name}: {err})"
 
-    def cache_bytes(self, variant: str, batch: int, tokens: int) -> int:
-        """KV cache (and GDN states) of one generate() call, in bytes."""
-        c, el = self.config, torch.finfo(self.dtype).bits // 8
-        d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        if variant.startswith("original"):
-            return 2 * c.num_hidden_layers * c.num_key_value_heads * d * el * batch * tokens
+    def need(self, variant: str, batch: int, context: int, new: int, prefill_chunk: int | None) -> dict[str, int]:
+        """``memory_need`` of ``variant`` for this model and mask."""
+        conv = self.hybrid.config.conv_size
         fa_kv, gdn = int(self.mask.kv_groups_full().sum()), int((~self.mask.full).sum())
-        return 2 * fa_kv * d * el * batch * tokens + batch * gdn * (4 * d * d + 3 * d * self.hybrid.config.conv_size * el)
+        return memory_need(variant, self.config, fa_kv, gdn, conv, torch.finfo(self.dtype).bits // 8, batch, context, new, prefill_chunk)
+
+    def weights_bytes(self) -> int:
+        """Bytes of the parameters of every model held (shared tensors once): what a variant's peak adds to ``need``."""
+        tensors = {p.data_ptr(): p.numel() * p.element_size() for m in (self.original, self.hybrid, self.same_kernels) for p in m.parameters()}
+        return sum(tensors.values())
 
     def static_cache(self, batch: int, tokens: int):
         """The original's ``StaticCache`` for ``batch`` rows of ``tokens``: kept for the row's calls, made empty."""
@@ -177,19 +205,19 @@ class Bench:
             cache.reset()
         return cache
 
-    def release(self) -> None:
-        """Drop the static caches of the last variant (the hybrid keeps its own on the model)."""
+    def release(self, compiled: bool = False) -> None:
+        """Drop the static caches of the last variant (the hybrid and the twin keep theirs on the model) and, after
+        ``original_compiled`` (``compiled``), torch.compile's graphs: their CUDA-graph memory pool would stay
+        reserved and squeeze the next variant."""
         self._static = None
-        if hasattr(self.hybrid, "_headscope_static_cache"):
-            delattr(self.hybrid, "_headscope_static_cache")
+        for model in (self.hybrid, self.same_kernels):
+            if hasattr(model, "_headscope_static_cache"):
+                delattr(model, "_headscope_static_cache")
+        if compiled:
+            torch._dynamo.reset()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def prefill_bytes(self, batch: int, tokens: int) -> int:
-        """Rough activation peak of a prefill of ``batch x tokens`` (hidden states, the MLP, a DynamicCache copy)."""
-        c, el = self.config, torch.finfo(self.dtype).bits // 8
-        return batch * tokens * (8 * c.hidden_size + 3 * c.intermediate_size) * el
 
 
 class StepClock:
@@ -238,8 +266,10 @@ def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | N
         kwargs[CACHE_FIELD] = cache  # generate()'s keyword: past_key_values before transformers 5.24, cache after
     if stop_after:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfter(stop_after)])
-    if variant.startswith("hybrid"):
-        kwargs["decode_mode"] = "dynamic" if variant == "hybrid_eager" else ("graph" if torch.cuda.is_available() and variant == "hybrid_graph" else "static")
+    if variant == "hybrid_eager":
+        kwargs["decode_mode"] = "dynamic"
+    elif variant.endswith("_graph"):  # the hybrid and the original's twin: HybridForCausalLM.generate
+        kwargs["decode_mode"] = "graph" if torch.cuda.is_available() else "static"
     return kwargs
 
 
@@ -268,20 +298,20 @@ def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, pref
               "tokens_per_s": ids.shape[0] * new / (total_ms / 1e3), "prefill_chunk": prefill_chunk, "new_tokens": out[:, ids.shape[1]:].tolist()}
     if bench.device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    static = getattr(bench.hybrid, "_headscope_static_cache", None) if variant == "hybrid_graph" else None
+    static = getattr(bench.model_of(variant), "_headscope_static_cache", None) if variant.endswith("_graph") else None
     if static is not None and bench.device.type == "cuda":  # a failed capture warns and decodes eagerly: say so in the row
         result["graph_captured"] = static[0]._graph is not None
     return result, clock.first_scores
 
 
-def graph_check(bench: Bench, ids: torch.Tensor, graph_tokens: list, n: int, prefill_chunk: int | None = None) -> bool:
-    """The graph path's first ``n`` tokens equal the static path run eagerly with the timed call's prefill
+def graph_check(bench: Bench, variant: str, ids: torch.Tensor, graph_tokens: list, n: int, prefill_chunk: int | None = None) -> bool:
+    """A graph variant's first ``n`` tokens equal its static path run eagerly with the timed call's prefill
     (``prefill_chunk``): the same kernels on the same inputs, no graph. (A whole prefill where the timed call
     chunked rounds differently in bf16, and greedy decoding parts at the first near-tie.)"""
     with torch.inference_mode():
-        kwargs = generation_kwargs("hybrid_graph", n, prefill_chunk=prefill_chunk)
+        kwargs = generation_kwargs(variant, n, prefill_chunk=prefill_chunk)
         kwargs["decode_mode"] = "static"
-        eager = bench.hybrid.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
+        eager = bench.model_of(variant).generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
     return eager.tolist() == [row[:n] for row in graph_tokens]
 
 
@@ -320,30 +350,36 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
     context, batch = int(context), int(batch.removeprefix("b"))
     ids = bench.prompt_ids(batch, context)
     variants = record.setdefault("variants", {})
-    free = torch.cuda.mem_get_info()[0] if bench.device.type == "cuda" else None
+    record["weights_gb"] = bench.weights_bytes() / 1e9  # in every variant's peak, not in its estimate
+    record["sdpa_backends"] = sdpa_backends(bench.config, context + args.new_tokens, args.prefill_chunk, bench.device, bench.dtype)
     for variant in args.variants:
-        if variant in variants and not args.redo:
+        if "per_token_ms" in variants.get(variant, {}) and not args.redo:  # timed already; a skipped one runs again
             continue
         if time.perf_counter() > deadline:
             print(f"  {row} {variant}: not started (budget spent); run again", flush=True)
             return
-        need = bench.cache_bytes(variant, batch, context + args.new_tokens) + bench.prefill_bytes(batch, min(context, args.prefill_chunk or context))
-        if free is not None and need > 0.92 * free:
-            variants[variant] = {"skipped": f"needs ~{need / 1e9:.0f} GB (cache + prefill activations), {free / 1e9:.0f} GB free"}
+        need = bench.need(variant, batch, context, args.new_tokens, args.prefill_chunk)
+        estimate = {f"estimated_{k}_gb": v / 1e9 for k, v in need.items()}
+        free = free_bytes(bench.device) if bench.device.type == "cuda" else None  # now: the last variant's caches are gone
+        if free is not None and not fits(need["total"], free):
+            variants[variant] = {"skipped": f"needs ~{need['total'] / 1e9:.0f} GB + {HEADROOM / 1e9:.0f} GB headroom, "
+                                            f"{free / 1e9:.0f} GB free", **estimate}
         else:
             print(f"  {row} {variant} ...", flush=True)
             timed = attempt(lambda: timed_generate(bench, variant, ids, args.new_tokens, args.prefill_chunk, min(args.check_rows, batch)))
-            bench.release()
+            bench.release(compiled=variant == "original_compiled")
             if isinstance(timed, dict):
-                variants[variant] = {"skipped": timed["failed"]}
+                variants[variant] = {"skipped": timed["failed"], **estimate}
             else:
                 (result, first_scores), n = timed, min(args.check_tokens, args.new_tokens)
-                if variant == "hybrid_graph":  # the checks run after the timed call's caches are gone
-                    result["graph_equals_static_eager"] = attempt(lambda: graph_check(bench, ids, result["new_tokens"], n, args.prefill_chunk))
+                result.update(estimate)
+                if variant.endswith("_graph"):  # the checks run after the timed call's caches are gone
+                    result["graph_equals_static_eager"] = attempt(
+                        lambda: graph_check(bench, variant, ids, result["new_tokens"], n, args.prefill_chunk))
                     bench.release()
                 tokens = torch.tensor([r[:n] for r in result["new_tokens"][: first_scores.shape[0]]])
                 reference_dtype = torch.float32 if args.reference_dtype == "float32" else None
-                result["reference_check"] = attempt(lambda: reference_gaps(bench.model_of(variant), ids[: len(tokens)], tokens, first_scores,
+                result["reference_check"] = attempt(lambda: reference_gaps(bench.reference_of(variant), ids[: len(tokens)], tokens, first_scores,
                                                                            args.gap_tol, reference_dtype))
                 variants[variant] = result
         for name, twin in TWIN.items():
@@ -351,8 +387,19 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                 variants[name][f"vs_{twin}"] = agreement(variants[name]["new_tokens"], variants[twin]["new_tokens"])
         result = variants[variant]
         print(f"  {row} {variant}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-                                                 if k not in ("new_tokens",) and not k.startswith("vs_")), flush=True)
+                                                 if k != "new_tokens" and not k.startswith(("vs_", "estimated_"))), flush=True)
         save()
+
+
+def write_summary(rows_dir: Path, out_dir: Path) -> None:
+    """``out_dir``/generate_speed.{json,md} from every row file of ``rows_dir``, whatever a run's rows and prompt;
+    the settings are the rows' own (``row_settings``), not this machine's."""
+    from headscope.heads import write_json_atomic, write_text_atomic
+
+    rows = {path.stem: json.loads(path.read_text()) for path in rows_dir.glob("*.json")}
+    rows = dict(sorted(rows.items(), key=lambda item: row_order(item[1])))
+    write_json_atomic(out_dir / "generate_speed.json", {"settings": row_settings(rows), "rows": rows})
+    write_text_atomic(out_dir / "generate_speed.md", "\n".join(summary_lines(rows)) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,9 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens (all variants; less activation memory)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds: start no variant after this")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU in float32 (the test)")
+    parser.add_argument("--summary-only", action="store_true", help="rebuild $OUT/generate_speed.{json,md} from the row files of "
+                        "--rows-dir and stop: no model is loaded, nothing runs")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    from headscope.heads import write_json_atomic, write_text_atomic
+    from headscope.heads import write_json_atomic
 
     if args.smoke:
         args.contexts, args.batches, args.new_tokens, args.check_tokens = [16, 40], [1, 3], 6, 4
@@ -393,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     results = Path("/tmp/headscope_generate_speed_smoke") if args.smoke else ROOT / "benchmarks" / "results"
     rows_dir = Path(args.rows_dir or results / "generate_speed_rows")
     out_dir = Path(os.environ.get("OUT", results))
+    if args.summary_only:
+        if not any(rows_dir.glob("*.json")):
+            raise HeadscopeError(f"--summary-only: no row files in {rows_dir}")
+        write_summary(rows_dir, out_dir)
+        print((out_dir / "generate_speed.md").read_text(), flush=True)
+        return 0
     kinds = ["qwen3-1.7b"] + (["smollm2"] if args.model else [])
     order = [f"{k}:{c}:b{b}" for k in kinds for c in args.contexts for b in args.batches]
     wanted = args.rows.split(",") if args.rows else order
@@ -415,14 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = "_text-" + re.sub(r"[^A-Za-z0-9.-]", "_", Path(args.prompt_file).stem) if text is not None else ""
     row_path = lambda row: rows_dir / f"{row.replace(':', '_')}{tag if texts(row) else ''}.json"  # noqa: E731
 
-    def write_summary() -> None:  # every row file of the directory, whatever this run's rows and prompt
-        rows = {path.stem: json.loads(path.read_text()) for path in rows_dir.glob("*.json")}
-        rows = dict(sorted(rows.items(), key=lambda item: row_order(item[1])))
-        write_json_atomic(out_dir / "generate_speed.json", {"settings": settings, "rows": rows})
-        write_text_atomic(out_dir / "generate_speed.md", "\n".join(summary_lines(rows, settings)) + "\n")
-
     recorded = {row: json.loads(row_path(row).read_text()) for row in wanted if row_path(row).is_file()}
-    pending = [row for row in wanted if args.redo or not set(args.variants) <= set(recorded.get(row, {}).get("variants", {}))]
+    timed = lambda row: {v for v, r in recorded.get(row, {}).get("variants", {}).items() if "per_token_ms" in r}  # noqa: E731
+    pending = [row for row in wanted if args.redo or not set(args.variants) <= timed(row)]
     for row in pending:  # one prompt per row file (a text's name is in it): its variants are compared with each other
         if row in recorded and recorded[row].get("prompt", RANDOM_PROMPT) != prompt_of(row):
             raise HeadscopeError(f"{row_path(row)} was made with the prompt '{recorded[row].get('prompt', RANDOM_PROMPT)}', "
@@ -438,10 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         bench = benches[kind]
         record = recorded.get(row, {})
         record.update(row=row, mask=bench.mask_source, n_full_heads=bench.mask.n_full, prompt=bench.prompt, **settings)
-        run_row(bench, row, record, args, lambda: (write_json_atomic(row_path(row), record), write_summary()), started + args.budget)
+        run_row(bench, row, record, args, lambda: (write_json_atomic(row_path(row), record), write_summary(rows_dir, out_dir)),
+                started + args.budget)
     if out_dir.resolve() != rows_dir.parent.resolve() and rows_dir.is_dir():
         shutil.copytree(rows_dir, out_dir / rows_dir.name, dirs_exist_ok=True)
-    write_summary()
+    write_summary(rows_dir, out_dir)
     print((out_dir / "generate_speed.md").read_text(), flush=True)
     return 0
 

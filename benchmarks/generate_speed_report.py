@@ -38,14 +38,18 @@ gaps look like its eager twin's. Cost: one float32 prefill of the checked rows p
 from __future__ import annotations
 
 import itertools
+import json
 from contextlib import contextmanager
 
 import torch
 
 import headscope.kernels.qk_norm.ops as qk_ops
 
-VARIANTS = ("original", "original_compiled", "hybrid_eager", "hybrid_graph")
-TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original"}
+VARIANTS = ("original", "original_compiled", "original_graph", "hybrid_eager", "hybrid_graph")
+TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original", "original_graph": "original"}
+# the summary's per-token comparison: the original as transformers ships it, the original on the hybrid's kernels, the hybrid
+SIDES = (("as shipped", ("original", "original_compiled")), ("same kernels", ("original_graph",)), ("hybrid", ("hybrid_eager", "hybrid_graph")))
+SETTINGS = ("device", "dtype", "torch", "transformers", "new_tokens")
 GOALS = {4096: 1.0, 32768: 2.0, 131072: 4.0}  # original / hybrid per-token latency, Qwen3-1.7B shape, batch 32
 RANDOM_PROMPT = "random ids"
 REFERENCE_CHUNK = 4096  # tokens per call of the reference forward beyond which it goes through a cache
@@ -168,18 +172,63 @@ def row_order(record: dict) -> tuple:
     return model != "qwen3-1.7b", model, int(context), int(batch[1:]), record.get("prompt", RANDOM_PROMPT)
 
 
-def summary_lines(rows: dict, settings: dict) -> list[str]:
+def row_settings(rows: dict) -> dict:
+    """The settings the rows were measured with (``SETTINGS`` of each record), values of different rows joined by ' / '."""
+    values = {key: sorted({str(record.get(key, "?")) for record in rows.values()}) for key in SETTINGS}
+    return {key: " / ".join(v) for key, v in values.items()}
+
+
+def side(variants: dict, names: tuple[str, ...]) -> tuple[float | None, str]:
+    """The fastest per-token latency among a row's variants ``names`` and its cell; without one, '-' and why
+    (each variant's skip or failure, or 'not run')."""
+    times = [variants[name]["per_token_ms"] for name in names if "per_token_ms" in variants.get(name, {})]
+    if times:
+        return min(times), f"{min(times):.2f}"
+    why = [f"{name}: {variants[name]['skipped']}" for name in names if "skipped" in variants.get(name, {})]
+    return None, f"- ({'; '.join(why) if why else 'not run'})"
+
+
+def ratio_line(record: dict) -> str:
+    """One row of the per-token table: both baselines and the hybrid at the row's batch, their ratios, the goal."""
+    model, context, batch = record["row"].split(":")
+    ms, cells = {}, []
+    for name, names in SIDES:
+        ms[name], cell = side(record.get("variants", {}), names)
+        cells.append(cell)
+    ratios = {name: ms[name] / ms["hybrid"] if ms[name] and ms["hybrid"] else None for name in ("as shipped", "same kernels")}
+    cells += [f"{r:.2f}x" if r else "-" for r in ratios.values()]
+    goal = GOALS.get(int(context)) if model == "qwen3-1.7b" and batch == "b32" else None
+    if goal:
+        verdicts = [f"{'met' if r >= goal else 'not met'} vs {name}" for name, r in ratios.items() if r]
+        cells.append(f">= {goal:g}x: {', '.join(verdicts) if verdicts else 'no pair at this batch'}")
+    else:
+        cells.append("")
+    prompt = record.get("prompt", RANDOM_PROMPT).split(" (")[0]
+    return f"| {model} | {context} | {batch[1:]} | {prompt} | " + " | ".join(cells) + " |"
+
+
+def summary_lines(rows: dict) -> list[str]:
     """The summary's markdown lines; ``rows``: row-file name -> record (each with its ``row`` and ``variants``)."""
+    settings = row_settings(rows)
     lines = ["# generate() speed: original vs 7:1 head-wise hybrid", "",
              f"{settings['device']}, {settings['dtype']}, torch {settings['torch']}, transformers {settings['transformers']}. "
              f"Greedy, {settings['new_tokens']} new tokens after a prompt of `context` tokens (`prompt`: random ids, or a text file's "
              "tokens tiled to the context); `prefill`: in one pass or in chunks (transformers' prefill_chunk_size). TTFT = generate() "
              "entered -> first logits; per-token = mean of the later steps; tokens/s = batch x new tokens / total. Variants of one row "
-             "ran in one process.", "",
+             "ran in one process, except those a rerun added. `peak GB` includes the weights of every model the process holds (original and hybrid: 7.1 GB at the "
+             "Qwen3-1.7B shape; original_graph shares the original's tensors).", "",
+             "Two baselines. As shipped: `original` (transformers' DynamicCache, eager) and `original_compiled` (its StaticCache + "
+             "torch.compile, reduce-overhead), whose sdpa attention gets a mask over the static length and so repeats every KV head to "
+             "its query heads (`repeat_kv`) before the kernel, at each layer and step. Same kernels: `original_graph`, the original's "
+             "own weights as an all-full-attention HybridForCausalLM (`build_full_attention`), decoded exactly as `hybrid_graph` "
+             "(static cache, one CUDA graph per step, the `kernels/fa_decode` step that reads each KV head once for its query heads): "
+             "the ratio against it is the one the attention change alone earns.", "",
              "Correctness, on the first --check-tokens new tokens. `greedy vs twin`: where the variant's greedy tokens part from its "
-             "eager twin's (hybrid_graph vs hybrid_eager, original_compiled vs original); in bf16 two kernel paths part at the first "
-             "near-tie, so this alone says little. `ref gap`: teacher-forced against the same model's plain forward with float32 "
-             "weights (no cache, the prompt in one pass up to 4096 tokens, longer ones in chunks through a float32 cache) over the variant's own tokens, first --check-rows rows: mean / max over steps of "
+             "eager twin's (hybrid_graph vs hybrid_eager; original_compiled and original_graph vs original); in bf16 two kernel paths "
+             "part at the first near-tie, so this alone says little. `ref gap`: teacher-forced against a plain forward with float32 "
+             "weights (the hybrid's for the hybrid variants, the original's for all original variants; no cache, the prompt in one pass "
+             "up to 4096 tokens, longer ones in chunks through a float32 cache) over the variant's own tokens, first --check-rows rows: "
+             "mean / max over steps of "
              "log(p_best / p_chosen) in nats under that exact model, and how many tokens are within the tolerance; a fast path is "
              "fine when its gaps look like its eager twin's (bugs planted in the static path gave means of 1.6-10 nats on the CPU). "
              "`step-1 dlogit`: the largest |variant - reference| logit at the first step (the prefill). `graph = static eager`: the "
@@ -206,18 +255,15 @@ def summary_lines(rows: dict, settings: dict) -> list[str]:
             lines.append(f"{head} {f'chunks of {chunk}' if chunk else 'one pass'} | {variant} | {r['ttft_ms']:.1f} | {r['per_token_ms']:.2f} | "
                          f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | "
                          f"{twin_text(r.get(f'vs_{TWIN.get(variant)}'))} | {gap} | {first} | {check} |")
-    lines += ["", "## Per-token latency, original / hybrid (fastest variant of each)", "",
-              "| model | context | batch | prompt | original ms | hybrid ms | ratio | goal (Qwen3-1.7B shape, batch 32) |",
-              "|---|---:|---:|---|---:|---:|---:|---|"]
-    for record in rows.values():
-        model, context, batch = record["row"].split(":")
-        best = {}
-        for side in ("original", "hybrid"):
-            times = [r["per_token_ms"] for v, r in record.get("variants", {}).items() if v.startswith(side) and "per_token_ms" in r]
-            best[side] = min(times) if times else None
-        ratio = best["original"] / best["hybrid"] if best["original"] and best["hybrid"] else None
-        goal = GOALS.get(int(context)) if model == "qwen3-1.7b" and batch == "b32" else None
-        fmt = lambda x: f"{x:.2f}" if x else "-"  # noqa: E731
-        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | {fmt(best['original'])} | {fmt(best['hybrid'])} | {fmt(ratio)}{'x' if ratio else ''} | "
-                     f"{'>= %gx: %s' % (goal, 'met' if ratio and ratio >= goal else 'not met') if goal else ''} |")
+    lines += ["", "## Per-token latency at the same batch: the original (as shipped; on the same kernels) / the hybrid", "",
+              "Fastest variant of each side within one row (one batch); '-' says why a side has no time (skipped by the "
+              "memory guard with its estimate, failed, or not run).", "",
+              "| model | context | batch | prompt | original as shipped ms | original same kernels ms | hybrid ms | "
+              "as shipped / hybrid | same kernels / hybrid | goal (Qwen3-1.7B shape, batch 32) |",
+              "|---|---:|---:|---|---|---|---|---:|---:|---|"]
+    lines += [ratio_line(record) for record in rows.values()]
+    backends = {json.dumps(r["sdpa_backends"], sort_keys=True): r["sdpa_backends"] for r in rows.values() if "sdpa_backends" in r}
+    if backends:
+        lines += ["", "SDPA backend torch picks for the attention calls (`torch._fused_sdp_choice` on the rows' device; `generate_speed."
+                  "sdpa_backends`): " + "; ".join(", ".join(f"{k} {v}" for k, v in b.items()) for b in backends.values()) + "."]
     return lines

@@ -1,8 +1,11 @@
 """benchmarks/generate_speed.py --smoke end to end on the CPU: both model kinds (a random Qwen3 and a local
-model directory), every variant timed and written per row, the static path's tokens equal to the eager
-paths' (float32) and consistent with the float32 reference, the summary built from the row files, a rerun
-running only missing variants; the graph check prefilling as the timed call did; --prompt-file prompts
-(tiled text, recorded per row, never mixed with random ones in a row; a bad file is one line, exit 2)."""
+model directory), every variant timed and written per row, the static paths' tokens (the hybrid's and the
+original's all-FA twin, original_graph) equal to the eager paths' (float32) and consistent with the float32
+reference, the summary built from the row files (also alone: --summary-only), a rerun running only missing
+variants; the graph check prefilling as the timed call did; the memory guard's decisions at the H200 rows'
+shapes; the per-token table pairing both baselines with the hybrid at one batch, '-' and why where a side is
+missing; --prompt-file prompts (tiled text, recorded per row, never mixed with random ones in a row; a bad
+file is one line, exit 2)."""
 
 from __future__ import annotations
 
@@ -38,15 +41,34 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
     assert "random KV-aware 7:1" in smol["mask"]  # the SmolLM2 mask file does not fit the tiny Llama
     before = (rows_dir / "qwen3-1.7b_40_b3.json").read_text()
-    assert benchmark.main(common + ["--rows", "qwen3-1.7b:40:b3", "--variants", "original,original_compiled", "--prefill-chunk", "16"]) == 0
+    assert benchmark.main(common + ["--rows", "qwen3-1.7b:40:b3", "--variants", "original,original_compiled,original_graph",
+                                    "--prefill-chunk", "16"]) == 0
     after = json.loads((rows_dir / "qwen3-1.7b_40_b3.json").read_text())
     assert after["variants"]["hybrid_graph"] == json.loads(before)["variants"]["hybrid_graph"]  # kept, not rerun
     assert after["variants"]["original_compiled"]["vs_original"]["match_fraction"] == 1.0
+    twin = after["variants"]["original_graph"]  # the original on the hybrid's static path: its tokens, checked against the original
+    assert twin["vs_original"]["match_fraction"] == 1.0 and twin["graph_equals_static_eager"] and twin["reference_check"]["max_gap"] < 1e-4
+    assert twin["estimated_cache_gb"] > 0 and after["weights_gb"] > 0 and set(after["sdpa_backends"]) == {
+        "hf_static_decode", "gqa_masked_decode", "gqa_decode", "gqa_masked_prefill"}
     summary = (tmp_path / "out" / "generate_speed.md").read_text()
     assert "| qwen3-1.7b | 40 | 3 | random ids | one pass | hybrid_graph |" in summary
     assert "| qwen3-1.7b | 40 | 3 | random ids | chunks of 16 | original_compiled |" in summary
+    assert "| qwen3-1.7b | 40 | 3 | random ids | chunks of 16 | original_graph |" in summary
     assert "| smollm2 | 16 | 1 | random ids | one pass | original |" in summary
+    assert "| smollm2 | 16 | 1 | random ids | " in summary.split("## Per-token")[1]  # a pair row (twin and hybrid not run there)
     assert (tmp_path / "out" / "rows" / "smollm2_16_b1.json").is_file()  # the row files travel with $OUT
+    smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
+    smol["variants"]["original"] = {"skipped": "needs ~9 GB + 4 GB headroom, 8 GB free"}  # a skipped variant runs again
+    (rows_dir / "smollm2_16_b1.json").write_text(json.dumps(smol))
+    assert benchmark.main(common + ["--rows", "smollm2:16:b1", "--variants", "original,original_graph,hybrid_eager"]) == 0
+    smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
+    assert "per_token_ms" in smol["variants"]["original"] and set(smol["variants"]) == {"original", "original_graph", "hybrid_eager", "hybrid_graph"}
+    twin = smol["variants"]["original_graph"]  # an untied model (its tokens are not one repeated token), the static path's tokens
+    assert twin["vs_original"]["match_fraction"] == 1.0 and twin["graph_equals_static_eager"] and len(set(twin["new_tokens"][0])) > 1
+    summary = (tmp_path / "out" / "generate_speed.md").read_text()
+    (tmp_path / "out" / "generate_speed.md").unlink()
+    monkeypatch.setattr(benchmark, "Bench", None)  # --summary-only loads no model
+    assert benchmark.main(common + ["--summary-only"]) == 0 and (tmp_path / "out" / "generate_speed.md").read_text() == summary
 
 
 def test_bad_rows_are_one_clear_error(benchmark, capsys):
@@ -81,18 +103,17 @@ def test_original_compiled_reuses_one_static_cache_for_warm_up_and_timed_call(be
 
 
 def test_summary_flags_failed_captures_and_inconsistent_tokens_and_reads_old_rows(benchmark):
-    settings = {"device": "gpu", "dtype": "bfloat16", "torch": "t", "transformers": "t", "new_tokens": 4}
     timing = {"ttft_ms": 1.0, "per_token_ms": 0.5, "tokens_per_s": 8.0, "graph_equals_static_eager": True}
     for captured, flagged in ((True, False), (False, True)):
         rows = {"qwen3-1.7b_4096_b1": {"row": "qwen3-1.7b:4096:b1", "variants": {"hybrid_graph": {**timing, "graph_captured": captured}}}}
-        line = next(x for x in benchmark.summary_lines(rows, settings) if x.startswith("| qwen3-1.7b | 4096 | 1 | random ids | one pass | hybrid_graph"))
+        line = next(x for x in benchmark.summary_lines(rows) if x.startswith("| qwen3-1.7b | 4096 | 1 | random ids | one pass | hybrid_graph"))
         assert ("capture failed" in line) == flagged  # a row from before the prompt and prefill fields: random ids, one pass
     check = {"rows": 1, "checked_tokens": 32, "max_gap": 9.5, "mean_gap": 1.25, "consistent": 20, "first_inconsistent": 3,
              "tolerance": 0.1, "first_step_max_abs_diff": 0.5}
     rows = {"smollm2_4096_b1_text-a": {"row": "smollm2:4096:b1", "prompt": "text a.txt (9 tokens, ids sha256 0)", "variants": {
         "hybrid_graph": {**timing, "prefill_chunk": 1024, "reference_check": check, "vs_hybrid_eager": {"first_mismatch": [7], "rows_identical": 0}},
         "original": {**timing, "reference_check": {"failed": "out of memory: CUDA"}}}}}
-    lines = [x for x in benchmark.summary_lines(rows, settings) if x.startswith("| smollm2")]
+    lines = [x for x in benchmark.summary_lines(rows) if x.startswith("| smollm2")]
     assert "| text a.txt | chunks of 1024 | hybrid_graph |" in lines[1] and "| parts at 7 | 1.2 / 9.5; **20/32** (from step 3) <= 0.1 | 0.5 | yes |" in lines[1]
     assert "| original |" in lines[0] and "check out of memory: CUDA" in lines[0]
 
@@ -112,7 +133,7 @@ def test_graph_check_prefills_as_the_timed_call_did(benchmark, one_thread):
     bench.hybrid.generate = spy
     ids = bench.prompt_ids(2, 40)
     result, first = benchmark.timed_generate(bench, "hybrid_graph", ids, 5, prefill_chunk=16, keep_rows=1)
-    assert benchmark.graph_check(bench, ids, result["new_tokens"], 4, prefill_chunk=16)
+    assert benchmark.graph_check(bench, "hybrid_graph", ids, result["new_tokens"], 4, prefill_chunk=16)
     assert chunks == [("static", 16)] * 3 and result["prefill_chunk"] == 16 and first.shape == (1, bench.vocab)
 
 
@@ -153,3 +174,48 @@ def test_prompt_file_rows_are_tiled_text_recorded_per_row(benchmark, tmp_path, m
             script_main(lambda: benchmark.main(common + ["--prompt-file", str(bad), "--rows-dir", str(tmp_path / "never")]))
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and says in err and err.startswith("headscope: error:") and not (tmp_path / "never").exists()
+
+
+def test_memory_guard_at_the_h200_rows(benchmark):
+    """The estimate for the Qwen3-1.7B shape (bf16, chunks of 4096) against what the H200 rows measured (peak less
+    the 7.12 GB of weights both models hold) and had free (141 GB): 32K x 32 fits for the originals (the old guard,
+    0.92 x free, skipped it); 128K fits the originals up to batch 8."""
+    from headscope.heads import HeadMask, ModelFingerprint
+
+    device = load_benchmark("generate_speed_device")
+    config = benchmark.qwen3_config(smoke=False)
+    full = torch.zeros(28, 16, dtype=torch.bool)
+    full[:, :2] = True  # KV group 0 of every layer
+    mask = HeadMask(full, ModelFingerprint("qwen3", 28, 16, 8, 128))
+    fa_kv, gdn = int(mask.kv_groups_full().sum()), int((~mask.full).sum())
+
+    def need(variant, batch, context):
+        return device.memory_need(variant, config, fa_kv, gdn, 4, 2, batch, context, 256, 4096)["total"] / 1e9
+
+    assert abs(need("original_compiled", 24, 32768) - (104.69 - 7.12)) < 0.5  # measured: 32K x 24
+    assert 0 < need("hybrid_graph", 32, 32768) - (30.61 - 7.12) < 2.5  # measured: 32K x 32, a little over
+    free = 141e9
+    for variant in ("original_compiled", "original_graph"):
+        assert device.fits(need(variant, 32, 32768) * 1e9, free) and need(variant, 32, 32768) > 0.92 * free / 1e9
+        assert device.fits(need(variant, 8, 131072) * 1e9, free) and not device.fits(need(variant, 9, 131072) * 1e9, free)
+    assert need("original", 1, 32768) > need("original_compiled", 1, 32768)  # the dynamic cache's cat and repeat_kv copies
+
+
+def test_per_token_table_pairs_both_baselines_with_the_hybrid_at_one_batch(benchmark):
+    timing = lambda ms: {"ttft_ms": 1.0, "per_token_ms": ms, "tokens_per_s": 8.0}  # noqa: E731
+    rows = {
+        "a": {"row": "qwen3-1.7b:32768:b32", "variants": {
+            "original_compiled": {"skipped": "needs ~130 GB + 4 GB headroom, 120 GB free"}, "original_graph": timing(30.0),
+            "hybrid_graph": timing(7.5)}},
+        "b": {"row": "qwen3-1.7b:131072:b8", "variants": {
+            "original": timing(900.0), "original_compiled": timing(140.0), "original_graph": {"skipped": "out of memory: CUDA"}}},
+        "c": {"row": "qwen3-1.7b:4096:b32", "variants": {"original_compiled": timing(6.0), "original_graph": timing(5.0),
+                                                          "hybrid_graph": timing(5.5)}},
+    }
+    lines = {line.split(" | ")[1] + ":" + line.split(" | ")[2]: line for line in benchmark.summary_lines(rows)
+             if line.startswith("| qwen3") and line.count("|") == 11}
+    assert lines["32768:32"] == ("| qwen3-1.7b | 32768 | 32 | random ids | - (original_compiled: needs ~130 GB + 4 GB headroom, 120 GB free) "
+                                 "| 30.00 | 7.50 | - | 4.00x | >= 2x: met vs same kernels |")
+    assert lines["131072:8"] == ("| qwen3-1.7b | 131072 | 8 | random ids | 140.00 | - (original_graph: out of memory: CUDA) "
+                                 "| - (not run) | - | - |  |")
+    assert lines["4096:32"].endswith("| 6.00 | 5.00 | 5.50 | 1.09x | 0.91x | >= 1x: met vs as shipped, not met vs same kernels |")

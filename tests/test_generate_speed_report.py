@@ -1,5 +1,6 @@
 """benchmarks/generate_speed_report.py: the teacher-forced reference check passes a correct fast path and
-fails a broken one (GDN states lost in the static cache), leaves banned tokens out, and runs the float32
+fails a broken one (GDN states lost in the static cache; the original's all-FA twin writing its decode keys
+one slot early, checked against the original itself), leaves banned tokens out, and runs the float32
 reference on copies of the weights that leave the model's own tensors untouched."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import load_benchmark, tiny_qwen3
+from conftest import OFF_BY_ONE, load_benchmark, plant_off_by_one, save_model, tiny_qwen3
 from headscope.hybrid.static_cache import HybridStaticCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +30,7 @@ def check(benchmark, bench, variant: str, ids: torch.Tensor, n: int = 5) -> dict
     result, first = benchmark.timed_generate(bench, variant, ids, n, keep_rows=2)
     bench.release()
     tokens = torch.tensor(result["new_tokens"])[:2]
-    return benchmark.reference_gaps(bench.model_of(variant), ids[:2], tokens, first, gap_tol=1e-4)
+    return benchmark.reference_gaps(bench.reference_of(variant), ids[:2], tokens, first, gap_tol=1e-4)
 
 
 def test_a_correct_static_path_is_consistent_and_a_broken_one_is_not(benchmark, bench, monkeypatch):
@@ -49,6 +50,22 @@ def test_a_correct_static_path_is_consistent_and_a_broken_one_is_not(benchmark, 
     bad = check(benchmark, bench, "hybrid_graph", ids)
     assert bad["consistent"] < 2 * 5 and bad["first_inconsistent"] >= 1 and bad["max_gap"] > 1e-2
     assert bad["first_step_max_abs_diff"] < 1e-4  # the prefill is still right
+
+
+@pytest.mark.parametrize("bug", OFF_BY_ONE)
+def test_the_original_on_the_hybrid_path_is_checked_against_the_original(benchmark, tmp_path, monkeypatch, bug):
+    """original_graph's tokens go through the original's own float32 forward: consistent as built, inconsistent once
+    its static decode writes each key one slot early (the last prompt token's key lost) or runs one position ahead.
+    (An untied model: the smoke Qwen3's tied embeddings make a random model repeat its last token whatever the positions.)"""
+    directory = save_model(tiny_qwen3(seed=2), tmp_path / "qwen3")
+    bench = benchmark.Bench("smollm2", SimpleNamespace(smoke=True, model=directory, mask=None), torch.device("cpu"), torch.float32)
+    assert bench.reference_of("original_graph") is bench.original and bench.model_of("original_graph") is bench.same_kernels
+    ids = bench.prompt_ids(3, 24)
+    good = check(benchmark, bench, "original_graph", ids, n=6)
+    assert good["consistent"] == 2 * 6 and good["max_gap"] < 1e-4 and good["first_step_max_abs_diff"] < 1e-4
+    plant_off_by_one(monkeypatch, bug)
+    bad = check(benchmark, bench, "original_graph", ids, n=6)
+    assert bad["consistent"] < 2 * 6 and bad["first_inconsistent"] >= 1 and bad["first_step_max_abs_diff"] < 1e-4
 
 
 def test_the_reference_does_not_share_a_faulty_qk_norm_kernel(benchmark, bench, monkeypatch):

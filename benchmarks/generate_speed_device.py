@@ -1,0 +1,92 @@
+"""What a ``benchmarks/generate_speed.py`` row asks of the device: the memory guard's estimate, and the SDPA
+kernels the attention calls dispatch to.
+
+``memory_need`` estimates the bytes a variant's ``generate()`` allocates beyond the loaded weights (its KV
+cache and GDN states, and the prefill's activations at the prefill chunk); ``fits`` skips a variant only when
+that estimate plus ``HEADROOM`` exceeds ``free_bytes``, measured right before the variant (after the previous
+variant's caches and compiled graphs are gone). Against the H200 rows (Qwen3-1.7B shape, bf16, chunks of 4096,
+peaks less the 7.12 GB of weights both models hold): 32K x 24 original_compiled measured 97.6 GB, estimated
+97.7; 32K x 32 hybrid_graph measured 23.5 GB, estimated 25.1. At 32K x 32 the originals need ~130 GB (121.2 GB
+of KV cache) of the 141 GB an H200 has free with both models loaded; at 128K the largest batch is 8 (~123 GB).
+
+``sdpa_backends`` records, per row, which backend ``torch.nn.functional.scaled_dot_product_attention`` would
+dispatch the models' attention calls to on that device (``torch._fused_sdp_choice``: the dispatch decision,
+no kernel run), so a row says which kernel its attention ran, e.g. whether transformers' static-cache decode
+(a bool mask, KV heads repeated to the query heads) lands on cuDNN, the memory-efficient kernel or the math
+fallback, and whether headscope's masked grouped prefill chunks get a fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEADROOM = 4e9  # bytes the guard keeps free beyond its estimate: allocator rounding, cuBLAS and cuDNN workspaces
+
+
+def memory_need(variant: str, config, fa_kv_heads: int, gdn_heads: int, conv_size: int, element_bytes: int, batch: int,
+                context: int, new: int, prefill_chunk: int | None) -> dict[str, int]:
+    """Bytes ``variant``'s generate() allocates beyond the loaded weights: ``{"cache", "activations", "total"}``.
+
+    cache: the KV cache (and the hybrid's GDN states) for ``context + new`` tokens, rounded up to the static
+    hybrid cache's length step for the graph variants; the originals keep every KV head of every layer, the
+    hybrid its ``fa_kv_heads`` (all layers) and ``gdn_heads`` states. The dynamic caches (original, hybrid_eager)
+    add one layer's copy (``torch.cat`` grows it), the original two more (transformers' sdpa repeats the KV
+    heads, ``repeat_kv``). activations: the prefill's peak at ``min(context, prefill_chunk)`` tokens per row,
+    ``batch x tokens x (8 hidden + 3 intermediate)`` elements (the MLP's three intermediates and a few hidden
+    states); generate() asks for the last position's logits only (``logits_to_keep=1``), so no ``(B, T, vocab)``
+    tensor. Calibration: the module docstring.
+    """
+    from headscope.hybrid.generation import LENGTH_STEP
+
+    layers, d = config.num_hidden_layers, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    tokens = context + new
+    if variant.endswith("_graph"):
+        tokens = -(-tokens // LENGTH_STEP) * LENGTH_STEP
+    if variant.startswith("original"):
+        fa_kv_heads, gdn_heads = layers * config.num_key_value_heads, 0
+    kv = 2 * fa_kv_heads * d * element_bytes * batch * tokens
+    cache = kv + batch * gdn_heads * (4 * d * d + 3 * d * conv_size * element_bytes)
+    cache += {"original": 3, "hybrid_eager": 1}.get(variant, 0) * kv // layers
+    chunk = min(context, prefill_chunk or context)
+    activations = batch * chunk * (8 * config.hidden_size + 3 * config.intermediate_size) * element_bytes
+    return {"cache": cache, "activations": activations, "total": cache + activations}
+
+
+def fits(need: int, free: int) -> bool:
+    """The guard: the estimate plus ``HEADROOM`` (allocator rounding, cuBLAS and cuDNN workspaces) within the free memory."""
+    return need + HEADROOM <= free
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a variant can have: free on the device plus what torch's allocator holds unused."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def sdpa_backends(config, length: int, prefill_chunk: int | None, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """The SDPA backend torch would pick (``torch._fused_sdp_choice``: a dispatch decision, no kernel run) for the
+    attention calls of the timed paths, at batch 1 with the row's ``length`` (prompt + new tokens) and the real layouts:
+
+    * ``hf_static_decode``: transformers' sdpa against a StaticCache (what original_compiled runs): a bool
+      mask ``(B, 1, 1, L)`` over the static length, so ``use_gqa_in_sdpa`` is false and the keys and values
+      come repeated to every query head (``repeat_kv``, contiguous ``(B, Hq, L, D)``);
+    * ``gqa_masked_decode``: the same with the KV heads grouped (``enable_gqa``) instead of repeated;
+    * ``gqa_decode``: grouped, no mask (the keys sliced to the tokens seen: what a dynamic cache gives);
+    * ``gqa_masked_prefill``: a later prefill chunk of headscope's ``causal_attention`` (original_graph and the
+      hybrid's FA heads): ``(1, 1, T, L)`` bool mask, grouped KV sliced from the static cache.
+    """
+    from torch.nn.attention import SDPBackend
+
+    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // n_q
+    chunk = min(length, prefill_chunk or length)
+    with torch.device(device):
+        q = torch.empty(1, 1, n_q, d, dtype=dtype).transpose(1, 2)  # (1, Hq, 1, D) from (1, 1, Hq, D), as the models make it
+        kv = torch.empty(1, n_kv, length, d, dtype=dtype)  # (1, Hkv, L, D): the static caches' layout
+        repeated = torch.empty(1, n_q, length, d, dtype=dtype)
+        q_chunk = torch.empty(1, chunk, n_q, d, dtype=dtype).transpose(1, 2)
+        decode_mask = torch.ones(1, 1, 1, length, dtype=torch.bool)
+        chunk_mask = torch.ones(1, 1, chunk, length, dtype=torch.bool)
+    calls = {"hf_static_decode": (q, repeated, decode_mask, False), "gqa_masked_decode": (q, kv, decode_mask, True),
+             "gqa_decode": (q, kv, None, True), "gqa_masked_prefill": (q_chunk, kv, chunk_mask, True)}
+    return {name: SDPBackend(torch._fused_sdp_choice(query, keys, keys, attn_mask=mask, enable_gqa=gqa)).name
+            for name, (query, keys, mask, gqa) in calls.items()}
