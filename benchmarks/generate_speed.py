@@ -115,7 +115,8 @@ def qwen3_config(smoke: bool):
 
 
 class Bench:
-    """Both models of one kind on the device, built once per process."""
+    """The models of one kind on the device, built once per process: the original, its hybrid, and the original's
+    all-FA twin on the hybrid's code path (``build_full_attention``: the original's own tensors, nothing copied)."""
 
     def __init__(self, kind: str, args, device: torch.device, dtype: torch.dtype, text: tuple[torch.Tensor, str] | None = None) -> None:
         from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
