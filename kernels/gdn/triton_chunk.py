@@ -23,10 +23,10 @@ Config (``benchmarks/results/gdn_prefill_speed.md``, H200, bf16, 14 heads of 128
 every measured size (chunk 128 is 1.4-1.8x slower at batch 1: twice the work per step of the sequential
 scan). ``block_v`` by :func:`default_block_v`: 16 value columns per scan program while that grid fits in
 one wave of the GPU's SMs, else 32. At batch 1 (B·H = 14: 112 programs at 16, 56 at 32, on 132 SMs) the
-scan's per-step latency is what counts and half the columns per program is 2-4% faster (4K: 0.327 against
-0.338 ms); at batch 8 (B·H = 112: 896 programs at 16) every program re-reads its chunk's W, P, Q and K
-tiles for half the output, and 32 is 14% faster (0.442 against 0.515 ms). Grids between 132 and 896
-programs at 16 were not measured.
+scan's per-step latency is what counts, and half the columns per program is 2-4% faster at every length
+(4K: 0.327 against 0.338 ms); at batch 8 (B·H = 112: 896 programs at 16) the GPU is full either way and 32
+is 14% faster (0.442 against 0.515 ms), presumably because every V-block program loads its chunk's whole W,
+P, Q and K tiles, twice as often at 16. Grids between 132 and 896 programs at 16 were not measured.
 
 Every exponent is ``≤ 0`` (c falls within a chunk), masked before ``exp``: no overflow, underflow to 0.
 Precision is fla's: input-dtype operands on the tensor cores with float32 accumulation (S, Δ and A
