@@ -13,13 +13,16 @@ layers, random weights, bf16), B = 1:
 * ``hybrid_fla_scale``: the same with the query scale ``HybridModel`` passes (``model_query_scale``:
   1.0 below position 8190, no multiply): the query-scale cut alone;
 * ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside;
-  ``FUSED_MAX_TOKENS`` raised for the run);
+  ``FUSED_MAX_TOKENS`` raised for the run, in the config ``default_block_v`` picks);
 * ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
   the whole layer only): every cut;
 * ``full_qknorm``: full attention with the one-launch q/k RMSNorm too (what that cut gives the baseline).
 
 ``full`` and the ``hybrid_fla*``/``hybrid_fused`` paths run the norms eagerly, as before the cuts and as
-the Hugging Face model does.
+the Hugging Face model does. The layer's host-side cuts of the core (both GDN logits from one GEMM, the conv
+taps cached in the prep kernel's layout, the epilogue reading the FA and GDN outputs in place instead of a
+``cat``; ``headscope.hybrid.inference_weights``) are not switches: every hybrid path has them (the first
+H200 run, ``benchmarks/results/gdn_prefill_speed.md`` of 2026-12-03, predates them).
 
 Sections: ``check`` (first; on the device in bf16 at T = 1000, not a multiple of the chunk: every fused
 kernel config and fla against the float32 token-by-token reference, o and final state, B = 2 with a
@@ -76,7 +79,7 @@ PATHS = {
     "hybrid_all": ("headwise", "model", True, True),
     "full_qknorm": ("full", "layer", False, True),
 }
-CONFIGS = ((64, 32), (64, 16), (128, 32))  # (chunk_size, block_v) of the fused kernels swept; 64x32 is the layer's
+CONFIGS = ((64, 32), (64, 16), (128, 32))  # (chunk_size, block_v) of the fused kernels swept; the layer's: 64 x default_block_v
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
 
 
@@ -327,7 +330,8 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
     for name, goal in summary["goals"].items():
         extra = f"; against full with the one-launch norm too {fmt(goal['vs_full_qknorm'])}" if "vs_full_qknorm" in goal else ""
         lines.append(f"- {name} (hybrid_all): {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])}{extra})")
-    lines.append(f"- fused GDN kernels (the layer's config) faster than fla + torch gates at T = {summary['fused_faster_at']} "
+    lines.append(f"- fused GDN kernels (the layer's config at batch 1, chunk x block_v = {meta['layer_config'][0]} x {meta['layer_config'][1]}) "
+                 f"faster than fla + torch gates at T = {summary['fused_faster_at']} "
                  "(`FUSED_MAX_TOKENS`: the largest of an unbroken run from the shortest, at batch 1; the batch-8 row shows whether B·T is the right bound)")
     for scope, title in (("core", "attention core"), ("layer", "whole layer")):
         lines += ["", f"## Prefill, {title}: ms / host ms / launches (x full)", "", "| T | " + " | ".join(PATHS) + " |", "|---" * (len(PATHS) + 1) + "|"]
@@ -397,12 +401,14 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
     import triton
 
-    from headscope.kernels.gdn.triton_chunk import BLOCK_V, CHUNK_SIZE
+    from headscope.kernels.gdn.triton_chunk import CHUNK_SIZE, default_block_v
+    from headscope.kernels.launch import sm_count
 
-    summary = summarise(run.rows, contexts, (CHUNK_SIZE, BLOCK_V))
+    layer_config = (CHUNK_SIZE, default_block_v(shape.heads - 2, shape.head_dim, sm_count(device)))  # the layer's at batch 1
+    summary = summarise(run.rows, contexts, layer_config)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__, "triton": triton.__version__,
             "dtype": str(dtype).replace("torch.", ""), "shape": shape.__dict__, "errors": run.errors, "seconds": time.time() - started,
-            "configs": args.configs, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+            "configs": args.configs, "layer_config": layer_config, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
     (out / "gdn_prefill_speed.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": run.rows}, indent=1, default=str))
     report = markdown(meta, run.rows, summary)
     (out / "gdn_prefill_speed.md").write_text(report)

@@ -6,7 +6,7 @@ and prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are
 reference (``naive_recurrent_gated_delta_rule``, gates from ``gdn_gates``) run on the same dtype-rounded
 inputs. q, k, v are slices of wider rows, and the output goes into a NaN-filled strided buffer, so an
 element the kernels do not write is an infinite error. One more case runs a hybrid layer through the
-dispatcher with the fused path forced (as on CUDA) against the layer on its CPU paths.
+dispatchers with every Triton path forced (as on CUDA without autograd) against the layer on its CPU paths.
 """
 
 from __future__ import annotations
@@ -68,13 +68,18 @@ def run_case(batch, length, heads, key_dim, value_dim, chunk, block_v, raw, with
 
 
 def layer_case() -> dict:
-    """A hybrid layer (bf16, padded batch) through the dispatcher with the fused path forced, as on CUDA,
-    against the same layer in float32 on the CPU paths (and the bf16 layer on its CPU paths, for scale):
-    the layer's logits entry, its gates and padding mask."""
+    """A hybrid layer (bf16, padded batch) through the dispatchers with every Triton path forced, as on CUDA
+    without autograd (the prep kernel on the cached conv taps, the fused chunk kernels on the logits of the one
+    cached GEMM, the epilogue reading the FA and GDN outputs in place), against the same layer in float32 on
+    the CPU paths (and the bf16 layer on its CPU paths, for scale)."""
     from unittest import mock
 
+    import headscope.kernels.epilogue.ops as epilogue_ops
     import headscope.kernels.gdn.ops as gdn_ops
+    import headscope.kernels.gdn_prep.ops as prep_ops
     from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
+    from headscope.kernels.epilogue import triton_epilogue
+    from headscope.kernels.gdn_prep import triton_gdn_prep
     from headscope.kernels.metrics import relative_rms_error as rel
 
     torch.manual_seed(0)
@@ -92,15 +97,20 @@ def layer_case() -> dict:
         want = layer(x, rope, pos, padding_mask=mask)
         layer, x, rope = layer.to(torch.bfloat16), x.to(torch.bfloat16), tuple(t.to(torch.bfloat16) for t in rope)
         cpu_bf16 = layer(x, rope, pos, padding_mask=mask)
-        calls = []
-        with mock.patch.object(gdn_ops, "_use_fla", lambda q: True), mock.patch.object(gdn_ops, "FUSED_MAX_TOKENS", 1 << 20):
-            from headscope.kernels.gdn import triton_chunk
+        from headscope.kernels.gdn import triton_chunk
 
-            real = triton_chunk.triton_chunk_gated_delta_rule
-            with mock.patch.object(triton_chunk, "triton_chunk_gated_delta_rule", lambda *a, **k: calls.append(1) or real(*a, **k)):
-                got = layer(x, rope, pos, padding_mask=mask)
+        calls = []
+
+        def counted(module, name):
+            real = getattr(module, name)
+            return mock.patch.object(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+
+        with mock.patch.object(gdn_ops, "_use_fla", lambda q: True), mock.patch.object(prep_ops, "use_triton", lambda *a: True), \
+                mock.patch.object(epilogue_ops, "use_triton", lambda o: True), counted(triton_chunk, "triton_chunk_gated_delta_rule"), \
+                counted(triton_gdn_prep, "triton_short_conv_rope_l2norm"), counted(triton_epilogue, "triton_head_epilogue"):
+            got = layer(x, rope, pos, padding_mask=mask)
     return {"name": "layer_through_dispatch", "dtype": "bfloat16", "errors": {"o": rel(got, want)}, "cpu_paths_error": rel(cpu_bf16, want),
-            "fused_calls": len(calls)}
+            "triton_calls": sorted(calls)}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gdn_prefill_speed.json").read_text())
     assert result["meta"]["interpreter"] and not result["meta"]["errors"]
+    assert result["meta"]["layer_config"] == [64, 16]  # chunk 64, default_block_v: 3 heads fill one wave
     rows = result["rows"]
     kernel_check = next(r for r in rows if r["phase"] == "check" and r["scope"] == "kernel")
     assert set(kernel_check["errors"]) == {"fused_c64_v32", "fused_c16_v16"}

@@ -44,6 +44,17 @@ def test_cpu_dispatch_runs_reference_and_backpropagates():
     assert all(torch.isfinite(x.grad).all() for x in (o, gamma, gate))
 
 
+def test_dispatcher_takes_o_in_two_parts():
+    gen = torch.Generator().manual_seed(2)
+    o, gamma, gate = torch.randn(2, 5, 6, 8, generator=gen), torch.rand(6, generator=gen), torch.randn(2, 5, 2, 8, generator=gen)
+    fa = o[:, :, :2].transpose(1, 2).contiguous().transpose(1, 2)  # as SDPA returns it
+    assert torch.equal(head_epilogue((fa, o[:, :, 2:]), gamma, gate), head_epilogue(o, gamma, gate))
+    with pytest.raises(HeadscopeError, match="gamma must be"):
+        head_epilogue((fa, o[:, :, 3:]), gamma, gate)  # 5 heads in all
+    with pytest.raises(HeadscopeError, match="share B, T and D"):
+        head_epilogue((fa, o[:, 1:, 2:]), gamma, gate)
+
+
 def test_dispatcher_rejects_bad_shapes():
     o = torch.randn(1, 4, 3, 8)
     with pytest.raises(HeadscopeError, match="gamma"):
@@ -63,5 +74,5 @@ def test_triton_kernel_matches_reference_under_interpreter():
         errors, label = case["errors"], f"{case['name']} {case['dtype']}: {case['errors']}"
         assert case["dtypes_ok"], label
         tol = TOL_FP32 if case["dtype"] == "float32" else TOL_BF16
-        assert set(errors) >= {"y", "y_inference", "do", "dgamma"}, label
+        assert set(errors) >= {"y", "y_inference", "y_pair", "do", "dgamma"}, label
         assert all(err <= tol for err in errors.values()), label

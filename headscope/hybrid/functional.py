@@ -140,12 +140,13 @@ def causal_attention(
     elif query_len == key_len:
         causal = query_len > 1
     qh = q.transpose(1, 2)  # (B, Hq, T, D)
+    whole = segments == ((0, qh.shape[1], 0, k.shape[1]),)  # one run over every head: no slicing
     outputs = []
     for q0, q1, k0, k1 in segments:
         outputs.append(
             F.scaled_dot_product_attention(
-                qh[:, q0:q1], k[:, k0:k1], v[:, k0:k1], attn_mask=mask, is_causal=causal,
-                scale=scale, enable_gqa=(q1 - q0) != (k1 - k0),
+                qh if whole else qh[:, q0:q1], k if whole else k[:, k0:k1], v if whole else v[:, k0:k1], attn_mask=mask,
+                is_causal=causal, scale=scale, enable_gqa=(q1 - q0) != (k1 - k0),
             )
         )
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, Hq, T, D)

@@ -27,15 +27,16 @@ autograd or on CPU the composition (cat, fla's ``causal_conv1d`` / torch conv, t
 Padded positions get a zero conv input (the call's ``input_mask``). ``beta = sigmoid(b_proj(x))``;
 ``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)`` (A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]), then the
 delta rule with scale 1/sqrt(D): ``headscope.kernels.gdn.ops.gated_delta_rule_from_logits`` takes the two
-logits (short CUDA prefill computes the gates inside its first kernel). The cache holds the conv window
-``(B, C, K)`` (the last K conv inputs) and the recurrent state ``(B, n_gdn, D, D)`` fp32.
+logits (short CUDA prefill computes the gates inside its first kernel); with grad mode off both come out of
+one GEMM and the conv taps go in the prep kernel's layout (:mod:`headscope.hybrid.inference_weights`). The
+cache holds the conv window ``(B, C, K)`` (the last K inputs) and the recurrent state ``(B, n_gdn, D, D)`` fp32.
 
 Fusion (``fusion_norm``): every head's output is RMS-normalised, scaled by a learned ``gamma_h``
-(init 1) and, for FA heads, gated: ``headscope.kernels.epilogue.ops.head_epilogue``. Without
-``fusion_norm`` the gate (if any) multiplies the raw FA output and nothing else changes.
+(init 1) and, for FA heads, gated: ``headscope.kernels.epilogue.ops.head_epilogue``, given the FA and GDN
+outputs as a pair (read in place on CUDA: never concatenated). Without ``fusion_norm`` the gate (if any)
+multiplies the raw FA output and nothing else changes.
 
-With ``fa_rope`` on, every other switch off and every head FA, the layer computes exactly the
-pretrained attention (the builder's parity test).
+With ``fa_rope`` on, every other switch off and every head FA, the layer is the pretrained attention (parity test).
 
 ``forward = o_proj(core(x, *project(x)))``: ``project`` holds the big input projections, ``core`` the
 rest (both branches and the fusion; what ``benchmarks/hybrid_speed.py`` times as the attention core). On
@@ -63,6 +64,7 @@ from torch import nn
 from transformers import initialization as init
 
 from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, gdn_decay_init, log_position_scale
+from headscope.hybrid.inference_weights import InferenceWeights
 from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.kernels.epilogue.ops import head_epilogue
 from headscope.kernels.fa_decode.ops import decode_attention
@@ -212,6 +214,7 @@ class HeadwiseHybridAttention(nn.Module):
         if spec.fusion_norm:
             self.gamma = nn.Parameter(torch.ones(spec.n_heads))
         self.segments = fa_segments(spec.fa_kv_sizes)
+        self.inference_weights = InferenceWeights()  # weight layouts of the no-grad path, not parameters
         self.init_new_parameters()
 
     def new_parameter_values(self, generator: torch.Generator | None = None, initializer_range: float = 0.02) -> dict[str, torch.Tensor]:
@@ -297,9 +300,9 @@ class HeadwiseHybridAttention(nn.Module):
         """
         spec = self.spec
         batch, seq = x.shape[:2]
-        q_fa, q_gdn = q.split((spec.n_fa_heads, spec.n_gdn_heads), dim=2)
-        k_fa, k_gdn = k.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
-        v_fa, v_gdn = v.split((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
+        q_fa, q_gdn = q.split_with_sizes((spec.n_fa_heads, spec.n_gdn_heads), dim=2)  # split_with_sizes: no Python wrapper
+        k_fa, k_gdn = k.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
+        v_fa, v_gdn = v.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
         overlap = should_overlap(self.overlap_branches, x)
         if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
@@ -310,16 +313,17 @@ class HeadwiseHybridAttention(nn.Module):
             if spec.n_gdn_heads:
                 branches.append(lambda: self._gated_delta_step(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :]))
             run_branches(branches, overlap)
+            parts = (o,)
         else:
             branches = []
             if spec.n_fa_heads:
                 branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask, query_scale))
             if spec.n_gdn_heads:
                 branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
-            outputs = run_branches(branches, overlap)
-            o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, T, H, D)
-        if spec.fusion_norm:
-            return head_epilogue(o, self.gamma, gate)
+            parts = tuple(run_branches(branches, overlap))  # (B, T, n_fa, D), (B, T, n_gdn, D)
+        if spec.fusion_norm:  # both parts read in place: no concatenation on the Triton path
+            return head_epilogue(parts if len(parts) == 2 else parts[0], self.gamma, gate, check=False)
+        o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, T, H, D)
         if gate is not None:
             return torch.cat((o[:, :, : spec.n_fa_heads] * torch.sigmoid(gate), o[:, :, spec.n_fa_heads :]), dim=2)
         return o
@@ -378,13 +382,16 @@ class HeadwiseHybridAttention(nn.Module):
         spec = self.spec
         conv_state, state = previous_states(cache, self.layer_idx)
         cos, sin = position_embeddings
+        inference = not torch.is_grad_enabled()  # the cached weight layouts (``inference_weights``)
+        taps = self.inference_weights.conv_taps(self.conv1d.weight) if inference else self.conv1d.weight.squeeze(1)
         q, k, v, conv_state = short_conv_rope_l2norm(  # each (B, T, n_gdn, D); conv_state (B, C, K) or None
-            q, k, v, self.conv1d.weight.squeeze(1), cos, sin, conv_state=conv_state, input_mask=step_mask,
-            output_conv_state=cache is not None,
+            q, k, v, taps, cos, sin, conv_state=conv_state, input_mask=step_mask, output_conv_state=cache is not None,
         )
-        o, state = gated_delta_rule_from_logits(  # beta = sigmoid(b_proj(x)), g = -exp(A_log)·softplus(a_proj(x) + dt_bias)
-            q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias, input_mask=step_mask,  # a, b (B, T, n_gdn)
-            scale=spec.head_dim**-0.5, initial_state=state, output_final_state=cache is not None,
+        a, b = (self.inference_weights.gdn_logits(x, self.a_proj, self.b_proj) if inference  # one GEMM
+                else (self.a_proj(x), self.b_proj(x)))  # (B, T, n_gdn) each
+        o, state = gated_delta_rule_from_logits(  # beta = sigmoid(b), g = -exp(A_log)·softplus(a + dt_bias)
+            q, k, v, a, b, self.A_log, self.dt_bias, input_mask=step_mask, scale=spec.head_dim**-0.5,
+            initial_state=state, output_final_state=cache is not None, check=False,  # q, k, v, mask checked by the prep call
         )
         if cache is not None:
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=spec.conv_size)

@@ -15,10 +15,14 @@ fla's three extra launches and its per-call Python). ``gated_delta_rule_from_log
 it takes the raw beta/decay logits, which that path turns into beta and g inside its first kernel (the
 other paths compute them with :func:`gdn_gates`, ~11 eager ops on CUDA). The bound is on all tokens of
 the call: the fused recurrence computes each chunk's output on its sequential path, which pays while
-few programs run (batch 1: 56 for 14 heads) and costs once the grid fills the GPU, where fla's parallel
-output kernel wins. ``FUSED_MAX_TOKENS`` is 0 (off) until the GPU measurement of
-``benchmarks/gdn_prefill_speed.py`` sets it; the environment variable ``HEADSCOPE_GDN_FUSED_MAX_TOKENS``
-sets it at import.
+few programs run (batch 1: 112 for 14 heads) and costs once the grid fills the GPU, where fla's parallel
+output kernel wins. ``FUSED_MAX_TOKENS = 8192`` is the measured bound (``benchmarks/gdn_prefill_speed.py``
+on an H200, bf16, 14 heads of 128, ``benchmarks/results/gdn_prefill_speed.md``, 2026-12-03): the fused
+kernels beat fla with the gates in torch at every size measured, batch 1 at 1K/2K/4K/8K tokens (0.124 /
+0.196 / 0.327 / 0.547 ms against 0.563 / 0.650 / 0.647 / 0.716) and batch 8 x 1K (0.442 against 0.666:
+B·T, not T, is the bound the data supports). Nothing above 8192 tokens was measured, and the fused scan
+grows linearly with T while fla stays nearly flat, so the bound is not extrapolated. The environment
+variable ``HEADSCOPE_GDN_FUSED_MAX_TOKENS`` sets it at import (0 turns the fused path off).
 
 fla's fused recurrent kernel has no backward, so a T == 1 call that needs gradients goes to the chunk
 kernel. fla 0.6 refuses its chunk *backward* on Hopper GPUs with Triton >= 3.4.0 and < 3.7.1 (wrong
@@ -47,7 +51,7 @@ from headscope.kernels.gdn.chunk import recurrent_step
 
 FLA_MAX_KEY_DIM = 256
 FUSED_MAX_DIM = 128  # the fused kernels hold whole (chunk, K) and (chunk, V) tiles in registers
-FUSED_MAX_TOKENS = int(os.environ.get("HEADSCOPE_GDN_FUSED_MAX_TOKENS", "0"))  # most B·T for the fused path; 0 = off
+FUSED_MAX_TOKENS = int(os.environ.get("HEADSCOPE_GDN_FUSED_MAX_TOKENS", "8192"))  # most B·T for the fused path; 0 = off
 
 
 def _use_fla(q: torch.Tensor) -> bool:
@@ -168,6 +172,8 @@ def _fused(q, k, v, decay, write, **kwargs) -> tuple[torch.Tensor, torch.Tensor 
     """headscope's two-launch chunk kernels (``use_fused``) on q, k, v in one dtype; o back in q's dtype."""
     from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
 
+    if q.dtype == k.dtype == v.dtype:  # the layer's case: no conversions
+        return triton_chunk_gated_delta_rule(q, k, v, decay, write, **kwargs)
     dtype = kernel_dtype(q, k, v)
     o, state = triton_chunk_gated_delta_rule(q.to(dtype), k.to(dtype), v.to(dtype), decay, write, **kwargs)
     return o.to(q.dtype), state
@@ -245,6 +251,7 @@ def gated_delta_rule_from_logits(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``gated_delta_rule`` with the gates given as logits (:func:`gdn_gates`): the hybrid layer's GDN call.
 
@@ -256,15 +263,19 @@ def gated_delta_rule_from_logits(
         a, b: ``(B, T, H)`` the decay and beta logits (``a_proj(x)``, ``b_proj(x)``).
         A_log, dt_bias: ``(H,)`` decay parameters.
         input_mask: ``(B, T)`` 1 for real tokens, 0 for padding (made no-ops), or None.
+        check: validate the shapes and devices (False where the caller guarantees them: the hybrid layer's q,
+            k, v come out of ``short_conv_rope_l2norm``, which checked them and the mask, a and b out of its
+            own projections, and A_log, dt_bias and the state are its parameters and cache).
     Returns:
         As :func:`gated_delta_rule`.
     """
-    _check_inputs(q, k, v, a, b, initial_state)
-    heads = q.shape[2]
-    if A_log.shape != (heads,) or dt_bias.shape != (heads,):
-        raise HeadscopeError(f"gated_delta_rule_from_logits: A_log and dt_bias must be (H,) = ({heads},); got {tuple(A_log.shape)}, {tuple(dt_bias.shape)}")
-    if input_mask is not None and input_mask.shape != q.shape[:2]:
-        raise HeadscopeError(f"gated_delta_rule_from_logits: input_mask must be (B, T) = {tuple(q.shape[:2])}; got {tuple(input_mask.shape)}")
+    if check:
+        _check_inputs(q, k, v, a, b, initial_state)
+        heads = q.shape[2]
+        if A_log.shape != (heads,) or dt_bias.shape != (heads,):
+            raise HeadscopeError(f"gated_delta_rule_from_logits: A_log and dt_bias must be (H,) = ({heads},); got {tuple(A_log.shape)}, {tuple(dt_bias.shape)}")
+        if input_mask is not None and input_mask.shape != q.shape[:2]:
+            raise HeadscopeError(f"gated_delta_rule_from_logits: input_mask must be (B, T) = {tuple(q.shape[:2])}; got {tuple(input_mask.shape)}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if initial_state is not None:

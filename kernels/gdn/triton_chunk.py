@@ -19,6 +19,15 @@ Here the same chunked algorithm (:mod:`.chunk` is its torch twin) is two kernels
    parallel kernel; at batch 1 one launch less and no S round trip is worth more than the two extra
    dots per step on the sequential path (``benchmarks/gdn_prefill_speed.py`` measures where that stops).
 
+Config (``benchmarks/results/gdn_prefill_speed.md``, H200, bf16, 14 heads of 128, 2026-12-03): chunk 64 at
+every measured size (chunk 128 is 1.4-1.8x slower at batch 1: twice the work per step of the sequential
+scan). ``block_v`` by :func:`default_block_v`: 16 value columns per scan program while that grid fits in
+one wave of the GPU's SMs, else 32. At batch 1 (B·H = 14: 112 programs at 16, 56 at 32, on 132 SMs) the
+scan's per-step latency is what counts, and half the columns per program is 2-4% faster at every length
+(4K: 0.327 against 0.338 ms); at batch 8 (B·H = 112: 896 programs at 16) the GPU is full either way and 32
+is 14% faster (0.442 against 0.515 ms), presumably because every V-block program loads its chunk's whole W,
+P, Q and K tiles, twice as often at 16. Grids between 132 and 896 programs at 16 were not measured.
+
 Every exponent is ``≤ 0`` (c falls within a chunk), masked before ``exp``: no overflow, underflow to 0.
 Precision is fla's: input-dtype operands on the tensor cores with float32 accumulation (S, Δ and A
 rounded to the input dtype for their products; L and the inverse blocks float32, tf32 dots on GPU);
@@ -34,8 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
+from headscope.kernels.launch import cdiv, last_dim_contiguous, next_power_of_2, sm_count
+
 SUB_BLOCK = 16  # BC: rows of a diagonal block inverted by forward substitution (tl.dot's smallest side)
-CHUNK_SIZE, BLOCK_V = 64, 32  # the defaults: fla's chunk; the recurrence's grid is (V / 32) x (B·H), 56 programs for 14 heads of 128
+CHUNK_SIZE = 64  # fla's chunk, the measured best (module docstring)
+NARROW_BLOCK_V, WIDE_BLOCK_V = 16, 32  # the recurrence's value columns per program (default_block_v)
 
 
 @triton.jit
@@ -184,15 +196,17 @@ def _chunk_scan_kernel(
         tl.store(ht_ptr + ((i_bh * K + dk[:, None]) * V + dv[None, :]), state, mask=k_ok[:, None] & v_ok[None, :])
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def default_block_v(batch_heads: int, value_dim: int, n_sms: int) -> int:
+    """``NARROW_BLOCK_V`` while the recurrence's grid at that width (``V / 16`` x ``B·H`` programs) fits in
+    one wave of ``n_sms`` SMs, else ``WIDE_BLOCK_V`` (module docstring: measured at B·H = 14 and 112)."""
+    return NARROW_BLOCK_V if cdiv(value_dim, NARROW_BLOCK_V) * batch_heads <= n_sms else WIDE_BLOCK_V
 
 
 def triton_chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, write: torch.Tensor, *,
     scale: float, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE, block_v: int = BLOCK_V,
+    output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE, block_v: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule over a sequence in two Triton launches (no input checks, no autograd).
@@ -211,7 +225,8 @@ def triton_chunk_gated_delta_rule(
             output), allocated in q's dtype when None.
         chunk_size: tokens per chunk ``BT`` (a multiple of 16; 64 as fla; 128 needs 2-byte inputs at head dim
             128: float32 tiles of 128 tokens ask for more shared memory than an sm_90 SM has).
-        block_v: value columns per program of the recurrence (its grid is ``V / block_v`` x ``B·H``).
+        block_v: value columns per program of the recurrence (its grid is ``V / block_v`` x ``B·H``);
+            :func:`default_block_v` for the device when None.
         num_warps: warps per program (4 for ``chunk_size`` <= 64, else 8, when None).
         num_stages: software-pipelining depth of the recurrence's chunk loop (the next chunk's W, U, P, Q,
             K tiles are fetched while this one computes): 2 for ``chunk_size`` <= 64 and 2-byte inputs, else
@@ -221,7 +236,7 @@ def triton_chunk_gated_delta_rule(
     Returns:
         ``out`` and the final state ``(B, H, K, V)`` float32, or None unless ``output_final_state``.
     """
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     batch, length, n_heads, key_dim = q.shape
     value_dim = v.shape[-1]
     if out is None:
@@ -231,7 +246,7 @@ def triton_chunk_gated_delta_rule(
         if final is not None:
             final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
         return out, final
-    n_chunks = triton.cdiv(length, chunk_size)
+    n_chunks = cdiv(length, chunk_size)
     padded = n_chunks * chunk_size
     rows = batch * n_heads * padded
     c = torch.empty(rows, dtype=torch.float32, device=q.device)
@@ -242,8 +257,8 @@ def triton_chunk_gated_delta_rule(
     raw = A_log is not None
     mask = input_mask if input_mask is not None else decay  # placeholder pointers when unused
     warps = num_warps or (4 if chunk_size <= 64 else 8)
-    block_k = max(16, triton.next_power_of_2(key_dim))
-    block_v = max(16, min(block_v, triton.next_power_of_2(value_dim)))
+    block_k, block_va = max(16, next_power_of_2(key_dim)), max(16, next_power_of_2(value_dim))
+    block_v = max(16, min(block_v or default_block_v(batch * n_heads, value_dim, sm_count(q.device)), block_va))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _chunk_intra_kernel[(n_chunks, batch * n_heads)](
             q, k, v, decay, write, A_log if raw else decay, dt_bias if raw else decay, mask,
@@ -251,11 +266,11 @@ def triton_chunk_gated_delta_rule(
             length, padded, n_heads, scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             *decay.stride(), *write.stride(), *(mask.stride() if input_mask is not None else (0, 0)),
-            K=key_dim, V=value_dim, BK=block_k, BVA=max(16, triton.next_power_of_2(value_dim)), BT=chunk_size, BC=SUB_BLOCK,
+            K=key_dim, V=value_dim, BK=block_k, BVA=block_va, BT=chunk_size, BC=SUB_BLOCK,
             RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=warps,
         )
         h0 = initial_state if initial_state is not None else c
-        _chunk_scan_kernel[(triton.cdiv(value_dim, block_v), batch * n_heads)](
+        _chunk_scan_kernel[(cdiv(value_dim, block_v), batch * n_heads)](
             q, k, c, w, u, p, h0, out, final if final is not None else c,
             length, padded, n_heads, n_chunks, scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -39,8 +39,8 @@ def short_conv(
         return short_conv_reference(x, weight, state)
     from fla.modules.convolution import causal_conv1d
 
-    y, final_state = causal_conv1d(
-        x, weight=weight, initial_state=state, output_final_state=True, activation="silu"
+    y, final_state = causal_conv1d(  # fla reads the taps as contiguous (C, K); the layer's inference layout is not
+        x, weight=weight.contiguous(), initial_state=state, output_final_state=True, activation="silu"
     )
     return y, final_state
 
@@ -89,9 +89,9 @@ def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask) -> None:
     for name, table in (("cos", cos), ("sin", sin)):
         if table.dim() != 3 or table.shape[0] not in (1, batch) or table.shape[1:] != (length, dim):
             fail(f"{name} must be (B or 1, T, D) = ({batch} or 1, {length}, {dim}); got {tuple(table.shape)}")
-    devices = {str(t.device) for t in (q, k, v, weight, cos, sin, conv_state, input_mask) if t is not None}
-    if len(devices) != 1:
-        fail(f"inputs are on different devices: {sorted(devices)}")
+    tensors = [t for t in (q, k, v, weight, cos, sin, conv_state, input_mask) if t is not None]
+    if len({t.device for t in tensors}) != 1:
+        fail(f"inputs are on different devices: {sorted({str(t.device) for t in tensors})}")
 
 
 def use_triton(q, k, v, weight, cos, sin, conv_state=None) -> bool:
@@ -102,8 +102,7 @@ def use_triton(q, k, v, weight, cos, sin, conv_state=None) -> bool:
         return False
     if any(t.dtype not in TRITON_DTYPES for t in (q, weight, cos, sin)):
         return False
-    tensors = [t for t in (q, k, v, weight, cos, sin, conv_state) if t is not None]
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, weight, cos, sin, conv_state)))
 
 
 def short_conv_rope_l2norm(

@@ -28,11 +28,14 @@ in torch). Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from headscope.kernels.launch import cdiv, next_power_of_2
 
 # BLOCK_T * BLOCK_H * BLOCK_HALF per program and tensor half. A program issues all its q/k/v tap loads up
 # front (ptxas for sm_90, D=128, 4 warps: 16 tokens x 1 head = 126 registers and ~42 instructions per
@@ -50,12 +53,13 @@ class Tiling:
     num_warps: int = 4
 
 
+@functools.lru_cache(maxsize=1024)
 def default_tiling(length: int, n_heads: int, head_dim: int) -> Tiling:
     """Up to ``MAX_BLOCK_T`` tokens per program, then as many heads as fit ``MAX_HALF_TILE`` (D=128: 16
     tokens x 1 head in prefill, 1 token x 16 heads in decode)."""
-    block_half = triton.next_power_of_2(head_dim // 2)
-    block_t = min(MAX_BLOCK_T, triton.next_power_of_2(length))
-    block_h = min(triton.next_power_of_2(n_heads), max(1, MAX_HALF_TILE // (block_t * block_half)))
+    block_half = next_power_of_2(head_dim // 2)
+    block_t = min(MAX_BLOCK_T, next_power_of_2(length))
+    block_h = min(next_power_of_2(n_heads), max(1, MAX_HALF_TILE // (block_t * block_half)))
     return Tiling(block_t, block_h)
 
 
@@ -187,30 +191,31 @@ def triton_short_conv_rope_l2norm(
     """
     batch, length, n_heads, head_dim = q.shape
     if out is None:
-        qk_dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+        qk_dtype = q.dtype if q.dtype == cos.dtype == sin.dtype else torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
         out = tuple(torch.empty(batch, length, n_heads, head_dim, dtype=dtype, device=q.device)
                     for dtype in (qk_dtype, qk_dtype, v.dtype))
     if not (batch and length and n_heads):
         return out
     tiling = tiling or default_tiling(length, n_heads, head_dim)
-    # taps (K, C) and the state (B, C, K) with the channels contiguous: each tap loads as vectors along C.
+    # taps (K, C) and the state (B, C, K) with the channels contiguous: each tap loads as vectors along C (no
+    # copy when the weight is already laid out so: the hybrid layer passes it that way at inference).
     # The composition rounds the state and the mask to the inputs' dtype: so does the kernel.
     taps = weight.t().contiguous()
-    state = q.new_empty(1, 1, 1)
+    state = taps  # a placeholder pointer when there is no state (and no mask)
     if conv_state is not None:
         state = conv_state.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
-    mask = input_mask.to(q.dtype) if input_mask is not None else q.new_empty(1, 1)
-    n_head_blocks = triton.cdiv(n_heads, tiling.block_h)
-    n_token_blocks = triton.cdiv(length, tiling.block_t)
+    mask = input_mask.to(q.dtype) if input_mask is not None else taps
+    n_head_blocks = cdiv(n_heads, tiling.block_h)
+    n_token_blocks = cdiv(length, tiling.block_t)
     grid = (batch * n_token_blocks * n_head_blocks,)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _short_conv_rope_l2norm_kernel[grid](
             q, k, v, taps, state, mask, cos, sin, *out,
             length, n_heads, eps, n_head_blocks, n_token_blocks,
-            *q.stride(), *k.stride(), *v.stride(), *state.stride(), *mask.stride(),
-            *_table_strides(cos), *_table_strides(sin),
+            *q.stride(), *k.stride(), *v.stride(), *(state.stride() if conv_state is not None else (0, 0, 0)),
+            *(mask.stride() if input_mask is not None else (0, 0)), *_table_strides(cos), *_table_strides(sin),
             HALF=head_dim // 2, K=weight.shape[1], HAS_STATE=conv_state is not None, HAS_MASK=input_mask is not None,
-            BLOCK_T=tiling.block_t, BLOCK_H=tiling.block_h, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            BLOCK_T=tiling.block_t, BLOCK_H=tiling.block_h, BLOCK_HALF=next_power_of_2(head_dim // 2),
             num_warps=tiling.num_warps,
         )
     return out

@@ -1,0 +1,61 @@
+"""The hybrid layer's weights in the layouts its inference kernels read: built once, kept until a parameter changes.
+
+Why: at batch 1 and a few thousand tokens the layer's attention core is bound by the host, not the GPU (H200,
+``benchmarks/results/gdn_prefill_speed.md``: 0.57 ms to enqueue the core at 4K against 0.42 ms of GPU work),
+and two of its launches only rearranged weights or split one product in two:
+
+* ``gdn_logits``: ``cat(a_proj.weight, b_proj.weight)`` ``(2·n_gdn, hidden)``, so the decay and beta logits come
+  out of one GEMM instead of two skinny ones (``(B·T, hidden) x (hidden, n_gdn)``, each of which cuBLAS runs as a
+  split-K GEMM plus a reduction: four launches become two, and one module call goes);
+* ``conv_taps``: the depthwise conv weight ``(C, 1, K)`` as a ``(C, K)`` view of a channel-contiguous ``(K, C)``
+  tensor, the layout the GDN prep kernel reads (``kernels/gdn_prep``), which otherwise copies the taps at
+  every call (one launch and one allocation).
+
+An entry is rebuilt when one of its parameters changes: it keeps the storage of the parameters it was made from
+(so no other tensor can take their addresses) and their version counters, so a parameter replaced (``.to()``,
+loading into new tensors, ``p.data = ...``) or written in place (an optimizer step, ``copy_`` under ``no_grad``,
+``load_state_dict``) is seen at the next call. Writes through ``p.data`` bypass the version counter and are not:
+call :meth:`InferenceWeights.clear` after them. The layer uses these only with grad mode off (the results carry
+no gradient); under ``torch.compile`` tracing (which cannot follow data pointers) and for parameters that are
+inference tensors (made under ``torch.inference_mode``: no version counter) they are derived at every call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InferenceWeights:
+    """Tensors derived from a layer's parameters, cached by the parameters' storage and version."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        """Forget every entry (after writing a parameter through ``.data``, which leaves no trace)."""
+        self._entries.clear()
+
+    def derived(self, name: str, make: Callable[..., torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
+        """``make(*sources)``, computed again only when one of ``sources`` was replaced or written since."""
+        if torch.compiler.is_compiling() or any(s.is_inference() for s in sources):
+            return make(*sources)
+        key = tuple((s.data_ptr(), s._version) for s in sources)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                entry = self._entries[name] = (key, tuple(s.detach() for s in sources), make(*sources))
+        return entry[2]
+
+    def gdn_logits(self, x: torch.Tensor, a_proj: nn.Linear, b_proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_proj(x)`` and ``b_proj(x)`` (bias-free), each ``(B, T, n_gdn)``: two views of one GEMM over the
+        cached ``(2·n_gdn, hidden)`` rows ``[a_proj; b_proj]``."""
+        weight = self.derived("gdn_logits", lambda a, b: torch.cat((a, b)), a_proj.weight, b_proj.weight)
+        return F.linear(x, weight).split_with_sizes((a_proj.out_features, b_proj.out_features), dim=-1)
+
+    def conv_taps(self, conv_weight: torch.Tensor) -> torch.Tensor:
+        """``(C, K)`` taps of a ``(C, 1, K)`` depthwise conv weight, stored channel-contiguous (strides ``(1, C)``)."""
+        return self.derived("conv_taps", lambda w: w.squeeze(1).t().contiguous().t(), conv_weight)

@@ -1,0 +1,121 @@
+"""The hybrid attention core's prefill on its CUDA inference path, checked from the CPU: the kernels one call
+launches (each Triton kernel replaced by a recorder of its launch, torch ops counted under a dispatch mode), and
+the cached weight layouts of ``headscope.hybrid.inference_weights`` against the parameters they come from.
+
+At T = 4096 on an H200 the core was host-bound (``benchmarks/results/gdn_prefill_speed.md``: 12 launches,
+0.57 ms to enqueue against 0.42 ms of GPU work). Of its launch sites, the one-off weight copies and the
+concatenation of the two branches' outputs are gone and the two logit GEMMs are one; the launch test fails
+when one of them comes back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import headscope.kernels.epilogue.ops as epilogue_ops
+import headscope.kernels.gdn.ops as gdn_ops
+import headscope.kernels.gdn_prep.ops as prep_ops
+from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
+
+ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.new_empty.default"}
+
+
+class TorchLaunches(TorchDispatchMode):
+    """The torch ops of the calls inside that would launch a GPU kernel, by name: those that write in place or
+    return a tensor with new storage, allocations aside (views, and ``contiguous()`` of a contiguous tensor, do not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        storages = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        fresh = any(t.untyped_storage().data_ptr() not in storages for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        if func._schema.is_mutable or (fresh and str(func) not in ALLOCATIONS):
+            self.ops[str(func)] += 1
+        return out
+
+
+def tiny_layer(dtype: torch.dtype, seed: int = 0, length: int = 20):
+    """A gated, fusion-normed 2 FA + 3 GDN head layer with q/k norms, its input, rotary tables and positions."""
+    torch.manual_seed(seed)
+    spec = HybridLayerSpec(hidden_size=48, head_dim=16, n_fa_heads=2, n_gdn_heads=3, fa_kv_sizes=(2,), qk_norm=True, floor_scale=32.0)
+    layer = HeadwiseHybridAttention(spec, layer_idx=0)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    pos = torch.arange(length)[None]
+    angle = pos[..., None].float() * torch.linspace(0.05, 1.0, 8)
+    rope = (torch.cat([angle.cos()] * 2, -1).to(dtype), torch.cat([angle.sin()] * 2, -1).to(dtype))
+    return layer.to(dtype), torch.randn(1, length, 48, dtype=dtype), rope, pos
+
+
+def test_core_prefill_launches_on_the_cuda_path(monkeypatch):
+    pytest.importorskip("triton")
+    from headscope.kernels.epilogue import triton_epilogue
+    from headscope.kernels.gdn import triton_chunk
+    from headscope.kernels.gdn_prep import triton_gdn_prep
+
+    launches = []
+
+    class Recorder:  # stands for a Triton kernel: records ``kernel[grid](...)``
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    for module, name in ((triton_gdn_prep, "_short_conv_rope_l2norm_kernel"), (triton_chunk, "_chunk_intra_kernel"),
+                         (triton_chunk, "_chunk_scan_kernel"), (triton_epilogue, "_epilogue_fwd_kernel")):
+        monkeypatch.setattr(module, name, Recorder(name))
+    monkeypatch.setattr(gdn_ops, "_use_fla", lambda q: True)  # the dispatchers' CUDA choices (FUSED_MAX_TOKENS as shipped)
+    monkeypatch.setattr(prep_ops, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(epilogue_ops, "use_triton", lambda o: True)
+    layer, x, rope, pos = tiny_layer(torch.bfloat16)
+    with torch.inference_mode():
+        projected = layer.project(x)
+        with TorchLaunches() as first:  # builds the cached weight layouts: the only call that copies weights
+            layer.core(x, *projected, rope, pos, None, None, 1.0)
+        launches.clear()
+        with TorchLaunches() as later:
+            layer.core(x, *projected, rope, pos, None, None, 1.0)
+    assert launches == ["_short_conv_rope_l2norm_kernel", "_chunk_intra_kernel", "_chunk_scan_kernel", "_epilogue_fwd_kernel"]
+    assert later.ops == Counter({"aten.scaled_dot_product_attention.default": 1, "aten.linear.default": 1})  # FA; both GDN logits
+    assert first.ops - later.ops == Counter({"aten.cat.default": 1, "aten.contiguous.default": 1})  # [a_proj; b_proj], the taps
+
+
+def test_inference_weights_follow_the_parameters():
+    layer, x, rope, pos = tiny_layer(torch.float32, seed=1)
+
+    def inference() -> torch.Tensor:
+        with torch.no_grad():
+            return layer(x, rope, pos)
+
+    def assert_matches_autograd_path() -> None:  # grad mode: the parameters themselves, no cache
+        assert torch.allclose(inference(), layer(x, rope, pos), atol=1e-6, rtol=1e-5)
+
+    assert_matches_autograd_path()
+    weights = layer.inference_weights
+    taps = weights.conv_taps(layer.conv1d.weight)
+    assert taps.stride() == (1, taps.shape[0]) and torch.equal(taps, layer.conv1d.weight.squeeze(1))
+    logits = weights._entries["gdn_logits"][2]  # [a_proj; b_proj]
+    assert torch.equal(logits, torch.cat((layer.a_proj.weight, layer.b_proj.weight)))
+    inference()
+    assert weights._entries["gdn_logits"][2] is logits  # kept while nothing changes
+    with torch.no_grad():
+        layer.a_proj.weight.mul_(3.0)  # in place (an optimizer step): the version counter moves
+        layer.conv1d.weight.add_(0.2)
+    assert_matches_autograd_path()
+    layer.b_proj.weight.data = torch.randn_like(layer.b_proj.weight)  # replaced: a new storage
+    assert_matches_autograd_path()
+    assert weights._entries["gdn_logits"][2] is not logits
+    with torch.inference_mode():  # parameters made here have no version counter: derived at every call, never kept
+        frozen = HeadwiseHybridAttention(layer.spec, layer_idx=0)
+        frozen.load_state_dict(layer.state_dict())
+        assert torch.allclose(frozen(x, rope, pos), inference(), atol=1e-6) and not frozen.inference_weights._entries
