@@ -48,9 +48,9 @@ compare switched and plain on one mask with a second name: ``--arm kv_aware_rope
 --arm-option kv_aware_rope:fa_rope=true`` beside ``--arm kv_aware=kv_aware_mask.json`` (``fa_rope=true``: the
 head-wise FA heads keep RoPE; the log scaling is 1 below ``floor_scale`` positions). Arm options live in the
 arm's record (``hybrid_options``), not in the settings: adding such an arm to existing results resumes them,
-like adding an ``--arm``. A done arm whose recorded options differ from the command's is not reused: an
-error (the options, a new name, ``--fresh`` or another ``--out``); ``--merge`` refuses one arm done with
-different options in two sources. The table's ``options`` column shows each arm's switches beyond the defaults.
+like adding an ``--arm``. A done run of a planned arm's family (resumed or not: the seed summary pools them) whose
+recorded options differ from the command's is an error (the options, a new name, ``--fresh`` or another ``--out``);
+``--merge`` refuses one arm, or one family, done with different options. The table's ``options`` column shows each arm's switches beyond the defaults.
 
 A second transfer seed for an arm first run unseeded (``layerwise_scored``, recorded with transfer seed
 ``--seed``, 0): ``--seeded-arms ...,layerwise_scored --transfer-seeds 0,1 --arms layerwise_scored_t1``; the

@@ -19,10 +19,10 @@ An arm record built with ``--arm-option`` switches holds them as ``hybrid_option
 ``--hybrid-option`` ones are in ``settings``); records without the key were built with none.
 
 A results file made with other settings is never overwritten: resuming from it is an error that names
-the settings that changed (``--fresh`` or another ``--out``); so is resuming a done arm under other
-``--arm-option`` switches, or planning ``<arm>_t<k>`` beside a done ``<arm>`` run with transfer seed ``k``
+the settings that changed (``--fresh`` or another ``--out``); so is planning an arm whose family has a done run
+with other ``--arm-option`` switches, or planning ``<arm>_t<k>`` beside a done ``<arm>`` run with transfer seed ``k``
 (``check_resumed_arms``). ``merge_results`` combines the files of ``--shard`` runs (and refuses an arm
-done with different switches in two of them).
+done with different switches in two of them, or one family's runs done with different switches).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Mapping
 
 from headscope.heads import HeadscopeError, read_json, write_json_atomic, write_text_atomic
 from headscope.quality import accuracy_figure, family_figure, format_switches, results_markdown
-from headscope.seeds import family_stats, goal_checks, mask_name, overlap_figure, seeds_markdown, transfer_seed
+from headscope.seeds import arm_family, family_stats, goal_checks, mask_name, overlap_figure, seeds_markdown, transfer_seed
 
 SCHEMA = "headscope.hybrid_quality/1"
 
@@ -116,15 +116,17 @@ class Results:
 
 
 def check_resumed_arms(source: Path, records: Mapping[str, dict], names: list[str], options: Mapping[str, dict]) -> None:
-    """Refuse to resume ``names`` from the ``records`` of ``source`` when a done arm was trained with other
-    ``--arm-option`` switches than ``options`` gives it (its record's ``hybrid_options``), or when ``<arm>_t<k>``
-    would repeat the done ``<arm>`` trained with transfer seed ``k``. Raises HeadscopeError."""
-    differ = [f"{name} ({format_switches(records[name].get('hybrid_options', {})) or 'no options'}; this command: "
-              f"{format_switches(options.get(name, {})) or 'no options'})"
-              for name in names if records.get(name, {}).get("status") == "done"
-              and records[name].get("hybrid_options", {}) != options.get(name, {})]
+    """Refuse to resume ``names`` from the ``records`` of ``source`` when a done arm of one of their families was trained
+    with other ``--arm-option`` switches than ``options`` gives the family (a record's ``hybrid_options``; also the done
+    runs this command does not resume: the seed summary pools a family's runs), or when ``<arm>_t<k>`` would repeat the
+    done ``<arm>`` trained with transfer seed ``k``. Raises HeadscopeError."""
+    wanted = {arm_family(name): options.get(name, {}) for name in names}
+    differ = [f"{name} ({format_switches(record.get('hybrid_options', {})) or 'no options'}; this command: "
+              f"{format_switches(wanted[arm_family(name)]) or 'no options'})"
+              for name, record in records.items() if record.get("status") == "done" and arm_family(name) in wanted
+              and record.get("hybrid_options", {}) != wanted[arm_family(name)]]
     if differ:
-        raise HeadscopeError(f"{source} holds arms trained with other --arm-option switches: {'; '.join(differ)}; "
+        raise HeadscopeError(f"{source} holds runs of these arm families trained with other --arm-option switches: {'; '.join(differ)}; "
                              "give the same options, a new arm name, --fresh or another --out")
     for name in names:
         seed, twin = transfer_seed(name), records.get(mask_name(name), {})
@@ -162,6 +164,13 @@ def merge_results(sources: list[Path], out: Path, work: Path) -> int:
         if len({format_switches(r.get("hybrid_options", {})) for r in records if r.get("status") == "done"}) > 1:
             raise HeadscopeError(f"--merge: {name} is done with different --arm-option switches in different sources; rename one arm")
         merged["arms"][name] = next((r for r in records if r.get("status") == "done"), records[0])
+    switches: dict[str, set[str]] = {}  # family -> the switches of its done runs: one set, or its seed summary mixes them
+    for name, record in merged["arms"].items():
+        if record.get("status") == "done" and record.get("kind") != "teacher":
+            switches.setdefault(arm_family(name), set()).add(format_switches(record.get("hybrid_options", {})))
+    mixed = [f"family {family} ({'; '.join(sorted(s or 'no options' for s in found))})" for family, found in switches.items() if len(found) > 1]
+    if mixed:
+        raise HeadscopeError(f"--merge: runs of one arm family done with different --arm-option switches: {', '.join(mixed)}; rename one arm")
     merged["fused_mask"] = next((d["fused_mask"] for _, d in datas if d.get("fused_mask")), None)
     merged["merged_from"] = [str(path) for path, _ in datas]
     work.mkdir(parents=True, exist_ok=True)

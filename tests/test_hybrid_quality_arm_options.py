@@ -151,3 +151,25 @@ def test_dry_run_says_what_is_kept_and_what_runs(runs, capsys):
     assert benchmark.main(dry[:-1] + ["--arms", "headwise_random_7to1_s1", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-2].split() == ["headwise_random_7to1_s1", "random", "runs", "defaults"]
     assert (root / "b" / "hybrid_quality.json").read_bytes() == before
+
+
+def test_a_new_seed_of_a_family_cannot_take_other_options_than_its_done_runs(runs):
+    """The seed summary pools a family's runs: plain_t2 with fa_rope=true beside plain and plain_t1 (done, defaults) would
+    mix switches in one family silently, though neither done run is resumed by the command."""
+    benchmark, root, run_b, _, _ = runs
+    seeded = run_b.index("0,1")
+    more = run_b[:seeded] + ["0,1,2"] + run_b[seeded + 1 : run_b.index("--arms")]
+    dry = ["--arm-option", "plain:fa_rope=true", "--arms", "plain_t2", "--out", str(root / "b"), "--work", str(root / "wb"), "--dry-run"]
+    with pytest.raises(HeadscopeError, match=r"plain_t1 \(no options; this command: fa_rope=true\)"):
+        benchmark.main(more + dry)
+    assert benchmark.main(more + dry[2:]) == 0  # the family's own options: fine
+
+
+def test_merge_refuses_one_family_run_with_different_options(runs):
+    benchmark, root, run_b, _, _ = runs
+    other = read(root / "b")
+    other["arms"]["rope_t1"]["hybrid_options"] = {"fa_rope": True}  # rope_t0 keeps conv_size=2 too: two shards' commands differed
+    (root / "d").mkdir()
+    (root / "d" / "hybrid_quality.json").write_text(json.dumps(other))
+    with pytest.raises(HeadscopeError, match="family rope"):
+        benchmark.main(run_b + ["--merge", f"{root / 'd'}", "--out", str(root / "m3"), "--work", str(root / "wm3")])
