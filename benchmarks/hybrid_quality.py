@@ -57,7 +57,7 @@ A second transfer seed for an arm first run unseeded (``layerwise_scored``, reco
 old record counts as the mask's seed-0 run (the seed summary reads its recorded ``transfer_seed``). Planning
 ``layerwise_scored_t0`` beside it would train the same run again: an error.
 
-``--dry-run`` loads the teacher, runs the resume checks (settings, mask files, recorded options) and
+``--dry-run`` loads the teacher, runs the resume checks (settings, mask files, options) and
 prints every arm this command (and ``--shard``) would keep or run with its switches; the results stay untouched.
 
 Budget: ``--steps A,D,L`` fixes the steps. Otherwise they are calibrated once: two short runs of the
@@ -140,7 +140,7 @@ from headscope.heads import HeadscopeError  # noqa: E402
 from headscope.quality import evaluate_quality, format_switches, probe_grid  # noqa: E402
 from headscope.transfer.data import text_rows  # noqa: E402
 import hybrid_quality_args  # noqa: E402
-from hybrid_quality_args import REPO, SMOKE_LENGTH, arm_options, planned_arms  # noqa: E402
+from hybrid_quality_args import REPO, SMOKE_LENGTH, arm_options, check_arm_options, planned_arms  # noqa: E402
 from hybrid_quality_results import Results, failure, merge_results, settings_of  # noqa: E402
 from hybrid_quality_training import Bench, build_tiny_model, decide_budget, projected_arm_seconds, stage_records  # noqa: E402
 
@@ -206,10 +206,11 @@ def main(argv=None) -> int:
         env = init_distributed("cpu" if args.smoke else "auto")
         lm = load_model(model_dir, device=env.device)
         lm.model.requires_grad_(False)
+        extra = {name: load_mask(path, expect=lm.fingerprint) for name, path in args.extra_masks.items()}
+        check_arm_options(args, lm.fingerprint, extra)
         base = args.teacher_length or lm.max_context
         bench = Bench(args, model_dir, lm, env, rows, base, started)
         arms = planned_arms(args)
-        extra = {name: load_mask(path, expect=lm.fingerprint) for name, path in args.extra_masks.items()}
         results = Results(args.out, args.work, settings_of(args, model_dir, lm.fingerprint, base), arms, args.fresh, arm_options(args, arms))
         return run_arms(bench, results, arms, tokenizer, stand_in, extra)
     finally:
@@ -224,8 +225,7 @@ def dry_run(args) -> int:
 
     model_dir, _ = resolve_model(args)
     lm = load_model(model_dir)
-    for path in args.extra_masks.values():
-        load_mask(path, expect=lm.fingerprint)
+    check_arm_options(args, lm.fingerprint, {name: load_mask(path, expect=lm.fingerprint) for name, path in args.extra_masks.items()})
     arms = planned_arms(args)
     options = arm_options(args, arms)
     results = Results(args.out, args.work, settings_of(args, model_dir, lm.fingerprint, args.teacher_length or lm.max_context), arms,

@@ -5,7 +5,9 @@ lengths as lists, ``--arm NAME=MASK.json`` as ``extra_masks``, ``--hybrid-option
 ``hybrid_options`` (every hybrid arm) and ``--arm-option FAMILY:KEY=VALUE`` as ``arm_options`` (``{family:
 {switch: value}}``; a family of this run's plan, not the teacher), with ``--smoke`` defaults under the flags
 given. ``planned_arms`` is the arms one invocation runs (the plan, ``--arms``, ``--shard``);
-``arm_options`` each hybrid arm's own switches, those of its family.
+``arm_options`` each hybrid arm's own switches, those of its family; ``check_arm_options`` refuses an
+``--arm-option`` that changes nothing in its family's mask where that mask is known before the run (layer-wise,
+``--arm`` files, the fused arm with ``--mask``), e.g. ``fa_rope`` on whole FA layers, which keep their RoPE anyway.
 """
 
 from __future__ import annotations
@@ -192,3 +194,26 @@ def planned_arms(args) -> list[tuple[str, str]]:
 def arm_options(args, arms: list[tuple[str, str]]) -> dict[str, dict]:
     """Per hybrid arm, its ``--arm-option`` switches (those of its family; the record's ``hybrid_options``)."""
     return {name: dict(args.arm_options.get(arm_family(name), {})) for name, kind in arms if kind != "teacher"}
+
+
+def check_arm_options(args, fingerprint, extra: dict) -> None:
+    """Raise HeadscopeError when an ``--arm-option`` changes nothing in its family's mask (``inert_switches``), for the
+    families whose mask is known before the run; ``extra``: the ``--arm`` masks by name."""
+    from headscope.arms import layerwise_arm_mask
+    from headscope.heads import HeadscopeError
+    from headscope.hybrid.builder import inert_switches
+    from headscope.mask import load_mask
+
+    for family, switches in args.arm_options.items():
+        if family.startswith("layerwise_"):
+            mask = layerwise_arm_mask(fingerprint, family.removeprefix("layerwise_").replace("to", ":"))
+        elif family in extra or (family == "headwise_fused_7to1" and args.mask):
+            mask = extra[family] if family in extra else load_mask(args.mask, expect=fingerprint)
+        else:  # a random family: its masks are drawn during the run, head-wise
+            continue
+        inert = inert_switches(mask, {**args.hybrid_options, **switches})
+        inert = [name for name in inert if name in switches]
+        if inert:
+            raise HeadscopeError(f"--arm-option {family}:{inert[0]}={json.dumps(switches[inert[0]])} changes nothing in that arm's mask "
+                                 "(whole FA layers stay the pretrained attention, RoPE kept; the FA switches act on head-wise FA "
+                                 "heads, conv_size and init_seed on GDN heads)")

@@ -197,3 +197,21 @@ def test_full_attention_twin_check_catches_an_off_by_one(monkeypatch, bug):
         _, got = greedy(twin, ids, decode_mode="static")
     assert (got[0] - want[0]).abs().max() < 1e-5  # the prefill's logits are right
     assert (got[1:] - want[1:]).abs().max() > 1e-2 and not torch.equal(got.argmax(-1), want.argmax(-1))  # the tokens part too
+
+
+def test_inert_switches_name_what_a_mask_cannot_feel(qwen3):
+    """A layer-wise mask keeps whole pretrained layers (no head-wise FA heads): the FA switches are inert there; a
+    head-wise mask feels them all but plain_full_layers (no all-FA layer); attn_scale without log scaling, conv_size
+    without GDN heads change nothing."""
+    from headscope.hybrid.builder import SWITCHES, inert_switches
+
+    fp = qwen3.fingerprint
+    everything = {name: getattr(HybridConfig, name) for name in SWITCHES}
+    layerwise = layerwise_mask(fp, "2:1")
+    assert inert_switches(layerwise, everything) == ["fa_rope", "log_scaling", "attn_scale", "floor_scale", "output_gate", "gate_bias_init"]
+    assert inert_switches(layerwise, {"fa_rope": True, "plain_full_layers": False}) == []  # the all-FA layer is then head-wise
+    assert inert_switches(random_mask(fp, ratio="3:1", seed=1), everything) == ["plain_full_layers"]  # no all-FA layer
+    assert inert_switches(random_mask(fp, ratio="3:1", seed=1), {"log_scaling": False, "attn_scale": 0.2}) == ["attn_scale"]
+    full = HeadMask(torch.ones(fp.shape, dtype=torch.bool), fp)
+    assert inert_switches(full, {"conv_size": 2, "init_seed": 3, "fusion_norm": False, "plain_full_layers": True}) == [
+        "conv_size", "init_seed", "fusion_norm"]

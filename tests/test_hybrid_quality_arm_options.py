@@ -173,3 +173,18 @@ def test_merge_refuses_one_family_run_with_different_options(runs):
     (root / "d" / "hybrid_quality.json").write_text(json.dumps(other))
     with pytest.raises(HeadscopeError, match="family rope"):
         benchmark.main(run_b + ["--merge", f"{root / 'd'}", "--out", str(root / "m3"), "--work", str(root / "wm3")])
+
+
+def test_an_option_that_changes_nothing_in_its_family_is_refused(runs, capsys):
+    """fa_rope on a layer-wise family: its FA layers stay the pretrained attention with RoPE whatever the switch, so the
+    option (and the table's options column) would claim a difference that was never trained: one line, exit 2."""
+    from headscope.cli import script_main
+
+    benchmark, root, run_b, _, _ = runs
+    base = run_b[: run_b.index("--arms")] + ["--out", str(root / "b"), "--work", str(root / "wb"), "--dry-run"]
+    for option in ("layerwise_3to1:fa_rope=true", "layerwise_7to1:gate_bias_init=2.0"):
+        with pytest.raises(SystemExit) as exit_info:
+            script_main(lambda: benchmark.main(base + ["--arm-option", option, "--arms", "layerwise_3to1"]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.splitlines()[-1].startswith(f"headscope: error: --arm-option {option} changes nothing"), err
+    assert benchmark.main(base + ["--arm-option", "layerwise_3to1:conv_size=2", "--arms", "layerwise_3to1"]) == 0  # GDN layers feel it

@@ -20,9 +20,16 @@ GDN layers through the plan above. ``build_full_attention(model)`` is the pretra
 hybrid clothing: every layer plain full attention, its parameters the very tensors of ``model``, so it
 decodes through the hybrid's static cache, ``kernels/fa_decode`` step and CUDA graph (the original timed
 on the hybrid's kernels).
+
+``inert_switches(mask, switches)`` names the switches that change nothing in the hybrid of a mask: the FA
+switches act only on head-wise FA heads (an all-FA layer stays the pretrained attention), ``conv_size`` and
+``init_seed`` only on GDN heads, ``fusion_norm`` only outside plain layers, ``plain_full_layers`` only where a
+layer is all FA.
 """
 
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -96,6 +103,23 @@ def hybrid_config_for(lm: LoadedModel, mask: HeadMask, config: HybridConfig | No
         mask_provenance=dict(mask.provenance),
         **switches,
     )
+
+
+def inert_switches(mask: HeadMask, switches: Mapping[str, Any]) -> list[str]:
+    """The keys of ``switches`` (``SWITCHES``) that change nothing in the hybrid of ``mask`` built with them (module
+    docstring); ``switches`` missing from the mapping take their ``HybridConfig`` defaults."""
+    value = lambda name: switches.get(name, getattr(HybridConfig, name))  # noqa: E731
+    n_fa = mask.full.sum(dim=1)  # (L,) FA heads per layer
+    all_fa, has_gdn = bool((n_fa == mask.full.shape[1]).any()), bool((n_fa < mask.full.shape[1]).any())
+    plain = (n_fa == mask.full.shape[1]) & bool(value("plain_full_layers"))  # (L,) layers that stay the pretrained attention
+    headwise_fa = bool(((n_fa > 0) & ~plain).any())
+    acts = {
+        "fa_rope": headwise_fa, "log_scaling": headwise_fa, "output_gate": headwise_fa,
+        "attn_scale": headwise_fa and value("log_scaling"), "floor_scale": headwise_fa and value("log_scaling"),
+        "gate_bias_init": headwise_fa and value("output_gate"), "fusion_norm": bool((~plain).any()),
+        "conv_size": has_gdn, "init_seed": has_gdn, "plain_full_layers": all_fa,
+    }
+    return [name for name in switches if not acts[name]]
 
 
 @torch.no_grad()
