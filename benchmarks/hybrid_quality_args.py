@@ -205,11 +205,13 @@ def check_arm_options(args, fingerprint, extra: dict) -> None:
     from headscope.mask import load_mask
 
     for family, switches in args.arm_options.items():
-        if family.startswith("layerwise_"):
+        if family in extra:
+            mask = extra[family]
+        elif family in ("layerwise_3to1", "layerwise_7to1"):
             mask = layerwise_arm_mask(fingerprint, family.removeprefix("layerwise_").replace("to", ":"))
-        elif family in extra or (family == "headwise_fused_7to1" and args.mask):
-            mask = extra[family] if family in extra else load_mask(args.mask, expect=fingerprint)
-        else:  # a random family: its masks are drawn during the run, head-wise
+        elif family == "headwise_fused_7to1" and args.mask:
+            mask = load_mask(args.mask, expect=fingerprint)
+        else:  # a random family (or the fused arm scored during the run): its masks are made during the run, head-wise
             continue
         inert = inert_switches(mask, {**args.hybrid_options, **switches})
         inert = [name for name in inert if name in switches]

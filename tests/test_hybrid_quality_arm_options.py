@@ -188,3 +188,6 @@ def test_an_option_that_changes_nothing_in_its_family_is_refused(runs, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.splitlines()[-1].startswith(f"headscope: error: --arm-option {option} changes nothing"), err
     assert benchmark.main(base + ["--arm-option", "layerwise_3to1:conv_size=2", "--arms", "layerwise_3to1"]) == 0  # GDN layers feel it
+    mask_file = run_b[run_b.index("--mask") + 1]  # a head-wise mask under a name that starts like a layer-wise family
+    assert benchmark.main(base + ["--arm", f"layerwise_file={mask_file}", "--arm-option", "layerwise_file:fa_rope=true",
+                                  "--arms", "layerwise_file"]) == 0
