@@ -124,6 +124,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or re.search(r"_[st]\d+$", name) or name in BUILTIN_ARMS or not path:
             p.error(f"--arm {spec!r}: expected NAME=MASK.json, NAME of letters, digits and _ not ending in _s<k>/_t<k>, not a built-in arm")
         args.extra_masks[name] = path
+    from headscope.hybrid import HybridConfig
     from headscope.hybrid.builder import SWITCHES
 
     def switch(flag: str, spec: str, text: str) -> tuple[str, object]:
@@ -131,9 +132,14 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         if key not in SWITCHES or not sep:
             p.error(f"{flag} {spec!r}: expected KEY=VALUE with KEY one of {', '.join(SWITCHES)}")
         try:
-            return key, json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
             p.error(f"{flag} {spec!r}: VALUE must be JSON (true, false, a number)")
+        default = getattr(HybridConfig, key)  # the switch's type: HybridConfig does not check it, build_hybrid would fail late
+        kind = bool if isinstance(default, bool) else int if isinstance(default, int) else float
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, int if kind is int else (int, float)):
+            p.error(f"{flag} {spec!r}: {key} takes {'true or false' if kind is bool else 'an integer' if kind is int else 'a number'}")
+        return key, value
 
     args.hybrid_options = dict(switch("--hybrid-option", spec, spec) for spec in args.hybrid_option)
     args.arm_options = {}

@@ -70,7 +70,8 @@ def test_arm_option_parsing():
                   "--arm-option", "x:attn_scale=0.2", "--hybrid-option", "fa_rope=false"])
     assert args.arm_options == {"x": {"fa_rope": True, "attn_scale": 0.2}, "layerwise_3to1": {"conv_size": 2}}
     assert args.hybrid_options == {"fa_rope": False}
-    for bad in ("x=fa_rope=true", "x:not_a_switch=1", "x:fa_rope=yes", "teacher:fa_rope=true", "y:fa_rope=true",
+    for bad in ("x=fa_rope=true", "x:not_a_switch=1", "x:fa_rope=yes", "x:fa_rope=1", "x:conv_size=2.5", "x:attn_scale=true",
+                "teacher:fa_rope=true", "y:fa_rope=true",
                 "headwise_random_7to1_s0:fa_rope=true"):  # one seed of a family: options hold for whole families
         with pytest.raises(SystemExit) as exit_info:
             parse(["--arm", "x=m.json", "--arm-option", bad])
