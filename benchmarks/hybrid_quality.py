@@ -122,6 +122,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,15 +154,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return hybrid_quality_args.parse_args(argv, __doc__.split("\n\n")[0])
 
 
-def resolve_model(args) -> tuple[Path, str | None]:
-    """The teacher directory and a note when it is a stand-in."""
+def resolve_model(args, tiny: Path | None = None) -> tuple[Path, str | None]:
+    """The teacher directory and a note when it is a stand-in (built in ``tiny``, default ``--work``/tiny-model)."""
     if args.model is not None:
         return Path(args.model), None
     if (DEMO_MODEL / "model.safetensors").is_file() and not args.tiny_model:
         return DEMO_MODEL, None
     if not args.smoke:
         raise HeadscopeError(f"the demo model is missing ({DEMO_MODEL}); train it first or pass --model DIR")
-    return build_tiny_model(args.work / "tiny-model", SMOKE_LENGTH), "tiny random-weight Qwen3 (6 layers x 8 heads, 4 KV heads): smoke numbers are noise"
+    return build_tiny_model(tiny or args.work / "tiny-model", SMOKE_LENGTH), "tiny random-weight Qwen3 (6 layers x 8 heads, 4 KV heads): smoke numbers are noise"
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -223,8 +224,10 @@ def dry_run(args) -> int:
     from headscope.mask import load_mask
     from headscope.models import load_model
 
-    model_dir, _ = resolve_model(args)
-    lm = load_model(model_dir)
+    tiny = args.work / "tiny-model"
+    with tempfile.TemporaryDirectory() as scratch:  # a stand-in model not built yet is built there, not in --work
+        model_dir, _ = resolve_model(args, tiny if (tiny / "config.json").is_file() else Path(scratch) / "tiny-model")
+        lm = load_model(model_dir)
     check_arm_options(args, lm.fingerprint, {name: load_mask(path, expect=lm.fingerprint) for name, path in args.extra_masks.items()})
     arms = planned_arms(args)
     options = arm_options(args, arms)

@@ -192,3 +192,9 @@ def test_an_option_that_changes_nothing_in_its_family_is_refused(runs, capsys):
     mask_file = run_b[run_b.index("--mask") + 1]  # a head-wise mask under a name that starts like a layer-wise family
     assert benchmark.main(base + ["--arm", f"layerwise_file={mask_file}", "--arm-option", "layerwise_file:fa_rope=true",
                                   "--arms", "layerwise_file"]) == 0
+
+
+def test_dry_run_writes_nothing_also_with_the_smoke_stand_in_model(tmp_path):
+    benchmark = load_benchmark("hybrid_quality")
+    assert benchmark.main(["--smoke", "--tiny-model", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert list(tmp_path.iterdir()) == []  # the tiny model was built in a temporary directory, not in --work
