@@ -170,15 +170,25 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
     is copied or new: the twin computes what ``model`` computes, through the hybrid's code paths
     (``HybridStaticCache``, the ``kernels/fa_decode`` decode step, CUDA-graph capture).
 
+    The sharing lasts while both keep their tensors: nothing here writes to a parameter, but training the twin
+    trains ``model``, and a dtype or device move of either (``.to``, ``.float()``) gives that one new tensors
+    and ends the sharing (the other keeps the old ones).
+
     Args:
-        model: a ``PreTrainedModel`` of a supported family (or its ``LoadedModel``); not modified.
+        model: a ``PreTrainedModel`` of a supported family (or its ``LoadedModel``); not modified (its
+            train/eval mode included).
     Returns:
         ``HybridForCausalLM`` in eval mode, on the model's device and dtype, whose parameters share
         storage with ``model``'s.
     Raises:
         HeadscopeError: unsupported family, or a parameter without a same-shaped twin in ``model``.
     """
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        was_training = model.training
+        lm = load_model(model)  # puts the model in eval mode; restored below
+        model.train(was_training)
     fp = lm.fingerprint
     twin = build_hybrid(lm, HeadMask(torch.ones(fp.shape, dtype=torch.bool), fp, {"ratio": "all FA"}), HybridConfig(plain_full_layers=True))
     source = dict(lm.model.named_parameters())
