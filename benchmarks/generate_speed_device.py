@@ -13,7 +13,7 @@ of KV cache) of the 141 GB an H200 has free with both models loaded; at 128K the
 dispatch the models' attention calls to on that device (``torch._fused_sdp_choice``: the dispatch decision,
 no kernel run), so a row says which kernel its attention ran, e.g. whether transformers' static-cache decode
 (a bool mask, KV heads repeated to the query heads) lands on cuDNN, the memory-efficient kernel or the math
-fallback, and whether headscope's masked grouped prefill chunks get a fused kernel.
+fallback, and which kernel headscope's grouped prefill chunks (``causal_lower_right``) get.
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ def sdpa_backends(config, length: int, prefill_chunk: int | None, device: torch.
       come repeated to every query head (``repeat_kv``, contiguous ``(B, Hq, L, D)``);
     * ``gqa_masked_decode``: the same with the KV heads grouped (``enable_gqa``) instead of repeated;
     * ``gqa_decode``: grouped, no mask (the keys sliced to the tokens seen: what a dynamic cache gives);
-    * ``gqa_masked_prefill``: a later prefill chunk of headscope's ``causal_attention`` (original_graph and the
-      hybrid's FA heads): ``(1, 1, T, L)`` bool mask, grouped KV sliced from the static cache.
+    * ``gqa_chunk_prefill``: a later prefill chunk of headscope's ``causal_attention`` (original_graph and the
+      hybrid's FA heads): ``causal_lower_right``, grouped KV sliced from the static cache; the backend
+      ``CausalBias`` picks (flash, memory-efficient, else a materialised mask and that call's backend).
     """
+    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
     from torch.nn.attention import SDPBackend
 
     n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -87,6 +89,14 @@ def sdpa_backends(config, length: int, prefill_chunk: int | None, device: torch.
         decode_mask = torch.ones(1, 1, 1, length, dtype=torch.bool)
         chunk_mask = torch.ones(1, 1, chunk, length, dtype=torch.bool)
     calls = {"hf_static_decode": (q, repeated, decode_mask, False), "gqa_masked_decode": (q, kv, decode_mask, True),
-             "gqa_decode": (q, kv, None, True), "gqa_masked_prefill": (q_chunk, kv, chunk_mask, True)}
-    return {name: SDPBackend(torch._fused_sdp_choice(query, keys, keys, attn_mask=mask, enable_gqa=gqa)).name
-            for name, (query, keys, mask, gqa) in calls.items()}
+             "gqa_decode": (q, kv, None, True), "gqa_chunk_prefill": (q_chunk, kv, chunk_mask, True)}
+    picked = {name: SDPBackend(torch._fused_sdp_choice(query, keys, keys, attn_mask=mask, enable_gqa=gqa)).name
+              for name, (query, keys, mask, gqa) in calls.items()}
+    lower_right = SDPAParams(q_chunk, kv, kv, None, 0.0, False, True)  # what CausalBias checks, in its order
+    if can_use_flash_attention(lower_right):
+        picked["gqa_chunk_prefill"] = SDPBackend.FLASH_ATTENTION.name
+    elif can_use_efficient_attention(lower_right):
+        picked["gqa_chunk_prefill"] = SDPBackend.EFFICIENT_ATTENTION.name
+    else:
+        picked["gqa_chunk_prefill"] = f"materialised mask, {picked['gqa_chunk_prefill']}"
+    return picked

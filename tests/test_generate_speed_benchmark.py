@@ -49,7 +49,8 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     twin = after["variants"]["original_graph"]  # the original on the hybrid's static path: its tokens, checked against the original
     assert twin["vs_original"]["match_fraction"] == 1.0 and twin["graph_equals_static_eager"] and twin["reference_check"]["max_gap"] < 1e-4
     assert twin["estimated_cache_gb"] > 0 and after["weights_gb"] > 0 and set(after["sdpa_backends"]) == {
-        "hf_static_decode", "gqa_masked_decode", "gqa_decode", "gqa_masked_prefill"}
+        "hf_static_decode", "gqa_masked_decode", "gqa_decode", "gqa_chunk_prefill"}
+    assert after["sdpa_backends"]["gqa_chunk_prefill"].startswith("materialised mask, ")  # the CPU: CausalBias materialises
     summary = (tmp_path / "out" / "generate_speed.md").read_text()
     assert "| qwen3-1.7b | 40 | 3 | random ids | one pass | hybrid_graph |" in summary
     assert "| qwen3-1.7b | 40 | 3 | random ids | chunks of 16 | original_compiled |" in summary

@@ -75,6 +75,31 @@ def test_causal_attention_mask_path_equals_causal_path():
     assert allowed[2].nonzero().flatten().tolist() == [5, 6, 7, 8]
 
 
+def test_a_later_chunk_without_padding_materialises_no_mask(monkeypatch):
+    """A prefill chunk after cached tokens is causal_lower_right (FlashAttention's causal mode on CUDA, grouped heads
+    included), not a (T, past + T) bool mask, which masked grouped SDPA runs only on cuDNN or the math fallback."""
+    import headscope.hybrid.functional as functional
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    segments = fa_segments((2, 2))
+    want = causal_attention(q, k, v, segments, scale=8**-0.5, padding_mask=torch.ones(2, 9))[:, 5:]  # explicit mask
+    monkeypatch.setattr(functional, "attention_mask", lambda *a, **kw: pytest.fail("a bool mask was built"))
+    torch.testing.assert_close(causal_attention(q[:, 5:], k, v, segments, scale=8**-0.5), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels")
+def test_a_later_chunk_on_cuda_equals_the_masked_call():
+    """bf16 on the GPU: the causal_lower_right chunk (Qwen3-1.7B's 2 query heads per KV head) against the masked call."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 256, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    segments = fa_segments((2,) * 8)
+    got = causal_attention(q, k, v, segments, scale=128**-0.5)
+    want = causal_attention(q, k, v, segments, scale=128**-0.5, padding_mask=torch.ones(2, 1024, device="cuda"))
+    assert rel_rms(got, want) < 1e-2
+
+
 @pytest.fixture(scope="module")
 def teacher():
     return load_model(tiny_qwen3(seed=3).float())

@@ -14,8 +14,11 @@
   ``floor_scale - 1``.
 * ``causal_attention``: SDPA over contiguous head segments of the full-attention heads. Each segment is
   a run of KV heads serving the same number of query heads, so grouped-query attention runs without
-  gathering or copying keys (``enable_gqa``); a mask is built only when padding, a sliding window or a
-  query block that does not start at key 0 needs one.
+  gathering or copying keys (``enable_gqa``); a mask is built only when padding or a sliding window needs
+  one. A query block that does not start at key 0 (a later prefill chunk) is causal aligned to the last key:
+  ``torch.nn.attention.bias.causal_lower_right``, which SDPA runs as FlashAttention's own causal mode on
+  CUDA (grouped heads included) instead of a ``(T, past + T)`` bool mask, which only cuDNN or the math
+  fallback take with grouped heads.
 
 The GDN branch's short convolution (with its RoPE + L2 norm) lives in ``headscope.kernels.gdn_prep``.
 """
@@ -26,6 +29,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +139,10 @@ def causal_attention(
     query_len, key_len = q.shape[1], k.shape[2]
     window_bites = sliding_window is not None and key_len > sliding_window
     mask, causal = None, False
-    if padding_mask is not None or window_bites or 1 < query_len < key_len:
+    if padding_mask is not None or window_bites:
         mask = attention_mask(query_len, key_len, padding_mask=padding_mask, sliding_window=sliding_window, device=q.device)
+    elif 1 < query_len < key_len:  # a later chunk: causal, aligned to the last key, nothing materialised on CUDA
+        mask = causal_lower_right(query_len, key_len)
     elif query_len == key_len:
         causal = query_len > 1
     qh = q.transpose(1, 2)  # (B, Hq, T, D)
