@@ -7,7 +7,8 @@ that estimate plus ``HEADROOM`` exceeds ``free_bytes``, measured right before th
 variant's caches and compiled graphs are gone). Against the H200 rows (Qwen3-1.7B shape, bf16, chunks of 4096,
 peaks less the 7.12 GB of weights both models hold): 32K x 24 original_compiled measured 97.6 GB, estimated
 97.7; 32K x 32 hybrid_graph measured 23.5 GB, estimated 25.1. At 32K x 32 the originals need ~130 GB (121.2 GB
-of KV cache) of the 141 GB an H200 has free with both models loaded; at 128K the largest batch is 8 (~123 GB).
+of KV cache) of the 141 GB an H200 has free with both models loaded; at 128K the largest batch is 8 (~123 GB
+on the same kernels, ~129 GB compiled: transformers' ``repeat_kv`` over the static length).
 
 ``sdpa_backends`` records, per row, which backend ``torch.nn.functional.scaled_dot_product_attention`` would
 dispatch the models' attention calls to on that device (``torch._fused_sdp_choice``: the dispatch decision,
@@ -30,11 +31,14 @@ def memory_need(variant: str, config, fa_kv_heads: int, gdn_heads: int, conv_siz
     cache: the KV cache (and the hybrid's GDN states) for ``context + new`` tokens, rounded up to the static
     hybrid cache's length step for the graph variants; the originals keep every KV head of every layer, the
     hybrid its ``fa_kv_heads`` (all layers) and ``gdn_heads`` states. The dynamic caches (original, hybrid_eager)
-    add one layer's copy (``torch.cat`` grows it), the original two more (transformers' sdpa repeats the KV
-    heads, ``repeat_kv``). activations: the prefill's peak at ``min(context, prefill_chunk)`` tokens per row,
-    ``batch x tokens x (8 hidden + 3 intermediate)`` elements (the MLP's three intermediates and a few hidden
-    states); generate() asks for the last position's logits only (``logits_to_keep=1``), so no ``(B, T, vocab)``
-    tensor. Calibration: the module docstring.
+    add one layer's copy (``torch.cat`` grows it), the original ``group`` more (transformers' sdpa repeats the KV
+    heads to the query heads, ``repeat_kv``: ``group`` = query heads per KV head). activations: the prefill's peak
+    at ``min(context, prefill_chunk)`` tokens per row, ``batch x tokens x (8 hidden + 3 intermediate)`` elements (the
+    MLP's three intermediates and a few hidden states); generate() asks for the last position's logits only
+    (``logits_to_keep=1``), so no ``(B, T, vocab)`` tensor. For original_compiled, at least one layer's keys and
+    values repeated over the whole static length (its ``repeat_kv`` at every chunk and step): at 32K the two are
+    alike (6.9 and 6.5 GB at batch 24), at 128K the repeat is 3.8x the activations (8.6 GB at batch 8).
+    Calibration: the module docstring.
     """
     from headscope.hybrid.generation import LENGTH_STEP
 
@@ -45,10 +49,13 @@ def memory_need(variant: str, config, fa_kv_heads: int, gdn_heads: int, conv_siz
     if variant.startswith("original"):
         fa_kv_heads, gdn_heads = layers * config.num_key_value_heads, 0
     kv = 2 * fa_kv_heads * d * element_bytes * batch * tokens
+    group = config.num_attention_heads // config.num_key_value_heads
     cache = kv + batch * gdn_heads * (4 * d * d + 3 * d * conv_size * element_bytes)
-    cache += {"original": 3, "hybrid_eager": 1}.get(variant, 0) * kv // layers
+    cache += {"original": 1 + group, "hybrid_eager": 1}.get(variant, 0) * kv // layers
     chunk = min(context, prefill_chunk or context)
     activations = batch * chunk * (8 * config.hidden_size + 3 * config.intermediate_size) * element_bytes
+    if variant == "original_compiled":
+        activations = max(activations, group * kv // layers)
     return {"cache": cache, "activations": activations, "total": cache + activations}
 
 

@@ -200,6 +200,8 @@ def test_memory_guard_at_the_h200_rows(benchmark):
         assert device.fits(need(variant, 32, 32768) * 1e9, free) and need(variant, 32, 32768) > 0.92 * free / 1e9
         assert device.fits(need(variant, 8, 131072) * 1e9, free) and not device.fits(need(variant, 9, 131072) * 1e9, free)
     assert need("original", 1, 32768) > need("original_compiled", 1, 32768)  # the dynamic cache's cat and repeat_kv copies
+    repeat = 8 * 16 * (131072 + 256) * 128 * 2 * 2 / 1e9  # one layer's keys and values repeated to 16 heads: 8.6 GB
+    assert abs(need("original_compiled", 8, 131072) - need("original_graph", 8, 131072) - (repeat - 2.28)) < 0.05  # not the 2.28 GB chunk
 
 
 def test_per_token_table_pairs_both_baselines_with_the_hybrid_at_one_batch(benchmark):
