@@ -184,7 +184,7 @@ def test_memory_guard_at_the_h200_rows(benchmark):
     from headscope.heads import HeadMask, ModelFingerprint
 
     device = load_benchmark("generate_speed_device")
-    config = benchmark.qwen3_config(smoke=False)
+    config = load_benchmark("generate_speed_models").qwen3_config(smoke=False)
     full = torch.zeros(28, 16, dtype=torch.bool)
     full[:, :2] = True  # KV group 0 of every layer
     mask = HeadMask(full, ModelFingerprint("qwen3", 28, 16, 8, 128))

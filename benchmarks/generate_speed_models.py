@@ -1,0 +1,154 @@
+"""The models of ``benchmarks/generate_speed.py`` (a helper module of that script, not a script): the Qwen3-1.7B
+shape as a config (random weights, no download), ``Bench`` (one model kind on the device: the original, its 7:1
+hybrid and the original's all-FA twin on the hybrid's code path, with their masks, prompts and memory estimates)
+and ``read_prompt`` (a text file's token ids for ``--prompt-file``).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from pathlib import Path
+
+import torch
+
+from generate_speed_device import memory_need
+from generate_speed_report import RANDOM_PROMPT
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOL_MASK = ROOT / "benchmarks" / "results" / "smollm2" / "kv_aware_mask.json"
+
+
+def qwen3_config(smoke: bool):
+    from transformers import Qwen3Config
+
+    if smoke:
+        return Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True)
+    return Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rope_theta=1e6, tie_word_embeddings=True)
+
+
+class Bench:
+    """The models of one kind on the device, built once per process: the original, its hybrid, and the original's
+    all-FA twin on the hybrid's code path (``build_full_attention``: the original's own tensors, nothing copied)."""
+
+    def __init__(self, kind: str, args, device: torch.device, dtype: torch.dtype, text: tuple[torch.Tensor, str] | None = None) -> None:
+        from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+        from headscope.heads import HeadMask
+        from headscope.hybrid import build_full_attention, build_hybrid
+        from headscope.models import load_model
+
+        self.kind, self.device, self.dtype = kind, device, dtype
+        torch.manual_seed(0)
+        if kind == "smollm2":
+            original = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        else:
+            with torch.device(device):
+                original = Qwen3ForCausalLM(qwen3_config(args.smoke)).to(dtype).eval()
+        lm = load_model(original)
+        fp = lm.fingerprint
+        if kind == "smollm2":
+            self.mask, self.mask_source = self._file_mask(args.mask or SMOL_MASK, fp)
+        else:
+            full = torch.zeros(fp.shape, dtype=torch.bool)
+            full[:, : fp.group_size] = True  # KV group 0 of every layer
+            self.mask, self.mask_source = HeadMask(full, fp, {"ratio": "7:1"}), "KV group 0 of every layer"
+        self.original = original
+        self.hybrid = build_hybrid(lm, self.mask)
+        self.same_kernels = build_full_attention(lm)  # original_graph: the original's own tensors on the hybrid's decode path
+        self.vocab = original.config.vocab_size
+        self.config = original.config
+        self._static = None  # ((batch, tokens), StaticCache) of original_compiled
+        self.text, self.prompt = text if text is not None else (None, RANDOM_PROMPT)  # (n,) token ids of --prompt-file
+
+    def prompt_ids(self, batch: int, context: int) -> torch.Tensor:
+        """``(batch, context)`` prompt ids: random (seeded by the row), or the text's tokens tiled (row ``i`` starts
+        ``i x context`` tokens into the text repeated end to end)."""
+        if self.text is None:
+            ids = torch.randint(0, self.vocab, (batch, context), generator=torch.Generator().manual_seed(context + batch))
+        else:
+            ids = self.text[torch.arange(batch * context) % len(self.text)].view(batch, context)
+        return ids.to(self.device)
+
+    def model_of(self, variant: str):
+        """The model ``variant`` generates with: the hybrid, the original's all-FA twin (original_graph) or the original."""
+        if variant == "original_graph":
+            return self.same_kernels
+        return self.hybrid if variant.startswith("hybrid") else self.original
+
+    def reference_of(self, variant: str):
+        """The model whose plain float32 forward checks ``variant``'s tokens: the hybrid, or the original itself
+        (also for original_graph: its twin is checked against the model it stands for, not against itself)."""
+        return self.hybrid if variant.startswith("hybrid") else self.original
+
+    @staticmethod
+    def _file_mask(path, fp):
+        from headscope.heads import HeadscopeError
+        from headscope.mask import random_mask
+        from headscope.maskfile import load_mask
+
+        try:
+            return load_mask(path, expect=fp), str(path)
+        except HeadscopeError as err:
+            return random_mask(fp, "7:1", seed=0, kv_aware=True), f"random KV-aware 7:1 (seed 0; {Path(path).name}: {err})"
+
+    def need(self, variant: str, batch: int, context: int, new: int, prefill_chunk: int | None) -> dict[str, int]:
+        """``memory_need`` of ``variant`` for this model and mask."""
+        conv = self.hybrid.config.conv_size
+        fa_kv, gdn = int(self.mask.kv_groups_full().sum()), int((~self.mask.full).sum())
+        return memory_need(variant, self.config, fa_kv, gdn, conv, torch.finfo(self.dtype).bits // 8, batch, context, new, prefill_chunk)
+
+    def weights_bytes(self) -> int:
+        """Bytes of the parameters of every model held (shared tensors once): what a variant's peak adds to ``need``."""
+        tensors = {p.data_ptr(): p.numel() * p.element_size() for m in (self.original, self.hybrid, self.same_kernels) for p in m.parameters()}
+        return sum(tensors.values())
+
+    def static_cache(self, batch: int, tokens: int):
+        """The original's ``StaticCache`` for ``batch`` rows of ``tokens``: kept for the row's calls, made empty."""
+        from transformers import StaticCache
+
+        if self._static is None or self._static[0] != (batch, tokens):
+            self._static = None  # free the old buffers before allocating the new ones
+            cache, c = StaticCache(config=self.config, max_cache_len=tokens), self.config
+            # allocated now, as generate() does for chunked prefill: a compiled chunk must not meet an empty cache
+            cache.early_initialization(batch_size=batch, num_heads=c.num_key_value_heads, dtype=self.dtype, device=self.device,
+                                       head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+            self._static = ((batch, tokens), cache)
+        cache = self._static[1]
+        with torch.inference_mode():  # its tensors were made under inference mode by the generate() that filled them
+            cache.reset()
+        return cache
+
+    def release(self, compiled: bool = False) -> None:
+        """Drop the static caches of the last variant (the hybrid and the twin keep theirs on the model) and, after
+        ``original_compiled`` (``compiled``), torch.compile's graphs: their CUDA-graph memory pool would stay
+        reserved and squeeze the next variant."""
+        self._static = None
+        for model in (self.hybrid, self.same_kernels):
+            if hasattr(model, "_headscope_static_cache"):
+                delattr(model, "_headscope_static_cache")
+        if compiled:
+            torch._dynamo.reset()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def read_prompt(path: str, model_dir: str) -> tuple[torch.Tensor, str]:
+    """A .txt / .jsonl file's token ids ``(n,)`` (``model_dir``'s tokenizer, documents in file order, eos
+    between them: ``headscope.transfer.data``'s reader) and the prompt's name for the rows (file name, tokens,
+    a hash of the ids). A missing, unreadable or empty file is a ``HeadscopeError``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from headscope.transfer.config import DataConfig
+    from headscope.transfer.data import PackedSequences, read_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    docs = read_documents(DataConfig(source="files", paths=[str(path)]), tokenizer, vocab)
+    n = PackedSequences(docs, 1, tokenizer.eos_token_id).n_tokens
+    ids = PackedSequences(docs, n, tokenizer.eos_token_id)[0]
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]
+    return ids, f"text {Path(path).name} ({n} tokens, ids sha256 {digest})"
