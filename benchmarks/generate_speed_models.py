@@ -20,6 +20,7 @@ SMOL_MASK = ROOT / "benchmarks" / "results" / "smollm2" / "kv_aware_mask.json"
 
 
 def qwen3_config(smoke: bool):
+    """Qwen3-1.7B's shape (28 layers, 16 query and 8 KV heads of 128, tied embeddings), or a tiny Qwen3 with ``smoke``."""
     from transformers import Qwen3Config
 
     if smoke:
