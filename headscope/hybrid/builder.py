@@ -105,6 +105,16 @@ def hybrid_config_for(lm: LoadedModel, mask: HeadMask, config: HybridConfig | No
     )
 
 
+def loaded(model: nn.Module | LoadedModel) -> LoadedModel:
+    """``model`` as a ``LoadedModel``, its train/eval mode left as it was (``load_model`` sets eval)."""
+    if isinstance(model, LoadedModel):
+        return model
+    was_training = model.training
+    lm = load_model(model)
+    model.train(was_training)
+    return lm
+
+
 def inert_switches(mask: HeadMask, switches: Mapping[str, Any]) -> list[str]:
     """The keys of ``switches`` (``SWITCHES``) that change nothing in the hybrid of ``mask`` built with them (module
     docstring); ``switches`` missing from the mapping take their ``HybridConfig`` defaults."""
@@ -135,12 +145,7 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
     Raises:
         HeadscopeError: unsupported family or a mask for another model.
     """
-    if isinstance(model, LoadedModel):
-        lm = model
-    else:
-        was_training = model.training
-        lm = load_model(model)  # puts the model in eval mode; restored below
-        model.train(was_training)
+    lm = loaded(model)
     hconfig = hybrid_config_for(lm, mask, config)
     hybrid = HybridForCausalLM._from_config(hconfig, dtype=lm.dtype).to(lm.device)
     head_dim = hconfig.head_dim
@@ -183,12 +188,7 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
     Raises:
         HeadscopeError: unsupported family, or a parameter without a same-shaped twin in ``model``.
     """
-    if isinstance(model, LoadedModel):
-        lm = model
-    else:
-        was_training = model.training
-        lm = load_model(model)  # puts the model in eval mode; restored below
-        model.train(was_training)
+    lm = loaded(model)
     fp = lm.fingerprint
     twin = build_hybrid(lm, HeadMask(torch.ones(fp.shape, dtype=torch.bool), fp, {"ratio": "all FA"}), HybridConfig(plain_full_layers=True))
     source = dict(lm.model.named_parameters())
