@@ -24,13 +24,14 @@ import torch
 HEADROOM = 4e9  # bytes the guard keeps free beyond its estimate: allocator rounding, cuBLAS and cuDNN workspaces
 
 
-def memory_need(variant: str, config, fa_kv_heads: int, gdn_heads: int, conv_size: int, element_bytes: int, batch: int,
+def memory_need(variant: str, config, fingerprint, mask, conv_size: int, element_bytes: int, batch: int,
                 context: int, new: int, prefill_chunk: int | None) -> dict[str, int]:
     """Bytes ``variant``'s generate() allocates beyond the loaded weights: ``{"cache", "activations", "total"}``.
 
     cache: the KV cache (and the hybrid's GDN states) for ``context + new`` tokens, rounded up to the static
     hybrid cache's length step for the graph variants; the originals keep every KV head of every layer, the
-    hybrid its ``fa_kv_heads`` (all layers) and ``gdn_heads`` states. The dynamic caches (original, hybrid_eager)
+    hybrid the KV groups and GDN states of its ``mask`` (``headscope.quality``'s ``kv_cache_bytes_per_token`` and
+    ``recurrent_state_bytes`` of ``fingerprint``). The dynamic caches (original, hybrid_eager)
     add one layer's copy (``torch.cat`` grows it), the original ``group`` more (transformers' sdpa repeats the KV
     heads to the query heads, ``repeat_kv``: ``group`` = query heads per KV head). activations: the prefill's peak
     at ``min(context, prefill_chunk)`` tokens per row, ``batch x tokens x (8 hidden + 3 intermediate)`` elements (the
@@ -41,16 +42,16 @@ def memory_need(variant: str, config, fa_kv_heads: int, gdn_heads: int, conv_siz
     Calibration: the module docstring.
     """
     from headscope.hybrid.generation import LENGTH_STEP
+    from headscope.quality import kv_cache_bytes_per_token, recurrent_state_bytes
 
-    layers, d = config.num_hidden_layers, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = config.num_hidden_layers
     tokens = context + new
     if variant.endswith("_graph"):
         tokens = -(-tokens // LENGTH_STEP) * LENGTH_STEP
-    if variant.startswith("original"):
-        fa_kv_heads, gdn_heads = layers * config.num_key_value_heads, 0
-    kv = 2 * fa_kv_heads * d * element_bytes * batch * tokens
+    kept = None if variant.startswith("original") else mask  # None: the original, every KV group and no GDN state
+    kv = kv_cache_bytes_per_token(fingerprint, kept, element_bytes) * batch * tokens
     group = config.num_attention_heads // config.num_key_value_heads
-    cache = kv + batch * gdn_heads * (4 * d * d + 3 * d * conv_size * element_bytes)
+    cache = kv + batch * recurrent_state_bytes(fingerprint, kept, conv_size, element_bytes)
     cache += {"original": 1 + group, "hybrid_eager": 1}.get(variant, 0) * kv // layers
     chunk = min(context, prefill_chunk or context)
     activations = batch * chunk * (8 * config.hidden_size + 3 * config.intermediate_size) * element_bytes

@@ -97,9 +97,8 @@ class Bench:
 
     def need(self, variant: str, batch: int, context: int, new: int, prefill_chunk: int | None) -> dict[str, int]:
         """``memory_need`` of ``variant`` for this model and mask."""
-        conv = self.hybrid.config.conv_size
-        fa_kv, gdn = int(self.mask.kv_groups_full().sum()), int((~self.mask.full).sum())
-        return memory_need(variant, self.config, fa_kv, gdn, conv, torch.finfo(self.dtype).bits // 8, batch, context, new, prefill_chunk)
+        return memory_need(variant, self.config, self.mask.fingerprint, self.mask, self.hybrid.config.conv_size,
+                           torch.finfo(self.dtype).bits // 8, batch, context, new, prefill_chunk)
 
     def weights_bytes(self) -> int:
         """Bytes of the parameters of every model held (shared tensors once): what a variant's peak adds to ``need``."""
