@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from headscope.kernels.launch import sm_count
+
 BLOCK_N = 64  # slots per inner step
 
 
@@ -148,7 +150,7 @@ def _combine_kernel(
 
 def n_splits(batch: int, n_kv: int, length: int, device: torch.device) -> int:
     """Splits of the ``length`` slots: about two programs per multiprocessor, at least ``BLOCK_N`` slots each."""
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    units = sm_count(device) if device.type == "cuda" else 2
     return max(1, min(triton.cdiv(2 * units, batch * n_kv), triton.cdiv(length, BLOCK_N)))
 
 

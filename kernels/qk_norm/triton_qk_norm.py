@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from headscope.kernels.launch import last_dim_contiguous
+
 MAX_TILE = 2048  # elements per program: 16 rows of D = 128
 
 
@@ -63,8 +65,7 @@ def triton_qk_rms_norm(
     Returns:
         q, k normalised, contiguous, in the inputs' dtype.
     """
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     batch, length, q_heads, dim = q.shape
     k_heads = k.shape[2]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
