@@ -88,6 +88,7 @@ import shutil
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -344,6 +345,15 @@ def main(argv: list[str] | None = None) -> int:
             raise HeadscopeError(f"{row_path(row)} was made with the prompt '{recorded[row].get('prompt', RANDOM_PROMPT)}', "
                                  f"this run's is '{prompt_of(row)}': use another --rows-dir or remove the file")
     print(f"{len(wanted) - len(pending)} of {len(wanted)} rows done in {rows_dir}; running {pending or 'none'}", flush=True)
+    mirror = out_dir / rows_dir.name if out_dir.resolve() != rows_dir.parent.resolve() else None
+
+    def save(row: str, record: dict) -> None:
+        """The row file, its copy under $OUT (a run killed by a timeout keeps every row it saved) and the summary."""
+        write_json_atomic(row_path(row), record)
+        if mirror is not None:
+            write_json_atomic(mirror / row_path(row).name, record)
+        write_summary(rows_dir, out_dir)
+
     benches: dict[str, Bench] = {}
     for row in pending:
         kind = row.split(":")[0]
@@ -354,10 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         bench = benches[kind]
         record = recorded.get(row, {})
         record.update(row=row, mask=bench.mask_source, n_full_heads=bench.mask.n_full, prompt=bench.prompt, **settings)
-        run_row(bench, row, record, args, lambda: (write_json_atomic(row_path(row), record), write_summary(rows_dir, out_dir)),
-                started + args.budget)
-    if out_dir.resolve() != rows_dir.parent.resolve() and rows_dir.is_dir():
-        shutil.copytree(rows_dir, out_dir / rows_dir.name, dirs_exist_ok=True)
+        run_row(bench, row, record, args, partial(save, row, record), started + args.budget)
+    if mirror is not None and rows_dir.is_dir():
+        shutil.copytree(rows_dir, mirror, dirs_exist_ok=True)
     write_summary(rows_dir, out_dir)
     print((out_dir / "generate_speed.md").read_text(), flush=True)
     return 0

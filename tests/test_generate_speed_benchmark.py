@@ -41,6 +41,7 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
     assert "random KV-aware 7:1" in smol["mask"]  # the SmolLM2 mask file does not fit the tiny Llama
     before = (rows_dir / "qwen3-1.7b_40_b3.json").read_text()
+    monkeypatch.setattr(benchmark.shutil, "copytree", lambda *args, **kwargs: None)  # as if killed before the end-of-run copy
     assert benchmark.main(common + ["--rows", "qwen3-1.7b:40:b3", "--variants", "original,original_compiled,original_graph",
                                     "--prefill-chunk", "16"]) == 0
     after = json.loads((rows_dir / "qwen3-1.7b_40_b3.json").read_text())
@@ -48,6 +49,8 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     assert after["variants"]["original_compiled"]["vs_original"]["match_fraction"] == 1.0
     twin = after["variants"]["original_graph"]  # the original on the hybrid's static path: its tokens, checked against the original
     assert twin["vs_original"]["match_fraction"] == 1.0 and twin["graph_equals_static_eager"] and twin["reference_check"]["max_gap"] < 1e-4
+    mirrored = json.loads((tmp_path / "out" / "rows" / "qwen3-1.7b_40_b3.json").read_text())
+    assert "original_graph" in mirrored["variants"]  # each save reaches $OUT, not only the end of the run
     assert twin["estimated_cache_gb"] > 0 and after["weights_gb"] > 0 and set(after["sdpa_backends"]) == {
         "hf_static_decode", "gqa_masked_decode", "gqa_decode", "gqa_chunk_prefill"}
     assert after["sdpa_backends"]["gqa_chunk_prefill"].startswith("materialised mask, ")  # the CPU: CausalBias materialises
