@@ -4,7 +4,8 @@ Models (bf16 on CUDA): ``qwen3-1.7b``, a random Qwen3 with Qwen3-1.7B's shape bu
 download), whose hybrid keeps KV group 0 of every layer at full attention (2 of 16 heads: 7:1); and
 ``smollm2`` (``--model DIR``, e.g. SmolLM2-135M), whose hybrid uses ``--mask`` (default the KV-aware fused
 mask ``benchmarks/results/smollm2/kv_aware_mask.json``; a random KV-aware 7:1 mask when that file was
-made for another model). The hybrid is ``build_hybrid`` of the same weights. Each row is one (model,
+made for another model); and ``smollm2-shape``, a random Llama with SmolLM2-135M's shape built from a config
+(speed does not depend on the weights; its positions raised to 128K), with the same mask. The hybrid is ``build_hybrid`` of the same weights. Each row is one (model,
 context, batch). Prompts are random ids, except that with ``--prompt-file`` (a .txt / .jsonl file, read and
 tokenised once with ``--model``'s tokenizer, eos between documents) the smollm2 rows get real text: the
 file's tokens tiled end to end, row ``i`` starting ``i x context`` tokens in. A row file records its prompt;
@@ -98,7 +99,7 @@ if str(HERE) not in sys.path:
 import torch  # noqa: E402
 
 from generate_speed_device import HEADROOM, fits, free_bytes, sdpa_backends  # noqa: E402
-from generate_speed_models import ROOT, Bench, read_prompt  # noqa: E402
+from generate_speed_models import KINDS, ROOT, Bench, read_prompt  # noqa: E402
 from generate_speed_report import (  # noqa: E402
     RANDOM_PROMPT, TWIN, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines,
 )
@@ -315,13 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(rows_dir, out_dir)
         print((out_dir / "generate_speed.md").read_text(), flush=True)
         return 0
-    kinds = ["qwen3-1.7b"] + (["smollm2"] if args.model else [])
+    kinds = ["qwen3-1.7b"] + (["smollm2"] if args.model else ["smollm2-shape"])
     order = [f"{k}:{c}:b{b}" for k in kinds for c in args.contexts for b in args.batches]
     wanted = args.rows.split(",") if args.rows else order
     for row in wanted:
         parts = row.split(":")
-        if len(parts) != 3 or parts[0] not in ("qwen3-1.7b", "smollm2") or not parts[1].isdigit() or not parts[2].startswith("b"):
-            parser.error(f"row {row!r} is not <qwen3-1.7b|smollm2>:<context>:b<batch>")
+        if len(parts) != 3 or parts[0] not in KINDS or not parts[1].isdigit() or not parts[2].startswith("b"):
+            parser.error(f"row {row!r} is not <{'|'.join(KINDS)}>:<context>:b<batch>")
         if parts[0] == "smollm2" and not args.model:
             parser.error(f"row {row!r} needs --model (the SmolLM2 directory)")
     cuda = torch.cuda.is_available() and not args.smoke

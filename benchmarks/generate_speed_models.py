@@ -16,6 +16,7 @@ from generate_speed_device import memory_need
 from generate_speed_report import RANDOM_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("qwen3-1.7b", "smollm2", "smollm2-shape")  # row kinds: a random Qwen3-1.7B, --model (SmolLM2), a random SmolLM2-135M
 SMOL_MASK = ROOT / "benchmarks" / "results" / "smollm2" / "kv_aware_mask.json"
 
 
@@ -30,12 +31,25 @@ def qwen3_config(smoke: bool):
                        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rope_theta=1e6, tie_word_embeddings=True)
 
 
+def smollm2_config(smoke: bool):
+    """SmolLM2-135M's shape (30 layers, 9 query and 3 KV heads of 64, tied embeddings; its own 8K positions raised
+    to 128K so the long rows run), or a tiny Llama with ``smoke``: the ``smollm2-shape`` rows, random weights."""
+    from transformers import LlamaConfig
+
+    if smoke:
+        return LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                           num_key_value_heads=2, head_dim=8, max_position_embeddings=4096, tie_word_embeddings=True)
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=64, max_position_embeddings=131072 + 1024, rope_theta=1e5,
+                       rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
 class Bench:
     """The models of one kind on the device, built once per process: the original, its hybrid, and the original's
     all-FA twin on the hybrid's code path (``build_full_attention``: the original's own tensors, nothing copied)."""
 
     def __init__(self, kind: str, args, device: torch.device, dtype: torch.dtype, text: tuple[torch.Tensor, str] | None = None) -> None:
-        from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM
 
         from headscope.heads import HeadMask
         from headscope.hybrid import build_full_attention, build_hybrid
@@ -45,12 +59,15 @@ class Bench:
         torch.manual_seed(0)
         if kind == "smollm2":
             original = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        elif kind == "smollm2-shape":
+            with torch.device(device):
+                original = LlamaForCausalLM(smollm2_config(args.smoke)).to(dtype).eval()
         else:
             with torch.device(device):
                 original = Qwen3ForCausalLM(qwen3_config(args.smoke)).to(dtype).eval()
         lm = load_model(original)
         fp = lm.fingerprint
-        if kind == "smollm2":
+        if kind.startswith("smollm2"):  # the real model's mask fits its random twin too (same shape)
             self.mask, self.mask_source = self._file_mask(args.mask or SMOL_MASK, fp)
         else:
             full = torch.zeros(fp.shape, dtype=torch.bool)

@@ -224,3 +224,13 @@ def test_per_token_table_pairs_both_baselines_with_the_hybrid_at_one_batch(bench
     assert lines["131072:8"] == ("| qwen3-1.7b | 131072 | 8 | random ids | 140.00 | - (original_graph: out of memory: CUDA) "
                                  "| - (not run) | - | - |  |")
     assert lines["4096:32"].endswith("| 6.00 | 5.00 | 5.50 | 1.09x | 0.91x | >= 1x: met vs as shipped, not met vs same kernels |")
+
+
+def test_the_smollm2_shape_rows_need_no_model_directory(benchmark, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    rows_dir = tmp_path / "rows"
+    assert benchmark.main(["--smoke", "--rows-dir", str(rows_dir), "--rows", "smollm2-shape:16:b1", "--variants", "original,hybrid_graph"]) == 0
+    row = json.loads((rows_dir / "smollm2-shape_16_b1.json").read_text())
+    assert "random KV-aware 7:1" in row["mask"] and row["variants"]["hybrid_graph"]["graph_equals_static_eager"]
+    with pytest.raises(SystemExit):
+        benchmark.main(["--smoke", "--rows-dir", str(rows_dir), "--rows", "smollm2-base:16:b1"])
