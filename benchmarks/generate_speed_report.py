@@ -178,13 +178,27 @@ def row_settings(rows: dict) -> dict:
     return {key: " / ".join(v) for key, v in values.items()}
 
 
+def failed_check(result: dict) -> str | None:
+    """Why a timed variant's tokens cannot be trusted (its teacher-forced check has inconsistent tokens, or its
+    graph's tokens differ from its static eager run), or None."""
+    check = result.get("reference_check")
+    if isinstance(check, dict) and "consistent" in check and check["consistent"] < check["rows"] * check["checked_tokens"]:
+        return f"ref check {check['consistent']}/{check['rows'] * check['checked_tokens']}"
+    if result.get("graph_equals_static_eager") is False:
+        return "graph != static eager"
+    return None
+
+
 def side(variants: dict, names: tuple[str, ...]) -> tuple[float | None, str]:
-    """The fastest per-token latency among a row's variants ``names`` and its cell; without one, '-' and why
-    (each variant's skip or failure, or 'not run')."""
-    times = [variants[name]["per_token_ms"] for name in names if "per_token_ms" in variants.get(name, {})]
+    """The fastest per-token latency among a row's variants ``names`` whose checks hold, and its cell; without
+    one, '-' and why (each variant's failed check with its time, skip or failure, or 'not run'). A variant
+    that fails its checks gives no ratio: its speed is not that of the model it stands for."""
+    timed = {name: variants[name] for name in names if "per_token_ms" in variants.get(name, {})}
+    times = [r["per_token_ms"] for r in timed.values() if failed_check(r) is None]
     if times:
         return min(times), f"{min(times):.2f}"
-    why = [f"{name}: {variants[name]['skipped']}" for name in names if "skipped" in variants.get(name, {})]
+    why = [f"{name}: {r['per_token_ms']:.2f} ms, **{failed_check(r)}**" for name, r in timed.items()]
+    why += [f"{name}: {variants[name]['skipped']}" for name in names if "skipped" in variants.get(name, {})]
     return None, f"- ({'; '.join(why) if why else 'not run'})"
 
 

@@ -224,6 +224,14 @@ def test_per_token_table_pairs_both_baselines_with_the_hybrid_at_one_batch(bench
     assert lines["131072:8"] == ("| qwen3-1.7b | 131072 | 8 | random ids | 140.00 | - (original_graph: out of memory: CUDA) "
                                  "| - (not run) | - | - |  |")
     assert lines["4096:32"].endswith("| 6.00 | 5.00 | 5.50 | 1.09x | 0.91x | >= 1x: met vs as shipped, not met vs same kernels |")
+    bad = {"rows": 1, "checked_tokens": 32, "consistent": 3, "first_inconsistent": 0, "max_gap": 3.2, "mean_gap": 1.5, "tolerance": 0.1,
+           "first_step_max_abs_diff": 3.9}
+    rows["a"]["variants"]["original_graph"]["reference_check"] = bad  # a baseline whose tokens fail its check earns no ratio
+    rows["c"]["variants"]["hybrid_graph"]["graph_equals_static_eager"] = False
+    lines = {line.split(" | ")[1] + ":" + line.split(" | ")[2]: line for line in benchmark.summary_lines(rows)
+             if line.startswith("| qwen3") and line.count("|") == 11}
+    assert "| - (original_graph: 30.00 ms, **ref check 3/32**) | 7.50 | - | - | >= 2x: no pair at this batch |" in lines["32768:32"]
+    assert lines["4096:32"].endswith("| 6.00 | 5.00 | - (hybrid_graph: 5.50 ms, **graph != static eager**) | - | - | >= 1x: no pair at this batch |")
 
 
 def test_the_smollm2_shape_rows_need_no_model_directory(benchmark, tmp_path, monkeypatch, one_thread):
