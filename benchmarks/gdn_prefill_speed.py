@@ -81,6 +81,7 @@ PATHS = {
 }
 CONFIGS = ((64, 32), (64, 16), (128, 32))  # (chunk_size, block_v) of the fused kernels swept; the layer's: 64 x default_block_v
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
+ROUNDS = 3  # interleaved rounds of the prefill paths (``bench_prefill``)
 
 
 @contextlib.contextmanager
@@ -137,8 +138,15 @@ class Run:
 
     def measure(self, fn, **row) -> None:
         """One timed row: device ms, host ms, launches."""
-        ms = self.timer(fn, warmup=1 if self.tiny else 3)
-        row.update(ms=ms, host_ms=host_ms(fn, self.device, reps=3 if self.tiny else 10), launches=launches(fn, self.device))
+        self.record(fn, [(self.timer(fn, warmup=1 if self.tiny else 3), host_ms(fn, self.device, reps=3 if self.tiny else 10))], **row)
+
+    def record(self, fn, rounds: list[tuple[float, float]], **row) -> None:
+        """A row from ``(device ms, host ms)`` medians of one or more rounds (their median; all kept when more than
+        one) and the launches of one more call of ``fn``."""
+        row.update(ms=statistics.median(ms for ms, _ in rounds), host_ms=statistics.median(h for _, h in rounds))
+        if len(rounds) > 1:
+            row.update(ms_rounds=[ms for ms, _ in rounds], host_ms_rounds=[h for _, h in rounds])
+        row["launches"] = launches(fn, self.device)
         self.rows.append(row)
         counts = f" launches={row['launches']['count']} busy_ms={row['launches']['busy_ms']:.4g}" if row["launches"] else ""
         print("  " + " ".join(f"{k}={(round(v, 4) if isinstance(v, float) else v)}" for k, v in row.items() if k != "launches") + counts, flush=True)
@@ -260,10 +268,14 @@ def bench_kernel(run: Run, t: int, batch: int = 1) -> None:
 
 
 def bench_prefill(run: Run, t: int) -> None:
-    """Core and whole layer per path, B = 1, no cache."""
+    """Core and whole layer per path, B = 1, no cache. The paths are timed in ``ROUNDS`` interleaved rounds
+    (every path once per round) and each row keeps the median of its rounds' medians: the box's host jitter
+    (one 4K row of the second H200 run took 0.9 ms to enqueue what took 0.5 ms at 2K and 8K) then hits every
+    path alike instead of whichever happened to run during it."""
     x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
+    calls = []  # (fn, fused, qk_norm, row)
     for path, (variant, scale_mode, fused, qk_norm) in PATHS.items():
         layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
         attn, spec = layer.self_attn, layer.self_attn.spec
@@ -271,9 +283,17 @@ def bench_prefill(run: Run, t: int) -> None:
         with switches(fused, qk_norm):
             h = layer.input_layernorm(x)
             projected = attn.project(h)
-            run.measure(partial(attn.core, h, *projected, pe, pos, None, None, scale), phase="prefill", scope="core", path=path, context=t)
-            run.measure(partial(layer, x, pe, pos, None, None, scale), phase="prefill", scope="layer", path=path, context=t)
-        del layer, attn, projected
+        calls.append((partial(attn.core, h, *projected, pe, pos, None, None, scale), fused, qk_norm,
+                      dict(phase="prefill", scope="core", path=path, context=t)))
+        calls.append((partial(layer, x, pe, pos, None, None, scale), fused, qk_norm, dict(phase="prefill", scope="layer", path=path, context=t)))
+    rounds = {id(row): [] for *_, row in calls}
+    for _ in range(2 if run.tiny else ROUNDS):
+        for fn, fused, qk_norm, row in calls:
+            with switches(fused, qk_norm):
+                rounds[id(row)].append((run.timer(fn, warmup=1 if run.tiny else 3), host_ms(fn, run.device, reps=3 if run.tiny else 10)))
+    for fn, fused, qk_norm, row in calls:
+        with switches(fused, qk_norm):
+            run.record(fn, rounds[id(row)], **row)
 
 
 # --- results -----------------------------------------------------------------------------------

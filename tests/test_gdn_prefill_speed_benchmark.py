@@ -44,6 +44,8 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     assert timed == {(scope, path) for scope in ("core", "layer") for path in paths} | {
         ("kernel", "fused_c64_v32"), ("kernel", "fused_c16_v16")}
     assert all(r["ms"] > 0 and r["host_ms"] > 0 and r["launches"] is None for r in rows if r["phase"] == "prefill")  # no CUDA: no launch counts
+    interleaved = [r for r in rows if r["phase"] == "prefill" and r["scope"] != "kernel"]  # core and layer rows: median of rounds
+    assert all(len(r["ms_rounds"]) == 2 and min(r["ms_rounds"]) <= r["ms"] <= max(r["ms_rounds"]) for r in interleaved)
     assert {(r["batch"], r["context"]) for r in rows if r["phase"] == "prefill" and r["scope"] == "kernel"} == {(1, 64), (2, 32)}
     report = (tmp_path / "gdn_prefill_speed.md").read_text()
     assert "## Prefill, attention core" in report and "## The GDN call alone (3 heads)" in report and "fused_c16_v16" in report
