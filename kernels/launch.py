@@ -12,10 +12,36 @@ against Triton's).
 ``sm_count(device)``: the GPU's streaming multiprocessors, read once per device; on the CPU (the Triton
 interpreter, where the tests run the kernels) the 132 of an H100/H200, so configs chosen by grid size are the
 ones those GPUs get.
+``workspace(device, (dtype, numel), ...)``: flat scratch tensors as views into one allocation (each
+``torch.empty`` costs ~7 us of host time on the box; the chunk kernels' five scratch tensors were five), every
+view starting at a multiple of ``WORKSPACE_ALIGN`` bytes from the allocation's (itself 512-byte aligned on CUDA).
+``on_device(x)``: ``torch.cuda.device(x.device)`` only when x's GPU is not the current one (the context manager
+costs ~5-10 us a call; the launchers entered it at every launch).
+
+``launch(kernel, grid, *args, **constexprs)``: ``kernel[grid](*args, **constexprs)``, with a fast path on CUDA.
+Triton's ``JITFunction.run`` costs ~100 us of host time per launch on the H200 box (triton 3.6, cProfile of the
+hybrid core at 4K: the binder's ``native_specialize_impl`` over ~30 arguments, ``compute_cache_key`` with
+``str(options)``, ``launch_metadata``, and the launcher calling the empty launch-hook chains). After the first
+launch of a specialisation through the JIT (which compiles or finds the kernel and returns the
+``CompiledKernel``), ``launch`` keeps that kernel under a key of everything Triton specialises on and later
+launches call its launcher directly, ``compiled.run(gx, gy, gz, stream, function, packed_metadata, None, None,
+None, *args_in_signature_order)``: the same binary with the same arguments. The key (:func:`_arg_key`): the
+current device; ``num_warps``/``num_stages``; the constexpr values; per tensor its dtype and whether its address
+is 16-byte aligned; per int whether it is 1, whether it is divisible by 16 (not for ``do_not_specialize``
+params) and its integer width (i32/i64/u64); per float/bool/None its type or value; Triton's debug and
+instrumentation knobs. A key that is new (a stride becoming divisible by 16, another dtype, a misaligned view)
+goes through the JIT again, which compiles or finds that specialisation, and is kept too. ``launch`` takes the
+JIT path every time when: the kernel is not a ``JITFunction`` (the interpreter, ``TRITON_INTERPRET=1``, or a
+test's stand-in), Triton's version is not one whose launcher convention was read (3.6 to 3.9), a launch hook is
+set (``knobs.runtime.launch_enter_hook``/``launch_exit_hook``, e.g. proton), or a stages-inspection hook, the
+kernel has pre-run hooks, annotated runtime params or defaults, an argument is of another type (numpy ints...),
+or the constexprs passed are not exactly the params after the positional ones. Triton's check that the globals a
+kernel read have not changed since it was compiled is skipped on the fast path (the kernels here read none).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -44,3 +70,136 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+WORKSPACE_ALIGN = 16  # bytes: Triton specialises pointers on 16-byte alignment (vectorised loads)
+
+
+def workspace(device: torch.device, *parts: tuple[torch.dtype, int]) -> list[torch.Tensor]:
+    """Flat tensors of the given dtypes and sizes, views into one uninitialised byte buffer on ``device``, each
+    at a ``WORKSPACE_ALIGN``-byte aligned offset, none overlapping."""
+    offsets, end = [], 0
+    for dtype, numel in parts:
+        offsets.append(end)
+        end += -(-numel * dtype.itemsize // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+    buffer = torch.empty(end, dtype=torch.uint8, device=device)
+    return [buffer[start : start + numel * dtype.itemsize].view(dtype) for start, (dtype, numel) in zip(offsets, parts)]
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def on_device(x: torch.Tensor):
+    """A context making x's GPU the current device: ``torch.cuda.device`` only when it is not already (a no-op
+    context on the CPU and on the current GPU)."""
+    if not x.is_cuda or x.get_device() == torch._C._cuda_getDevice():
+        return _NO_CONTEXT
+    return torch.cuda.device(x.device)
+
+
+KNOWN_TRITON = ((3, 6), (3, 9))  # versions whose JITFunction.run / CompiledKernel launcher convention was read
+_I32_MIN, _I32_MAX, _U64_MIN = -(1 << 31), (1 << 31) - 1, 1 << 63
+_UNKEYABLE = object()
+
+
+def _arg_key(arg, specialize: bool):
+    """What Triton's binder specialises a runtime argument on (a superset of it), or ``_UNKEYABLE``."""
+    kind = type(arg)
+    if kind is int:
+        width = 0 if _I32_MIN <= arg <= _I32_MAX else (1 if arg >= _U64_MIN else 2)  # i32 / u64 / i64
+        return (arg == 1, arg % 16 == 0, width) if specialize else (arg == 1, width)
+    if kind is float or kind is bool or arg is None:
+        return arg if kind is not float else float
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    return _UNKEYABLE
+
+
+class _Plan:
+    """A JIT kernel's fast-launch table: which positional params it specialises, its constexpr names, and the
+    compiled kernels launched so far, by key."""
+
+    def __init__(self, kernel, n_args: int, constexpr_names: tuple[str, ...]) -> None:
+        params = kernel.params
+        self.specialize = tuple(not p.do_not_specialize and not p.do_not_specialize_on_alignment for p in params[:n_args])
+        self.constexpr_names = constexpr_names
+        self.compiled: dict = {}
+
+
+_PLANS: dict[tuple, tuple[object, _Plan | None]] = {}  # (id, ...) -> (the kernel, kept alive so its id stays its own; plan)
+
+
+def _triton_api_ok() -> bool:
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    return KNOWN_TRITON[0] <= version <= KNOWN_TRITON[1]
+
+
+def _make_plan(kernel, n_args: int, constexpr_names: tuple[str, ...]) -> _Plan | None:
+    """The kernel's plan, or None when it must always take the JIT path (module docstring)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
+    if type(kernel) is not JITFunction or not _triton_api_ok():
+        return None
+    params = kernel.params
+    if len(params) != n_args + len(constexpr_names) or kernel.pre_run_hooks:
+        return None
+    if any(p.is_constexpr or p.annotation or p.has_default for p in params[:n_args]):
+        return None
+    if tuple(p.name for p in params[n_args:]) != constexpr_names or not all(p.is_constexpr for p in params[n_args:]):
+        return None
+    return _Plan(kernel, n_args, constexpr_names)
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook is set: a callable, or a ``HookChain`` (Triton >= 3.5) with calls in it."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, num_stages: int | None = None, **constexprs) -> None:
+    """``kernel[grid](*args, num_warps=..., num_stages=..., **constexprs)``; on CUDA, after the first launch of a
+    specialisation, straight through its compiled launcher (module docstring). ``args``: the runtime params in
+    signature order (tensors on the current CUDA device, see :func:`on_device`), ``constexprs``: the rest, by name."""
+    options = {}
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    plan_key = (id(kernel), len(args), tuple(constexprs))
+    entry = _PLANS.get(plan_key)
+    if entry is None:
+        entry = _PLANS[plan_key] = (kernel, _make_plan(kernel, len(args), tuple(constexprs)))
+    plan = entry[1]
+    if plan is None:
+        kernel[grid](*args, **constexprs, **options)
+        return
+    from triton import knobs
+
+    runtime = knobs.runtime
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or getattr(runtime, "add_stages_inspection_hook", None) is not None:
+        kernel[grid](*args, **constexprs, **options)
+        return
+    compilation = knobs.compilation
+    key = [torch._C._cuda_getDevice(), num_warps, num_stages, runtime.debug, compilation.instrumentation_mode,
+           getattr(compilation, "fpsan_homomorphic_casts", None)]  # the JIT's options from knobs (the last: 3.9)
+    for arg, specialize in zip(args, plan.specialize):
+        part = _arg_key(arg, specialize)
+        if part is _UNKEYABLE:
+            kernel[grid](*args, **constexprs, **options)
+            return
+        key.append(part)
+    tail = tuple(constexprs.values())  # same names in the same order as the plan's (the plan key has them)
+    key = (*key, *tail)
+    compiled = plan.compiled.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **constexprs, **options)
+        if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+            plan.compiled[key] = compiled
+        return
+    grid_y = grid[1] if len(grid) > 1 else 1
+    grid_z = grid[2] if len(grid) > 2 else 1
+    stream = torch._C._cuda_getCurrentRawStream(key[0])
+    compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)

@@ -6,7 +6,10 @@ and two of its launches only rearranged weights or split one product in two:
 
 * ``gdn_logits``: ``cat(a_proj.weight, b_proj.weight)`` ``(2·n_gdn, hidden)``, so the decay and beta logits come
   out of one GEMM instead of two skinny ones (``(B·T, hidden) x (hidden, n_gdn)``, each of which cuBLAS runs as a
-  split-K GEMM plus a reduction: four launches become two, and one module call goes);
+  split-K GEMM plus a reduction: four launches become two, and one module call goes). The stacked rows are padded
+  with zero rows to a multiple of ``LOGIT_ROWS_MULTIPLE`` (28 -> 32 for 14 GDN heads): with 28 output columns
+  (56-byte rows in bf16) cuBLAS took a 2-byte-aligned kernel plus a split-K reduction on the H200 (2 launches,
+  ~80 us of host time); a and b are strided views of the padded output (the GDN kernels take strides);
 * ``conv_taps``: the depthwise conv weight ``(C, 1, K)`` as a ``(C, K)`` view of a channel-contiguous ``(K, C)``
   tensor, the layout the GDN prep kernel reads (``kernels/gdn_prep``), which otherwise copies the taps at
   every call (one launch and one allocation).
@@ -27,6 +30,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+LOGIT_ROWS_MULTIPLE = 16  # rows of the stacked GDN logit weight: 32-byte output rows in bf16 (module docstring)
+
+
+def padded_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of ``LOGIT_ROWS_MULTIPLE``."""
+    return -(-n // LOGIT_ROWS_MULTIPLE) * LOGIT_ROWS_MULTIPLE
+
+
+def stacked_logit_weight(a_weight: torch.Tensor, b_weight: torch.Tensor) -> torch.Tensor:
+    """``[a_weight; b_weight]`` ``(n_a + n_b, hidden)`` with zero rows after them up to ``padded_rows``."""
+    rows = a_weight.shape[0] + b_weight.shape[0]
+    return torch.cat((a_weight, b_weight, a_weight.new_zeros(padded_rows(rows) - rows, a_weight.shape[1])))
 
 
 class InferenceWeights:
@@ -52,9 +69,11 @@ class InferenceWeights:
 
     def gdn_logits(self, x: torch.Tensor, a_proj: nn.Linear, b_proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_proj(x)`` and ``b_proj(x)`` (bias-free), each ``(B, T, n_gdn)``: two views of one GEMM over the
-        cached ``(2·n_gdn, hidden)`` rows ``[a_proj; b_proj]``."""
-        weight = self.derived("gdn_logits", lambda a, b: torch.cat((a, b)), a_proj.weight, b_proj.weight)
-        return F.linear(x, weight).split_with_sizes((a_proj.out_features, b_proj.out_features), dim=-1)
+        cached rows ``[a_proj; b_proj; zeros]`` (``padded_rows`` of them, the last stride of the views)."""
+        weight = self.derived("gdn_logits", stacked_logit_weight, a_proj.weight, b_proj.weight)
+        n_a, n_b = a_proj.out_features, b_proj.out_features
+        sizes = (n_a, n_b, weight.shape[0] - n_a - n_b) if weight.shape[0] > n_a + n_b else (n_a, n_b)
+        return F.linear(x, weight).split_with_sizes(sizes, dim=-1)[:2]
 
     def conv_taps(self, conv_weight: torch.Tensor) -> torch.Tensor:
         """``(C, K)`` taps of a ``(C, 1, K)`` depthwise conv weight, stored channel-contiguous (strides ``(1, C)``)."""

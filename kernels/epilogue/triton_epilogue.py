@@ -21,13 +21,12 @@ and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from headscope.kernels.launch import cdiv, last_dim_contiguous, next_power_of_2
+from headscope.kernels.launch import cdiv, last_dim_contiguous, launch, next_power_of_2, on_device
 
 MAX_TILE_ELEMENTS = 2048  # BLOCK_H * BLOCK_D per program
 
@@ -112,7 +111,8 @@ def _forward(
     block_h, block_d = _tiling(n_heads, head_dim)
     y = torch.empty(batch, length, n_heads, head_dim, dtype=first.dtype, device=first.device)
     if batch * length:
-        _epilogue_fwd_kernel[(batch * length, cdiv(n_heads, block_h))](
+        launch(
+            _epilogue_fwd_kernel, (batch * length, cdiv(n_heads, block_h)),
             first, second, gamma, gate if gate is not None else first, y, rstd if rstd is not None else y,
             length, n_heads, n_first, n_gated, head_dim, eps,
             *first.stride()[:3], *second.stride()[:3], *(gate.stride()[:3] if gate is not None else (0, 0, 0)),
@@ -174,7 +174,7 @@ def triton_head_epilogue(
     """
     parts = o if isinstance(o, tuple) else (o,)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*parts, gamma, gate))
-    with torch.cuda.device(parts[0].device) if parts[0].is_cuda else contextlib.nullcontext():
+    with on_device(parts[0]):
         if not needs_grad:
             return _forward(parts, gamma, gate, eps)
         return TritonHeadEpilogue.apply(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0], gamma, gate, eps)

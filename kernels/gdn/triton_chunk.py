@@ -37,13 +37,11 @@ Inference only. Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the t
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from headscope.kernels.launch import cdiv, last_dim_contiguous, next_power_of_2, sm_count
+from headscope.kernels.launch import cdiv, last_dim_contiguous, launch, next_power_of_2, on_device, sm_count, workspace
 
 SUB_BLOCK = 16  # BC: rows of a diagonal block inverted by forward substitution (tl.dot's smallest side)
 CHUNK_SIZE = 64  # fla's chunk, the measured best (module docstring)
@@ -248,19 +246,17 @@ def triton_chunk_gated_delta_rule(
         return out, final
     n_chunks = cdiv(length, chunk_size)
     padded = n_chunks * chunk_size
-    rows = batch * n_heads * padded
-    c = torch.empty(rows, dtype=torch.float32, device=q.device)
-    w = torch.empty(rows, key_dim, dtype=q.dtype, device=q.device)
-    u = torch.empty(rows, value_dim, dtype=q.dtype, device=q.device)
-    p = torch.empty(rows, chunk_size, dtype=q.dtype, device=q.device)
-    inverse = torch.empty(rows, chunk_size, dtype=torch.float32, device=q.device)
+    rows = batch * n_heads * padded  # the scratch tensors, flat, in one allocation: c, inverse (float32), w, u, p
+    c, inverse, w, u, p = workspace(q.device, (torch.float32, rows), (torch.float32, rows * chunk_size),
+                                    (q.dtype, rows * key_dim), (q.dtype, rows * value_dim), (q.dtype, rows * chunk_size))
     raw = A_log is not None
     mask = input_mask if input_mask is not None else decay  # placeholder pointers when unused
     warps = num_warps or (4 if chunk_size <= 64 else 8)
     block_k, block_va = max(16, next_power_of_2(key_dim)), max(16, next_power_of_2(value_dim))
     block_v = max(16, min(block_v or default_block_v(batch * n_heads, value_dim, sm_count(q.device)), block_va))
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _chunk_intra_kernel[(n_chunks, batch * n_heads)](
+    with on_device(q):
+        launch(
+            _chunk_intra_kernel, (n_chunks, batch * n_heads),
             q, k, v, decay, write, A_log if raw else decay, dt_bias if raw else decay, mask,
             c, w, u, p, inverse,
             length, padded, n_heads, scale,
@@ -270,7 +266,8 @@ def triton_chunk_gated_delta_rule(
             RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=warps,
         )
         h0 = initial_state if initial_state is not None else c
-        _chunk_scan_kernel[(cdiv(value_dim, block_v), batch * n_heads)](
+        launch(
+            _chunk_scan_kernel, (cdiv(value_dim, block_v), batch * n_heads),
             q, k, c, w, u, p, h0, out, final if final is not None else c,
             length, padded, n_heads, n_chunks, scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -72,25 +72,32 @@ def next_conv_state(
 
 
 def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask) -> None:
+    """One ``HeadscopeError`` line for a bad shape or mixed devices; cheap when all is well (it runs at every
+    prefill call of every GDN layer: shapes compared as sizes, devices pairwise, messages built only to fail)."""
     def fail(what: str) -> None:
         raise HeadscopeError(f"short_conv_rope_l2norm: {what}")
 
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+    shape = q.shape
+    if len(shape) != 4 or k.shape != shape or v.shape != shape:
         fail(f"q, k, v must be (B, T, H, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    batch, length, heads, dim = q.shape
+    batch, length, heads, dim = shape
     channels = 3 * heads * dim
-    if weight.dim() != 2 or weight.shape[0] != channels or weight.shape[1] < 1:
+    taps = weight.shape
+    if len(taps) != 2 or taps[0] != channels or taps[1] < 1:
         fail(f"weight must be (3*H*D, K) = ({channels}, K); got {tuple(weight.shape)}")
-    width = weight.shape[1]
-    if conv_state is not None and tuple(conv_state.shape) != (batch, channels, width):
+    width = taps[1]
+    if conv_state is not None and conv_state.shape != (batch, channels, width):
         fail(f"conv_state must be (B, 3*H*D, K) = {(batch, channels, width)}; got {tuple(conv_state.shape)}")
-    if input_mask is not None and tuple(input_mask.shape) != (batch, length):
+    if input_mask is not None and input_mask.shape != (batch, length):
         fail(f"input_mask must be (B, T) = {(batch, length)}; got {tuple(input_mask.shape)}")
     for name, table in (("cos", cos), ("sin", sin)):
-        if table.dim() != 3 or table.shape[0] not in (1, batch) or table.shape[1:] != (length, dim):
+        rows = table.shape
+        if len(rows) != 3 or rows[0] not in (1, batch) or rows[1] != length or rows[2] != dim:
             fail(f"{name} must be (B or 1, T, D) = ({batch} or 1, {length}, {dim}); got {tuple(table.shape)}")
-    tensors = [t for t in (q, k, v, weight, cos, sin, conv_state, input_mask) if t is not None]
-    if len({t.device for t in tensors}) != 1:
+    device = q.device
+    if not (k.device == v.device == weight.device == cos.device == sin.device == device
+            and (conv_state is None or conv_state.device == device) and (input_mask is None or input_mask.device == device)):
+        tensors = [t for t in (q, k, v, weight, cos, sin, conv_state, input_mask) if t is not None]
         fail(f"inputs are on different devices: {sorted({str(t.device) for t in tensors})}")
 
 

@@ -27,7 +27,6 @@ in torch). Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from headscope.kernels.launch import cdiv, next_power_of_2
+from headscope.kernels.launch import cdiv, launch, next_power_of_2, on_device
 
 # BLOCK_T * BLOCK_H * BLOCK_HALF per program and tensor half. A program issues all its q/k/v tap loads up
 # front (ptxas for sm_90, D=128, 4 warps: 16 tokens x 1 head = 126 registers and ~42 instructions per
@@ -192,8 +191,11 @@ def triton_short_conv_rope_l2norm(
     batch, length, n_heads, head_dim = q.shape
     if out is None:
         qk_dtype = q.dtype if q.dtype == cos.dtype == sin.dtype else torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
-        out = tuple(torch.empty(batch, length, n_heads, head_dim, dtype=dtype, device=q.device)
-                    for dtype in (qk_dtype, qk_dtype, v.dtype))
+        if qk_dtype == v.dtype:  # one allocation, three views
+            out = torch.empty(3, batch, length, n_heads, head_dim, dtype=v.dtype, device=q.device).unbind(0)
+        else:
+            out = tuple(torch.empty(batch, length, n_heads, head_dim, dtype=dtype, device=q.device)
+                        for dtype in (qk_dtype, qk_dtype, v.dtype))
     if not (batch and length and n_heads):
         return out
     tiling = tiling or default_tiling(length, n_heads, head_dim)
@@ -208,8 +210,9 @@ def triton_short_conv_rope_l2norm(
     n_head_blocks = cdiv(n_heads, tiling.block_h)
     n_token_blocks = cdiv(length, tiling.block_t)
     grid = (batch * n_token_blocks * n_head_blocks,)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _short_conv_rope_l2norm_kernel[grid](
+    with on_device(q):
+        launch(
+            _short_conv_rope_l2norm_kernel, grid,
             q, k, v, taps, state, mask, cos, sin, *out,
             length, n_heads, eps, n_head_blocks, n_token_blocks,
             *q.stride(), *k.stride(), *v.stride(), *(state.stride() if conv_state is not None else (0, 0, 0)),

@@ -11,13 +11,12 @@ product, cast, weight product, each). Inference only. Runs on CUDA, and on CPU u
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from headscope.kernels.launch import last_dim_contiguous
+from headscope.kernels.launch import cdiv, last_dim_contiguous, launch, next_power_of_2, on_device
 
 MAX_TILE = 2048  # elements per program: 16 rows of D = 128
 
@@ -70,15 +69,16 @@ def triton_qk_rms_norm(
     k_heads = k.shape[2]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_power_of_2(dim)
     block_r = max(1, MAX_TILE // block_d)
     n_q_rows, n_k_rows = batch * length * q_heads, batch * length * k_heads
-    n_q_blocks = triton.cdiv(n_q_rows, block_r)
-    grid = (n_q_blocks + triton.cdiv(n_k_rows, block_r),)
+    n_q_blocks = cdiv(n_q_rows, block_r)
+    grid = (n_q_blocks + cdiv(n_k_rows, block_r),)
     if grid[0] == 0:
         return q_out, k_out
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _qk_rms_norm_kernel[grid](
+    with on_device(q):
+        launch(
+            _qk_rms_norm_kernel, grid,
             q, k, q_weight, k_weight, q_out, k_out,
             n_q_rows, n_k_rows, q_heads, k_heads, length, eps, n_q_blocks,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
