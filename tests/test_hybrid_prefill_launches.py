@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 import headscope.kernels.epilogue.ops as epilogue_ops
 import headscope.kernels.gdn.ops as gdn_ops
 import headscope.kernels.gdn_prep.ops as prep_ops
+from headscope.hybrid.inference_weights import LOGIT_ROWS_MULTIPLE, InferenceWeights, padded_rows
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 
 ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.new_empty.default"}
@@ -87,7 +88,8 @@ def test_core_prefill_launches_on_the_cuda_path(monkeypatch):
             layer.core(x, *projected, rope, pos, None, None, 1.0)
     assert launches == ["_short_conv_rope_l2norm_kernel", "_chunk_intra_kernel", "_chunk_scan_kernel", "_epilogue_fwd_kernel"]
     assert later.ops == Counter({"aten.scaled_dot_product_attention.default": 1, "aten.linear.default": 1})  # FA; both GDN logits
-    assert first.ops - later.ops == Counter({"aten.cat.default": 1, "aten.contiguous.default": 1})  # [a_proj; b_proj], the taps
+    # [a_proj; b_proj; zero rows] and the taps
+    assert first.ops - later.ops == Counter({"aten.cat.default": 1, "aten.new_zeros.default": 1, "aten.contiguous.default": 1})
 
 
 def test_inference_weights_follow_the_parameters():
@@ -104,8 +106,9 @@ def test_inference_weights_follow_the_parameters():
     weights = layer.inference_weights
     taps = weights.conv_taps(layer.conv1d.weight)
     assert taps.stride() == (1, taps.shape[0]) and torch.equal(taps, layer.conv1d.weight.squeeze(1))
-    logits = weights._entries["gdn_logits"][2]  # [a_proj; b_proj]
-    assert torch.equal(logits, torch.cat((layer.a_proj.weight, layer.b_proj.weight)))
+    logits = weights._entries["gdn_logits"][2]  # [a_proj; b_proj; zero rows up to 16]
+    assert logits.shape == (16, 48) and not logits[6:].any()
+    assert torch.equal(logits[:6], torch.cat((layer.a_proj.weight, layer.b_proj.weight)))
     inference()
     assert weights._entries["gdn_logits"][2] is logits  # kept while nothing changes
     with torch.no_grad():
@@ -119,3 +122,18 @@ def test_inference_weights_follow_the_parameters():
         frozen = HeadwiseHybridAttention(layer.spec, layer_idx=0)
         frozen.load_state_dict(layer.state_dict())
         assert torch.allclose(frozen(x, rope, pos), inference(), atol=1e-6) and not frozen.inference_weights._entries
+
+
+@pytest.mark.parametrize("n_gdn", [3, 8, 14])  # 6 -> 16 rows, 16 (no padding), 28 -> 32 (the Qwen3-1.7B hybrid)
+def test_gdn_logits_are_strided_views_of_one_padded_gemm(n_gdn):
+    torch.manual_seed(n_gdn)
+    a_proj, b_proj = torch.nn.Linear(40, n_gdn, bias=False), torch.nn.Linear(40, n_gdn, bias=False)
+    x = torch.randn(2, 9, 40)
+    with torch.no_grad():
+        a, b = InferenceWeights().gdn_logits(x, a_proj, b_proj)
+        want_a, want_b = a_proj(x), b_proj(x)
+    rows = padded_rows(2 * n_gdn)
+    assert rows % LOGIT_ROWS_MULTIPLE == 0 and rows - 2 * n_gdn < LOGIT_ROWS_MULTIPLE
+    assert a.shape == b.shape == (2, 9, n_gdn) and a.stride() == b.stride() == (9 * rows, rows, 1)
+    assert b.data_ptr() - a.data_ptr() == n_gdn * a.element_size()  # one output, b right after a
+    assert torch.allclose(a, want_a, atol=1e-6, rtol=1e-6) and torch.allclose(b, want_b, atol=1e-6, rtol=1e-6)
