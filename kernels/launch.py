@@ -115,15 +115,57 @@ def _arg_key(arg, specialize: bool):
     return _UNKEYABLE
 
 
-class _Plan:
-    """A JIT kernel's fast-launch table: which positional params it specialises, its constexpr names, and the
-    compiled kernels launched so far, by key."""
+def args_key(args: tuple, specialize: tuple[bool, ...]) -> tuple | None:
+    """``_arg_key`` of every argument, or None when one has no key (the slow twin of ``_Plan.args_key``)."""
+    parts = tuple(_arg_key(arg, flag) for arg, flag in zip(args, specialize))
+    return None if any(part is _UNKEYABLE for part in parts) else parts
 
-    def __init__(self, kernel, n_args: int, constexpr_names: tuple[str, ...]) -> None:
-        params = kernel.params
-        self.specialize = tuple(not p.do_not_specialize and not p.do_not_specialize_on_alignment for p in params[:n_args])
-        self.constexpr_names = constexpr_names
+
+def _key_source(i: int, arg, specialize: bool) -> str | None:
+    """Python for ``_arg_key`` of argument ``a{i}`` whose type is ``type(arg)``, or None (no key)."""
+    a, kind = f"a{i}", type(arg)
+    if kind is int:
+        width = f"(0 if {_I32_MIN} <= {a} <= {_I32_MAX} else (1 if {a} >= {_U64_MIN} else 2))"
+        return f"({a} == 1, {a} % 16 == 0, {width})" if specialize else f"({a} == 1, {width})"
+    if kind is float:
+        return "float"
+    if kind is bool or arg is None:
+        return a
+    if isinstance(arg, torch.Tensor):
+        return f"({a}.dtype, {a}.data_ptr() % 16 == 0)"
+    return None
+
+
+class _Plan:
+    """A JIT kernel's fast-launch table: which positional params it specialises, the compiled kernels launched so
+    far by key, and the key function generated for the argument types of its first launch (straight-line code
+    with a type guard, ~3x cheaper than calling ``_arg_key`` per argument; other types take ``args_key``)."""
+
+    def __init__(self, kernel, n_args: int) -> None:
+        from triton import knobs
+
+        self.knobs = knobs
+        self.specialize = tuple(not p.do_not_specialize and not p.do_not_specialize_on_alignment for p in kernel.params[:n_args])
         self.compiled: dict = {}
+        self._typed_key = None
+
+    def args_key(self, args: tuple) -> tuple | None:
+        """``args_key(args, self.specialize)``, through the generated function when the types match."""
+        if self._typed_key is None:
+            self._typed_key = self._generate(args)
+        key = self._typed_key(*args)
+        return key if key is not None else args_key(args, self.specialize)
+
+    def _generate(self, args: tuple):
+        parts = [_key_source(i, arg, flag) for i, (arg, flag) in enumerate(zip(args, self.specialize))]
+        if any(part is None for part in parts):
+            return lambda *args: None
+        names = ", ".join(f"a{i}" for i in range(len(args)))
+        guard = " or ".join(f"type(a{i}) is not t{i}" for i in range(len(args))) or "False"
+        body = f"def typed_key({names}):\n    if {guard}:\n        return None\n    return ({', '.join(parts)},)\n"
+        namespace = {f"t{i}": type(arg) for i, arg in enumerate(args)}
+        exec(body, namespace)  # noqa: S102 (the source is built above from type tests, never from argument values)
+        return namespace["typed_key"]
 
 
 _PLANS: dict[tuple, tuple[object, _Plan | None]] = {}  # (id, ...) -> (the kernel, kept alive so its id stays its own; plan)
@@ -151,7 +193,7 @@ def _make_plan(kernel, n_args: int, constexpr_names: tuple[str, ...]) -> _Plan |
         return None
     if tuple(p.name for p in params[n_args:]) != constexpr_names or not all(p.is_constexpr for p in params[n_args:]):
         return None
-    return _Plan(kernel, n_args, constexpr_names)
+    return _Plan(kernel, n_args)
 
 
 def _hooked(hook) -> bool:
@@ -163,36 +205,31 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, n
     """``kernel[grid](*args, num_warps=..., num_stages=..., **constexprs)``; on CUDA, after the first launch of a
     specialisation, straight through its compiled launcher (module docstring). ``args``: the runtime params in
     signature order (tensors on the current CUDA device, see :func:`on_device`), ``constexprs``: the rest, by name."""
+    plan_key = (id(kernel), len(args), *constexprs)
+    entry = _PLANS.get(plan_key)
+    if entry is None:
+        entry = _PLANS[plan_key] = (kernel, _make_plan(kernel, len(args), tuple(constexprs)))
+    plan = entry[1]
     options = {}
     if num_warps is not None:
         options["num_warps"] = num_warps
     if num_stages is not None:
         options["num_stages"] = num_stages
-    plan_key = (id(kernel), len(args), tuple(constexprs))
-    entry = _PLANS.get(plan_key)
-    if entry is None:
-        entry = _PLANS[plan_key] = (kernel, _make_plan(kernel, len(args), tuple(constexprs)))
-    plan = entry[1]
     if plan is None:
         kernel[grid](*args, **constexprs, **options)
         return
-    from triton import knobs
-
-    runtime = knobs.runtime
+    runtime, compilation = plan.knobs.runtime, plan.knobs.compilation
     if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or getattr(runtime, "add_stages_inspection_hook", None) is not None:
         kernel[grid](*args, **constexprs, **options)
         return
-    compilation = knobs.compilation
-    key = [torch._C._cuda_getDevice(), num_warps, num_stages, runtime.debug, compilation.instrumentation_mode,
-           getattr(compilation, "fpsan_homomorphic_casts", None)]  # the JIT's options from knobs (the last: 3.9)
-    for arg, specialize in zip(args, plan.specialize):
-        part = _arg_key(arg, specialize)
-        if part is _UNKEYABLE:
-            kernel[grid](*args, **constexprs, **options)
-            return
-        key.append(part)
-    tail = tuple(constexprs.values())  # same names in the same order as the plan's (the plan key has them)
-    key = (*key, *tail)
+    args_part = plan.args_key(args)
+    if args_part is None:
+        kernel[grid](*args, **constexprs, **options)
+        return
+    tail = tuple(constexprs.values())  # the plan's constexpr names in the plan's order (the plan key has them)
+    device = torch._C._cuda_getDevice()
+    key = (device, num_warps, num_stages, runtime.debug, compilation.instrumentation_mode,
+           getattr(compilation, "fpsan_homomorphic_casts", None), args_part, tail)  # the JIT's knob options (the last: 3.9)
     compiled = plan.compiled.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **constexprs, **options)
@@ -201,5 +238,5 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, n
         return
     grid_y = grid[1] if len(grid) > 1 else 1
     grid_z = grid[2] if len(grid) > 2 else 1
-    stream = torch._C._cuda_getCurrentRawStream(key[0])
+    stream = torch._C._cuda_getCurrentRawStream(device)
     compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
