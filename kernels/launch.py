@@ -35,7 +35,8 @@ JIT path every time when: the kernel is not a ``JITFunction`` (the interpreter, 
 test's stand-in), Triton's version is not one whose launcher convention was read (3.6 to 3.9), a launch hook is
 set (``knobs.runtime.launch_enter_hook``/``launch_exit_hook``, e.g. proton), or a stages-inspection hook, the
 kernel has pre-run hooks, annotated runtime params or defaults, an argument is of another type (numpy ints...),
-or the constexprs passed are not exactly the params after the positional ones. Triton's check that the globals a
+or the constexprs passed are not exactly the params after the positional ones; and everywhere under
+``HEADSCOPE_FAST_LAUNCH=0`` (read at import), to compare. Triton's check that the globals a
 kernel read have not changed since it was compiled is skipped on the fast path (the kernels here read none).
 """
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -97,6 +99,7 @@ def on_device(x: torch.Tensor):
     return torch.cuda.device(x.device)
 
 
+FAST_LAUNCH = os.environ.get("HEADSCOPE_FAST_LAUNCH", "1") != "0"  # 0: every launch through the JIT (to compare)
 KNOWN_TRITON = ((3, 6), (3, 9))  # versions whose JITFunction.run / CompiledKernel launcher convention was read
 _I32_MIN, _I32_MAX, _U64_MIN = -(1 << 31), (1 << 31) - 1, 1 << 63
 _UNKEYABLE = object()
@@ -184,7 +187,7 @@ def _make_plan(kernel, n_args: int, constexpr_names: tuple[str, ...]) -> _Plan |
         from triton.runtime.jit import JITFunction
     except ImportError:
         return None
-    if type(kernel) is not JITFunction or not _triton_api_ok():
+    if not FAST_LAUNCH or type(kernel) is not JITFunction or not _triton_api_ok():
         return None
     params = kernel.params
     if len(params) != n_args + len(constexpr_names) or kernel.pre_run_hooks:

@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import headscope.kernels.launch as launch_mod  # noqa: E402
-from headscope.kernels.launch import launch, on_device, workspace  # noqa: E402
+from headscope.kernels.launch import args_key, launch, on_device, workspace  # noqa: E402
 
 STREAM = 1234
 
@@ -168,6 +168,17 @@ def test_unknown_triton_versions_take_the_jit_path(fake_cuda, monkeypatch):
     assert paths(log) == ["jit", "jit"]
 
 
+def test_generated_key_function_agrees_with_its_slow_twin():
+    plan = launch_mod._Plan(JITFunction(_toy, do_not_specialize=["n"]), 6)
+    x = torch.zeros(64)
+    first = (x, x.to(torch.bfloat16), 7, 32, 0.5, True)
+    assert plan.args_key(first) == args_key(first, plan.specialize)  # generates the typed function for these types
+    for args in [(x[1:], x, 1, 1, 2.0, False), (x, x, 1 << 40, 1 << 63, -0.0, True), (x, x, -(1 << 31) - 1, 48, 1.0, False),
+                 (torch.nn.Parameter(x), x, 3, 5, 1.0, True), (x, x, 3.0, 5, 1.0, True), (x, x, 3, None, 1.0, True)]:
+        assert plan.args_key(args) == args_key(args, plan.specialize), args  # the last three: other types, the twin's key
+    assert plan.args_key((x, x, torch.tensor(3).numpy(), 5, 1.0, True)) is None
+
+
 def test_workspace_views_are_aligned_disjoint_and_typed():
     parts = ((torch.float32, 5), (torch.bfloat16, 3), (torch.float32, 64), (torch.bfloat16, 7), (torch.float16, 1))
     views = workspace(torch.device("cpu"), *parts)
@@ -186,3 +197,36 @@ def test_workspace_views_are_aligned_disjoint_and_typed():
 
 def test_no_device_context_on_the_cpu_or_the_current_gpu(monkeypatch):
     assert on_device(torch.zeros(1)) is launch_mod._NO_CONTEXT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled launcher needs a GPU")
+@pytest.mark.parametrize("length", [100, 128, 1])  # a partial chunk; strides divisible by 16; T = 1 (an int 1)
+def test_fast_launches_give_the_jits_results_on_cuda(monkeypatch, length):
+    import torch.nn.functional as F
+
+    from headscope.kernels.gdn import triton_chunk
+
+    gen = torch.Generator(device="cuda").manual_seed(length)
+    q, k = (F.normalize(torch.randn(1, length, 3, 64, device="cuda", generator=gen), dim=-1).bfloat16() for _ in range(2))
+    v = torch.randn(1, length, 3, 64, device="cuda", generator=gen).bfloat16()
+    a, b = torch.randn(2, 1, length, 3, device="cuda", generator=gen).bfloat16()
+    gates = {"A_log": torch.rand(3, device="cuda", generator=gen).log(), "dt_bias": torch.randn(3, device="cuda", generator=gen)}
+
+    def run():
+        return triton_chunk.triton_chunk_gated_delta_rule(q, k, v, a, b, scale=0.125, output_final_state=True, **gates)
+
+    monkeypatch.setattr(launch_mod, "_PLANS", {})
+    monkeypatch.setattr(launch_mod, "FAST_LAUNCH", False)
+    want_o, want_state = run()
+    monkeypatch.setattr(launch_mod, "_PLANS", {})
+    monkeypatch.setattr(launch_mod, "FAST_LAUNCH", True)
+    run()  # through the JIT, kept
+    fast = []
+    for kernel, plan in launch_mod._PLANS.values():
+        if plan is not None:
+            compiled = next(iter(plan.compiled.values()))
+            real_run = compiled.run
+            monkeypatch.setattr(compiled, "_run", lambda *args, real=real_run, name=kernel.fn.__name__: (fast.append(name), real(*args))[1])
+    o, state = run()
+    assert sorted(fast) == ["_chunk_intra_kernel", "_chunk_scan_kernel"]
+    assert torch.equal(o, want_o) and torch.equal(state, want_state)
