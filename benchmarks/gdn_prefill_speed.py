@@ -21,8 +21,11 @@ layers, random weights, bf16), B = 1:
 ``full`` and the ``hybrid_fla*``/``hybrid_fused`` paths run the norms eagerly, as before the cuts and as
 the Hugging Face model does. The layer's host-side cuts of the core (both GDN logits from one GEMM, the conv
 taps cached in the prep kernel's layout, the epilogue reading the FA and GDN outputs in place instead of a
-``cat``; ``headscope.hybrid.inference_weights``) are not switches: every hybrid path has them (the first
-H200 run, ``benchmarks/results/gdn_prefill_speed.md`` of 2026-12-03, predates them).
+``cat``; ``headscope.hybrid.inference_weights``; the GDN logits GEMM padded to 32 rows; the prefill Triton kernels
+launched through ``headscope.kernels.launch.launch``, which skips Triton's JIT binder after a specialisation's
+first launch; one scratch allocation in the chunk kernels) are not switches: every hybrid path has them (the first
+H200 run, ``benchmarks/results/gdn_prefill_speed.md`` of 2026-12-03, predates them). ``HEADSCOPE_FAST_LAUNCH=0``
+in the environment sends every launch through the JIT again (a second run then measures the fast path's share).
 
 Sections: ``check`` (first; on the device in bf16 at T = 1000, not a multiple of the chunk: every fused
 kernel config and fla against the float32 token-by-token reference, o and final state, B = 2 with a

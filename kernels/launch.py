@@ -37,7 +37,8 @@ set (``knobs.runtime.launch_enter_hook``/``launch_exit_hook``, e.g. proton), or 
 kernel has pre-run hooks, annotated runtime params or defaults, an argument is of another type (numpy ints...),
 or the constexprs passed are not exactly the params after the positional ones; and everywhere under
 ``HEADSCOPE_FAST_LAUNCH=0`` (read at import), to compare. Triton's check that the globals a
-kernel read have not changed since it was compiled is skipped on the fast path (the kernels here read none).
+kernel read have not changed since it was compiled is skipped on the fast path (headscope's kernels read no module
+globals: their constants come in as constexpr arguments).
 """
 
 from __future__ import annotations
