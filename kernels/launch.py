@@ -25,10 +25,10 @@ hybrid core at 4K: the binder's ``native_specialize_impl`` over ~30 arguments, `
 launch of a specialisation through the JIT (which compiles or finds the kernel and returns the
 ``CompiledKernel``), ``launch`` keeps that kernel under a key of everything Triton specialises on and later
 launches call its launcher directly, ``compiled.run(gx, gy, gz, stream, function, packed_metadata, None, None,
-None, *args_in_signature_order)``: the same binary with the same arguments. The key (:func:`_arg_key`): the
+None, *args_in_signature_order)``: the same binary with the same arguments. The key (:func:`_key_parts`): the
 current device; ``num_warps``/``num_stages``; the constexpr values; per tensor its dtype and whether its address
 is 16-byte aligned; per int whether it is 1, whether it is divisible by 16 (not for ``do_not_specialize``
-params) and its integer width (i32/i64/u64); per float/bool/None its type or value; Triton's debug and
+params) and ``value >> 31`` (finer than its width, i32/i64/u64); per float/bool/None its type; Triton's debug and
 instrumentation knobs. A key that is new (a stride becoming divisible by 16, another dtype, a misaligned view)
 goes through the JIT again, which compiles or finds that specialisation, and is kept too. ``launch`` takes the
 JIT path every time when: the kernel is not a ``JITFunction`` (the interpreter, ``TRITON_INTERPRET=1``, or a
@@ -102,48 +102,42 @@ def on_device(x: torch.Tensor):
 
 FAST_LAUNCH = os.environ.get("HEADSCOPE_FAST_LAUNCH", "1") != "0"  # 0: every launch through the JIT (to compare)
 KNOWN_TRITON = ((3, 6), (3, 9))  # versions whose JITFunction.run / CompiledKernel launcher convention was read
-_I32_MIN, _I32_MAX, _U64_MIN = -(1 << 31), (1 << 31) - 1, 1 << 63
-_UNKEYABLE = object()
 
 
-def _arg_key(arg, specialize: bool):
-    """What Triton's binder specialises a runtime argument on (a superset of it), or ``_UNKEYABLE``."""
-    kind = type(arg)
-    if kind is int:
-        width = 0 if _I32_MIN <= arg <= _I32_MAX else (1 if arg >= _U64_MIN else 2)  # i32 / u64 / i64
-        return (arg == 1, arg % 16 == 0, width) if specialize else (arg == 1, width)
-    if kind is float or kind is bool or arg is None:
-        return arg if kind is not float else float
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    return _UNKEYABLE
-
-
-def args_key(args: tuple, specialize: tuple[bool, ...]) -> tuple | None:
-    """``_arg_key`` of every argument, or None when one has no key (the slow twin of ``_Plan.args_key``)."""
-    parts = tuple(_arg_key(arg, flag) for arg, flag in zip(args, specialize))
-    return None if any(part is _UNKEYABLE for part in parts) else parts
-
-
-def _key_source(i: int, arg, specialize: bool) -> str | None:
-    """Python for ``_arg_key`` of argument ``a{i}`` whose type is ``type(arg)``, or None (no key)."""
+def _key_parts(i: int, arg, specialize: bool) -> list[str] | None:
+    """Python expressions for what Triton's binder specialises argument ``a{i}`` of type ``type(arg)`` on (a
+    superset), or None when that type has no key. Ints: whether 1 and whether divisible by 16 (specialised params
+    only; Triton makes 1 a constant and marks multiples of 16) and ``a >> 31`` (0 or -1 within i32: finer than
+    Triton's i32/i64/u64 width); tensors: dtype and 16-byte alignment; floats, bools, None: their type alone."""
     a, kind = f"a{i}", type(arg)
     if kind is int:
-        width = f"(0 if {_I32_MIN} <= {a} <= {_I32_MAX} else (1 if {a} >= {_U64_MIN} else 2))"
-        return f"({a} == 1, {a} % 16 == 0, {width})" if specialize else f"({a} == 1, {width})"
-    if kind is float:
-        return "float"
-    if kind is bool or arg is None:
-        return a
+        return [f"{a} == 1", f"{a} % 16 == 0", f"{a} >> 31"] if specialize else [f"{a} >> 31"]
+    if kind is float or kind is bool or arg is None:
+        return []
     if isinstance(arg, torch.Tensor):
-        return f"({a}.dtype, {a}.data_ptr() % 16 == 0)"
+        return [f"{a}.dtype", f"{a}.data_ptr() % 16 == 0"]
     return None
+
+
+def key_function(args: tuple, specialize: tuple[bool, ...]):
+    """A function of arguments like ``args`` returning the flat tuple of their ``_key_parts``, or None when their
+    types differ from ``args``'s (straight-line code with a type guard: ~1 us for 30 arguments, where calling a
+    helper per argument cost ~4); None when a type of ``args`` has no key."""
+    parts = [_key_parts(i, arg, flag) for i, (arg, flag) in enumerate(zip(args, specialize))]
+    if any(part is None for part in parts):
+        return None
+    names = ", ".join(f"a{i}" for i in range(len(args)))
+    guard = " or ".join(f"type(a{i}) is not t{i}" for i in range(len(args))) or "False"
+    values = "".join(f"{expr}, " for part in parts for expr in part)
+    source = f"def typed_key({names}):\n    if {guard}:\n        return None\n    return ({values})\n"
+    namespace = {f"t{i}": type(arg) for i, arg in enumerate(args)}
+    exec(source, namespace)  # noqa: S102 (built above from the params' flags and the arguments' types, never their values)
+    return namespace["typed_key"]
 
 
 class _Plan:
     """A JIT kernel's fast-launch table: which positional params it specialises, the compiled kernels launched so
-    far by key, and the key function generated for the argument types of its first launch (straight-line code
-    with a type guard, ~3x cheaper than calling ``_arg_key`` per argument; other types take ``args_key``)."""
+    far by key, and key functions by argument types (the first launch's types are looked up once)."""
 
     def __init__(self, kernel, n_args: int) -> None:
         from triton import knobs
@@ -151,25 +145,26 @@ class _Plan:
         self.knobs = knobs
         self.specialize = tuple(not p.do_not_specialize and not p.do_not_specialize_on_alignment for p in kernel.params[:n_args])
         self.compiled: dict = {}
-        self._typed_key = None
+        self._by_types: dict = {}  # argument types -> (their number, key function or None)
+        self._first = None  # the entry of the first launch's types, tried before looking types up
 
     def args_key(self, args: tuple) -> tuple | None:
-        """``args_key(args, self.specialize)``, through the generated function when the types match."""
-        if self._typed_key is None:
-            self._typed_key = self._generate(args)
-        key = self._typed_key(*args)
-        return key if key is not None else args_key(args, self.specialize)
-
-    def _generate(self, args: tuple):
-        parts = [_key_source(i, arg, flag) for i, (arg, flag) in enumerate(zip(args, self.specialize))]
-        if any(part is None for part in parts):
-            return lambda *args: None
-        names = ", ".join(f"a{i}" for i in range(len(args)))
-        guard = " or ".join(f"type(a{i}) is not t{i}" for i in range(len(args))) or "False"
-        body = f"def typed_key({names}):\n    if {guard}:\n        return None\n    return ({', '.join(parts)},)\n"
-        namespace = {f"t{i}": type(arg) for i, arg in enumerate(args)}
-        exec(body, namespace)  # noqa: S102 (the source is built above from type tests, never from argument values)
-        return namespace["typed_key"]
+        """The arguments' part of the launch key: the number of their types and ``key_function``'s parts (None
+        when a type has no key)."""
+        first = self._first
+        if first is not None:
+            parts = first[1](*args)
+            if parts is not None:
+                return first[0], parts
+        types = tuple(map(type, args))
+        entry = self._by_types.get(types)
+        if entry is None:
+            entry = self._by_types[types] = (len(self._by_types), key_function(args, self.specialize))
+        if entry[1] is None:
+            return None
+        if first is None:
+            self._first = entry
+        return entry[0], entry[1](*args)
 
 
 _PLANS: dict[tuple, tuple[object, _Plan | None]] = {}  # (id, ...) -> (the kernel, kept alive so its id stays its own; plan)

@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import headscope.kernels.launch as launch_mod  # noqa: E402
-from headscope.kernels.launch import args_key, launch, on_device, workspace  # noqa: E402
+from headscope.kernels.launch import launch, on_device, workspace  # noqa: E402
 
 STREAM = 1234
 
@@ -168,15 +168,30 @@ def test_unknown_triton_versions_take_the_jit_path(fake_cuda, monkeypatch):
     assert paths(log) == ["jit", "jit"]
 
 
-def test_generated_key_function_agrees_with_its_slow_twin():
-    plan = launch_mod._Plan(JITFunction(_toy, do_not_specialize=["n"]), 6)
+def test_equal_keys_mean_equal_triton_specialisations():
+    """The launch key refines Triton's own: arguments with one key get one specialisation from Triton's binder (run
+    on the CPU for an sm_90 target), over every combination of the argument kinds below."""
+    import itertools
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = JITFunction(_toy, do_not_specialize=["n"])
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    plan = launch_mod._Plan(kernel, 6)
     x = torch.zeros(64)
-    first = (x, x.to(torch.bfloat16), 7, 32, 0.5, True)
-    assert plan.args_key(first) == args_key(first, plan.specialize)  # generates the typed function for these types
-    for args in [(x[1:], x, 1, 1, 2.0, False), (x, x, 1 << 40, 1 << 63, -0.0, True), (x, x, -(1 << 31) - 1, 48, 1.0, False),
-                 (torch.nn.Parameter(x), x, 3, 5, 1.0, True), (x, x, 3.0, 5, 1.0, True), (x, x, 3, None, 1.0, True)]:
-        assert plan.args_key(args) == args_key(args, plan.specialize), args  # the last three: other types, the twin's key
-    assert plan.args_key((x, x, torch.tensor(3).numpy(), 5, 1.0, True)) is None
+    tensors = [x, x[1:], x[4:], x.to(torch.bfloat16), x.to(torch.bfloat16)[8:]]
+    ints = [1, 2, 7, 16, 48, -16, -3, (1 << 31) - 16, 1 << 31, 1 << 40, 1 << 63]
+    scalars = [0.5, 1, 16, 3, True, False, None]
+    spec_of = {}
+    for a, n, stride, scale in itertools.product(tensors, ints, ints, scalars):
+        args = (a, x, n, stride, scale, True)
+        key = plan.args_key(args)
+        _, specialization, _ = binder(*args, BLOCK=16, MODE=1)
+        assert key is not None and spec_of.setdefault(key, specialization) == specialization, args
+    assert len(spec_of) > 100  # the kinds above do reach many keys
+    assert plan.args_key((x, x, torch.tensor(3).numpy(), 5, 1.0, True)) is None  # a type with no key
 
 
 def test_workspace_views_are_aligned_disjoint_and_typed():
