@@ -23,7 +23,8 @@ the Hugging Face model does. The layer's host-side cuts of the core (both GDN lo
 taps cached in the prep kernel's layout, the epilogue reading the FA and GDN outputs in place instead of a
 ``cat``; ``headscope.hybrid.inference_weights``; the GDN logits GEMM padded to 32 rows; the prefill Triton kernels
 launched through ``headscope.kernels.launch.launch``, which skips Triton's JIT binder after a specialisation's
-first launch; one scratch allocation in the chunk kernels) are not switches: every hybrid path has them (the first
+first launch; one scratch allocation in the chunk kernels; the FA branch calling the flash kernel directly instead of
+through SDPA's backend choice, ``causal_attention(direct=True)``: the plain ``full`` layers keep SDPA) are not switches: every hybrid path has them (the first
 H200 run, ``benchmarks/results/gdn_prefill_speed.md`` of 2026-12-03, predates them). ``HEADSCOPE_FAST_LAUNCH=0``
 in the environment sends every launch through the JIT again (a second run then measures the fast path's share).
 

@@ -100,6 +100,22 @@ def test_a_later_chunk_on_cuda_equals_the_masked_call():
     assert rel_rms(got, want) < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels")
+@pytest.mark.parametrize("query_len", [256, 1])  # a chunk (first or later) and a decode step
+@pytest.mark.parametrize("groups", [(2,) * 8, (2, 2, 1)])  # one segment (Qwen3-1.7B); unequal groups (two segments)
+def test_direct_flash_equals_sdpa_on_cuda(query_len, groups):
+    """The hybrid FA branch's direct flash call against SDPA's own choice, bf16: first chunk, later chunk, decode."""
+    torch.manual_seed(0)
+    segments, n_q = fa_segments(groups), sum(groups)
+    for key_len in {query_len, 1024} - {0}:
+        q = torch.randn(2, query_len, n_q, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, len(groups), key_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        with torch.no_grad():
+            got = causal_attention(q, k, v, segments, scale=128**-0.5, direct=True)
+            want = causal_attention(q, k, v, segments, scale=128**-0.5)
+        assert rel_rms(got, want) < 1e-2, (query_len, key_len, groups)
+
+
 @pytest.fixture(scope="module")
 def teacher():
     return load_model(tiny_qwen3(seed=3).float())

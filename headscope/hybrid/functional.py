@@ -18,13 +18,20 @@
   one. A query block that does not start at key 0 (a later prefill chunk) is causal aligned to the last key:
   ``torch.nn.attention.bias.causal_lower_right``, which SDPA runs as FlashAttention's own causal mode on
   CUDA (grouped heads included) instead of a ``(T, past + T)`` bool mask, which only cuDNN or the math
-  fallback take with grouped heads.
+  fallback take with grouped heads. With ``direct`` (the FA branch of a hybrid layer, a few heads beside the
+  GDN heads) an unmasked inference call on CUDA runs ``aten._scaled_dot_product_flash_attention`` itself:
+  the same FlashAttention kernel (grouped heads natively, causal aligned to the last key, which is also the
+  decode step's "every key"), without SDPA's backend selection. On the H200 SDPA spent ~0.1 ms of host time
+  per call choosing and setting up cuDNN's kernel, more than the GPU needs for two heads at 4K tokens, so the
+  hybrid's short-context prefill waited on the host; full-attention (plain) layers keep SDPA's choice, as the
+  model they stand for does.
 
 The GDN branch's short convolution (with its RoPE + L2 norm) lives in ``headscope.kernels.gdn_prep``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -113,6 +120,20 @@ def attention_mask(
     return allowed
 
 
+@functools.cache
+def _flash_capable(device: torch.device) -> bool:
+    """Whether FlashAttention runs on this CUDA device (sm_80 or newer) and is enabled."""
+    return torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def direct_flash_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``causal_attention(..., direct=True)`` may call the flash kernel itself: CUDA, half precision,
+    a head size flash takes unpadded (a multiple of 8, at most 256), no gradient wanted."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            and _flash_capable(q.device))
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -122,6 +143,7 @@ def causal_attention(
     scale: float,
     padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    direct: bool = False,
 ) -> torch.Tensor:
     """Causal SDPA of the full-attention heads, one call per head segment.
 
@@ -133,11 +155,20 @@ def causal_attention(
         scale: softmax scale (1/sqrt(D)).
         padding_mask: ``(B, Tk)`` real-token mask, or None.
         sliding_window: attend to at most this many most recent keys, or None.
+        direct: call the flash kernel itself when no mask is needed and ``direct_flash_applies`` (module
+            docstring); SDPA otherwise.
     Returns:
         ``(B, T, Hq, D)``.
     """
     query_len, key_len = q.shape[1], k.shape[2]
     window_bites = sliding_window is not None and key_len > sliding_window
+    if direct and padding_mask is None and not window_bites and direct_flash_applies(q, k):
+        qh = q.transpose(1, 2)  # (B, Hq, T, D)
+        outputs = [torch.ops.aten._scaled_dot_product_flash_attention(  # causal: aligned to the last key
+            qh[:, q0:q1], k[:, k0:k1], v[:, k0:k1], 0.0, is_causal=query_len > 1, return_debug_mask=False, scale=scale)[0]
+            for q0, q1, k0, k1 in segments]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, Hq, T, D)
+        return out.transpose(1, 2)
     mask, causal = None, False
     if padding_mask is not None or window_bites:
         mask = attention_mask(query_len, key_len, padding_mask=padding_mask, sliding_window=sliding_window, device=q.device)

@@ -344,8 +344,9 @@ class HeadwiseHybridAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, past + T, D)
-        return causal_attention(
-            q, k, v, self.segments, scale=spec.head_dim**-0.5, padding_mask=padding_mask, sliding_window=spec.sliding_window
+        return causal_attention(  # direct flash in a hybrid layer (a few FA heads beside GDN heads: host-bound)
+            q, k, v, self.segments, scale=spec.head_dim**-0.5, padding_mask=padding_mask, sliding_window=spec.sliding_window,
+            direct=spec.n_gdn_heads > 0,
         )
 
     def _full_attention_step(self, q, k, v, position_embeddings, position_ids, cache, out) -> torch.Tensor:
