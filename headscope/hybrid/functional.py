@@ -122,8 +122,8 @@ def attention_mask(
 
 @functools.cache
 def _flash_capable(device: torch.device) -> bool:
-    """Whether FlashAttention runs on this CUDA device (sm_80 or newer) and is enabled."""
-    return torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(device) >= (8, 0)
+    """Whether FlashAttention runs on this CUDA device (sm_80 or newer)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def direct_flash_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -131,7 +131,7 @@ def direct_flash_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
     a head size flash takes unpadded (a multiple of 8, at most 256), no gradient wanted."""
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and q.shape[-1] % 8 == 0
             and q.shape[-1] <= 256 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-            and _flash_capable(q.device))
+            and torch.backends.cuda.flash_sdp_enabled() and _flash_capable(q.device))  # flash not switched off (sdpa_kernel)
 
 
 def causal_attention(
