@@ -59,12 +59,10 @@ class Bench:
         torch.manual_seed(0)
         if kind == "smollm2":
             original = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-        elif kind == "smollm2-shape":
+        else:  # built in the dtype as from_pretrained(dtype=...) builds: the rotary inv_freq stays float32 (.to(dtype) rounds it)
+            family, config = (LlamaForCausalLM, smollm2_config(args.smoke)) if kind == "smollm2-shape" else (Qwen3ForCausalLM, qwen3_config(args.smoke))
             with torch.device(device):
-                original = LlamaForCausalLM(smollm2_config(args.smoke)).to(dtype).eval()
-        else:
-            with torch.device(device):
-                original = Qwen3ForCausalLM(qwen3_config(args.smoke)).to(dtype).eval()
+                original = family._from_config(config, dtype=dtype).eval()
         lm = load_model(original)
         fp = lm.fingerprint
         if kind.startswith("smollm2"):  # the real model's mask fits its random twin too (same shape)

@@ -187,6 +187,19 @@ def test_full_attention_twin_shares_the_weights_and_decodes_as_the_model(make):
             assert (scores - want_scores).nan_to_num(0.0).abs().max() < 1e-5
 
 
+def test_full_attention_twin_rotates_with_the_models_own_rotary_table():
+    """A model cast with .to(bfloat16) holds a bf16 inv_freq; the twin shares it (a fresh float32 table rotated
+    differently at long positions: 32K-token rows on a random Qwen3-1.7B failed the benchmark's check by ~3 logits)."""
+    from headscope.hybrid import build_full_attention
+
+    model = tiny_qwen3(seed=2).to(torch.bfloat16).eval()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.bfloat16  # the cast's rounding, which the twin must share
+    twin = build_full_attention(model)
+    assert twin.model.rotary_emb.inv_freq.data_ptr() == model.model.rotary_emb.inv_freq.data_ptr()
+    x, positions = torch.zeros(1, 16, dtype=torch.bfloat16), torch.arange(20000, 20016)[None]  # far out: whole radians apart
+    assert torch.equal(twin.model.rotary_emb(x, positions)[0], model.model.rotary_emb(x, positions)[0])
+
+
 @pytest.mark.parametrize("bug", OFF_BY_ONE)
 def test_full_attention_twin_check_catches_an_off_by_one(monkeypatch, bug):
     """The comparison above fails when the static decode writes its key one slot early or runs RoPE one position ahead."""

@@ -175,6 +175,11 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
     is copied or new: the twin computes what ``model`` computes, through the hybrid's code paths
     (``HybridStaticCache``, the ``kernels/fa_decode`` decode step, CUDA-graph capture).
 
+    Buffers of the same name and shape are shared too: the rotary embedding's ``inv_freq``, which
+    ``model.to(torch.bfloat16)`` rounds to bfloat16 (``from_pretrained(dtype=...)`` keeps it in float32); a
+    freshly built twin would otherwise hold the exact float32 table and, at long positions, rotate differently
+    from ``model`` (8K-32K tokens: logits ~3-4 apart on a random Qwen3-1.7B).
+
     The sharing lasts while both keep their tensors: nothing here writes to a parameter, but training the twin
     trains ``model``, and a dtype or device move of either (``.to``, ``.float()``) gives that one new tensors
     and ends the sharing (the other keeps the old ones).
@@ -196,6 +201,10 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
         if name not in source or source[name].shape != param.shape:
             raise HeadscopeError(f"build_full_attention: {name} {tuple(param.shape)} has no twin of that shape in the model")
         param.data = source[name].data
+    buffers = dict(lm.model.named_buffers())
+    for name, buffer in twin.named_buffers():  # the rotary tables too: a model cast with .to(bfloat16) has bf16 inv_freq
+        if name in buffers and buffers[name].shape == buffer.shape:
+            buffer.data = buffers[name].data
     return twin
 
 
