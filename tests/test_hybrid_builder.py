@@ -198,6 +198,8 @@ def test_full_attention_twin_rotates_with_the_models_own_rotary_table():
     assert twin.model.rotary_emb.inv_freq.data_ptr() == model.model.rotary_emb.inv_freq.data_ptr()
     x, positions = torch.zeros(1, 16, dtype=torch.bfloat16), torch.arange(20000, 20016)[None]  # far out: whole radians apart
     assert torch.equal(twin.model.rotary_emb(x, positions)[0], model.model.rotary_emb(x, positions)[0])
+    hybrid = build_hybrid(model, HeadMask(torch.rand(load_model(model).fingerprint.shape) < 0.3, load_model(model).fingerprint))
+    assert torch.equal(hybrid.model.rotary_emb(x, positions)[0], model.model.rotary_emb(x, positions)[0])  # a copy, same values
 
 
 @pytest.mark.parametrize("bug", OFF_BY_ONE)

@@ -163,7 +163,20 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
         raise HeadscopeError(
             f"weight migration mismatch for {lm.fingerprint.architecture}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    copy_buffers(lm.model, hybrid)
     return hybrid.eval()
+
+
+def copy_buffers(source: nn.Module, target: nn.Module, share: bool = False) -> None:
+    """``target``'s buffers that ``source`` has under the same name and shape, as ``source`` holds them: its rotary
+    ``inv_freq``, which no state dict carries (non-persistent) and which ``model.to(torch.bfloat16)`` rounds to bf16
+    (``from_pretrained(dtype=...)`` keeps it in float32). A fresh float32 table would rotate differently from the
+    model at long positions: whole radians apart at 8K-32K tokens (a random Qwen3-1.7B's logits ~3-4 apart).
+    ``share``: the very tensors (``build_full_attention``); else copies."""
+    buffers = dict(source.named_buffers())
+    for name, buffer in target.named_buffers():
+        if name in buffers and buffers[name].shape == buffer.shape:
+            buffer.data = buffers[name].data if share else buffers[name].data.clone()
 
 
 @torch.no_grad()
@@ -175,10 +188,7 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
     is copied or new: the twin computes what ``model`` computes, through the hybrid's code paths
     (``HybridStaticCache``, the ``kernels/fa_decode`` decode step, CUDA-graph capture).
 
-    Buffers of the same name and shape are shared too: the rotary embedding's ``inv_freq``, which
-    ``model.to(torch.bfloat16)`` rounds to bfloat16 (``from_pretrained(dtype=...)`` keeps it in float32); a
-    freshly built twin would otherwise hold the exact float32 table and, at long positions, rotate differently
-    from ``model`` (8K-32K tokens: logits ~3-4 apart on a random Qwen3-1.7B).
+    Buffers of the same name and shape are shared too (the rotary table, see ``copy_buffers``).
 
     The sharing lasts while both keep their tensors: nothing here writes to a parameter, but training the twin
     trains ``model``, and a dtype or device move of either (``.to``, ``.float()``) gives that one new tensors
@@ -201,10 +211,7 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
         if name not in source or source[name].shape != param.shape:
             raise HeadscopeError(f"build_full_attention: {name} {tuple(param.shape)} has no twin of that shape in the model")
         param.data = source[name].data
-    buffers = dict(lm.model.named_buffers())
-    for name, buffer in twin.named_buffers():  # the rotary tables too: a model cast with .to(bfloat16) has bf16 inv_freq
-        if name in buffers and buffers[name].shape == buffer.shape:
-            buffer.data = buffers[name].data
+    copy_buffers(lm.model, twin, share=True)  # the rotary table too (``copy_buffers``)
     return twin
 
 
