@@ -140,9 +140,13 @@ class Run:
         self.rows: list[dict] = []
         self.errors: list[str] = []
 
+    def time(self, fn) -> tuple[float, float]:
+        """Device ms (median) and host ms (median) of ``fn``."""
+        return self.timer(fn, warmup=1 if self.tiny else 3), host_ms(fn, self.device, reps=3 if self.tiny else 10)
+
     def measure(self, fn, **row) -> None:
         """One timed row: device ms, host ms, launches."""
-        self.record(fn, [(self.timer(fn, warmup=1 if self.tiny else 3), host_ms(fn, self.device, reps=3 if self.tiny else 10))], **row)
+        self.record(fn, [self.time(fn)], **row)
 
     def record(self, fn, rounds: list[tuple[float, float]], **row) -> None:
         """A row from ``(device ms, host ms)`` medians of one or more rounds (their median; all kept when more than
@@ -290,14 +294,14 @@ def bench_prefill(run: Run, t: int) -> None:
         calls.append((partial(attn.core, h, *projected, pe, pos, None, None, scale), fused, qk_norm,
                       dict(phase="prefill", scope="core", path=path, context=t)))
         calls.append((partial(layer, x, pe, pos, None, None, scale), fused, qk_norm, dict(phase="prefill", scope="layer", path=path, context=t)))
-    rounds = {id(row): [] for *_, row in calls}
+    rounds = [[] for _ in calls]  # (device ms, host ms) per round, per call
     for _ in range(2 if run.tiny else ROUNDS):
-        for fn, fused, qk_norm, row in calls:
+        for (fn, fused, qk_norm, _), timed in zip(calls, rounds):
             with switches(fused, qk_norm):
-                rounds[id(row)].append((run.timer(fn, warmup=1 if run.tiny else 3), host_ms(fn, run.device, reps=3 if run.tiny else 10)))
-    for fn, fused, qk_norm, row in calls:
+                timed.append(run.time(fn))
+    for (fn, fused, qk_norm, row), timed in zip(calls, rounds):
         with switches(fused, qk_norm):
-            run.record(fn, rounds[id(row)], **row)
+            run.record(fn, timed, **row)
 
 
 # --- results -----------------------------------------------------------------------------------

@@ -163,29 +163,24 @@ def causal_attention(
     query_len, key_len = q.shape[1], k.shape[2]
     window_bites = sliding_window is not None and key_len > sliding_window
     if direct and padding_mask is None and not window_bites and direct_flash_applies(q, k):
-        qh = q.transpose(1, 2)  # (B, Hq, T, D)
-        outputs = [torch.ops.aten._scaled_dot_product_flash_attention(  # causal: aligned to the last key
-            qh[:, q0:q1], k[:, k0:k1], v[:, k0:k1], 0.0, is_causal=query_len > 1, return_debug_mask=False, scale=scale)[0]
-            for q0, q1, k0, k1 in segments]
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, Hq, T, D)
-        return out.transpose(1, 2)
-    mask, causal = None, False
-    if padding_mask is not None or window_bites:
-        mask = attention_mask(query_len, key_len, padding_mask=padding_mask, sliding_window=sliding_window, device=q.device)
-    elif 1 < query_len < key_len:  # a later chunk: causal, aligned to the last key, nothing materialised on CUDA
-        mask = causal_lower_right(query_len, key_len)
-    elif query_len == key_len:
-        causal = query_len > 1
+        def attend(qs, ks, vs, grouped):  # causal aligned to the last key; flash takes grouped heads natively
+            return torch.ops.aten._scaled_dot_product_flash_attention(
+                qs, ks, vs, 0.0, is_causal=query_len > 1, return_debug_mask=False, scale=scale)[0]
+    else:
+        mask, causal = None, False
+        if padding_mask is not None or window_bites:
+            mask = attention_mask(query_len, key_len, padding_mask=padding_mask, sliding_window=sliding_window, device=q.device)
+        elif 1 < query_len < key_len:  # a later chunk: causal, aligned to the last key, nothing materialised on CUDA
+            mask = causal_lower_right(query_len, key_len)
+        elif query_len == key_len:
+            causal = query_len > 1
+
+        def attend(qs, ks, vs, grouped):
+            return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=grouped)
     qh = q.transpose(1, 2)  # (B, Hq, T, D)
     whole = segments == ((0, qh.shape[1], 0, k.shape[1]),)  # one run over every head: no slicing
-    outputs = []
-    for q0, q1, k0, k1 in segments:
-        outputs.append(
-            F.scaled_dot_product_attention(
-                qh if whole else qh[:, q0:q1], k if whole else k[:, k0:k1], v if whole else v[:, k0:k1], attn_mask=mask,
-                is_causal=causal, scale=scale, enable_gqa=(q1 - q0) != (k1 - k0),
-            )
-        )
+    outputs = [attend(qh if whole else qh[:, q0:q1], k if whole else k[:, k0:k1], v if whole else v[:, k0:k1], (q1 - q0) != (k1 - k0))
+               for q0, q1, k0, k1 in segments]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, Hq, T, D)
     return out.transpose(1, 2)
 

@@ -21,7 +21,6 @@ and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
