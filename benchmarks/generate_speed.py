@@ -101,7 +101,7 @@ import torch  # noqa: E402
 from generate_speed_device import HEADROOM, fits, free_bytes, sdpa_backends  # noqa: E402
 from generate_speed_models import KINDS, ROOT, Bench, read_prompt  # noqa: E402
 from generate_speed_report import (  # noqa: E402
-    RANDOM_PROMPT, TWIN, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines,
+    RANDOM_PROMPT, TWIN, UNCHECKED, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines,
 )
 from headscope.heads import HeadscopeError  # noqa: E402
 
@@ -221,7 +221,8 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
     record["weights_gb"] = bench.weights_bytes() / 1e9  # in every variant's peak, not in its estimate
     record["sdpa_backends"] = sdpa_backends(bench.config, context + args.new_tokens, args.prefill_chunk, bench.device, bench.dtype)
     for variant in args.variants:
-        if "per_token_ms" in variants.get(variant, {}) and not args.redo:  # timed already; a skipped one runs again
+        done = variants.get(variant, {})
+        if "per_token_ms" in done and UNCHECKED not in done and not args.redo:  # timed and checked; a skipped one runs again
             continue
         if time.perf_counter() > deadline:
             print(f"  {row} {variant}: not started (budget spent); run again", flush=True)
@@ -241,6 +242,8 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
             else:
                 (result, first_scores), n = timed, min(args.check_tokens, args.new_tokens)
                 result.update(estimate)
+                variants[variant] = {**result, UNCHECKED: True}  # saved before the checks: a call killed in them keeps the timing
+                save()
                 if variant.endswith("_graph"):  # the checks run after the timed call's caches are gone
                     result["graph_equals_static_eager"] = attempt(
                         lambda: graph_check(bench, variant, ids, result["new_tokens"], n, args.prefill_chunk))

@@ -178,9 +178,14 @@ def row_settings(rows: dict) -> dict:
     return {key: " / ".join(v) for key, v in values.items()}
 
 
+UNCHECKED = "checks_not_finished"  # a timed variant's row field until its checks are recorded (a rerun times it again)
+
+
 def failed_check(result: dict) -> str | None:
     """Why a timed variant's tokens cannot be trusted (its teacher-forced check has inconsistent tokens, or its
-    graph's tokens differ from its static eager run), or None."""
+    graph's tokens differ from its static eager run, or its checks never finished), or None."""
+    if result.get(UNCHECKED):
+        return "checks not finished"
     check = result.get("reference_check")
     if isinstance(check, dict) and "consistent" in check and check["consistent"] < check["rows"] * check["checked_tokens"]:
         return f"ref check {check['consistent']}/{check['rows'] * check['checked_tokens']}"

@@ -120,6 +120,8 @@ def test_summary_flags_failed_captures_and_inconsistent_tokens_and_reads_old_row
     lines = [x for x in benchmark.summary_lines(rows) if x.startswith("| smollm2")]
     assert "| text a.txt | chunks of 1024 | hybrid_graph |" in lines[1] and "| parts at 7 | 1.2 / 9.5; **20/32** (from step 3) <= 0.1 | 0.5 | yes |" in lines[1]
     assert "| original |" in lines[0] and "check out of memory: CUDA" in lines[0]
+    unchecked = {"row": "qwen3-1.7b:4096:b1", "variants": {"hybrid_graph": {**timing, benchmark.UNCHECKED: True}}}
+    assert "checks not finished" in "".join(benchmark.summary_lines({"qwen3-1.7b_4096_b1": unchecked}))
 
 
 def test_graph_check_prefills_as_the_timed_call_did(benchmark, one_thread):
