@@ -64,8 +64,9 @@ Usage (GPU, after ``. benchmarks/gpu_setup.sh``)::
 
 Rows are ``<model>:<context>:b<batch>`` over ``--contexts`` x ``--batches`` (default 4096, 32768, 131072 x
 1, 32); without ``--rows`` every unfinished row of the models at hand runs. Row files
-(``--rows-dir``, default ``benchmarks/results/generate_speed_rows``) are written after every variant; a
-rerun runs only the variants not timed yet (missing, or skipped: by the memory guard, out of memory, a failure;
+(``--rows-dir``, default ``benchmarks/results/generate_speed_rows``) are written after every variant (and once
+before its checks, marked ``checks_not_finished``, which the summary gives no ratio); a rerun runs only the
+variants not timed and checked yet (missing, unchecked, or skipped: by the memory guard, out of memory, a failure;
 ``--variants`` restricts them; ``--redo``: those of ``--variants`` again), and stops starting variants after
 ``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}``
 (OUT defaults to benchmarks/results) is rebuilt from every row file of the directory, and ``$OUT`` gets a copy

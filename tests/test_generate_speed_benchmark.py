@@ -63,9 +63,12 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     assert (tmp_path / "out" / "rows" / "smollm2_16_b1.json").is_file()  # the row files travel with $OUT
     smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
     smol["variants"]["original"] = {"skipped": "needs ~9 GB + 4 GB headroom, 8 GB free"}  # a skipped variant runs again
+    smol["variants"]["hybrid_eager"][benchmark.UNCHECKED] = True  # as if killed in its checks: timed and checked again
     (rows_dir / "smollm2_16_b1.json").write_text(json.dumps(smol))
     assert benchmark.main(common + ["--rows", "smollm2:16:b1", "--variants", "original,original_graph,hybrid_eager"]) == 0
     smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
+    eager = smol["variants"]["hybrid_eager"]
+    assert benchmark.UNCHECKED not in eager and eager["reference_check"]["consistent"] == eager["reference_check"]["checked_tokens"]
     assert "per_token_ms" in smol["variants"]["original"] and set(smol["variants"]) == {"original", "original_graph", "hybrid_eager", "hybrid_graph"}
     twin = smol["variants"]["original_graph"]  # an untied model (its tokens are not one repeated token), the static path's tokens
     assert twin["vs_original"]["match_fraction"] == 1.0 and twin["graph_equals_static_eager"] and len(set(twin["new_tokens"][0])) > 1
