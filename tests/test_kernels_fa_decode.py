@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headscope.heads import HeadscopeError
-from headscope.hybrid.functional import causal_attention, fa_segments, log_position_scale
+from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, log_position_scale
 from headscope.kernels.fa_decode.naive import decode_attention_reference
 from headscope.kernels.fa_decode.ops import decode_attention
 from triton_interpreter import interpreted_cases
@@ -46,6 +46,26 @@ def test_reference_is_the_layers_attention_over_a_grown_cache(window):
     assert torch.equal(k_cache[:, :, n], k_new[:, 0]) and torch.equal(v_cache[:, :, n], v_new[:, 0])
 
 
+def test_reference_rope_is_the_layers_rotary_applied_first():
+    """``rope=(cos, sin)`` in the step equals ``apply_rope`` on q and the new key before it (float32), per
+    row and broadcast from one row; the cache receives the rotated key."""
+    q, k_new, v_new, k_cache, v_cache, valid, seen, positions = random_step(seed=3)
+    gen = torch.Generator().manual_seed(4)
+    for rows in (3, 1):
+        angles = torch.rand(rows, 1, 8, generator=gen) * 100
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()  # (rows, T=1, D)
+        caches = (k_cache.clone(), v_cache.clone())
+        want = decode_attention_reference(apply_rope(q, cos, sin), apply_rope(k_new, cos, sin), v_new, *caches, valid, seen,
+                                          (0, 1, 3, 5), scale=0.25, positions=positions)
+        mine = (k_cache.clone(), v_cache.clone())
+        got = decode_attention(q, k_new, v_new, *mine, valid, seen, (0, 1, 3, 5), scale=0.25, positions=positions,
+                               rope=(cos[:, -1], sin[:, -1]))
+        assert (got - want).abs().max().item() < 1e-5
+        assert (mine[0] - caches[0]).abs().max().item() < 1e-5 and torch.equal(mine[1], caches[1])
+    with pytest.raises(HeadscopeError, match="rope must be"):
+        decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, (0, 1, 3, 5), scale=0.25, rope=(cos, sin))
+
+
 def test_cpu_dispatch_is_the_reference_and_writes_into_out():
     q, k_new, v_new, k_cache, v_cache, valid, seen, positions = random_step(seed=1)
     caches = (k_cache.clone(), v_cache.clone())
@@ -68,7 +88,7 @@ def test_bad_inputs_are_one_clear_error():
 
 def test_triton_kernels_match_the_reference_under_the_interpreter():
     cases = interpreted_cases(HELPER, timeout=300)
-    assert len(cases) == 10
+    assert len(cases) == 14
     for case in cases:
         label = str(case)
         assert case["wrote_into_out"] and case["cache_written"] and case["others_untouched"], label

@@ -350,17 +350,16 @@ class HeadwiseHybridAttention(nn.Module):
         )
 
     def _full_attention_step(self, q, k, v, position_embeddings, position_ids, cache, out) -> torch.Tensor:
-        """FA heads, one decode token against a ``HybridStaticCache``: ``kernels/fa_decode`` writes the new
-        key/value into the cache and attends over the tokens seen, into ``out`` ``(B, 1, n_fa, D)``."""
+        """FA heads, one decode token against a ``HybridStaticCache``: ``kernels/fa_decode`` rotates q and the
+        new key (RoPE in the kernel), writes the new key/value into the cache and attends over the tokens seen,
+        into ``out`` ``(B, 1, n_fa, D)``."""
         spec = self.spec
-        if spec.fa_rope:
-            cos, sin = position_embeddings
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = tuple(t[:, -1] for t in position_embeddings) if spec.fa_rope else None  # (cos, sin), each (B, D)
         positions = position_ids[:, -1].contiguous() if spec.log_scaling else None  # (B,)
         return decode_attention(
             q, k, v, cache.keys[self.layer_idx], cache.values[self.layer_idx], cache.valid, cache.seen,
             (0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,
-            attn_scale=spec.attn_scale, floor_scale=spec.floor_scale, sliding_window=spec.sliding_window, out=out,
+            attn_scale=spec.attn_scale, floor_scale=spec.floor_scale, sliding_window=spec.sliding_window, rope=rope, out=out,
             device_offsets=cache.q_offsets[self.layer_idx],
         )
 

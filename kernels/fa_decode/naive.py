@@ -4,6 +4,10 @@ The cache holds ``L`` slots per row, ``k_cache``/``v_cache`` ``(B, Hkv, L, D)``;
 the tokens seen so far (``n = seen``, a one-element device tensor, the same for every row: left padding
 keeps rows aligned) and ``valid`` ``(B, L)`` says which of them are real tokens (0 = padding). One step:
 
+0. with ``rope = (cos, sin)``, rotates q and the new key (HF convention, in float32, before anything else)::
+
+       x' = x · cos + rotate_half(x) · sin,    rotate_half([x1, x2]) = [-x2, x1]
+
 1. writes the new token's key and value into slot ``n`` (``k_cache[:, :, n] = k_new``);
 2. scales each query by the FA heads' long-context factor of its position ``p`` (when ``log_scaling``)::
 
@@ -45,13 +49,13 @@ def decode_attention_reference(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     valid: torch.Tensor, seen: torch.Tensor, q_offsets: tuple[int, ...], *, scale: float,
     positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
-    sliding_window: int | None = None,
+    sliding_window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decode step of the FA heads (module docstring); writes slot ``seen`` of the caches in place.
 
     Args:
-        q: ``(B, 1, Hq, D)`` queries (RoPE already applied if the heads use it).
-        k_new, v_new: ``(B, 1, Hkv, D)`` the new token's key and value.
+        q: ``(B, 1, Hq, D)`` queries (RoPE already applied, or given as ``rope``).
+        k_new, v_new: ``(B, 1, Hkv, D)`` the new token's key (likewise) and value.
         k_cache, v_cache: ``(B, Hkv, L, D)`` preallocated caches.
         valid: ``(B, L)`` 1/True for real tokens.
         seen: ``(1,)`` int64, tokens already in the cache (the slot the new token takes).
@@ -60,9 +64,16 @@ def decode_attention_reference(
         positions: ``(B,)`` position of the new token per row, for the log scaling; None = no scaling.
         attn_scale, floor_scale: the log scaling's constants.
         sliding_window: attend to at most this many most recent slots, or None.
+        rope: ``(cos, sin)``, each ``(B, D)`` or ``(1, D)``, of the new token's position, or None (no rotation).
     Returns:
         ``(B, 1, Hq, D)`` in q's dtype.
     """
+    dtype = q.dtype
+    if rope is not None:
+        cos, sin = (t.float()[:, None, None] for t in rope)  # (B, 1, 1, D)
+        half = q.shape[-1] // 2
+        rotate = lambda x: torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # noqa: E731
+        q, k_new = (x.float() * cos + rotate(x.float()) * sin for x in (q, k_new))  # float32 from here
     k_cache.index_copy_(2, seen, k_new.transpose(1, 2).to(k_cache.dtype))
     v_cache.index_copy_(2, seen, v_new.transpose(1, 2).to(v_cache.dtype))
     sizes = torch.tensor(q_offsets[1:], device=q.device) - torch.tensor(q_offsets[:-1], device=q.device)
@@ -74,4 +85,4 @@ def decode_attention_reference(
     logits = torch.einsum("bhd,bhld->bhl", qf, keys)
     logits = logits.masked_fill(~visible_keys(valid, seen, sliding_window)[:, None], float("-inf"))
     o = torch.einsum("bhl,bhld->bhd", torch.softmax(logits, dim=-1), values)
-    return o[:, None].to(q.dtype)
+    return o[:, None].to(dtype)

@@ -23,7 +23,7 @@ from headscope.kernels.fa_decode.naive import decode_attention_reference
 MAX_HEAD_DIM = 256
 
 
-def _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out) -> None:
+def _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out, rope) -> None:
     def fail(what: str) -> None:
         raise HeadscopeError(f"decode_attention: {what}")
 
@@ -42,6 +42,10 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out
         fail(f"seen must be a (1,) int64 tensor; got {tuple(seen.shape)} {seen.dtype}")
     if len(q_offsets) != n_kv + 1 or q_offsets[0] != 0 or q_offsets[-1] != n_q or any(b <= a for a, b in zip(q_offsets, q_offsets[1:])):
         fail(f"q_offsets must rise from 0 to Hq={n_q} in Hkv={n_kv} steps; got {tuple(q_offsets)}")
+    if rope is not None and any(t.dim() != 2 or t.shape[0] not in (1, batch) or t.shape[1] != dim for t in rope):
+        fail(f"rope must be (cos, sin), each (B, D) or (1, D) with B={batch}, D={dim}; got {[tuple(t.shape) for t in rope]}")
+    if rope is not None and dim % 2:
+        fail(f"rope needs an even head dim; got {dim}")
     if out is not None and tuple(out.shape) != tuple(q.shape):
         fail(f"out must be (B, 1, Hq, D) = {tuple(q.shape)}; got {tuple(out.shape)}")
 
@@ -58,19 +62,20 @@ def decode_attention(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     valid: torch.Tensor, seen: torch.Tensor, q_offsets: tuple[int, ...], *, scale: float,
     positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
-    sliding_window: int | None = None, out: torch.Tensor | None = None, device_offsets: torch.Tensor | None = None,
+    sliding_window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None, device_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of the FA heads against a static cache (see :func:`.naive.decode_attention_reference`).
 
     Args:
-        as the reference; ``out``: ``(B, 1, Hq, D)`` to write the result into (any strides), or None;
+        as the reference (``rope``: the rotation done in the kernel, no launches of its own); ``out``: ``(B, 1, Hq, D)`` to write the result into (any strides), or None;
         ``device_offsets``: ``q_offsets`` as an int32 tensor on q's device (made here when None; the layer
         keeps one so a captured graph does not copy it every step).
     Returns:
         ``(B, 1, Hq, D)`` (``out`` when given).
     """
-    _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out)
-    kwargs = dict(scale=scale, positions=positions, attn_scale=attn_scale, floor_scale=floor_scale, sliding_window=sliding_window)
+    _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out, rope)
+    kwargs = dict(scale=scale, positions=positions, attn_scale=attn_scale, floor_scale=floor_scale, sliding_window=sliding_window, rope=rope)
     if not use_triton(q, k_cache, k_new, v_new):
         o = decode_attention_reference(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, **kwargs)
         return o if out is None else out.copy_(o)

@@ -7,7 +7,9 @@ Two kernels per step, both with fixed grids (the cache length ``L`` is static, t
   (``[s·chunk, (s+1)·chunk) ∩ [lo, n)``, ``lo`` the sliding window's first slot) and every query head of
   KV head ``j`` at once (a ``BLOCK_G x D`` tile, so the keys are read once per KV head, not once per query
   head), runs an online softmax over blocks of ``BLOCK_N`` slots (masked by ``valid``) and writes its
-  partial maximum, sum and weighted values ``(B, Hq, S[, D])`` in float32. Split 0 also folds in the new
+  partial maximum, sum and weighted values ``(B, Hq, S[, D])`` in float32. With ``rope`` each program
+  rotates its queries (and split 0 the new key) in float32 from ``cos``/``sin``: the layer's RoPE needs no
+  kernels of its own (ten small elementwise ones per layer and step in torch). Split 0 also folds in the new
   token from registers (its key and value are never re-read) and writes it into slot ``n``: no other
   program reads slot ``n``, so the cache write needs no separate kernel. The log scaling of the queries
   is computed in the kernel from the positions. Splits past ``n`` stop at once, so a step reads the
@@ -35,11 +37,11 @@ BLOCK_N = 64  # slots per inner step
 
 @triton.jit
 def _split_kernel(
-    q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, seen_ptr, pos_ptr, qoff_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, seen_ptr, pos_ptr, qoff_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
     Hkv, Hq, S, chunk, window, scale, attn_scale, floor_scale,
     sq_b, sq_h, sq_d, skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
-    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d, sva_b, sva_l,
-    D: tl.constexpr, LOG_SCALING: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d, sva_b, sva_l, scs_b, scs_d,
+    D: tl.constexpr, LOG_SCALING: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -56,6 +58,13 @@ def _split_kernel(
     qk_mask = row_ok[:, None] & dim_ok[None, :]
 
     q = tl.load(q_ptr + b * sq_b + (q0 + rows)[:, None] * sq_h + dims[None, :] * sq_d, mask=qk_mask, other=0.0)
+    if ROPE:  # HF rotary in float32: x·cos + rotate_half(x)·sin, rotate_half([x1, x2]) = [-x2, x1]
+        partner = (dims + D // 2) % D  # (BLOCK_D,) the element rotate_half brings to each position
+        sign = tl.where(dims < D // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b * scs_b + dims * scs_d, mask=dim_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * scs_b + dims * scs_d, mask=dim_ok, other=0.0).to(tl.float32) * sign
+        q_partner = tl.load(q_ptr + b * sq_b + (q0 + rows)[:, None] * sq_h + partner[None, :] * sq_d, mask=qk_mask, other=0.0)
+        q = q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]
     if LOG_SCALING:  # floor() of a positive number as a truncation
         pos = tl.load(pos_ptr + b).to(tl.float32)
         q = q.to(tl.float32) * (1.0 + attn_scale * tl.log(((pos + 1.0) / floor_scale).to(tl.int64).to(tl.float32) + 1.0))
@@ -100,6 +109,9 @@ def _split_kernel(
 
     if split == 0:  # the new token: from registers, and into slot n of the caches
         k_new = tl.load(kn_ptr + b * skn_b + j * skn_h + dims * skn_d, mask=dim_ok, other=0.0)
+        if ROPE:
+            k_partner = tl.load(kn_ptr + b * skn_b + j * skn_h + partner * skn_d, mask=dim_ok, other=0.0)
+            k_new = k_new.to(tl.float32) * cos + k_partner.to(tl.float32) * sin
         v_new = tl.load(vn_ptr + b * svn_b + j * svn_h + dims * svn_d, mask=dim_ok, other=0.0)
         tl.store(kc_base + n.to(tl.int64) * skc_l + dims * skc_d, k_new.to(kc_ptr.dtype.element_ty), mask=dim_ok)
         tl.store(vc_base + n.to(tl.int64) * svc_l + dims * svc_d, v_new.to(vc_ptr.dtype.element_ty), mask=dim_ok)
@@ -158,7 +170,8 @@ def triton_decode_attention(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     valid: torch.Tensor, seen: torch.Tensor, q_offsets: torch.Tensor, *, scale: float, max_group: int | None = None,
     positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
-    sliding_window: int | None = None, out: torch.Tensor | None = None, splits: int | None = None,
+    sliding_window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None, splits: int | None = None,
 ) -> torch.Tensor:
     """:func:`.naive.decode_attention_reference` in two Triton kernels (no input checks).
 
@@ -166,7 +179,8 @@ def triton_decode_attention(
         as the reference, except ``q_offsets``: a ``(Hkv + 1,)`` int32 tensor on the device; ``max_group``:
         the most query heads of one KV head (``Hq`` when None, an upper bound); ``out``: a
         ``(B, 1, Hq, D)`` tensor to write into (any strides; allocated when None); ``splits``: the number
-        of splits (:func:`n_splits` when None).
+        of splits (:func:`n_splits` when None); ``rope``: ``(cos, sin)``, each ``(B, D)`` or ``(1, D)``
+        (any strides), applied to q and the new key in float32 before everything else.
     Returns:
         ``out``.
     """
@@ -182,13 +196,17 @@ def triton_decode_attention(
     acc = torch.empty(batch, n_q, splits, dim, device=q.device, dtype=torch.float32)
     pos = positions if positions is not None else seen
     block_d = triton.next_power_of_2(dim)
+    cos, sin = rope if rope is not None else (q, q)  # unread without ROPE
+    if rope is not None and cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    cos_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-1)) if rope is not None else (0, 0)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _split_kernel[(batch * n_kv, splits)](
-            q, k_new, v_new, k_cache, v_cache, valid, seen, pos, q_offsets, m, l, acc,
+            q, k_new, v_new, k_cache, v_cache, valid, seen, pos, q_offsets, cos, sin, m, l, acc,
             n_kv, n_q, splits, chunk, sliding_window or 0, scale, attn_scale, floor_scale,
             q.stride(0), q.stride(2), q.stride(3), k_new.stride(0), k_new.stride(2), k_new.stride(3),
-            v_new.stride(0), v_new.stride(2), v_new.stride(3), *k_cache.stride(), *v_cache.stride(), *valid.stride(),
-            D=dim, LOG_SCALING=positions is not None, WINDOW=sliding_window is not None, UPCAST=not q.is_cuda,
+            v_new.stride(0), v_new.stride(2), v_new.stride(3), *k_cache.stride(), *v_cache.stride(), *valid.stride(), *cos_strides,
+            D=dim, LOG_SCALING=positions is not None, WINDOW=sliding_window is not None, UPCAST=not q.is_cuda, ROPE=rope is not None,
             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
         )
         _combine_kernel[(batch * n_q,)](
