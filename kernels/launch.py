@@ -214,7 +214,8 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, n
         options["num_warps"] = num_warps
     if num_stages is not None:
         options["num_stages"] = num_stages
-    if plan is None:
+    get_device = getattr(torch._C, "_cuda_getDevice", None)  # None in a CPU-only build of torch
+    if plan is None or get_device is None:  # (there triton_compile_check compiles through the JIT)
         kernel[grid](*args, **constexprs, **options)
         return
     runtime, compilation = plan.knobs.runtime, plan.knobs.compilation
@@ -226,7 +227,7 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int | None = None, n
         kernel[grid](*args, **constexprs, **options)
         return
     tail = tuple(constexprs.values())  # the plan's constexpr names in the plan's order (the plan key has them)
-    device = torch._C._cuda_getDevice()
+    device = get_device()
     key = (device, num_warps, num_stages, runtime.debug, compilation.instrumentation_mode,
            getattr(compilation, "fpsan_homomorphic_casts", None), args_part, tail)  # the JIT's knob options (the last: 3.9)
     compiled = plan.compiled.get(key)
