@@ -15,8 +15,9 @@ layers, random weights, bf16), B = 1:
 * ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside;
   ``FUSED_MAX_TOKENS`` raised for the run, in the config ``default_block_v`` picks);
 * ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
-  the whole layer only): every cut;
-* ``full_qknorm``: full attention with the one-launch q/k RMSNorm too (what that cut gives the baseline).
+  the whole layer only) and the one-launch residual add + RMSNorm of the block (``kernels/rms_norm``, 16
+  fewer): every cut;
+* ``full_qknorm``: full attention with both one-launch norms too (what those cuts give the baseline).
 
 ``full`` and the ``hybrid_fla*``/``hybrid_fused`` paths run the norms eagerly, as before the cuts and as
 the Hugging Face model does. The layer's host-side cuts of the core (both GDN logits from one GEMM, the conv
@@ -68,13 +69,14 @@ import torch.nn.functional as F  # noqa: E402
 
 import headscope.kernels.gdn.ops as gdn_ops  # noqa: E402
 import headscope.kernels.qk_norm.ops as qk_ops  # noqa: E402
+import headscope.kernels.rms_norm.ops as norm_ops  # noqa: E402
 from headscope.hybrid.functional import model_query_scale  # noqa: E402
 from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule  # noqa: E402
 from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
 # path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
-#          fused GDN kernels, one-launch q/k RMSNorm)
+#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm)
 PATHS = {
     "full": ("full", "layer", False, False),
     "hybrid_fla": ("headwise", "layer", False, False),
@@ -90,14 +92,14 @@ ROUNDS = 3  # interleaved rounds of the prefill paths (``bench_prefill``)
 
 @contextlib.contextmanager
 def switches(enabled: bool, qk_norm: bool = True):
-    """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch q/k
-    RMSNorm on or off."""
-    before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED
-    gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED = (1 << 30 if enabled else 0), qk_norm
+    """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch norms
+    (q/k RMSNorm, the block's residual add + RMSNorm) on or off."""
+    before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED
+    gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED = (1 << 30 if enabled else 0), qk_norm, qk_norm
     try:
         yield
     finally:
-        gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED = before
+        gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED = before
 
 
 def host_ms(fn, device: torch.device, reps: int = 10) -> float:
@@ -356,7 +358,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
              "ms = device time (median), host = time to enqueue the call, launches = kernels + memcpy/memset of one call.", "",
              "## Goals (T = 4096)", ""]
     for name, goal in summary["goals"].items():
-        extra = f"; against full with the one-launch norm too {fmt(goal['vs_full_qknorm'])}" if "vs_full_qknorm" in goal else ""
+        extra = f"; against full with the one-launch norms too {fmt(goal['vs_full_qknorm'])}" if "vs_full_qknorm" in goal else ""
         lines.append(f"- {name} (hybrid_all): {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])}{extra})")
     lines.append(f"- fused GDN kernels (the layer's config at batch 1, chunk x block_v = {meta['layer_config'][0]} x {meta['layer_config'][1]}) "
                  f"faster than fla + torch gates at T = {summary['fused_faster_at']} "
