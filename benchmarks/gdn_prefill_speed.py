@@ -130,7 +130,22 @@ def launches(fn, device: torch.device) -> dict | None:
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     names = Counter(e.name[:90] for e in events)
     busy = sum(e.time_range.end - e.time_range.start for e in events) / 1e3
-    return {"count": len(events), "busy_ms": busy, "by_name": dict(names.most_common())}
+    spans = [(e.name[:60], e.time_range.start, e.time_range.end) for e in events]
+    return {"count": len(events), "busy_ms": busy, "by_name": dict(names.most_common()), "gaps": idle_gaps(spans)}
+
+
+def idle_gaps(spans: list[tuple[str, float, float]], top: int = 4) -> dict:
+    """Where the GPU waited inside one call, from its kernels' ``(name, start_us, end_us)``: the idle ms between
+    the first start and the last end (``span_ms``) and the ``top`` largest gaps as ``[ms, kernel that waited]``
+    (a gap before a kernel = the host was still preparing its launch, or a dependency on another stream)."""
+    spans = sorted(spans, key=lambda s: s[1])
+    gaps, end = [], None
+    for name, start, stop in spans:
+        if end is not None and start > end:
+            gaps.append([(start - end) / 1e3, name])
+        end = stop if end is None else max(end, stop)
+    gaps.sort(key=lambda g: -g[0])
+    return {"idle_ms": sum(g[0] for g in gaps), "span_ms": (end - spans[0][1]) / 1e3 if spans else 0.0, "largest": gaps[:top]}
 
 
 class Run:
@@ -392,7 +407,10 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         for p in PATHS:
             r = pick(rows, scope=scope, path=p, context=at)
             if r and r["launches"]:
-                lines.append(f"- {p} ({r['launches']['count']}, busy {fmt(r['launches']['busy_ms'])} of {fmt(r['ms'])} ms): "
+                gaps = r["launches"].get("gaps")
+                idle = (f"; GPU idle {fmt(gaps['idle_ms'])} of the {fmt(gaps['span_ms'])} ms from first kernel to last, largest gaps "
+                        "before: " + ", ".join(f"{n} {fmt(ms)}" for ms, n in gaps["largest"])) if gaps else ""
+                lines.append(f"- {p} ({r['launches']['count']}, busy {fmt(r['launches']['busy_ms'])} of {fmt(r['ms'])} ms{idle}): "
                              + ", ".join(f"{n} x{c}" for n, c in r["launches"]["by_name"].items()))
     if meta["errors"]:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in meta["errors"]]

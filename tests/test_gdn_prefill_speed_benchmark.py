@@ -90,3 +90,13 @@ def test_summary_ratios_and_break_even(benchmark):
     assert summary["goals"]["core_4k_over_full"]["value"] == pytest.approx(1.25)
     assert summary["goals"]["layer_4k_over_full"]["before"] == pytest.approx(3.0)
     assert summary["goals"]["layer_4k_over_full"]["vs_full_qknorm"] == pytest.approx(2.5)
+
+
+def test_idle_gaps_between_a_calls_kernels(benchmark):
+    """Kernels of one call as (name, start us, end us), out of order and one overlapping another (a second
+    stream): the GPU idles 20 us before 'scan' and 5 us before 'epilogue', nowhere else."""
+    spans = [("scan", 150.0, 400.0), ("flash", 0.0, 100.0), ("prep", 90.0, 130.0), ("epilogue", 405.0, 410.0)]
+    gaps = benchmark.idle_gaps(spans)
+    assert gaps["largest"] == [[0.02, "scan"], [0.005, "epilogue"]]
+    assert abs(gaps["idle_ms"] - 0.025) < 1e-12 and gaps["span_ms"] == 0.41
+    assert benchmark.idle_gaps([]) == {"idle_ms": 0, "span_ms": 0.0, "largest": []}
