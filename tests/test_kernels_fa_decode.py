@@ -93,3 +93,27 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
         label = str(case)
         assert case["wrote_into_out"] and case["cache_written"] and case["others_untouched"], label
         assert case["error"] <= (TOL_FP32 if case["dtype"] == "float32" else TOL_BF16), label
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [4, 1])
+def test_on_cuda_the_kernels_rope_equals_the_layers_rotary_first(rows):
+    """The Triton path on the GPU, bf16, RoPE tables per row and broadcast: the same output and cache write as
+    the reference fed with q and the key rotated first (float32)."""
+    gen = torch.Generator().manual_seed(5)
+    batch, sizes, dim, length, n = 4, (2, 2), 128, 4096, 3000
+    q = torch.randn(batch, 1, sum(sizes), dim, generator=gen)
+    k_new, v_new = (torch.randn(batch, 1, len(sizes), dim, generator=gen) for _ in range(2))
+    k_cache, v_cache = (torch.randn(batch, len(sizes), length, dim, generator=gen) for _ in range(2))
+    valid, seen = torch.ones(batch, length, dtype=torch.int8), torch.tensor([n])
+    angles = torch.rand(rows, 1, dim // 2, generator=gen) * 3000
+    cos, sin = (f(torch.cat((angles, angles), -1)) for f in (torch.cos, torch.sin))  # (rows, 1, D)
+    cuda = lambda *ts: [t.cuda().bfloat16() if t.is_floating_point() else t.cuda() for t in ts]  # noqa: E731
+    kc, vc = cuda(k_cache, v_cache)
+    ref_caches = [t.float().cpu() for t in (kc, vc)]
+    want = decode_attention_reference(*[t.float().cpu() for t in cuda(apply_rope(q, cos, sin), apply_rope(k_new, cos, sin), v_new)],
+                                      *ref_caches, valid, seen, (0, 2, 4), scale=dim**-0.5)
+    (qd, kd, vd, cd, sd), (vad, sed) = cuda(q, k_new, v_new, cos[:, -1], sin[:, -1]), cuda(valid, seen)
+    got = decode_attention(qd, kd, vd, kc, vc, vad, sed, (0, 2, 4), scale=dim**-0.5, rope=(cd, sd))
+    assert ((got.float().cpu() - want).norm() / want.norm()).item() < 0.02
+    assert ((kc[:, :, n].float().cpu() - ref_caches[0][:, :, n]).abs().max() <= 0.02 * ref_caches[0][:, :, n].abs().max()).item()
