@@ -17,7 +17,10 @@ layers, random weights, bf16), B = 1:
 * ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
   the whole layer only) and the one-launch residual add + RMSNorm of the block (``kernels/rms_norm``, 16
   fewer): every cut;
-* ``full_qknorm``: full attention with both one-launch norms too (what those cuts give the baseline).
+* ``full_qknorm``: full attention with both one-launch norms too (what those cuts give the baseline);
+* ``hybrid_gdn_first``: ``hybrid_all`` with the GDN branch enqueued before the FA branch
+  (``HeadwiseHybridAttention.gdn_first``): whether starting the long sequential chunk scan earlier hides the
+  host time of the FA branch (same kernels, same results).
 
 ``full`` and the ``hybrid_fla*``/``hybrid_fused`` paths run the norms eagerly, as before the cuts and as
 the Hugging Face model does. The layer's host-side cuts of the core (both GDN logits from one GEMM, the conv
@@ -76,14 +79,15 @@ from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
 # path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
-#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm)
+#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first)
 PATHS = {
-    "full": ("full", "layer", False, False),
-    "hybrid_fla": ("headwise", "layer", False, False),
-    "hybrid_fla_scale": ("headwise", "model", False, False),
-    "hybrid_fused": ("headwise", "model", True, False),
-    "hybrid_all": ("headwise", "model", True, True),
-    "full_qknorm": ("full", "layer", False, True),
+    "full": ("full", "layer", False, False, False),
+    "hybrid_fla": ("headwise", "layer", False, False, False),
+    "hybrid_fla_scale": ("headwise", "model", False, False, False),
+    "hybrid_fused": ("headwise", "model", True, False, False),
+    "hybrid_all": ("headwise", "model", True, True, False),
+    "full_qknorm": ("full", "layer", False, True, False),
+    "hybrid_gdn_first": ("headwise", "model", True, True, True),
 }
 CONFIGS = ((64, 32), (64, 16), (128, 32))  # (chunk_size, block_v) of the fused kernels swept; the layer's: 64 x default_block_v
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
@@ -301,9 +305,10 @@ def bench_prefill(run: Run, t: int) -> None:
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
     calls = []  # (fn, fused, qk_norm, row)
-    for path, (variant, scale_mode, fused, qk_norm) in PATHS.items():
+    for path, (variant, scale_mode, fused, qk_norm, gdn_first) in PATHS.items():
         layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
         attn, spec = layer.self_attn, layer.self_attn.spec
+        attn.gdn_first = gdn_first
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
         with switches(fused, qk_norm):
             h = layer.input_layernorm(x)

@@ -40,7 +40,7 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     assert set(kernel_check["errors"]) == {"fused_c64_v32", "fused_c16_v16"}
     assert all(e["o"] < 1e-5 and e["state"] < 1e-5 for e in kernel_check["errors"].values())  # float32
     timed = {(r["scope"], r["path"]) for r in rows if r["phase"] == "prefill"}
-    paths = ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused", "hybrid_all", "full_qknorm")
+    paths = ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused", "hybrid_all", "full_qknorm", "hybrid_gdn_first")
     assert timed == {(scope, path) for scope in ("core", "layer") for path in paths} | {
         ("kernel", "fused_c64_v32"), ("kernel", "fused_c16_v16")}
     assert all(r["ms"] > 0 and r["host_ms"] > 0 and r["launches"] is None for r in rows if r["phase"] == "prefill")  # no CUDA: no launch counts

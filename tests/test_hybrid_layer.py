@@ -164,6 +164,26 @@ def test_permuted_layer_equals_unpermuted_reference(teacher, switches):
         assert rel_rms(fast, ref) < 1e-5, f"layer {l}"
 
 
+def test_gdn_first_runs_the_same_branches_in_the_other_order(teacher):
+    """``gdn_first``: the GDN branch enqueued before the FA branch gives the same outputs bit for bit and calls
+    the GDN branch first."""
+    hybrid = build_hybrid(teacher, mixed_mask(teacher), HybridConfig())
+    perturb_new_parameters(hybrid, seed=2)
+    attn = hybrid.model.layers[1].self_attn
+    x = torch.randn(2, 9, teacher.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(9)[None].expand(2, 9)
+    rope = hybrid.model.rotary_emb(x, pos)
+    calls = []
+    for name in ("_full_attention", "_gated_delta"):
+        method = getattr(attn, name)
+        setattr(attn, name, lambda *a, _m=method, _n=name, **k: calls.append(_n) or _m(*a, **k))
+    with torch.no_grad():
+        plain = attn(x, rope, pos)
+        attn.gdn_first = True
+        swapped = attn(x, rope, pos)
+    assert torch.equal(plain, swapped) and calls == ["_full_attention", "_gated_delta", "_gated_delta", "_full_attention"]
+
+
 def test_layer_forward_backward_cpu_matches_finite_differences():
     torch.manual_seed(0)
     spec = HybridLayerSpec(hidden_size=16, head_dim=8, n_fa_heads=2, n_gdn_heads=2, fa_kv_sizes=(2,), qk_norm=True, floor_scale=2.0)

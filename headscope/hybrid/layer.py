@@ -187,6 +187,10 @@ class HeadwiseHybridAttention(nn.Module):
     # current one (``run_branches``): True, False or "auto" (``should_overlap``); a run-time switch, not
     # part of the saved config.
     overlap_branches: bool | str = "auto"
+    # Branches run one after the other (no overlap): enqueue the GDN branch first, so its long sequential chunk
+    # scan starts before the host has prepared the FA branch (same kernels and results, another order); a
+    # run-time switch measured by ``benchmarks/gdn_prefill_speed.py`` (path ``hybrid_gdn_first``).
+    gdn_first: bool = False
 
     def __init__(self, spec: HybridLayerSpec, layer_idx: int) -> None:
         super().__init__()
@@ -320,7 +324,10 @@ class HeadwiseHybridAttention(nn.Module):
                 branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask, query_scale))
             if spec.n_gdn_heads:
                 branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
-            parts = tuple(run_branches(branches, overlap))  # (B, T, n_fa, D), (B, T, n_gdn, D)
+            if self.gdn_first and len(branches) == 2 and not overlap:
+                parts = tuple(reversed([branch() for branch in reversed(branches)]))
+            else:
+                parts = tuple(run_branches(branches, overlap))  # (B, T, n_fa, D), (B, T, n_gdn, D)
         if spec.fusion_norm:  # both parts read in place: no concatenation on the Triton path
             return head_epilogue(parts if len(parts) == 2 else parts[0], self.gamma, gate, check=False)
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, T, H, D)
