@@ -54,7 +54,7 @@ def test_triton_path_only_for_cuda_inference(monkeypatch):
     assert not norm_ops.use_triton(x, x, w)
 
 
-def test_the_block_fuses_only_where_no_hook_watches_the_norm(monkeypatch):
+def test_the_block_fuses_only_where_nothing_hooks_or_wraps_the_norm(monkeypatch):
     norm = family_norm("qwen3", 8, torch.float32)
     x, residual = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
     fused = []
@@ -69,6 +69,12 @@ def test_the_block_fuses_only_where_no_hook_watches_the_norm(monkeypatch):
         finally:
             handle.remove()
     assert len(fused) == 1 and len(seen) == 1 and torch.equal(out, seen[0]) and torch.equal(total, residual + x)
+    wrapped = []
+    original_forward = norm.forward
+    norm.forward = lambda h: wrapped.append(h) or original_forward(h)  # a forward set on the instance (accelerate's hooks)
+    with torch.no_grad():
+        out, _ = add_norm(norm, x, residual)
+    assert len(fused) == 1 and len(wrapped) == 1 and torch.equal(out, original_forward(residual + x))
 
 
 def test_triton_kernel_matches_the_reference_under_the_interpreter():

@@ -49,11 +49,13 @@ def family_class(model_type: str, part: str) -> type:
 def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(residual + x), residual + x)`` (``x`` itself without a residual) for a family ``RMSNorm`` module.
 
-    At inference on CUDA, when no forward hook watches ``norm``, one launch of ``kernels/rms_norm`` (the
-    families' norms are all ``w * rmsnorm(h)`` in float32, the kernel's math; eager torch takes nine launches,
-    which a captured decode step pays 57 times at 28 layers); elsewhere the ``+`` and the module call.
+    At inference on CUDA, when nothing watches or wraps ``norm`` (no forward hooks, no ``forward`` set on the
+    instance as accelerate's offloading and tracing tools do), one launch of ``kernels/rms_norm`` (the families'
+    norms are all ``w * rmsnorm(h)`` in float32, the kernel's math; eager torch takes nine launches, which a
+    captured decode step pays 57 times at 28 layers); elsewhere the ``+`` and the module call.
     """
-    if norm_ops.use_triton(x, residual, norm.weight) and not (norm._forward_hooks or norm._forward_pre_hooks):
+    if (norm_ops.use_triton(x, residual, norm.weight) and not (norm._forward_hooks or norm._forward_pre_hooks)
+            and "forward" not in vars(norm)):
         return norm_ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
     h = x if residual is None else residual + x
     return norm(h), h
