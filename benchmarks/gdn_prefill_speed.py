@@ -15,9 +15,9 @@ layers, random weights, bf16), B = 1:
 * ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside;
   ``FUSED_MAX_TOKENS`` raised for the run, in the config ``default_block_v`` picks);
 * ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
-  the whole layer only) and the one-launch residual add + RMSNorm of the block (``kernels/rms_norm``, 16
-  fewer): every cut;
-* ``full_qknorm``: full attention with both one-launch norms too (what those cuts give the baseline);
+  the whole layer only), the one-launch residual add + RMSNorm of the block (``kernels/rms_norm``, 16
+  fewer) and the MLP's ``silu(gate) * up`` in one launch (``kernels/swiglu``): every cut;
+* ``full_qknorm``: full attention with those one-launch norms and activation too (what they give the baseline);
 * ``hybrid_gdn_first``: ``hybrid_all`` with the GDN branch enqueued before the FA branch
   (``HeadwiseHybridAttention.gdn_first``): whether starting the long sequential chunk scan earlier hides the
   host time of the FA branch (same kernels, same results).
@@ -73,6 +73,7 @@ import torch.nn.functional as F  # noqa: E402
 import headscope.kernels.gdn.ops as gdn_ops  # noqa: E402
 import headscope.kernels.qk_norm.ops as qk_ops  # noqa: E402
 import headscope.kernels.rms_norm.ops as norm_ops  # noqa: E402
+import headscope.kernels.swiglu.ops as swiglu_ops  # noqa: E402
 from headscope.hybrid.functional import model_query_scale  # noqa: E402
 from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule  # noqa: E402
 from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
@@ -97,13 +98,13 @@ ROUNDS = 3  # interleaved rounds of the prefill paths (``bench_prefill``)
 @contextlib.contextmanager
 def switches(enabled: bool, qk_norm: bool = True):
     """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch norms
-    (q/k RMSNorm, the block's residual add + RMSNorm) on or off."""
-    before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED
-    gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED = (1 << 30 if enabled else 0), qk_norm, qk_norm
+    (q/k RMSNorm, the block's residual add + RMSNorm) and MLP activation on or off."""
+    before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED
+    gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = (1 << 30 if enabled else 0), qk_norm, qk_norm, qk_norm
     try:
         yield
     finally:
-        gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED = before
+        gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = before
 
 
 def host_ms(fn, device: torch.device, reps: int = 10) -> float:

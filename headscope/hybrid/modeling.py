@@ -18,10 +18,12 @@ import importlib
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import activations
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 import headscope.kernels.rms_norm.ops as norm_ops
+import headscope.kernels.swiglu.ops as swiglu_ops
 from headscope.heads import HeadscopeError
 from headscope.hybrid.configuration import HybridConfig, family_of
 from headscope.hybrid.functional import model_query_scale
@@ -46,6 +48,15 @@ def family_class(model_type: str, part: str) -> type:
     return getattr(module, family_of(model_type).prefix + part)
 
 
+SILU = (nn.SiLU, *((activations.SiLUActivation,) if hasattr(activations, "SiLUActivation") else ()))
+
+
+def untouched(*modules: nn.Module) -> bool:
+    """Nothing watches or wraps these modules: no forward hooks, no ``forward`` set on the instance (as
+    accelerate's offloading and tracing tools do), so a fused kernel may stand in for their calls."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules)
+
+
 def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(residual + x), residual + x)`` (``x`` itself without a residual) for a family ``RMSNorm`` module.
 
@@ -54,16 +65,29 @@ def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) ->
     norms are all ``w * rmsnorm(h)`` in float32, the kernel's math; eager torch takes nine launches, which a
     captured decode step pays 57 times at 28 layers); elsewhere the ``+`` and the module call.
     """
-    if (norm_ops.use_triton(x, residual, norm.weight) and not (norm._forward_hooks or norm._forward_pre_hooks)
-            and "forward" not in vars(norm)):
+    if norm_ops.use_triton(x, residual, norm.weight) and untouched(norm):
         return norm_ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
     h = x if residual is None else residual + x
     return norm(h), h
 
 
+def gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` for a family MLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: at CUDA inference, with a SiLU
+    activation and nothing hooking or wrapping the MLP or its activation, the activation and product in one launch
+    of ``kernels/swiglu`` (the projections stay module calls); on the CPU or with autograd the same calls in
+    torch; the module call itself where something hooks or wraps it or its activation is not SiLU."""
+    act = getattr(mlp, "act_fn", None)
+    if isinstance(act, SILU) and untouched(mlp, act):
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if swiglu_ops.use_triton(gate, up):
+            return mlp.down_proj(swiglu_ops.swiglu(gate, up))
+        return mlp.down_proj(act(gate) * up)
+    return mlp(x)
+
+
 class HybridDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm decoder block: the base family's norms and MLP around ``HeadwiseHybridAttention`` (the
-    residual add and each norm in one launch at CUDA inference, ``add_norm``)."""
+    """Pre-norm decoder block: the base family's norms and MLP around ``HeadwiseHybridAttention`` (at CUDA
+    inference the residual add and each norm in one launch, ``add_norm``, and the MLP's activation, ``gated_mlp``)."""
 
     def __init__(self, config: HybridConfig, base: PreTrainedConfig, layer_idx: int) -> None:
         super().__init__()
@@ -77,7 +101,7 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         normed, _ = add_norm(self.input_layernorm, hidden_states, None)
         attn = self.self_attn(normed, position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
         normed, hidden_states = add_norm(self.post_attention_layernorm, attn, hidden_states)  # hidden_states + attn
-        return hidden_states + self.mlp(normed)
+        return hidden_states + gated_mlp(self.mlp, normed)
 
 
 class HybridPreTrainedModel(PreTrainedModel):

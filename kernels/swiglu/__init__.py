@@ -1,0 +1,1 @@
+"""The gated MLP's ``silu(gate) * up`` in one launch: ``swiglu``."""
