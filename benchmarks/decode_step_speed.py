@@ -12,7 +12,8 @@ every layer at full attention, and the SmolLM2-135M shape with its KV-aware mask
 Per row (model, context, batch) and model: ms per step (CUDA events over ``--steps`` replays after three warm-up
 steps, median of ``--rounds`` rounds) and, with ``--ablate``, the same step with the one-launch block ops switched
 off (``kernels/rms_norm``'s add + RMSNorm and ``kernels/swiglu``: their eager torch ops instead), which measures
-what those cuts earn on each side. Rows are written after each model (``$OUT/decode_step_rows/``, atomic) and
+what those cuts earn on each side, and compares the first step's logits of the two (the largest |difference|: bf16
+rounding where the kernels are right, differences the size of the logits themselves where one is wrong). Rows are written after each model (``$OUT/decode_step_rows/``, atomic) and
 skipped when present (``--redo`` to time them again); ``$OUT/decode_step_speed.{json,md}`` summarise every row file.
 
 Not an end-to-end number: ``generate()`` adds its own per-step host work (logits processors, stopping checks,
@@ -84,13 +85,15 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_steps(model, cache, vocab: int, steps: int, rounds: int) -> list[float]:
-    """ms per decode step in each round (CUDA events on the GPU, wall time on the CPU), after ``WARM_UP`` steps."""
+def time_steps(model, cache, vocab: int, steps: int, rounds: int) -> tuple[list[float], torch.Tensor]:
+    """ms per decode step in each round (CUDA events on the GPU, wall time on the CPU), after ``WARM_UP`` steps,
+    and the first step's logits ``(B, 1, vocab)`` float32 on the CPU."""
     device, batch, start = cache.device, cache.batch_size, cache.seen_tokens
     ids = torch.randint(0, vocab, (batch, 1), generator=torch.Generator().manual_seed(start)).to(device)
     positions = [torch.full((batch, 1), start + i, device=device) for i in range(WARM_UP + rounds * steps)]
     for i in range(WARM_UP):
         logits = cache.decode(model, ids, None, positions[i])
+        first = logits.float().cpu() if i == 0 else first
     if not torch.isfinite(logits).all():
         raise HeadscopeError(f"decode step of {type(model).__name__} at {start} tokens gave non-finite logits")
     per_round = []
@@ -108,7 +111,7 @@ def time_steps(model, cache, vocab: int, steps: int, rounds: int) -> list[float]
             per_round.append(begin.elapsed_time(end) / steps)
         else:
             per_round.append((time.perf_counter() - t0) * 1e3 / steps)
-    return per_round
+    return per_round, first
 
 
 def block_ops(fused: bool):
@@ -136,15 +139,18 @@ def run_row(bench: Bench, context: int, batch: int, args, device: torch.device) 
               if device.type == "cuda" else "cpu", "dtype": str(bench.dtype).removeprefix("torch."), "torch": torch.__version__}
     for name in MODELS:
         model = bench.same_kernels if name == "original_graph" else bench.hybrid
+        logits = {}
         for fused in (True, False) if args.ablate else (True,):
             cache = filled_cache(model, batch, context, WARM_UP + args.rounds * args.steps + 8, device.type == "cuda", seed=context + batch)
             with block_ops(fused):
-                rounds = time_steps(model, cache, bench.vocab, args.steps, args.rounds)
+                rounds, logits[fused] = time_steps(model, cache, bench.vocab, args.steps, args.rounds)
             del cache
             bench.release()
             record.setdefault(name, {})["ms" if fused else "ms_eager_block_ops"] = statistics.median(rounds)
             record[name]["rounds" if fused else "rounds_eager_block_ops"] = rounds
             print(f"  {name} {context} x {batch}{'' if fused else ' (eager block ops)'}: {statistics.median(rounds):.3f} ms/step", flush=True)
+        if args.ablate:  # the same first step (same cache, same token) through the one-launch block ops and through torch's
+            record[name]["first_step_max_abs_dlogit_vs_eager_block_ops"] = float((logits[True] - logits[False]).abs().max())
     record["ratio"] = record["original_graph"]["ms"] / record["hybrid_graph"]["ms"]
     return record
 
@@ -157,13 +163,15 @@ def summary(rows: dict) -> list[str]:
              "RMSNorm and MLP activation as torch ops instead of one launch each. Not end to end: `generate()` adds its "
              "per-step host work (`generate_speed.py` measures that).", "",
              "| model | context | batch | device | original_graph ms | hybrid_graph ms | original / hybrid | "
-             "original, eager block ops | hybrid, eager block ops |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "original, eager block ops | hybrid, eager block ops | step-1 max dlogit vs eager block ops (original / hybrid) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     fmt = lambda r, key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
     for key in sorted(rows, key=lambda k: (rows[k]["model"], rows[k]["context"], rows[k]["batch"])):
         r = rows[key]
         o, h = r["original_graph"], r["hybrid_graph"]
         lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['device']} | {fmt(o, 'ms')} | {fmt(h, 'ms')} | "
-                     f"{r['ratio']:.2f}x | {fmt(o, 'ms_eager_block_ops')} | {fmt(h, 'ms_eager_block_ops')} |")
+                     f"{r['ratio']:.2f}x | {fmt(o, 'ms_eager_block_ops')} | {fmt(h, 'ms_eager_block_ops')} | "
+                     f"{fmt(o, 'first_step_max_abs_dlogit_vs_eager_block_ops')} / {fmt(h, 'first_step_max_abs_dlogit_vs_eager_block_ops')} |")
     return lines
 
 
