@@ -139,8 +139,9 @@ def should_overlap(setting: bool | str, x: torch.Tensor) -> bool:
     return setting is True or x.shape[0] * x.shape[1] >= OVERLAP_MIN_TOKENS or torch.cuda.is_current_stream_capturing()
 
 
-def run_branches(branches: list, overlap: bool) -> list[torch.Tensor]:
-    """Run the branch closures and return their outputs, in order.
+def run_branches(branches: list, overlap: bool, second_first: bool = False) -> list[torch.Tensor]:
+    """Run the branch closures and return their outputs, in order (without ``overlap``, ``second_first`` runs
+    the last branch first).
 
     With ``overlap`` (CUDA, inference only) and two branches, the second runs on a side stream that
     first waits for the current stream; the current stream then waits for it, and the second output is
@@ -149,7 +150,8 @@ def run_branches(branches: list, overlap: bool) -> list[torch.Tensor]:
     ``overlap`` the same closures run one after the other: the exact twin (same kernels, same results).
     """
     if not overlap or len(branches) < 2:
-        return [branch() for branch in branches]
+        step = -1 if second_first else 1
+        return [branch() for branch in branches[::step]][::step]
     main = torch.cuda.current_stream()
     side = _SIDE_STREAMS.get(main.device)
     if side is None:
@@ -187,9 +189,8 @@ class HeadwiseHybridAttention(nn.Module):
     # current one (``run_branches``): True, False or "auto" (``should_overlap``); a run-time switch, not
     # part of the saved config.
     overlap_branches: bool | str = "auto"
-    # Branches run one after the other (no overlap): enqueue the GDN branch first, so its long sequential chunk
-    # scan starts before the host has prepared the FA branch (same kernels and results, another order); a
-    # run-time switch measured by ``benchmarks/gdn_prefill_speed.py`` (path ``hybrid_gdn_first``).
+    # Without overlap, enqueue the GDN branch first (its long sequential scan starts earlier; same kernels and
+    # results): a run-time switch, ``benchmarks/gdn_prefill_speed.py``'s path ``hybrid_gdn_first``.
     gdn_first: bool = False
 
     def __init__(self, spec: HybridLayerSpec, layer_idx: int) -> None:
@@ -324,10 +325,7 @@ class HeadwiseHybridAttention(nn.Module):
                 branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask, query_scale))
             if spec.n_gdn_heads:
                 branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
-            if self.gdn_first and len(branches) == 2 and not overlap:
-                parts = tuple(reversed([branch() for branch in reversed(branches)]))
-            else:
-                parts = tuple(run_branches(branches, overlap))  # (B, T, n_fa, D), (B, T, n_gdn, D)
+            parts = tuple(run_branches(branches, overlap, self.gdn_first))  # (B, T, n_fa, D), (B, T, n_gdn, D)
         if spec.fusion_norm:  # both parts read in place: no concatenation on the Triton path
             return head_epilogue(parts if len(parts) == 2 else parts[0], self.gamma, gate, check=False)
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, T, H, D)
