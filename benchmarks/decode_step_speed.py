@@ -10,7 +10,8 @@ The models are ``generate_speed``'s (``generate_speed_models.Bench``: a random Q
 every layer at full attention, and the SmolLM2-135M shape with its KV-aware mask).
 
 Per row (model, context, batch) and model: ms per step (CUDA events over ``--steps`` replays after three warm-up
-steps, median of ``--rounds`` rounds) and, with ``--ablate``, the same step with the one-launch block ops switched
+steps, median of ``--rounds`` rounds), the kernels one step launches (one eager step under torch.profiler: what
+the graph replays) and, with ``--ablate``, the same step with the one-launch block ops switched
 off (``kernels/rms_norm``'s add + RMSNorm and ``kernels/swiglu``: their eager torch ops instead), which measures
 what those cuts earn on each side, and compares the first step's logits of the two (the largest |difference|: bf16
 rounding where the kernels are right, differences the size of the logits themselves where one is wrong). Rows are written after each model (``$OUT/decode_step_rows/``, atomic) and
@@ -114,6 +115,24 @@ def time_steps(model, cache, vocab: int, steps: int, rounds: int) -> tuple[list[
     return per_round, first
 
 
+@torch.no_grad()
+def kernels_per_step(model, cache) -> int | None:
+    """CUDA kernels (and memcpy/memset) one eager step of the static path launches: what its graph replays
+    (``cache`` not graphed; torch.profiler's CUDA activity); None on the CPU."""
+    if cache.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
+    positions = torch.full((cache.batch_size, 1), cache.seen_tokens, device=cache.device)
+    cache.decode(model, ids, None, positions)  # kernels compiled, cuBLAS settled
+    sync(cache.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cache.decode(model, ids, None, positions + 1)
+        sync(cache.device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def block_ops(fused: bool):
     """Context: the one-launch block add + RMSNorm and MLP activation on (``fused``) or off (eager torch ops)."""
     import contextlib
@@ -149,6 +168,10 @@ def run_row(bench: Bench, context: int, batch: int, args, device: torch.device) 
             record.setdefault(name, {})["ms" if fused else "ms_eager_block_ops"] = statistics.median(rounds)
             record[name]["rounds" if fused else "rounds_eager_block_ops"] = rounds
             print(f"  {name} {context} x {batch}{'' if fused else ' (eager block ops)'}: {statistics.median(rounds):.3f} ms/step", flush=True)
+        cache = filled_cache(model, batch, context, 4, graphed=False, seed=context + batch)
+        record[name]["kernels_per_step"] = kernels_per_step(model, cache)
+        del cache
+        bench.release()
         if args.ablate:  # the same first step (same cache, same token) through the one-launch block ops and through torch's
             record[name]["first_step_max_abs_dlogit_vs_eager_block_ops"] = float((logits[True] - logits[False]).abs().max())
     record["ratio"] = record["original_graph"]["ms"] / record["hybrid_graph"]["ms"]
@@ -162,15 +185,15 @@ def summary(rows: dict) -> list[str]:
              "tokens per row, CUDA-graph replay; ms per step (median of rounds). 'eager block ops': the block's add + "
              "RMSNorm and MLP activation as torch ops instead of one launch each. Not end to end: `generate()` adds its "
              "per-step host work (`generate_speed.py` measures that).", "",
-             "| model | context | batch | device | original_graph ms | hybrid_graph ms | original / hybrid | "
-             "original, eager block ops | hybrid, eager block ops | step-1 max dlogit vs eager block ops (original / hybrid) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+             "| model | context | batch | device | original_graph ms | hybrid_graph ms | original / hybrid | kernels per step "
+             "(original / hybrid) | original, eager block ops | hybrid, eager block ops | step-1 max dlogit vs eager block ops "
+             "(original / hybrid) |", "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|"]
     fmt = lambda r, key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
     for key in sorted(rows, key=lambda k: (rows[k]["model"], rows[k]["context"], rows[k]["batch"])):
         r = rows[key]
         o, h = r["original_graph"], r["hybrid_graph"]
         lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['device']} | {fmt(o, 'ms')} | {fmt(h, 'ms')} | "
-                     f"{r['ratio']:.2f}x | {fmt(o, 'ms_eager_block_ops')} | {fmt(h, 'ms_eager_block_ops')} | "
+                     f"{r['ratio']:.2f}x | {o.get('kernels_per_step', '-')} / {h.get('kernels_per_step', '-')} | {fmt(o, 'ms_eager_block_ops')} | {fmt(h, 'ms_eager_block_ops')} | "
                      f"{fmt(o, 'first_step_max_abs_dlogit_vs_eager_block_ops')} / {fmt(h, 'first_step_max_abs_dlogit_vs_eager_block_ops')} |")
     return lines
 

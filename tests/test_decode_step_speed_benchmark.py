@@ -25,6 +25,7 @@ def test_smoke_rows_resume_and_summary(benchmark, tmp_path, monkeypatch, capsys,
         assert row[name]["ms"] > 0 and row[name]["ms_eager_block_ops"] > 0 and len(row[name]["rounds"]) == 2
     assert row["ratio"] == row["original_graph"]["ms"] / row["hybrid_graph"]["ms"]
     assert all(row[name]["first_step_max_abs_dlogit_vs_eager_block_ops"] == 0.0 for name in benchmark.MODELS)  # CPU: the same torch ops
+    assert all(row[name]["kernels_per_step"] is None for name in benchmark.MODELS)  # no CUDA activity to count on the CPU
     capsys.readouterr()
     assert benchmark.main(args) == 0 and "qwen3-1.7b_40_b2.json: recorded" in capsys.readouterr().out
     table = (tmp_path / "decode_step_speed.md").read_text()
