@@ -25,6 +25,7 @@ issue's goals. ``--smoke``: tiny models on the CPU in float32 (the static step r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -39,6 +40,8 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
+import headscope.kernels.rms_norm.ops as norm_ops  # noqa: E402
+import headscope.kernels.swiglu.ops as swiglu_ops  # noqa: E402
 from generate_speed_models import ROOT, Bench  # noqa: E402
 from headscope.heads import HeadscopeError, write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -137,23 +140,15 @@ def kernels_per_step(model, cache) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+@contextlib.contextmanager
 def block_ops(fused: bool):
-    """Context: the one-launch block add + RMSNorm and MLP activation on (``fused``) or off (eager torch ops)."""
-    import contextlib
-
-    import headscope.kernels.rms_norm.ops as norm_ops
-    import headscope.kernels.swiglu.ops as swiglu_ops
-
-    @contextlib.contextmanager
-    def switched():
-        before = norm_ops.FUSED, swiglu_ops.FUSED
-        norm_ops.FUSED = swiglu_ops.FUSED = fused
-        try:
-            yield
-        finally:
-            norm_ops.FUSED, swiglu_ops.FUSED = before
-
-    return switched()
+    """For the calls inside: the one-launch block add + RMSNorm and MLP activation on (``fused``) or off (eager torch ops)."""
+    before = norm_ops.FUSED, swiglu_ops.FUSED
+    norm_ops.FUSED = swiglu_ops.FUSED = fused
+    try:
+        yield
+    finally:
+        norm_ops.FUSED, swiglu_ops.FUSED = before
 
 
 def run_row(bench: Bench, context: int, batch: int, args, device: torch.device) -> dict:

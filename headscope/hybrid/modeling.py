@@ -60,10 +60,9 @@ def untouched(*modules: nn.Module) -> bool:
 def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(residual + x), residual + x)`` (``x`` itself without a residual) for a family ``RMSNorm`` module.
 
-    At inference on CUDA, when nothing watches or wraps ``norm`` (no forward hooks, no ``forward`` set on the
-    instance as accelerate's offloading and tracing tools do), one launch of ``kernels/rms_norm`` (the families'
-    norms are all ``w * rmsnorm(h)`` in float32, the kernel's math; eager torch takes nine launches, which a
-    captured decode step pays 57 times at 28 layers); elsewhere the ``+`` and the module call.
+    At inference on CUDA, when nothing watches or wraps ``norm`` (``untouched``), one launch of ``kernels/rms_norm``
+    (the families' norms are all ``w * rmsnorm(h)`` in float32, the kernel's math; eager torch takes nine launches,
+    which a captured decode step pays 57 times at 28 layers); elsewhere the ``+`` and the module call.
     """
     if norm_ops.use_triton(x, residual, norm.weight) and untouched(norm):
         return norm_ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)

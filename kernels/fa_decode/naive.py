@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from headscope.kernels.rope_norm.naive import rotate_half
+
 
 def log_scale(positions: torch.Tensor, attn_scale: float, floor_scale: float) -> torch.Tensor:
     """``1 + attn_scale · log(floor((p + 1) / floor_scale) + 1)``, float32, the shape of ``positions``."""
@@ -71,9 +73,7 @@ def decode_attention_reference(
     dtype = q.dtype
     if rope is not None:
         cos, sin = (t.float()[:, None, None] for t in rope)  # (B, 1, 1, D)
-        half = q.shape[-1] // 2
-        rotate = lambda x: torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # noqa: E731
-        q, k_new = (x.float() * cos + rotate(x.float()) * sin for x in (q, k_new))  # float32 from here
+        q, k_new = (x.float() * cos + rotate_half(x.float()) * sin for x in (q, k_new))  # float32 from here
     k_cache.index_copy_(2, seen, k_new.transpose(1, 2).to(k_cache.dtype))
     v_cache.index_copy_(2, seen, v_new.transpose(1, 2).to(v_cache.dtype))
     sizes = torch.tensor(q_offsets[1:], device=q.device) - torch.tensor(q_offsets[:-1], device=q.device)
