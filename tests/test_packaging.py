@@ -33,3 +33,15 @@ def test_package_data_ships_the_haystack_and_the_demo_model():
     missing = [str(p.relative_to(ROOT)) for p in wanted if p not in shipped]
     assert not missing, f"not shipped by pyproject package-data: {missing}"
     assert "example.yaml" in package_data["headscope.transfer"]
+
+
+def test_every_python_package_in_the_checkout_is_installed():
+    """A folder with an __init__.py under headscope/ or kernels/ that pyproject does not list is missing from a regular install."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages, package_dirs = set(config["packages"]), config["package-dir"]
+    found = {".".join(("headscope",) + init.parent.relative_to(ROOT / "headscope").parts) for init in (ROOT / "headscope").rglob("__init__.py")}
+    found |= {".".join(("headscope", "kernels") + init.parent.relative_to(ROOT / "kernels").parts) for init in (ROOT / "kernels").rglob("__init__.py")}
+    assert found - packages == set(), f"not in pyproject's packages: {sorted(found - packages)}"
+    kernel_packages = {name for name in found if name.startswith("headscope.kernels")}
+    wrong = {name: package_dirs.get(name) for name in kernel_packages if package_dirs.get(name) != "/".join(["kernels", *name.split(".")[2:]])}
+    assert not wrong, f"package-dir does not map these to their kernels/ folder: {wrong}"
