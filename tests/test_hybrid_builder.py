@@ -96,6 +96,21 @@ def test_new_parameters_follow_the_seed(qwen3):
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
 
+def test_every_tensor_of_a_build_is_loaded_none_left_uninitialised(qwen3, monkeypatch):
+    """build_hybrid allocates without initialising (meta, then to_empty): two builds must agree tensor for tensor,
+    the tied unembedding must stay the embedding, and a buffer nobody fills is refused."""
+    mask = random_mask(qwen3.fingerprint, ratio="3:1", seed=1)
+    a, b = build_hybrid(qwen3, mask), build_hybrid(qwen3, mask)
+    tensors_b = dict(b.named_buffers()) | dict(b.named_parameters())
+    for name, tensor in list(a.named_buffers()) + list(a.named_parameters()):
+        assert torch.equal(tensor, tensors_b[name]), name
+    tied = build_hybrid(tied_qwen3(), HeadMask(torch.ones(2, 4, dtype=torch.bool), load_model(tied_qwen3()).fingerprint))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    monkeypatch.setattr("headscope.hybrid.builder.copy_buffers", lambda source, target, share=False: set())
+    with pytest.raises(HeadscopeError, match="no pretrained value for the buffers .*rotary_emb.inv_freq"):
+        build_hybrid(qwen3, mask)
+
+
 def test_layerwise_mask_gives_plain_and_pure_gdn_layers(qwen3):
     mask = layerwise_mask(qwen3.fingerprint, "2:1")  # layer 2 full, layers 0-1 linear
     hybrid = build_hybrid(qwen3, mask)

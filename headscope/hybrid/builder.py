@@ -147,7 +147,10 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
     """
     lm = loaded(model)
     hconfig = hybrid_config_for(lm, mask, config)
-    hybrid = HybridForCausalLM._from_config(hconfig, dtype=lm.dtype).to(lm.device)
+    with torch.device("meta"):  # no random init of tensors that are all loaded below (minutes at 1.7B parameters)
+        hybrid = HybridForCausalLM._from_config(hconfig, dtype=lm.dtype)
+    hybrid.to_empty(device=lm.device)  # uninitialised storage, every parameter and buffer filled below
+    hybrid.tie_weights()  # to_empty gave the tied unembedding a tensor of its own
     head_dim = hconfig.head_dim
     state = {name: t for name, t in lm.model.state_dict().items() if ".self_attn." not in name}
     for l, layer in enumerate(hybrid.model.layers):
@@ -163,20 +166,25 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
         raise HeadscopeError(
             f"weight migration mismatch for {lm.fingerprint.architecture}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    copy_buffers(lm.model, hybrid)
+    persistent = set(hybrid.state_dict())
+    unfilled = [name for name, _ in hybrid.named_buffers() if name not in persistent and name not in copy_buffers(lm.model, hybrid)]
+    if unfilled:
+        raise HeadscopeError(f"build_hybrid: no pretrained value for the buffers {unfilled[:5]} of the {lm.fingerprint.architecture} hybrid")
     return hybrid.eval()
 
 
-def copy_buffers(source: nn.Module, target: nn.Module, share: bool = False) -> None:
+def copy_buffers(source: nn.Module, target: nn.Module, share: bool = False) -> set[str]:
     """``target``'s buffers that ``source`` has under the same name and shape, as ``source`` holds them: its rotary
     ``inv_freq``, which no state dict carries (non-persistent) and which ``model.to(torch.bfloat16)`` rounds to bf16
     (``from_pretrained(dtype=...)`` keeps it in float32). A fresh float32 table would rotate differently from the
     model at long positions: whole radians apart at 8K-32K tokens (a random Qwen3-1.7B's logits ~3-4 apart).
-    ``share``: the very tensors (``build_full_attention``); else copies."""
-    buffers = dict(source.named_buffers())
+    ``share``: the very tensors (``build_full_attention``); else copies. Returns the names of ``target``'s buffers set."""
+    buffers, copied = dict(source.named_buffers()), set()
     for name, buffer in target.named_buffers():
         if name in buffers and buffers[name].shape == buffer.shape:
             buffer.data = buffers[name].data if share else buffers[name].data.clone()
+            copied.add(name)
+    return copied
 
 
 @torch.no_grad()
