@@ -44,11 +44,34 @@ def interpreter_usable() -> str | None:
         return "trivial Triton kernel failed under TRITON_INTERPRET=1: " + traceback.format_exc(limit=3)[-800:]
 
 
-def print_report(run_cases: Callable[[], list[dict]]) -> None:
-    """The helper's main: print the JSON line of ``run_cases()``, or why the interpreter cannot run them."""
+def loops_over_loaded_bounds() -> str | None:
+    """None when the interpreter runs a ``range`` whose bounds were loaded from memory (fa_decode's split loop:
+    from the cache's fill count), else why not. Triton 3.6's interpreter takes ``int()`` of the bound's
+    1-element array, which NumPy 2.4 refuses; 3.9's takes its item. Compiled kernels are not affected."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def count(n_ptr, out_ptr):
+            total = 0
+            for _ in range(0, tl.load(n_ptr), 2):
+                total += 1
+            tl.store(out_ptr, total)
+
+        out = torch.zeros(1, dtype=torch.int32)
+        count[(1,)](torch.tensor([5], dtype=torch.int32), out)
+        return None if out.item() == 3 else f"a loop over loaded bounds counted {out.item()} steps (3 expected)"
+    except Exception:  # noqa: BLE001 - any failure means this interpreter cannot run such loops
+        return f"triton {triton.__version__}'s interpreter cannot loop over bounds loaded from memory: " + traceback.format_exc().strip().splitlines()[-1]
+
+
+def print_report(run_cases: Callable[[], list[dict]], needs: Callable[[], str | None] | None = None) -> None:
+    """The helper's main: print the JSON line of ``run_cases()``, or why the interpreter cannot run them
+    (:func:`interpreter_usable`, and ``needs()``: a probe of what these kernels need beyond a trivial one)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1")
-    reason = interpreter_usable()
+    reason = interpreter_usable() or (needs() if needs is not None else None)
     if reason is not None:
         print(json.dumps({"status": "interpreter_unusable", "reason": reason}))
         return
