@@ -43,9 +43,10 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     paths = ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused", "hybrid_all", "full_qknorm", "hybrid_gdn_first")
     assert timed == {(scope, path) for scope in ("core", "layer") for path in paths} | {
         ("kernel", "fused_c64_v32"), ("kernel", "fused_c16_v16")}
-    assert all(r["ms"] > 0 and r["host_ms"] > 0 and r["launches"] is None for r in rows if r["phase"] == "prefill")  # no CUDA: no launch counts
+    assert all(r["ms"] > 0 and r["host_ms"] > 0 and r["b2b_ms"] > 0 and r["launches"] is None for r in rows if r["phase"] == "prefill")  # no CUDA: no launch counts
     interleaved = [r for r in rows if r["phase"] == "prefill" and r["scope"] != "kernel"]  # core and layer rows: median of rounds
     assert all(len(r["ms_rounds"]) == 2 and min(r["ms_rounds"]) <= r["ms"] <= max(r["ms_rounds"]) for r in interleaved)
+    assert all(len(r["b2b_ms_rounds"]) == 2 and min(r["b2b_ms_rounds"]) <= r["b2b_ms"] <= max(r["b2b_ms_rounds"]) for r in interleaved)
     assert {(r["batch"], r["context"]) for r in rows if r["phase"] == "prefill" and r["scope"] == "kernel"} == {(1, 64), (2, 32)}
     report = (tmp_path / "gdn_prefill_speed.md").read_text()
     assert "## Prefill, attention core" in report and "## The GDN call alone (3 heads)" in report and "fused_c16_v16" in report
@@ -83,13 +84,15 @@ def test_summary_ratios_and_break_even(benchmark):
         for scope, full in (("core", 0.4), ("layer", 1.6)):
             for path, ms in (("full", full), ("hybrid_fla", 3 * full), ("hybrid_fla_scale", 2.5 * full), ("hybrid_fused", 1.5 * full),
                              ("hybrid_all", 1.25 * full), ("full_qknorm", 0.5 * full)):
-                rows.append({"phase": "prefill", "scope": scope, "path": path, "context": t, "ms": ms})
+                rows.append({"phase": "prefill", "scope": scope, "path": path, "context": t, "ms": ms, "b2b_ms": ms * (0.8 if path == "hybrid_all" else 1.0)})
     summary = benchmark.summarise(rows, [1024, 2048, 4096], (64, 32))
     assert summary["fused_faster_at"] == [1024, 2048]  # 0.6 ms > fla's 0.5 at 4K
     assert summary["per_context"][4096]["kernel"]["best_fused"] == "fused_c64_v16"
     assert summary["goals"]["core_4k_over_full"]["value"] == pytest.approx(1.25)
     assert summary["goals"]["layer_4k_over_full"]["before"] == pytest.approx(3.0)
     assert summary["goals"]["layer_4k_over_full"]["vs_full_qknorm"] == pytest.approx(2.5)
+    assert summary["goals"]["core_4k_over_full"]["back_to_back"] == pytest.approx(1.0)  # 0.8 x 1.25 over full's 1.0 x
+    assert summary["goals"]["layer_4k_over_full"]["back_to_back_vs_full_qknorm"] == pytest.approx(2.0)
 
 
 def test_idle_gaps_between_a_calls_kernels(benchmark):
