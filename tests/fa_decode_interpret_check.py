@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_interpreter import cases_in_dtypes, loops_over_loaded_bounds, print_report  # same directory (sys.path[0] of this script)
+from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print_report  # same directory (sys.path[0] of this script)
 
 # name, B, FA query heads per KV head, D, slots L, seen, log scaling, sliding window, splits (None = default),
 # RoPE in the kernel (None; "rows": cos/sin (B, D) sliced from (B, T, D) as the layer passes them; "broadcast": (1, D))
@@ -69,4 +69,4 @@ def run_case(batch, groups, dim, length, seen, log_scaling, window, splits, rope
 
 
 if __name__ == "__main__":
-    print_report(lambda: cases_in_dtypes(CASES, run_case), needs=loops_over_loaded_bounds)
+    print_report(lambda: cases_in_dtypes(CASES, run_case), needs=loops_over_runtime_bounds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_interpreter import cases_in_dtypes, print_report  # same directory (sys.path[0] of this script)
+from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print_report  # same directory (sys.path[0] of this script)
 
 # name, B, H, D, conv width K, hidden, with padding mask, cos batch, value block
 CASES = [
@@ -50,4 +50,4 @@ def run_case(batch, heads, dim, width, hidden, with_mask, cos_batch, block_v, dt
 
 
 if __name__ == "__main__":
-    print_report(lambda: cases_in_dtypes(CASES, run_case))
+    print_report(lambda: cases_in_dtypes(CASES, run_case), needs=loops_over_runtime_bounds)

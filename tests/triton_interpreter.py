@@ -44,26 +44,29 @@ def interpreter_usable() -> str | None:
         return "trivial Triton kernel failed under TRITON_INTERPRET=1: " + traceback.format_exc(limit=3)[-800:]
 
 
-def loops_over_loaded_bounds() -> str | None:
-    """None when the interpreter runs a ``range`` whose bounds were loaded from memory (fa_decode's split loop:
-    from the cache's fill count), else why not. Triton 3.6's interpreter takes ``int()`` of the bound's
-    1-element array, which NumPy 2.4 refuses; 3.9's takes its item. Compiled kernels are not affected."""
+def loops_over_runtime_bounds() -> str | None:
+    """None when the interpreter runs a ``range`` over a bound known only at run time (an int argument, or a
+    value loaded from memory: fa_decode's split loop, the chunk scan's chunk count), else why not. Triton 3.6's
+    interpreter takes ``int()`` of the bound's 1-element array, which NumPy 2.4 refuses; 3.9's takes its item.
+    Compiled kernels are not affected."""
     try:
         import triton
         import triton.language as tl
 
         @triton.jit
-        def count(n_ptr, out_ptr):
+        def count(n_ptr, m, out_ptr):
             total = 0
             for _ in range(0, tl.load(n_ptr), 2):
                 total += 1
+            for _ in range(m):
+                total += 10
             tl.store(out_ptr, total)
 
         out = torch.zeros(1, dtype=torch.int32)
-        count[(1,)](torch.tensor([5], dtype=torch.int32), out)
-        return None if out.item() == 3 else f"a loop over loaded bounds counted {out.item()} steps (3 expected)"
+        count[(1,)](torch.tensor([5], dtype=torch.int32), 2, out)
+        return None if out.item() == 23 else f"loops over run-time bounds counted {out.item()} (23 expected)"
     except Exception:  # noqa: BLE001 - any failure means this interpreter cannot run such loops
-        return f"triton {triton.__version__}'s interpreter cannot loop over bounds loaded from memory: " + traceback.format_exc().strip().splitlines()[-1]
+        return f"triton {triton.__version__}'s interpreter cannot loop over run-time bounds: " + traceback.format_exc().strip().splitlines()[-1]
 
 
 def print_report(run_cases: Callable[[], list[dict]], needs: Callable[[], str | None] | None = None) -> None:
