@@ -376,13 +376,8 @@ def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, 
                            "default_fused_over_fla_gates": (kernel[default] / kernel["fla+gates"]) if "fla+gates" in kernel and default in kernel else None}
         per_context[t] = entry
     wins = [t for t, e in per_context.items() if e["kernel"]["default_fused_over_fla_gates"] is not None and e["kernel"]["default_fused_over_fla_gates"] < 1]
-    at4k = per_context.get(4096, {})
     def ratio(scope: str, path: str, base: str = "full", key: str = "ms") -> float | None:
-        if key == "ms":
-            ms = at4k.get(scope, {})
-            a, b = ms.get(path, {}).get("ms"), ms.get(base, {}).get("ms")
-        else:  # back to back, from the rows
-            a, b = ((pick(rows, scope=scope, path=p, context=4096) or {}).get(key) for p in (path, base))
+        a, b = ((pick(rows, scope=scope, path=p, context=4096) or {}).get(key) for p in (path, base))
         return a / b if a and b else None
 
     goals = {
