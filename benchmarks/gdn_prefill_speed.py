@@ -73,6 +73,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import headscope.kernels.gdn.ops as gdn_ops  # noqa: E402
+import headscope.kernels.gdn.triton_chunk as triton_chunk  # noqa: E402
 import headscope.kernels.qk_norm.ops as qk_ops  # noqa: E402
 import headscope.kernels.rms_norm.ops as norm_ops  # noqa: E402
 import headscope.kernels.swiglu.ops as swiglu_ops  # noqa: E402
@@ -82,29 +83,36 @@ from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
 # path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
-#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first)
+#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first,
+#          split recurrence: None = the kernels' default (``default_split``), True/False forced)
 PATHS = {
-    "full": ("full", "layer", False, False, False),
-    "hybrid_fla": ("headwise", "layer", False, False, False),
-    "hybrid_fla_scale": ("headwise", "model", False, False, False),
-    "hybrid_fused": ("headwise", "model", True, False, False),
-    "hybrid_all": ("headwise", "model", True, True, False),
-    "full_qknorm": ("full", "layer", False, True, False),
-    "hybrid_gdn_first": ("headwise", "model", True, True, True),
+    "full": ("full", "layer", False, False, False, None),
+    "hybrid_fla": ("headwise", "layer", False, False, False, None),
+    "hybrid_fla_scale": ("headwise", "model", False, False, False, None),
+    "hybrid_fused": ("headwise", "model", True, False, False, None),
+    "hybrid_all": ("headwise", "model", True, True, False, None),
+    "full_qknorm": ("full", "layer", False, True, False, None),
+    "hybrid_gdn_first": ("headwise", "model", True, True, True, None),
+    "hybrid_one_scan": ("headwise", "model", True, True, False, False),
+    "hybrid_split": ("headwise", "model", True, True, False, True),
 }
-CONFIGS = ((64, 32), (64, 16), (128, 32))  # (chunk_size, block_v) of the fused kernels swept; the layer's: 64 x default_block_v
+# (chunk_size, block_v, split) of the fused kernels swept; the layer's: 64 x default_block_v, default_split
+CONFIGS = ((64, 32, False), (64, 16, False), (128, 32, False), (64, 16, True), (64, 32, True))
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
 ROUNDS = 3  # interleaved rounds of the prefill paths (``bench_prefill``)
 
 
 @contextlib.contextmanager
-def switches(enabled: bool, qk_norm: bool = True):
+def switches(enabled: bool, qk_norm: bool = True, split: bool | None = None):
     """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch norms
-    (q/k RMSNorm, the block's residual add + RMSNorm) and MLP activation on or off."""
+    (q/k RMSNorm, the block's residual add + RMSNorm) and MLP activation on or off, and the fused kernels'
+    recurrence split or in one scan (None: their default)."""
     before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED
     gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = (1 << 30 if enabled else 0), qk_norm, qk_norm, qk_norm
+    forced = contextlib.nullcontext() if split is None else mock.patch.object(triton_chunk, "default_split", lambda *_: split)
     try:
-        yield
+        with forced:
+            yield
     finally:
         gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = before
 
@@ -217,10 +225,13 @@ class Run:
         return q, k, v, a, b, A_log, dt_bias
 
 
-def fused_kernel(chunk: int, block_v: int):
-    from headscope.kernels.gdn.triton_chunk import triton_chunk_gated_delta_rule
+def fused_kernel(chunk: int, block_v: int, split: bool):
+    return partial(triton_chunk.triton_chunk_gated_delta_rule, chunk_size=chunk, block_v=block_v, split=split)
 
-    return partial(triton_chunk_gated_delta_rule, chunk_size=chunk, block_v=block_v)
+
+def config_name(chunk: int, block_v: int, split: bool) -> str:
+    """``fused_c64_v16`` (the recurrence in one scan) or ``split_c64_v16`` (state pass + parallel output)."""
+    return f"{'split' if split else 'fused'}_c{chunk}_v{block_v}"
 
 
 def can_run_triton(device: torch.device) -> bool:
@@ -243,8 +254,8 @@ def check(run: Run) -> None:
         with switches(False):
             results["fla"] = gdn_ops.gated_delta_rule_from_logits(q, k, v, a, b, A_log, dt_bias, input_mask=mask, scale=scale, initial_state=h0, output_final_state=True)
     if can_run_triton(run.device):
-        for chunk, block_v in run.configs:
-            results[f"fused_c{chunk}_v{block_v}"] = fused_kernel(chunk, block_v)(
+        for config in run.configs:
+            results[config_name(*config)] = fused_kernel(*config)(
                 q, k, v, a, b, scale=scale, A_log=A_log, dt_bias=dt_bias, input_mask=mask, initial_state=h0, output_final_state=True)
     errors = {name: {"o": rel(o, want), "state": rel(s, want_state)} for name, (o, s) in results.items()}
     run.rows.append({"phase": "check", "scope": "kernel", "context": t, "errors": errors})
@@ -310,8 +321,8 @@ def bench_kernel(run: Run, t: int, batch: int = 1) -> None:
         calls["fla"] = (partial(gdn_ops.gated_delta_rule, q, k, v, g, beta), False)
         calls["fla+gates"] = (partial(gdn_ops.gated_delta_rule_from_logits, q, k, v, a, b, A_log, dt_bias), False)
     if can_run_triton(run.device):
-        for chunk, block_v in run.configs:
-            calls[f"fused_c{chunk}_v{block_v}"] = (partial(fused_kernel(chunk, block_v), q, k, v, a, b, scale=run.shape.head_dim**-0.5, A_log=A_log, dt_bias=dt_bias), True)
+        for config in run.configs:
+            calls[config_name(*config)] = (partial(fused_kernel(*config), q, k, v, a, b, scale=run.shape.head_dim**-0.5, A_log=A_log, dt_bias=dt_bias), True)
     for name, (call, fused) in calls.items():
         try:  # a config that cannot launch costs only its own row
             with switches(fused):
@@ -328,26 +339,65 @@ def bench_prefill(run: Run, t: int) -> None:
     x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
-    calls = []  # (fn, fused, qk_norm, row)
-    for path, (variant, scale_mode, fused, qk_norm, gdn_first) in PATHS.items():
+    calls = []  # (fn, (fused, qk_norm, split): the switches, row)
+    for path, (variant, scale_mode, fused, qk_norm, gdn_first, split) in PATHS.items():
         layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
         attn, spec = layer.self_attn, layer.self_attn.spec
         attn.gdn_first = gdn_first
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
-        with switches(fused, qk_norm):
+        with switches(fused, qk_norm, split):
             h = layer.input_layernorm(x)
             projected = attn.project(h)
-        calls.append((partial(attn.core, h, *projected, pe, pos, None, None, scale), fused, qk_norm,
+        calls.append((partial(attn.core, h, *projected, pe, pos, None, None, scale), (fused, qk_norm, split),
                       dict(phase="prefill", scope="core", path=path, context=t)))
-        calls.append((partial(layer, x, pe, pos, None, None, scale), fused, qk_norm, dict(phase="prefill", scope="layer", path=path, context=t)))
+        calls.append((partial(layer, x, pe, pos, None, None, scale), (fused, qk_norm, split), dict(phase="prefill", scope="layer", path=path, context=t)))
     rounds = [[] for _ in calls]  # (device ms, host ms, back-to-back ms) per round, per call
     for _ in range(2 if run.tiny else ROUNDS):
-        for (fn, fused, qk_norm, _), timed in zip(calls, rounds):
-            with switches(fused, qk_norm):
+        for (fn, flags, _), timed in zip(calls, rounds):
+            with switches(*flags):
                 timed.append(run.time(fn))
-    for (fn, fused, qk_norm, row), timed in zip(calls, rounds):
-        with switches(fused, qk_norm):
+    for (fn, flags, row), timed in zip(calls, rounds):
+        with switches(*flags):
             run.record(fn, timed, **row)
+
+
+def profile_host(run: Run, t: int, calls: int = 50, top: int = 25) -> None:
+    """Where the host time of one prefill call goes: cProfile over ``calls`` calls of the core and the layer of
+    ``hybrid_all`` and ``full_qknorm`` (the GPU synchronised after each call, outside nothing: the profile is of
+    the enqueueing Python), the ``top`` functions by own time, in microseconds per call."""
+    import cProfile
+    import pstats
+
+    x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
+    pos = torch.arange(t, device=run.device)[None]
+    pe = rope(pos, run.shape.head_dim, run.dtype)
+    for path in ("hybrid_all", "full_qknorm"):
+        variant, scale_mode, fused, qk_norm, _, split = PATHS[path]
+        layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
+        attn, spec = layer.self_attn, layer.self_attn.spec
+        scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
+        with switches(fused, qk_norm, split):
+            h = layer.input_layernorm(x)
+            projected = attn.project(h)
+            for scope, fn in (("core", partial(attn.core, h, *projected, pe, pos, None, None, scale)), ("layer", partial(layer, x, pe, pos, None, None, scale))):
+                for _ in range(3):
+                    fn()
+                profiler = cProfile.Profile()
+                for _ in range(2 if run.tiny else calls):
+                    if run.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    profiler.enable()
+                    fn()
+                    profiler.disable()
+                n = 2 if run.tiny else calls
+                stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+                total = sum(v[2] for v in stats.values()) * 1e6 / n
+                ranked = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+                functions = [[f"{Path(f).name}:{line}:{name}", round(v[0] / n, 2), round(v[2] * 1e6 / n, 2), round(v[3] * 1e6 / n, 2)]
+                             for (f, line, name), v in ranked]
+                run.rows.append({"phase": "profile", "scope": scope, "path": path, "context": t, "host_us": total, "functions": functions})
+                print(f"  profile {scope} {path} T={t}: {total:.0f} us/call under cProfile; top: "
+                      + ", ".join(f"{name} {own:.0f}" for name, _, own, _ in functions[:8]), flush=True)
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -360,7 +410,7 @@ def ms_of(rows: list[dict], **where) -> float | None:
     return row["ms"] if row else None
 
 
-def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, int]) -> dict:
+def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, int, bool]) -> dict:
     """Ratios to full attention at each T, the goals at 4K, where the fused kernels in the layer's config
     (``default_config``, timed when swept) beat fla with the gates in torch."""
     per_context = {}
@@ -370,8 +420,8 @@ def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, 
             ms = {p: ms_of(rows, scope=scope, path=p, context=t) for p in PATHS}
             entry[scope] = {p: {"ms": ms[p], "over_full": ms[p] / ms["full"] if ms[p] and ms["full"] else None} for p in PATHS}
         kernel = {r["path"]: r["ms"] for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel" and r["context"] == t and r.get("batch", 1) == 1}
-        fused = {p: ms for p, ms in kernel.items() if p.startswith("fused")}
-        default = f"fused_c{default_config[0]}_v{default_config[1]}"
+        fused = {p: ms for p, ms in kernel.items() if p.startswith(("fused", "split"))}
+        default = config_name(*default_config)
         entry["kernel"] = {"ms": kernel, "best_fused": min(fused, key=fused.get) if fused else None,
                            "default_fused_over_fla_gates": (kernel[default] / kernel["fla+gates"]) if "fla+gates" in kernel and default in kernel else None}
         per_context[t] = entry
@@ -406,7 +456,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         extra = f"; against full with the one-launch norms too {fmt(goal['vs_full_qknorm'])}" if "vs_full_qknorm" in goal else ""
         extra += "".join(f"; {name.replace('_', ' ')} {fmt(goal[name])}" for name in ("back_to_back", "back_to_back_vs_full_qknorm") if name in goal)
         lines.append(f"- {name} (hybrid_all): {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])}{extra})")
-    lines.append(f"- fused GDN kernels (the layer's config at batch 1, chunk x block_v = {meta['layer_config'][0]} x {meta['layer_config'][1]}) "
+    lines.append(f"- fused GDN kernels (the layer's config at batch 1, {config_name(*meta['layer_config'])}) "
                  f"faster than fla + torch gates at T = {summary['fused_faster_at']} "
                  "(`FUSED_MAX_TOKENS`: the largest of an unbroken run from the shortest, at batch 1; the batch-8 row shows whether B·T is the right bound)")
     for scope, title in (("core", "attention core"), ("layer", "whole layer")):
@@ -443,16 +493,32 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
                         "before: " + ", ".join(f"{n} {fmt(ms)}" for ms, n in gaps["largest"])) if gaps else ""
                 lines.append(f"- {p} ({r['launches']['count']}, busy {fmt(r['launches']['busy_ms'])} of {fmt(r['ms'])} ms{idle}): "
                              + ", ".join(f"{n} x{c}" for n, c in r["launches"]["by_name"].items()))
+    for r in rows:
+        if r.get("phase") == "profile":
+            lines += ["", f"## Host profile: {r['scope']} of {r['path']} at T = {r['context']} ({fmt(r['host_us'])} us per call under cProfile)", "",
+                      "| function | calls | own us | cumulative us |", "|---|---:|---:|---:|"]
+            lines += [f"| `{name}` | {fmt(calls)} | {fmt(own)} | {fmt(cum)} |" for name, calls, own, cum in r["functions"][:15]]
     if meta["errors"]:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in meta["errors"]]
     return "\n".join(lines) + "\n"
 
 
+def parse_configs(text: str) -> tuple[tuple[int, int, bool], ...]:
+    """``64x16,64x16s`` -> ``((64, 16, False), (64, 16, True))``."""
+    configs = []
+    for item in text.split(","):
+        split = item.endswith("s")
+        chunk, block_v = (int(n) for n in item.removesuffix("s").split("x"))
+        configs.append((chunk, block_v, split))
+    return tuple(configs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="prefill lengths (default 1024 2048 4096 8192; --tiny: 64)")
-    parser.add_argument("--configs", type=lambda s: tuple(tuple(int(n) for n in c.split("x")) for c in s.split(",")), default=CONFIGS,
-                        help="fused kernel configs CHUNKxBLOCK_V,... to sweep (default " + ",".join(f"{c}x{v}" for c, v in CONFIGS) + ")")
+    parser.add_argument("--configs", type=parse_configs, default=CONFIGS,
+                        help="fused kernel configs CHUNKxBLOCK_V[s],... to sweep, s = split recurrence (default "
+                        + ",".join(f"{c}x{v}{'s' if split else ''}" for c, v, split in CONFIGS) + ")")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script, times nothing useful)")
     parser.add_argument("--max-minutes", type=float, default=3.5, help="skip remaining sections after this long")
     args = parser.parse_args(argv)
@@ -466,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(device, dtype, shape, args.tiny, args.configs)
     batched = (2, 32) if args.tiny else (8, 1024)  # B·T = 8K in 8 rows: is B·T the fused path's bound?
     plan = [("check", check, ())] + [(f"prefill T={t}", bench_prefill, (t,)) for t in contexts]  # the goals first
+    plan += [(f"host profile T={contexts[min(2, len(contexts) - 1)]}", profile_host, (contexts[min(2, len(contexts) - 1)],))]
     plan += [(f"kernel T={t}", bench_kernel, (t,)) for t in contexts] + [(f"kernel B={batched[0]} T={batched[1]}", bench_kernel, batched[::-1])]
     with torch.inference_mode():
         for name, fn, fn_args in plan:
@@ -480,10 +547,11 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
     import triton
 
-    from headscope.kernels.gdn.triton_chunk import CHUNK_SIZE, default_block_v
-    from headscope.kernels.launch import sm_count
+    from headscope.kernels.launch import cdiv, sm_count
 
-    layer_config = (CHUNK_SIZE, default_block_v(shape.heads - 2, shape.head_dim, sm_count(device)))  # the layer's at batch 1
+    heads = shape.heads - 2
+    layer_config = (triton_chunk.CHUNK_SIZE, triton_chunk.default_block_v(heads, shape.head_dim, sm_count(device)),
+                    triton_chunk.default_split(heads, cdiv(4096, triton_chunk.CHUNK_SIZE)))  # the layer's at batch 1, 4K
     summary = summarise(run.rows, contexts, layer_config)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__, "triton": triton.__version__,
             "dtype": str(dtype).replace("torch.", ""), "shape": shape.__dict__, "errors": run.errors, "seconds": time.time() - started,

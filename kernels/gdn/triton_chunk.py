@@ -46,6 +46,7 @@ from headscope.kernels.launch import cdiv, last_dim_contiguous, launch, next_pow
 SUB_BLOCK = 16  # BC: rows of a diagonal block inverted by forward substitution (tl.dot's smallest side)
 CHUNK_SIZE = 64  # fla's chunk, the measured best (module docstring)
 NARROW_BLOCK_V, WIDE_BLOCK_V = 16, 32  # the recurrence's value columns per program (default_block_v)
+SPLIT_DEFAULT = False  # default_split
 
 
 @triton.jit
@@ -194,10 +195,90 @@ def _chunk_scan_kernel(
         tl.store(ht_ptr + ((i_bh * K + dk[:, None]) * V + dv[None, :]), state, mask=k_ok[:, None] & v_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["T", "T_PAD", "n_chunks"])
+def _chunk_state_kernel(
+    k_ptr, c_ptr, w_ptr, u_ptr, h0_ptr, hs_ptr, ht_ptr,
+    T, T_PAD, H, n_chunks,
+    sk_b, sk_t, sk_h, sh0_b, sh0_h, sh0_k, sh0_v,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The split recurrence's sequential half: per chunk, store the entering state ``S`` (input dtype, as the
+    fused scan rounds it for its dots) and ``Δ = U − W S`` over U, then ``S ← exp(c_last) S + (K ⊙ exp(c_last − c))ᵀ Δ``."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    rows = tl.arange(0, BT)
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    k_ok = dk < K
+    v_ok = dv < V
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0_ptr + b * sh0_b + h * sh0_h + dk[:, None] * sh0_k + dv[None, :] * sh0_v, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    dtype = w_ptr.dtype.element_ty
+    for n in range(n_chunks):
+        t = (n * BT + rows).to(tl.int64)
+        valid = t < T
+        scratch = i_bh * T_PAD + n * BT
+        w = _operand(tl.load(w_ptr + (scratch + rows[:, None]) * K + dk[None, :], mask=k_ok[None, :], other=0.0), dtype, UPCAST)
+        u_tile = u_ptr + (scratch + rows[:, None]) * V + dv[None, :]
+        u = tl.load(u_tile, mask=v_ok[None, :], other=0.0)
+        c = tl.load(c_ptr + scratch + rows)
+        c_last = tl.load(c_ptr + scratch + BT - 1)
+        kk = _operand(tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + dk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0), dtype, UPCAST)
+        s_in = state.to(dtype)
+        tl.store(hs_ptr + ((i_bh * n_chunks + n) * K + dk[:, None]) * V + dv[None, :], s_in, mask=k_ok[:, None] & v_ok[None, :])
+        delta = u.to(tl.float32) - tl.dot(w, _operand(s_in, dtype, UPCAST))  # (BT, BV)
+        tl.store(u_tile, delta.to(dtype), mask=v_ok[None, :])
+        delta = delta * tl.exp(c_last - c)[:, None]
+        state = state * tl.exp(c_last) + tl.dot(tl.trans(kk), _operand(delta, dtype, UPCAST))
+    if STORE_HT:
+        tl.store(ht_ptr + ((i_bh * K + dk[:, None]) * V + dv[None, :]), state, mask=k_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "T_PAD", "n_chunks"])
+def _chunk_output_kernel(
+    q_ptr, c_ptr, d_ptr, p_ptr, hs_ptr, o_ptr,
+    T, T_PAD, H, n_chunks, scale,
+    sq_b, sq_t, sq_h, so_b, so_t, so_h,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The split recurrence's parallel half, grid ``(chunks, V / BV, B·H)``: ``O = scale·diag(exp(c)) Q S + P Δ``
+    from the entering state S and the Δ the state kernel stored (the fused scan's output, off the sequential path)."""
+    i_t = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    rows = tl.arange(0, BT)
+    t = (i_t * BT + rows).to(tl.int64)
+    valid = t < T
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    k_ok = dk < K
+    v_ok = dv < V
+    dtype = d_ptr.dtype.element_ty
+    scratch = i_bh * T_PAD + i_t * BT
+    qq = _operand(tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + dk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0), dtype, UPCAST)
+    s_in = _operand(tl.load(hs_ptr + ((i_bh * n_chunks + i_t) * K + dk[:, None]) * V + dv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0), dtype, UPCAST)
+    p = _operand(tl.load(p_ptr + (scratch + rows[:, None]) * BT + rows[None, :]), dtype, UPCAST)
+    delta = _operand(tl.load(d_ptr + (scratch + rows[:, None]) * V + dv[None, :], mask=v_ok[None, :], other=0.0), dtype, UPCAST)
+    c = tl.load(c_ptr + scratch + rows)
+    o = tl.dot(qq, s_in) * (tl.exp(c) * scale)[:, None] + tl.dot(p, delta)
+    tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + dv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None] & v_ok[None, :])
+
+
 def default_block_v(batch_heads: int, value_dim: int, n_sms: int) -> int:
     """``NARROW_BLOCK_V`` while the recurrence's grid at that width (``V / 16`` x ``B·H`` programs) fits in
     one wave of ``n_sms`` SMs, else ``WIDE_BLOCK_V`` (module docstring: measured at B·H = 14 and 112)."""
     return NARROW_BLOCK_V if cdiv(value_dim, NARROW_BLOCK_V) * batch_heads <= n_sms else WIDE_BLOCK_V
+
+
+def default_split(batch_heads: int, n_chunks: int) -> bool:
+    """Whether the recurrence runs split (state pass + parallel output) by default: see the module docstring."""
+    return SPLIT_DEFAULT
 
 
 def triton_chunk_gated_delta_rule(
@@ -205,9 +286,9 @@ def triton_chunk_gated_delta_rule(
     scale: float, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
     output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE, block_v: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule over a sequence in two Triton launches (no input checks, no autograd).
+    """The gated delta rule over a sequence in two Triton launches, or three when ``split`` (no input checks, no autograd).
 
     Args:
         q, k: ``(B, T, H, K)`` L2-normalised, v: ``(B, T, H, V)``; one dtype; any strides with the last one 1
@@ -231,6 +312,8 @@ def triton_chunk_gated_delta_rule(
             1 when None (sm_90, K = V = 128, block_v 32, bf16: chunk 64 takes ~125 KB of shared memory at 2
             stages, 188 KB at 3, chunk 128 ~145 KB at 1 and over the SM's 227 KB from 2 on; float32 doubles
             every tile: chunk 64 needs 1 stage). ``benchmarks/triton_compile_check.py`` checks the helper's cases.
+        split: the recurrence as two kernels (the sequential state pass, then every chunk's output in parallel)
+            instead of one; :func:`default_split` when None.
     Returns:
         ``out`` and the final state ``(B, H, K, V)`` float32, or None unless ``output_final_state``.
     """
@@ -246,9 +329,11 @@ def triton_chunk_gated_delta_rule(
         return out, final
     n_chunks = cdiv(length, chunk_size)
     padded = n_chunks * chunk_size
-    rows = batch * n_heads * padded  # the scratch tensors, flat, in one allocation: c, inverse (float32), w, u, p
-    c, inverse, w, u, p = workspace(q.device, (torch.float32, rows), (torch.float32, rows * chunk_size),
-                                    (q.dtype, rows * key_dim), (q.dtype, rows * value_dim), (q.dtype, rows * chunk_size))
+    split = default_split(batch * n_heads, n_chunks) if split is None else split
+    rows = batch * n_heads * padded  # the scratch tensors, flat, in one allocation: c, inverse (float32), w, u, p, states
+    c, inverse, w, u, p, states = workspace(q.device, (torch.float32, rows), (torch.float32, rows * chunk_size),
+                                            (q.dtype, rows * key_dim), (q.dtype, rows * value_dim), (q.dtype, rows * chunk_size),
+                                            (q.dtype, batch * n_heads * n_chunks * key_dim * value_dim if split else 0))
     raw = A_log is not None
     mask = input_mask if input_mask is not None else decay  # placeholder pointers when unused
     warps = num_warps or (4 if chunk_size <= 64 else 8)
@@ -266,6 +351,24 @@ def triton_chunk_gated_delta_rule(
             RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=warps,
         )
         h0 = initial_state if initial_state is not None else c
+        stages = num_stages or (2 if chunk_size <= 64 and q.element_size() == 2 else 1)
+        if split:
+            launch(
+                _chunk_state_kernel, (cdiv(value_dim, block_v), batch * n_heads),
+                k, c, w, u, h0, states, final if final is not None else c,
+                length, padded, n_heads, n_chunks,
+                *k.stride()[:3], *(initial_state.stride() if initial_state is not None else (0, 0, 0, 0)),
+                K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=chunk_size,
+                HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages,
+            )
+            launch(
+                _chunk_output_kernel, (n_chunks, cdiv(value_dim, block_va), batch * n_heads),
+                q, c, u, p, states, out,
+                length, padded, n_heads, n_chunks, scale,
+                *q.stride()[:3], *out.stride()[:3],
+                K=key_dim, V=value_dim, BK=block_k, BV=block_va, BT=chunk_size, UPCAST=not q.is_cuda, num_warps=warps,
+            )
+            return out, final
         launch(
             _chunk_scan_kernel, (cdiv(value_dim, block_v), batch * n_heads),
             q, k, c, w, u, p, h0, out, final if final is not None else c,
@@ -273,7 +376,6 @@ def triton_chunk_gated_delta_rule(
             *q.stride()[:3], *k.stride()[:3],
             *(initial_state.stride() if initial_state is not None else (0, 0, 0, 0)), *out.stride()[:3],
             K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=chunk_size,
-            HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=warps,
-            num_stages=num_stages or (2 if chunk_size <= 64 and q.element_size() == 2 else 1),
+            HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages,
         )
     return out, final
