@@ -151,7 +151,7 @@ def back_to_back_ms(fn, device: torch.device, calls: int = 20) -> float:
 
 
 def launches(fn, device: torch.device) -> dict | None:
-    """Kernels (and memcpy/memset) one call of ``fn`` puts on the GPU, by name, and the sum of their
+    """Kernels (and memcpy/memset) one call of ``fn`` puts on the GPU, by name (count and ms), and the sum of their
     durations (``busy_ms``: well below the call's time when the GPU waits on the host); None on the CPU."""
     if device.type != "cuda":
         return None
@@ -164,8 +164,12 @@ def launches(fn, device: torch.device) -> dict | None:
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     names = Counter(e.name[:90] for e in events)
     busy = sum(e.time_range.end - e.time_range.start for e in events) / 1e3
+    ms_by_name = Counter()
+    for e in events:
+        ms_by_name[e.name[:90]] += (e.time_range.end - e.time_range.start) / 1e3
     spans = [(e.name[:60], e.time_range.start, e.time_range.end) for e in events]
-    return {"count": len(events), "busy_ms": busy, "by_name": dict(names.most_common()), "gaps": idle_gaps(spans)}
+    return {"count": len(events), "busy_ms": busy, "by_name": dict(names.most_common()), "ms_by_name": dict(ms_by_name.most_common()),
+            "gaps": idle_gaps(spans)}
 
 
 def idle_gaps(spans: list[tuple[str, float, float]], top: int = 4) -> dict:
@@ -223,6 +227,14 @@ class Run:
         A_log = torch.rand(heads, generator=gen, device=self.device).mul(16).log()
         dt_bias = torch.rand(heads, generator=gen, device=self.device).mul(-4.6).add(-2.3)  # softplus = 1e-3 .. 0.1
         return q, k, v, a, b, A_log, dt_bias
+
+
+def build_layer(run: Run, variant: str, dtype: torch.dtype | None = None):
+    """A decoder layer of ``variant`` whose parameters are ordinary tensors, as a model loaded for inference has: made
+    under ``torch.inference_mode`` (where the sections run) they would be inference tensors, for which the layer's
+    cached weight layouts (``headscope.hybrid.inference_weights``) are derived again at every call (3 launches more)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return decoder_layer(run.shape, variants(run.shape)[variant], run.device, dtype or run.dtype)
 
 
 def fused_kernel(chunk: int, block_v: int, split: bool):
@@ -294,7 +306,7 @@ def check_qk_norm(run: Run, t: int) -> None:
 def check_layer(run: Run, t: int) -> None:
     """The hybrid attention's core in the run's dtype on the fla and fused paths vs float32 torch paths."""
     torch.manual_seed(0)
-    attn = decoder_layer(run.shape, variants(run.shape)["headwise"], run.device, torch.float32).self_attn
+    attn = build_layer(run, "headwise", torch.float32).self_attn
     x = torch.randn(1, t, run.shape.hidden, device=run.device)
     pos = torch.arange(t, device=run.device)[None]
     with mock.patch.dict(os.environ, {"HEADSCOPE_NO_TRITON": "1"}):  # the torch paths (float32 matmuls, no tf32)
@@ -341,7 +353,7 @@ def bench_prefill(run: Run, t: int) -> None:
     pe = rope(pos, run.shape.head_dim, run.dtype)
     calls = []  # (fn, (fused, qk_norm, split): the switches, row)
     for path, (variant, scale_mode, fused, qk_norm, gdn_first, split) in PATHS.items():
-        layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
+        layer = build_layer(run, variant)
         attn, spec = layer.self_attn, layer.self_attn.spec
         attn.gdn_first = gdn_first
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
@@ -373,7 +385,7 @@ def profile_host(run: Run, t: int, calls: int = 50, top: int = 25) -> None:
     pe = rope(pos, run.shape.head_dim, run.dtype)
     for path in ("hybrid_all", "full_qknorm"):
         variant, scale_mode, fused, qk_norm, _, split = PATHS[path]
-        layer = decoder_layer(run.shape, variants(run.shape)[variant], run.device, run.dtype)
+        layer = build_layer(run, variant)
         attn, spec = layer.self_attn, layer.self_attn.spec
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
         with switches(fused, qk_norm, split):
@@ -492,7 +504,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
                 idle = (f"; GPU idle {fmt(gaps['idle_ms'])} of the {fmt(gaps['span_ms'])} ms from first kernel to last, largest gaps "
                         "before: " + ", ".join(f"{n} {fmt(ms)}" for ms, n in gaps["largest"])) if gaps else ""
                 lines.append(f"- {p} ({r['launches']['count']}, busy {fmt(r['launches']['busy_ms'])} of {fmt(r['ms'])} ms{idle}): "
-                             + ", ".join(f"{n} x{c}" for n, c in r["launches"]["by_name"].items()))
+                             + ", ".join(f"{n} x{c} ({fmt(r['launches'].get('ms_by_name', {}).get(n))} ms)" for n, c in r["launches"]["by_name"].items()))
     for r in rows:
         if r.get("phase") == "profile":
             lines += ["", f"## Host profile: {r['scope']} of {r['path']} at T = {r['context']} ({fmt(r['host_us'])} us per call under cProfile)", "",
