@@ -152,6 +152,172 @@ def _chunk_intra_kernel(
     tl.store(p_ptr + (scratch + rows[:, None]) * BT + cols[None, :], p.to(dtype))
 
 
+@triton.jit
+def _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t, valid, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t,
+                 RAW_GATES: tl.constexpr, HAS_MASK: tl.constexpr):
+    """g (log-decay) and beta of the tokens ``t`` of one row block, float32, 0 past T and where masked."""
+    za = tl.load(ga_ptr + b * sga_b + t * sga_t + h * sga_h, mask=valid, other=0.0).to(tl.float32)
+    zb = tl.load(gb_ptr + b * sgb_b + t * sgb_t + h * sgb_h, mask=valid, other=0.0).to(tl.float32)
+    if RAW_GATES:
+        z = za + tl.load(dtb_ptr + h).to(tl.float32)
+        e = tl.exp(-tl.abs(z))
+        one_plus = 1.0 + e
+        log1p = tl.where(one_plus == 1.0, e, tl.log(one_plus) * e / (one_plus - 1.0))  # log1p(e), accurately
+        g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * (tl.maximum(z, 0.0) + log1p)  # softplus(z) = max(z, 0) + log1p(exp(-|z|))
+        beta = tl.sigmoid(zb)
+    else:
+        g = za
+        beta = zb
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b * sm_b + t * sm_t, mask=valid, other=0).to(tl.float32)
+        g = g * keep
+        beta = beta * keep
+    return tl.where(valid, g, 0.0), tl.where(valid, beta, 0.0)
+
+
+@triton.jit
+def _rows(ptr, b, t, h, s_b, s_t, s_h, cols, n_cols, valid):
+    """The ``(BC, len(cols))`` tile of rows ``t`` of a ``(B, T, H, D)`` tensor, zeros past T and past ``n_cols``."""
+    return tl.load(ptr + b * s_b + t[:, None] * s_t + h * s_h + cols[None, :], mask=valid[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _kkt_block(ki, kj, beta_i, ci, cj, DIAGONAL: tl.constexpr, BC: tl.constexpr):
+    """``diag(beta_i) K_i K_jᵀ ⊙ exp(c_i − c_j)``, float32; strictly lower on a diagonal block."""
+    a = tl.dot(ki, tl.trans(kj)) * beta_i[:, None]
+    if DIAGONAL:
+        o = tl.arange(0, BC)
+        lower = o[:, None] > o[None, :]
+        return tl.where(lower, a * tl.exp(tl.where(lower, ci[:, None] - cj[None, :], 0.0)), 0.0)
+    return a * tl.exp(ci[:, None] - cj[None, :])
+
+
+@triton.jit
+def _qkt_block(qi, kj, ci, cj, scale, DIAGONAL: tl.constexpr, BC: tl.constexpr):
+    """``scale · (Q_i K_jᵀ ⊙ exp(c_i − c_j))``, float32; lower with the diagonal on a diagonal block."""
+    a = tl.dot(qi, tl.trans(kj)) * scale
+    if DIAGONAL:
+        o = tl.arange(0, BC)
+        causal = o[:, None] >= o[None, :]
+        return tl.where(causal, a * tl.exp(tl.where(causal, ci[:, None] - cj[None, :], 0.0)), 0.0)
+    return a * tl.exp(ci[:, None] - cj[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "T_PAD"])  # one compile for every length
+def _chunk_intra64_kernel(
+    q_ptr, k_ptr, v_ptr, ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr,
+    c_ptr, w_ptr, u_ptr, p_ptr,
+    T, T_PAD, H, scale,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVA: tl.constexpr,
+    RAW_GATES: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """``_chunk_intra_kernel`` for 64-token chunks as four 16-row blocks held in registers (fla's fused K Kᵀ +
+    triangular solve layout): the ten lower blocks of L and P each from one dot of row blocks, the four
+    diagonal inverses by forward substitution, the off-diagonal inverse blocks by block merges, and W, U
+    block row by block row; no scratch round trip, no barrier."""
+    BC: tl.constexpr = 16
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    b = i_bh // H
+    h = i_bh % H
+    o = tl.arange(0, BC)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BVA)
+    t0 = (i_t * 64 + o).to(tl.int64)
+    t1, t2, t3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
+    m0, m1, m2, m3 = t0 < T, t1 < T, t2 < T, t3 < T
+    g0, beta0 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t0, m0, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
+    g1, beta1 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t1, m1, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
+    g2, beta2 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t2, m2, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
+    g3, beta3 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t3, m3, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
+    c0 = tl.cumsum(g0, 0)  # c within the chunk, block by block
+    c1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    c2 = tl.cumsum(g2, 0) + (tl.sum(g0, 0) + tl.sum(g1, 0))
+    c3 = tl.cumsum(g3, 0) + (tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0))
+    scratch = i_bh * T_PAD + i_t * 64  # first row of this chunk in the (B·H, T_PAD, ...) scratch tensors
+    tl.store(c_ptr + scratch + o, c0)
+    tl.store(c_ptr + scratch + BC + o, c1)
+    tl.store(c_ptr + scratch + 2 * BC + o, c2)
+    tl.store(c_ptr + scratch + 3 * BC + o, c3)
+
+    dtype = w_ptr.dtype.element_ty
+    k0 = _operand(_rows(k_ptr, b, t0, h, sk_b, sk_t, sk_h, dk, K, m0), dtype, UPCAST)  # (BC, BK)
+    k1 = _operand(_rows(k_ptr, b, t1, h, sk_b, sk_t, sk_h, dk, K, m1), dtype, UPCAST)
+    k2 = _operand(_rows(k_ptr, b, t2, h, sk_b, sk_t, sk_h, dk, K, m2), dtype, UPCAST)
+    k3 = _operand(_rows(k_ptr, b, t3, h, sk_b, sk_t, sk_h, dk, K, m3), dtype, UPCAST)
+
+    # P = scale · (Q Kᵀ ⊙ exp(c_i − c_j)), lower with the diagonal, block by block (zeros above)
+    q0 = _operand(_rows(q_ptr, b, t0, h, sq_b, sq_t, sq_h, dk, K, m0), dtype, UPCAST)
+    q1 = _operand(_rows(q_ptr, b, t1, h, sq_b, sq_t, sq_h, dk, K, m1), dtype, UPCAST)
+    q2 = _operand(_rows(q_ptr, b, t2, h, sq_b, sq_t, sq_h, dk, K, m2), dtype, UPCAST)
+    q3 = _operand(_rows(q_ptr, b, t3, h, sq_b, sq_t, sq_h, dk, K, m3), dtype, UPCAST)
+    zero = tl.zeros((BC, BC), dtype=tl.float32)
+    p_row = p_ptr + (scratch + o[:, None]) * 64 + o[None, :]  # block (0, 0) of this chunk's (64, 64) P
+    tl.store(p_row, _qkt_block(q0, k0, c0, c0, scale, True, BC).to(dtype))
+    tl.store(p_row + BC, zero.to(dtype))
+    tl.store(p_row + 2 * BC, zero.to(dtype))
+    tl.store(p_row + 3 * BC, zero.to(dtype))
+    p_row += BC * 64
+    tl.store(p_row, _qkt_block(q1, k0, c1, c0, scale, False, BC).to(dtype))
+    tl.store(p_row + BC, _qkt_block(q1, k1, c1, c1, scale, True, BC).to(dtype))
+    tl.store(p_row + 2 * BC, zero.to(dtype))
+    tl.store(p_row + 3 * BC, zero.to(dtype))
+    p_row += BC * 64
+    tl.store(p_row, _qkt_block(q2, k0, c2, c0, scale, False, BC).to(dtype))
+    tl.store(p_row + BC, _qkt_block(q2, k1, c2, c1, scale, False, BC).to(dtype))
+    tl.store(p_row + 2 * BC, _qkt_block(q2, k2, c2, c2, scale, True, BC).to(dtype))
+    tl.store(p_row + 3 * BC, zero.to(dtype))
+    p_row += BC * 64
+    tl.store(p_row, _qkt_block(q3, k0, c3, c0, scale, False, BC).to(dtype))
+    tl.store(p_row + BC, _qkt_block(q3, k1, c3, c1, scale, False, BC).to(dtype))
+    tl.store(p_row + 2 * BC, _qkt_block(q3, k2, c3, c2, scale, False, BC).to(dtype))
+    tl.store(p_row + 3 * BC, _qkt_block(q3, k3, c3, c3, scale, True, BC).to(dtype))
+
+    # L = strict_lower(diag(beta) K Kᵀ ⊙ exp(c_i − c_j)) in blocks; A = (I + L)⁻¹ by block forward substitution
+    a10 = _kkt_block(k1, k0, beta1, c1, c0, False, BC)
+    a20 = _kkt_block(k2, k0, beta2, c2, c0, False, BC)
+    a21 = _kkt_block(k2, k1, beta2, c2, c1, False, BC)
+    a30 = _kkt_block(k3, k0, beta3, c3, c0, False, BC)
+    a31 = _kkt_block(k3, k1, beta3, c3, c1, False, BC)
+    a32 = _kkt_block(k3, k2, beta3, c3, c2, False, BC)
+    i00 = _unit_lower_inverse(_kkt_block(k0, k0, beta0, c0, c0, True, BC), BC)
+    i11 = _unit_lower_inverse(_kkt_block(k1, k1, beta1, c1, c1, True, BC), BC)
+    i22 = _unit_lower_inverse(_kkt_block(k2, k2, beta2, c2, c2, True, BC), BC)
+    i33 = _unit_lower_inverse(_kkt_block(k3, k3, beta3, c3, c3, True, BC), BC)
+    i10 = -tl.dot(tl.dot(i11, a10), i00)
+    i21 = -tl.dot(tl.dot(i22, a21), i11)
+    i32 = -tl.dot(tl.dot(i33, a32), i22)
+    i20 = -tl.dot(i22, tl.dot(a20, i00) + tl.dot(a21, i10))
+    i31 = -tl.dot(i33, tl.dot(a31, i11) + tl.dot(a32, i21))
+    i30 = -tl.dot(i33, tl.dot(a30, i00) + tl.dot(a31, i10) + tl.dot(a32, i20))
+    i00, i10, i11, i20, i21, i22 = _operand(i00, dtype, UPCAST), _operand(i10, dtype, UPCAST), _operand(i11, dtype, UPCAST), \
+        _operand(i20, dtype, UPCAST), _operand(i21, dtype, UPCAST), _operand(i22, dtype, UPCAST)
+    i30, i31, i32, i33 = _operand(i30, dtype, UPCAST), _operand(i31, dtype, UPCAST), _operand(i32, dtype, UPCAST), _operand(i33, dtype, UPCAST)
+
+    # W = A diag(beta·exp(c)) K and U = A diag(beta) V, block row by block row
+    kb0 = _operand(k0.to(tl.float32) * (beta0 * tl.exp(c0))[:, None], dtype, UPCAST)
+    kb1 = _operand(k1.to(tl.float32) * (beta1 * tl.exp(c1))[:, None], dtype, UPCAST)
+    kb2 = _operand(k2.to(tl.float32) * (beta2 * tl.exp(c2))[:, None], dtype, UPCAST)
+    kb3 = _operand(k3.to(tl.float32) * (beta3 * tl.exp(c3))[:, None], dtype, UPCAST)
+    w_rows = w_ptr + (scratch + o[:, None]) * K + dk[None, :]
+    k_ok = dk[None, :] < K
+    tl.store(w_rows, tl.dot(i00, kb0).to(dtype), mask=k_ok)
+    tl.store(w_rows + BC * K, (tl.dot(i10, kb0) + tl.dot(i11, kb1)).to(dtype), mask=k_ok)
+    tl.store(w_rows + 2 * BC * K, (tl.dot(i20, kb0) + tl.dot(i21, kb1) + tl.dot(i22, kb2)).to(dtype), mask=k_ok)
+    tl.store(w_rows + 3 * BC * K, (tl.dot(i30, kb0) + tl.dot(i31, kb1) + tl.dot(i32, kb2) + tl.dot(i33, kb3)).to(dtype), mask=k_ok)
+    vb0 = _operand(_rows(v_ptr, b, t0, h, sv_b, sv_t, sv_h, dv, V, m0).to(tl.float32) * beta0[:, None], dtype, UPCAST)
+    vb1 = _operand(_rows(v_ptr, b, t1, h, sv_b, sv_t, sv_h, dv, V, m1).to(tl.float32) * beta1[:, None], dtype, UPCAST)
+    vb2 = _operand(_rows(v_ptr, b, t2, h, sv_b, sv_t, sv_h, dv, V, m2).to(tl.float32) * beta2[:, None], dtype, UPCAST)
+    vb3 = _operand(_rows(v_ptr, b, t3, h, sv_b, sv_t, sv_h, dv, V, m3).to(tl.float32) * beta3[:, None], dtype, UPCAST)
+    u_rows = u_ptr + (scratch + o[:, None]) * V + dv[None, :]
+    v_ok = dv[None, :] < V
+    tl.store(u_rows, tl.dot(i00, vb0).to(dtype), mask=v_ok)
+    tl.store(u_rows + BC * V, (tl.dot(i10, vb0) + tl.dot(i11, vb1)).to(dtype), mask=v_ok)
+    tl.store(u_rows + 2 * BC * V, (tl.dot(i20, vb0) + tl.dot(i21, vb1) + tl.dot(i22, vb2)).to(dtype), mask=v_ok)
+    tl.store(u_rows + 3 * BC * V, (tl.dot(i30, vb0) + tl.dot(i31, vb1) + tl.dot(i32, vb2) + tl.dot(i33, vb3)).to(dtype), mask=v_ok)
+
+
 @triton.jit(do_not_specialize=["T", "T_PAD", "n_chunks"])
 def _chunk_scan_kernel(
     q_ptr, k_ptr, c_ptr, w_ptr, u_ptr, p_ptr, h0_ptr, o_ptr, ht_ptr,
@@ -287,6 +453,7 @@ def triton_chunk_gated_delta_rule(
     input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
     output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE, block_v: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, split: bool | None = None,
+    intra_blocks: bool | None = None, intra_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule over a sequence in two Triton launches, or three when ``split`` (no input checks, no autograd).
 
@@ -339,8 +506,21 @@ def triton_chunk_gated_delta_rule(
     warps = num_warps or (4 if chunk_size <= 64 else 8)
     block_k, block_va = max(16, next_power_of_2(key_dim)), max(16, next_power_of_2(value_dim))
     block_v = max(16, min(block_v or default_block_v(batch * n_heads, value_dim, sm_count(q.device)), block_va))
+    blocks = chunk_size == 64 if intra_blocks is None else intra_blocks
     with on_device(q):
-        launch(
+        if blocks:
+            launch(
+                _chunk_intra64_kernel, (n_chunks, batch * n_heads),
+                q, k, v, decay, write, A_log if raw else decay, dt_bias if raw else decay, mask,
+                c, w, u, p,
+                length, padded, n_heads, scale,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *decay.stride(), *write.stride(), *(mask.stride() if input_mask is not None else (0, 0)),
+                K=key_dim, V=value_dim, BK=block_k, BVA=block_va,
+                RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=intra_warps or warps,
+            )
+        else:
+          launch(
             _chunk_intra_kernel, (n_chunks, batch * n_heads),
             q, k, v, decay, write, A_log if raw else decay, dt_bias if raw else decay, mask,
             c, w, u, p, inverse,
@@ -348,8 +528,8 @@ def triton_chunk_gated_delta_rule(
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *decay.stride(), *write.stride(), *(mask.stride() if input_mask is not None else (0, 0)),
             K=key_dim, V=value_dim, BK=block_k, BVA=block_va, BT=chunk_size, BC=SUB_BLOCK,
-            RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=warps,
-        )
+            RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=intra_warps or warps,
+          )
         h0 = initial_state if initial_state is not None else c
         stages = num_stages or (2 if chunk_size <= 64 and q.element_size() == 2 else 1)
         if split:
