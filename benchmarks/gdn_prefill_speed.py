@@ -13,7 +13,7 @@ layers, random weights, bf16), B = 1:
 * ``hybrid_fla_scale``: the same with the query scale ``HybridModel`` passes (``model_query_scale``:
   1.0 below position 8190, no multiply): the query-scale cut alone;
 * ``hybrid_fused``: + headscope's fused chunk kernels (``kernels/gdn/triton_chunk.py``, gates inside;
-  ``FUSED_MAX_TOKENS`` raised for the run, in the config ``default_block_v`` picks);
+  ``FUSED_MAX_TOKENS`` raised for the run, with the ``block_v`` that ``default_block_v`` picks);
 * ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
   the whole layer only), the one-launch residual add + RMSNorm of the block (``kernels/rms_norm``, 16
   fewer) and the MLP's ``silu(gate) * up`` in one launch (``kernels/swiglu``): every cut;
@@ -38,7 +38,7 @@ left-padded row and an initial state; the layer's core on the fla and fused path
 in float32 through the torch paths, ``HEADSCOPE_NO_TRITON=1``; the one-launch q/k RMSNorm, which both of
 those core paths run, at T and T = 1 against float32, beside the torch norm); ``prefill`` (core and whole layer per
 path); ``kernel`` (the GDN call alone, 14 heads, at each T and at B = 8 x 1024: fla given g/beta, fla with
-the gates in torch, each fused config ``(chunk, block_v)``), last, as the first to go when the time budget
+the gates in torch, the fused kernels at each ``block_v`` swept), last, as the first to go when the time budget
 (``--max-minutes``) runs out. Each timing: device ms (CUDA events, median), host ms (time
 to enqueue the call, no sync: when it is close to the device time the call is launch-bound), back-to-back ms
 (per call of 20 enqueued between one pair of events: the host enqueues the next call while the GPU runs this one,
@@ -83,36 +83,29 @@ from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
 # path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
-#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first,
-#          split recurrence: None = the kernels' default (``default_split``), True/False forced)
+#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first)
 PATHS = {
-    "full": ("full", "layer", False, False, False, None),
-    "hybrid_fla": ("headwise", "layer", False, False, False, None),
-    "hybrid_fla_scale": ("headwise", "model", False, False, False, None),
-    "hybrid_fused": ("headwise", "model", True, False, False, None),
-    "hybrid_all": ("headwise", "model", True, True, False, None),
-    "full_qknorm": ("full", "layer", False, True, False, None),
-    "hybrid_gdn_first": ("headwise", "model", True, True, True, None),
-    "hybrid_one_scan": ("headwise", "model", True, True, False, False),
-    "hybrid_split": ("headwise", "model", True, True, False, True),
+    "full": ("full", "layer", False, False, False),
+    "hybrid_fla": ("headwise", "layer", False, False, False),
+    "hybrid_fla_scale": ("headwise", "model", False, False, False),
+    "hybrid_fused": ("headwise", "model", True, False, False),
+    "hybrid_all": ("headwise", "model", True, True, False),
+    "full_qknorm": ("full", "layer", False, True, False),
+    "hybrid_gdn_first": ("headwise", "model", True, True, True),
 }
-# (chunk_size, block_v, split) of the fused kernels swept; the layer's: 64 x default_block_v, default_split
-CONFIGS = ((64, 32, False), (64, 16, False), (128, 32, False), (64, 16, True), (64, 32, True))
+CONFIGS = (32, 16)  # block_v of the fused kernels swept (chunks of 64 tokens); the layer's: default_block_v
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
 ROUNDS = 3  # interleaved rounds of the prefill paths (``bench_prefill``)
 
 
 @contextlib.contextmanager
-def switches(enabled: bool, qk_norm: bool = True, split: bool | None = None):
+def switches(enabled: bool, qk_norm: bool = True):
     """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch norms
-    (q/k RMSNorm, the block's residual add + RMSNorm) and MLP activation on or off, and the fused kernels'
-    recurrence split or in one scan (None: their default)."""
+    (q/k RMSNorm, the block's residual add + RMSNorm) and MLP activation on or off."""
     before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED
     gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = (1 << 30 if enabled else 0), qk_norm, qk_norm, qk_norm
-    forced = contextlib.nullcontext() if split is None else mock.patch.object(triton_chunk, "default_split", lambda *_: split)
     try:
-        with forced:
-            yield
+        yield
     finally:
         gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = before
 
@@ -237,13 +230,13 @@ def build_layer(run: Run, variant: str, dtype: torch.dtype | None = None):
         return decoder_layer(run.shape, variants(run.shape)[variant], run.device, dtype or run.dtype)
 
 
-def fused_kernel(chunk: int, block_v: int, split: bool):
-    return partial(triton_chunk.triton_chunk_gated_delta_rule, chunk_size=chunk, block_v=block_v, split=split)
+def fused_kernel(block_v: int):
+    return partial(triton_chunk.triton_chunk_gated_delta_rule, block_v=block_v)
 
 
-def config_name(chunk: int, block_v: int, split: bool) -> str:
-    """``fused_c64_v16`` (the recurrence in one scan) or ``split_c64_v16`` (state pass + parallel output)."""
-    return f"{'split' if split else 'fused'}_c{chunk}_v{block_v}"
+def config_name(block_v: int) -> str:
+    """``fused_v16``: the fused kernels with 16 value columns per scan program."""
+    return f"fused_v{block_v}"
 
 
 def can_run_triton(device: torch.device) -> bool:
@@ -266,8 +259,8 @@ def check(run: Run) -> None:
         with switches(False):
             results["fla"] = gdn_ops.gated_delta_rule_from_logits(q, k, v, a, b, A_log, dt_bias, input_mask=mask, scale=scale, initial_state=h0, output_final_state=True)
     if can_run_triton(run.device):
-        for config in run.configs:
-            results[config_name(*config)] = fused_kernel(*config)(
+        for block_v in run.configs:
+            results[config_name(block_v)] = fused_kernel(block_v)(
                 q, k, v, a, b, scale=scale, A_log=A_log, dt_bias=dt_bias, input_mask=mask, initial_state=h0, output_final_state=True)
     errors = {name: {"o": rel(o, want), "state": rel(s, want_state)} for name, (o, s) in results.items()}
     run.rows.append({"phase": "check", "scope": "kernel", "context": t, "errors": errors})
@@ -333,8 +326,8 @@ def bench_kernel(run: Run, t: int, batch: int = 1) -> None:
         calls["fla"] = (partial(gdn_ops.gated_delta_rule, q, k, v, g, beta), False)
         calls["fla+gates"] = (partial(gdn_ops.gated_delta_rule_from_logits, q, k, v, a, b, A_log, dt_bias), False)
     if can_run_triton(run.device):
-        for config in run.configs:
-            calls[config_name(*config)] = (partial(fused_kernel(*config), q, k, v, a, b, scale=run.shape.head_dim**-0.5, A_log=A_log, dt_bias=dt_bias), True)
+        for block_v in run.configs:
+            calls[config_name(block_v)] = (partial(fused_kernel(block_v), q, k, v, a, b, scale=run.shape.head_dim**-0.5, A_log=A_log, dt_bias=dt_bias), True)
     for name, (call, fused) in calls.items():
         try:  # a config that cannot launch costs only its own row
             with switches(fused):
@@ -351,18 +344,18 @@ def bench_prefill(run: Run, t: int) -> None:
     x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
-    calls = []  # (fn, (fused, qk_norm, split): the switches, row)
-    for path, (variant, scale_mode, fused, qk_norm, gdn_first, split) in PATHS.items():
+    calls = []  # (fn, (fused, qk_norm): the switches, row)
+    for path, (variant, scale_mode, fused, qk_norm, gdn_first) in PATHS.items():
         layer = build_layer(run, variant)
         attn, spec = layer.self_attn, layer.self_attn.spec
         attn.gdn_first = gdn_first
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
-        with switches(fused, qk_norm, split):
+        with switches(fused, qk_norm):
             h = layer.input_layernorm(x)
             projected = attn.project(h)
-        calls.append((partial(attn.core, h, *projected, pe, pos, None, None, scale), (fused, qk_norm, split),
+        calls.append((partial(attn.core, h, *projected, pe, pos, None, None, scale), (fused, qk_norm),
                       dict(phase="prefill", scope="core", path=path, context=t)))
-        calls.append((partial(layer, x, pe, pos, None, None, scale), (fused, qk_norm, split), dict(phase="prefill", scope="layer", path=path, context=t)))
+        calls.append((partial(layer, x, pe, pos, None, None, scale), (fused, qk_norm), dict(phase="prefill", scope="layer", path=path, context=t)))
     rounds = [[] for _ in calls]  # (device ms, host ms, back-to-back ms) per round, per call
     for _ in range(2 if run.tiny else ROUNDS):
         for (fn, flags, _), timed in zip(calls, rounds):
@@ -384,11 +377,11 @@ def profile_host(run: Run, t: int, calls: int = 50, top: int = 25) -> None:
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
     for path in ("hybrid_all", "full_qknorm"):
-        variant, scale_mode, fused, qk_norm, _, split = PATHS[path]
+        variant, scale_mode, fused, qk_norm, _ = PATHS[path]
         layer = build_layer(run, variant)
         attn, spec = layer.self_attn, layer.self_attn.spec
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
-        with switches(fused, qk_norm, split):
+        with switches(fused, qk_norm):
             h = layer.input_layernorm(x)
             projected = attn.project(h)
             for scope, fn in (("core", partial(attn.core, h, *projected, pe, pos, None, None, scale)), ("layer", partial(layer, x, pe, pos, None, None, scale))):
@@ -422,7 +415,7 @@ def ms_of(rows: list[dict], **where) -> float | None:
     return row["ms"] if row else None
 
 
-def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, int, bool]) -> dict:
+def summarise(rows: list[dict], contexts: list[int], default_config: int) -> dict:
     """Ratios to full attention at each T, the goals at 4K, where the fused kernels in the layer's config
     (``default_config``, timed when swept) beat fla with the gates in torch."""
     per_context = {}
@@ -432,8 +425,8 @@ def summarise(rows: list[dict], contexts: list[int], default_config: tuple[int, 
             ms = {p: ms_of(rows, scope=scope, path=p, context=t) for p in PATHS}
             entry[scope] = {p: {"ms": ms[p], "over_full": ms[p] / ms["full"] if ms[p] and ms["full"] else None} for p in PATHS}
         kernel = {r["path"]: r["ms"] for r in rows if r.get("phase") == "prefill" and r["scope"] == "kernel" and r["context"] == t and r.get("batch", 1) == 1}
-        fused = {p: ms for p, ms in kernel.items() if p.startswith(("fused", "split"))}
-        default = config_name(*default_config)
+        fused = {p: ms for p, ms in kernel.items() if p.startswith("fused")}
+        default = config_name(default_config)
         entry["kernel"] = {"ms": kernel, "best_fused": min(fused, key=fused.get) if fused else None,
                            "default_fused_over_fla_gates": (kernel[default] / kernel["fla+gates"]) if "fla+gates" in kernel and default in kernel else None}
         per_context[t] = entry
@@ -468,7 +461,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         extra = f"; against full with the one-launch norms too {fmt(goal['vs_full_qknorm'])}" if "vs_full_qknorm" in goal else ""
         extra += "".join(f"; {name.replace('_', ' ')} {fmt(goal[name])}" for name in ("back_to_back", "back_to_back_vs_full_qknorm") if name in goal)
         lines.append(f"- {name} (hybrid_all): {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])}{extra})")
-    lines.append(f"- fused GDN kernels (the layer's config at batch 1, {config_name(*meta['layer_config'])}) "
+    lines.append(f"- fused GDN kernels (the layer's config at batch 1, {config_name(meta['layer_config'])}) "
                  f"faster than fla + torch gates at T = {summary['fused_faster_at']} "
                  "(`FUSED_MAX_TOKENS`: the largest of an unbroken run from the shortest, at batch 1; the batch-8 row shows whether B·T is the right bound)")
     for scope, title in (("core", "attention core"), ("layer", "whole layer")):
@@ -515,22 +508,11 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_configs(text: str) -> tuple[tuple[int, int, bool], ...]:
-    """``64x16,64x16s`` -> ``((64, 16, False), (64, 16, True))``."""
-    configs = []
-    for item in text.split(","):
-        split = item.endswith("s")
-        chunk, block_v = (int(n) for n in item.removesuffix("s").split("x"))
-        configs.append((chunk, block_v, split))
-    return tuple(configs)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="prefill lengths (default 1024 2048 4096 8192; --tiny: 64)")
-    parser.add_argument("--configs", type=parse_configs, default=CONFIGS,
-                        help="fused kernel configs CHUNKxBLOCK_V[s],... to sweep, s = split recurrence (default "
-                        + ",".join(f"{c}x{v}{'s' if split else ''}" for c, v, split in CONFIGS) + ")")
+    parser.add_argument("--configs", type=lambda text: tuple(int(n) for n in text.split(",")), default=CONFIGS,
+                        help="block_v values of the fused kernels to sweep (default " + ",".join(map(str, CONFIGS)) + ")")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script, times nothing useful)")
     parser.add_argument("--max-minutes", type=float, default=3.5, help="skip remaining sections after this long")
     args = parser.parse_args(argv)
@@ -559,11 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
     import triton
 
-    from headscope.kernels.launch import cdiv, sm_count
+    from headscope.kernels.launch import sm_count
 
-    heads = shape.heads - 2
-    layer_config = (triton_chunk.CHUNK_SIZE, triton_chunk.default_block_v(heads, shape.head_dim, sm_count(device)),
-                    triton_chunk.default_split(heads, cdiv(4096, triton_chunk.CHUNK_SIZE)))  # the layer's at batch 1, 4K
+    layer_config = triton_chunk.default_block_v(shape.heads - 2, shape.head_dim, sm_count(device))  # the layer's block_v at batch 1
     summary = summarise(run.rows, contexts, layer_config)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__, "triton": triton.__version__,
             "dtype": str(dtype).replace("torch.", ""), "shape": shape.__dict__, "errors": run.errors, "seconds": time.time() - started,

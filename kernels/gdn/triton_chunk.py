@@ -4,29 +4,38 @@ Why: at batch 1 and a few thousand tokens the GDN branch of a hybrid layer is bo
 arithmetic (4K tokens x 14 heads is ~10 GFLOP, ~15 us of an H100). fla's ``chunk_gated_delta_rule``
 runs five Triton kernels (gate cumsum, fused K Kᵀ + triangular solve, W/U, state recurrence, output)
 behind autotuners and decorators, and the layer computes beta and the decay in ~11 eager ops before it.
-Here the same chunked algorithm (:mod:`.chunk` is its torch twin) is two kernels:
+Here the same chunked algorithm (:mod:`.chunk` is its torch twin), in chunks of 64 tokens, is two kernels:
 
-1. ``_chunk_intra_kernel``, grid ``(chunks, B·H)``, fully parallel. Per chunk of ``BT`` tokens: the gates
-   ``g = -exp(A_log)·softplus(a + dt_bias)``, ``beta = sigmoid(b)`` from the raw logits (or g and beta as
-   given), times the padding mask; ``c = cumsum(g)`` within the chunk;
-   ``L = strict_lower(diag(beta) K Kᵀ ⊙ exp(c_i − c_j))``; ``A = (I + L)⁻¹`` by forward substitution on
-   the ``BC x BC`` diagonal blocks and block rows ``X_i = A_ii (E_i − Σ_{j<i} L_ij X_j)`` merged through a
-   float32 scratch tile (stored, barrier, re-read: register tensors cannot be sliced);
-   ``W = A diag(beta·exp(c)) K``, ``U = A diag(beta) V`` and ``P = scale · (Q Kᵀ ⊙ exp(c_i − c_j))_{i≥j}``.
+1. ``_chunk_intra_kernel``, grid ``(chunks, B·H)``, fully parallel. A chunk is four 16-row blocks held in
+   registers (the layout of fla's fused K Kᵀ + solve kernel): the gates ``g = -exp(A_log)·softplus(a +
+   dt_bias)``, ``beta = sigmoid(b)`` from the raw logits (or g and beta as given), times the padding mask;
+   ``c = cumsum(g)`` within the chunk; the ten lower blocks of ``L = strict_lower(diag(beta) K Kᵀ ⊙
+   exp(c_i − c_j))`` and of ``P = scale · (Q Kᵀ ⊙ exp(c_i − c_j))_{i≥j}``, one dot of two row blocks each;
+   ``A = (I + L)⁻¹``: the four diagonal blocks by forward substitution, the six below by block merges
+   (``A_10 = −A_11 L_10 A_00``, ...); ``W = A diag(beta·exp(c)) K``, ``U = A diag(beta) V`` block row by block row.
 2. ``_chunk_scan_kernel``, grid ``(V / BV, B·H)``: the chunks in order with the state ``S`` (``K x BV``,
    float32) in registers: ``Δ = U − W S``; ``O = scale·diag(exp(c)) Q S + P Δ``;
-   ``S ← exp(c_last) S + (K ⊙ exp(c_last − c))ᵀ Δ``. fla stores S per chunk and computes O in a third,
-   parallel kernel; at batch 1 one launch less and no S round trip is worth more than the two extra
-   dots per step on the sequential path (``benchmarks/gdn_prefill_speed.py`` measures where that stops).
+   ``S ← exp(c_last) S + (K ⊙ exp(c_last − c))ᵀ Δ``.
 
-Config (``benchmarks/results/gdn_prefill_speed.md``, H200, bf16, 14 heads of 128, 2026-12-03): chunk 64 at
-every measured size (chunk 128 is 1.4-1.8x slower at batch 1: twice the work per step of the sequential
-scan). ``block_v`` by :func:`default_block_v`: 16 value columns per scan program while that grid fits in
-one wave of the GPU's SMs, else 32. At batch 1 (B·H = 14: 112 programs at 16, 56 at 32, on 132 SMs) the
-scan's per-step latency is what counts, and half the columns per program is 2-4% faster at every length
-(4K: 0.327 against 0.338 ms); at batch 8 (B·H = 112: 896 programs at 16) the GPU is full either way and 32
-is 14% faster (0.442 against 0.515 ms), presumably because every V-block program loads its chunk's whole W,
-P, Q and K tiles, twice as often at 16. Grids between 132 and 896 programs at 16 were not measured.
+Measured (``benchmarks/gdn_prefill_speed.py``, H200, bf16, 14 heads of 128, GPU ms of each kernel from the
+profiler, triton 3.6; 2026-12-04):
+
+* Intra kernel: the register-block layout replaced one that built the whole 64 x 64 L in a float32 scratch tile
+  and solved it block row by block row (store, barrier, re-load: register tensors cannot be sliced). 0.069
+  against 0.127 ms at 4K, 0.140 against 0.227 at 8K, 0.139 against 0.227 at batch 8 x 1K; the same errors against
+  the float32 reference. 2 warps per program (``INTRA_WARPS``): 1 / 2 / 4 / 8 warps take 0.086 / 0.069 / 0.106 /
+  0.168 ms at 4K.
+* Recurrence: fla stores S per chunk and computes O in a third, parallel kernel. That split was built and
+  measured here: the state pass plus the output kernel took 0.094 + 0.028 ms at 4K against 0.124 for the one
+  scan (0.194 + 0.050 against 0.242 at 8K), so the two dots per step on the sequential path cost nothing
+  measurable, and the split was dropped. fla's own state pass takes 0.077 ms at 4K.
+* ``block_v`` by :func:`default_block_v`: 16 value columns per scan program while that grid fits in one wave of
+  the GPU's SMs, else 32 (2026-12-03: at batch 1, 112 programs at 16, half the columns per program is 2-4% faster;
+  at batch 8, 896 programs, 32 is 14% faster). With 2 warps instead of 4 the scan takes 0.196 ms at 4K
+  (1 stage) and 0.284 (2 stages). With 4 warps, block_v 16 and ``num_stages=1`` the scan faulted (illegal
+  address) on the H200 under triton 3.6, reproducibly; not investigated: the defaults (2 stages for 2-byte
+  inputs, the only ones the dispatcher sends here) do not take it.
+* Chunks of 128 tokens were 1.4-1.8x slower at batch 1 (twice the work per step of the sequential scan).
 
 Every exponent is ``≤ 0`` (c falls within a chunk), masked before ``exp``: no overflow, underflow to 0.
 Precision is fla's: input-dtype operands on the tensor cores with float32 accumulation (S, Δ and A
@@ -43,10 +52,9 @@ import triton.language as tl
 
 from headscope.kernels.launch import cdiv, last_dim_contiguous, launch, next_power_of_2, on_device, sm_count, workspace
 
-SUB_BLOCK = 16  # BC: rows of a diagonal block inverted by forward substitution (tl.dot's smallest side)
-CHUNK_SIZE = 64  # fla's chunk, the measured best (module docstring)
+CHUNK_SIZE = 64  # tokens per chunk: fla's, the measured best, fixed by the intra kernel's four 16-row blocks
+INTRA_WARPS = 2  # warps per intra-chunk program (module docstring)
 NARROW_BLOCK_V, WIDE_BLOCK_V = 16, 32  # the recurrence's value columns per program (default_block_v)
-SPLIT_DEFAULT = False  # default_split
 
 
 @triton.jit
@@ -69,87 +77,6 @@ def _unit_lower_inverse(lower, BC: tl.constexpr):
         row = row + tl.sum(row[:, None] * inv, 0)  # rows < i of inv are final, row[j >= i] = 0
         inv = tl.where(idx[:, None] == i, row[None, :], inv)
     return inv + (idx[:, None] == idx[None, :]).to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["T", "T_PAD"])  # one compile for every length
-def _chunk_intra_kernel(
-    q_ptr, k_ptr, v_ptr, ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr,
-    c_ptr, w_ptr, u_ptr, p_ptr, inv_ptr,
-    T, T_PAD, H, scale,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    RAW_GATES: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-):
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    b = i_bh // H
-    h = i_bh % H
-    rows = tl.arange(0, BT)
-    t = (i_t * BT + rows).to(tl.int64)
-    valid = t < T
-    dk = tl.arange(0, BK)
-    dv = tl.arange(0, BVA)
-
-    # gates: g (log-decay) and beta per token, float32; inert past T and where masked
-    za = tl.load(ga_ptr + b * sga_b + t * sga_t + h * sga_h, mask=valid, other=0.0).to(tl.float32)
-    zb = tl.load(gb_ptr + b * sgb_b + t * sgb_t + h * sgb_h, mask=valid, other=0.0).to(tl.float32)
-    if RAW_GATES:
-        z = za + tl.load(dtb_ptr + h).to(tl.float32)
-        e = tl.exp(-tl.abs(z))
-        one_plus = 1.0 + e
-        log1p = tl.where(one_plus == 1.0, e, tl.log(one_plus) * e / (one_plus - 1.0))  # log1p(e), accurately
-        g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * (tl.maximum(z, 0.0) + log1p)  # softplus(z) = max(z, 0) + log1p(exp(-|z|))
-        beta = tl.sigmoid(zb)
-    else:
-        g = za
-        beta = zb
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + b * sm_b + t * sm_t, mask=valid, other=0).to(tl.float32)
-        g = g * keep
-        beta = beta * keep
-    g = tl.where(valid, g, 0.0)
-    beta = tl.where(valid, beta, 0.0)
-    c = tl.cumsum(g, 0)  # (BT,)
-    scratch = i_bh * T_PAD + i_t * BT  # first row of this chunk in the (B·H, T_PAD, ...) scratch tensors
-    tl.store(c_ptr + scratch + rows, c)
-
-    dtype = w_ptr.dtype.element_ty
-    kk = tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + dk[None, :], mask=valid[:, None] & (dk[None, :] < K), other=0.0)
-    kk = _operand(kk, dtype, UPCAST)  # (BT, BK)
-    lower = rows[:, None] > rows[None, :]
-    decay = tl.exp(tl.where(lower, c[:, None] - c[None, :], 0.0))
-    lmat = tl.where(lower, tl.dot(kk, tl.trans(kk)) * beta[:, None] * decay, 0.0)  # (BT, BT) float32
-    cols = tl.arange(0, BT)
-    inv_tile = inv_ptr + (scratch + rows[:, None]) * BT + cols[None, :]
-    tl.store(inv_tile, lmat)
-    tl.debug_barrier()
-
-    # block rows of (I + L)^-1, written over the rows of L they replace
-    for i in tl.static_range(BT // BC):
-        r = i * BC + tl.arange(0, BC)
-        rc = tl.arange(0, BC)
-        l_ii = tl.load(inv_ptr + (scratch + r[:, None]) * BT + (i * BC + rc)[None, :])
-        acc = (r[:, None] == cols[None, :]).to(tl.float32)  # E_i, (BC, BT)
-        for j in tl.static_range(i):
-            l_ij = tl.load(inv_ptr + (scratch + r[:, None]) * BT + (j * BC + rc)[None, :])
-            x_j = tl.load(inv_ptr + (scratch + j * BC + rc[:, None]) * BT + cols[None, :])
-            acc -= tl.dot(l_ij, x_j)
-        x_i = tl.dot(_unit_lower_inverse(l_ii, BC), acc)
-        tl.debug_barrier()  # every thread has read block row i of L
-        tl.store(inv_ptr + (scratch + r[:, None]) * BT + cols[None, :], x_i)
-        tl.debug_barrier()  # block row i of the inverse is visible to the next block rows
-
-    inv = _operand(tl.load(inv_tile), dtype, UPCAST)
-    w = tl.dot(inv, _operand(kk.to(tl.float32) * (beta * tl.exp(c))[:, None], dtype, UPCAST))  # (BT, BK)
-    tl.store(w_ptr + (scratch + rows[:, None]) * K + dk[None, :], w.to(dtype), mask=dk[None, :] < K)
-    vv = tl.load(v_ptr + b * sv_b + t[:, None] * sv_t + h * sv_h + dv[None, :], mask=valid[:, None] & (dv[None, :] < V), other=0.0)
-    u = tl.dot(inv, _operand(vv.to(tl.float32) * beta[:, None], dtype, UPCAST))  # (BT, BVA)
-    tl.store(u_ptr + (scratch + rows[:, None]) * V + dv[None, :], u.to(dtype), mask=dv[None, :] < V)
-    qq = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + dk[None, :], mask=valid[:, None] & (dk[None, :] < K), other=0.0)
-    qq = _operand(qq, dtype, UPCAST)
-    causal = rows[:, None] >= rows[None, :]
-    p = tl.where(causal, tl.dot(qq, tl.trans(kk)) * tl.exp(tl.where(causal, c[:, None] - c[None, :], 0.0)) * scale, 0.0)
-    tl.store(p_ptr + (scratch + rows[:, None]) * BT + cols[None, :], p.to(dtype))
 
 
 @triton.jit
@@ -204,7 +131,7 @@ def _qkt_block(qi, kj, ci, cj, scale, DIAGONAL: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T", "T_PAD"])  # one compile for every length
-def _chunk_intra64_kernel(
+def _chunk_intra_kernel(
     q_ptr, k_ptr, v_ptr, ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr,
     c_ptr, w_ptr, u_ptr, p_ptr,
     T, T_PAD, H, scale,
@@ -212,10 +139,7 @@ def _chunk_intra64_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVA: tl.constexpr,
     RAW_GATES: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """``_chunk_intra_kernel`` for 64-token chunks as four 16-row blocks held in registers (fla's fused K Kᵀ +
-    triangular solve layout): the ten lower blocks of L and P each from one dot of row blocks, the four
-    diagonal inverses by forward substitution, the off-diagonal inverse blocks by block merges, and W, U
-    block row by block row; no scratch round trip, no barrier."""
+    """One 64-token chunk of one (row, head) as four 16-row blocks held in registers (module docstring, kernel 1)."""
     BC: tl.constexpr = 16
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -361,101 +285,21 @@ def _chunk_scan_kernel(
         tl.store(ht_ptr + ((i_bh * K + dk[:, None]) * V + dv[None, :]), state, mask=k_ok[:, None] & v_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "T_PAD", "n_chunks"])
-def _chunk_state_kernel(
-    k_ptr, c_ptr, w_ptr, u_ptr, h0_ptr, hs_ptr, ht_ptr,
-    T, T_PAD, H, n_chunks,
-    sk_b, sk_t, sk_h, sh0_b, sh0_h, sh0_k, sh0_v,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """The split recurrence's sequential half: per chunk, store the entering state ``S`` (input dtype, as the
-    fused scan rounds it for its dots) and ``Δ = U − W S`` over U, then ``S ← exp(c_last) S + (K ⊙ exp(c_last − c))ᵀ Δ``."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    b = i_bh // H
-    h = i_bh % H
-    rows = tl.arange(0, BT)
-    dk = tl.arange(0, BK)
-    dv = i_v * BV + tl.arange(0, BV)
-    k_ok = dk < K
-    v_ok = dv < V
-    state = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_H0:
-        state += tl.load(h0_ptr + b * sh0_b + h * sh0_h + dk[:, None] * sh0_k + dv[None, :] * sh0_v, mask=k_ok[:, None] & v_ok[None, :], other=0.0)
-    dtype = w_ptr.dtype.element_ty
-    for n in range(n_chunks):
-        t = (n * BT + rows).to(tl.int64)
-        valid = t < T
-        scratch = i_bh * T_PAD + n * BT
-        w = _operand(tl.load(w_ptr + (scratch + rows[:, None]) * K + dk[None, :], mask=k_ok[None, :], other=0.0), dtype, UPCAST)
-        u_tile = u_ptr + (scratch + rows[:, None]) * V + dv[None, :]
-        u = tl.load(u_tile, mask=v_ok[None, :], other=0.0)
-        c = tl.load(c_ptr + scratch + rows)
-        c_last = tl.load(c_ptr + scratch + BT - 1)
-        kk = _operand(tl.load(k_ptr + b * sk_b + t[:, None] * sk_t + h * sk_h + dk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0), dtype, UPCAST)
-        s_in = state.to(dtype)
-        tl.store(hs_ptr + ((i_bh * n_chunks + n) * K + dk[:, None]) * V + dv[None, :], s_in, mask=k_ok[:, None] & v_ok[None, :])
-        delta = u.to(tl.float32) - tl.dot(w, _operand(s_in, dtype, UPCAST))  # (BT, BV)
-        tl.store(u_tile, delta.to(dtype), mask=v_ok[None, :])
-        delta = delta * tl.exp(c_last - c)[:, None]
-        state = state * tl.exp(c_last) + tl.dot(tl.trans(kk), _operand(delta, dtype, UPCAST))
-    if STORE_HT:
-        tl.store(ht_ptr + ((i_bh * K + dk[:, None]) * V + dv[None, :]), state, mask=k_ok[:, None] & v_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["T", "T_PAD", "n_chunks"])
-def _chunk_output_kernel(
-    q_ptr, c_ptr, d_ptr, p_ptr, hs_ptr, o_ptr,
-    T, T_PAD, H, n_chunks, scale,
-    sq_b, sq_t, sq_h, so_b, so_t, so_h,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """The split recurrence's parallel half, grid ``(chunks, V / BV, B·H)``: ``O = scale·diag(exp(c)) Q S + P Δ``
-    from the entering state S and the Δ the state kernel stored (the fused scan's output, off the sequential path)."""
-    i_t = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    b = i_bh // H
-    h = i_bh % H
-    rows = tl.arange(0, BT)
-    t = (i_t * BT + rows).to(tl.int64)
-    valid = t < T
-    dk = tl.arange(0, BK)
-    dv = i_v * BV + tl.arange(0, BV)
-    k_ok = dk < K
-    v_ok = dv < V
-    dtype = d_ptr.dtype.element_ty
-    scratch = i_bh * T_PAD + i_t * BT
-    qq = _operand(tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h * sq_h + dk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0), dtype, UPCAST)
-    s_in = _operand(tl.load(hs_ptr + ((i_bh * n_chunks + i_t) * K + dk[:, None]) * V + dv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0), dtype, UPCAST)
-    p = _operand(tl.load(p_ptr + (scratch + rows[:, None]) * BT + rows[None, :]), dtype, UPCAST)
-    delta = _operand(tl.load(d_ptr + (scratch + rows[:, None]) * V + dv[None, :], mask=v_ok[None, :], other=0.0), dtype, UPCAST)
-    c = tl.load(c_ptr + scratch + rows)
-    o = tl.dot(qq, s_in) * (tl.exp(c) * scale)[:, None] + tl.dot(p, delta)
-    tl.store(o_ptr + b * so_b + t[:, None] * so_t + h * so_h + dv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None] & v_ok[None, :])
-
-
 def default_block_v(batch_heads: int, value_dim: int, n_sms: int) -> int:
     """``NARROW_BLOCK_V`` while the recurrence's grid at that width (``V / 16`` x ``B·H`` programs) fits in
     one wave of ``n_sms`` SMs, else ``WIDE_BLOCK_V`` (module docstring: measured at B·H = 14 and 112)."""
     return NARROW_BLOCK_V if cdiv(value_dim, NARROW_BLOCK_V) * batch_heads <= n_sms else WIDE_BLOCK_V
 
 
-def default_split(batch_heads: int, n_chunks: int) -> bool:
-    """Whether the recurrence runs split (state pass + parallel output) by default: see the module docstring."""
-    return SPLIT_DEFAULT
-
-
 def triton_chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, write: torch.Tensor, *,
     scale: float, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False, out: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE, block_v: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None, split: bool | None = None,
-    intra_blocks: bool | None = None, intra_warps: int | None = None,
+    output_final_state: bool = False, out: torch.Tensor | None = None, block_v: int | None = None,
+    num_warps: int = 4, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule over a sequence in two Triton launches, or three when ``split`` (no input checks, no autograd).
+    """The gated delta rule over a sequence in two Triton launches, chunks of ``CHUNK_SIZE`` tokens (no input
+    checks, no autograd).
 
     Args:
         q, k: ``(B, T, H, K)`` L2-normalised, v: ``(B, T, H, V)``; one dtype; any strides with the last one 1
@@ -469,18 +313,13 @@ def triton_chunk_gated_delta_rule(
         output_final_state: also return the state after the last token.
         out: ``(B, T, H, V)`` to write the output into (any strides, e.g. a slice of the layer's per-head
             output), allocated in q's dtype when None.
-        chunk_size: tokens per chunk ``BT`` (a multiple of 16; 64 as fla; 128 needs 2-byte inputs at head dim
-            128: float32 tiles of 128 tokens ask for more shared memory than an sm_90 SM has).
         block_v: value columns per program of the recurrence (its grid is ``V / block_v`` x ``B·H``);
             :func:`default_block_v` for the device when None.
-        num_warps: warps per program (4 for ``chunk_size`` <= 64, else 8, when None).
+        num_warps: warps per program of the recurrence (the intra-chunk kernel runs ``INTRA_WARPS``).
         num_stages: software-pipelining depth of the recurrence's chunk loop (the next chunk's W, U, P, Q,
-            K tiles are fetched while this one computes): 2 for ``chunk_size`` <= 64 and 2-byte inputs, else
-            1 when None (sm_90, K = V = 128, block_v 32, bf16: chunk 64 takes ~125 KB of shared memory at 2
-            stages, 188 KB at 3, chunk 128 ~145 KB at 1 and over the SM's 227 KB from 2 on; float32 doubles
-            every tile: chunk 64 needs 1 stage). ``benchmarks/triton_compile_check.py`` checks the helper's cases.
-        split: the recurrence as two kernels (the sequential state pass, then every chunk's output in parallel)
-            instead of one; :func:`default_split` when None.
+            K tiles are fetched while this one computes): 2 for 2-byte inputs, else 1 when None (sm_90,
+            K = V = 128, block_v 32, bf16: ~125 KB of shared memory at 2 stages, 188 KB at 3; float32 doubles
+            every tile). ``benchmarks/triton_compile_check.py`` checks the helper's cases.
     Returns:
         ``out`` and the final state ``(B, H, K, V)`` float32, or None unless ``output_final_state``.
     """
@@ -494,68 +333,33 @@ def triton_chunk_gated_delta_rule(
         if final is not None:
             final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
         return out, final
-    n_chunks = cdiv(length, chunk_size)
-    padded = n_chunks * chunk_size
-    split = default_split(batch * n_heads, n_chunks) if split is None else split
-    rows = batch * n_heads * padded  # the scratch tensors, flat, in one allocation: c, inverse (float32), w, u, p, states
-    c, inverse, w, u, p, states = workspace(q.device, (torch.float32, rows), (torch.float32, rows * chunk_size),
-                                            (q.dtype, rows * key_dim), (q.dtype, rows * value_dim), (q.dtype, rows * chunk_size),
-                                            (q.dtype, batch * n_heads * n_chunks * key_dim * value_dim if split else 0))
+    n_chunks = cdiv(length, CHUNK_SIZE)
+    padded = n_chunks * CHUNK_SIZE
+    rows = batch * n_heads * padded  # the scratch tensors, flat, in one allocation: c (float32), w, u, p
+    c, w, u, p = workspace(q.device, (torch.float32, rows), (q.dtype, rows * key_dim), (q.dtype, rows * value_dim), (q.dtype, rows * CHUNK_SIZE))
     raw = A_log is not None
     mask = input_mask if input_mask is not None else decay  # placeholder pointers when unused
-    warps = num_warps or (4 if chunk_size <= 64 else 8)
     block_k, block_va = max(16, next_power_of_2(key_dim)), max(16, next_power_of_2(value_dim))
     block_v = max(16, min(block_v or default_block_v(batch * n_heads, value_dim, sm_count(q.device)), block_va))
-    blocks = chunk_size == 64 if intra_blocks is None else intra_blocks
     with on_device(q):
-        if blocks:
-            launch(
-                _chunk_intra64_kernel, (n_chunks, batch * n_heads),
-                q, k, v, decay, write, A_log if raw else decay, dt_bias if raw else decay, mask,
-                c, w, u, p,
-                length, padded, n_heads, scale,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                *decay.stride(), *write.stride(), *(mask.stride() if input_mask is not None else (0, 0)),
-                K=key_dim, V=value_dim, BK=block_k, BVA=block_va,
-                RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=intra_warps or warps,
-            )
-        else:
-          launch(
+        launch(
             _chunk_intra_kernel, (n_chunks, batch * n_heads),
             q, k, v, decay, write, A_log if raw else decay, dt_bias if raw else decay, mask,
-            c, w, u, p, inverse,
+            c, w, u, p,
             length, padded, n_heads, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *decay.stride(), *write.stride(), *(mask.stride() if input_mask is not None else (0, 0)),
-            K=key_dim, V=value_dim, BK=block_k, BVA=block_va, BT=chunk_size, BC=SUB_BLOCK,
-            RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=intra_warps or warps,
-          )
-        h0 = initial_state if initial_state is not None else c
-        stages = num_stages or (2 if chunk_size <= 64 and q.element_size() == 2 else 1)
-        if split:
-            launch(
-                _chunk_state_kernel, (cdiv(value_dim, block_v), batch * n_heads),
-                k, c, w, u, h0, states, final if final is not None else c,
-                length, padded, n_heads, n_chunks,
-                *k.stride()[:3], *(initial_state.stride() if initial_state is not None else (0, 0, 0, 0)),
-                K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=chunk_size,
-                HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages,
-            )
-            launch(
-                _chunk_output_kernel, (n_chunks, cdiv(value_dim, block_va), batch * n_heads),
-                q, c, u, p, states, out,
-                length, padded, n_heads, n_chunks, scale,
-                *q.stride()[:3], *out.stride()[:3],
-                K=key_dim, V=value_dim, BK=block_k, BV=block_va, BT=chunk_size, UPCAST=not q.is_cuda, num_warps=warps,
-            )
-            return out, final
+            K=key_dim, V=value_dim, BK=block_k, BVA=block_va,
+            RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=INTRA_WARPS,
+        )
         launch(
             _chunk_scan_kernel, (cdiv(value_dim, block_v), batch * n_heads),
-            q, k, c, w, u, p, h0, out, final if final is not None else c,
+            q, k, c, w, u, p, initial_state if initial_state is not None else c, out, final if final is not None else c,
             length, padded, n_heads, n_chunks, scale,
             *q.stride()[:3], *k.stride()[:3],
             *(initial_state.stride() if initial_state is not None else (0, 0, 0, 0)), *out.stride()[:3],
-            K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=chunk_size,
-            HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=warps, num_stages=stages,
+            K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=CHUNK_SIZE,
+            HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=num_warps,
+            num_stages=num_stages or (2 if q.element_size() == 2 else 1),
         )
     return out, final
