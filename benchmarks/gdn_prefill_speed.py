@@ -37,13 +37,16 @@ kernel config and fla against the float32 token-by-token reference, o and final 
 left-padded row and an initial state; the layer's core on the fla and fused paths against the same layer
 in float32 through the torch paths, ``HEADSCOPE_NO_TRITON=1``; the one-launch q/k RMSNorm, which both of
 those core paths run, at T and T = 1 against float32, beside the torch norm); ``prefill`` (core and whole layer per
-path); ``kernel`` (the GDN call alone, 14 heads, at each T and at B = 8 x 1024: fla given g/beta, fla with
+path); ``host profile`` (at 4K: cProfile of the enqueueing Python of the core and the layer of ``hybrid_all`` and
+``full_qknorm``, the functions with the most own time); ``kernel`` (the GDN call alone, 14 heads, at each T and at B = 8 x 1024: fla given g/beta, fla with
 the gates in torch, the fused kernels at each ``block_v`` swept), last, as the first to go when the time budget
 (``--max-minutes``) runs out. Each timing: device ms (CUDA events, median), host ms (time
 to enqueue the call, no sync: when it is close to the device time the call is launch-bound), back-to-back ms
 (per call of 20 enqueued between one pair of events: the host enqueues the next call while the GPU runs this one,
 as layers follow each other in a model's forward; the goals stay on the isolated device ms) and the
-kernels launched (torch.profiler's CUDA activity of one call; memcpy/memset included).
+kernels launched with each one's GPU ms (torch.profiler's CUDA activity of one call; memcpy/memset included).
+A ``block_v`` above the head dim runs as the head dim rounded up to a power of 2 (the launcher clamps it), under its
+requested name.
 
 Usage (GPU): ``python benchmarks/gdn_prefill_speed.py`` (writes ``$OUT/gdn_prefill_speed.{json,md}``, OUT
 defaults to benchmarks/results). ``--tiny``: tiny shapes on the CPU, to check the script (under
@@ -304,7 +307,8 @@ def check_layer(run: Run, t: int) -> None:
     pos = torch.arange(t, device=run.device)[None]
     with mock.patch.dict(os.environ, {"HEADSCOPE_NO_TRITON": "1"}):  # the torch paths (float32 matmuls, no tf32)
         want = attn.core(x, *attn.project(x), rope(pos, run.shape.head_dim, torch.float32), pos)
-    attn.to(run.dtype)
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as the timed layers have (``build_layer``)
+        attn.to(run.dtype)
     xd, pe = x.to(run.dtype), rope(pos, run.shape.head_dim, run.dtype)
     errors = {}
     for name, enabled in (("fla", False), ("fused", True)):
@@ -368,8 +372,8 @@ def bench_prefill(run: Run, t: int) -> None:
 
 def profile_host(run: Run, t: int, calls: int = 50, top: int = 25) -> None:
     """Where the host time of one prefill call goes: cProfile over ``calls`` calls of the core and the layer of
-    ``hybrid_all`` and ``full_qknorm`` (the GPU synchronised after each call, outside nothing: the profile is of
-    the enqueueing Python), the ``top`` functions by own time, in microseconds per call."""
+    ``hybrid_all`` and ``full_qknorm`` (the GPU synchronised before each call, outside the profiled region: the
+    profile is of the enqueueing Python), the ``top`` functions by own time, in microseconds per call."""
     import cProfile
     import pstats
 
@@ -387,14 +391,14 @@ def profile_host(run: Run, t: int, calls: int = 50, top: int = 25) -> None:
             for scope, fn in (("core", partial(attn.core, h, *projected, pe, pos, None, None, scale)), ("layer", partial(layer, x, pe, pos, None, None, scale))):
                 for _ in range(3):
                     fn()
+                n = 2 if run.tiny else calls
                 profiler = cProfile.Profile()
-                for _ in range(2 if run.tiny else calls):
+                for _ in range(n):
                     if run.device.type == "cuda":
                         torch.cuda.synchronize()
                     profiler.enable()
                     fn()
                     profiler.disable()
-                n = 2 if run.tiny else calls
                 stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
                 total = sum(v[2] for v in stats.values()) * 1e6 / n
                 ranked = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]

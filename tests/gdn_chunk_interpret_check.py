@@ -20,7 +20,8 @@ from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print
 CASES = [
     ("raw_gates_mask_state", 2, 150, 3, 32, 48, 16, True, True, True, 1.0),  # V not a power of 2, 3 chunks, the last partial
     ("given_gates", 1, 150, 2, 16, 32, 32, False, False, False, 1.0),
-    ("strong_decay_partial_chunk", 1, 20, 2, 16, 16, 16, False, False, True, 40.0),  # fewer tokens than one row block
+    ("strong_decay_partial_chunk", 1, 12, 2, 16, 16, 16, False, False, True, 40.0),  # fewer tokens than one 16-row block
+    ("weak_decay_state_chunks", 1, 200, 2, 32, 32, 16, False, False, True, 0.02),  # early tokens reach late block rows and chunks
     ("head_dim_128", 1, 80, 1, 128, 128, 32, True, False, False, 1.0),  # the Qwen3-1.7B tiles
 ]
 # bf16 only: the Qwen3-1.7B tiles with everything on (float32 128-wide tiles are slow in the interpreter)

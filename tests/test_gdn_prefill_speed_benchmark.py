@@ -34,7 +34,7 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gdn_prefill_speed.json").read_text())
     assert result["meta"]["interpreter"] and not result["meta"]["errors"]
-    assert result["meta"]["layer_config"] == 16  # default_block_v: 3 heads fill one wave
+    assert result["meta"]["layer_config"] == 16  # default_block_v: 3 heads fit in one wave
     rows = result["rows"]
     kernel_check = next(r for r in rows if r["phase"] == "check" and r["scope"] == "kernel")
     assert set(kernel_check["errors"]) == {"fused_v32", "fused_v16"}

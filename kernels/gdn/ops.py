@@ -25,7 +25,8 @@ grows linearly with T while fla stays nearly flat, so the bound is not extrapola
 intra kernel (2026-12-04, same box): 0.154 / 0.179 / 0.288 / 0.467 ms at batch 1 x 1K-8K and 0.421 at batch 8 x 1K
 against 0.986 / 1.002 / 0.927 / 0.935 and 1.453 for fla with the gates in torch; counting only GPU time fla is
 ahead from 4K on (0.176 against 0.192 ms at 4K, 0.328 against 0.384 at 8K) and at batch 8 x 1K (0.256 against 0.278):
-there fla's host time (~0.7 ms a call) is what the fused path saves. The environment
+there fla's host time (~0.7 ms a call) is what the fused path saves, so the bound rests on host time, not on
+the kernels' speed. The environment
 variable ``HEADSCOPE_GDN_FUSED_MAX_TOKENS`` sets it at import (0 turns the fused path off).
 
 fla's fused recurrent kernel has no backward, so a T == 1 call that needs gradients goes to the chunk

@@ -33,8 +33,8 @@ profiler, triton 3.6; 2026-12-04):
   the GPU's SMs, else 32 (2026-12-03: at batch 1, 112 programs at 16, half the columns per program is 2-4% faster;
   at batch 8, 896 programs, 32 is 14% faster). With 2 warps instead of 4 the scan takes 0.196 ms at 4K
   (1 stage) and 0.284 (2 stages). With 4 warps, block_v 16 and ``num_stages=1`` the scan faulted (illegal
-  address) on the H200 under triton 3.6, reproducibly; not investigated: the defaults (2 stages for 2-byte
-  inputs, the only ones the dispatcher sends here) do not take it.
+  address) on the H200 under triton 3.6, reproducibly; not investigated. The launcher never takes it: 2 stages
+  for 2-byte inputs, float32 refused on CUDA (its 1-stage loop, at 4 warps and block_v 16, is that configuration).
 * Chunks of 128 tokens were 1.4-1.8x slower at batch 1 (twice the work per step of the sequential scan).
 
 Every exponent is ``≤ 0`` (c falls within a chunk), masked before ``exp``: no overflow, underflow to 0.
@@ -136,11 +136,12 @@ def _chunk_intra_kernel(
     c_ptr, w_ptr, u_ptr, p_ptr,
     T, T_PAD, H, scale,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVA: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVA: tl.constexpr, BT: tl.constexpr,
     RAW_GATES: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One 64-token chunk of one (row, head) as four 16-row blocks held in registers (module docstring, kernel 1)."""
+    """One chunk of ``BT`` = 64 tokens of one (row, head) as four 16-row blocks held in registers (module docstring, kernel 1)."""
     BC: tl.constexpr = 16
+    tl.static_assert(BT == 4 * BC, "the intra kernel holds a chunk as four 16-row blocks")
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     b = i_bh // H
@@ -148,7 +149,7 @@ def _chunk_intra_kernel(
     o = tl.arange(0, BC)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BVA)
-    t0 = (i_t * 64 + o).to(tl.int64)
+    t0 = (i_t * BT + o).to(tl.int64)
     t1, t2, t3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
     m0, m1, m2, m3 = t0 < T, t1 < T, t2 < T, t3 < T
     g0, beta0 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t0, m0, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
@@ -159,7 +160,7 @@ def _chunk_intra_kernel(
     c1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
     c2 = tl.cumsum(g2, 0) + (tl.sum(g0, 0) + tl.sum(g1, 0))
     c3 = tl.cumsum(g3, 0) + (tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0))
-    scratch = i_bh * T_PAD + i_t * 64  # first row of this chunk in the (B·H, T_PAD, ...) scratch tensors
+    scratch = i_bh * T_PAD + i_t * BT  # first row of this chunk in the (B·H, T_PAD, ...) scratch tensors
     tl.store(c_ptr + scratch + o, c0)
     tl.store(c_ptr + scratch + BC + o, c1)
     tl.store(c_ptr + scratch + 2 * BC + o, c2)
@@ -177,22 +178,22 @@ def _chunk_intra_kernel(
     q2 = _operand(_rows(q_ptr, b, t2, h, sq_b, sq_t, sq_h, dk, K, m2), dtype, UPCAST)
     q3 = _operand(_rows(q_ptr, b, t3, h, sq_b, sq_t, sq_h, dk, K, m3), dtype, UPCAST)
     zero = tl.zeros((BC, BC), dtype=tl.float32)
-    p_row = p_ptr + (scratch + o[:, None]) * 64 + o[None, :]  # block (0, 0) of this chunk's (64, 64) P
+    p_row = p_ptr + (scratch + o[:, None]) * BT + o[None, :]  # block (0, 0) of this chunk's (BT, BT) P
     tl.store(p_row, _qkt_block(q0, k0, c0, c0, scale, True, BC).to(dtype))
     tl.store(p_row + BC, zero.to(dtype))
     tl.store(p_row + 2 * BC, zero.to(dtype))
     tl.store(p_row + 3 * BC, zero.to(dtype))
-    p_row += BC * 64
+    p_row += BC * BT
     tl.store(p_row, _qkt_block(q1, k0, c1, c0, scale, False, BC).to(dtype))
     tl.store(p_row + BC, _qkt_block(q1, k1, c1, c1, scale, True, BC).to(dtype))
     tl.store(p_row + 2 * BC, zero.to(dtype))
     tl.store(p_row + 3 * BC, zero.to(dtype))
-    p_row += BC * 64
+    p_row += BC * BT
     tl.store(p_row, _qkt_block(q2, k0, c2, c0, scale, False, BC).to(dtype))
     tl.store(p_row + BC, _qkt_block(q2, k1, c2, c1, scale, False, BC).to(dtype))
     tl.store(p_row + 2 * BC, _qkt_block(q2, k2, c2, c2, scale, True, BC).to(dtype))
     tl.store(p_row + 3 * BC, zero.to(dtype))
-    p_row += BC * 64
+    p_row += BC * BT
     tl.store(p_row, _qkt_block(q3, k0, c3, c0, scale, False, BC).to(dtype))
     tl.store(p_row + BC, _qkt_block(q3, k1, c3, c1, scale, False, BC).to(dtype))
     tl.store(p_row + 2 * BC, _qkt_block(q3, k2, c3, c2, scale, False, BC).to(dtype))
@@ -295,15 +296,14 @@ def triton_chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, write: torch.Tensor, *,
     scale: float, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False, out: torch.Tensor | None = None, block_v: int | None = None,
-    num_warps: int = 4, num_stages: int | None = None,
+    output_final_state: bool = False, out: torch.Tensor | None = None, block_v: int | None = None, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule over a sequence in two Triton launches, chunks of ``CHUNK_SIZE`` tokens (no input
     checks, no autograd).
 
     Args:
-        q, k: ``(B, T, H, K)`` L2-normalised, v: ``(B, T, H, V)``; one dtype; any strides with the last one 1
-            (others are copied).
+        q, k: ``(B, T, H, K)`` L2-normalised, v: ``(B, T, H, V)``; one dtype, bf16 or fp16 on CUDA (float32 too
+            under the interpreter); any strides with the last one 1 (others are copied).
         decay, write: ``(B, T, H)``: the log-decay g (<= 0) and beta; or, when ``A_log`` is given, the raw
             logits ``a`` and ``b`` of ``g = -exp(A_log)·softplus(a + dt_bias)`` and ``beta = sigmoid(b)``.
         scale: query scale.
@@ -316,13 +316,16 @@ def triton_chunk_gated_delta_rule(
         block_v: value columns per program of the recurrence (its grid is ``V / block_v`` x ``B·H``);
             :func:`default_block_v` for the device when None.
         num_warps: warps per program of the recurrence (the intra-chunk kernel runs ``INTRA_WARPS``).
-        num_stages: software-pipelining depth of the recurrence's chunk loop (the next chunk's W, U, P, Q,
-            K tiles are fetched while this one computes): 2 for 2-byte inputs, else 1 when None (sm_90,
-            K = V = 128, block_v 32, bf16: ~125 KB of shared memory at 2 stages, 188 KB at 3; float32 doubles
-            every tile). ``benchmarks/triton_compile_check.py`` checks the helper's cases.
+    The recurrence's chunk loop is software-pipelined 2 deep for 2-byte inputs (the next chunk's W, U, P, Q, K
+    tiles are fetched while this one computes; sm_90, K = V = 128, block_v 32: ~125 KB of shared memory), 1 deep
+    for float32, which doubles every tile (the interpreter, and ``benchmarks/triton_compile_check.py``, which
+    compiles the helper's cases). float32 is refused on CUDA: its 1-stage loop is the configuration that
+    faulted on the H200 (module docstring).
     Returns:
         ``out`` and the final state ``(B, H, K, V)`` float32, or None unless ``output_final_state``.
     """
+    if q.is_cuda and q.element_size() != 2:
+        raise ValueError(f"triton_chunk_gated_delta_rule: bf16 or fp16 inputs on CUDA, got {q.dtype} (the dispatcher sends float32 to fla)")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     batch, length, n_heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -349,7 +352,7 @@ def triton_chunk_gated_delta_rule(
             length, padded, n_heads, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *decay.stride(), *write.stride(), *(mask.stride() if input_mask is not None else (0, 0)),
-            K=key_dim, V=value_dim, BK=block_k, BVA=block_va,
+            K=key_dim, V=value_dim, BK=block_k, BVA=block_va, BT=CHUNK_SIZE,
             RAW_GATES=raw, HAS_MASK=input_mask is not None, UPCAST=not q.is_cuda, num_warps=INTRA_WARPS,
         )
         launch(
@@ -360,6 +363,6 @@ def triton_chunk_gated_delta_rule(
             *(initial_state.stride() if initial_state is not None else (0, 0, 0, 0)), *out.stride()[:3],
             K=key_dim, V=value_dim, BK=block_k, BV=block_v, BT=CHUNK_SIZE,
             HAS_H0=initial_state is not None, STORE_HT=final is not None, UPCAST=not q.is_cuda, num_warps=num_warps,
-            num_stages=num_stages or (2 if q.element_size() == 2 else 1),
+            num_stages=2 if q.element_size() == 2 else 1,
         )
     return out, final
