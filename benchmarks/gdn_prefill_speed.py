@@ -158,11 +158,10 @@ def launches(fn, device: torch.device) -> dict | None:
         fn()
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    names = Counter(e.name[:90] for e in events)
-    busy = sum(e.time_range.end - e.time_range.start for e in events) / 1e3
-    ms_by_name = Counter()
+    names, ms_by_name = Counter(e.name[:90] for e in events), Counter()
     for e in events:
         ms_by_name[e.name[:90]] += (e.time_range.end - e.time_range.start) / 1e3
+    busy = sum(ms_by_name.values())
     spans = [(e.name[:60], e.time_range.start, e.time_range.end) for e in events]
     return {"count": len(events), "busy_ms": busy, "by_name": dict(names.most_common()), "ms_by_name": dict(ms_by_name.most_common()),
             "gaps": idle_gaps(spans)}
@@ -340,16 +339,15 @@ def bench_kernel(run: Run, t: int, batch: int = 1) -> None:
             run.errors.append(f"kernel {name} B={batch} T={t}: {type(err).__name__}: {str(err)[:300]}")
 
 
-def bench_prefill(run: Run, t: int) -> None:
-    """Core and whole layer per path, B = 1, no cache. The paths are timed in ``ROUNDS`` interleaved rounds
-    (every path once per round) and each row keeps the median of its rounds' medians: the box's host jitter
-    (one 4K row of the second H200 run took 0.9 ms to enqueue what took 0.5 ms at 2K and 8K) then hits every
-    path alike instead of whichever happened to run during it."""
+def path_calls(run: Run, t: int, paths=tuple(PATHS)) -> dict[str, tuple[tuple[bool, bool], dict]]:
+    """Per path of ``paths`` (names in ``PATHS``): its switches ``(fused, qk_norm)`` and its two calls at B = 1, T = ``t``, no cache:
+    ``{"core": attn.core on the projected input, "layer": the whole decoder layer}`` (a fresh layer per path)."""
     x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
-    calls = []  # (fn, (fused, qk_norm): the switches, row)
-    for path, (variant, scale_mode, fused, qk_norm, gdn_first) in PATHS.items():
+    out = {}
+    for path in paths:
+        variant, scale_mode, fused, qk_norm, gdn_first = PATHS[path]
         layer = build_layer(run, variant)
         attn, spec = layer.self_attn, layer.self_attn.spec
         attn.gdn_first = gdn_first
@@ -357,9 +355,18 @@ def bench_prefill(run: Run, t: int) -> None:
         with switches(fused, qk_norm):
             h = layer.input_layernorm(x)
             projected = attn.project(h)
-        calls.append((partial(attn.core, h, *projected, pe, pos, None, None, scale), (fused, qk_norm),
-                      dict(phase="prefill", scope="core", path=path, context=t)))
-        calls.append((partial(layer, x, pe, pos, None, None, scale), (fused, qk_norm), dict(phase="prefill", scope="layer", path=path, context=t)))
+        out[path] = ((fused, qk_norm), {"core": partial(attn.core, h, *projected, pe, pos, None, None, scale),
+                                        "layer": partial(layer, x, pe, pos, None, None, scale)})
+    return out
+
+
+def bench_prefill(run: Run, t: int) -> None:
+    """Core and whole layer per path, B = 1, no cache. The paths are timed in ``ROUNDS`` interleaved rounds
+    (every path once per round) and each row keeps the median of its rounds' medians: the box's host jitter
+    (one 4K row of the second H200 run took 0.9 ms to enqueue what took 0.5 ms at 2K and 8K) then hits every
+    path alike instead of whichever happened to run during it."""
+    calls = [(fn, flags, dict(phase="prefill", scope=scope, path=path, context=t))  # (fn, the switches, row)
+             for path, (flags, fns) in path_calls(run, t).items() for scope, fn in fns.items()]
     rounds = [[] for _ in calls]  # (device ms, host ms, back-to-back ms) per round, per call
     for _ in range(2 if run.tiny else ROUNDS):
         for (fn, flags, _), timed in zip(calls, rounds):
@@ -377,18 +384,9 @@ def profile_host(run: Run, t: int, calls: int = 50, top: int = 25) -> None:
     import cProfile
     import pstats
 
-    x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
-    pos = torch.arange(t, device=run.device)[None]
-    pe = rope(pos, run.shape.head_dim, run.dtype)
-    for path in ("hybrid_all", "full_qknorm"):
-        variant, scale_mode, fused, qk_norm, _ = PATHS[path]
-        layer = build_layer(run, variant)
-        attn, spec = layer.self_attn, layer.self_attn.spec
-        scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
-        with switches(fused, qk_norm):
-            h = layer.input_layernorm(x)
-            projected = attn.project(h)
-            for scope, fn in (("core", partial(attn.core, h, *projected, pe, pos, None, None, scale)), ("layer", partial(layer, x, pe, pos, None, None, scale))):
+    for path, (flags, fns) in path_calls(run, t, ("hybrid_all", "full_qknorm")).items():
+        with switches(*flags):
+            for scope, fn in fns.items():
                 for _ in range(3):
                     fn()
                 n = 2 if run.tiny else calls

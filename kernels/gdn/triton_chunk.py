@@ -156,10 +156,10 @@ def _chunk_intra_kernel(
     g1, beta1 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t1, m1, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
     g2, beta2 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t2, m2, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
     g3, beta3 = _block_gates(ga_ptr, gb_ptr, alog_ptr, dtb_ptr, mask_ptr, b, h, t3, m3, sga_b, sga_t, sga_h, sgb_b, sgb_t, sgb_h, sm_b, sm_t, RAW_GATES, HAS_MASK)
-    c0 = tl.cumsum(g0, 0)  # c within the chunk, block by block
-    c1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
-    c2 = tl.cumsum(g2, 0) + (tl.sum(g0, 0) + tl.sum(g1, 0))
-    c3 = tl.cumsum(g3, 0) + (tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0))
+    s0 = tl.sum(g0, 0)  # c within the chunk, block by block: each block's cumsum after the blocks before it
+    s1 = s0 + tl.sum(g1, 0)
+    s2 = s1 + tl.sum(g2, 0)
+    c0, c1, c2, c3 = tl.cumsum(g0, 0), tl.cumsum(g1, 0) + s0, tl.cumsum(g2, 0) + s1, tl.cumsum(g3, 0) + s2
     scratch = i_bh * T_PAD + i_t * BT  # first row of this chunk in the (B·H, T_PAD, ...) scratch tensors
     tl.store(c_ptr + scratch + o, c0)
     tl.store(c_ptr + scratch + BC + o, c1)
