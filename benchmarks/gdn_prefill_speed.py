@@ -510,10 +510,15 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def block_v_values(text: str) -> tuple[int, ...]:
+    """``--configs``: ``32,16`` -> ``(32, 16)``."""
+    return tuple(int(n) for n in text.split(","))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="prefill lengths (default 1024 2048 4096 8192; --tiny: 64)")
-    parser.add_argument("--configs", type=lambda text: tuple(int(n) for n in text.split(",")), default=CONFIGS,
+    parser.add_argument("--configs", type=block_v_values, default=CONFIGS,
                         help="block_v values of the fused kernels to sweep (default " + ",".join(map(str, CONFIGS)) + ")")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script, times nothing useful)")
     parser.add_argument("--max-minutes", type=float, default=3.5, help="skip remaining sections after this long")
