@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 from contextlib import contextmanager
 
 import torch
@@ -144,6 +145,43 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
     return {"rows": rows, "checked_tokens": n, "max_gap": float(gap.max()), "mean_gap": float(gap.mean()), "consistent": int(ok.sum()),
             "first_inconsistent": int(bad_steps[0]) if len(bad_steps) else None, "tolerance": gap_tol,
             "first_step_max_abs_diff": float(diff.max()), "reference_dtype": str(reference_dtype or dtype).removeprefix("torch.")}
+
+
+def ttft_ms(result: dict) -> float:
+    """A variant's TTFT: the median of its interleaved rounds where it has them, else its timed call's."""
+    rounds = result.get("ttft_rounds_ms")
+    return statistics.median(rounds) if rounds else result["ttft_ms"]
+
+
+def ttft_text(result: dict) -> str:
+    """The TTFT cell: ``median (min-max, n rounds)`` of the interleaved rounds, or the timed call's alone."""
+    rounds = result.get("ttft_rounds_ms")
+    if not rounds:
+        return f"{result['ttft_ms']:.1f}"
+    return f"{statistics.median(rounds):.1f} ({min(rounds):.1f}-{max(rounds):.1f}, {len(rounds)} rounds)"
+
+
+def ttft_table(rows: dict) -> list[str]:
+    """Lines of the TTFT ratios of the rows measured in interleaved rounds: each original variant's median over
+    the hybrid_graph's (above 1: the hybrid gets its first token sooner)."""
+    measured = [r for r in rows.values() if "ttft_rounds_ms" in r.get("variants", {}).get("hybrid_graph", {})]
+    if not measured:
+        return []
+    lines = ["", "## Time to first token, interleaved rounds: the original's / the hybrid's", "",
+             "Median ms of calls stopped at the first token, every variant once per round (`--ttft-rounds`); "
+             "original_compiled's is its timed call's.", "",
+             "| model | context | batch | prompt | hybrid_graph ms | original ms (x) | original_compiled ms (x) | original_graph ms (x) | hybrid_eager ms |",
+             "|---|---:|---:|---|---:|---|---|---|---:|"]
+    for record in measured:
+        model, context, batch = record["row"].split(":")
+        variants = record["variants"]
+        hybrid = ttft_ms(variants["hybrid_graph"])
+        cell = lambda name: (f"{ttft_ms(variants[name]):.1f} ({ttft_ms(variants[name]) / hybrid:.2f}x)"  # noqa: E731
+                             if "ttft_ms" in variants.get(name, {}) else "-")
+        eager = f"{ttft_ms(variants['hybrid_eager']):.1f}" if "ttft_ms" in variants.get("hybrid_eager", {}) else "-"
+        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | {hybrid:.1f} | "
+                     f"{cell('original')} | {cell('original_compiled')} | {cell('original_graph')} | {eager} |")
+    return lines
 
 
 def twin_text(twin: dict | None) -> str:
@@ -289,7 +327,7 @@ def summary_lines(rows: dict) -> list[str]:
             graph = r.get("graph_equals_static_eager")
             check = f"check {graph['failed']}" if isinstance(graph, dict) else {True: "yes", False: "**NO**", None: ""}[graph]
             check += " (**capture failed: decoded eagerly**)" if r.get("graph_captured") is False else ""
-            lines.append(f"{head} {f'chunks of {chunk}' if chunk else 'one pass'} | {variant} | {r['ttft_ms']:.1f} | {r['per_token_ms']:.2f} | "
+            lines.append(f"{head} {f'chunks of {chunk}' if chunk else 'one pass'} | {variant} | {ttft_text(r)} | {r['per_token_ms']:.2f} | "
                          f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | "
                          f"{twin_text(r.get(f'vs_{TWIN.get(variant)}'))} | {gap} | {first} | {check} |")
     lines += ["", "## Per-token latency at the same batch: the original (as shipped; on the same kernels) / the hybrid", "",
@@ -299,6 +337,7 @@ def summary_lines(rows: dict) -> list[str]:
               "as shipped / hybrid | same kernels / hybrid | goal (Qwen3-1.7B shape, batch 32) |",
               "|---|---:|---:|---|---|---|---|---:|---:|---|"]
     lines += [ratio_line(record) for record in rows.values()]
+    lines += ttft_table(rows)
     backends = {json.dumps(r["sdpa_backends"], sort_keys=True): r["sdpa_backends"] for r in rows.values() if "sdpa_backends" in r}
     if backends:
         lines += ["", "SDPA backend torch picks for the attention calls (`torch._fused_sdp_choice` on the rows' device; `generate_speed."

@@ -38,6 +38,8 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
         assert all(len(tokens) == 6 for tokens in result["new_tokens"])
         check = result["reference_check"]
         assert check["rows"] == 1 and check["checked_tokens"] == 4 and check["consistent"] == 4 and check["max_gap"] < 1e-4
+    for name in ("original", "hybrid_eager", "hybrid_graph"):  # a short row: TTFT again in 2 interleaved rounds (--smoke)
+        assert len(row["variants"][name]["ttft_rounds_ms"]) == 2 and min(row["variants"][name]["ttft_rounds_ms"]) > 0
     smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
     assert "random KV-aware 7:1" in smol["mask"]  # the SmolLM2 mask file does not fit the tiny Llama
     before = (rows_dir / "qwen3-1.7b_40_b3.json").read_text()
@@ -56,6 +58,7 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     assert after["sdpa_backends"]["gqa_chunk_prefill"].startswith("materialised mask, ")  # the CPU: CausalBias materialises
     summary = (tmp_path / "out" / "generate_speed.md").read_text()
     assert "| qwen3-1.7b | 40 | 3 | random ids | one pass | hybrid_graph |" in summary
+    assert "## Time to first token, interleaved rounds" in summary and "2 rounds)" in summary
     assert "| qwen3-1.7b | 40 | 3 | random ids | chunks of 16 | original_compiled |" in summary
     assert "| qwen3-1.7b | 40 | 3 | random ids | chunks of 16 | original_graph |" in summary
     assert "| smollm2 | 16 | 1 | random ids | one pass | original |" in summary
@@ -237,6 +240,25 @@ def test_per_token_table_pairs_both_baselines_with_the_hybrid_at_one_batch(bench
              if line.startswith("| qwen3") and line.count("|") == 11}
     assert "| - (original_graph: 30.00 ms, **ref check 3/32**) | 7.50 | - | - | >= 2x: no pair at this batch |" in lines["32768:32"]
     assert lines["4096:32"].endswith("| 6.00 | 5.00 | - (hybrid_graph: 5.50 ms, **graph != static eager**) | - | - | >= 1x: no pair at this batch |")
+
+
+def test_ttft_table_takes_the_median_of_the_interleaved_rounds(benchmark):
+    timing = lambda ttft, rounds=None: {"ttft_ms": ttft, "per_token_ms": 1.0, "tokens_per_s": 8.0,  # noqa: E731
+                                        **({"ttft_rounds_ms": rounds} if rounds else {})}
+    rows = {
+        "a": {"row": "smollm2:4096:b1", "variants": {
+            "original": timing(21.0, [30.0, 20.0, 22.0]), "original_compiled": timing(26.0), "hybrid_eager": timing(39.0, [40.0, 41.0, 39.0]),
+            "hybrid_graph": timing(53.0, [33.0, 50.0, 40.0])}},
+        "b": {"row": "qwen3-1.7b:32768:b32", "variants": {"original_graph": timing(900.0), "hybrid_graph": timing(450.0)}},  # no rounds
+    }
+    lines = benchmark.summary_lines(rows)
+    table = [line for line in lines if line.startswith("| smollm2 | 4096 | 1 | random ids | 40.0 |")]
+    assert table == ["| smollm2 | 4096 | 1 | random ids | 40.0 | 22.0 (0.55x) | 26.0 (0.65x) | - | 40.0 |"]
+    assert not any(line.startswith("| qwen3-1.7b | 32768 | 32 | random ids | 450.0") for line in lines)
+    assert any("| hybrid_graph | 40.0 (33.0-50.0, 3 rounds) |" in line for line in lines)  # the row table shows the median too
+    assert any("| original_compiled | 26.0 |" in line for line in lines)
+    del rows["a"]["variants"]["hybrid_graph"]["ttft_rounds_ms"]
+    assert "## Time to first token, interleaved rounds: the original's / the hybrid's" not in benchmark.summary_lines(rows)
 
 
 def test_the_smollm2_shape_rows_need_no_model_directory(benchmark, tmp_path, monkeypatch, one_thread):
