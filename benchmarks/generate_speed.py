@@ -225,12 +225,12 @@ def first_token_ms(bench: Bench, variant: str, ids: torch.Tensor, prefill_chunk:
 
 
 def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline: float) -> None:
-    """Each timed variant's TTFT again in ``args.ttft_rounds`` interleaved rounds (every variant once per round, after
+    """Each timed variant of the row (this run's and those recorded before) TTFT again in ``args.ttft_rounds`` interleaved rounds (every variant once per round, after
     one untimed call each), kept as ``ttft_rounds_ms``: the host of the lent box slows by up to 2x for seconds at a
     time, so one call per variant, each at another moment, can rank two host-bound prefills either way; rounds
     spread that over all of them. ``original_compiled`` is left out: the memory release between its variants resets
     torch.compile (it would recompile); its TTFT stays the timed call's."""
-    names = [name for name in args.variants if name != "original_compiled" and "per_token_ms" in variants.get(name, {})]
+    names = [name for name in VARIANTS if name != "original_compiled" and "per_token_ms" in variants.get(name, {})]
     if not names or args.ttft_rounds < 1 or time.perf_counter() > deadline:
         return
     times: dict[str, list[float]] = {name: [] for name in names}
