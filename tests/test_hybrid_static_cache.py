@@ -82,6 +82,32 @@ def test_greedy_generate_static_equals_dynamic_and_reuses_its_cache(hybrid):
                        hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="dynamic"))
 
 
+def test_the_kept_cache_follows_the_weights_without_walking_the_model_each_call():
+    """generate() keeps its static cache (and graph) while the weights stay where they are: written in place they
+    do; a parameter replaced, or moved by .to(), gives a new cache. The parameter walk is kept between calls
+    (``_weights_key``: torch's registration hooks tell when it is stale)."""
+    from headscope.hybrid.generation import _weights_key
+
+    model = built([(0, 2), (1, 0)], seed=3)
+    ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    cache = lambda: static_cache_for_generate(model, ids, (), {"max_new_tokens": 4}, "static")  # noqa: E731
+    first = cache()
+    key = _weights_key(model)
+    walk = model.parameters
+    model.parameters = lambda *args, **kwargs: pytest.fail("walked the parameters again with nothing registered")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(0.5)  # in place: same addresses, same cache
+    assert _weights_key(model) == key
+    del model.parameters  # (the instance attribute; the method again)
+    assert model.parameters == walk and cache() is first
+    layer = model.model.layers[0].self_attn
+    layer.o_proj.weight = torch.nn.Parameter(layer.o_proj.weight.detach().clone())  # replaced: registered, walked again
+    replaced = cache()
+    assert replaced is not first and _weights_key(model) != key and layer.o_proj.weight.data_ptr() in _weights_key(model)
+    model.to(torch.float64)  # new storage everywhere
+    assert cache() is not replaced and cache().dtype == torch.float64
+
+
 @pytest.mark.parametrize("length, chunk", [(11, 4), (7, 3)])  # chunks 4+4+3; 3+3+1 (a one-token chunk is a decode step)
 def test_chunked_prefill_on_the_static_cache_matches_one_pass_on_the_dynamic_cache(hybrid, length, chunk):
     """generate() with prefill_chunk_size (what benchmarks/generate_speed.py times at 32K) over left padding and
