@@ -25,7 +25,7 @@ import headscope.hybrid.layer as layer_module
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 from headscope.kernels.gdn.ops import gated_delta_rule
 from headscope.kernels.gdn_prep.naive import short_conv_rope_l2norm_reference
-from headscope.kernels.gdn_prep.ops import next_conv_state, short_conv, short_conv_rope_l2norm, use_triton
+from headscope.kernels.gdn_prep.ops import short_conv, short_conv_rope_l2norm, use_triton
 from headscope.kernels.gdn_prep.triton_gdn_prep import Tiling, default_tiling, triton_short_conv_rope_l2norm
 from headscope.kernels.metrics import relative_rms_error as rel
 from headscope.kernels.rope_norm.ops import rope_l2norm
@@ -33,11 +33,14 @@ from headscope.kernels.rope_norm.ops import rope_l2norm
 SWEEP = [Tiling(8, 1, 4), Tiling(16, 1, 4), Tiling(32, 1, 4), Tiling(32, 1, 8), Tiling(16, 2, 8), Tiling(8, 2, 4)]
 
 
-def composition(q, k, v, weight, cos, sin, conv_state=None, input_mask=None, eps=1e-6, output_conv_state=False):
-    """Today's unfused path (the dispatcher's training path), also at inference: cat, conv, RoPE + norm x2."""
+def composition(q, k, v, weight, cos, sin, conv_state=None, input_mask=None, eps=1e-6, output_conv_state=False, conv_state_out=None):
+    """Today's unfused path (the dispatcher's training path), also at inference: cat, conv, RoPE + norm x2 (the new
+    state copied into ``conv_state_out`` when given, as the dispatcher does)."""
     q, k, v, state = short_conv_rope_l2norm_reference(
         q, k, v, weight, cos, sin, conv_state, input_mask, eps, conv=short_conv, rope_norm=rope_l2norm
     )
+    if output_conv_state and conv_state_out is not None:
+        state = conv_state_out.copy_(state)
     return q, k, v, state if output_conv_state else None
 
 
@@ -59,11 +62,11 @@ def prep_inputs(batch, length, heads, dim, dtype, device, seed, cos_batch=1):
 
 
 def fused_prep(q, k, v, weight, cos, sin, conv_state=None, input_mask=None, output_conv_state=False):
-    """The dispatcher on CUDA; on CPU the Triton kernel itself (interpreted) with the torch-formed state."""
+    """The dispatcher on CUDA; on CPU the Triton kernel itself (interpreted), the new conv state stored by it too."""
     if q.is_cuda:
         return short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, output_conv_state=output_conv_state)
-    state = next_conv_state(q, k, v, weight.shape[1], conv_state, input_mask) if output_conv_state else None
-    return (*triton_short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask), state)
+    state = q.new_empty(q.shape[0], weight.shape[0], weight.shape[1]) if output_conv_state else None
+    return (*triton_short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, state_out=state), state)
 
 
 def check_case(harness, device, case, args, state, mask) -> None:

@@ -5,7 +5,8 @@ and prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are
 ``{name, dtype, errors: {o, state}, wrote_into_out}``: relative RMS errors against the float32 token-by-token
 reference (``naive_recurrent_gated_delta_rule``, gates from ``gdn_gates``) run on the same dtype-rounded
 inputs. q, k, v are slices of wider rows, and the output goes into a NaN-filled strided buffer, so an
-element the kernels do not write is an infinite error. One more case runs a hybrid layer through the
+element the kernels do not write is an infinite error; the final state goes into the initial state itself
+(updated in place, as a static cache's) or, without one, into a NaN-filled buffer. One more case runs a hybrid layer through the
 dispatchers with every Triton path forced (as on CUDA without autograd) against the layer on its CPU paths.
 """
 
@@ -60,11 +61,15 @@ def run_case(batch, length, heads, key_dim, value_dim, block_v, raw, with_mask, 
         q.float(), k.float(), v.float(), g, write.float() if not raw else beta, scale=scale, initial_state=h0, output_final_state=True
     )
     out = torch.full((batch, length, heads, 2 * value_dim), float("nan"), dtype=dtype)[..., value_dim:]
+    # the final state into the initial one (a static cache's state, in place) or into a NaN-filled buffer
+    start = h0.clone() if h0 is not None else None
+    final = start if start is not None else torch.full((batch, heads, key_dim, value_dim), float("nan"))
     got, state = triton_chunk_gated_delta_rule(
-        q, k, v, decay, write, scale=scale, initial_state=h0, output_final_state=True, out=out,
+        q, k, v, decay, write, scale=scale, initial_state=start, output_final_state=True, out=out, final_state=final,
         block_v=block_v, **gates,
     )
-    return {"errors": {"o": rel(got, want), "state": rel(state, want_state)}, "wrote_into_out": got.data_ptr() == out.data_ptr()}
+    return {"errors": {"o": rel(got, want), "state": rel(state, want_state)},
+            "wrote_into_out": got.data_ptr() == out.data_ptr() and state.data_ptr() == final.data_ptr()}
 
 
 def layer_case() -> dict:

@@ -2,7 +2,9 @@
 
 Runs the fused Triton conv + SiLU + RoPE + L2 norm on CPU through the interpreter on tiny shapes and
 prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are ``{name, dtype, errors: {q, k,
-v, composition}, wrote_into_out, state_exact, strides}``.
+v, composition}, wrote_into_out, state_exact, strides}``; ``state_exact``: the new conv state the kernel
+stored (into a NaN-filled buffer, a strided view, or the old state itself) and ``next_conv_state`` both equal
+the composition's, bit for bit.
 
 Each case draws fresh random q/k/v (slices of wider tensors, as the layer's projections are), taps,
 tables, conv state and mask, and has the kernel write into NaN-filled buffers, so an element it does
@@ -17,15 +19,18 @@ import torch
 
 from triton_interpreter import print_report  # same directory (sys.path[0] of this script)
 
-# name, (B, T, H, D), conv width K, layout of q/k/v, with conv state, with padding mask, cos batch, tiling
+# name, (B, T, H, D), conv width K, layout of q/k/v, with conv state, with padding mask, cos batch, tiling,
+# where the kernel stores the new conv state: "new" (a NaN-filled contiguous buffer), "strided" (a NaN-filled
+# channel-contiguous view) or "in_place" (the conv state passed in itself, as the static cache's window)
 CASES = [
-    ("projection_slices", (2, 37, 3, 32), 4, "projection", False, False, 1, None),
-    ("slices_with_state", (2, 29, 2, 16), 4, "projection", True, False, 2, None),
-    ("state_and_mask_transposed", (2, 21, 3, 8), 4, "transposed", True, True, 2, None),
-    ("decode_one_token", (3, 1, 3, 32), 4, "projection", True, False, 1, None),
-    ("two_tokens_into_state_masked", (2, 2, 2, 16), 4, "projection", True, True, 2, None),
-    ("small_blocks_heads_straddle", (1, 64, 3, 16), 4, "projection", True, False, 1, (4, 2)),
-    ("width_3_no_state_masked", (2, 19, 3, 8), 3, "contiguous", False, True, 1, None),
+    ("projection_slices", (2, 37, 3, 32), 4, "projection", False, False, 1, None, "new"),
+    ("slices_with_state", (2, 29, 2, 16), 4, "projection", True, False, 2, None, "in_place"),
+    ("state_and_mask_transposed", (2, 21, 3, 8), 4, "transposed", True, True, 2, None, "strided"),
+    ("decode_one_token", (3, 1, 3, 32), 4, "projection", True, False, 1, None, "in_place"),
+    ("two_tokens_into_state_masked", (2, 2, 2, 16), 4, "projection", True, True, 2, None, "in_place"),
+    ("three_tokens_no_state", (2, 3, 2, 16), 4, "projection", False, False, 1, None, "new"),
+    ("small_blocks_heads_straddle", (1, 64, 3, 16), 4, "projection", True, False, 1, (4, 2), "strided"),
+    ("width_3_no_state_masked", (2, 19, 3, 8), 3, "contiguous", False, True, 1, None, "new"),
 ]
 
 
@@ -44,9 +49,9 @@ def make_qkv(shape, layout, gen, dtype):
     return tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
 
 
-def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, dtype, seed):
+def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, state_mode, dtype, seed):
     from headscope.kernels.gdn_prep.naive import short_conv_rope_l2norm_reference
-    from headscope.kernels.gdn_prep.ops import next_conv_state
+    from headscope.kernels.gdn_prep.naive import next_conv_state
     from headscope.kernels.gdn_prep.triton_gdn_prep import Tiling, triton_short_conv_rope_l2norm
     from headscope.kernels.metrics import relative_rms_error as rel
 
@@ -61,8 +66,15 @@ def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, dty
         mask = (torch.rand(batch, length, generator=gen) > 0.3).long()
         mask[0, -1] = 0  # a padded last token: its input must not reach the outputs or the new state
     out = tuple(torch.full(shape, float("nan"), dtype=dtype) for _ in range(3))
+    if state_mode == "in_place":
+        state_out = state.clone()  # passed as the old state too (``state`` stays for the references)
+    elif state_mode == "strided":
+        state_out = torch.full((batch, width, 3 * heads * dim), float("nan"), dtype=dtype).transpose(1, 2)
+    else:
+        state_out = torch.full((batch, 3 * heads * dim, width), float("nan"), dtype=dtype)
     got = triton_short_conv_rope_l2norm(
-        q, k, v, weight, cos, sin, state, mask, out=out, tiling=Tiling(*tiling) if tiling else None
+        q, k, v, weight, cos, sin, state_out if state_mode == "in_place" else state, mask, out=out,
+        tiling=Tiling(*tiling) if tiling else None, state_out=state_out,
     )
     as_float = lambda t: t.float() if t is not None else None  # noqa: E731
     want = short_conv_rope_l2norm_reference(*map(as_float, (q, k, v, weight, cos, sin, state)), mask)
@@ -72,7 +84,8 @@ def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, dty
     return {
         "errors": errors,
         "wrote_into_out": all(a is b for a, b in zip(got, out)),
-        "state_exact": torch.equal(next_conv_state(q, k, v, width, state, mask), composition[3]),
+        "state_exact": torch.equal(next_conv_state(q, k, v, width, state, mask), composition[3])
+        and torch.equal(state_out, composition[3]),  # the kernel's store, bit for bit
         "strides": [list(t.stride()) for t in (q, k, v)],
     }
 

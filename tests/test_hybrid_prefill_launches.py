@@ -92,6 +92,47 @@ def test_core_prefill_launches_on_the_cuda_path(monkeypatch):
     assert first.ops - later.ops == Counter({"aten.cat.default": 1, "aten.new_zeros.default": 1, "aten.contiguous.default": 1})
 
 
+def test_prefill_into_a_static_cache_writes_its_states_in_place(monkeypatch):
+    """Prefill against a ``HybridStaticCache`` on the CUDA path: the prep kernel stores the conv window and the
+    recurrence the state straight into the cache's buffers; the only extra torch ops are the FA keys/values'
+    two copies into their slots (no cat/transpose copy of the window, no state copies)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from headscope.hybrid.static_cache import HybridStaticCache
+    from headscope.kernels.gdn import triton_chunk
+    from headscope.kernels.gdn_prep import triton_gdn_prep
+
+    from headscope.kernels.epilogue import triton_epilogue
+
+    launched = []  # (module, tensor arguments) per launch: ``launch(kernel, grid, *args, **constexprs)`` recorded
+
+    for module in (triton_gdn_prep, triton_chunk, triton_epilogue):
+        monkeypatch.setattr(module, "launch", lambda kernel, grid, *args, name=module.__name__, **kw: launched.append(
+            (name, [a for a in args if isinstance(a, torch.Tensor)])))
+    monkeypatch.setattr(gdn_ops, "_use_fla", lambda q: True)
+    monkeypatch.setattr(prep_ops, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(epilogue_ops, "use_triton", lambda o: True)
+    layer, x, rope, pos = tiny_layer(torch.bfloat16)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].self_attn = layer
+    model.config = SimpleNamespace(layer_types=["hybrid"])
+    cache = HybridStaticCache(model, batch_size=1, max_length=32)
+    with torch.inference_mode():
+        projected = layer.project(x)
+        layer.core(x, *projected, rope, pos, None, None, 1.0)  # (builds the cached weight layouts)
+        launched.clear()
+        with TorchLaunches() as ops:
+            layer.core(x, *projected, rope, pos, cache, None, 1.0)
+    window, state = cache.conv_states[0], cache.recurrent_states[0]
+    assert [name.rsplit(".", 1)[1] for name, _ in launched] == ["triton_gdn_prep", "triton_chunk", "triton_chunk", "triton_epilogue"]
+    assert [sum(t is window for t in args) for _, args in launched] == [1, 0, 0, 0]  # the prep kernel's state_out
+    assert [sum(t is state for t in args) for _, args in launched] == [0, 0, 1, 0]  # the scan's final state
+    copies = Counter({k: v for k, v in ops.ops.items() if k.startswith(("aten.copy_", "aten.cat", "aten.clone", "aten.contiguous"))})
+    assert copies == Counter({"aten.copy_.default": 2}), ops.ops  # the FA keys and values into their slots
+
+
 def test_inference_weights_follow_the_parameters():
     layer, x, rope, pos = tiny_layer(torch.float32, seed=1)
 

@@ -57,6 +57,10 @@ def test_gates_are_the_layers_formula_and_padding_is_a_no_op():
     # row 1's padded prefix leaves the state alone: the same as starting after it
     o_tail, s_tail = gated_delta_rule(q[1:, 5:], k[1:, 5:], v[1:, 5:], g[1:, 5:], beta[1:, 5:], scale=0.4, initial_state=state[1:], output_final_state=True)
     assert torch.allclose(o[1:, 5:], o_tail, atol=1e-5) and torch.allclose(s[1:], s_tail, atol=1e-5)
+    cache_state = state.clone()  # the final state into a given tensor, here the initial state itself (a static cache's)
+    o_in, s_in = gated_delta_rule_from_logits(q, k, v, a, b, A_log, dt_bias, input_mask=mask, scale=0.4, initial_state=cache_state,
+                                              output_final_state=True, final_state=cache_state)
+    assert s_in is cache_state and torch.equal(s_in, want_s) and torch.equal(o_in, want)
 
 
 def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
@@ -105,3 +109,6 @@ def test_bad_logit_inputs_are_one_clear_error():
         gated_delta_rule_from_logits(q, k, v, a, b, A_log[:2], dt_bias)
     with pytest.raises(HeadscopeError, match="input_mask must be"):
         gated_delta_rule_from_logits(q, k, v, a, b, A_log, dt_bias, input_mask=torch.ones(2, 36))
+    for bad in (torch.zeros(2, 3, 8, 8, dtype=torch.float64), torch.zeros(2, 3, 8, 8).transpose(2, 3), torch.zeros(2, 3, 8, 7)):
+        with pytest.raises(HeadscopeError, match="final_state must be contiguous float32"):
+            gated_delta_rule_from_logits(q, k, v, a, b, A_log, dt_bias, output_final_state=True, final_state=bad)

@@ -13,8 +13,8 @@ import headscope.hybrid.layer as layer_module
 from headscope.heads import HeadscopeError
 from headscope.hybrid.functional import apply_rope, l2_normalize
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
-from headscope.kernels.gdn_prep.naive import short_conv_reference, short_conv_rope_l2norm_reference
-from headscope.kernels.gdn_prep.ops import next_conv_state, short_conv_rope_l2norm, use_triton
+from headscope.kernels.gdn_prep.naive import next_conv_state, short_conv_reference, short_conv_rope_l2norm_reference
+from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm, use_triton
 from headscope.kernels.metrics import relative_rms_error as rel
 from triton_interpreter import interpreted_cases
 
@@ -26,8 +26,10 @@ TOL_FP32, TOL_BF16 = 1e-5, 0.008
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def former_layer_prep(q, k, v, weight, cos, sin, conv_state=None, input_mask=None, output_conv_state=False):
-    """``HeadwiseHybridAttention._gated_delta`` before this package (commit 35ed51f), op for op."""
+def former_layer_prep(q, k, v, weight, cos, sin, conv_state=None, input_mask=None, output_conv_state=False, conv_state_out=None):
+    """``HeadwiseHybridAttention._gated_delta`` before this package (commit 35ed51f), op for op (``conv_state_out``:
+    only a static cache's window, which these tests' cache is not)."""
+    assert conv_state_out is None
     batch, seq, heads, d = q.shape
     mixed = torch.cat((q, k, v), dim=2).reshape(batch, seq, 3 * heads * d)
     mixed = mixed if input_mask is None else mixed * input_mask[:, :, None].to(mixed.dtype)
@@ -150,7 +152,7 @@ def test_hybrid_layer_cpu_output_unchanged(monkeypatch, dtype):
 
 def test_triton_kernel_matches_reference_under_interpreter():
     cases = interpreted_cases(HELPER, timeout=900)
-    assert len(cases) == 14
+    assert len(cases) == 16
     for case in cases:
         label = f"{case['name']} {case['dtype']}: {case}"
         assert case["wrote_into_out"] and case["state_exact"], label

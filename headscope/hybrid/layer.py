@@ -389,14 +389,19 @@ class HeadwiseHybridAttention(nn.Module):
         cos, sin = position_embeddings
         inference = not torch.is_grad_enabled()  # the cached weight layouts (``inference_weights``)
         taps = self.inference_weights.conv_taps(self.conv1d.weight) if inference else self.conv1d.weight.squeeze(1)
+        # a static cache's window and state are written in place by the kernels (no copies into the cache)
+        conv_out, state_out = ((cache.conv_states[self.layer_idx], cache.recurrent_states[self.layer_idx])
+                               if isinstance(cache, HybridStaticCache) else (None, None))
         q, k, v, conv_state = short_conv_rope_l2norm(  # each (B, T, n_gdn, D); conv_state (B, C, K) or None
             q, k, v, taps, cos, sin, conv_state=conv_state, input_mask=step_mask, output_conv_state=cache is not None,
+            conv_state_out=conv_out,
         )
         a, b = (self.inference_weights.gdn_logits(x, self.a_proj, self.b_proj) if inference  # one GEMM
                 else (self.a_proj(x), self.b_proj(x)))  # (B, T, n_gdn) each
         o, state = gated_delta_rule_from_logits(  # beta = sigmoid(b), g = -exp(A_log)·softplus(a + dt_bias)
             q, k, v, a, b, self.A_log, self.dt_bias, input_mask=step_mask, scale=spec.head_dim**-0.5,
-            initial_state=state, output_final_state=cache is not None, check=False,  # q, k, v, mask checked by the prep call
+            initial_state=state, output_final_state=cache is not None, final_state=state_out,
+            check=False,  # q, k, v, mask checked by the prep call
         )
         if cache is not None:
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=spec.conv_size)

@@ -99,10 +99,12 @@ class HybridStaticCache:
         return self.conv_states[layer_idx], self.recurrent_states[layer_idx]
 
     def update_conv_state(self, conv_state: torch.Tensor, layer_idx: int, **kwargs) -> None:
-        self.conv_states[layer_idx].copy_(conv_state)
+        if conv_state is not self.conv_states[layer_idx]:  # the layer's prefill writes into the window itself
+            self.conv_states[layer_idx].copy_(conv_state)
 
     def update_recurrent_state(self, state: torch.Tensor, layer_idx: int, **kwargs) -> None:
-        self.recurrent_states[layer_idx].copy_(state)
+        if state is not self.recurrent_states[layer_idx]:  # (likewise the state)
+            self.recurrent_states[layer_idx].copy_(state)
 
     # --- bookkeeping around one forward ------------------------------------------------------------
     def reset(self) -> None:

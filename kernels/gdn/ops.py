@@ -256,6 +256,7 @@ def gated_delta_rule_from_logits(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    final_state: torch.Tensor | None = None,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``gated_delta_rule`` with the gates given as logits (:func:`gdn_gates`): the hybrid layer's GDN call.
@@ -266,9 +267,12 @@ def gated_delta_rule_from_logits(
     Args:
         q, k, v, scale, initial_state, output_final_state: as :func:`gated_delta_rule`.
         a, b: ``(B, T, H)`` the decay and beta logits (``a_proj(x)``, ``b_proj(x)``).
+        final_state: with ``output_final_state``, a contiguous float32 ``(B, H, K, V)`` to return the final state
+            in, e.g. a static cache's state (it may be ``initial_state`` itself): the fused path's recurrence writes
+            it there directly, the others copy into it. None: a new tensor.
         A_log, dt_bias: ``(H,)`` decay parameters.
         input_mask: ``(B, T)`` 1 for real tokens, 0 for padding (made no-ops), or None.
-        check: validate the shapes and devices (False where the caller guarantees them: the hybrid layer's q,
+        check: validate the shapes and devices, ``final_state``'s too (False where the caller guarantees them: the hybrid layer's q,
             k, v come out of ``short_conv_rope_l2norm``, which checked them and the mask, a and b out of its
             own projections, and A_log, dt_bias and the state are its parameters and cache).
     Returns:
@@ -286,8 +290,17 @@ def gated_delta_rule_from_logits(
     if initial_state is not None:
         initial_state = initial_state.float()
     needs_grad = _needs_grad(q, k, v, a, b, A_log, dt_bias, initial_state)
+    if check and final_state is not None and output_final_state and (
+            final_state.dtype != torch.float32 or not final_state.is_contiguous() or final_state.device != q.device
+            or final_state.shape != (q.shape[0], q.shape[2], q.shape[3], v.shape[3])):
+        raise HeadscopeError(f"gated_delta_rule_from_logits: final_state must be contiguous float32 (B, H, K, V) = "
+                             f"{(q.shape[0], q.shape[2], q.shape[3], v.shape[3])} on {q.device}; got {final_state.dtype} "
+                             f"{tuple(final_state.shape)} on {final_state.device}")
     if use_fused(q, v, needs_grad):
         return _fused(q, k, v, a, b, scale=scale, A_log=A_log, dt_bias=dt_bias, input_mask=input_mask,
-                      initial_state=initial_state, output_final_state=output_final_state)
+                      initial_state=initial_state, output_final_state=output_final_state, final_state=final_state)
     g, beta = gdn_gates(a, b, A_log, dt_bias, input_mask)
-    return _unfused(q, k, v, g, beta, scale, initial_state, output_final_state, needs_grad)
+    o, state = _unfused(q, k, v, g, beta, scale, initial_state, output_final_state, needs_grad)
+    if final_state is not None and state is not None:
+        state = final_state.copy_(state)
+    return o, state

@@ -296,7 +296,8 @@ def triton_chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, write: torch.Tensor, *,
     scale: float, A_log: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
     input_mask: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False, out: torch.Tensor | None = None, block_v: int | None = None, num_warps: int = 4,
+    output_final_state: bool = False, out: torch.Tensor | None = None, final_state: torch.Tensor | None = None,
+    block_v: int | None = None, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule over a sequence in two Triton launches, chunks of ``CHUNK_SIZE`` tokens (no input
     checks, no autograd).
@@ -313,6 +314,9 @@ def triton_chunk_gated_delta_rule(
         output_final_state: also return the state after the last token.
         out: ``(B, T, H, V)`` to write the output into (any strides, e.g. a slice of the layer's per-head
             output), allocated in q's dtype when None.
+        final_state: contiguous float32 ``(B, H, K, V)`` to write the final state into (with
+            ``output_final_state``), allocated when None; it may be ``initial_state`` itself (a cache's state
+            updated in place: each program of the recurrence reads its tile of the state before it writes it).
         block_v: value columns per program of the recurrence (its grid is ``V / block_v`` x ``B·H``);
             :func:`default_block_v` for the device when None.
         num_warps: warps per program of the recurrence (the intra-chunk kernel runs ``INTRA_WARPS``).
@@ -331,7 +335,9 @@ def triton_chunk_gated_delta_rule(
     value_dim = v.shape[-1]
     if out is None:
         out = torch.empty(batch, length, n_heads, value_dim, dtype=q.dtype, device=q.device)
-    final = torch.empty(batch, n_heads, key_dim, value_dim, dtype=torch.float32, device=q.device) if output_final_state else None
+    final = None
+    if output_final_state:
+        final = final_state if final_state is not None else torch.empty(batch, n_heads, key_dim, value_dim, dtype=torch.float32, device=q.device)
     if not (batch and length and n_heads):
         if final is not None:
             final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))

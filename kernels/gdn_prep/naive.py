@@ -16,7 +16,8 @@ state is the last ``K`` (masked) inputs of ``[history, x]``.
 :func:`short_conv_rope_l2norm_reference` runs exactly the layer's former op sequence (cat, mask,
 conv, unbind, RoPE + norm), so the CPU path of :func:`headscope.kernels.gdn_prep.ops.short_conv_rope_l2norm`
 is bit-identical to it; called on float32 inputs it is the float32 reference of the Triton kernel in
-:mod:`.triton_gdn_prep`. Note that in the inputs' dtype every stage rounds (masked input, conv output,
+:mod:`.triton_gdn_prep`. :func:`next_conv_state` forms the new conv state alone, exactly (the reference of the
+state the kernel stores). Note that in the inputs' dtype every stage rounds (masked input, conv output,
 SiLU, rotated q/k) before the float32 norm.
 """
 
@@ -80,3 +81,30 @@ def short_conv_rope_l2norm_reference(
     mixed, new_state = conv(mixed, weight, conv_state)
     q, k, v = mixed.view(batch, length, 3, heads, dim).unbind(dim=2)
     return rope_norm(q, cos, sin, eps), rope_norm(k, cos, sin, eps), v, new_state
+
+
+def next_conv_state(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, width: int,
+    conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The last ``width`` conv inputs after this chunk, as the composition's ``short_conv`` returns them: the
+    reference of the state the Triton pass stores (``triton_short_conv_rope_l2norm(..., state_out=)``).
+
+    Args:
+        q, k, v: ``(B, T, H, D)`` this chunk's conv inputs (any strides).
+        width: conv kernel size K.
+        conv_state: ``(B, 3·H·D, K)`` the inputs before the chunk, or None (zeros).
+        input_mask: ``(B, T)`` padding mask multiplying the inputs, or None.
+    Returns:
+        ``(B, 3·H·D, K)`` contiguous, in q's dtype: ``[conv_state, masked inputs]`` cut to the last K.
+    """
+    batch, length, heads, dim = q.shape
+    recent = min(length, width)
+    tail = torch.cat([x[:, length - recent :] for x in (q, k, v)], dim=2).reshape(batch, recent, 3 * heads * dim)
+    if input_mask is not None:
+        tail = tail * input_mask[:, length - recent :, None].to(tail.dtype)
+    tail = tail.transpose(1, 2)  # (B, C, recent)
+    if recent < width:
+        history = conv_state.to(tail.dtype) if conv_state is not None else tail.new_zeros(batch, tail.shape[1], width)
+        tail = torch.cat((history[..., recent:], tail), dim=-1)  # (B, C, K)
+    return tail.contiguous()

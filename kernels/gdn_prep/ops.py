@@ -45,32 +45,6 @@ def short_conv(
     return y, final_state
 
 
-def next_conv_state(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, width: int,
-    conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The last ``width`` conv inputs after this chunk, as the composition's ``short_conv`` returns them.
-
-    Args:
-        q, k, v: ``(B, T, H, D)`` this chunk's conv inputs (any strides).
-        width: conv kernel size K.
-        conv_state: ``(B, 3·H·D, K)`` the inputs before the chunk, or None (zeros).
-        input_mask: ``(B, T)`` padding mask multiplying the inputs, or None.
-    Returns:
-        ``(B, 3·H·D, K)`` contiguous, in q's dtype: ``[conv_state, masked inputs]`` cut to the last K.
-    """
-    batch, length, heads, dim = q.shape
-    recent = min(length, width)
-    tail = torch.cat([x[:, length - recent :] for x in (q, k, v)], dim=2).reshape(batch, recent, 3 * heads * dim)
-    if input_mask is not None:
-        tail = tail * input_mask[:, length - recent :, None].to(tail.dtype)
-    tail = tail.transpose(1, 2)  # (B, C, recent)
-    if recent < width:
-        history = conv_state.to(tail.dtype) if conv_state is not None else tail.new_zeros(batch, tail.shape[1], width)
-        tail = torch.cat((history[..., recent:], tail), dim=-1)  # (B, C, K)
-    return tail.contiguous()
-
-
 def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask) -> None:
     """One ``HeadscopeError`` line for a bad shape or mixed devices; cheap when all is well (it runs at every
     prefill call of every GDN layer: shapes compared as sizes, devices pairwise, messages built only to fail)."""
@@ -115,7 +89,7 @@ def use_triton(q, k, v, weight, cos, sin, conv_state=None) -> bool:
 def short_conv_rope_l2norm(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None, eps: float = 1e-6,
-    output_conv_state: bool = False,
+    output_conv_state: bool = False, conv_state_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Causal depthwise conv + SiLU of q, k, v; RoPE (HF rotate-half) + unit L2 norm of q and k.
 
@@ -129,6 +103,9 @@ def short_conv_rope_l2norm(
         input_mask: ``(B, T)`` 1 for real tokens, 0 for padding (zeroes their conv input), or None.
         eps: added to the sum of squares before the square root (fla's ``l2norm``: 1e-6).
         output_conv_state: also return the new conv state (the last ``K`` inputs).
+        conv_state_out: with ``output_conv_state``, a ``(B, 3·H·D, K)`` tensor to return it in (a static cache's
+            window; it may be ``conv_state`` itself): the Triton pass stores it there, the composition copies
+            into it. None: a new tensor.
     Returns:
         q, k ``(B, T, H, D)`` unit-norm rows, v ``(B, T, H, D)`` (contiguous on the Triton path), and the
         new conv state ``(B, 3·H·D, K)`` in q's dtype, or None unless ``output_conv_state``.
@@ -138,9 +115,13 @@ def short_conv_rope_l2norm(
         q_out, k_out, v_out, new_state = short_conv_rope_l2norm_reference(
             q, k, v, weight, cos, sin, conv_state, input_mask, eps, conv=short_conv, rope_norm=rope_l2norm
         )
+        if output_conv_state and conv_state_out is not None:
+            new_state = conv_state_out.copy_(new_state)
         return q_out, k_out, v_out, new_state if output_conv_state else None
     from headscope.kernels.gdn_prep.triton_gdn_prep import triton_short_conv_rope_l2norm
 
-    q_out, k_out, v_out = triton_short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, eps)
-    new_state = next_conv_state(q, k, v, weight.shape[1], conv_state, input_mask) if output_conv_state else None
+    new_state = None
+    if output_conv_state:  # stored by the kernel (``next_conv_state`` is its reference)
+        new_state = conv_state_out if conv_state_out is not None else q.new_empty(q.shape[0], weight.shape[0], weight.shape[1])
+    q_out, k_out, v_out = triton_short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, eps, state_out=new_state)
     return q_out, k_out, v_out, new_state

@@ -21,8 +21,10 @@ composition rounds after every stage in the inputs' dtype).
 
 Inference only (no backward): :mod:`.ops` takes the torch composition when a gradient is needed. q, k,
 v, the tables, the state and the mask may have any strides; the outputs are contiguous
-``(B, T, H, D)``. The new conv state is not formed here (it is the last K inputs: :mod:`.ops` slices it
-in torch). Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
+``(B, T, H, D)``. With ``state_out`` the programs holding the last K tokens also store the new conv state
+(the last K inputs, masked; with fewer than K tokens the first block shifts the old state's inputs in):
+one launch instead of the cat, transpose copy and cache copy of forming it in torch (``ops.next_conv_state``,
+the reference it is tested against). Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
 """
 
 from __future__ import annotations
@@ -110,12 +112,49 @@ def _store_rope_l2norm(out_lane, y1, y2, c1, c2, s1, s2, mask, HALF: tl.constexp
 
 
 @triton.jit
+def _store_conv_inputs(
+    x_base, state_base, out_base, mask_base, first_token, rows, heads, dims, row_ok, lane_ok, first_channel, T,
+    sx_t, sx_h, sx_d, ss_c, ss_k, sm_t, so_c, so_k,
+    HALF: tl.constexpr, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """This tile's part of the new conv state (the last K conv inputs, masked): the block's tokens among the last K
+    go to slot ``t - (T - K)``; when T < K the first token block also moves the old state's last ``K - T`` inputs
+    (zeros without a state) to slots ``0 .. K - T - 1``."""
+    channels = first_channel + heads * 2 * HALF + dims  # (1, BLOCK_H, BLOCK_HALF), first half
+    slot = first_token + rows - (T - K)  # (BLOCK_T, 1, 1)
+    recent = row_ok & (slot >= 0)
+    keep = recent & lane_ok
+    x_lane = x_base + rows * sx_t + heads * sx_h + dims * sx_d
+    x1 = tl.load(x_lane, mask=keep, other=0.0).to(tl.float32)  # (exact: the inputs' dtype back at the store)
+    x2 = tl.load(x_lane + HALF * sx_d, mask=keep, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        m = tl.load(mask_base + rows * sm_t, mask=recent, other=0.0).to(tl.float32)
+        x1 *= m
+        x2 *= m
+    out_lane = out_base + channels * so_c + slot * so_k
+    tl.store(out_lane, x1.to(out_base.dtype.element_ty), mask=keep)
+    tl.store(out_lane + HALF * so_c, x2.to(out_base.dtype.element_ty), mask=keep)
+    if first_token == 0:
+        for j in tl.static_range(K):
+            if j < K - T:  # (T < K) slot j keeps the input from T tokens earlier: old state slot j + T
+                s1 = tl.zeros((1, heads.shape[1], dims.shape[2]), dtype=tl.float32)
+                s2 = tl.zeros((1, heads.shape[1], dims.shape[2]), dtype=tl.float32)
+                if HAS_STATE:
+                    s_lane = state_base + channels * ss_c + (j + T) * ss_k
+                    s1 += tl.load(s_lane, mask=lane_ok, other=0.0).to(tl.float32)
+                    s2 += tl.load(s_lane + HALF * ss_c, mask=lane_ok, other=0.0).to(tl.float32)
+                o_lane = out_base + channels * so_c + j * so_k
+                tl.store(o_lane, s1.to(out_base.dtype.element_ty), mask=lane_ok)
+                tl.store(o_lane + HALF * so_c, s2.to(out_base.dtype.element_ty), mask=lane_ok)
+
+
+@triton.jit
 def _short_conv_rope_l2norm_kernel(
-    q_ptr, k_ptr, v_ptr, taps_ptr, state_ptr, mask_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
+    q_ptr, k_ptr, v_ptr, taps_ptr, state_ptr, mask_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, state_out_ptr,
     T, H, eps, n_head_blocks, n_token_blocks,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d,
-    ss_b, ss_c, ss_k, sm_b, sm_t, sc_b, sc_t, sc_d, sn_b, sn_t, sn_d,
-    HALF: tl.constexpr, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr,
+    ss_b, ss_c, ss_k, sm_b, sm_t, sc_b, sc_t, sc_d, sn_b, sn_t, sn_d, so_b, so_c, so_k,
+    HALF: tl.constexpr, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr, STORE_STATE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -161,7 +200,14 @@ def _short_conv_rope_l2norm_kernel(
     v_lane = v_out_ptr + out_offset + out_lane
     tl.store(v_lane, y1.to(v_out_ptr.dtype.element_ty), mask=mask)
     tl.store(v_lane + HALF, y2.to(v_out_ptr.dtype.element_ty), mask=mask)
-
+    if STORE_STATE:  # the new conv state, from the raw inputs of the block's tokens among the last K
+        out_base = state_out_ptr + b * so_b
+        _store_conv_inputs(q_ptr + b * sq_b + first * sq_t, state_base, out_base, mask_base, first_token, rows, heads, dims,
+                           row_ok, lane_ok, 0, T, sq_t, sq_h, sq_d, ss_c, ss_k, sm_t, so_c, so_k, HALF, K, HAS_STATE, HAS_MASK)
+        _store_conv_inputs(k_ptr + b * sk_b + first * sk_t, state_base, out_base, mask_base, first_token, rows, heads, dims,
+                           row_ok, lane_ok, HD, T, sk_t, sk_h, sk_d, ss_c, ss_k, sm_t, so_c, so_k, HALF, K, HAS_STATE, HAS_MASK)
+        _store_conv_inputs(v_ptr + b * sv_b + first * sv_t, state_base, out_base, mask_base, first_token, rows, heads, dims,
+                           row_ok, lane_ok, 2 * HD, T, sv_t, sv_h, sv_d, ss_c, ss_k, sm_t, so_c, so_k, HALF, K, HAS_STATE, HAS_MASK)
 
 def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
     """(b, t, d) strides of a ``(B or 1, T, D)`` table, batch stride 0 when it broadcasts."""
@@ -172,6 +218,7 @@ def triton_short_conv_rope_l2norm(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None, eps: float = 1e-6,
     *, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, tiling: Tiling | None = None,
+    state_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Conv + SiLU of q/k/v and RoPE + L2 norm of q/k in one Triton pass (no input checks, no autograd).
 
@@ -184,6 +231,9 @@ def triton_short_conv_rope_l2norm(
         eps: added to the sum of squares before the square root.
         out: contiguous ``(B, T, H, D)`` buffers to write q, k, v into (allocated when None).
         tiling: tokens/heads per program (``default_tiling`` when None).
+        state_out: ``(B, 3·H·D, K)``, any strides: also write the new conv state there (the last K inputs after
+            the chunk, masked, as ``ops.next_conv_state`` forms them); it may be ``conv_state`` itself (then the
+            kernel reads a copy of the old state).
     Returns:
         q, k ``(B, T, H, D)`` in the promoted dtype of q, cos, sin; v ``(B, T, H, D)`` in v's dtype; all
         contiguous.
@@ -206,6 +256,8 @@ def triton_short_conv_rope_l2norm(
     state = taps  # a placeholder pointer when there is no state (and no mask)
     if conv_state is not None:
         state = conv_state.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        if state_out is not None and state.untyped_storage().data_ptr() == state_out.untyped_storage().data_ptr():
+            state = state.clone()  # (already channel-contiguous, so not copied above) the old state read, the new written
     mask = input_mask.to(q.dtype) if input_mask is not None else taps
     n_head_blocks = cdiv(n_heads, tiling.block_h)
     n_token_blocks = cdiv(length, tiling.block_t)
@@ -213,11 +265,13 @@ def triton_short_conv_rope_l2norm(
     with on_device(q):
         launch(
             _short_conv_rope_l2norm_kernel, grid,
-            q, k, v, taps, state, mask, cos, sin, *out,
+            q, k, v, taps, state, mask, cos, sin, *out, state_out if state_out is not None else taps,
             length, n_heads, eps, n_head_blocks, n_token_blocks,
             *q.stride(), *k.stride(), *v.stride(), *(state.stride() if conv_state is not None else (0, 0, 0)),
             *(mask.stride() if input_mask is not None else (0, 0)), *_table_strides(cos), *_table_strides(sin),
+            *(state_out.stride() if state_out is not None else (0, 0, 0)),
             HALF=head_dim // 2, K=weight.shape[1], HAS_STATE=conv_state is not None, HAS_MASK=input_mask is not None,
+            STORE_STATE=state_out is not None,
             BLOCK_T=tiling.block_t, BLOCK_H=tiling.block_h, BLOCK_HALF=next_power_of_2(head_dim // 2),
             num_warps=tiling.num_warps,
         )
