@@ -97,7 +97,8 @@ def time_steps(model, cache, vocab: int, steps: int, rounds: int) -> tuple[list[
     positions = [torch.full((batch, 1), start + i, device=device) for i in range(WARM_UP + rounds * steps)]
     for i in range(WARM_UP):
         logits = cache.decode(model, ids, None, positions[i])
-        first = logits.float().cpu() if i == 0 else first
+        if i == 0:
+            first = logits.float().cpu()
     if not torch.isfinite(logits).all():
         raise HeadscopeError(f"decode step of {type(model).__name__} at {start} tokens gave non-finite logits")
     per_round = []

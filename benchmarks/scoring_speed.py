@@ -397,7 +397,7 @@ def write_summary(out_dir: Path, rows_dir: Path, settings: dict, order: list[str
 
     rows = {row: json.loads(row_file(rows_dir, row).read_text()) for row in order if row_file(rows_dir, row).is_file()}
     write_json_atomic(out_dir / f"{stem}.json", {"settings": settings, "rows": rows})
-    lines = [f"# Scoring speed: exact activation patching, headscope vs TransformerLens", "",
+    lines = ["# Scoring speed: exact activation patching, headscope vs TransformerLens", "",
              f"Model: {settings['model']} ({settings['device']}, {settings['dtype']}, torch {settings['torch']}). Headscope: sdpa, "
              "shared-prefix reuse; TransformerLens: its bridge (eager). Ratios within a row are measured in one process.", "",
              "| row | pairs x tokens | shared prefix mean (min-max) | headscope s | w/o prefix reuse s | TransformerLens s | speed-up vs TL | prefix-reuse gain | max abs diff vs TL |",

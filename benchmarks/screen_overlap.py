@@ -220,7 +220,7 @@ def summarise(records: dict[str, dict], args, settings: dict, fp, budget: int, k
 
 def markdown(record: dict) -> str:
     meta, summary, rows, curve = record["meta"], record["summary"], record["probes"], record["curve"]
-    budget, ks = summary["budget"], summary["top_ks"]
+    budget = summary["budget"]
     fmt_k = lambda k: "AtP only" if k == 0 else f"K={k}"  # noqa: E731
     lines = [f"# Screen vs exhaustive exact scoring on {meta['model']}", "",
              f"{meta['length']} tokens x {meta['pairs']} pairs (seed {meta['seed']}), {meta['dtype']}, {meta['device']}, "

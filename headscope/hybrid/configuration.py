@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 # The loader file save_pretrained writes beside config.json, and the auto_map pointing into it.
 LOADER_MODULE = "headscope_hybrid"
-LOADER_SOURCE = f'''"""Loads this head-wise hybrid with trust_remote_code=True; the code is the installed headscope package."""
+LOADER_SOURCE = '''"""Loads this head-wise hybrid with trust_remote_code=True; the code is the installed headscope package."""
 from headscope.hybrid.configuration import HybridConfig
 from headscope.hybrid.modeling import HybridForCausalLM
 '''

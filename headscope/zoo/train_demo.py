@@ -25,7 +25,6 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path

@@ -68,7 +68,7 @@ def chunk_bwd_dqkwg(
     if not covers(g, g_gamma, cu_seqlens):
         raise ValueError(UNCOVERED)
     batch, length, n_qk, key_dim = k.shape
-    n_v, value_dim = v.shape[2], v.shape[-1]
+    n_v = v.shape[2]
     group = n_v // n_qk
     scale = key_dim**-0.5 if scale is None else scale
     bt = chunk_size
