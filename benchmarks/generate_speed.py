@@ -225,26 +225,33 @@ def first_token_ms(bench: Bench, variant: str, ids: torch.Tensor, prefill_chunk:
 
 
 def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline: float) -> None:
-    """Each timed variant of the row (this run's and those recorded before) TTFT again in ``args.ttft_rounds`` interleaved rounds (every variant once per round, after
-    one untimed call each), kept as ``ttft_rounds_ms``: the host of the lent box slows by up to 2x for seconds at a
-    time, so one call per variant, each at another moment, can rank two host-bound prefills either way; rounds
-    spread that over all of them. ``original_compiled`` is left out: the memory release between its variants resets
-    torch.compile (it would recompile); its TTFT stays the timed call's."""
+    """Each timed variant of the row (this run's and those recorded before) TTFT again in ``args.ttft_rounds``
+    interleaved rounds (every variant once per round, the order rotated each round, after one untimed call each),
+    kept as ``ttft_rounds_ms``: the host of the lent box slows by up to 2x for seconds at a time, so one call per
+    variant, each at another moment, can rank two host-bound prefills either way; rounds spread that over all of
+    them. Each variant prefills as its timed call did (its recorded ``prefill_chunk``). Rounds left from an earlier
+    run are dropped first, so a row's rounds all come from one run (a run cut short keeps the rounds it finished).
+    ``original_compiled`` is left out: the memory release between its variants resets torch.compile (it would
+    recompile); its TTFT stays the timed call's."""
     names = [name for name in VARIANTS if name != "original_compiled" and "per_token_ms" in variants.get(name, {})]
+    for name in names:
+        variants[name].pop("ttft_rounds_ms", None)
     if not names or args.ttft_rounds < 1 or time.perf_counter() > deadline:
         return
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(args.ttft_rounds + 1):  # round 0: untimed (caches and kernels of every variant in place)
-        for name in names:
-            ms = first_token_ms(bench, name, ids, args.prefill_chunk, args.new_tokens)
-            if round_:
-                times[name].append(ms)
-        if time.perf_counter() > deadline:
-            break
-    for name, ms in times.items():
-        if ms:
-            variants[name]["ttft_rounds_ms"] = ms
-    bench.release()
+    try:
+        for round_ in range(args.ttft_rounds + 1):  # round 0: untimed (caches and kernels of every variant in place)
+            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+                ms = first_token_ms(bench, name, ids, variants[name].get("prefill_chunk"), args.new_tokens)
+                if round_:
+                    times[name].append(ms)
+            if time.perf_counter() > deadline:
+                break
+    finally:
+        for name, ms in times.items():
+            if ms:
+                variants[name]["ttft_rounds_ms"] = ms
+        bench.release()
 
 
 def attempt(step):

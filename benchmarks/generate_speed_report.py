@@ -169,17 +169,25 @@ def ttft_table(rows: dict) -> list[str]:
         return []
     lines = ["", "## Time to first token, interleaved rounds: the original's / the hybrid's", "",
              "Median ms of calls stopped at the first token, every variant once per round (`--ttft-rounds`); "
-             "original_compiled's is its timed call's.", "",
+             "original_compiled's is its timed call's. A variant whose tokens fail their checks gets no ratio (as in the "
+             "per-token table).", "",
              "| model | context | batch | prompt | hybrid_graph ms | original ms (x) | original_compiled ms (x) | original_graph ms (x) | hybrid_eager ms |",
              "|---|---:|---:|---|---:|---|---|---|---:|"]
     for record in measured:
         model, context, batch = record["row"].split(":")
         variants = record["variants"]
-        hybrid = ttft_ms(variants["hybrid_graph"])
-        cell = lambda name: (f"{ttft_ms(variants[name]):.1f} ({ttft_ms(variants[name]) / hybrid:.2f}x)"  # noqa: E731
-                             if "ttft_ms" in variants.get(name, {}) else "-")
+        flag = lambda name: failed_check(variants[name], variants.get(TWIN.get(name)))  # noqa: E731
+        hybrid, hybrid_flag = ttft_ms(variants["hybrid_graph"]), flag("hybrid_graph")
+
+        def cell(name: str) -> str:
+            if "ttft_ms" not in variants.get(name, {}):
+                return "-"
+            ms, why = ttft_ms(variants[name]), flag(name)
+            return f"{ms:.1f} (**{why}**)" if why else f"{ms:.1f}" + ("" if hybrid_flag else f" ({ms / hybrid:.2f}x)")
+
         eager = f"{ttft_ms(variants['hybrid_eager']):.1f}" if "ttft_ms" in variants.get("hybrid_eager", {}) else "-"
-        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | {hybrid:.1f} | "
+        shown = f"{hybrid:.1f}" + (f" (**{hybrid_flag}**)" if hybrid_flag else "")
+        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | {shown} | "
                      f"{cell('original')} | {cell('original_compiled')} | {cell('original_graph')} | {eager} |")
     return lines
 

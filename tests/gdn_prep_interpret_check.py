@@ -21,13 +21,15 @@ from triton_interpreter import print_report  # same directory (sys.path[0] of th
 
 # name, (B, T, H, D), conv width K, layout of q/k/v, with conv state, with padding mask, cos batch, tiling,
 # where the kernel stores the new conv state: "new" (a NaN-filled contiguous buffer), "strided" (a NaN-filled
-# channel-contiguous view) or "in_place" (the conv state passed in itself, as the static cache's window)
+# channel-contiguous view), "in_place" (the conv state passed in itself, as the static cache's window) or
+# "in_place_channels" (likewise, channel-contiguous: the layout the kernel reads, so only its clone keeps the old state)
 CASES = [
     ("projection_slices", (2, 37, 3, 32), 4, "projection", False, False, 1, None, "new"),
     ("slices_with_state", (2, 29, 2, 16), 4, "projection", True, False, 2, None, "in_place"),
     ("state_and_mask_transposed", (2, 21, 3, 8), 4, "transposed", True, True, 2, None, "strided"),
     ("decode_one_token", (3, 1, 3, 32), 4, "projection", True, False, 1, None, "in_place"),
     ("two_tokens_into_state_masked", (2, 2, 2, 16), 4, "projection", True, True, 2, None, "in_place"),
+    ("two_tokens_channel_contiguous_alias", (2, 2, 2, 16), 4, "projection", True, False, 1, None, "in_place_channels"),
     ("three_tokens_no_state", (2, 3, 2, 16), 4, "projection", False, False, 1, None, "new"),
     ("small_blocks_heads_straddle", (1, 64, 3, 16), 4, "projection", True, False, 1, (4, 2), "strided"),
     ("width_3_no_state_masked", (2, 19, 3, 8), 3, "contiguous", False, True, 1, None, "new"),
@@ -68,12 +70,14 @@ def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, sta
     out = tuple(torch.full(shape, float("nan"), dtype=dtype) for _ in range(3))
     if state_mode == "in_place":
         state_out = state.clone()  # passed as the old state too (``state`` stays for the references)
+    elif state_mode == "in_place_channels":
+        state_out = state.transpose(1, 2).contiguous().transpose(1, 2)
     elif state_mode == "strided":
         state_out = torch.full((batch, width, 3 * heads * dim), float("nan"), dtype=dtype).transpose(1, 2)
     else:
         state_out = torch.full((batch, 3 * heads * dim, width), float("nan"), dtype=dtype)
     got = triton_short_conv_rope_l2norm(
-        q, k, v, weight, cos, sin, state_out if state_mode == "in_place" else state, mask, out=out,
+        q, k, v, weight, cos, sin, state_out if state_mode.startswith("in_place") else state, mask, out=out,
         tiling=Tiling(*tiling) if tiling else None, state_out=state_out,
     )
     as_float = lambda t: t.float() if t is not None else None  # noqa: E731

@@ -259,6 +259,13 @@ def test_ttft_table_takes_the_median_of_the_interleaved_rounds(benchmark):
     assert not any(line.startswith("| qwen3-1.7b | 32768 | 32 | random ids | 450.0") for line in lines)
     assert any("| hybrid_graph | 40.0 (33.0-50.0, 3 rounds) |" in line for line in lines)  # the row table shows the median too
     assert any("| original_compiled | 26.0 |" in line for line in lines)
+    bad = {"rows": 1, "checked_tokens": 32, "consistent": 30, "first_inconsistent": 19, "max_gap": 1.1, "mean_gap": 0.09,
+           "tolerance": 0.1, "first_step_max_abs_diff": 1.8}
+    rows["a"]["variants"]["hybrid_graph"]["reference_check"] = bad  # tokens failing their checks: no ratio, as per token
+    assert "| smollm2 | 4096 | 1 | random ids | 40.0 (**ref check 30/32**) | 22.0 | 26.0 | - | 40.0 |" in benchmark.summary_lines(rows)
+    del rows["a"]["variants"]["hybrid_graph"]["reference_check"]
+    rows["a"]["variants"]["original"]["reference_check"] = bad
+    assert "| smollm2 | 4096 | 1 | random ids | 40.0 | 22.0 (**ref check 30/32**) | 26.0 (0.65x) | - | 40.0 |" in benchmark.summary_lines(rows)
     del rows["a"]["variants"]["hybrid_graph"]["ttft_rounds_ms"]
     assert "## Time to first token, interleaved rounds: the original's / the hybrid's" not in benchmark.summary_lines(rows)
 

@@ -82,30 +82,31 @@ def test_greedy_generate_static_equals_dynamic_and_reuses_its_cache(hybrid):
                        hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="dynamic"))
 
 
-def test_the_kept_cache_follows_the_weights_without_walking_the_model_each_call():
-    """generate() keeps its static cache (and graph) while the weights stay where they are: written in place they
-    do; a parameter replaced, or moved by .to(), gives a new cache. The parameter walk is kept between calls
-    (``_weights_key``: torch's registration hooks tell when it is stale)."""
+def test_the_kept_cache_follows_the_weights():
+    """generate() keeps its static cache (and graph) while the weights stay where they are and what they are: written
+    in place they do; a parameter replaced (by setattr, or in ``_parameters`` as accelerate does), a layer list
+    changed, a dtype reinterpreted or a ``.to()`` give a new cache."""
     from headscope.hybrid.generation import _weights_key
 
     model = built([(0, 2), (1, 0)], seed=3)
     ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     cache = lambda: static_cache_for_generate(model, ids, (), {"max_new_tokens": 4}, "static")  # noqa: E731
-    first = cache()
-    key = _weights_key(model)
-    walk = model.parameters
-    model.parameters = lambda *args, **kwargs: pytest.fail("walked the parameters again with nothing registered")
+    first, key = cache(), _weights_key(model)
+    attn = model.model.layers[0].self_attn
     with torch.no_grad():
-        model.model.layers[0].self_attn.o_proj.weight.mul_(0.5)  # in place: same addresses, same cache
-    assert _weights_key(model) == key
-    del model.parameters  # (the instance attribute; the method again)
-    assert model.parameters == walk and cache() is first
-    layer = model.model.layers[0].self_attn
-    layer.o_proj.weight = torch.nn.Parameter(layer.o_proj.weight.detach().clone())  # replaced: registered, walked again
-    replaced = cache()
-    assert replaced is not first and _weights_key(model) != key and layer.o_proj.weight.data_ptr() in _weights_key(model)
-    model.to(torch.float64)  # new storage everywhere
-    assert cache() is not replaced and cache().dtype == torch.float64
+        attn.o_proj.weight.mul_(0.5)  # in place: same addresses, same cache
+    assert _weights_key(model) == key and cache() is first
+    changes = [
+        lambda: setattr(attn.o_proj, "weight", torch.nn.Parameter(attn.o_proj.weight.detach().clone())),
+        lambda: attn.q_proj._parameters.__setitem__("weight", torch.nn.Parameter(attn.q_proj.weight.detach().clone())),
+        lambda: model.model.layers.insert(0, model.model.layers.pop(2)),  # the same layers, reordered
+        lambda: model.to(torch.bfloat16),
+        lambda: setattr(attn.k_proj.weight, "data", attn.k_proj.weight.data.view(torch.float16)),  # same address, new dtype
+    ]
+    for change in changes:
+        before, kept = _weights_key(model), cache()
+        change()
+        assert _weights_key(model) != before and cache() is not kept
 
 
 @pytest.mark.parametrize("length, chunk", [(11, 4), (7, 3)])  # chunks 4+4+3; 3+3+1 (a one-token chunk is a decode step)

@@ -103,6 +103,21 @@ def test_dispatcher_rejects_bad_shapes():
         short_conv_rope_l2norm(q, k, v, weight, torch.cat((cos, cos, cos)), sin)
     with pytest.raises(HeadscopeError, match="sin must be"):
         short_conv_rope_l2norm(q, k, v, weight, cos, sin[..., :4])
+    with pytest.raises(HeadscopeError, match="conv_state_out must be"):
+        short_conv_rope_l2norm(q, k, v, weight, cos, sin, output_conv_state=True, conv_state_out=state[:1])
+
+
+def test_an_empty_chunk_leaves_the_conv_state_as_it_was():
+    pytest.importorskip("triton")
+    from headscope.kernels.gdn_prep.triton_gdn_prep import triton_short_conv_rope_l2norm
+
+    _, (q, k, v, weight, cos, sin), state, _ = random_inputs(2, 3, 2, 8, torch.float32, seed=5)
+    empty = [t[:, :0] for t in (q, k, v, cos, sin)]
+    for old in (state, None):
+        out = torch.full_like(state, float("nan"))
+        triton_short_conv_rope_l2norm(*empty[:3], weight, *empty[3:], old, state_out=out)  # returns before any launch
+        assert torch.equal(out, state if old is not None else torch.zeros_like(state))
+        assert torch.equal(out, next_conv_state(*empty[:3], 4, old))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -152,7 +167,7 @@ def test_hybrid_layer_cpu_output_unchanged(monkeypatch, dtype):
 
 def test_triton_kernel_matches_reference_under_interpreter():
     cases = interpreted_cases(HELPER, timeout=900)
-    assert len(cases) == 16
+    assert len(cases) == 18
     for case in cases:
         label = f"{case['name']} {case['dtype']}: {case}"
         assert case["wrote_into_out"] and case["state_exact"], label

@@ -45,7 +45,7 @@ def short_conv(
     return y, final_state
 
 
-def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask) -> None:
+def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask, conv_state_out=None) -> None:
     """One ``HeadscopeError`` line for a bad shape or mixed devices; cheap when all is well (it runs at every
     prefill call of every GDN layer: shapes compared as sizes, devices pairwise, messages built only to fail)."""
     def fail(what: str) -> None:
@@ -62,6 +62,8 @@ def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask) -> None:
     width = taps[1]
     if conv_state is not None and conv_state.shape != (batch, channels, width):
         fail(f"conv_state must be (B, 3*H*D, K) = {(batch, channels, width)}; got {tuple(conv_state.shape)}")
+    if conv_state_out is not None and conv_state_out.shape != (batch, channels, width):
+        fail(f"conv_state_out must be (B, 3*H*D, K) = {(batch, channels, width)}; got {tuple(conv_state_out.shape)}")
     if input_mask is not None and input_mask.shape != (batch, length):
         fail(f"input_mask must be (B, T) = {(batch, length)}; got {tuple(input_mask.shape)}")
     for name, table in (("cos", cos), ("sin", sin)):
@@ -70,8 +72,9 @@ def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask) -> None:
             fail(f"{name} must be (B or 1, T, D) = ({batch} or 1, {length}, {dim}); got {tuple(table.shape)}")
     device = q.device
     if not (k.device == v.device == weight.device == cos.device == sin.device == device
-            and (conv_state is None or conv_state.device == device) and (input_mask is None or input_mask.device == device)):
-        tensors = [t for t in (q, k, v, weight, cos, sin, conv_state, input_mask) if t is not None]
+            and (conv_state is None or conv_state.device == device) and (input_mask is None or input_mask.device == device)
+            and (conv_state_out is None or conv_state_out.device == device)):
+        tensors = [t for t in (q, k, v, weight, cos, sin, conv_state, input_mask, conv_state_out) if t is not None]
         fail(f"inputs are on different devices: {sorted({str(t.device) for t in tensors})}")
 
 
@@ -110,7 +113,7 @@ def short_conv_rope_l2norm(
         q, k ``(B, T, H, D)`` unit-norm rows, v ``(B, T, H, D)`` (contiguous on the Triton path), and the
         new conv state ``(B, 3·H·D, K)`` in q's dtype, or None unless ``output_conv_state``.
     """
-    _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask)
+    _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask, conv_state_out if output_conv_state else None)
     if not use_triton(q, k, v, weight, cos, sin, conv_state):
         q_out, k_out, v_out, new_state = short_conv_rope_l2norm_reference(
             q, k, v, weight, cos, sin, conv_state, input_mask, eps, conv=short_conv, rope_norm=rope_l2norm

@@ -247,6 +247,8 @@ def triton_short_conv_rope_l2norm(
             out = tuple(torch.empty(batch, length, n_heads, head_dim, dtype=dtype, device=q.device)
                         for dtype in (qk_dtype, qk_dtype, v.dtype))
     if not (batch and length and n_heads):
+        if state_out is not None:  # no new inputs: the state stays what it was
+            state_out.copy_(conv_state) if conv_state is not None else state_out.zero_()
         return out
     tiling = tiling or default_tiling(length, n_heads, head_dim)
     # taps (K, C) and the state (B, C, K) with the channels contiguous: each tap loads as vectors along C (no
