@@ -158,7 +158,7 @@ def ttft_text(result: dict) -> str:
     rounds = result.get("ttft_rounds_ms")
     if not rounds:
         return f"{result['ttft_ms']:.1f}"
-    return f"{statistics.median(rounds):.1f} ({min(rounds):.1f}-{max(rounds):.1f}, {len(rounds)} rounds)"
+    return f"{ttft_ms(result):.1f} ({min(rounds):.1f}-{max(rounds):.1f}, {len(rounds)} rounds)"
 
 
 def ttft_table(rows: dict) -> list[str]:

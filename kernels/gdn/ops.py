@@ -285,17 +285,17 @@ def gated_delta_rule_from_logits(
             raise HeadscopeError(f"gated_delta_rule_from_logits: A_log and dt_bias must be (H,) = ({heads},); got {tuple(A_log.shape)}, {tuple(dt_bias.shape)}")
         if input_mask is not None and input_mask.shape != q.shape[:2]:
             raise HeadscopeError(f"gated_delta_rule_from_logits: input_mask must be (B, T) = {tuple(q.shape[:2])}; got {tuple(input_mask.shape)}")
+        state_shape = (q.shape[0], heads, q.shape[3], v.shape[3])
+        if final_state is not None and output_final_state and (
+                final_state.dtype != torch.float32 or not final_state.is_contiguous() or final_state.device != q.device
+                or final_state.shape != state_shape):
+            raise HeadscopeError(f"gated_delta_rule_from_logits: final_state must be contiguous float32 (B, H, K, V) = {state_shape} "
+                                 f"on {q.device}; got {final_state.dtype} {tuple(final_state.shape)} on {final_state.device}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if initial_state is not None:
         initial_state = initial_state.float()
     needs_grad = _needs_grad(q, k, v, a, b, A_log, dt_bias, initial_state)
-    if check and final_state is not None and output_final_state and (
-            final_state.dtype != torch.float32 or not final_state.is_contiguous() or final_state.device != q.device
-            or final_state.shape != (q.shape[0], q.shape[2], q.shape[3], v.shape[3])):
-        raise HeadscopeError(f"gated_delta_rule_from_logits: final_state must be contiguous float32 (B, H, K, V) = "
-                             f"{(q.shape[0], q.shape[2], q.shape[3], v.shape[3])} on {q.device}; got {final_state.dtype} "
-                             f"{tuple(final_state.shape)} on {final_state.device}")
     if use_fused(q, v, needs_grad):
         return _fused(q, k, v, a, b, scale=scale, A_log=A_log, dt_bias=dt_bias, input_mask=input_mask,
                       initial_state=initial_state, output_final_state=output_final_state, final_state=final_state)

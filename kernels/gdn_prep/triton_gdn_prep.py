@@ -23,7 +23,7 @@ Inference only (no backward): :mod:`.ops` takes the torch composition when a gra
 v, the tables, the state and the mask may have any strides; the outputs are contiguous
 ``(B, T, H, D)``. With ``state_out`` the programs holding the last K tokens also store the new conv state
 (the last K inputs, masked; with fewer than K tokens the first block shifts the old state's inputs in):
-one launch instead of the cat, transpose copy and cache copy of forming it in torch (``ops.next_conv_state``,
+one launch instead of the cat, transpose copy and cache copy of forming it in torch (``naive.next_conv_state``,
 the reference it is tested against). Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
 """
 
@@ -183,18 +183,21 @@ def _short_conv_rope_l2norm_kernel(
     mask_base = mask_ptr + b * sm_b + first * sm_t
     out_offset = (b * T + first) * HD  # outputs are contiguous (B, T, H, D)
     out_lane = rows * HD + heads * 2 * HALF + dims
+    q_base = q_ptr + b * sq_b + first * sq_t  # this sequence's first token of the block, per input
+    k_base = k_ptr + b * sk_b + first * sk_t
+    v_base = v_ptr + b * sv_b + first * sv_t
     y1, y2 = _conv_silu(
-        q_ptr + b * sq_b + first * sq_t, state_base, taps_ptr, mask_base, first_token, rows, heads, dims, row_ok,
+        q_base, state_base, taps_ptr, mask_base, first_token, rows, heads, dims, row_ok,
         lane_ok, 0, sq_t, sq_h, sq_d, ss_c, ss_k, sm_t, 3 * HD, HALF, K, HAS_STATE, HAS_MASK,
     )
     _store_rope_l2norm(q_out_ptr + out_offset + out_lane, y1, y2, c1, c2, s1, s2, mask, HALF, eps)
     y1, y2 = _conv_silu(
-        k_ptr + b * sk_b + first * sk_t, state_base, taps_ptr, mask_base, first_token, rows, heads, dims, row_ok,
+        k_base, state_base, taps_ptr, mask_base, first_token, rows, heads, dims, row_ok,
         lane_ok, HD, sk_t, sk_h, sk_d, ss_c, ss_k, sm_t, 3 * HD, HALF, K, HAS_STATE, HAS_MASK,
     )
     _store_rope_l2norm(k_out_ptr + out_offset + out_lane, y1, y2, c1, c2, s1, s2, mask, HALF, eps)
     y1, y2 = _conv_silu(
-        v_ptr + b * sv_b + first * sv_t, state_base, taps_ptr, mask_base, first_token, rows, heads, dims, row_ok,
+        v_base, state_base, taps_ptr, mask_base, first_token, rows, heads, dims, row_ok,
         lane_ok, 2 * HD, sv_t, sv_h, sv_d, ss_c, ss_k, sm_t, 3 * HD, HALF, K, HAS_STATE, HAS_MASK,
     )
     v_lane = v_out_ptr + out_offset + out_lane
@@ -202,12 +205,13 @@ def _short_conv_rope_l2norm_kernel(
     tl.store(v_lane + HALF, y2.to(v_out_ptr.dtype.element_ty), mask=mask)
     if STORE_STATE:  # the new conv state, from the raw inputs of the block's tokens among the last K
         out_base = state_out_ptr + b * so_b
-        _store_conv_inputs(q_ptr + b * sq_b + first * sq_t, state_base, out_base, mask_base, first_token, rows, heads, dims,
+        _store_conv_inputs(q_base, state_base, out_base, mask_base, first_token, rows, heads, dims,
                            row_ok, lane_ok, 0, T, sq_t, sq_h, sq_d, ss_c, ss_k, sm_t, so_c, so_k, HALF, K, HAS_STATE, HAS_MASK)
-        _store_conv_inputs(k_ptr + b * sk_b + first * sk_t, state_base, out_base, mask_base, first_token, rows, heads, dims,
+        _store_conv_inputs(k_base, state_base, out_base, mask_base, first_token, rows, heads, dims,
                            row_ok, lane_ok, HD, T, sk_t, sk_h, sk_d, ss_c, ss_k, sm_t, so_c, so_k, HALF, K, HAS_STATE, HAS_MASK)
-        _store_conv_inputs(v_ptr + b * sv_b + first * sv_t, state_base, out_base, mask_base, first_token, rows, heads, dims,
+        _store_conv_inputs(v_base, state_base, out_base, mask_base, first_token, rows, heads, dims,
                            row_ok, lane_ok, 2 * HD, T, sv_t, sv_h, sv_d, ss_c, ss_k, sm_t, so_c, so_k, HALF, K, HAS_STATE, HAS_MASK)
+
 
 def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
     """(b, t, d) strides of a ``(B or 1, T, D)`` table, batch stride 0 when it broadcasts."""
@@ -232,7 +236,7 @@ def triton_short_conv_rope_l2norm(
         out: contiguous ``(B, T, H, D)`` buffers to write q, k, v into (allocated when None).
         tiling: tokens/heads per program (``default_tiling`` when None).
         state_out: ``(B, 3·H·D, K)``, any strides: also write the new conv state there (the last K inputs after
-            the chunk, masked, as ``ops.next_conv_state`` forms them); it may be ``conv_state`` itself (then the
+            the chunk, masked, as ``naive.next_conv_state`` forms them); it may be ``conv_state`` itself (then the
             kernel reads a copy of the old state).
     Returns:
         q, k ``(B, T, H, D)`` in the promoted dtype of q, cos, sin; v ``(B, T, H, D)`` in v's dtype; all
