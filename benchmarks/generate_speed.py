@@ -104,7 +104,7 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-from generate_speed_device import HEADROOM, fits, free_bytes, sdpa_backends  # noqa: E402
+from generate_speed_device import HEADROOM, fits, free_bytes, gpu_work, sdpa_backends  # noqa: E402
 from generate_speed_models import KINDS, ROOT, Bench, read_prompt  # noqa: E402
 from generate_speed_report import (  # noqa: E402
     RANDOM_PROMPT, TWIN, UNCHECKED, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines,
@@ -232,10 +232,12 @@ def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline:
     them. Each variant prefills as its timed call did (its recorded ``prefill_chunk``). Rounds left from an earlier
     run are dropped first, so a row's rounds all come from one run (a run cut short keeps the rounds it finished).
     ``original_compiled`` is left out: the memory release between its variants resets torch.compile (it would
-    recompile); its TTFT stays the timed call's."""
+    recompile); its TTFT stays the timed call's. After the rounds, on CUDA, one more call of each under the
+    profiler gives its ``ttft_gpu`` (``gpu_work``: kernel ms and launches, whatever the host's speed)."""
     names = [name for name in VARIANTS if name != "original_compiled" and "per_token_ms" in variants.get(name, {})]
     for name in names:
         variants[name].pop("ttft_rounds_ms", None)
+        variants[name].pop("ttft_gpu", None)
     if not names or args.ttft_rounds < 1 or time.perf_counter() > deadline:
         return
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -247,6 +249,10 @@ def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline:
                     times[name].append(ms)
             if time.perf_counter() > deadline:
                 break
+        for name in names if time.perf_counter() < deadline else ():
+            work = gpu_work(partial(first_token_ms, bench, name, ids, variants[name].get("prefill_chunk"), args.new_tokens))
+            if work is not None:
+                variants[name]["ttft_gpu"] = work
     finally:
         for name, ms in times.items():
             if ms:

@@ -192,6 +192,29 @@ def ttft_table(rows: dict) -> list[str]:
     return lines
 
 
+def ttft_gpu_table(rows: dict) -> list[str]:
+    """Lines of the GPU work of one first-token call per variant (``ttft_gpu``: kernel ms, launches) for the rows
+    that have it, with the original_graph's kernel ms over the hybrid_graph's (above 1: the hybrid's prefill costs
+    the GPU less): unlike the TTFT it does not move with the host's speed."""
+    measured = [r for r in rows.values() if "ttft_gpu" in r.get("variants", {}).get("hybrid_graph", {})]
+    if not measured:
+        return []
+    names = ("hybrid_graph", "original", "original_graph", "hybrid_eager")
+    lines = ["", "## GPU work of one first-token call: kernel ms (launches)", "",
+             "Summed durations of the kernels, copies and memsets one `generate()` call stopped at the first token puts on "
+             "the GPU (torch profiler, after the TTFT rounds): TTFT minus this is time the GPU waited on the host.", "",
+             "| model | context | batch | prompt | " + " | ".join(names) + " | original_graph / hybrid_graph |",
+             "|---|---:|---:|---|" + "---:|" * (len(names) + 1)]
+    for record in measured:
+        model, context, batch = record["row"].split(":")
+        work = {name: record["variants"].get(name, {}).get("ttft_gpu") for name in names}
+        cells = [f"{w['kernel_ms']:.1f} ({w['launches']})" if w else "-" for w in work.values()]
+        ratio = f"{work['original_graph']['kernel_ms'] / work['hybrid_graph']['kernel_ms']:.2f}x" if work["original_graph"] else "-"
+        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | "
+                     + " | ".join(cells) + f" | {ratio} |")
+    return lines
+
+
 def twin_text(twin: dict | None) -> str:
     """Where a variant's greedy tokens part from its eager twin's (``agreement``): 'identical' or 'parts at t'."""
     if twin is None:
@@ -346,6 +369,7 @@ def summary_lines(rows: dict) -> list[str]:
               "|---|---:|---:|---|---|---|---|---:|---:|---|"]
     lines += [ratio_line(record) for record in rows.values()]
     lines += ttft_table(rows)
+    lines += ttft_gpu_table(rows)
     backends = {json.dumps(r["sdpa_backends"], sort_keys=True): r["sdpa_backends"] for r in rows.values() if "sdpa_backends" in r}
     if backends:
         lines += ["", "SDPA backend torch picks for the attention calls (`torch._fused_sdp_choice` on the rows' device; `generate_speed."

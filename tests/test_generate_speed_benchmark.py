@@ -40,6 +40,7 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
         assert check["rows"] == 1 and check["checked_tokens"] == 4 and check["consistent"] == 4 and check["max_gap"] < 1e-4
     for name in ("original", "hybrid_eager", "hybrid_graph"):  # a short row: TTFT again in 2 interleaved rounds (--smoke)
         assert len(row["variants"][name]["ttft_rounds_ms"]) == 2 and min(row["variants"][name]["ttft_rounds_ms"]) > 0
+        assert "ttft_gpu" not in row["variants"][name]  # no GPU work without CUDA
     smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
     assert "random KV-aware 7:1" in smol["mask"]  # the SmolLM2 mask file does not fit the tiny Llama
     before = (rows_dir / "qwen3-1.7b_40_b3.json").read_text()
@@ -303,3 +304,30 @@ def test_tokens_past_the_tolerance_pass_only_within_the_eager_twins_largest_gap(
         failed = lines(twin)
         assert "**31/32** (from step 11)" in "".join(failed) and "1.63x" not in failed[-1], twin  # the hybrid side: the eager twin or none
     assert "hybrid_graph: 5.41 ms, **ref check 31/32**" in failed[-1]
+
+
+def test_gpu_work_of_the_first_token_call_is_kept_per_variant_and_tabled(benchmark, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    device = sys.modules["generate_speed_device"]
+    assert device.work_of([(10.0, 1510.0), (2000.0, 2500.0)]) == {"kernel_ms": 2.0, "launches": 2}
+    if not torch.cuda.is_available():
+        assert device.gpu_work(lambda: None) is None
+    calls = []
+    monkeypatch.setattr(benchmark, "first_token_ms", lambda bench, name, *rest: calls.append(name) or 5.0)
+    work = {"hybrid_graph": {"kernel_ms": 28.8, "launches": 810}, "original_graph": {"kernel_ms": 27.4, "launches": 700}}
+    monkeypatch.setattr(benchmark, "gpu_work", lambda fn: (fn(), work.get(calls[-1]))[1])
+    timing = {"ttft_ms": 9.0, "per_token_ms": 1.0, "tokens_per_s": 8.0}
+    variants = {"hybrid_graph": dict(timing, ttft_gpu={"kernel_ms": 1.0, "launches": 1}), "original_graph": dict(timing),
+                "hybrid_eager": dict(timing, ttft_gpu={"kernel_ms": 1.0, "launches": 1})}
+    bench = SimpleNamespace(release=lambda: None)
+    benchmark.ttft_rounds(bench, variants, None, SimpleNamespace(ttft_rounds=2, new_tokens=4), float("inf"))
+    assert variants["hybrid_graph"]["ttft_gpu"] == work["hybrid_graph"] and variants["original_graph"]["ttft_gpu"] == work["original_graph"]
+    assert "ttft_gpu" not in variants["hybrid_eager"]  # an earlier run's, dropped; none measured this time
+    assert all(len(v["ttft_rounds_ms"]) == 2 for v in variants.values())
+    rows = {"a": {"row": "qwen3-1.7b:4096:b1", "variants": variants}}
+    table = [line for line in benchmark.summary_lines(rows) if line.startswith("| qwen3-1.7b | 4096 | 1 | random ids | 28.8")]
+    assert table == ["| qwen3-1.7b | 4096 | 1 | random ids | 28.8 (810) | - | 27.4 (700) | - | 0.95x |"]
+    del variants["hybrid_graph"]["ttft_gpu"]
+    assert not any(line.startswith("## GPU work") for line in benchmark.summary_lines(rows))
