@@ -94,6 +94,7 @@ import shutil
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -300,7 +301,7 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                 variants[variant] = {"skipped": timed["failed"], **estimate}
             else:
                 (result, first_scores), n = timed, min(args.check_tokens, args.new_tokens)
-                result.update(estimate)
+                result.update(estimate, run=args.run)
                 variants[variant] = {**result, UNCHECKED: True}  # saved before the checks: a call killed in them keeps the timing
                 save()
                 if variant.endswith("_graph"):  # the checks run after the timed call's caches are gone
@@ -367,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--rows-dir and stop: no model is loaded, nothing runs")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    args.run = datetime.now(timezone.utc).isoformat()  # stamped on each variant timed by this call (``run``)
     from headscope.heads import write_json_atomic
 
     if args.smoke:

@@ -280,29 +280,37 @@ def failed_check(result: dict, twin: dict | None = None) -> str | None:
     return None
 
 
-def side(variants: dict, names: tuple[str, ...]) -> tuple[float | None, str]:
-    """The fastest per-token latency among a row's variants ``names`` whose checks hold, and its cell; without
-    one, '-' and why (each variant's failed check with its time, skip or failure, or 'not run'). A variant
-    that fails its checks gives no ratio: its speed is not that of the model it stands for."""
+def side(variants: dict, names: tuple[str, ...]) -> tuple[float | None, str, str | None]:
+    """The fastest per-token latency among a row's variants ``names`` whose checks hold, its cell and the run that
+    timed it (``run``, None in rows from before the stamp); without one, '-' and why (each variant's failed check
+    with its time, skip or failure, or 'not run'). A variant that fails its checks gives no ratio: its speed is
+    not that of the model it stands for."""
     timed = {name: variants[name] for name in names if "per_token_ms" in variants.get(name, {})}
     failed = {name: failed_check(r, variants.get(TWIN.get(name))) for name, r in timed.items()}
-    times = [r["per_token_ms"] for name, r in timed.items() if failed[name] is None]
-    if times:
-        return min(times), f"{min(times):.2f}"
+    passed = [r for name, r in timed.items() if failed[name] is None]
+    if passed:
+        best = min(passed, key=lambda r: r["per_token_ms"])
+        return best["per_token_ms"], f"{best['per_token_ms']:.2f}", best.get("run")
     why = [f"{name}: {r['per_token_ms']:.2f} ms, **{failed[name]}**" for name, r in timed.items()]
     why += [f"{name}: {variants[name]['skipped']}" for name in names if "skipped" in variants.get(name, {})]
-    return None, f"- ({'; '.join(why) if why else 'not run'})"
+    return None, f"- ({'; '.join(why) if why else 'not run'})", None
+
+
+def pair_note(run: str | None, hybrid_run: str | None) -> str:
+    """' (not side by side)' when two times come from different runs of the benchmark (a rerun of some variants of
+    a row keeps the others'; at batch 1 the per-token time moves with the host's speed, which drifts between runs)."""
+    return "" if run == hybrid_run else " (not side by side)"
 
 
 def ratio_line(record: dict) -> str:
     """One row of the per-token table: both baselines and the hybrid at the row's batch, their ratios, the goal."""
     model, context, batch = record["row"].split(":")
-    ms, cells = {}, []
+    ms, runs, cells = {}, {}, []
     for name, names in SIDES:
-        ms[name], cell = side(record.get("variants", {}), names)
+        ms[name], cell, runs[name] = side(record.get("variants", {}), names)
         cells.append(cell)
     ratios = {name: ms[name] / ms["hybrid"] if ms[name] and ms["hybrid"] else None for name in ("as shipped", "same kernels")}
-    cells += [f"{r:.2f}x" if r else "-" for r in ratios.values()]
+    cells += [f"{r:.2f}x{pair_note(runs[name], runs['hybrid'])}" if r else "-" for name, r in ratios.items()]
     goal = GOALS.get(int(context)) if model == "qwen3-1.7b" and batch == "b32" else None
     if goal:
         verdicts = [f"{'met' if r >= goal else 'not met'} vs {name}" for name, r in ratios.items() if r]
@@ -321,7 +329,7 @@ def summary_lines(rows: dict) -> list[str]:
              f"Greedy, {settings['new_tokens']} new tokens after a prompt of `context` tokens (`prompt`: random ids, or a text file's "
              "tokens tiled to the context); `prefill`: in one pass or in chunks (transformers' prefill_chunk_size). TTFT = generate() "
              "entered -> first logits; per-token = mean of the later steps; tokens/s = batch x new tokens / total. Variants of one row "
-             "ran in one process, except those a rerun added. `peak GB` includes the weights of every model the process holds (original and hybrid: 7.1 GB at the "
+             "ran in one process, except those a rerun added (a per-token ratio between two runs says 'not side by side'). `peak GB` includes the weights of every model the process holds (original and hybrid: 7.1 GB at the "
              "Qwen3-1.7B shape; original_graph shares the original's tensors).", "",
              "Two baselines. As shipped: `original` (transformers' DynamicCache, eager) and `original_compiled` (its StaticCache + "
              "torch.compile, reduce-overhead), whose sdpa attention gets a mask over the static length and so repeats every KV head to "

@@ -51,6 +51,9 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     kept = {k: v for k, v in after["variants"]["hybrid_graph"].items() if k != "ttft_rounds_ms"}
     assert kept == {k: v for k, v in json.loads(before)["variants"]["hybrid_graph"].items() if k != "ttft_rounds_ms"}  # not rerun
     assert len(after["variants"]["hybrid_graph"]["ttft_rounds_ms"]) == 2  # (its TTFT measured again beside the new variants')
+    assert after["variants"]["original_compiled"]["run"] == after["variants"]["original_graph"]["run"] != after["variants"]["hybrid_graph"]["run"]
+    line = [line for line in benchmark.summary_lines({"r": after}) if line.startswith("| qwen3-1.7b | 40 | 3 |") and line.count("|") == 11]
+    assert len(line) == 1 and "x (not side by side) |" in line[0]  # original_graph (this run) against the first run's hybrid
     assert after["variants"]["original_compiled"]["vs_original"]["match_fraction"] == 1.0
     twin = after["variants"]["original_graph"]  # the original on the hybrid's static path: its tokens, checked against the original
     assert twin["vs_original"]["match_fraction"] == 1.0 and twin["graph_equals_static_eager"] and twin["reference_check"]["max_gap"] < 1e-4
