@@ -18,7 +18,8 @@ over ``--tokens`` tokens of a text file:
   8 bits of mantissa, so a healthy module sits at ~0.3-1%; a fault shows as one part far above that.
 
 Usage: ``python benchmarks/bf16_sensitivity.py --model DIR --mask MASK.json [--text FILE --tokens 256]``
-(``--random-mask SEED``: a random KV-aware 7:1 mask instead); writes ``$OUT/bf16_sensitivity.{json,md}``
+(``--random-mask SEED``: a random KV-aware 7:1 mask instead; ``--hybrid DIR``: a trained hybrid of the model,
+``headscope transfer``'s ``final/``, against the original, instead of the built and calibrated ones); writes ``$OUT/bf16_sensitivity.{json,md}``
 (OUT defaults to benchmarks/results). Bad input: one line, exit 2, nothing written.
 """
 
@@ -153,9 +154,10 @@ def markdown(meta: dict, results: dict) -> str:
         lines.append(f"| {name} | {result['float32']['nll']:.3f} | {result['float32']['entropy']:.3f} | "
                      + " | ".join(f"{result[v]['kl']:.4f} / {result[v]['top1_agree']:.3f}" for v in VARIANTS)
                      + f" | {worst['out']:.4f} ({worst['layer']}) |")
-    hybrid = results.get("hybrid", {}).get("local", [])
+    name = "hybrid" if "hybrid" in results else "hybrid, trained"
+    hybrid = results.get(name, {}).get("local", [])
     if hybrid:
-        lines += ["", "## Hybrid as built, per layer: local relative error in bf16", "", "| layer | FA heads | GDN heads | attention out | GDN branch | FA branch | core |",
+        lines += ["", f"## {'Hybrid as built' if name == 'hybrid' else 'Trained hybrid'}, per layer: local relative error in bf16", "", "| layer | FA heads | GDN heads | attention out | GDN branch | FA branch | core |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
         cell = lambda row, key: f"{row[key]:.4f}" if key in row else "-"  # noqa: E731
         lines += [f"| {r['layer']} | {r.get('n_fa', '-')} | {r.get('n_gdn', '-')} | {r['out']:.4f} | {cell(r, '_gated_delta')} | "
@@ -175,20 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     choice = parser.add_mutually_exclusive_group(required=True)
     choice.add_argument("--mask", help="the head mask (JSON) to build the hybrid from")
     choice.add_argument("--random-mask", type=int, metavar="SEED", help="a random KV-aware 7:1 mask with this seed instead")
+    choice.add_argument("--hybrid", help="a trained hybrid of --model (`headscope transfer`'s final/) instead of one built here")
     parser.add_argument("--text", default=str(ROOT / "data" / "haystack" / "essay.txt"), help="text whose first --tokens tokens are scored")
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args(argv)
     if args.tokens < 2:
         parser.exit(2, "bf16_sensitivity: --tokens must be at least 2\n")
-    for flag, path in (("--model", args.model), ("--mask", args.mask), ("--text", args.text)):
+    for flag, path in (("--model", args.model), ("--mask", args.mask), ("--hybrid", args.hybrid), ("--text", args.text)):
         if path is not None and not Path(path).exists():
             parser.exit(2, f"bf16_sensitivity: {flag} {path} does not exist\n")
     torch.manual_seed(0)
     try:
         text = Path(args.text).read_text()
         lm = load_model(args.model, dtype=torch.float32)
-        mask = (load_mask(args.mask, expect=lm.fingerprint) if args.mask
-                else random_mask(lm.fingerprint, "7:1", seed=args.random_mask, kv_aware=True))
+        if args.hybrid:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from generate_speed_models import trained_hybrid
+
+            trained, mask, source = trained_hybrid(args.hybrid, lm.model, lm.fingerprint, torch.device("cpu"), torch.float32)
+        else:
+            mask = (load_mask(args.mask, expect=lm.fingerprint) if args.mask
+                    else random_mask(lm.fingerprint, "7:1", seed=args.random_mask, kv_aware=True))
     except (OSError, HeadscopeError) as err:
         parser.exit(2, f"bf16_sensitivity: {err}\n")
     tokens = lm.tokenizer(text, return_tensors="pt").input_ids
@@ -196,17 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     if ids.shape[1] < 2:
         parser.exit(2, f"bf16_sensitivity: {args.text} has fewer than 2 tokens\n")
     calibration = tokens[:, args.tokens : 2 * args.tokens] if tokens.shape[1] >= 2 * args.tokens else ids
-    calibrated = build_hybrid(lm, mask).eval()
-    calibrate_gamma(calibrated, lm, calibration)  # the transfer's starting point: every head at its pretrained scale
-    models = {"original": lm.model.eval(), "hybrid": build_hybrid(lm, mask).eval(), "hybrid, gamma calibrated": calibrated}
+    if args.hybrid:
+        models = {"original": lm.model.eval(), "hybrid, trained": trained}
+    else:
+        calibrated = build_hybrid(lm, mask).eval()
+        calibrate_gamma(calibrated, lm, calibration)  # the transfer's starting point: every head at its pretrained scale
+        models = {"original": lm.model.eval(), "hybrid": build_hybrid(lm, mask).eval(), "hybrid, gamma calibrated": calibrated}
     results = {}
     for name, model in models.items():
         results[name] = {**mixed(model, ids), "local": local(model, ids)}
         print(name, {k: v for k, v in results[name].items() if k != "local"}, flush=True)
     shown = lambda path: os.path.relpath(path, ROOT) if Path(path).resolve().is_relative_to(ROOT) else path  # noqa: E731
-    meta = {"model": args.model, "mask": shown(args.mask) if args.mask else f"random KV-aware 7:1, seed {args.random_mask}", "text": shown(args.text),
-            "tokens": int(ids.shape[1]), "torch": torch.__version__,
-            "calibration": "the next tokens of the text" if calibration is not ids else "the scored tokens (the text is too short for more)"}
+    mask_text = source if args.hybrid else shown(args.mask) if args.mask else f"random KV-aware 7:1, seed {args.random_mask}"
+    meta = {"model": args.model, "mask": mask_text, "text": shown(args.text), "tokens": int(ids.shape[1]), "torch": torch.__version__}
+    if not args.hybrid:
+        meta["calibration"] = "the next tokens of the text" if calibration is not ids else "the scored tokens (the text is too short for more)"
     out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     write_json_atomic(out / "bf16_sensitivity.json", {"meta": meta, "results": results})
     report = markdown(meta, results)

@@ -4,7 +4,9 @@ Models (bf16 on CUDA): ``qwen3-1.7b``, a random Qwen3 with Qwen3-1.7B's shape bu
 download), whose hybrid keeps KV group 0 of every layer at full attention (2 of 16 heads: 7:1); and
 ``smollm2`` (``--model DIR``, e.g. SmolLM2-135M), whose hybrid uses ``--mask`` (default the KV-aware fused
 mask ``benchmarks/results/smollm2/kv_aware_mask.json``; a random KV-aware 7:1 mask when that file was
-made for another model); and ``smollm2-shape``, a random Llama with SmolLM2-135M's shape built from a config
+made for another model), or is ``--hybrid DIR``, a trained hybrid of ``--model`` (``headscope transfer``'s
+``final/``; its row files carry its name: an untrained hybrid is no language model, so its float32 checks
+say little, ``benchmarks/bf16_sensitivity.py``); and ``smollm2-shape``, a random Llama with SmolLM2-135M's shape built from a config
 (speed does not depend on the weights; its positions raised to 128K), with the same mask. The hybrid is ``build_hybrid`` of the same weights. Each row is one (model,
 context, batch). Prompts are random ids, except that with ``--prompt-file`` (a .txt / .jsonl file, read and
 tokenised once with ``--model``'s tokenizer, eos between documents) the smollm2 rows get real text: the
@@ -344,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a local HF model directory: the smollm2 rows (e.g. SmolLM2-135M)")
     parser.add_argument("--mask", default=None, help="mask file of --model's hybrid (default: benchmarks/results/smollm2/kv_aware_mask.json)")
+    parser.add_argument("--hybrid", default=None, help="a trained hybrid of --model (e.g. `headscope transfer`'s final/): the smollm2 "
+                        "rows time it instead of building one from --mask; their row files carry its name")
     parser.add_argument("--rows", default=None, help="comma list of <model>:<context>:b<batch> rows (default: every unfinished row)")
     parser.add_argument("--rows-dir", default=None)
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 32768, 131072])
@@ -379,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {bad}; variants are {', '.join(VARIANTS)}")
     if args.check_tokens < 1 or args.check_rows < 1:
         parser.error("--check-tokens and --check-rows must be at least 1")
+    if args.hybrid and not args.model:
+        parser.error("--hybrid needs --model (the model it was trained from: the original variants)")
+    if args.hybrid and args.mask:
+        parser.error("--hybrid comes with its own mask: give --mask or --hybrid, not both")
     if args.prompt_file and not args.model:
         parser.error("--prompt-file needs --model (the smollm2 rows' tokenizer)")
     results = Path("/tmp/headscope_generate_speed_smoke") if args.smoke else ROOT / "benchmarks" / "results"
@@ -410,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = lambda row: text is not None and row.startswith("smollm2:")  # noqa: E731
     prompt_of = lambda row: text[1] if texts(row) else RANDOM_PROMPT  # noqa: E731
     tag = "_text-" + re.sub(r"[^A-Za-z0-9.-]", "_", Path(args.prompt_file).stem) if text is not None else ""
-    row_path = lambda row: rows_dir / f"{row.replace(':', '_')}{tag if texts(row) else ''}.json"  # noqa: E731
+    if args.hybrid:  # a trained hybrid's rows sit beside the built hybrid's, under its name
+        tag += "_hybrid-" + re.sub(r"[^A-Za-z0-9.-]", "_", "-".join(Path(args.hybrid).resolve().parts[-2:]))
+    row_path = lambda row: rows_dir / f"{row.replace(':', '_')}{tag if row.startswith('smollm2:') else ''}.json"  # noqa: E731
 
     recorded = {row: json.loads(row_path(row).read_text()) for row in wanted if row_path(row).is_file()}
     timed = lambda row: {v for v, r in recorded.get(row, {}).get("variants", {}).items() if "per_token_ms" in r}  # noqa: E731
@@ -438,7 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             benches[kind] = Bench(kind, args, device, dtype, text if kind == "smollm2" else None)
         bench = benches[kind]
         record = recorded.get(row, {})
-        record.update(row=row, mask=bench.mask_source, n_full_heads=bench.mask.n_full, prompt=bench.prompt, **settings)
+        if record.get("hybrid_id", bench.hybrid_id) != bench.hybrid_id:  # one hybrid per row file, as one prompt
+            raise HeadscopeError(f"{row_path(row)} holds variants of another hybrid ({record['hybrid_id']}: {record.get('mask')}) than "
+                                 f"this run's ({bench.hybrid_id}: {bench.mask_source}): use another --rows-dir or remove the file")
+        record.update(row=row, mask=bench.mask_source, n_full_heads=bench.mask.n_full, hybrid_id=bench.hybrid_id, prompt=bench.prompt,
+                      **settings)
         run_row(bench, row, record, args, partial(save, row, record), started + args.budget)
     if mirror is not None and rows_dir.is_dir():
         shutil.copytree(rows_dir, mirror, dirs_exist_ok=True)

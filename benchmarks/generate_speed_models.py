@@ -1,7 +1,8 @@
 """The models of ``benchmarks/generate_speed.py`` (a helper module of that script, not a script): the Qwen3-1.7B
 shape as a config (random weights, no download), ``Bench`` (one model kind on the device: the original, its 7:1
 hybrid and the original's all-FA twin on the hybrid's code path, with their masks, prompts and memory estimates)
-and ``read_prompt`` (a text file's token ids for ``--prompt-file``).
+``trained_hybrid`` (a saved hybrid of ``--model`` for ``--hybrid``) and ``read_prompt`` (a text file's token ids
+for ``--prompt-file``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,32 @@ def smollm2_config(smoke: bool):
                        rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
+SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size", "vocab_size")
+
+
+def trained_hybrid(path: str, original, fingerprint, device: torch.device, dtype: torch.dtype):
+    """A hybrid trained from ``original`` (``headscope transfer``'s ``final/``, or any saved ``HybridForCausalLM``)
+    on ``device``: ``(model, its HeadMask, the row's mask source)``; a ``HeadscopeError`` when ``path`` holds no
+    loadable hybrid or one of another model's shape (``SHAPE_KEYS`` of its base config against ``original``'s)."""
+    from transformers import AutoModelForCausalLM
+
+    from headscope.heads import HeadMask, HeadscopeError
+    from headscope.hybrid import HybridForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise HeadscopeError(f"--hybrid {path}: no loadable model there ({str(err).splitlines()[0]})") from err
+    if not isinstance(model, HybridForCausalLM):
+        raise HeadscopeError(f"--hybrid {path}: a {type(model).__name__}, not a headscope hybrid")
+    base, want = model.config.base, original.config
+    differ = [key for key in SHAPE_KEYS if getattr(base, key, None) != getattr(want, key, None)]
+    if differ:
+        raise HeadscopeError(f"--hybrid {path} was built from a model of another shape than --model ({', '.join(differ)} differ)")
+    mask = HeadMask(model.config.full_mask(), fingerprint, {"source": f"trained hybrid {path}"})
+    return model.to(device).eval(), mask, f"trained hybrid {path} ({mask.n_full} FA heads)"
+
+
 class Bench:
     """The models of one kind on the device, built once per process: the original, its hybrid, and the original's
     all-FA twin on the hybrid's code path (``build_full_attention``: the original's own tensors, nothing copied)."""
@@ -65,14 +92,19 @@ class Bench:
                 original = family._from_config(config, dtype=dtype).eval()
         lm = load_model(original)
         fp = lm.fingerprint
-        if kind.startswith("smollm2"):  # the real model's mask fits its random twin too (same shape)
-            self.mask, self.mask_source = self._file_mask(args.mask or SMOL_MASK, fp)
+        if kind == "smollm2" and getattr(args, "hybrid", None):  # a trained hybrid of --model instead of a built one
+            self.hybrid, self.mask, self.mask_source = trained_hybrid(args.hybrid, original, fp, device, dtype)
         else:
-            full = torch.zeros(fp.shape, dtype=torch.bool)
-            full[:, : fp.group_size] = True  # KV group 0 of every layer
-            self.mask, self.mask_source = HeadMask(full, fp, {"ratio": "7:1"}), "KV group 0 of every layer"
+            if kind.startswith("smollm2"):  # the real model's mask fits its random twin too (same shape)
+                self.mask, self.mask_source = self._file_mask(args.mask or SMOL_MASK, fp)
+            else:
+                full = torch.zeros(fp.shape, dtype=torch.bool)
+                full[:, : fp.group_size] = True  # KV group 0 of every layer
+                self.mask, self.mask_source = HeadMask(full, fp, {"ratio": "7:1"}), "KV group 0 of every layer"
+            self.hybrid = build_hybrid(lm, self.mask)
+        trained = f" trained {Path(args.hybrid).resolve()}" if kind == "smollm2" and getattr(args, "hybrid", None) else ""
+        self.hybrid_id = hashlib.sha256(self.mask.full.numpy().tobytes()).hexdigest()[:12] + trained  # mask digest (+ the trained one)
         self.original = original
-        self.hybrid = build_hybrid(lm, self.mask)
         self.same_kernels = build_full_attention(lm)  # original_graph: the original's own tensors on the hybrid's decode path
         self.vocab = original.config.vocab_size
         self.config = original.config

@@ -71,3 +71,17 @@ def test_bad_input_is_one_line_and_exit_2(benchmark, llama_dir, tmp_path, monkey
             benchmark.main(argv)
         assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("bf16_sensitivity: ")
     assert sorted(tmp_path.iterdir()) == [bad_mask]
+
+
+def test_a_trained_hybrid_is_compared_with_its_original(benchmark, models, llama_dir, tmp_path, monkeypatch, one_thread):
+    _, hybrid, _ = models
+    hybrid.save_pretrained(tmp_path / "run" / "final")
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert benchmark.main(["--model", llama_dir, "--hybrid", str(tmp_path / "run" / "final"), "--tokens", "24"]) == 0
+    saved = json.loads((tmp_path / "out" / "bf16_sensitivity.json").read_text())
+    assert set(saved["results"]) == {"original", "hybrid, trained"} and saved["meta"]["mask"].startswith("trained hybrid ")
+    assert any("_gated_delta" in row for row in saved["results"]["hybrid, trained"]["local"])
+    assert "## Trained hybrid, per layer" in (tmp_path / "out" / "bf16_sensitivity.md").read_text()
+    with pytest.raises(SystemExit) as exit_:  # the original is no hybrid
+        benchmark.main(["--model", llama_dir, "--hybrid", llama_dir, "--tokens", "24"])
+    assert exit_.value.code == 2

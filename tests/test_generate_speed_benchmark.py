@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_benchmark, save_model, tiny_llama
+from conftest import load_benchmark, save_model, tiny_llama, tiny_qwen3
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +334,47 @@ def test_gpu_work_of_the_first_token_call_is_kept_per_variant_and_tabled(benchma
     assert table == ["| qwen3-1.7b | 4096 | 1 | random ids | 28.8 (810) | - | 27.4 (700) | - | 0.95x |"]
     del variants["hybrid_graph"]["ttft_gpu"]
     assert not any(line.startswith("## GPU work") for line in benchmark.summary_lines(rows))
+
+
+def test_a_trained_hybrid_gets_its_own_row_files_and_one_hybrid_per_row(benchmark, tmp_path, monkeypatch, one_thread):
+    from headscope.heads import HeadscopeError
+    from headscope.hybrid import build_hybrid
+    from headscope.mask import random_mask
+    from headscope.models import load_model
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    original = tiny_llama(seed=3)
+    model_dir = save_model(original, tmp_path / "llama")
+    lm = load_model(original)
+    mask = random_mask(lm.fingerprint, n_full=3, seed=1, kv_aware=True)
+    trained = build_hybrid(lm, mask)
+    with torch.no_grad():
+        trained.model.layers[0].self_attn.dt_bias.add_(0.5)  # weights no build of the original has
+    trained.save_pretrained(tmp_path / "run" / "final")
+    rows_dir = tmp_path / "rows"
+    common = ["--smoke", "--rows-dir", str(rows_dir), "--model", model_dir, "--rows", "smollm2:16:b1", "--variants", "original,hybrid_eager"]
+    assert benchmark.main(common + ["--hybrid", str(tmp_path / "run" / "final")]) == 0
+    row = json.loads((rows_dir / "smollm2_16_b1_hybrid-run-final.json").read_text())
+    assert row["mask"].startswith(f"trained hybrid {tmp_path / 'run' / 'final'} (") and row["n_full_heads"] == mask.n_full
+    assert row["hybrid_id"].endswith(" trained " + str((tmp_path / "run" / "final").resolve()))
+    assert row["variants"]["hybrid_eager"]["reference_check"]["max_gap"] < 1e-4  # checked against the trained model itself
+    assert not (rows_dir / "smollm2_16_b1.json").exists()  # the built hybrid's rows stay apart
+    for bad, says in ((model_dir, "not a headscope hybrid"), (str(tmp_path / "nothing"), "no loadable model")):
+        with pytest.raises(HeadscopeError, match=says):
+            benchmark.main(common + ["--hybrid", bad, "--rows-dir", str(tmp_path / "other")])
+    qwen = load_model(tiny_qwen3())  # the hybrid of a model of another shape
+    build_hybrid(qwen, random_mask(qwen.fingerprint, n_full=3, seed=1, kv_aware=True)).save_pretrained(tmp_path / "other_final")
+    with pytest.raises(HeadscopeError, match="another shape than --model"):
+        benchmark.main(common + ["--hybrid", str(tmp_path / "other_final"), "--rows-dir", str(tmp_path / "other")])
+    for argv in (common[:3] + common[5:] + ["--hybrid", "x"], common + ["--hybrid", "x", "--mask", "y"]):  # no --model; both
+        with pytest.raises(SystemExit):
+            benchmark.main(argv)
+    assert benchmark.main(common) == 0  # the built hybrid: its own row file
+    mask_file = tmp_path / "mask.json"
+    from headscope.maskfile import save_mask
+
+    save_mask(random_mask(lm.fingerprint, n_full=3, seed=2, kv_aware=True), mask_file)
+    before = (rows_dir / "smollm2_16_b1.json").read_text()
+    with pytest.raises(HeadscopeError, match="holds variants of another hybrid"):  # another mask into the same row file
+        benchmark.main(common[:-1] + ["original,hybrid_graph", "--mask", str(mask_file)])
+    assert (rows_dir / "smollm2_16_b1.json").read_text() == before
