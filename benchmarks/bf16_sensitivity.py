@@ -29,7 +29,7 @@ import argparse
 import copy
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -52,27 +52,34 @@ def cast(x, dtype: torch.dtype):
 
 
 @contextmanager
-def precision(model, attention: torch.dtype, rest: torch.dtype):
-    """Inside the block the attention modules hold ``attention`` weights and see ``attention`` inputs, the rest of
-    the model ``rest``; after it, the whole model is float32 again."""
-    model.to(rest)
+def at_precision(model, attention: torch.dtype, rest: torch.dtype):
+    """Inside the block, a copy of ``model`` (``model`` itself is left as it was) whose attention modules hold
+    ``attention`` weights and see ``attention`` inputs, the rest ``rest`` weights, and whose rotary ``inv_freq``
+    buffers stay float32 (as ``from_pretrained(dtype=...)`` and ``build_hybrid`` keep them: the model
+    ``generate_speed`` runs)."""
+    low = copy.deepcopy(model).to(rest)
+    for name, buffer in model.named_buffers():
+        if name.endswith("inv_freq"):
+            owner, _, leaf = name.rpartition(".")
+            low.get_submodule(owner)._buffers[leaf] = buffer.clone()
     hooks = []
     try:
-        for layer in model.model.layers:
+        for layer in low.model.layers:
             layer.self_attn.to(attention)
             hooks.append(layer.self_attn.register_forward_pre_hook(lambda m, a, kw: (cast(a, attention), cast(kw, attention)), with_kwargs=True))
             hooks.append(layer.self_attn.register_forward_hook(lambda m, a, out: cast(out, rest)))
-        yield model
+        yield low
     finally:
         for hook in hooks:
             hook.remove()
-        model.to(torch.float32)
 
 
 def log_probs(model, ids: torch.Tensor, attention: torch.dtype = torch.float32, rest: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(1, T, V)`` float32 next-token log-probabilities of ``ids`` ``(1, T)`` at the given precisions."""
-    with precision(model, attention, rest), torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+    """``(1, T, V)`` float32 next-token log-probabilities of ``ids`` ``(1, T)`` at the given precisions (``model``
+    itself when both are float32, else ``at_precision``'s copy of it)."""
+    same = attention == rest == torch.float32
+    with (nullcontext(model) if same else at_precision(model, attention, rest)) as run, torch.no_grad():
+        return run(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
 
 
 def mixed(model, ids: torch.Tensor) -> dict:
@@ -89,7 +96,7 @@ def mixed(model, ids: torch.Tensor) -> dict:
 def recorded(attention_class):
     """Inside the block each call of the ``BRANCHES`` that ``attention_class`` has (none on a plain family
     attention) also stores its float32 output in the yielded dict (by method name; the last call wins)."""
-    record, saved = {}, {name: getattr(attention_class, name) for name in BRANCHES if hasattr(attention_class, name)}
+    record, saved = {}, {name: attention_class.__dict__.get(name) for name in BRANCHES if hasattr(attention_class, name)}
 
     def wrap(name, method):
         def wrapped(self, *args, **kwargs):
@@ -99,12 +106,15 @@ def recorded(attention_class):
         return wrapped
 
     try:
-        for name, method in saved.items():
-            setattr(attention_class, name, wrap(name, method))
+        for name in saved:
+            setattr(attention_class, name, wrap(name, getattr(attention_class, name)))
         yield record
     finally:
-        for name, method in saved.items():
-            setattr(attention_class, name, method)
+        for name, method in saved.items():  # the class's own methods back; an inherited one's wrapper removed
+            if method is None:
+                delattr(attention_class, name)
+            else:
+                setattr(attention_class, name, method)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -252,7 +252,9 @@ def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline:
                     times[name].append(ms)
             if time.perf_counter() > deadline:
                 break
-        for name in names if time.perf_counter() < deadline else ():
+        for name in names:
+            if time.perf_counter() > deadline:
+                break
             work = gpu_work(partial(first_token_ms, bench, name, ids, variants[name].get("prefill_chunk"), args.new_tokens))
             if work is not None:
                 variants[name]["ttft_gpu"] = work

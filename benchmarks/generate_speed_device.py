@@ -84,15 +84,19 @@ def work_of(spans: list[tuple[float, float]]) -> dict:
 
 def gpu_work(fn) -> dict | None:
     """``work_of`` the CUDA activities (kernels, memcpy, memset) of one call of ``fn`` under the torch profiler,
-    the GPU synchronised before and after; None without CUDA."""
+    the GPU synchronised before and after; None without CUDA; ``{"failed": why}`` when the profiler cannot run
+    (CUPTI held by another profiler)."""
     if not torch.cuda.is_available():
         return None
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except RuntimeError as err:
+        return {"failed": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
     return work_of([(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA])
 
 

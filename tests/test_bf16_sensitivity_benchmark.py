@@ -85,3 +85,16 @@ def test_a_trained_hybrid_is_compared_with_its_original(benchmark, models, llama
     with pytest.raises(SystemExit) as exit_:  # the original is no hybrid
         benchmark.main(["--model", llama_dir, "--hybrid", llama_dir, "--tokens", "24"])
     assert exit_.value.code == 2
+
+
+def test_the_mixed_precision_runs_leave_the_model_as_it_was(benchmark, models, one_thread):
+    _, hybrid, ids = models
+    before = {name: t.clone() for name, t in [*hybrid.state_dict().items(), *hybrid.named_buffers()]}
+    ref = benchmark.log_probs(hybrid, ids)
+    benchmark.mixed(hybrid, ids)
+    after = dict([*hybrid.state_dict().items(), *hybrid.named_buffers()])
+    assert before.keys() == after.keys() and all(t.dtype == after[n].dtype and torch.equal(t, after[n]) for n, t in before.items())
+    assert torch.equal(benchmark.log_probs(hybrid, ids), ref)
+    with benchmark.at_precision(hybrid, torch.bfloat16, torch.bfloat16) as low:  # the rotary table stays float32
+        assert all(b.dtype == torch.float32 for n, b in low.named_buffers() if n.endswith("inv_freq"))
+        assert low.lm_head.weight.dtype == torch.bfloat16

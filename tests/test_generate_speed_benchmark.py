@@ -332,6 +332,9 @@ def test_gpu_work_of_the_first_token_call_is_kept_per_variant_and_tabled(benchma
     rows = {"a": {"row": "qwen3-1.7b:4096:b1", "variants": variants}}
     table = [line for line in benchmark.summary_lines(rows) if line.startswith("| qwen3-1.7b | 4096 | 1 | random ids | 28.8")]
     assert table == ["| qwen3-1.7b | 4096 | 1 | random ids | 28.8 (810) | - | 27.4 (700) | - | 0.95x |"]
+    variants["original_graph"]["ttft_gpu"] = {"failed": "RuntimeError: CUPTI busy"}  # the profiler could not run
+    table = [line for line in benchmark.summary_lines(rows) if line.startswith("| qwen3-1.7b | 4096 | 1 | random ids | 28.8")]
+    assert table == ["| qwen3-1.7b | 4096 | 1 | random ids | 28.8 (810) | - | - (RuntimeError: CUPTI busy) | - | - |"]
     del variants["hybrid_graph"]["ttft_gpu"]
     assert not any(line.startswith("## GPU work") for line in benchmark.summary_lines(rows))
 
