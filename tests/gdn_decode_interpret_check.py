@@ -4,7 +4,8 @@ Runs the fused GDN decode step on CPU through the interpreter and prints one JSO
 ``tests/triton_interpreter.py``) whose cases are ``{name, dtype, errors: {o, state, conv_state}}``: relative
 RMS errors against the float32 reference run on the same dtype-rounded inputs (each on its own copy of
 the states). q, k, v are slices of wider projection rows and the output goes into a NaN-filled strided
-buffer, so an element the kernel does not write is an infinite error.
+buffer, so an element the kernel does not write is an infinite error. The epilogue cases also scale each
+head by its ``gamma`` over its RMS in the kernel (``head_epilogue_reference`` of the reference's output).
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import torch
 
 from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print_report  # same directory (sys.path[0] of this script)
 
-# name, B, H, D, conv width K, hidden, with padding mask, cos batch, value block
+# name, B, H, D, conv width K, hidden, with padding mask, cos batch, value block, the fused epilogue (gamma per head)
 CASES = [
-    ("qwen_like_blocks", 2, 3, 32, 4, 48, False, 1, 8),
-    ("padding_mask_odd_width", 3, 2, 16, 3, 40, True, 3, 32),
-    ("dim_not_power_of_two", 2, 2, 24, 4, 24, True, 1, 16),
+    ("qwen_like_blocks", 2, 3, 32, 4, 48, False, 1, 8, False),
+    ("padding_mask_odd_width", 3, 2, 16, 3, 40, True, 3, 32, False),
+    ("dim_not_power_of_two", 2, 2, 24, 4, 24, True, 1, 16, False),
+    ("epilogue_over_four_value_blocks", 2, 3, 32, 4, 48, True, 1, 8, True),
+    ("epilogue_partial_last_block", 3, 2, 24, 3, 40, False, 3, 16, True),
 ]
 
 
-def run_case(batch, heads, dim, width, hidden, with_mask, cos_batch, block_v, dtype, seed):
+def run_case(batch, heads, dim, width, hidden, with_mask, cos_batch, block_v, norm, dtype, seed):
+    from headscope.kernels.epilogue.naive import head_epilogue_reference
     from headscope.kernels.gdn_decode.naive import gdn_decode_reference
     from headscope.kernels.gdn_decode.triton_gdn_decode import triton_gdn_decode
     from headscope.kernels.metrics import relative_rms_error as rel
@@ -41,8 +45,11 @@ def run_case(batch, heads, dim, width, hidden, with_mask, cos_batch, block_v, dt
     as_float = lambda t: t.float()  # noqa: E731
     conv_ref, state_ref = conv_state.float().clone(), state.clone()  # own copies (float() of float32 is no copy)
     want = gdn_decode_reference(*map(as_float, (x, q, k, v, conv_weight)), conv_ref, *map(as_float, params), state_ref, mask, scale=dim**-0.5)
+    gamma = torch.rand(heads, generator=gen) + 0.5 if norm else None  # a scale per head: a wrong head index shows
+    if norm:  # the epilogue reads the output as stored, in the model dtype
+        want = head_epilogue_reference(want.to(dtype).float(), gamma)
     out = torch.full((batch, 1, heads, 2 * dim), float("nan"), dtype=dtype)[..., dim:]
-    got = triton_gdn_decode(x, q, k, v, conv_weight, conv_state, *params, state, mask, scale=dim**-0.5, out=out, block_v=block_v)
+    got = triton_gdn_decode(x, q, k, v, conv_weight, conv_state, *params, state, mask, scale=dim**-0.5, out=out, block_v=block_v, gamma=gamma)
     return {
         "errors": {"o": rel(got, want), "state": rel(state, state_ref), "conv_state": rel(conv_state, conv_ref)},
         "wrote_into_out": got.data_ptr() == out.data_ptr(),

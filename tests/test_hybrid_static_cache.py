@@ -69,6 +69,22 @@ def test_static_cache_logits_match_the_dynamic_cache(hybrid):
         assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
 
 
+def test_decode_steps_apply_the_epilogue_in_the_branch_kernels(hybrid, monkeypatch):
+    """A static-cache decode step hands gamma (and the FA gate) to the two branch steps, which apply the fused
+    epilogue to their heads (in their kernels on CUDA): the layer's own epilogue launch runs only for prefills."""
+    import headscope.hybrid.layer as layer_mod
+
+    lengths, epilogue = [], layer_mod.head_epilogue
+    monkeypatch.setattr(layer_mod, "head_epilogue", lambda o, *args, **kwargs: (lengths.append((o[0] if isinstance(o, tuple) else o).shape[1]),
+                                                                             epilogue(o, *args, **kwargs))[1])
+    ids, mask = prompt()
+    run(hybrid, HybridStaticCache(hybrid, batch_size=3, max_length=20), ids, mask, steps=3)
+    assert sorted(set(lengths)) == [3, 7]  # the prompt and the later chunk (2 hybrid layers each), no decode step
+    lengths.clear()
+    run(hybrid, DynamicCache(config=hybrid.config), ids, mask, steps=1)
+    assert 1 in lengths  # the dynamic path keeps the layer's epilogue
+
+
 def test_greedy_generate_static_equals_dynamic_and_reuses_its_cache(hybrid):
     ids, mask = prompt(seed=1)
     want = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, decode_mode="dynamic")

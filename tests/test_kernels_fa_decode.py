@@ -88,7 +88,7 @@ def test_bad_inputs_are_one_clear_error():
 
 def test_triton_kernels_match_the_reference_under_the_interpreter():
     cases = interpreted_cases(HELPER, timeout=300)
-    assert len(cases) == 14
+    assert len(cases) == 18 and sum("epilogue" in case["name"] for case in cases) == 4
     for case in cases:
         label = str(case)
         assert case["wrote_into_out"] and case["cache_written"] and case["others_untouched"], label

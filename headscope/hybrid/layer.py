@@ -312,12 +312,18 @@ class HeadwiseHybridAttention(nn.Module):
         overlap = should_overlap(self.overlap_branches, x)
         if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
             o = q.new_empty(batch, 1, spec.n_heads, spec.head_dim)
+            # with the fusion norm each branch's kernel applies the epilogue to its heads (no launch of its own)
+            norm = spec.fusion_norm
+            gamma_fa, gamma_gdn = (self.gamma[: spec.n_fa_heads], self.gamma[spec.n_fa_heads :]) if norm else (None, None)
             branches = []
             if spec.n_fa_heads:
-                branches.append(lambda: self._full_attention_step(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, o[:, :, : spec.n_fa_heads]))
+                branches.append(lambda: self._full_attention_step(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache,
+                                                                  o[:, :, : spec.n_fa_heads], gamma_fa, gate if norm else None))
             if spec.n_gdn_heads:
-                branches.append(lambda: self._gated_delta_step(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :]))
+                branches.append(lambda: self._gated_delta_step(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :], gamma_gdn))
             run_branches(branches, overlap)
+            if norm:
+                return o
             parts = (o,)
         else:
             branches = []
@@ -354,10 +360,10 @@ class HeadwiseHybridAttention(nn.Module):
             direct=spec.n_gdn_heads > 0,
         )
 
-    def _full_attention_step(self, q, k, v, position_embeddings, position_ids, cache, out) -> torch.Tensor:
+    def _full_attention_step(self, q, k, v, position_embeddings, position_ids, cache, out, gamma=None, gate=None) -> torch.Tensor:
         """FA heads, one decode token against a ``HybridStaticCache``: ``kernels/fa_decode`` rotates q and the
         new key (RoPE in the kernel), writes the new key/value into the cache and attends over the tokens seen,
-        into ``out`` ``(B, 1, n_fa, D)``."""
+        into ``out`` ``(B, 1, n_fa, D)``; with ``gamma`` (and ``gate``) the layer's epilogue on these heads too."""
         spec = self.spec
         rope = tuple(t[:, -1] for t in position_embeddings) if spec.fa_rope else None  # (cos, sin), each (B, D)
         positions = position_ids[:, -1].contiguous() if spec.log_scaling else None  # (B,)
@@ -365,17 +371,18 @@ class HeadwiseHybridAttention(nn.Module):
             q, k, v, cache.keys[self.layer_idx], cache.values[self.layer_idx], cache.valid, cache.seen,
             (0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,
             attn_scale=spec.attn_scale, floor_scale=spec.floor_scale, sliding_window=spec.sliding_window, rope=rope, out=out,
-            device_offsets=cache.q_offsets[self.layer_idx],
+            device_offsets=cache.q_offsets[self.layer_idx], gamma=gamma, gate=gate,
         )
 
-    def _gated_delta_step(self, x, q, k, v, position_embeddings, cache, out) -> torch.Tensor:
+    def _gated_delta_step(self, x, q, k, v, position_embeddings, cache, out, gamma=None) -> torch.Tensor:
         """GDN heads, one decode token against a ``HybridStaticCache``: ``kernels/gdn_decode`` (conv window,
-        RoPE + norm, beta/decay, delta rule) with both states updated in place, into ``out`` ``(B, 1, n_gdn, D)``."""
+        RoPE + norm, beta/decay, delta rule) with both states updated in place, into ``out`` ``(B, 1, n_gdn, D)``;
+        with ``gamma`` the layer's epilogue on these heads too."""
         cos, sin = position_embeddings
         return gdn_decode_step(
             x[:, 0], q, k, v, self.conv1d.weight.squeeze(1), cache.conv_states[self.layer_idx], cos, sin,
             self.b_proj.weight, self.a_proj.weight, self.A_log, self.dt_bias, cache.recurrent_states[self.layer_idx],
-            cache.step_mask, scale=self.spec.head_dim**-0.5, out=out,
+            cache.step_mask, scale=self.spec.head_dim**-0.5, out=out, gamma=gamma,
         )
 
     def _gated_delta(self, x, q, k, v, position_embeddings, cache, step_mask) -> torch.Tensor:

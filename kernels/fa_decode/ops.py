@@ -18,6 +18,7 @@ import os
 import torch
 
 from headscope.heads import HeadscopeError
+from headscope.kernels.epilogue.naive import head_epilogue_reference
 from headscope.kernels.fa_decode.naive import decode_attention_reference
 
 MAX_HEAD_DIM = 256
@@ -63,25 +64,35 @@ def decode_attention(
     valid: torch.Tensor, seen: torch.Tensor, q_offsets: tuple[int, ...], *, scale: float,
     positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
     sliding_window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    out: torch.Tensor | None = None, device_offsets: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, device_offsets: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None, norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """One decode step of the FA heads against a static cache (see :func:`.naive.decode_attention_reference`).
 
     Args:
         as the reference (``rope``: the rotation done in the kernel, no launches of its own); ``out``: ``(B, 1, Hq, D)`` to write the result into (any strides), or None;
         ``device_offsets``: ``q_offsets`` as an int32 tensor on q's device (made here when None; the layer
-        keeps one so a captured graph does not copy it every step).
+        keeps one so a captured graph does not copy it every step); ``gamma`` ``(Hq,)`` and ``gate``
+        ``(B, 1, Hq, D)`` or None: also apply the hybrid layer's epilogue to these heads
+        (``head_epilogue_reference(o, gamma, gate, norm_eps)``; in the combine kernel on the Triton path; a gate
+        needs gamma).
     Returns:
         ``(B, 1, Hq, D)`` (``out`` when given).
     """
     _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out, rope)
+    if gamma is not None and tuple(gamma.shape) != (q.shape[2],) or gate is not None and (gamma is None or gate.shape != q.shape):
+        raise HeadscopeError(f"decode_attention: gamma must be (Hq,) = ({q.shape[2]},) and gate (B, 1, Hq, D) = {tuple(q.shape)} "
+                             f"with gamma; got {None if gamma is None else tuple(gamma.shape)}, {None if gate is None else tuple(gate.shape)}")
     kwargs = dict(scale=scale, positions=positions, attn_scale=attn_scale, floor_scale=floor_scale, sliding_window=sliding_window, rope=rope)
-    if not use_triton(q, k_cache, k_new, v_new):
+    if not use_triton(q, k_cache, k_new, v_new, *(t for t in (gamma, gate) if t is not None)):
         o = decode_attention_reference(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, **kwargs)
+        if gamma is not None:  # the epilogue reads the output as stored (in q's dtype)
+            o = head_epilogue_reference(o, gamma, gate, norm_eps)
         return o if out is None else out.copy_(o)
     from headscope.kernels.fa_decode.triton_fa_decode import triton_decode_attention
 
     if device_offsets is None:
         device_offsets = torch.tensor(q_offsets, dtype=torch.int32, device=q.device)
     max_group = max(b - a for a, b in zip(q_offsets, q_offsets[1:]))
-    return triton_decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, device_offsets, max_group=max_group, out=out, **kwargs)
+    return triton_decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, device_offsets, max_group=max_group, out=out,
+                                   gamma=gamma, gate=gate, norm_eps=norm_eps, **kwargs)

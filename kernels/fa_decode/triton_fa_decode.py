@@ -15,7 +15,10 @@ Two kernels per step, both with fixed grids (the cache length ``L`` is static, t
   is computed in the kernel from the positions. Splits past ``n`` stop at once, so a step reads the
   ``n`` cached tokens, not the whole buffer.
 * ``_combine_kernel``, grid ``(B · Hq,)``: merges the ``S`` partials of one query head and writes the
-  output (any strides: the layer passes a slice of its fused per-head output).
+  output (any strides: the layer passes a slice of its fused per-head output). With ``gamma`` it applies the
+  hybrid layer's fused epilogue (:mod:`headscope.kernels.epilogue`) to the head before the store: the output
+  rounded to its dtype (what the epilogue would read), ``gamma_h · o / sqrt(mean(o²) + eps)``, times
+  ``sigmoid(gate)`` with a gate: the epilogue's launch is gone.
 
 The number of splits fills the GPU: about two programs per streaming multiprocessor over ``B · Hkv``
 (batch 1 with one KV head at 128K slots: ~260 splits of ~500 slots). All arithmetic is float32. Runs on
@@ -134,8 +137,8 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    m_ptr, l_ptr, acc_ptr, o_ptr, Hq, S, so_b, so_h, so_d,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, o_ptr, gamma_ptr, gate_ptr, Hq, S, norm_eps, so_b, so_h, so_d, sg_b, sg_h, sg_d,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # b * Hq + h
     b = pid // Hq
@@ -157,7 +160,14 @@ def _combine_kernel(
         l_all = l_all * alpha + tl.sum(w * l, axis=0)
         acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
         m_all = m_new
-    tl.store(o_ptr + b * so_b + h * so_h + dims * so_d, (acc / l_all).to(o_ptr.dtype.element_ty), mask=dim_ok)
+    o = (acc / l_all).to(o_ptr.dtype.element_ty)
+    if NORM:  # the fused epilogue on the output as stored (its dtype's rounding)
+        y = o.to(tl.float32)
+        y = y * (tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(tl.sum(tl.where(dim_ok, y * y, 0.0), axis=0) / D + norm_eps))
+        if GATE:
+            y = y * tl.sigmoid(tl.load(gate_ptr + b * sg_b + h * sg_h + dims * sg_d, mask=dim_ok, other=0.0).to(tl.float32))
+        o = y.to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + b * so_b + h * so_h + dims * so_d, o, mask=dim_ok)
 
 
 def n_splits(batch: int, n_kv: int, length: int, device: torch.device) -> int:
@@ -171,7 +181,8 @@ def triton_decode_attention(
     valid: torch.Tensor, seen: torch.Tensor, q_offsets: torch.Tensor, *, scale: float, max_group: int | None = None,
     positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
     sliding_window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    out: torch.Tensor | None = None, splits: int | None = None,
+    out: torch.Tensor | None = None, splits: int | None = None, gamma: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None, norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """:func:`.naive.decode_attention_reference` in two Triton kernels (no input checks).
 
@@ -180,7 +191,9 @@ def triton_decode_attention(
         the most query heads of one KV head (``Hq`` when None, an upper bound); ``out``: a
         ``(B, 1, Hq, D)`` tensor to write into (any strides; allocated when None); ``splits``: the number
         of splits (:func:`n_splits` when None); ``rope``: ``(cos, sin)``, each ``(B, D)`` or ``(1, D)``
-        (any strides), applied to q and the new key in float32 before everything else.
+        (any strides), applied to q and the new key in float32 before everything else; ``gamma`` ``(Hq,)`` and
+        ``gate`` ``(B, 1, Hq, D)`` (any strides) or None: the hybrid layer's epilogue on these heads
+        (``head_epilogue_reference(o, gamma, gate, norm_eps)``, in the combine kernel), or None.
     Returns:
         ``out``.
     """
@@ -209,8 +222,10 @@ def triton_decode_attention(
             D=dim, LOG_SCALING=positions is not None, WINDOW=sliding_window is not None, UPCAST=not q.is_cuda, ROPE=rope is not None,
             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
         )
+        gate_strides = (gate.stride(0), gate.stride(2), gate.stride(3)) if gate is not None else (0, 0, 0)
         _combine_kernel[(batch * n_q,)](
-            m, l, acc, out, n_q, splits, out.stride(0), out.stride(2), out.stride(3),
-            D=dim, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            m, l, acc, out, gamma if gamma is not None else m, gate if gate is not None else m, n_q, splits, norm_eps,
+            out.stride(0), out.stride(2), out.stride(3), *gate_strides,
+            D=dim, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=block_d, NORM=gamma is not None, GATE=gate is not None,
         )
     return out

@@ -19,6 +19,7 @@ import os
 import torch
 
 from headscope.heads import HeadscopeError
+from headscope.kernels.epilogue.naive import head_epilogue_reference
 from headscope.kernels.gdn_decode.naive import gdn_decode_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,20 +64,27 @@ def gdn_decode_step(
     x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, conv_weight: torch.Tensor,
     conv_state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b_weight: torch.Tensor, a_weight: torch.Tensor,
     A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, step_mask: torch.Tensor | None = None,
-    *, scale: float, eps: float = 1e-6, out: torch.Tensor | None = None,
+    *, scale: float, eps: float = 1e-6, out: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """One GDN decode step with the states updated in place (see :func:`.naive.gdn_decode_reference`).
 
     Args:
-        as the reference; ``out``: ``(B, 1, H, D)`` to write the output into (any strides), or None.
+        as the reference; ``out``: ``(B, 1, H, D)`` to write the output into (any strides), or None;
+        ``gamma``: ``(H,)``: also apply the hybrid layer's epilogue to these heads
+        (``head_epilogue_reference(o, gamma, None, norm_eps)``; in the kernel on the Triton path), or None.
     Returns:
         ``(B, 1, H, D)`` in q's dtype (``out`` when given).
     """
     _check_inputs(x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, state, step_mask)
+    if gamma is not None and tuple(gamma.shape) != (q.shape[2],):
+        raise HeadscopeError(f"gdn_decode_step: gamma must be (H,) = ({q.shape[2]},); got {tuple(gamma.shape)}")
     args = (x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, A_log, dt_bias, state, step_mask)
-    if not use_triton(q, x, k, v, conv_weight, b_weight, a_weight, A_log, dt_bias):
+    if not use_triton(q, x, k, v, conv_weight, b_weight, a_weight, A_log, dt_bias, *((gamma,) if gamma is not None else ())):
         o = gdn_decode_reference(*args, scale=scale, eps=eps)
+        if gamma is not None:  # the epilogue reads the output as stored (in q's dtype)
+            o = head_epilogue_reference(o, gamma, None, norm_eps)
         return o if out is None else out.copy_(o)
     from headscope.kernels.gdn_decode.triton_gdn_decode import triton_gdn_decode
 
-    return triton_gdn_decode(*args, scale=scale, eps=eps, out=out)
+    return triton_gdn_decode(*args, scale=scale, eps=eps, out=out, gamma=gamma, norm_eps=norm_eps)

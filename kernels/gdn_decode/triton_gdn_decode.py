@@ -10,11 +10,15 @@ One program per (row b, GDN head h), grid ``(B · H,)``; it owns head h's ``3·D
 3. ``beta = sigmoid(x · W_b[h])``, ``g = -exp(A_log[h]) · softplus(x · W_a[h] + dt_bias[h])`` as dot
    products over the hidden size (the two tiny projections need no GEMM launches);
 4. the delta rule, one ``D x BLOCK_V`` slice of the state at a time (rows split in the same halves as
-   q and k): decay, ``delta = beta (v - Sᵀk)``, rank-one write, ``o = scale · Sᵀq``; store S and o.
+   q and k): decay, ``delta = beta (v - Sᵀk)``, rank-one write, ``o = scale · Sᵀq``; store S and o;
+5. with ``gamma`` (the hybrid layer's fused epilogue, :mod:`headscope.kernels.epilogue`, for these heads):
+   the sum of squares of the stored (rounded) o over the value blocks, then, after a barrier, each block read
+   back and stored as ``gamma_h · o / sqrt(mean(o²) + eps)``: the epilogue's math on the values it would read,
+   without its launch.
 
 This replaces, per layer and decode step, the gdn_prep kernel, the conv-state slicing (~4 kernels),
-``b_proj``/``a_proj`` and the ~10 elementwise kernels of beta and g, fla's recurrent kernel and the two
-state copies into the cache: one launch. All arithmetic is float32 (one rounding: o at the store; the
+``b_proj``/``a_proj`` and the ~10 elementwise kernels of beta and g, fla's recurrent kernel, the two
+state copies into the cache and (with ``gamma``) the epilogue: one launch. All arithmetic is float32 (one rounding: o at the store; the
 new conv inputs are stored in the window's dtype). ``softplus`` is ``log(1 + exp(z))`` below 20 and ``z``
 above, as torch's. Inference only. Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (the tests).
 """
@@ -52,11 +56,11 @@ def _store_window(cs_base, channels, lane_ok, window, scs_c, scs_k, K: tl.conste
 @triton.jit
 def _gdn_decode_kernel(
     x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, cs_ptr, cos_ptr, sin_ptr, bw_ptr, aw_ptr, alog_ptr, dtb_ptr, st_ptr, mask_ptr, o_ptr,
-    H, hidden, scale, eps,
+    gamma_ptr, H, hidden, scale, eps, norm_eps,
     sx_b, sx_c, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sw_c, sw_k, scs_b, scs_c, scs_k,
     sc_b, sc_d, ss_b, ss_d, sbw_h, sbw_c, saw_h, saw_c, sst_b, sst_h, sst_k, sst_v, so_b, so_h, so_d,
     HALF: tl.constexpr, K: tl.constexpr, HAS_MASK: tl.constexpr, V_BLOCKS: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_X: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_X: tl.constexpr, NORM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
@@ -116,6 +120,8 @@ def _gdn_decode_kernel(
     st_base = st_ptr + b * sst_b + h * sst_h
     rows1 = half[:, None] * sst_k
     rows2 = (half + HALF)[:, None] * sst_k
+    o_lane = o_ptr + b * so_b + h * so_h
+    squares = tl.sum(tl.zeros((BLOCK_V,), tl.float32), axis=0)  # of the stored o (step 5)
     for vb in tl.static_range(V_BLOCKS):
         cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < D
@@ -131,7 +137,20 @@ def _gdn_decode_kernel(
         o = tl.sum(S1 * q1[:, None], axis=0) + tl.sum(S2 * q2[:, None], axis=0)
         tl.store(st_base + rows1 + cols[None, :] * sst_v, S1, mask=tile_ok)
         tl.store(st_base + rows2 + cols[None, :] * sst_v, S2, mask=tile_ok)
-        tl.store(o_ptr + b * so_b + h * so_h + cols * so_d, o.to(o_ptr.dtype.element_ty), mask=col_ok)
+        o = o.to(o_ptr.dtype.element_ty)
+        tl.store(o_lane + cols * so_d, o, mask=col_ok)
+        if NORM:
+            squares += tl.sum(tl.where(col_ok, o.to(tl.float32) * o.to(tl.float32), 0.0), axis=0)
+
+    # 5. the epilogue of these heads: gamma_h · o / rms(o), over the o just stored (visible after the barrier)
+    if NORM:
+        tl.debug_barrier()
+        factor = tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(squares / D + norm_eps)
+        for vb in tl.static_range(V_BLOCKS):
+            cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+            col_ok = cols < D
+            o = tl.load(o_lane + cols * so_d, mask=col_ok, other=0.0).to(tl.float32)
+            tl.store(o_lane + cols * so_d, (o * factor).to(o_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _strides_2d(t: torch.Tensor) -> tuple[int, int]:
@@ -144,13 +163,15 @@ def triton_gdn_decode(
     conv_state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b_weight: torch.Tensor, a_weight: torch.Tensor,
     A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, step_mask: torch.Tensor | None = None,
     *, scale: float, eps: float = 1e-6, out: torch.Tensor | None = None, block_v: int = 32,
+    gamma: torch.Tensor | None = None, norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """:func:`.naive.gdn_decode_reference` in one Triton launch (no input checks, no autograd).
 
     Args:
         as the reference (D even; ``x`` ``(B, hidden)`` any strides); ``out``: ``(B, 1, H, D)`` to write
         into (any strides, e.g. a slice of the layer's per-head output), allocated when None;
-        ``block_v``: value columns per step of the state loop.
+        ``block_v``: value columns per step of the state loop; ``gamma``: ``(H,)`` these heads' scales of the
+        fused epilogue (``head_epilogue_reference`` of the output with ``norm_eps``, in the kernel), or None.
     Returns:
         ``out``.
     """
@@ -163,14 +184,14 @@ def triton_gdn_decode(
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _gdn_decode_kernel[(batch * n_heads,)](
             x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, A_log, dt_bias, state, mask, out,
-            n_heads, x.shape[-1], scale, eps,
+            gamma if gamma is not None else A_log, n_heads, x.shape[-1], scale, eps, norm_eps,
             x.stride(0), x.stride(-1), q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
             v.stride(0), v.stride(2), v.stride(3), *conv_weight.stride(), *conv_state.stride(),
             *_strides_2d(cos), *_strides_2d(sin), *b_weight.stride(), *a_weight.stride(), *state.stride(),
             out.stride(0), out.stride(2), out.stride(3),
             HALF=dim // 2, K=width, HAS_MASK=step_mask is not None, V_BLOCKS=triton.cdiv(dim, block_v),
             BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_K=triton.next_power_of_2(width),
-            BLOCK_V=block_v, BLOCK_X=min(1024, triton.next_power_of_2(x.shape[-1])),
+            BLOCK_V=block_v, BLOCK_X=min(1024, triton.next_power_of_2(x.shape[-1])), NORM=gamma is not None,
             num_warps=4,
         )
     return out
