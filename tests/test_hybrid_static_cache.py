@@ -69,6 +69,22 @@ def test_static_cache_logits_match_the_dynamic_cache(hybrid):
         assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels")
+def test_on_cuda_the_static_decode_with_the_epilogue_in_its_kernels_matches_the_dynamic_cache(hybrid):
+    """float32 on CUDA: the static path's decode steps run kernels/fa_decode and kernels/gdn_decode with the
+    epilogue inside (layer 0: gamma and the gate; layer 2: gamma), the dynamic path the layer's own epilogue."""
+    import copy
+
+    model = copy.deepcopy(hybrid).cuda()
+    ids, mask = (t.cuda() for t in prompt())
+    with torch.inference_mode():
+        dynamic = run(model, DynamicCache(config=model.config), ids, mask, steps=6)
+        static = run(model, HybridStaticCache(model, batch_size=3, max_length=20), ids, mask, steps=6)
+    for a, b in zip(dynamic, static):
+        assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3
+
+
 def test_decode_steps_apply_the_epilogue_in_the_branch_kernels(hybrid, monkeypatch):
     """A static-cache decode step hands gamma (and the FA gate) to the two branch steps, which apply the fused
     epilogue to their heads (in their kernels on CUDA): the layer's own epilogue launch runs only for prefills."""
