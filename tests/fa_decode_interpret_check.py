@@ -44,7 +44,7 @@ def run_case(batch, groups, dim, length, seen, log_scaling, window, splits, rope
     k_cache, v_cache = (torch.randn(batch, n_kv, length, dim, generator=gen).to(dtype) for _ in range(2))
     valid = (torch.rand(batch, length, generator=gen) > 0.25).to(torch.int8)
     seen_t = torch.tensor([seen])
-    positions = torch.randint(0, 40000, (batch,), generator=gen) if log_scaling else None
+    positions = torch.randint(0, 40000, (batch, 2), generator=gen)[:, 1] if log_scaling else None  # strided, as a slice of (B, T)
     rotary = None
     if rope is not None:  # HF rotary tables of random positions, in the model dtype, (B, T=3, D) sliced at the last step
         angles = torch.randint(0, 5000, (batch if rope == "rows" else 1, 3, 1), generator=gen) * torch.rand(dim // 2, generator=gen)

@@ -366,7 +366,7 @@ class HeadwiseHybridAttention(nn.Module):
         into ``out`` ``(B, 1, n_fa, D)``; with ``gamma`` (and ``gate``) the layer's epilogue on these heads too."""
         spec = self.spec
         rope = tuple(t[:, -1] for t in position_embeddings) if spec.fa_rope else None  # (cos, sin), each (B, D)
-        positions = position_ids[:, -1].contiguous() if spec.log_scaling else None  # (B,)
+        positions = position_ids[:, -1] if spec.log_scaling else None  # (B,), any stride (an expanded arange: 0)
         return decode_attention(
             q, k, v, cache.keys[self.layer_idx], cache.values[self.layer_idx], cache.valid, cache.seen,
             (0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,

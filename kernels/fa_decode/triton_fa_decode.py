@@ -41,7 +41,7 @@ BLOCK_N = 64  # slots per inner step
 @triton.jit
 def _split_kernel(
     q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, seen_ptr, pos_ptr, qoff_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
-    Hkv, Hq, S, chunk, window, scale, attn_scale, floor_scale,
+    Hkv, Hq, S, chunk, window, scale, attn_scale, floor_scale, spos_b,
     sq_b, sq_h, sq_d, skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
     skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d, sva_b, sva_l, scs_b, scs_d,
     D: tl.constexpr, LOG_SCALING: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, ROPE: tl.constexpr,
@@ -69,7 +69,7 @@ def _split_kernel(
         q_partner = tl.load(q_ptr + b * sq_b + (q0 + rows)[:, None] * sq_h + partner[None, :] * sq_d, mask=qk_mask, other=0.0)
         q = q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]
     if LOG_SCALING:  # floor() of a positive number as a truncation
-        pos = tl.load(pos_ptr + b).to(tl.float32)
+        pos = tl.load(pos_ptr + b * spos_b).to(tl.float32)
         q = q.to(tl.float32) * (1.0 + attn_scale * tl.log(((pos + 1.0) / floor_scale).to(tl.int64).to(tl.float32) + 1.0))
     # the dots run in the cache's dtype with float32 accumulation (bf16 tensor cores; exact float32 for a float32 cache)
     # (UPCAST: the same products in float32; the interpreter cannot multiply bf16 matrices)
@@ -216,7 +216,7 @@ def triton_decode_attention(
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _split_kernel[(batch * n_kv, splits)](
             q, k_new, v_new, k_cache, v_cache, valid, seen, pos, q_offsets, cos, sin, m, l, acc,
-            n_kv, n_q, splits, chunk, sliding_window or 0, scale, attn_scale, floor_scale,
+            n_kv, n_q, splits, chunk, sliding_window or 0, scale, attn_scale, floor_scale, pos.stride(0),
             q.stride(0), q.stride(2), q.stride(3), k_new.stride(0), k_new.stride(2), k_new.stride(3),
             v_new.stride(0), v_new.stride(2), v_new.stride(3), *k_cache.stride(), *v_cache.stride(), *valid.stride(), *cos_strides,
             D=dim, LOG_SCALING=positions is not None, WINDOW=sliding_window is not None, UPCAST=not q.is_cuda, ROPE=rope is not None,

@@ -1,0 +1,67 @@
+"""The kernels one static-cache decode step of each layer's attention core launches on the CUDA path, checked
+from the CPU (each Triton kernel replaced by a recorder of its launch, torch ops counted under a dispatch mode):
+a hybrid layer's FA heads take the split and combine kernels of ``kernels/fa_decode``, its GDN heads the one
+kernel of ``kernels/gdn_decode``, and the fused epilogue (per-head RMSNorm x gamma, the FA heads' gate) runs
+inside those kernels: no torch op and no epilogue launch of its own. At batch 1 a captured decode step is bound
+by its kernel count (~5 us a kernel on the H200), so an extra launch per layer is an extra ~1% per step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import headscope.kernels.fa_decode.ops as fa_ops
+import headscope.kernels.gdn_decode.ops as gdn_ops
+from conftest import tiny_qwen3
+from headscope.heads import HeadMask
+from headscope.hybrid import HybridConfig, build_hybrid
+from headscope.hybrid.static_cache import HybridStaticCache
+from headscope.models import load_model
+from test_hybrid_prefill_launches import TorchLaunches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_decode_core_launches_on_the_cuda_path(monkeypatch):
+    pytest.importorskip("triton")
+    import headscope.kernels.epilogue.triton_epilogue as triton_epilogue
+    from headscope.kernels.fa_decode import triton_fa_decode
+    from headscope.kernels.gdn_decode import triton_gdn_decode
+
+    launches = []
+
+    class Recorder:  # stands for a Triton kernel: records ``kernel[grid](...)``
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    for module, name in ((triton_fa_decode, "_split_kernel"), (triton_fa_decode, "_combine_kernel"),
+                         (triton_gdn_decode, "_gdn_decode_kernel"), (triton_epilogue, "_epilogue_fwd_kernel")):
+        monkeypatch.setattr(module, name, Recorder(name))
+    lm = load_model(tiny_qwen3(seed=7).float())
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    full[0, 2] = True  # layer 0: 1 FA + 3 GDN heads (gated, fusion-normed); layer 1 all FA (a plain layer); layer 2 all GDN
+    full[1, :] = True
+    model = build_hybrid(lm, HeadMask(full, lm.fingerprint), HybridConfig(floor_scale=4))
+    cache = HybridStaticCache(model, batch_size=2, max_length=20)
+    per_layer = {}
+    with torch.inference_mode():
+        out = model(torch.randint(2, 128, (2, 7)), cache=cache, use_cache=True)  # the prefill, on the CPU path
+        monkeypatch.setattr(fa_ops, "use_triton", lambda *tensors: True)  # the decode dispatchers' CUDA choice
+        monkeypatch.setattr(gdn_ops, "use_triton", lambda *tensors: True)
+        for layer in model.model.layers:
+            def core(*args, _core=layer.self_attn.core, _idx=layer.self_attn.layer_idx, **kwargs):
+                launches.clear()
+                with TorchLaunches() as torch_ops:
+                    result = _core(*args, **kwargs)
+                per_layer[_idx] = (sorted(launches), dict(torch_ops.ops))
+                return result
+            monkeypatch.setattr(layer.self_attn, "core", core)
+        model(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+    assert per_layer == {
+        0: (["_combine_kernel", "_gdn_decode_kernel", "_split_kernel"], {}),
+        1: (["_combine_kernel", "_split_kernel"], {}),
+        2: (["_gdn_decode_kernel"], {}),
+    }
