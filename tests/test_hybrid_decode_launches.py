@@ -17,7 +17,7 @@ from headscope.heads import HeadMask
 from headscope.hybrid import HybridConfig, build_hybrid
 from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.models import load_model
-from test_hybrid_prefill_launches import TorchLaunches
+from test_hybrid_prefill_launches import TorchLaunches, record_launches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,18 +28,8 @@ def test_decode_core_launches_on_the_cuda_path(monkeypatch):
     from headscope.kernels.fa_decode import triton_fa_decode
     from headscope.kernels.gdn_decode import triton_gdn_decode
 
-    launches = []
-
-    class Recorder:  # stands for a Triton kernel: records ``kernel[grid](...)``
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(self.name)
-
-    for module, name in ((triton_fa_decode, "_split_kernel"), (triton_fa_decode, "_combine_kernel"),
-                         (triton_gdn_decode, "_gdn_decode_kernel"), (triton_epilogue, "_epilogue_fwd_kernel")):
-        monkeypatch.setattr(module, name, Recorder(name))
+    launches = record_launches(monkeypatch, (triton_fa_decode, "_split_kernel"), (triton_fa_decode, "_combine_kernel"),
+                               (triton_gdn_decode, "_gdn_decode_kernel"), (triton_epilogue, "_epilogue_fwd_kernel"))
     lm = load_model(tiny_qwen3(seed=7).float())
     full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
     full[0, 2] = True  # layer 0: 1 FA + 3 GDN heads (gated, fusion-normed); layer 1 all FA (a plain layer); layer 2 all GDN

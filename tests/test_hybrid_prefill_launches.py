@@ -43,6 +43,23 @@ class TorchLaunches(TorchDispatchMode):
         return out
 
 
+def record_launches(monkeypatch, *kernels: tuple) -> list[str]:
+    """Each ``(module, name)`` Triton kernel replaced by a recorder of ``kernel[grid](...)``; the list of the
+    names launched (in order) is returned and filled by the calls that follow."""
+    launches = []
+
+    class Recorder:  # stands for a Triton kernel
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, Recorder(name))
+    return launches
+
+
 def tiny_layer(dtype: torch.dtype, seed: int = 0, length: int = 20):
     """A gated, fusion-normed 2 FA + 3 GDN head layer with q/k norms, its input, rotary tables and positions."""
     torch.manual_seed(seed)
@@ -63,18 +80,8 @@ def test_core_prefill_launches_on_the_cuda_path(monkeypatch):
     from headscope.kernels.gdn import triton_chunk
     from headscope.kernels.gdn_prep import triton_gdn_prep
 
-    launches = []
-
-    class Recorder:  # stands for a Triton kernel: records ``kernel[grid](...)``
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(self.name)
-
-    for module, name in ((triton_gdn_prep, "_short_conv_rope_l2norm_kernel"), (triton_chunk, "_chunk_intra_kernel"),
-                         (triton_chunk, "_chunk_scan_kernel"), (triton_epilogue, "_epilogue_fwd_kernel")):
-        monkeypatch.setattr(module, name, Recorder(name))
+    launches = record_launches(monkeypatch, (triton_gdn_prep, "_short_conv_rope_l2norm_kernel"), (triton_chunk, "_chunk_intra_kernel"),
+                               (triton_chunk, "_chunk_scan_kernel"), (triton_epilogue, "_epilogue_fwd_kernel"))
     monkeypatch.setattr(gdn_ops, "_use_fla", lambda q: True)  # the dispatchers' CUDA choices (FUSED_MAX_TOKENS as shipped)
     monkeypatch.setattr(prep_ops, "use_triton", lambda *tensors: True)
     monkeypatch.setattr(epilogue_ops, "use_triton", lambda o: True)
