@@ -12,6 +12,8 @@ over ``--tokens`` tokens of a text file:
 * ``mixed``: KL(float32 || variant) per token and top-1 agreement, for three variants: everything in bf16;
   only the attention modules in bf16 (the rest float32); everything but the attention modules in bf16. A model
   that amplifies rounding drifts in all three; a faulty attention path drifts mostly in the second.
+* ``residual``: the relative error of the residual stream after each decoder layer, all in bf16 against float32:
+  where the drift grows;
 * ``local``: each layer's attention module fed the float32 run's own inputs (``forward_pre_hook``), once in
   float32 and once as a bf16 copy: the relative error ``|bf16 - float32| / |float32|`` of its output, of the
   GDN branch (``_gated_delta``), the FA branch (``_full_attention``) and the fused core (``core``). bf16 keeps
@@ -92,6 +94,29 @@ def mixed(model, ids: torch.Tensor) -> dict:
     return out
 
 
+def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each decoder layer's output (the residual stream after it) of one forward, in float32."""
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).float()))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def residual(model, ids: torch.Tensor) -> list[float]:
+    """Per decoder layer: the relative error of the residual stream after it, all in bf16 against float32 (the
+    ``residual`` section: where a model's drift grows)."""
+    want = layer_outputs(model, ids)
+    with at_precision(model, torch.bfloat16, torch.bfloat16) as low:
+        got = layer_outputs(low, ids)
+    return [relative(g, w) for g, w in zip(got, want)]
+
+
 @contextmanager
 def recorded(attention_class):
     """Inside the block each call of the ``BRANCHES`` that ``attention_class`` has (none on a plain family
@@ -164,6 +189,10 @@ def markdown(meta: dict, results: dict) -> str:
         lines.append(f"| {name} | {result['float32']['nll']:.3f} | {result['float32']['entropy']:.3f} | "
                      + " | ".join(f"{result[v]['kl']:.4f} / {result[v]['top1_agree']:.3f}" for v in VARIANTS)
                      + f" | {worst['out']:.4f} ({worst['layer']}) |")
+    names = list(results)
+    lines += ["", "## Residual stream after each layer, all bf16: relative error against float32", "",
+              "| layer | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    lines += [f"| {i} | " + " | ".join(f"{results[n]['residual'][i]:.4f}" for n in names) + " |" for i in range(len(results[names[0]]["residual"]))]
     name = "hybrid" if "hybrid" in results else "hybrid, trained"
     hybrid = results.get(name, {}).get("local", [])
     if hybrid:
@@ -223,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         models = {"original": lm.model.eval(), "hybrid": build_hybrid(lm, mask).eval(), "hybrid, gamma calibrated": calibrated}
     results = {}
     for name, model in models.items():
-        results[name] = {**mixed(model, ids), "local": local(model, ids)}
+        results[name] = {**mixed(model, ids), "local": local(model, ids), "residual": residual(model, ids)}
         print(name, {k: v for k, v in results[name].items() if k != "local"}, flush=True)
     shown = lambda path: os.path.relpath(path, ROOT) if Path(path).resolve().is_relative_to(ROOT) else path  # noqa: E731
     mask_text = source if args.hybrid else shown(args.mask) if args.mask else f"random KV-aware 7:1, seed {args.random_mask}"
