@@ -12,8 +12,9 @@ over ``--tokens`` tokens of a text file:
 * ``mixed``: KL(float32 || variant) per token and top-1 agreement, for three variants: everything in bf16;
   only the attention modules in bf16 (the rest float32); everything but the attention modules in bf16. A model
   that amplifies rounding drifts in all three; a faulty attention path drifts mostly in the second.
-* ``residual``: the relative error of the residual stream after each decoder layer, all in bf16 against float32:
-  where the drift grows;
+* ``residual``: the relative error of the residual stream after each decoder layer, all in bf16 against float32
+  (where the drift grows), and the stream's largest magnitude on the first token and on the others (where the
+  massive activations sit);
 * ``local``: each layer's attention module fed the float32 run's own inputs (``forward_pre_hook``), once in
   float32 and once as a bf16 copy: the relative error ``|bf16 - float32| / |float32|`` of its output, of the
   GDN branch (``_gated_delta``), the FA branch (``_full_attention``) and the fused core (``core``). bf16 keeps
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+MASSIVE = 10.0  # a token carries a massive activation when its largest |value| is this many times the median token's
 BRANCHES = ("_gated_delta", "_full_attention", "core")  # HeadwiseHybridAttention methods whose outputs ``local`` compares
 VARIANTS = {"all bf16": (torch.bfloat16, torch.bfloat16), "attention bf16 only": (torch.bfloat16, torch.float32),
             "all but attention bf16": (torch.float32, torch.bfloat16)}  # (attention dtype, dtype of the rest)
@@ -108,13 +110,20 @@ def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
-def residual(model, ids: torch.Tensor) -> list[float]:
-    """Per decoder layer: the relative error of the residual stream after it, all in bf16 against float32 (the
-    ``residual`` section: where a model's drift grows)."""
-    want = layer_outputs(model, ids)
+def residual(model, ids: torch.Tensor) -> dict[str, list[float]]:
+    """Per decoder layer (the ``residual`` section): ``drift``, the relative error of the residual stream after it,
+    all in bf16 against float32 (where a model's drift grows); and from the float32 run its largest magnitude on
+    the first token and on the others (``first_token_max``, ``other_tokens_max``) and how many tokens carry a massive
+    activation (``massive_tokens``: largest |value| above ``MASSIVE`` times the median token's): a pretrained
+    model parks its massive activations on the first token (the attention sink), and where they spread to other
+    tokens, bf16's relative rounding of values in the thousands dominates the stream's error."""
+    want = layer_outputs(model, ids)  # each (1, T, C)
     with at_precision(model, torch.bfloat16, torch.bfloat16) as low:
         got = layer_outputs(low, ids)
-    return [relative(g, w) for g, w in zip(got, want)]
+    peaks = [w[0].abs().amax(-1) for w in want]  # (T,) each token's largest |value|
+    return {"drift": [relative(g, w) for g, w in zip(got, want)], "first_token_max": [float(p[0]) for p in peaks],
+            "other_tokens_max": [float(p[1:].max()) if len(p) > 1 else 0.0 for p in peaks],
+            "massive_tokens": [int((p > MASSIVE * p.median()).sum()) for p in peaks]}
 
 
 @contextmanager
@@ -190,9 +199,15 @@ def markdown(meta: dict, results: dict) -> str:
                      + " | ".join(f"{result[v]['kl']:.4f} / {result[v]['top1_agree']:.3f}" for v in VARIANTS)
                      + f" | {worst['out']:.4f} ({worst['layer']}) |")
     names = list(results)
-    lines += ["", "## Residual stream after each layer, all bf16: relative error against float32", "",
-              "| layer | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
-    lines += [f"| {i} | " + " | ".join(f"{results[n]['residual'][i]:.4f}" for n in names) + " |" for i in range(len(results[names[0]]["residual"]))]
+    lines += ["", "## Residual stream after each layer: drift (all bf16, relative error against float32); in float32, the largest "
+              f"|value| on the first token / on the others, and the tokens carrying a massive activation (largest |value| over {MASSIVE:g}x "
+              "the median token's)", "",
+              "| layer | " + " | ".join(f"{n}: drift | {n}: max first / others (massive tokens)" for n in names) + " |",
+              "|---:|" + "---:|---:|" * len(names)]
+    for i in range(len(results[names[0]]["residual"]["drift"])):
+        cells = [f"{r['drift'][i]:.4f} | {r['first_token_max'][i]:.0f} / {r['other_tokens_max'][i]:.0f} ({r['massive_tokens'][i]})"
+                 for r in (results[n]["residual"] for n in names)]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     name = "hybrid" if "hybrid" in results else "hybrid, trained"
     hybrid = results.get(name, {}).get("local", [])
     if hybrid:

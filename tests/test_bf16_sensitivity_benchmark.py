@@ -35,7 +35,9 @@ def test_the_run_writes_both_models_and_every_section(benchmark, llama_dir, tmp_
     assert set(results) == {"original", "hybrid", "hybrid, gamma calibrated"}
     for name in results:
         assert set(results[name]) == {"float32", "local", "residual", *benchmark.VARIANTS}
-        assert len(results[name]["residual"]) == 2 and all(0 < err < 0.05 for err in results[name]["residual"])
+        stream = results[name]["residual"]
+        assert len(stream["drift"]) == 2 and all(0 < err < 0.05 for err in stream["drift"])
+        assert all(first > 0 and others > 0 for first, others in zip(stream["first_token_max"], stream["other_tokens_max"]))
         assert len(results[name]["local"]) == 2 and all(0 < row["out"] < 0.05 for row in results[name]["local"])
         assert all(result["kl"] >= 0 and 0 <= result["top1_agree"] <= 1 for key, result in results[name].items() if key in benchmark.VARIANTS)
     assert any("_gated_delta" in row for row in results["hybrid"]["local"])
