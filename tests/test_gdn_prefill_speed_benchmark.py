@@ -88,7 +88,8 @@ def test_summary_ratios_and_break_even(benchmark):
         for scope, full in (("core", 0.4), ("layer", 1.6)):
             for path, ms in (("full", full), ("hybrid_fla", 3 * full), ("hybrid_fla_scale", 2.5 * full), ("hybrid_fused", 1.5 * full),
                              ("hybrid_all", 1.25 * full), ("full_qknorm", 0.5 * full)):
-                rows.append({"phase": "prefill", "scope": scope, "path": path, "context": t, "ms": ms, "b2b_ms": ms * (0.8 if path == "hybrid_all" else 1.0)})
+                rows.append({"phase": "prefill", "scope": scope, "path": path, "context": t, "ms": ms, "b2b_ms": ms * (0.8 if path == "hybrid_all" else 1.0),
+                             "launches": {"busy_ms": ms * (0.5 if path == "hybrid_all" else 0.6)}})
     summary = benchmark.summarise(rows, [1024, 2048, 4096], 32)
     assert summary["fused_faster_at"] == [1024, 2048]  # 0.6 ms > fla's 0.5 at 4K
     assert summary["per_context"][4096]["kernel"]["best_fused"] == "fused_v16"
@@ -97,6 +98,10 @@ def test_summary_ratios_and_break_even(benchmark):
     assert summary["goals"]["layer_4k_over_full"]["vs_full_qknorm"] == pytest.approx(2.5)
     assert summary["goals"]["core_4k_over_full"]["back_to_back"] == pytest.approx(1.0)  # 0.8 x 1.25 over full's 1.0 x
     assert summary["goals"]["layer_4k_over_full"]["back_to_back_vs_full_qknorm"] == pytest.approx(2.0)
+    assert summary["goals"]["core_4k_over_full"]["gpu_work"] == pytest.approx(1.25 * 0.5 / 0.6)  # the GPU's kernel time alone
+    assert summary["goals"]["layer_4k_over_full"]["gpu_work_vs_full_qknorm"] == pytest.approx(2.5 * 0.5 / 0.6)
+    rows[-1]["launches"] = None  # a CPU run: no GPU work recorded
+    assert benchmark.summarise(rows, [1024, 2048, 4096], 32)["goals"]["layer_4k_over_full"]["gpu_work_vs_full_qknorm"] is None
 
 
 def test_idle_gaps_between_a_calls_kernels(benchmark):
