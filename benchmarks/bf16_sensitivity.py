@@ -96,17 +96,21 @@ def mixed(model, ids: torch.Tensor) -> dict:
     return out
 
 
-def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each decoder layer's output (the residual stream after it) of one forward, in float32."""
-    outputs = []
-    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).float()))
-             for layer in model.model.layers]
+def hooked_forward(model, ids: torch.Tensor, hooks: list) -> None:
+    """One forward of ``ids`` (no grad, no cache) with ``hooks`` (handles) in place; they are removed after it."""
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each decoder layer's output (the residual stream after it) of one forward, in float32."""
+    outputs = []
+    hooked_forward(model, ids, [layer.register_forward_hook(lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).float()))
+                                for layer in model.model.layers])
     return outputs
 
 
@@ -159,14 +163,8 @@ def local(model, ids: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> list
     """Per layer: the relative error of its attention output and branches in ``dtype`` against float32, both fed
     the float32 forward's own inputs to that layer (the ``local`` section)."""
     inputs = {}
-    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw, i=i: inputs.__setitem__(i, (a, kw)), with_kwargs=True)
-             for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    hooked_forward(model, ids, [layer.self_attn.register_forward_pre_hook(lambda m, a, kw, i=i: inputs.__setitem__(i, (a, kw)), with_kwargs=True)
+                                for i, layer in enumerate(model.model.layers)])
     rows = []
     for i, layer in enumerate(model.model.layers):
         attention, (args, kwargs) = layer.self_attn, inputs[i]
