@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 import headscope.kernels.rms_norm.ops as norm_ops  # noqa: E402
 import headscope.kernels.swiglu.ops as swiglu_ops  # noqa: E402
+from generate_speed_device import gpu_work  # noqa: E402
 from generate_speed_models import ROOT, Bench  # noqa: E402
 from headscope.heads import HeadscopeError, write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -125,20 +126,14 @@ def kernels_per_step(model, cache) -> int | None:
     (``cache`` not graphed; torch.profiler's CUDA activity); None on the CPU."""
     if cache.device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
-
     ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
     positions = torch.full((cache.batch_size, 1), cache.seen_tokens, device=cache.device)
     cache.decode(model, ids, None, positions)  # kernels compiled, cuBLAS settled
-    sync(cache.device)
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            cache.decode(model, ids, None, positions + 1)
-            sync(cache.device)
-    except RuntimeError as err:  # a profiler that cannot start (CUPTI busy): the timings still count
-        print(f"  kernels per step not counted: {err}", flush=True)
+    work = gpu_work(lambda: cache.decode(model, ids, None, positions + 1))
+    if "failed" in work:  # a profiler that cannot start (CUPTI busy): the timings still count
+        print(f"  kernels per step not counted: {work['failed']}", flush=True)
         return None
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return work["launches"]
 
 
 @contextlib.contextmanager

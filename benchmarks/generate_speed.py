@@ -244,10 +244,11 @@ def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline:
     if not names or args.ttft_rounds < 1 or time.perf_counter() > deadline:
         return
     times: dict[str, list[float]] = {name: [] for name in names}
+    call = lambda name: first_token_ms(bench, name, ids, variants[name].get("prefill_chunk"), args.new_tokens)  # noqa: E731
     try:
         for round_ in range(args.ttft_rounds + 1):  # round 0: untimed (caches and kernels of every variant in place)
             for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-                ms = first_token_ms(bench, name, ids, variants[name].get("prefill_chunk"), args.new_tokens)
+                ms = call(name)
                 if round_:
                     times[name].append(ms)
             if time.perf_counter() > deadline:
@@ -255,7 +256,7 @@ def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline:
         for name in names:
             if time.perf_counter() > deadline:
                 break
-            work = gpu_work(partial(first_token_ms, bench, name, ids, variants[name].get("prefill_chunk"), args.new_tokens))
+            work = gpu_work(partial(call, name))
             if work is not None:
                 variants[name]["ttft_gpu"] = work
     finally:

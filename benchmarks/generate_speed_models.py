@@ -92,8 +92,9 @@ class Bench:
                 original = family._from_config(config, dtype=dtype).eval()
         lm = load_model(original)
         fp = lm.fingerprint
-        if kind == "smollm2" and getattr(args, "hybrid", None):  # a trained hybrid of --model instead of a built one
-            self.hybrid, self.mask, self.mask_source = trained_hybrid(args.hybrid, original, fp, device, dtype)
+        trained = getattr(args, "hybrid", None) if kind == "smollm2" else None  # a trained hybrid of --model instead of a built one
+        if trained:
+            self.hybrid, self.mask, self.mask_source = trained_hybrid(trained, original, fp, device, dtype)
         else:
             if kind.startswith("smollm2"):  # the real model's mask fits its random twin too (same shape)
                 self.mask, self.mask_source = self._file_mask(args.mask or SMOL_MASK, fp)
@@ -102,8 +103,8 @@ class Bench:
                 full[:, : fp.group_size] = True  # KV group 0 of every layer
                 self.mask, self.mask_source = HeadMask(full, fp, {"ratio": "7:1"}), "KV group 0 of every layer"
             self.hybrid = build_hybrid(lm, self.mask)
-        trained = f" trained {Path(args.hybrid).resolve()}" if kind == "smollm2" and getattr(args, "hybrid", None) else ""
-        self.hybrid_id = hashlib.sha256(self.mask.full.numpy().tobytes()).hexdigest()[:12] + trained  # mask digest (+ the trained one)
+        digest = hashlib.sha256(self.mask.full.numpy().tobytes()).hexdigest()[:12]
+        self.hybrid_id = digest + (f" trained {Path(trained).resolve()}" if trained else "")  # the mask, and the trained model
         self.original = original
         self.same_kernels = build_full_attention(lm)  # original_graph: the original's own tensors on the hybrid's decode path
         self.vocab = original.config.vocab_size
