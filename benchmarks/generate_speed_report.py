@@ -180,7 +180,6 @@ def ttft_table(rows: dict) -> list[str]:
              "| model | context | batch | prompt | hybrid_graph ms | original ms (x) | original_compiled ms (x) | original_graph ms (x) | hybrid_eager ms |",
              "|---|---:|---:|---|---:|---|---|---|---:|"]
     for record in measured:
-        model, context, batch = record["row"].split(":")
         variants = record["variants"]
         flag = lambda name: failed_check(variants[name], variants.get(TWIN.get(name)))  # noqa: E731
         hybrid, hybrid_flag = ttft_ms(variants["hybrid_graph"]), flag("hybrid_graph")
@@ -193,8 +192,7 @@ def ttft_table(rows: dict) -> list[str]:
 
         eager = f"{ttft_ms(variants['hybrid_eager']):.1f}" if "ttft_ms" in variants.get("hybrid_eager", {}) else "-"
         shown = f"{hybrid:.1f}" + (f" (**{hybrid_flag}**)" if hybrid_flag else "")
-        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | {shown} | "
-                     f"{cell('original')} | {cell('original_compiled')} | {cell('original_graph')} | {eager} |")
+        lines.append(f"{row_head(record)} {shown} | {cell('original')} | {cell('original_compiled')} | {cell('original_graph')} | {eager} |")
     return lines
 
 
@@ -212,14 +210,12 @@ def ttft_gpu_table(rows: dict) -> list[str]:
              "| model | context | batch | prompt | " + " | ".join(names) + " | original_graph / hybrid_graph |",
              "|---|---:|---:|---|" + "---:|" * (len(names) + 1)]
     for record in measured:
-        model, context, batch = record["row"].split(":")
         work = {name: record["variants"].get(name, {}).get("ttft_gpu") for name in names}
         cells = [f"{w['kernel_ms']:.1f} ({w['launches']})" if w and "kernel_ms" in w else f"- ({w['failed']})" if w else "-"
                  for w in work.values()]
         both = all(w and "kernel_ms" in w for w in (work["original_graph"], work["hybrid_graph"]))
         ratio = f"{work['original_graph']['kernel_ms'] / work['hybrid_graph']['kernel_ms']:.2f}x" if both else "-"
-        lines.append(f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} | "
-                     + " | ".join(cells) + f" | {ratio} |")
+        lines.append(f"{row_head(record)} " + " | ".join(cells) + f" | {ratio} |")
     return lines
 
 
@@ -256,6 +252,12 @@ def reference_text(check: dict | None, twin_check: dict | None = None) -> tuple[
         counted = (f"{counted} (from step {check['first_inconsistent']}), all <= eager twin's max {bound:.2g}" if bound is not None
                    else f"**{counted}** (from step {check['first_inconsistent']})")
     return f"{check['mean_gap']:.2g} / {check['max_gap']:.2g}; {counted} <= {check['tolerance']:g}", f"{check['first_step_max_abs_diff']:.2g}"
+
+
+def row_head(record: dict) -> str:
+    """The first cells of a row file's line in every table: ``| model | context | batch | prompt |``."""
+    model, context, batch = record["row"].split(":")
+    return f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} |"
 
 
 def row_order(record: dict) -> tuple:
@@ -325,8 +327,7 @@ def ratio_line(record: dict) -> str:
         cells.append(f">= {goal:g}x: {', '.join(verdicts) if verdicts else 'no pair at this batch'}")
     else:
         cells.append("")
-    prompt = record.get("prompt", RANDOM_PROMPT).split(" (")[0]
-    return f"| {model} | {context} | {batch[1:]} | {prompt} | " + " | ".join(cells) + " |"
+    return f"{row_head(record)} " + " | ".join(cells) + " |"
 
 
 def summary_lines(rows: dict) -> list[str]:
@@ -359,13 +360,11 @@ def summary_lines(rows: dict) -> list[str]:
              "ref gap mean / max (nats); consistent | step-1 dlogit | graph = static eager |",
              "|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---|"]
     for record in rows.values():
-        model, context, batch = record["row"].split(":")
-        prompt = record.get("prompt", RANDOM_PROMPT).split(" (")[0]
+        head = row_head(record)
         for variant in VARIANTS:
             r = record.get("variants", {}).get(variant)
             if r is None:
                 continue
-            head = f"| {model} | {context} | {batch[1:]} | {prompt} |"
             if "skipped" in r:
                 lines.append(f"{head} | {variant} | - | - | - | - | skipped: {r['skipped']} | | | |")
                 continue
