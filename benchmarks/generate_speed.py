@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hybrid needs --model (the model it was trained from: the original variants)")
     if args.hybrid and args.mask:
         parser.error("--hybrid comes with its own mask: give --mask or --hybrid, not both")
+    if args.hybrid and not Path(args.hybrid).is_dir():
+        parser.error(f"--hybrid {args.hybrid} is not a directory (a saved hybrid: `headscope transfer`'s final/)")
     if args.prompt_file and not args.model:
         parser.error("--prompt-file needs --model (the smollm2 rows' tokenizer)")
     results = Path("/tmp/headscope_generate_speed_smoke") if args.smoke else ROOT / "benchmarks" / "results"

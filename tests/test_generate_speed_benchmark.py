@@ -362,14 +362,16 @@ def test_a_trained_hybrid_gets_its_own_row_files_and_one_hybrid_per_row(benchmar
     assert row["hybrid_id"].endswith(" trained " + str((tmp_path / "run" / "final").resolve()))
     assert row["variants"]["hybrid_eager"]["reference_check"]["max_gap"] < 1e-4  # checked against the trained model itself
     assert not (rows_dir / "smollm2_16_b1.json").exists()  # the built hybrid's rows stay apart
-    for bad, says in ((model_dir, "not a headscope hybrid"), (str(tmp_path / "nothing"), "no loadable model")):
+    (tmp_path / "empty").mkdir()
+    for bad, says in ((model_dir, "not a headscope hybrid"), (str(tmp_path / "empty"), "no loadable model")):
         with pytest.raises(HeadscopeError, match=says):
             benchmark.main(common + ["--hybrid", bad, "--rows-dir", str(tmp_path / "other")])
     qwen = load_model(tiny_qwen3())  # the hybrid of a model of another shape
     build_hybrid(qwen, random_mask(qwen.fingerprint, n_full=3, seed=1, kv_aware=True)).save_pretrained(tmp_path / "other_final")
     with pytest.raises(HeadscopeError, match="another shape than --model"):
         benchmark.main(common + ["--hybrid", str(tmp_path / "other_final"), "--rows-dir", str(tmp_path / "other")])
-    for argv in (common[:3] + common[5:] + ["--hybrid", "x"], common + ["--hybrid", "x", "--mask", "y"]):  # no --model; both
+    for argv in (common[:3] + common[5:] + ["--hybrid", "x"], common + ["--hybrid", "x", "--mask", "y"],  # no --model; both;
+                 common + ["--hybrid", str(tmp_path / "nothing")]):  # no such directory
         with pytest.raises(SystemExit):
             benchmark.main(argv)
     assert benchmark.main(common) == 0  # the built hybrid: its own row file
