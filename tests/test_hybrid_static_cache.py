@@ -48,7 +48,7 @@ def run(model, cache, ids, mask, steps: int, chunk: int = 3) -> list[torch.Tenso
     logits = [out.logits]
     for step in range(steps + 1):
         if step == steps:  # a multi-token chunk after decoding (prefill into a cache that holds tokens)
-            new = torch.randint(2, 128, (ids.shape[0], chunk), generator=torch.Generator().manual_seed(9))
+            new = torch.randint(2, 128, (ids.shape[0], chunk), generator=torch.Generator().manual_seed(9)).to(ids.device)
         else:
             new = out.logits[:, -1:].argmax(-1)
         ids, mask = torch.cat((ids, new), 1), torch.cat((mask, torch.ones_like(new)), 1)
