@@ -362,6 +362,8 @@ def test_a_trained_hybrid_gets_its_own_row_files_and_one_hybrid_per_row(benchmar
     assert row["hybrid_id"].endswith(" trained " + str((tmp_path / "run" / "final").resolve()))
     assert row["variants"]["hybrid_eager"]["reference_check"]["max_gap"] < 1e-4  # checked against the trained model itself
     assert not (rows_dir / "smollm2_16_b1.json").exists()  # the built hybrid's rows stay apart
+    summary = (tmp_path / "out" / "generate_speed.md").read_text()
+    assert "| smollm2 (trained hybrid run/final) | 16 | 1 |" in summary and "| smollm2 | 16 |" not in summary
     (tmp_path / "empty").mkdir()
     for bad, says in ((model_dir, "not a headscope hybrid"), (str(tmp_path / "empty"), "no loadable model")):
         with pytest.raises(HeadscopeError, match=says):
