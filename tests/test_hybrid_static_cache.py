@@ -85,6 +85,22 @@ def test_on_cuda_the_static_decode_with_the_epilogue_in_its_kernels_matches_the_
         assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow
+def test_the_static_decode_through_the_triton_kernels_matches_the_dynamic_cache_under_the_interpreter():
+    """The CUDA decode path on the CPU (``static_decode_interpret_check.py``): fa_decode and gdn_decode run their
+    Triton kernels under the interpreter, the epilogue (gamma, the FA gate) inside them, at every decode step; the
+    logits of the prompt, the steps and a later chunk match the DynamicCache path's (a dropped FA gate: 0.57-0.69)."""
+    from pathlib import Path
+
+    from triton_interpreter import interpreted_cases
+
+    cases = interpreted_cases(Path(__file__).with_name("static_decode_interpret_check.py"), timeout=300)
+    assert len(cases) == 2
+    for case in cases:
+        assert case["steps"] == 7 and case["kernel_calls"]["fa_decode"] == 10 and case["kernel_calls"]["gdn_decode"] >= 10, case
+        assert case["max_abs_dlogit"] < 1e-4, case
+
+
 def test_decode_steps_apply_the_epilogue_in_the_branch_kernels(hybrid, monkeypatch):
     """A static-cache decode step hands gamma (and the FA gate) to the two branch steps, which apply the fused
     epilogue to their heads (in their kernels on CUDA): the layer's own epilogue launch runs only for prefills."""
