@@ -110,11 +110,13 @@ def teacher_forced_logits(model, ids: torch.Tensor, n: int, chunk: int) -> torch
     ``T <= chunk``, else the first ``T - n`` tokens in calls of ``chunk`` through the model's dynamic cache."""
     if ids.shape[1] <= chunk:
         return model(input_ids=ids, use_cache=False, logits_to_keep=n).logits
+    from headscope.hybrid.modeling import CACHE_FIELD  # the installed transformers' name of the cache (keyword and field)
+
     cache = None
     for start in range(0, ids.shape[1] - n, chunk):
         piece = ids[:, start: min(start + chunk, ids.shape[1] - n)]
-        cache = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
-    return model(input_ids=ids[:, -n:], past_key_values=cache, use_cache=True, logits_to_keep=n).logits
+        cache = getattr(model(input_ids=piece, **{CACHE_FIELD: cache}, use_cache=True, logits_to_keep=1), CACHE_FIELD)
+    return model(input_ids=ids[:, -n:], **{CACHE_FIELD: cache}, use_cache=True, logits_to_keep=n).logits
 
 
 def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scores: torch.Tensor, gap_tol: float,
