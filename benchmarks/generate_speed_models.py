@@ -71,6 +71,18 @@ def trained_hybrid(path: str, original, fingerprint, device: torch.device, dtype
     return model.to(device).eval(), mask, f"trained hybrid {path} ({mask.n_full} FA heads)"
 
 
+def weights_digest(directory: str) -> str:
+    """sha256 (12 hex digits) of a saved model's weight files (``*.safetensors``, else ``*.bin``), in name order."""
+    files = sorted(Path(directory).glob("*.safetensors")) or sorted(Path(directory).glob("*.bin"))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 23), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 class Bench:
     """The models of one kind on the device, built once per process: the original, its hybrid, and the original's
     all-FA twin on the hybrid's code path (``build_full_attention``: the original's own tensors, nothing copied)."""
@@ -104,7 +116,8 @@ class Bench:
                 self.mask, self.mask_source = HeadMask(full, fp, {"ratio": "7:1"}), "KV group 0 of every layer"
             self.hybrid = build_hybrid(lm, self.mask)
         digest = hashlib.sha256(self.mask.full.numpy().tobytes()).hexdigest()[:12]
-        self.hybrid_id = digest + (f" trained {Path(trained).resolve()}" if trained else "")  # the mask, and the trained model
+        # the mask; a trained model's path and weights (a model retrained into the same directory is another hybrid)
+        self.hybrid_id = digest + (f" trained {Path(trained).resolve()} weights {weights_digest(trained)}" if trained else "")
         self.original = original
         self.same_kernels = build_full_attention(lm)  # original_graph: the original's own tensors on the hybrid's decode path
         self.vocab = original.config.vocab_size

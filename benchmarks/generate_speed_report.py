@@ -261,7 +261,7 @@ def row_head(record: dict) -> str:
     """The first cells of a row file's line in every table: ``| model | context | batch | prompt |``; a trained hybrid's
     rows (``--hybrid``) name it in the model cell (the last two parts of its path), apart from the built hybrid's."""
     model, context, batch = record["row"].split(":")
-    trained = record.get("hybrid_id", "").partition(" trained ")[2]
+    trained = record.get("hybrid_id", "").partition(" trained ")[2].partition(" weights ")[0]
     if trained:
         model += f" (trained hybrid {'/'.join(Path(trained).parts[-2:])})"
     return f"| {model} | {context} | {batch[1:]} | {record.get('prompt', RANDOM_PROMPT).split(' (')[0]} |"

@@ -359,7 +359,7 @@ def test_a_trained_hybrid_gets_its_own_row_files_and_one_hybrid_per_row(benchmar
     assert benchmark.main(common + ["--hybrid", str(tmp_path / "run" / "final")]) == 0
     row = json.loads((rows_dir / "smollm2_16_b1_hybrid-run-final.json").read_text())
     assert row["mask"].startswith(f"trained hybrid {tmp_path / 'run' / 'final'} (") and row["n_full_heads"] == mask.n_full
-    assert row["hybrid_id"].endswith(" trained " + str((tmp_path / "run" / "final").resolve()))
+    assert " trained " + str((tmp_path / "run" / "final").resolve()) + " weights " in row["hybrid_id"]
     assert row["variants"]["hybrid_eager"]["reference_check"]["max_gap"] < 1e-4  # checked against the trained model itself
     assert not (rows_dir / "smollm2_16_b1.json").exists()  # the built hybrid's rows stay apart
     summary = (tmp_path / "out" / "generate_speed.md").read_text()
@@ -372,6 +372,13 @@ def test_a_trained_hybrid_gets_its_own_row_files_and_one_hybrid_per_row(benchmar
     build_hybrid(qwen, random_mask(qwen.fingerprint, n_full=3, seed=1, kv_aware=True)).save_pretrained(tmp_path / "other_final")
     with pytest.raises(HeadscopeError, match="another shape than --model"):
         benchmark.main(common + ["--hybrid", str(tmp_path / "other_final"), "--rows-dir", str(tmp_path / "other")])
+    with torch.no_grad():  # retrained into the same directory: another hybrid for the same row file
+        trained.model.layers[0].self_attn.dt_bias.add_(0.5)
+    trained.save_pretrained(tmp_path / "run" / "final")
+    before = (rows_dir / "smollm2_16_b1_hybrid-run-final.json").read_text()
+    with pytest.raises(HeadscopeError, match="holds variants of another hybrid"):
+        benchmark.main(common + ["--hybrid", str(tmp_path / "run" / "final"), "--redo"])
+    assert (rows_dir / "smollm2_16_b1_hybrid-run-final.json").read_text() == before
     for argv in (common[:3] + common[5:] + ["--hybrid", "x"], common + ["--hybrid", "x", "--mask", "y"],  # no --model; both;
                  common + ["--hybrid", str(tmp_path / "nothing")]):  # no such directory
         with pytest.raises(SystemExit):
