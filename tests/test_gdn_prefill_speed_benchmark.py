@@ -100,8 +100,45 @@ def test_summary_ratios_and_break_even(benchmark):
     assert summary["goals"]["layer_4k_over_full"]["back_to_back_vs_full_qknorm"] == pytest.approx(2.0)
     assert summary["goals"]["core_4k_over_full"]["gpu_work"] == pytest.approx(1.25 * 0.5 / 0.6)  # the GPU's kernel time alone
     assert summary["goals"]["layer_4k_over_full"]["gpu_work_vs_full_qknorm"] == pytest.approx(2.5 * 0.5 / 0.6)
-    rows[-1]["launches"] = None  # a CPU run: no GPU work recorded
+    assert summary["goals"]["core_4k_over_full"]["paired_rounds"] is None  # one round: no rounds recorded
+    four_k = {(r["scope"], r["path"]): r for r in rows if r.get("context") == 4096 and r["scope"] in ("core", "layer")}
+    four_k["core", "full"]["ms_rounds"] = [0.4, 0.8, 0.4]  # the host slowed down in round 2, for both paths
+    four_k["core", "hybrid_all"]["ms_rounds"] = [0.5, 1.0, 0.9]
+    four_k["layer", "hybrid_all"]["ms_rounds"], four_k["layer", "full_qknorm"]["ms_rounds"] = [3.0, 2.0], [1.0, 1.0]
+    four_k["layer", "hybrid_gdn_first"] = {**four_k["layer", "hybrid_all"], "path": "hybrid_gdn_first", "ms": 1.2}
+    rows.append(four_k["layer", "hybrid_gdn_first"])
+    goals = benchmark.summarise(rows, [1024, 2048, 4096], 32)["goals"]
+    assert goals["core_4k_over_full"]["paired_rounds"] == pytest.approx(1.25)  # rounds 1.25, 1.25, 2.25 (medians' ratio 0.9 / 0.4)
+    assert goals["layer_4k_over_full"]["paired_rounds_vs_full_qknorm"] == pytest.approx(2.5)
+    assert goals["layer_4k_over_full"]["paired_rounds"] is None  # full has no rounds there
+    assert goals["core_4k_over_full"]["best_rounds"] == pytest.approx(0.5 / 0.4)
+    assert goals["layer_4k_over_full"]["best_rounds_vs_full_qknorm"] == pytest.approx(2.0)
+    assert goals["layer_4k_over_full"]["gdn_first"] == pytest.approx(1.2 / 1.6)
+    assert goals["core_4k_over_full"]["gdn_first"] is None  # not timed in these rows
+    core_line, layer_line = benchmark.goal_lines(goals)
+    assert "paired rounds 1.25;" in core_line and "gdn first -;" in core_line
+    assert "paired rounds -;" in layer_line and "paired rounds vs full qknorm 2.5;" in layer_line and "gdn first 0.75;" in layer_line
+    rows[-2]["launches"] = None  # a CPU run: no GPU work recorded
     assert benchmark.summarise(rows, [1024, 2048, 4096], 32)["goals"]["layer_4k_over_full"]["gpu_work_vs_full_qknorm"] is None
+
+
+def test_summary_only_recomputes_a_recorded_run(benchmark, tmp_path, monkeypatch):
+    """The committed H200 run's rows, summarised again without timing anything: the rows stay, the goal lines gain
+    every ratio the summary now has; without a recorded run, one line and exit 2, nothing written."""
+    import shutil
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--summary-only"])
+    assert exit_info.value.code == 2 and not list(tmp_path.iterdir())
+    shutil.copy(ROOT / "benchmarks" / "results" / "gdn_prefill_speed.json", tmp_path)
+    before = json.loads((tmp_path / "gdn_prefill_speed.json").read_text())
+    assert benchmark.main(["--summary-only"]) == 0
+    after = json.loads((tmp_path / "gdn_prefill_speed.json").read_text())
+    assert after["rows"] == before["rows"] and after["meta"] == before["meta"]
+    goals = after["summary"]["goals"]
+    assert goals == benchmark.summarise(before["rows"], sorted(int(t) for t in after["summary"]["per_context"]), before["meta"]["layer_config"])["goals"]
+    assert "paired rounds" in (tmp_path / "gdn_prefill_speed.md").read_text()
 
 
 def test_idle_gaps_between_a_calls_kernels(benchmark):
