@@ -23,9 +23,10 @@ layers, random weights, bf16), B = 1:
   host time of the FA branch (same kernels, same results).
 
 ``full`` and the ``hybrid_fla*``/``hybrid_fused`` paths run the norms eagerly, as before the cuts and as
-the Hugging Face model does. The layer's host-side cuts of the core (both GDN logits from one GEMM, the conv
+the Hugging Face model does. The layer's host-side cuts of the core (both GDN logits computed in the prep kernel's
+launch from the stacked ``[a_proj; b_proj]`` rows, before the fourteenth session one cuBLAS GEMM padded to 32 rows; the conv
 taps cached in the prep kernel's layout, the epilogue reading the FA and GDN outputs in place instead of a
-``cat``; ``headscope.hybrid.inference_weights``; the GDN logits GEMM padded to 32 rows; the prefill Triton kernels
+``cat``; ``headscope.hybrid.inference_weights``; the prefill Triton kernels
 launched through ``headscope.kernels.launch.launch``, which skips Triton's JIT binder after a specialisation's
 first launch; one scratch allocation in the chunk kernels; the FA branch calling the flash kernel directly instead of
 through SDPA's backend choice, ``causal_attention(direct=True)``: the plain ``full`` layers keep SDPA) are not switches: every hybrid path has them (the first

@@ -2,7 +2,8 @@
 
 Runs the fused Triton conv + SiLU + RoPE + L2 norm on CPU through the interpreter on tiny shapes and
 prints one JSON line (see ``tests/triton_interpreter.py``) whose cases are ``{name, dtype, errors: {q, k,
-v, composition}, wrote_into_out, state_exact, strides}``; ``state_exact``: the new conv state the kernel
+v, composition}, wrote_into_out, state_exact, strides}`` (``errors`` also has ``logits``, against ``x @ W.T`` in
+float32, in the cases whose kernel stores the gate logits); ``state_exact``: the new conv state the kernel
 stored (into a NaN-filled buffer, a strided view, or the old state itself) and ``next_conv_state`` both equal
 the composition's, bit for bit.
 
@@ -22,17 +23,22 @@ from triton_interpreter import print_report  # same directory (sys.path[0] of th
 # name, (B, T, H, D), conv width K, layout of q/k/v, with conv state, with padding mask, cos batch, tiling,
 # where the kernel stores the new conv state: "new" (a NaN-filled contiguous buffer), "strided" (a NaN-filled
 # channel-contiguous view), "in_place" (the conv state passed in itself, as the static cache's window) or
-# "in_place_channels" (likewise, channel-contiguous: the layout the kernel reads, so only its clone keeps the old state)
+# "in_place_channels" (likewise, channel-contiguous: the layout the kernel reads, so only its clone keeps the old state),
+# and whether the kernel also stores the gate logits x · Wᵀ of LOGIT_HIDDEN-wide rows (the stacked [a; b; zeros] weight)
 CASES = [
-    ("projection_slices", (2, 37, 3, 32), 4, "projection", False, False, 1, None, "new"),
-    ("slices_with_state", (2, 29, 2, 16), 4, "projection", True, False, 2, None, "in_place"),
-    ("state_and_mask_transposed", (2, 21, 3, 8), 4, "transposed", True, True, 2, None, "strided"),
-    ("decode_one_token", (3, 1, 3, 32), 4, "projection", True, False, 1, None, "in_place"),
-    ("two_tokens_into_state_masked", (2, 2, 2, 16), 4, "projection", True, True, 2, None, "in_place"),
-    ("two_tokens_channel_contiguous_alias", (2, 2, 2, 16), 4, "projection", True, False, 1, None, "in_place_channels"),
-    ("three_tokens_no_state", (2, 3, 2, 16), 4, "projection", False, False, 1, None, "new"),
-    ("small_blocks_heads_straddle", (1, 64, 3, 16), 4, "projection", True, False, 1, (4, 2), "strided"),
-    ("width_3_no_state_masked", (2, 19, 3, 8), 3, "contiguous", False, True, 1, None, "new"),
+    ("projection_slices", (2, 37, 3, 32), 4, "projection", False, False, 1, None, "new", False),
+    ("slices_with_state", (2, 29, 2, 16), 4, "projection", True, False, 2, None, "in_place", False),
+    ("state_and_mask_transposed", (2, 21, 3, 8), 4, "transposed", True, True, 2, None, "strided", False),
+    ("decode_one_token", (3, 1, 3, 32), 4, "projection", True, False, 1, None, "in_place", False),
+    ("two_tokens_into_state_masked", (2, 2, 2, 16), 4, "projection", True, True, 2, None, "in_place", False),
+    ("two_tokens_channel_contiguous_alias", (2, 2, 2, 16), 4, "projection", True, False, 1, None, "in_place_channels", False),
+    ("three_tokens_no_state", (2, 3, 2, 16), 4, "projection", False, False, 1, None, "new", False),
+    ("small_blocks_heads_straddle", (1, 64, 3, 16), 4, "projection", True, False, 1, (4, 2), "strided", False),
+    ("width_3_no_state_masked", (2, 19, 3, 8), 3, "contiguous", False, True, 1, None, "new", False),
+    ("logits_projection_slices", (2, 37, 3, 32), 4, "projection", False, False, 1, None, "new", True),
+    ("logits_short_chunk_state_mask", (2, 3, 2, 16), 4, "projection", True, True, 2, None, "in_place", True),
+    ("logits_heads_straddle_small_blocks", (1, 64, 3, 16), 4, "projection", True, False, 1, (4, 2), "strided", True),
+    ("logits_48_rows", (1, 19, 20, 8), 4, "contiguous", False, False, 1, None, "new", True),
 ]
 
 
@@ -51,7 +57,10 @@ def make_qkv(shape, layout, gen, dtype):
     return tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
 
 
-def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, state_mode, dtype, seed):
+LOGIT_HIDDEN = 40  # not a multiple of the kernel's 64-column steps: the last one is masked
+
+
+def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, state_mode, logits, dtype, seed):
     from headscope.kernels.gdn_prep.naive import short_conv_rope_l2norm_reference
     from headscope.kernels.gdn_prep.naive import next_conv_state
     from headscope.kernels.gdn_prep.triton_gdn_prep import Tiling, triton_short_conv_rope_l2norm
@@ -76,15 +85,25 @@ def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, sta
         state_out = torch.full((batch, width, 3 * heads * dim), float("nan"), dtype=dtype).transpose(1, 2)
     else:
         state_out = torch.full((batch, 3 * heads * dim, width), float("nan"), dtype=dtype)
+    fused_logits = None
+    if logits:  # x: rows of a wider tensor (row stride LOGIT_HIDDEN + 8); the output NaN-filled, rows strided too
+        from headscope.hybrid.inference_weights import stacked_logit_weight
+
+        x = torch.randn(batch, length, LOGIT_HIDDEN + 8, generator=gen).to(dtype)[..., :LOGIT_HIDDEN]
+        logit_weight = stacked_logit_weight(*(torch.randn(heads, LOGIT_HIDDEN, generator=gen).to(dtype) for _ in range(2)))
+        logits_out = torch.full((batch, length, logit_weight.shape[0] + 4), float("nan"), dtype=dtype)[..., 2 : 2 + logit_weight.shape[0]]
+        fused_logits = (x, logit_weight, logits_out)
     got = triton_short_conv_rope_l2norm(
         q, k, v, weight, cos, sin, state_out if state_mode.startswith("in_place") else state, mask, out=out,
-        tiling=Tiling(*tiling) if tiling else None, state_out=state_out,
+        tiling=Tiling(*tiling) if tiling else None, state_out=state_out, logits=fused_logits,
     )
     as_float = lambda t: t.float() if t is not None else None  # noqa: E731
     want = short_conv_rope_l2norm_reference(*map(as_float, (q, k, v, weight, cos, sin, state)), mask)
     composition = short_conv_rope_l2norm_reference(q, k, v, weight, cos, sin, state, mask)
     errors = {name: rel(a, b) for name, a, b in zip("qkv", got, want)}
     errors["composition"] = max(rel(a, b) for a, b in zip(composition, want[:3]))
+    if logits:
+        errors["logits"] = rel(logits_out, x.float() @ logit_weight.float().T)  # the padding rows' columns: zeros
     return {
         "errors": errors,
         "wrote_into_out": all(a is b for a, b in zip(got, out)),

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import headscope.hybrid.layer as layer_module
+import headscope.kernels.gdn_prep.ops as prep_ops
 from headscope.heads import HeadscopeError
 from headscope.hybrid.functional import apply_rope, l2_normalize
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 from headscope.kernels.gdn_prep.naive import next_conv_state, short_conv_reference, short_conv_rope_l2norm_reference
-from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm, use_triton
+from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm, short_conv_rope_l2norm_and_logits, use_triton
 from headscope.kernels.metrics import relative_rms_error as rel
 from triton_interpreter import interpreted_cases
 
@@ -61,6 +62,20 @@ def test_reference_and_cpu_dispatch_are_the_former_layer_code(dtype, with_state)
     for a, b, c in zip(former, reference, dispatched):
         assert torch.equal(a, b) and torch.equal(a, c) and a.dtype == dtype
     assert short_conv_rope_l2norm(*args, conv_state=state)[3] is None  # state only when asked
+
+
+def test_logits_off_the_triton_path_are_the_linear_of_the_stacked_rows():
+    """The CPU path of ``short_conv_rope_l2norm_and_logits``: the prep as without logits, and ``F.linear`` for them."""
+    _, args, state, mask = random_inputs(2, 9, 3, 16, torch.float32, seed=3)
+    x, weight = torch.randn(2, 9, 24), torch.randn(16, 24)
+    *prep, logits = short_conv_rope_l2norm_and_logits(*args, x, weight, conv_state=state, input_mask=mask, output_conv_state=True)
+    for a, b in zip(prep, short_conv_rope_l2norm(*args, conv_state=state, input_mask=mask, output_conv_state=True)):
+        assert torch.equal(a, b)
+    assert torch.equal(logits, torch.nn.functional.linear(x, weight))
+    with pytest.raises(HeadscopeError, match="x must be"):
+        short_conv_rope_l2norm_and_logits(*args, x[:, :5], weight)
+    with pytest.raises(HeadscopeError, match="x must be"):
+        short_conv_rope_l2norm_and_logits(*args, x, weight[:, :8])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -161,18 +176,20 @@ def test_hybrid_layer_cpu_output_unchanged(monkeypatch, dtype):
 
     fused = run()
     monkeypatch.setattr(layer_module, "short_conv_rope_l2norm", former_layer_prep)
+    monkeypatch.setattr(prep_ops, "short_conv_rope_l2norm",  # what the no-grad path's logits call wraps (at the default eps)
+                        lambda *args, eps, **kwargs: former_layer_prep(*args, **kwargs))
     former = run()
     assert all(torch.equal(a, b) for a, b in zip(fused, former))
 
 
 def test_triton_kernel_matches_reference_under_interpreter():
     cases = interpreted_cases(HELPER, timeout=900)
-    assert len(cases) == 18
+    assert len(cases) == 26 and sum("logits" in case["errors"] for case in cases) == 8
     for case in cases:
         label = f"{case['name']} {case['dtype']}: {case}"
         assert case["wrote_into_out"] and case["state_exact"], label
         tol = TOL_FP32 if case["dtype"] == "float32" else TOL_BF16
-        assert all(case["errors"][name] <= tol for name in ("q", "k", "v", "composition")), label
+        assert all(case["errors"][name] <= tol for name in ("q", "k", "v", "composition", "logits") if name in case["errors"]), label
     strides = {case["name"]: case["strides"] for case in cases}
     assert strides["projection_slices"][0][1] == 5 * 3 * 32 and strides["state_and_mask_transposed"][0][-1] == 3
 
@@ -203,3 +220,24 @@ def test_cuda_dispatch_takes_triton_chunked_like_one_pass(dtype):
         got = torch.cat([piece[index] for piece in pieces], dim=1)
         assert got.dtype == dtype and rel(got, want[index]) <= tol, name
     assert torch.equal(carried, want[3].to(dtype))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_logits_in_the_prep_launch_match_the_linear(dtype):
+    """The Qwen3-1.7B hybrid layer's shape (14 GDN heads: 28 logit rows padded to 32, hidden 2048): the logits the
+    prep kernel stores against the float32 product, and the prep outputs unchanged by computing them."""
+    from headscope.hybrid.inference_weights import stacked_logit_weight
+
+    _, args, state, mask = random_inputs(1, 300, 14, 128, dtype, seed=8)
+    args = tuple(t.cuda() for t in args)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 300, 2048, generator=gen).to(dtype).cuda()
+    weight = stacked_logit_weight(*(torch.randn(14, 2048, generator=gen).mul(0.02).to(dtype).cuda() for _ in range(2)))
+    with torch.no_grad():
+        *prep, logits = short_conv_rope_l2norm_and_logits(*args, x, weight, conv_state=state.cuda(), input_mask=mask.cuda())
+        alone = short_conv_rope_l2norm(*args, conv_state=state.cuda(), input_mask=mask.cuda())
+    assert all(torch.equal(a, b) for a, b in zip(prep[:3], alone[:3]))
+    assert logits.shape == (1, 300, 32) and not logits[..., 28:].any()
+    assert rel(logits.float(), x.float() @ weight.float().T) <= (1e-5 if dtype == torch.float32 else 0.004)

@@ -4,12 +4,14 @@ Why: at batch 1 and a few thousand tokens the layer's attention core is bound by
 ``benchmarks/results/gdn_prefill_speed.md``: 0.57 ms to enqueue the core at 4K against 0.42 ms of GPU work),
 and two of its launches only rearranged weights or split one product in two:
 
-* ``gdn_logits``: ``cat(a_proj.weight, b_proj.weight)`` ``(2·n_gdn, hidden)``, so the decay and beta logits come
-  out of one GEMM instead of two skinny ones (``(B·T, hidden) x (hidden, n_gdn)``, each of which cuBLAS runs as a
-  split-K GEMM plus a reduction: four launches become two, and one module call goes). The stacked rows are padded
-  with zero rows to a multiple of ``LOGIT_ROWS_MULTIPLE`` (28 -> 32 for 14 GDN heads): with 28 output columns
-  (56-byte rows in bf16) cuBLAS took a 2-byte-aligned kernel plus a split-K reduction on the H200 (2 launches,
-  ~80 us of host time); a and b are strided views of the padded output (the GDN kernels take strides);
+* ``gdn_logit_weight``: ``cat(a_proj.weight, b_proj.weight)`` ``(2·n_gdn, hidden)``, so the decay and beta logits
+  come out of one product instead of two skinny GEMMs (``(B·T, hidden) x (hidden, n_gdn)``, each of which cuBLAS
+  runs as a split-K GEMM plus a reduction). The stacked rows are padded with zero rows to a multiple of
+  ``LOGIT_ROWS_MULTIPLE`` (28 -> 32 for 14 GDN heads): with 28 output columns (56-byte rows in bf16) cuBLAS took a
+  2-byte-aligned kernel plus a split-K reduction on the H200 (2 launches, ~80 us of host time). The layer hands it
+  to the GDN prep kernel, which computes the logits in the same launch
+  (``kernels.gdn_prep.ops.short_conv_rope_l2norm_and_logits``; ``F.linear`` off that path); a and b are strided
+  views of the padded output (:func:`split_gdn_logits`; the GDN kernels take strides);
 * ``conv_taps``: the depthwise conv weight ``(C, 1, K)`` as a ``(C, K)`` view of a channel-contiguous ``(K, C)``
   tensor, the layout the GDN prep kernel reads (``kernels/gdn_prep``), which otherwise copies the taps at
   every call (one launch and one allocation).
@@ -28,7 +30,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,6 +45,13 @@ def stacked_logit_weight(a_weight: torch.Tensor, b_weight: torch.Tensor) -> torc
     """``[a_weight; b_weight]`` ``(n_a + n_b, hidden)`` with zero rows after them up to ``padded_rows``."""
     rows = a_weight.shape[0] + b_weight.shape[0]
     return torch.cat((a_weight, b_weight, a_weight.new_zeros(padded_rows(rows) - rows, a_weight.shape[1])))
+
+
+def split_gdn_logits(logits: torch.Tensor, n_gdn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` ``(B, T, n_gdn)``: views of the logits ``(B, T, R)`` of the stacked rows (the padding dropped)."""
+    rows = logits.shape[-1]
+    sizes = (n_gdn, n_gdn, rows - 2 * n_gdn) if rows > 2 * n_gdn else (n_gdn, n_gdn)
+    return logits.split_with_sizes(sizes, dim=-1)[:2]
 
 
 class InferenceWeights:
@@ -67,13 +75,9 @@ class InferenceWeights:
                 entry = self._entries[name] = (key, tuple(s.detach() for s in sources), make(*sources))
         return entry[2]
 
-    def gdn_logits(self, x: torch.Tensor, a_proj: nn.Linear, b_proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_proj(x)`` and ``b_proj(x)`` (bias-free), each ``(B, T, n_gdn)``: two views of one GEMM over the
-        cached rows ``[a_proj; b_proj; zeros]`` (``padded_rows`` of them, the last stride of the views)."""
-        weight = self.derived("gdn_logits", stacked_logit_weight, a_proj.weight, b_proj.weight)
-        n_a, n_b = a_proj.out_features, b_proj.out_features
-        sizes = (n_a, n_b, weight.shape[0] - n_a - n_b) if weight.shape[0] > n_a + n_b else (n_a, n_b)
-        return F.linear(x, weight).split_with_sizes(sizes, dim=-1)[:2]
+    def gdn_logit_weight(self, a_proj: nn.Linear, b_proj: nn.Linear) -> torch.Tensor:
+        """The cached rows ``[a_proj; b_proj; zeros]`` ``(padded_rows(n_a + n_b), hidden)`` (bias-free projections)."""
+        return self.derived("gdn_logits", stacked_logit_weight, a_proj.weight, b_proj.weight)
 
     def conv_taps(self, conv_weight: torch.Tensor) -> torch.Tensor:
         """``(C, K)`` taps of a ``(C, 1, K)`` depthwise conv weight, stored channel-contiguous (strides ``(1, C)``)."""

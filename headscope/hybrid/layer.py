@@ -28,7 +28,9 @@ Padded positions get a zero conv input (the call's ``input_mask``). ``beta = sig
 ``g = -exp(A_log)·softplus(a_proj(x) + dt_bias)`` (A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]), then the
 delta rule with scale 1/sqrt(D): ``headscope.kernels.gdn.ops.gated_delta_rule_from_logits`` takes the two
 logits (short CUDA prefill computes the gates inside its first kernel); with grad mode off both come out of
-one GEMM and the conv taps go in the prep kernel's layout (:mod:`headscope.hybrid.inference_weights`). The
+one product over the stacked ``[a_proj; b_proj]`` rows, which on CUDA the prep kernel computes in its own launch
+(``short_conv_rope_l2norm_and_logits``), and the conv taps go in the prep kernel's layout
+(:mod:`headscope.hybrid.inference_weights`). The
 cache holds the conv window ``(B, C, K)`` (the last K inputs) and the recurrent state ``(B, n_gdn, D, D)`` fp32.
 
 Fusion (``fusion_norm``): every head's output is RMS-normalised, scaled by a learned ``gamma_h``
@@ -64,13 +66,13 @@ from torch import nn
 from transformers import initialization as init
 
 from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, gdn_decay_init, log_position_scale
-from headscope.hybrid.inference_weights import InferenceWeights
+from headscope.hybrid.inference_weights import InferenceWeights, split_gdn_logits
 from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.kernels.epilogue.ops import head_epilogue
 from headscope.kernels.fa_decode.ops import decode_attention
 from headscope.kernels.gdn.ops import gated_delta_rule_from_logits
 from headscope.kernels.gdn_decode.ops import gdn_decode_step
-from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm
+from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm, short_conv_rope_l2norm_and_logits
 from headscope.kernels.qk_norm.naive import head_rms_norm_reference
 from headscope.kernels.qk_norm.ops import qk_rms_norm
 
@@ -399,12 +401,14 @@ class HeadwiseHybridAttention(nn.Module):
         # a static cache's window and state are written in place by the kernels (no copies into the cache)
         conv_out, state_out = ((cache.conv_states[self.layer_idx], cache.recurrent_states[self.layer_idx])
                                if isinstance(cache, HybridStaticCache) else (None, None))
-        q, k, v, conv_state = short_conv_rope_l2norm(  # each (B, T, n_gdn, D); conv_state (B, C, K) or None
-            q, k, v, taps, cos, sin, conv_state=conv_state, input_mask=step_mask, output_conv_state=cache is not None,
-            conv_state_out=conv_out,
-        )
-        a, b = (self.inference_weights.gdn_logits(x, self.a_proj, self.b_proj) if inference  # one GEMM
-                else (self.a_proj(x), self.b_proj(x)))  # (B, T, n_gdn) each
+        prep = dict(conv_state=conv_state, input_mask=step_mask, output_conv_state=cache is not None, conv_state_out=conv_out)
+        if inference:  # the gate logits of the stacked [a; b] rows in the prep kernel's launch on CUDA
+            logit_weight = self.inference_weights.gdn_logit_weight(self.a_proj, self.b_proj)
+            q, k, v, conv_state, logits = short_conv_rope_l2norm_and_logits(q, k, v, taps, cos, sin, x, logit_weight, **prep)
+            a, b = split_gdn_logits(logits, spec.n_gdn_heads)  # (B, T, n_gdn) each
+        else:
+            q, k, v, conv_state = short_conv_rope_l2norm(q, k, v, taps, cos, sin, **prep)  # each (B, T, n_gdn, D); conv_state (B, C, K)
+            a, b = self.a_proj(x), self.b_proj(x)
         o, state = gated_delta_rule_from_logits(  # beta = sigmoid(b), g = -exp(A_log)·softplus(a + dt_bias)
             q, k, v, a, b, self.A_log, self.dt_bias, input_mask=step_mask, scale=spec.head_dim**-0.5,
             initial_state=state, output_final_state=cache is not None, final_state=state_out,

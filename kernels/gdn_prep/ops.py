@@ -15,6 +15,9 @@ unbind, then ``rope_l2norm`` on q and on k.
   ``causal_conv1d`` on CUDA (:func:`short_conv`) and :func:`headscope.kernels.rope_norm.ops.rope_l2norm`
   (Triton forward and backward on CUDA). On CPU it is bit-identical to the layer's former code.
 
+``short_conv_rope_l2norm_and_logits`` adds the GDN gate logits ``x @ W.T`` to the same Triton launch (the layer's
+prefill at inference), ``F.linear`` elsewhere.
+
 triton is imported only when the Triton path is taken, so ``import headscope.kernels`` works without it.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.gdn_prep.naive import short_conv_reference, short_conv_rope_l2norm_reference
@@ -121,10 +125,48 @@ def short_conv_rope_l2norm(
         if output_conv_state and conv_state_out is not None:
             new_state = conv_state_out.copy_(new_state)
         return q_out, k_out, v_out, new_state if output_conv_state else None
+    return _triton_prep(q, k, v, weight, cos, sin, conv_state, input_mask, eps, output_conv_state, conv_state_out)
+
+
+def _triton_prep(q, k, v, weight, cos, sin, conv_state, input_mask, eps, output_conv_state, conv_state_out, logits=None):
+    """The Triton pass of :func:`short_conv_rope_l2norm` (``logits``: the launcher's ``(x, w, out)``, or None)."""
     from headscope.kernels.gdn_prep.triton_gdn_prep import triton_short_conv_rope_l2norm
 
     new_state = None
     if output_conv_state:  # stored by the kernel (``next_conv_state`` is its reference)
         new_state = conv_state_out if conv_state_out is not None else q.new_empty(q.shape[0], weight.shape[0], weight.shape[1])
-    q_out, k_out, v_out = triton_short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, eps, state_out=new_state)
+    q_out, k_out, v_out = triton_short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state, input_mask, eps, state_out=new_state,
+                                                        logits=logits)
     return q_out, k_out, v_out, new_state
+
+
+def short_conv_rope_l2norm_and_logits(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    x: torch.Tensor, logit_weight: torch.Tensor, conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None,
+    eps: float = 1e-6, output_conv_state: bool = False, conv_state_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`short_conv_rope_l2norm` and the GDN gate logits ``x @ logit_weight.T`` ``(B, T, R)``, in one launch on
+    the Triton path (the kernel's first program of each token block computes its tokens' logits), else ``F.linear``.
+
+    Args:
+        as :func:`short_conv_rope_l2norm`; ``x``: ``(B, T, hidden)`` the layer input; ``logit_weight``: ``(R, hidden)``
+        (the layer's stacked ``[a_proj; b_proj; zeros]``, ``headscope.hybrid.inference_weights``). The logits are
+        fused when x and the weight have q's dtype, x's rows and the weight are contiguous; otherwise, and off the
+        Triton path, they come from ``F.linear`` (the same numbers up to the summation order).
+    Returns:
+        q, k, v, the new conv state or None, and the logits ``(B, T, R)`` with contiguous rows.
+    """
+    batch, length = q.shape[:2]
+    if x.shape[:2] != (batch, length) or x.dim() != 3 or logit_weight.dim() != 2 or logit_weight.shape[1] != x.shape[2]:
+        raise HeadscopeError(f"short_conv_rope_l2norm_and_logits: x must be (B, T, hidden) = ({batch}, {length}, hidden) and the "
+                             f"weight (R, hidden); got {tuple(x.shape)}, {tuple(logit_weight.shape)}")
+    fused = (use_triton(q, k, v, weight, cos, sin, conv_state) and x.dtype == logit_weight.dtype == q.dtype and x.device == q.device
+             and x.stride(-1) == 1 and logit_weight.is_contiguous())
+    if not fused:
+        prep = short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state=conv_state, input_mask=input_mask, eps=eps,
+                                      output_conv_state=output_conv_state, conv_state_out=conv_state_out)
+        return (*prep, F.linear(x, logit_weight))
+    _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask, conv_state_out if output_conv_state else None)
+    logits = x.new_empty(batch, length, logit_weight.shape[0])
+    return (*_triton_prep(q, k, v, weight, cos, sin, conv_state, input_mask, eps, output_conv_state, conv_state_out,
+                          (x, logit_weight, logits)), logits)

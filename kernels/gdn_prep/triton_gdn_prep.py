@@ -24,7 +24,10 @@ v, the tables, the state and the mask may have any strides; the outputs are cont
 ``(B, T, H, D)``. With ``state_out`` the programs holding the last K tokens also store the new conv state
 (the last K inputs, masked; with fewer than K tokens the first block shifts the old state's inputs in):
 one launch instead of the cat, transpose copy and cache copy of forming it in torch (``naive.next_conv_state``,
-the reference it is tested against). Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (how the tests exercise it).
+the reference it is tested against). With ``logits`` the first head-block program of each token block also stores
+its tokens' GDN gate logits ``x · Wᵀ`` (the ``R`` stacked rows ``[a_proj; b_proj; zeros]``, a ``tl.dot`` over the hidden
+size in float32): the hybrid layer's prefill then launches no GEMM of its own for them. Runs on CUDA, and on CPU under
+``TRITON_INTERPRET=1`` (how the tests exercise it).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from headscope.kernels.launch import cdiv, launch, next_power_of_2, on_device
 # output element, 8 tokens = 68 registers and ~52); benchmarks/gpu_kernel_check.py times the alternatives.
 MAX_HALF_TILE = 1024
 MAX_BLOCK_T = 16
+LOGIT_BLOCK_K = 64  # hidden columns per step of the gate logits' dot (``logits=``)
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,37 @@ def _store_conv_inputs(
 
 
 @triton.jit
+def _store_logits(x_base, w_ptr, out_base, first_token, T, HIDDEN, R, sx_t, so_t,
+                  BLOCK_T: tl.constexpr, LOGIT_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """``out[t, r] = sum_k x[t, k] · w[r, k]`` for the block's tokens (rows ``LOGIT_T >= BLOCK_T``, 16 at least for
+    ``tl.dot``; the extra ones masked), ``w`` contiguous ``(R, HIDDEN)``, ``x`` rows contiguous; float32 accumulation
+    (float32 inputs exactly, not in TF32). UPCAST (the interpreter, which cannot multiply bf16 tiles): the operands
+    in float32, the same products the tensor cores form."""
+    rows = tl.arange(0, LOGIT_T)
+    row_ok = (rows < BLOCK_T) & (first_token + rows < T)  # (LOGIT_T,)
+    cols = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((LOGIT_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_ok = k0 + ks < HIDDEN
+        xt = tl.load(x_base + rows[:, None] * sx_t + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (LOGIT_T, BLOCK_K)
+        wt = tl.load(w_ptr + cols[:, None] * HIDDEN + (k0 + ks)[None, :], mask=(cols < R)[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_K)
+        if UPCAST:
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+    tl.store(out_base + rows[:, None] * so_t + cols[None, :], acc.to(out_base.dtype.element_ty), mask=row_ok[:, None] & (cols < R)[None, :])
+
+
+@triton.jit
 def _short_conv_rope_l2norm_kernel(
     q_ptr, k_ptr, v_ptr, taps_ptr, state_ptr, mask_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, state_out_ptr,
-    T, H, eps, n_head_blocks, n_token_blocks,
+    x_ptr, lw_ptr, logits_ptr,
+    T, H, eps, n_head_blocks, n_token_blocks, HIDDEN, R,
     sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d,
-    ss_b, ss_c, ss_k, sm_b, sm_t, sc_b, sc_t, sc_d, sn_b, sn_t, sn_d, so_b, so_c, so_k,
+    ss_b, ss_c, ss_k, sm_b, sm_t, sc_b, sc_t, sc_d, sn_b, sn_t, sn_d, so_b, so_c, so_k, sx_b, sx_t, sl_b, sl_t,
     HALF: tl.constexpr, K: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr, STORE_STATE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    LOGITS: tl.constexpr, LOGIT_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head_block = pid % n_head_blocks
@@ -203,6 +231,10 @@ def _short_conv_rope_l2norm_kernel(
     v_lane = v_out_ptr + out_offset + out_lane
     tl.store(v_lane, y1.to(v_out_ptr.dtype.element_ty), mask=mask)
     tl.store(v_lane + HALF, y2.to(v_out_ptr.dtype.element_ty), mask=mask)
+    if LOGITS:
+        if head_block == 0:  # one program per token block: its tokens' gate logits x · Wᵀ, W the R stacked rows
+            _store_logits(x_ptr + b * sx_b + first * sx_t, lw_ptr, logits_ptr + b * sl_b + first * sl_t, first_token, T, HIDDEN, R,
+                          sx_t, sl_t, BLOCK_T, LOGIT_T, BLOCK_R, BLOCK_K, UPCAST)
     if STORE_STATE:  # the new conv state, from the raw inputs of the block's tokens among the last K
         out_base = state_out_ptr + b * so_b
         _store_conv_inputs(q_base, state_base, out_base, mask_base, first_token, rows, heads, dims,
@@ -222,7 +254,7 @@ def triton_short_conv_rope_l2norm(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     conv_state: torch.Tensor | None = None, input_mask: torch.Tensor | None = None, eps: float = 1e-6,
     *, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, tiling: Tiling | None = None,
-    state_out: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None, logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Conv + SiLU of q/k/v and RoPE + L2 norm of q/k in one Triton pass (no input checks, no autograd).
 
@@ -238,6 +270,9 @@ def triton_short_conv_rope_l2norm(
         state_out: ``(B, 3·H·D, K)``, any strides: also write the new conv state there (the last K inputs after
             the chunk, masked, as ``naive.next_conv_state`` forms them); it may be ``conv_state`` itself (then the
             kernel reads a copy of the old state).
+        logits: ``(x, w, logits_out)`` or None: also store ``x @ w.T`` into ``logits_out`` (the GDN gate logits, so
+            the layer launches no GEMM for them): ``x`` ``(B, T, hidden)`` with contiguous rows, ``w`` contiguous
+            ``(R, hidden)`` in x's dtype, ``logits_out`` ``(B, T, R)`` with contiguous rows; float32 accumulation.
     Returns:
         q, k ``(B, T, H, D)`` in the promoted dtype of q, cos, sin; v ``(B, T, H, D)`` in v's dtype; all
         contiguous.
@@ -265,20 +300,24 @@ def triton_short_conv_rope_l2norm(
         if state_out is not None and state.untyped_storage().data_ptr() == state_out.untyped_storage().data_ptr():
             state = state.clone()  # (already channel-contiguous, so not copied above) the old state read, the new written
     mask = input_mask.to(q.dtype) if input_mask is not None else taps
+    x, logit_weight, logits_out = logits if logits is not None else (taps, taps, taps)  # placeholders without logits
+    hidden, rows = (x.shape[-1], logit_weight.shape[0]) if logits is not None else (0, 0)
     n_head_blocks = cdiv(n_heads, tiling.block_h)
     n_token_blocks = cdiv(length, tiling.block_t)
     grid = (batch * n_token_blocks * n_head_blocks,)
     with on_device(q):
         launch(
             _short_conv_rope_l2norm_kernel, grid,
-            q, k, v, taps, state, mask, cos, sin, *out, state_out if state_out is not None else taps,
-            length, n_heads, eps, n_head_blocks, n_token_blocks,
+            q, k, v, taps, state, mask, cos, sin, *out, state_out if state_out is not None else taps, x, logit_weight, logits_out,
+            length, n_heads, eps, n_head_blocks, n_token_blocks, hidden, rows,
             *q.stride(), *k.stride(), *v.stride(), *(state.stride() if conv_state is not None else (0, 0, 0)),
             *(mask.stride() if input_mask is not None else (0, 0)), *_table_strides(cos), *_table_strides(sin),
             *(state_out.stride() if state_out is not None else (0, 0, 0)),
+            *((x.stride(0), x.stride(1), logits_out.stride(0), logits_out.stride(1)) if logits is not None else (0, 0, 0, 0)),
             HALF=head_dim // 2, K=weight.shape[1], HAS_STATE=conv_state is not None, HAS_MASK=input_mask is not None,
             STORE_STATE=state_out is not None,
             BLOCK_T=tiling.block_t, BLOCK_H=tiling.block_h, BLOCK_HALF=next_power_of_2(head_dim // 2),
-            num_warps=tiling.num_warps,
+            LOGITS=logits is not None, LOGIT_T=max(16, tiling.block_t), BLOCK_R=max(16, next_power_of_2(max(rows, 1))),
+            BLOCK_K=LOGIT_BLOCK_K, UPCAST=not q.is_cuda, num_warps=tiling.num_warps,
         )
     return out
