@@ -57,7 +57,7 @@ def make_qkv(shape, layout, gen, dtype):
     return tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
 
 
-LOGIT_HIDDEN = 40  # not a multiple of the kernel's 64-column steps: the last one is masked
+LOGIT_HIDDEN = 136  # two of the kernel's 64-column steps and a masked third
 
 
 def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, state_mode, logits, dtype, seed):
@@ -86,12 +86,14 @@ def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, sta
     else:
         state_out = torch.full((batch, 3 * heads * dim, width), float("nan"), dtype=dtype)
     fused_logits = None
-    if logits:  # x: rows of a wider tensor (row stride LOGIT_HIDDEN + 8); the output NaN-filled, rows strided too
+    if logits:  # x: rows of a wider tensor (row stride LOGIT_HIDDEN + 8); the output NaN-filled inside a NaN margin
+        # (2 columns each side, one row after the last token) that must stay NaN
         from headscope.hybrid.inference_weights import stacked_logit_weight
 
         x = torch.randn(batch, length, LOGIT_HIDDEN + 8, generator=gen).to(dtype)[..., :LOGIT_HIDDEN]
         logit_weight = stacked_logit_weight(*(torch.randn(heads, LOGIT_HIDDEN, generator=gen).to(dtype) for _ in range(2)))
-        logits_out = torch.full((batch, length, logit_weight.shape[0] + 4), float("nan"), dtype=dtype)[..., 2 : 2 + logit_weight.shape[0]]
+        margin = torch.full((batch, length + 1, logit_weight.shape[0] + 4), float("nan"), dtype=dtype)
+        logits_out = margin[:, :length, 2 : 2 + logit_weight.shape[0]]
         fused_logits = (x, logit_weight, logits_out)
     got = triton_short_conv_rope_l2norm(
         q, k, v, weight, cos, sin, state_out if state_mode.startswith("in_place") else state, mask, out=out,
@@ -104,6 +106,9 @@ def run_case(shape, width, layout, with_state, with_mask, cos_batch, tiling, sta
     errors["composition"] = max(rel(a, b) for a, b in zip(composition, want[:3]))
     if logits:
         errors["logits"] = rel(logits_out, x.float() @ logit_weight.float().T)  # the padding rows' columns: zeros
+        written = torch.zeros(margin.shape, dtype=torch.bool)
+        written[:, :length, 2 : 2 + logit_weight.shape[0]] = True
+        errors["logits_margin_written"] = float((~margin[~written].isnan()).sum())  # 0: nothing stored outside
     return {
         "errors": errors,
         "wrote_into_out": all(a is b for a, b in zip(got, out)),

@@ -78,6 +78,27 @@ def test_logits_off_the_triton_path_are_the_linear_of_the_stacked_rows():
         short_conv_rope_l2norm_and_logits(*args, x, weight[:, :8])
 
 
+def test_the_logits_stay_out_of_the_kernel_where_it_cannot_take_them(monkeypatch):
+    """The fused path is chosen only for what the kernel computes right: otherwise ``F.linear`` (with its gradient)."""
+    calls = []
+    monkeypatch.setattr(prep_ops, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(prep_ops, "_triton_prep", lambda *args: calls.append(args[-1]) or args[:3] + (None,))
+    _, args, _, _ = random_inputs(1, 5, 2, 8, torch.float32, seed=4)
+    x, weight = torch.randn(1, 5, 24), torch.randn(16, 24)
+    short_conv_rope_l2norm_and_logits(*args, x, weight)
+    assert len(calls) == 1 and calls[0][0] is x  # the kernel takes them
+    calls.clear()
+    monkeypatch.setattr(prep_ops, "short_conv_rope_l2norm", lambda *a, **k: a[:3] + (None,))
+    for bad_x, bad_w in ((x.double(), weight.double()), (x.transpose(1, 2).contiguous().transpose(1, 2), weight),
+                         (x, weight.t().contiguous().t()), (x, torch.randn(256, 24)), (x.requires_grad_(), weight)):
+        *_, logits = short_conv_rope_l2norm_and_logits(*args, bad_x, bad_w)
+        assert torch.allclose(logits, torch.nn.functional.linear(bad_x, bad_w).to(logits.dtype))
+    assert not calls and logits.requires_grad  # none reached the kernel; the gradient kept
+    no_heads = tuple(t[:, :, :0] for t in args[:3]) + (args[3][:0],) + args[4:]
+    *_, logits = short_conv_rope_l2norm_and_logits(*no_heads, x.detach(), weight)
+    assert not calls and torch.allclose(logits, torch.nn.functional.linear(x, weight))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dispatch_backpropagates_like_the_former_code(dtype):
     wide_a, args_a, state, mask = random_inputs(2, 7, 2, 8, dtype, seed=1, requires_grad=True)
@@ -185,6 +206,7 @@ def test_hybrid_layer_cpu_output_unchanged(monkeypatch, dtype):
 def test_triton_kernel_matches_reference_under_interpreter():
     cases = interpreted_cases(HELPER, timeout=900)
     assert len(cases) == 26 and sum("logits" in case["errors"] for case in cases) == 8
+    assert all(case["errors"]["logits_margin_written"] == 0 for case in cases if "logits" in case["errors"])
     for case in cases:
         label = f"{case['name']} {case['dtype']}: {case}"
         assert case["wrote_into_out"] and case["state_exact"], label

@@ -33,6 +33,9 @@ from headscope.kernels.gdn_prep.naive import short_conv_reference, short_conv_ro
 from headscope.kernels.rope_norm.ops import rope_l2norm
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Logit rows the prep kernel takes in its launch: its (16, R) tile lives beside the prep's own (sm_90, D = 128, bf16: 126
+# registers up to 128 rows, spills from 256); 64 GDN heads' [a; b] rows. More rows: F.linear.
+MAX_FUSED_LOGIT_ROWS = 128
 
 
 def short_conv(
@@ -151,7 +154,8 @@ def short_conv_rope_l2norm_and_logits(
     Args:
         as :func:`short_conv_rope_l2norm`; ``x``: ``(B, T, hidden)`` the layer input; ``logit_weight``: ``(R, hidden)``
         (the layer's stacked ``[a_proj; b_proj; zeros]``, ``headscope.hybrid.inference_weights``). The logits are
-        fused when x and the weight have q's dtype, x's rows and the weight are contiguous; otherwise, and off the
+        fused when x and the weight have q's dtype and device, x's rows and the weight are contiguous, the weight has
+        at most ``MAX_FUSED_LOGIT_ROWS`` rows, there are heads, and neither needs a gradient; otherwise, and off the
         Triton path, they come from ``F.linear`` (the same numbers up to the summation order).
     Returns:
         q, k, v, the new conv state or None, and the logits ``(B, T, R)`` with contiguous rows.
@@ -160,8 +164,10 @@ def short_conv_rope_l2norm_and_logits(
     if x.shape[:2] != (batch, length) or x.dim() != 3 or logit_weight.dim() != 2 or logit_weight.shape[1] != x.shape[2]:
         raise HeadscopeError(f"short_conv_rope_l2norm_and_logits: x must be (B, T, hidden) = ({batch}, {length}, hidden) and the "
                              f"weight (R, hidden); got {tuple(x.shape)}, {tuple(logit_weight.shape)}")
-    fused = (use_triton(q, k, v, weight, cos, sin, conv_state) and x.dtype == logit_weight.dtype == q.dtype and x.device == q.device
-             and x.stride(-1) == 1 and logit_weight.is_contiguous())
+    fused = (use_triton(q, k, v, weight, cos, sin, conv_state) and x.dtype == logit_weight.dtype == q.dtype
+             and x.device == logit_weight.device == q.device and x.stride(-1) == 1 and logit_weight.is_contiguous()
+             and 0 < logit_weight.shape[0] <= MAX_FUSED_LOGIT_ROWS and q.shape[2] > 0  # (no heads: no program computes them)
+             and not (torch.is_grad_enabled() and (x.requires_grad or logit_weight.requires_grad)))
     if not fused:
         prep = short_conv_rope_l2norm(q, k, v, weight, cos, sin, conv_state=conv_state, input_mask=input_mask, eps=eps,
                                       output_conv_state=output_conv_state, conv_state_out=conv_state_out)
