@@ -436,20 +436,24 @@ def summarise(rows: list[dict], contexts: list[int], default_config: int) -> dic
                            "default_fused_over_fla_gates": (kernel[default] / kernel["fla+gates"]) if "fla+gates" in kernel and default in kernel else None}
         per_context[t] = entry
     wins = [t for t, e in per_context.items() if e["kernel"]["default_fused_over_fla_gates"] is not None and e["kernel"]["default_fused_over_fla_gates"] < 1]
+    def at_4k(scope: str, path: str, base: str, value) -> tuple:
+        """``value(row)`` of the T = 4096 row of ``path`` and of ``base`` (``value({})`` for a missing row)."""
+        return tuple(value(pick(rows, scope=scope, path=p, context=4096) or {}) for p in (path, base))
+
     def ratio(scope: str, path: str, base: str = "full", key: str = "ms") -> float | None:
-        a, b = ((pick(rows, scope=scope, path=p, context=4096) or {}).get(key) for p in (path, base))
+        a, b = at_4k(scope, path, base, lambda row: row.get(key))
         return a / b if a and b else None
 
     def paired(scope: str, path: str, base: str = "full") -> float | None:  # the median of each round's own ratio
-        a, b = ((pick(rows, scope=scope, path=p, context=4096) or {}).get("ms_rounds") for p in (path, base))
+        a, b = at_4k(scope, path, base, lambda row: row.get("ms_rounds"))
         return statistics.median(x / y for x, y in zip(a, b)) if a and b and len(a) == len(b) else None
 
     def best(scope: str, path: str, base: str = "full") -> float | None:  # each path in its fastest round (the host's slow spells aside)
-        a, b = ((pick(rows, scope=scope, path=p, context=4096) or {}).get("ms_rounds") for p in (path, base))
-        return min(a) / min(b) if a and b else None
+        a, b = at_4k(scope, path, base, lambda row: min(row["ms_rounds"]) if row.get("ms_rounds") else None)
+        return a / b if a and b else None
 
     def busy(scope: str, path: str, base: str = "full") -> float | None:  # GPU work of one call (the host aside)
-        a, b = (((pick(rows, scope=scope, path=p, context=4096) or {}).get("launches") or {}).get("busy_ms") for p in (path, base))
+        a, b = at_4k(scope, path, base, lambda row: (row.get("launches") or {}).get("busy_ms"))
         return a / b if a and b else None
 
     goals = {
