@@ -20,7 +20,10 @@ layers, random weights, bf16), B = 1:
 * ``full_qknorm``: full attention with those one-launch norms and activation too (what they give the baseline);
 * ``hybrid_gdn_first``: ``hybrid_all`` with the GDN branch enqueued before the FA branch
   (``HeadwiseHybridAttention.gdn_first``): whether starting the long sequential chunk scan earlier hides the
-  host time of the FA branch (same kernels, same results).
+  host time of the FA branch (same kernels, same results);
+* ``hybrid_flash``: ``hybrid_all`` with the FA heads through ATen's FlashAttention (as before the fifteenth
+  session) instead of the one-launch ``kernels/fa_prefill`` kernel that ``hybrid_all``, ``hybrid_gdn_first`` and
+  the model take up to ``fa_prefill.ops.MAX_TOKENS`` (the ``hybrid_fla*``/``hybrid_fused`` paths keep flash too).
 
 ``full`` and the ``hybrid_fla*``/``hybrid_fused`` paths run the norms eagerly, as before the cuts and as
 the Hugging Face model does. The layer's host-side cuts of the core (both GDN logits computed in the prep kernel's
@@ -76,6 +79,7 @@ if str(HERE) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import headscope.kernels.fa_prefill.ops as fa_prefill_ops  # noqa: E402
 import headscope.kernels.gdn.ops as gdn_ops  # noqa: E402
 import headscope.kernels.gdn.triton_chunk as triton_chunk  # noqa: E402
 import headscope.kernels.qk_norm.ops as qk_ops  # noqa: E402
@@ -88,15 +92,17 @@ from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
 # path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
-#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first)
+#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first,
+#          the hybrid's FA heads through kernels/fa_prefill (else ATen's FlashAttention))
 PATHS = {
-    "full": ("full", "layer", False, False, False),
-    "hybrid_fla": ("headwise", "layer", False, False, False),
-    "hybrid_fla_scale": ("headwise", "model", False, False, False),
-    "hybrid_fused": ("headwise", "model", True, False, False),
-    "hybrid_all": ("headwise", "model", True, True, False),
-    "full_qknorm": ("full", "layer", False, True, False),
-    "hybrid_gdn_first": ("headwise", "model", True, True, True),
+    "full": ("full", "layer", False, False, False, True),
+    "hybrid_fla": ("headwise", "layer", False, False, False, False),
+    "hybrid_fla_scale": ("headwise", "model", False, False, False, False),
+    "hybrid_fused": ("headwise", "model", True, False, False, False),
+    "hybrid_all": ("headwise", "model", True, True, False, True),
+    "full_qknorm": ("full", "layer", False, True, False, True),
+    "hybrid_gdn_first": ("headwise", "model", True, True, True, True),
+    "hybrid_flash": ("headwise", "model", True, True, False, False),
 }
 CONFIGS = (32, 16)  # block_v of the fused kernels swept (chunks of 64 tokens); the layer's: default_block_v
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
@@ -105,15 +111,17 @@ GOAL_ROUNDS = 7  # at the goals' length, 4096: one round's ratios ranged 0.63-1.
 
 
 @contextlib.contextmanager
-def switches(enabled: bool, qk_norm: bool = True):
+def switches(enabled: bool, qk_norm: bool = True, fa_kernel: bool = True):
     """For the calls inside: the fused chunk GDN path on (for every T) or off (fla), the one-launch norms
-    (q/k RMSNorm, the block's residual add + RMSNorm) and MLP activation on or off."""
-    before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED
+    (q/k RMSNorm, the block's residual add + RMSNorm) and MLP activation on or off, the hybrid's FA heads through
+    ``kernels/fa_prefill`` (as shipped, up to its ``MAX_TOKENS``) or ATen's FlashAttention."""
+    before = gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED, fa_prefill_ops.MAX_TOKENS
     gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = (1 << 30 if enabled else 0), qk_norm, qk_norm, qk_norm
+    fa_prefill_ops.MAX_TOKENS = before[4] if fa_kernel else 0
     try:
         yield
     finally:
-        gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED = before
+        gdn_ops.FUSED_MAX_TOKENS, qk_ops.FUSED, norm_ops.FUSED, swiglu_ops.FUSED, fa_prefill_ops.MAX_TOKENS = before
 
 
 def host_ms(fn, device: torch.device, reps: int = 10) -> float:
@@ -342,23 +350,23 @@ def bench_kernel(run: Run, t: int, batch: int = 1) -> None:
             run.errors.append(f"kernel {name} B={batch} T={t}: {type(err).__name__}: {str(err)[:300]}")
 
 
-def path_calls(run: Run, t: int, paths=tuple(PATHS)) -> dict[str, tuple[tuple[bool, bool], dict]]:
-    """Per path of ``paths`` (names in ``PATHS``): its switches ``(fused, qk_norm)`` and its two calls at B = 1, T = ``t``, no cache:
+def path_calls(run: Run, t: int, paths=tuple(PATHS)) -> dict[str, tuple[tuple[bool, bool, bool], dict]]:
+    """Per path of ``paths`` (names in ``PATHS``): its switches ``(fused, qk_norm, fa_kernel)`` and its two calls at B = 1, T = ``t``, no cache:
     ``{"core": attn.core on the projected input, "layer": the whole decoder layer}`` (a fresh layer per path)."""
     x = torch.randn(1, t, run.shape.hidden, device=run.device, dtype=run.dtype)
     pos = torch.arange(t, device=run.device)[None]
     pe = rope(pos, run.shape.head_dim, run.dtype)
     out = {}
     for path in paths:
-        variant, scale_mode, fused, qk_norm, gdn_first = PATHS[path]
+        variant, scale_mode, fused, qk_norm, gdn_first, fa_kernel = PATHS[path]
         layer = build_layer(run, variant)
         attn, spec = layer.self_attn, layer.self_attn.spec
         attn.gdn_first = gdn_first
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
-        with switches(fused, qk_norm):
+        with switches(fused, qk_norm, fa_kernel):
             h = layer.input_layernorm(x)
             projected = attn.project(h)
-        out[path] = ((fused, qk_norm), {"core": partial(attn.core, h, *projected, pe, pos, None, None, scale),
+        out[path] = ((fused, qk_norm, fa_kernel), {"core": partial(attn.core, h, *projected, pe, pos, None, None, scale),
                                         "layer": partial(layer, x, pe, pos, None, None, scale)})
     return out
 
@@ -461,7 +469,8 @@ def summarise(rows: list[dict], contexts: list[int], default_config: int) -> dic
                               "paired_rounds": paired("core", "hybrid_all"), "best_rounds": best("core", "hybrid_all"),
                               "back_to_back": ratio("core", "hybrid_all", key="b2b_ms"), "gpu_work": busy("core", "hybrid_all"),
                               "gdn_first": ratio("core", "hybrid_gdn_first"), "gdn_first_paired_rounds": paired("core", "hybrid_gdn_first"),
-                              "gdn_first_best_rounds": best("core", "hybrid_gdn_first")},
+                              "gdn_first_best_rounds": best("core", "hybrid_gdn_first"),
+                              "with_flash": ratio("core", "hybrid_flash"), "own_fa_over_flash_paired_rounds": paired("core", "hybrid_all", "hybrid_flash")},
         "layer_4k_over_full": {"value": ratio("layer", "hybrid_all"), "before": ratio("layer", "hybrid_fla"), "goal": f"<= {GOALS['layer_4k_over_full']}",
                                "vs_full_qknorm": ratio("layer", "hybrid_all", "full_qknorm"), "paired_rounds": paired("layer", "hybrid_all"),
                                "paired_rounds_vs_full_qknorm": paired("layer", "hybrid_all", "full_qknorm"), "best_rounds": best("layer", "hybrid_all"),
@@ -469,7 +478,8 @@ def summarise(rows: list[dict], contexts: list[int], default_config: int) -> dic
                                "back_to_back_vs_full_qknorm": ratio("layer", "hybrid_all", "full_qknorm", key="b2b_ms"),
                                "gpu_work": busy("layer", "hybrid_all"), "gpu_work_vs_full_qknorm": busy("layer", "hybrid_all", "full_qknorm"),
                                "gdn_first": ratio("layer", "hybrid_gdn_first"), "gdn_first_paired_rounds": paired("layer", "hybrid_gdn_first"),
-                               "gdn_first_best_rounds": best("layer", "hybrid_gdn_first")},
+                               "gdn_first_best_rounds": best("layer", "hybrid_gdn_first"),
+                               "with_flash": ratio("layer", "hybrid_flash"), "own_fa_over_flash_paired_rounds": paired("layer", "hybrid_all", "hybrid_flash")},
     }
     return {"per_context": per_context, "goals": goals, "fused_faster_at": wins}
 
@@ -488,7 +498,7 @@ def goal_lines(goals: dict) -> list[str]:
         extra += "".join(f"; {key.replace('_', ' ')} {fmt(goal[key])}" for key in (
             "paired_rounds", "paired_rounds_vs_full_qknorm", "best_rounds", "best_rounds_vs_full_qknorm", "back_to_back",
             "back_to_back_vs_full_qknorm", "gpu_work", "gpu_work_vs_full_qknorm", "gdn_first", "gdn_first_paired_rounds",
-            "gdn_first_best_rounds") if key in goal)
+            "gdn_first_best_rounds", "with_flash", "own_fa_over_flash_paired_rounds") if key in goal)
         lines.append(f"- {name} (hybrid_all): {fmt(goal['value'])} (goal {goal['goal']}; before the cuts {fmt(goal['before'])}{extra})")
     return lines
 
@@ -500,7 +510,8 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
              "(as inside a model's forward), launches = kernels + memcpy/memset of one call. Goal lines: the ratio of the "
              "two paths' medians; `paired rounds`, the median over the interleaved rounds of each round's own ratio (drift of the "
              "host's speed between rounds cancels); `best rounds`, the ratio of each path's fastest round (the host's slow spells "
-             "aside); `gdn first`, the same ratios for `hybrid_gdn_first`.", "",
+             "aside); `gdn first`, the same ratios for `hybrid_gdn_first`; `with flash`, for `hybrid_flash` (the FA heads through "
+             "ATen's FlashAttention instead of `kernels/fa_prefill`); `own fa over flash paired rounds`, hybrid_all over hybrid_flash.", "",
              "## Goals (T = 4096)", ""]
     lines += goal_lines(summary["goals"])
     lines.append(f"- fused GDN kernels (the layer's config at batch 1, {config_name(meta['layer_config'])}) "

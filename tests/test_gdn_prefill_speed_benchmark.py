@@ -40,7 +40,7 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     assert set(kernel_check["errors"]) == {"fused_v32", "fused_v16"}
     assert all(e["o"] < 1e-5 and e["state"] < 1e-5 for e in kernel_check["errors"].values())  # float32
     timed = {(r["scope"], r["path"]) for r in rows if r["phase"] == "prefill"}
-    paths = ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused", "hybrid_all", "full_qknorm", "hybrid_gdn_first")
+    paths = ("full", "hybrid_fla", "hybrid_fla_scale", "hybrid_fused", "hybrid_all", "full_qknorm", "hybrid_gdn_first", "hybrid_flash")
     assert timed == {(scope, path) for scope in ("core", "layer") for path in paths} | {
         ("kernel", "fused_v32"), ("kernel", "fused_v16")}
     assert all(r["ms"] > 0 and r["host_ms"] > 0 and r["b2b_ms"] > 0 and r["launches"] is None for r in rows if r["phase"] == "prefill")  # no CUDA: no launch counts
@@ -120,6 +120,11 @@ def test_summary_ratios_and_break_even(benchmark):
     assert "paired rounds -;" in layer_line and "paired rounds vs full qknorm 2.5;" in layer_line and "gdn first 0.75;" in layer_line
     rows[-2]["launches"] = None  # a CPU run: no GPU work recorded
     assert benchmark.summarise(rows, [1024, 2048, 4096], 32)["goals"]["layer_4k_over_full"]["gpu_work_vs_full_qknorm"] is None
+    rows.append({**four_k["core", "hybrid_all"], "path": "hybrid_flash", "ms": 1.0, "ms_rounds": [1.0, 1.25, 0.9]})  # ATen flash for the FA heads
+    core = benchmark.summarise(rows, [1024, 2048, 4096], 32)["goals"]["core_4k_over_full"]
+    assert core["with_flash"] == pytest.approx(1.0 / 0.4)
+    assert core["own_fa_over_flash_paired_rounds"] == pytest.approx(0.8)  # rounds 0.5, 0.8, 1.0
+    assert "with flash 2.5; own fa over flash paired rounds 0.8)" in benchmark.goal_lines({"core": core})[0]
 
 
 def test_summary_only_recomputes_a_recorded_run(benchmark, tmp_path, monkeypatch):

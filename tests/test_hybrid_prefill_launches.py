@@ -5,7 +5,8 @@ the cached weight layouts of ``headscope.hybrid.inference_weights`` against the 
 At T = 4096 on an H200 the core was host-bound (``benchmarks/results/gdn_prefill_speed.md``: 12 launches,
 0.57 ms to enqueue against 0.42 ms of GPU work). Of its launch sites, the one-off weight copies and the
 concatenation of the two branches' outputs are gone, and the two logit GEMMs became one and then part of the prep
-kernel's launch; the launch test fails when one of them comes back.
+kernel's launch, and the FA branch is one launch of ``kernels/fa_prefill`` instead of ATen's FlashAttention; the
+launch test fails when one of them comes back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import headscope.kernels.epilogue.ops as epilogue_ops
+import headscope.kernels.fa_prefill.ops as fa_prefill_ops
 import headscope.kernels.gdn.ops as gdn_ops
 import headscope.kernels.gdn_prep.ops as prep_ops
 from headscope.hybrid.inference_weights import LOGIT_ROWS_MULTIPLE, InferenceWeights, padded_rows, split_gdn_logits
@@ -81,11 +83,15 @@ def test_core_prefill_launches_on_the_cuda_path(monkeypatch):
     from headscope.kernels.gdn import triton_chunk
     from headscope.kernels.gdn_prep import triton_gdn_prep
 
+    from headscope.kernels.fa_prefill import triton_fa_prefill
+
     launches = record_launches(monkeypatch, (triton_gdn_prep, "_short_conv_rope_l2norm_kernel"), (triton_chunk, "_chunk_intra_kernel"),
-                               (triton_chunk, "_chunk_scan_kernel"), (triton_epilogue, "_epilogue_fwd_kernel"))
+                               (triton_chunk, "_chunk_scan_kernel"), (triton_fa_prefill, "_prefill_kernel"), (triton_epilogue, "_epilogue_fwd_kernel"))
     monkeypatch.setattr(gdn_ops, "_use_fla", lambda q: True)  # the dispatchers' CUDA choices (FUSED_MAX_TOKENS as shipped)
     monkeypatch.setattr(prep_ops, "use_triton", lambda *tensors: True)
     monkeypatch.setattr(epilogue_ops, "use_triton", lambda o: True)
+    monkeypatch.setattr(fa_prefill_ops, "applies", lambda q, k, v: True)
+    fa_prefill_ops.kv_head_map.cache_clear()
     layer, x, rope, pos = tiny_layer(torch.bfloat16)
     with torch.inference_mode():
         projected = layer.project(x)
@@ -94,10 +100,11 @@ def test_core_prefill_launches_on_the_cuda_path(monkeypatch):
         launches.clear()
         with TorchLaunches() as later:
             layer.core(x, *projected, rope, pos, None, None, 1.0)
-    assert launches == ["_short_conv_rope_l2norm_kernel", "_chunk_intra_kernel", "_chunk_scan_kernel", "_epilogue_fwd_kernel"]
-    assert later.ops == Counter({"aten.scaled_dot_product_attention.default": 1})  # FA (the GDN logits: in the prep launch)
-    # [a_proj; b_proj; zero rows] and the taps
-    assert first.ops - later.ops == Counter({"aten.cat.default": 1, "aten.new_zeros.default": 1, "aten.contiguous.default": 1})
+    assert launches == ["_prefill_kernel", "_short_conv_rope_l2norm_kernel", "_chunk_intra_kernel", "_chunk_scan_kernel", "_epilogue_fwd_kernel"]
+    assert later.ops == Counter()  # FA in its own kernel, the GDN logits in the prep launch: no torch kernel left
+    # [a_proj; b_proj; zero rows], the taps and the FA heads' KV head map (made once per offsets and device)
+    assert first.ops - later.ops == Counter({"aten.cat.default": 1, "aten.new_zeros.default": 1, "aten.contiguous.default": 1,
+                                             "aten.detach_.default": 1})
 
 
 def test_prefill_into_a_static_cache_writes_its_states_in_place(monkeypatch):

@@ -24,7 +24,9 @@
   decode step's "every key"), without SDPA's backend selection. On the H200 SDPA spent ~0.1 ms of host time
   per call choosing and setting up cuDNN's kernel, more than the GPU needs for two heads at 4K tokens, so the
   hybrid's short-context prefill waited on the host; full-attention (plain) layers keep SDPA's choice, as the
-  model they stand for does.
+  model they stand for does. A direct call of 2 to ``kernels.fa_prefill.ops.MAX_TOKENS`` queries goes further:
+  one launch of ``kernels/fa_prefill`` for every head segment at once (``segment_offsets``: the KV head map),
+  reading q and k/v in the layouts they come in and no ATen call at all (``fa_prefill.ops.applies``).
 
 The GDN branch's short convolution (with its RoPE + L2 norm) lives in ``headscope.kernels.gdn_prep``.
 """
@@ -37,6 +39,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+import headscope.kernels.fa_prefill.ops as fa_prefill
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -155,13 +159,15 @@ def causal_attention(
         scale: softmax scale (1/sqrt(D)).
         padding_mask: ``(B, Tk)`` real-token mask, or None.
         sliding_window: attend to at most this many most recent keys, or None.
-        direct: call the flash kernel itself when no mask is needed and ``direct_flash_applies`` (module
-            docstring); SDPA otherwise.
+        direct: when no mask is needed, ``kernels/fa_prefill``'s kernel if ``fa_prefill.ops.applies``, else the flash
+            kernel itself if ``direct_flash_applies`` (module docstring); SDPA otherwise.
     Returns:
         ``(B, T, Hq, D)``.
     """
     query_len, key_len = q.shape[1], k.shape[2]
     window_bites = sliding_window is not None and key_len > sliding_window
+    if direct and padding_mask is None and not window_bites and fa_prefill.applies(q, k, v):  # every segment, one launch
+        return fa_prefill.prefill_attention(q, k, v, segment_offsets(segments), scale=scale, check=False)
     if direct and padding_mask is None and not window_bites and direct_flash_applies(q, k):
         def attend(qs, ks, vs, grouped):  # causal aligned to the last key; flash takes grouped heads natively
             return torch.ops.aten._scaled_dot_product_flash_attention(
@@ -183,6 +189,17 @@ def causal_attention(
                for q0, q1, k0, k1 in segments]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, Hq, T, D)
     return out.transpose(1, 2)
+
+
+@functools.cache
+def segment_offsets(segments: tuple[tuple[int, int, int, int], ...]) -> tuple[int, ...]:
+    """The first query head of each KV head, and the head count: ``q_offsets`` of ``kernels/fa_prefill`` for the
+    ``fa_segments`` runs (the runs' KV heads in order, each serving ``(q_end - q_start) / (kv_end - kv_start)``)."""
+    offsets = [0]
+    for q0, q1, k0, k1 in segments:
+        group = (q1 - q0) // (k1 - k0)
+        offsets.extend(q0 + group * (i + 1) for i in range(k1 - k0))
+    return tuple(offsets)
 
 
 def fa_segments(fa_kv_sizes: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:

@@ -13,7 +13,8 @@ that order; ``head_order[p]`` (in the config) names the pretrained head at posit
 FA branch: optional q_norm/k_norm (Qwen3; ``project`` applies both, to all heads, with
 ``headscope.kernels.qk_norm.ops.qk_rms_norm``: one Triton launch at inference on CUDA); RoPE only if
 ``fa_rope`` (the HydraHead FA heads are NoPE); queries times ``log_position_scale`` if ``log_scaling``;
-causal SDPA with grouped KV; the KV cache holds only the FA KV heads. Output gate (``output_gate``):
+causal SDPA with grouped KV (at CUDA inference up to 8K queries one launch of ``kernels/fa_prefill`` for all FA
+heads, ``causal_attention(direct=True)``); the KV cache holds only the FA KV heads. Output gate (``output_gate``):
 ``sigmoid(gate_proj(x))`` per head and channel, ``gate_proj`` initialised with zero weight and bias
 ``gate_bias_init`` (4.0: sigmoid = 0.982, close to the identity while the gate's gradient, ∝ s(1 − s),
 stays 18x larger than at bias 8).
