@@ -16,21 +16,22 @@ import torch
 from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print_report  # same directory (sys.path[0] of this script)
 
 # name, B, FA query heads per KV head, D, T (queries), Tk (keys: Tk - T earlier positions), SMs the launcher
-# sees (None: the H100/H200's 132; a few force the 128-row query tile)
+# sees (None: the H100/H200's 132; a few force the 128-row query tile), the output's head dim strided
 CASES = [
-    ("one_group_three_tiles", 2, (2,), 32, 150, 150, None),
-    ("uneven_groups_odd_dim", 1, (1, 3, 2), 24, 100, 100, None),
-    ("later_chunk_past_keys", 2, (2, 2), 16, 70, 200, None),
-    ("rows_128_tile", 1, (2,), 32, 300, 300, 4),
-    ("one_query_row", 2, (1, 2), 16, 1, 33, None),
-    ("short_block_inside_first_tile", 1, (3,), 64, 5, 9, None),
-    ("head_dim_128", 1, (2,), 128, 130, 130, None),  # the Qwen3/SmolLM2 hybrids' heads (the compile check's config)
-    ("head_dim_128_rows_128", 1, (2,), 128, 200, 200, 2),
-    ("head_dim_256", 1, (1,), 256, 140, 140, 1),  # 64-row tiles whatever the grid (shared memory)
+    ("one_group_three_tiles", 2, (2,), 32, 150, 150, None, False),
+    ("uneven_groups_odd_dim", 1, (1, 3, 2), 24, 100, 100, None, False),
+    ("later_chunk_past_keys", 2, (2, 2), 16, 70, 200, None, False),
+    ("rows_128_tile", 1, (2,), 32, 300, 300, 4, False),
+    ("one_query_row", 2, (1, 2), 16, 1, 33, None, False),
+    ("short_block_inside_first_tile", 1, (3,), 64, 5, 9, None, False),
+    ("head_dim_128", 1, (2,), 128, 130, 130, None, False),  # the Qwen3/SmolLM2 hybrids' heads (the compile check's config)
+    ("head_dim_128_rows_128", 1, (2,), 128, 200, 200, 2, False),
+    ("head_dim_256", 1, (1,), 256, 140, 140, 1, False),  # 64-row tiles whatever the grid (shared memory)
+    ("output_head_dim_strided", 2, (1, 2), 16, 40, 40, None, True),
 ]
 
 
-def run_case(batch, groups, dim, length, key_len, n_sms, dtype, seed):
+def run_case(batch, groups, dim, length, key_len, n_sms, strided_out, dtype, seed):
     import headscope.kernels.fa_prefill.triton_fa_prefill as kernel
     import headscope.kernels.launch as launch_helpers
     from headscope.kernels.fa_prefill.naive import kv_heads_of, prefill_attention_reference
@@ -42,7 +43,10 @@ def run_case(batch, groups, dim, length, key_len, n_sms, dtype, seed):
     q = torch.randn(batch, length, n_q + 2, dim, generator=gen).to(dtype)[:, :, 1:-1]  # a head slice of a projection
     k, v = (torch.randn(batch, key_len, n_kv, dim, generator=gen).mul(2).to(dtype).transpose(1, 2) for _ in range(2))  # (B, Hkv, Tk, D) views
     want = prefill_attention_reference(q, k, v, offsets, scale=dim**-0.5)
-    out = torch.full((batch, length, n_q, 2 * dim), float("nan"), dtype=dtype)[..., dim:]
+    if strided_out:  # (B, T, Hq, D) with D's stride Hq
+        out = torch.full((batch, length, dim, n_q), float("nan"), dtype=dtype).transpose(2, 3)
+    else:
+        out = torch.full((batch, length, n_q, 2 * dim), float("nan"), dtype=dtype)[..., dim:]
     kernel.sm_count = launch_helpers.sm_count if n_sms is None else (lambda device: n_sms)  # read by the launcher
     block_m = kernel.block_sizes(batch * n_q, length, dim, kernel.sm_count(q.device), q.element_size())[0]
     got = kernel.triton_prefill_attention(q, k, v, torch.tensor(kv_heads_of(offsets), dtype=torch.int32), scale=dim**-0.5, out=out)

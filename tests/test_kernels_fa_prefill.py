@@ -69,7 +69,7 @@ def test_bad_inputs_get_one_clear_error(bad, message):
 
 def test_triton_kernel_under_the_interpreter():
     *cases, layer = interpreted_cases(HELPER)
-    assert len(cases) == 18 and {c["block_m"] for c in cases} == {64, 128}
+    assert len(cases) == 20 and {c["block_m"] for c in cases} == {64, 128}
     assert layer["name"] == "layer_core_uneven_groups" and layer["kernel_calls"] == 1 and layer["error"] <= TOL_FP32, layer
     for case in cases:
         tol = TOL_FP32 if case["dtype"] == "float32" else TOL_BF16
@@ -77,13 +77,36 @@ def test_triton_kernel_under_the_interpreter():
         assert case["wrote_into_out"], case
 
 
+def test_dispatch_takes_the_kernel_only_where_it_is_meant_to():
+    """``applies`` on stand-ins of CUDA tensors: a short prefill of the layer's FA heads yes; a decode step, a short
+    chunk over many keys, more keys than ``MAX_TOKENS``, float32, another device, a gradient, too many programs no."""
+    from types import SimpleNamespace
+
+    def fake(b, t, h, d=128, dtype=torch.bfloat16, device="cuda:0", grad=False, kv=False):
+        shape = (b, h, t, d) if kv else (b, t, h, d)
+        return SimpleNamespace(shape=shape, dtype=dtype, device=torch.device(device), is_cuda=True, requires_grad=grad)
+
+    def applies(t=4096, tk=4096, b=1, h=2, **changes):
+        q = fake(b, t, h, **{k: v for k, v in changes.items() if k != "kv_device"})
+        k = fake(b, tk, 1, kv=True, device=changes.get("kv_device", "cuda:0"))
+        return prefill_ops.applies(q, k, k)
+
+    assert applies() and applies(t=2, tk=16) and applies(t=1024, tk=8192)
+    assert not applies(t=1, tk=4096)  # decode step
+    assert not applies(t=1000, tk=8192)  # a chunk shorter than an eighth of its keys
+    assert not applies(t=8200, tk=8200)  # past MAX_TOKENS
+    assert not applies(dtype=torch.float32) and not applies(kv_device="cuda:1") and not applies(d=320)
+    assert not applies(b=40000, h=2)  # 80000 programs on the grid's second axis
+    assert applies(grad=True) != torch.is_grad_enabled()
+
+
 def test_block_sizes_fill_the_gpu_and_fit_shared_memory():
     from headscope.kernels.fa_prefill.triton_fa_prefill import block_sizes
 
     assert block_sizes(2, 4096, 128, 132) == (64, 64, 4, 3)  # 2 FA heads at 4K: 128 programs of 64 rows, not 64 of 128
     assert block_sizes(16, 4096, 128, 132) == (128, 64, 8, 3)
-    assert block_sizes(16, 4096, 256, 132) == (64, 32, 4, 2)  # 128 rows would not fit an SM's shared memory
-    assert block_sizes(16, 4096, 128, 132, element_size=4) == (64, 32, 4, 2)  # float32 (the interpreter)
+    assert block_sizes(16, 4096, 256, 132) == (64, 32, 8, 2)  # 128 rows would not fit an SM's shared memory
+    assert block_sizes(16, 4096, 128, 132, element_size=4) == (64, 32, 8, 2)  # float32 (the interpreter)
 
 
 def test_layer_fa_branch_takes_the_kernel_on_the_cuda_path(monkeypatch):
@@ -102,15 +125,24 @@ def test_layer_fa_branch_takes_the_kernel_on_the_cuda_path(monkeypatch):
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("sizes,length,key_len", [((2,), 4096, 4096), ((1, 3, 2), 1000, 1000), ((2, 2), 300, 1300)])
-def test_cuda_kernel_matches_flash_and_the_reference(sizes, length, key_len):
-    """bf16 on the GPU: the Qwen3-1.7B hybrid's FA branch at 4K (2 heads on 1 KV head), uneven groups, a later
-    chunk; against the float32 reference, as close as SDPA's FlashAttention is."""
-    q, k, v = random_inputs(1, sizes, 128, length, key_len, seed=5, dtype=torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("sizes,length,key_len,batch,dim,dtype,projected", [
+    ((2,), 4096, 4096, 1, 128, torch.bfloat16, True),  # the Qwen3-1.7B hybrid's FA branch at 4K, k/v as the layer passes them
+    ((1, 3, 2), 1000, 1000, 2, 128, torch.bfloat16, False),  # uneven groups, two rows
+    ((2, 2), 300, 1300, 1, 64, torch.float16, False),  # a later chunk
+    ((1,), 777, 777, 3, 256, torch.bfloat16, True),
+])
+def test_cuda_kernel_matches_flash_and_the_reference(sizes, length, key_len, batch, dim, dtype, projected):
+    """On the GPU against the float32 reference, as close as SDPA's FlashAttention is; ``projected``: q a head slice
+    of a wider projection and k/v transposed ``(B, T, Hkv, D)`` views, the layouts the hybrid layer passes."""
+    q, k, v = random_inputs(batch, sizes, dim, length, key_len, seed=5, dtype=dtype, device="cuda")
+    if projected:
+        wide = torch.randn(batch, length, sum(sizes) + 3, dim, dtype=dtype, device="cuda")
+        q = wide[:, :, 1 : 1 + sum(sizes)].copy_(q)
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # (B, Hkv, Tk, D) views of (B, Tk, Hkv, D)
     offsets = tuple(int(x) for x in torch.tensor((0, *sizes)).cumsum(0))
     with torch.no_grad():
         assert prefill_ops.applies(q, k, v)
-        got = prefill_attention(q, k, v, offsets, scale=128**-0.5)
-        flash = causal_attention(q, k, v, fa_segments(sizes), scale=128**-0.5)
-    want = prefill_attention_reference(q, k, v, offsets, scale=128**-0.5)
+        got = prefill_attention(q, k, v, offsets, scale=dim**-0.5)
+        flash = causal_attention(q, k, v, fa_segments(sizes), scale=dim**-0.5)
+    want = prefill_attention_reference(q, k, v, offsets, scale=dim**-0.5)
     assert rel(got, want) <= max(1.5 * rel(flash, want), 0.005), (rel(got, want), rel(flash, want))

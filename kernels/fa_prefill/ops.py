@@ -4,11 +4,14 @@
 ``(B, Hkv, Tk, D)`` with ``Tk >= T``, query heads ``[q_offsets[j], q_offsets[j + 1])`` on KV head ``j``; returns
 ``(B, T, Hq, D)``.
 
-* :func:`applies` (CUDA, bf16/fp16, one dtype, D <= 256, no gradient wanted, ``HEADSCOPE_NO_TRITON`` unset,
-  ``2 <= T <= MAX_TOKENS``): the one-launch kernel of :mod:`.triton_fa_prefill`. ``MAX_TOKENS`` bounds it to
-  the short prefills where the hybrid's FA branch is bound by the host (module docstring there); longer ones,
-  where the GPU's work dominates, keep FlashAttention, whose kernel is tuned for them. A decode step (``T = 1``)
-  keeps FlashAttention too (a 64-row query tile for one row).
+* :func:`applies` (q, k, v on one CUDA device in one of bf16/fp16, D <= 256, no gradient wanted, not under
+  ``torch.compile`` tracing, ``HEADSCOPE_NO_TRITON`` unset, ``2 <= T <= Tk <= MAX_TOKENS``, ``T >= Tk /
+  SHORTEST_CHUNK``, ``B · Hq <= 65535``): the one-launch kernel of :mod:`.triton_fa_prefill`. ``MAX_TOKENS``
+  bounds it to the short prefills where the hybrid's FA branch is bound by the host (module docstring there);
+  longer ones, where the GPU's work dominates, keep FlashAttention, whose kernel is tuned for them. So do a decode
+  step (``T = 1``: a 64-row query tile for one row) and a short chunk over many keys (multi-token decoding over a
+  cache: this kernel's grid is ``T / 64`` programs per head, each walking every key, where FlashAttention splits
+  the keys over the SMs).
 * Everything else: :func:`.naive.prefill_attention_reference` in q's dtype (the hybrid layer does not call this
   off the Triton path: its CPU and autograd path is SDPA, ``headscope.hybrid.functional.causal_attention``).
 
@@ -29,7 +32,9 @@ from headscope.heads import HeadscopeError
 from headscope.kernels.fa_prefill.naive import kv_heads_of, prefill_attention_reference
 
 MAX_HEAD_DIM = 256
-MAX_TOKENS = 8192  # longest query block sent to the Triton kernel (not yet timed against FlashAttention: see above)
+MAX_TOKENS = 8192  # most keys (and queries) sent to the Triton kernel (not yet timed against FlashAttention: see above)
+SHORTEST_CHUNK = 8  # T >= Tk / this: a short chunk over many keys keeps FlashAttention's split-KV (module docstring)
+MAX_GRID_Y = 65535  # B · Hq programs on the grid's second axis (CUDA's limit)
 
 
 @functools.cache
@@ -40,9 +45,14 @@ def kv_head_map(q_offsets: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`prefill_attention` takes the Triton kernel for these inputs (module docstring)."""
-    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1" or not 2 <= q.shape[1] <= MAX_TOKENS:
+    length, key_len = q.shape[1], k.shape[2]
+    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1" or not 2 <= length <= key_len <= MAX_TOKENS:
+        return False
+    if length * SHORTEST_CHUNK < key_len or q.shape[0] * q.shape[2] > MAX_GRID_Y or torch.compiler.is_compiling():
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype or q.shape[-1] > MAX_HEAD_DIM:
+        return False
+    if k.device != q.device or v.device != q.device:
         return False
     return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 

@@ -10,8 +10,8 @@ k/v in the cache's ``(B, Hkv, Tk, D)`` (any strides, last dimension contiguous: 
 writes ``(B, T, Hq, D)`` straight into ``out`` (any strides).
 
 ``_prefill_kernel``, grid ``(ceil(T / BLOCK_M), B · Hq)``: program ``(m, b·h)`` takes a ``BLOCK_M x D`` tile of
-query rows of head ``h`` (the KV head from the int32 map ``kv_heads``), the longest rows first (the grid's first
-programs take the last query block, whose loop is longest), and runs FlashAttention-2's online softmax over
+query rows of head ``h`` (the KV head from the int32 map ``kv_heads``), each head's longest rows first (the first
+programs of a head take its last query block, whose loop is longest), and runs FlashAttention-2's online softmax over
 ``BLOCK_N`` keys at a time in base 2 (``scale · log2(e)`` folded into the scores): first over the keys every row
 of the tile sees (no mask), then over the diagonal blocks (causal mask ``key <= Tk - T + row``). Key 0 is in
 the first block and visible to every row, so no row's running maximum stays ``-inf``. Scores, maxima, sums and
@@ -43,9 +43,13 @@ def _operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _attend(q, k_base, v_base, start, rows, past, key_len, sk_t, sv_t, dims, dim_ok, m_i, l_i, acc, scale_log2,
             dtype: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """One block of ``BLOCK_N`` keys folded into the running maximum ``m_i``, sum ``l_i`` and accumulator ``acc``."""
+    """One block of ``BLOCK_N`` keys folded into the running maximum ``m_i``, sum ``l_i`` and accumulator ``acc``
+    (unmasked blocks lie below ``key_len``: only the head dim's padding is masked there)."""
     cols = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-    tile_ok = (cols < key_len)[:, None] & dim_ok[None, :]
+    if MASKED:
+        tile_ok = (cols < key_len)[:, None] & dim_ok[None, :]
+    else:
+        tile_ok = dim_ok[None, :]
     k = _operand(tl.load(k_base + cols[:, None].to(tl.int64) * sk_t + dims[None, :], mask=tile_ok, other=0.0), dtype, UPCAST)
     v = _operand(tl.load(v_base + cols[:, None].to(tl.int64) * sv_t + dims[None, :], mask=tile_ok, other=0.0), dtype, UPCAST)
     s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N) float32, base-2 logits
@@ -55,7 +59,7 @@ def _attend(q, k_base, v_base, start, rows, past, key_len, sk_t, sv_t, dims, dim
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(_operand(p, dtype, UPCAST), v)
+    acc = tl.dot(_operand(p, dtype, UPCAST), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -63,10 +67,10 @@ def _attend(q, k_base, v_base, start, rows, past, key_len, sk_t, sv_t, dims, dim
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, kvh_ptr,
     T, TK, Hq, scale_log2,
-    sq_b, sq_t, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_t, so_h,
+    sq_b, sq_t, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_t, so_h, so_d,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    block = tl.num_programs(0) - 1 - tl.program_id(0)  # the last (longest) query blocks first
+    block = tl.num_programs(0) - 1 - tl.program_id(0)  # each head's last (longest) query blocks first
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
@@ -95,7 +99,7 @@ def _prefill_kernel(
         m_i, l_i, acc = _attend(q_tile, k_base, v_base, start, rows, past, TK, sk_t, sv_t, dims, dim_ok, m_i, l_i, acc,
                                 scale_log2, dtype, BLOCK_N, True, UPCAST)
     o = acc / l_i[:, None]
-    tl.store(o_ptr + b * so_b + rows[:, None].to(tl.int64) * so_t + h * so_h + dims[None, :], o.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + b * so_b + rows[:, None].to(tl.int64) * so_t + h * so_h + dims[None, :] * so_d, o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -103,10 +107,11 @@ def block_sizes(batch_heads: int, length: int, head_dim: int, n_sms: int, elemen
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. Rows of up to 256 bytes (D <= 128 in bf16/fp16): 128 query
     rows per program (8 warps) when that grid still fills the GPU's ``n_sms`` SMs, else 64 (4 warps: at 4K tokens
     and 2 FA heads, 128 programs instead of 64), 64 keys per step, 3 stages. Wider rows (D = 256, or float32 under
-    the interpreter and the compile check): 64 rows, 32 keys, 2 stages, so the pipelined tiles fit an sm_90 SM's
+    the interpreter and the compile check): 64 rows, 32 keys, 8 warps (a 64 x 256 float32 accumulator is 64
+    registers a thread), 2 stages, so the pipelined tiles fit an sm_90 SM's
     shared memory (``benchmarks/triton_compile_check.py``: 128 rows did not)."""
     if max(16, next_power_of_2(head_dim)) * element_size > 256:
-        return 64, 32, 4, 2
+        return 64, 32, 8, 2
     return (128, 64, 8, 3) if cdiv(length, 128) * batch_heads >= n_sms else (64, 64, 4, 3)
 
 
@@ -133,7 +138,7 @@ def triton_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         launch(
             _prefill_kernel, (cdiv(length, block_m), batch * n_heads),
             q, k, v, out, kv_heads, length, k.shape[2], n_heads, scale * LOG2E,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride(),
             D=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda,
             num_warps=warps, num_stages=stages,
         )
