@@ -16,8 +16,11 @@ layers, random weights, bf16), B = 1:
   ``FUSED_MAX_TOKENS`` raised for the run, with the ``block_v`` that ``default_block_v`` picks);
 * ``hybrid_all``: + the one-launch q/k RMSNorm (``kernels/qk_norm``, 16 launches fewer, in ``project``:
   the whole layer only), the one-launch residual add + RMSNorm of the block (``kernels/rms_norm``, 16
-  fewer) and the MLP's ``silu(gate) * up`` in one launch (``kernels/swiglu``): every cut;
-* ``full_qknorm``: full attention with those one-launch norms and activation too (what they give the baseline);
+  fewer) and the MLP's ``silu(gate) * up`` in one launch (``kernels/swiglu``), and since the fifteenth session the
+  projections fused as ``generate()`` fuses them (``inference_weights.fuse_for_inference``: q/k/v/gate one GEMM,
+  the MLP's gate/up one GEMM, the weights moved into one buffer each, no copy): every cut;
+* ``full_qknorm``: full attention with those one-launch norms and activation too (what they give the baseline), and
+  its projections fused as in ``hybrid_all``;
 * ``hybrid_gdn_first``: ``hybrid_all`` with the GDN branch enqueued before the FA branch
   (``HeadwiseHybridAttention.gdn_first``): whether starting the long sequential chunk scan earlier hides the
   host time of the FA branch (same kernels, same results);
@@ -87,22 +90,24 @@ import headscope.kernels.rms_norm.ops as norm_ops  # noqa: E402
 import headscope.kernels.swiglu.ops as swiglu_ops  # noqa: E402
 from headscope.heads import write_text_atomic  # noqa: E402
 from headscope.hybrid.functional import model_query_scale  # noqa: E402
+from headscope.hybrid.inference_weights import fuse_for_inference  # noqa: E402
 from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule  # noqa: E402
 from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
 # path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
 #          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first,
-#          the hybrid's FA heads through kernels/fa_prefill (else ATen's FlashAttention))
+#          the hybrid's FA heads through kernels/fa_prefill (else ATen's FlashAttention),
+#          projections fused (q/k/v/gate and the MLP's gate/up one GEMM each: inference_weights.fuse_for_inference))
 PATHS = {
-    "full": ("full", "layer", False, False, False, True),
-    "hybrid_fla": ("headwise", "layer", False, False, False, False),
-    "hybrid_fla_scale": ("headwise", "model", False, False, False, False),
-    "hybrid_fused": ("headwise", "model", True, False, False, False),
-    "hybrid_all": ("headwise", "model", True, True, False, True),
-    "full_qknorm": ("full", "layer", False, True, False, True),
-    "hybrid_gdn_first": ("headwise", "model", True, True, True, True),
-    "hybrid_flash": ("headwise", "model", True, True, False, False),
+    "full": ("full", "layer", False, False, False, True, False),
+    "hybrid_fla": ("headwise", "layer", False, False, False, False, False),
+    "hybrid_fla_scale": ("headwise", "model", False, False, False, False, False),
+    "hybrid_fused": ("headwise", "model", True, False, False, False, False),
+    "hybrid_all": ("headwise", "model", True, True, False, True, True),
+    "full_qknorm": ("full", "layer", False, True, False, True, True),
+    "hybrid_gdn_first": ("headwise", "model", True, True, True, True, True),
+    "hybrid_flash": ("headwise", "model", True, True, False, False, True),
 }
 CONFIGS = (32, 16)  # block_v of the fused kernels swept (chunks of 64 tokens); the layer's: default_block_v
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
@@ -358,8 +363,10 @@ def path_calls(run: Run, t: int, paths=tuple(PATHS)) -> dict[str, tuple[tuple[bo
     pe = rope(pos, run.shape.head_dim, run.dtype)
     out = {}
     for path in paths:
-        variant, scale_mode, fused, qk_norm, gdn_first, fa_kernel = PATHS[path]
+        variant, scale_mode, fused, qk_norm, gdn_first, fa_kernel, fuse = PATHS[path]
         layer = build_layer(run, variant)
+        if fuse:
+            fuse_for_inference(layer)
         attn, spec = layer.self_attn, layer.self_attn.spec
         attn.gdn_first = gdn_first
         scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None

@@ -11,6 +11,7 @@ launch test fails when one of them comes back.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
@@ -23,7 +24,7 @@ import headscope.kernels.epilogue.ops as epilogue_ops
 import headscope.kernels.fa_prefill.ops as fa_prefill_ops
 import headscope.kernels.gdn.ops as gdn_ops
 import headscope.kernels.gdn_prep.ops as prep_ops
-from headscope.hybrid.inference_weights import LOGIT_ROWS_MULTIPLE, InferenceWeights, padded_rows, split_gdn_logits
+from headscope.hybrid.inference_weights import LOGIT_ROWS_MULTIPLE, InferenceWeights, fuse_for_inference, padded_rows, split_gdn_logits
 from headscope.hybrid.layer import HeadwiseHybridAttention, HybridLayerSpec
 
 ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.new_empty.default"}
@@ -193,3 +194,81 @@ def test_gdn_logits_are_strided_views_of_one_padded_gemm(n_gdn):
     assert a.shape == b.shape == (2, 9, n_gdn) and a.stride() == b.stride() == (9 * rows, rows, 1)
     assert b.data_ptr() - a.data_ptr() == n_gdn * a.element_size()  # one output, b right after a
     assert torch.allclose(a, want_a, atol=1e-6, rtol=1e-6) and torch.allclose(b, want_b, atol=1e-6, rtol=1e-6)
+
+
+def gemms(ops: Counter) -> int:
+    return sum(n for name, n in ops.items() if name.split(".")[1] in ("addmm", "mm", "bmm", "linear"))
+
+
+def test_projections_are_one_gemm_whose_weight_is_the_parameters():
+    """Once fused (``fuse_for_inference``; a forward alone never fuses) q, k, v and the FA gate come out of one GEMM
+    at inference whose weight's row blocks are the four ``Linear.weight`` parameters themselves (same objects, no
+    second copy); in-place updates reach it, a replaced weight sends the layer back to the module calls until the
+    next fuse, a hooked projection keeps its module call."""
+    layer, x, rope, pos = tiny_layer(torch.float32, seed=2)
+    linears = layer.projection_linears()
+    params = [linear.weight for linear in linears]
+    want = layer.project(x)  # grad mode: the module calls
+    with torch.no_grad():
+        layer(x, rope, pos)
+        with TorchLaunches() as ops:
+            layer.project(x)
+    assert not layer.inference_weights._fused and gemms(ops.ops) == 4  # a forward does not fuse
+    fuse_for_inference(layer)
+    with torch.no_grad(), TorchLaunches() as ops:
+        got = layer.project(x)
+    assert all(torch.allclose(g, w, atol=1e-6, rtol=1e-5) for g, w in zip(got, want))
+    assert gemms(ops.ops) == 1
+    buffer = layer.inference_weights._fused["projections"][0]
+    assert [linear.weight for linear in linears] == params  # the same Parameter objects
+    starts = [p.data_ptr() - buffer.data_ptr() for p in params]
+    assert starts == [0, *itertools.accumulate(p.numel() * 4 for p in params[:-1])]
+    assert buffer.untyped_storage().nbytes() == sum(p.numel() for p in params) * 4  # no copy beside the buffer
+    with torch.no_grad():  # (k and q come out RMS-normalised: v and the gate show a scaled weight)
+        layer.v_proj.weight.mul_(2.0)  # an optimizer step: in place, into the buffer
+        assert torch.allclose(layer.project(x)[2], 2 * want[2], atol=1e-5)
+    layer.gate_proj.weight.data = torch.randn_like(layer.gate_proj.weight)  # replaced: the module calls again
+    with torch.no_grad(), TorchLaunches() as ops:
+        assert torch.allclose(layer.project(x)[3], layer.gate_proj(x).view_as(want[3]), atol=1e-5)
+    assert gemms(ops.ops) == 4 + 1  # (and gate_proj's own call in the check)
+    fuse_for_inference(layer)  # fused again, from the new weight
+    assert layer.inference_weights._fused["projections"][0] is not buffer
+    with torch.no_grad():
+        assert torch.allclose(layer.project(x)[3], layer.gate_proj(x).view_as(want[3]), atol=1e-5)
+    seen = []
+    handle = layer.q_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad(), TorchLaunches() as ops:
+        layer.project(x)
+    handle.remove()
+    assert seen == [(1, 20, 80)] and gemms(ops.ops) == 4  # hooked: every projection its own module call
+
+
+def test_nothing_is_fused_in_a_model_holding_fsdp_modules():
+    layer, x, rope, pos = tiny_layer(torch.float32, seed=4)
+    wrapper = torch.nn.Module()
+    wrapper.inner = type("FSDPHeadwiseHybridAttention", (torch.nn.Module,), {})()  # what fully_shard names a module's class
+    wrapper.attn = layer
+    fuse_for_inference(wrapper)
+    assert not layer.inference_weights._fused
+
+
+def test_fused_projections_skip_inference_tensors_and_survive_save_load(tmp_path):
+    layer, x, rope, pos = tiny_layer(torch.float32, seed=3)
+    with torch.inference_mode():
+        frozen = HeadwiseHybridAttention(layer.spec, layer_idx=0)
+        frozen.load_state_dict(layer.state_dict())
+        with TorchLaunches() as ops:
+            frozen.project(x)
+    assert gemms(ops.ops) == 4 and not frozen.inference_weights._fused  # inference tensors: module calls
+    fuse_for_inference(layer)
+    with torch.no_grad():
+        want = layer(x, rope, pos)
+    assert layer.inference_weights._fused
+    torch.save(layer.state_dict(), tmp_path / "layer.pt")
+    fresh = HeadwiseHybridAttention(layer.spec, layer_idx=0)
+    fresh.load_state_dict(torch.load(tmp_path / "layer.pt"))
+    fuse_for_inference(fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, rope, pos), want)
+        fresh.load_state_dict(layer.state_dict())  # in place into a fused layer: the buffer takes the values
+        assert torch.equal(fresh(x, rope, pos), want)

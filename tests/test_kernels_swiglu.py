@@ -54,6 +54,41 @@ def test_the_block_fuses_only_an_untouched_silu_mlp(monkeypatch):
         assert torch.equal(gated_mlp(gelu, x), gelu(x)) and len(fused) == 1
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_the_blocks_gate_and_up_are_one_gemm_at_inference(model_type):
+    """With the block's ``InferenceWeights`` fused and no gradient: gate_proj and up_proj as one GEMM whose weight's
+    halves are their weights, the activation reading the two halves in place; the MLP's output as the module gives it."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from headscope.hybrid.inference_weights import InferenceWeights
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    mlp, weights = family_mlp(model_type, torch.float32), InferenceWeights()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = mlp(x)
+        assert weights.fused_linears("mlp", (mlp.gate_proj, mlp.up_proj), create=True) is not None  # what the block's fuse does
+        with Ops() as ops:
+            got = gated_mlp(mlp, x, weights)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    buffer = weights._fused["mlp"][0]
+    assert mlp.gate_proj.weight.data_ptr() == buffer.data_ptr() and mlp.up_proj.weight.data_ptr() == buffer[40:].data_ptr()
+    products = ops.ops["mm"] + ops.ops["addmm"] + ops.ops["bmm"]
+    assert products == 2  # [gate; up] and down_proj
+    with torch.enable_grad():  # training: the module calls
+        assert torch.allclose(gated_mlp(mlp, x, weights), want, atol=1e-6, rtol=1e-5)
+
+
 def test_triton_path_only_for_cuda_inference(monkeypatch):
     x = torch.zeros(2, 8)
     assert not swiglu_ops.use_triton(x, x)
@@ -67,9 +102,10 @@ def test_triton_path_only_for_cuda_inference(monkeypatch):
 
 def test_triton_kernel_matches_the_reference_under_the_interpreter():
     cases = interpreted_cases(HELPER, timeout=300)
-    assert len(cases) == 4
+    assert len(cases) == 6
     for case in cases:
         assert case["error"] <= (TOL_FP32 if case["dtype"] == "float32" else TOL_BF16), str(case)
+        assert case["read_in_place"] and case["contiguous"], str(case)
 
 
 def test_bad_inputs_are_one_clear_error():

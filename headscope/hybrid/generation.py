@@ -13,7 +13,9 @@ sequences per prompt, assisted decoding, ``use_cache=False``, a cache passed in 
 without ids take the dynamic path (an explicit "graph"/"static" there is a ``HeadscopeError``). The cache
 holds prompt + ``max_new_tokens`` (or ``max_length``) tokens, rounded up to ``LENGTH_STEP``. It is kept
 on the model and reused (reset, its captured graph kept) by the next call with the same batch size, as
-long as it is long enough and the model's weights have not moved; otherwise it is replaced.
+long as it is long enough and the model's weights have not moved; otherwise it is replaced. Before it looks
+(in every mode), the model's projections are fused (``inference_weights.fuse_for_inference``: q/k/v/gate and the MLP's gate/up
+as one GEMM each, their weights moved into one buffer once), so the weights' addresses it keys on are final.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from headscope.heads import HeadscopeError
+from headscope.hybrid.inference_weights import fuse_for_inference
 from headscope.hybrid.static_cache import HybridStaticCache
 
 MODES = ("auto", "graph", "static", "dynamic")
@@ -86,6 +89,7 @@ def static_cache_for_generate(model, inputs, args: tuple, kwargs: dict, mode: st
     """
     if mode not in MODES:
         raise HeadscopeError(f"decode_mode must be one of {', '.join(MODES)}; got {mode!r}")
+    fuse_for_inference(model)  # every generate() call; the fused projections' final addresses before the key records them
     cuda, requested = model.device.type == "cuda", mode
     if mode == "auto":
         mode = "graph" if cuda else "dynamic"

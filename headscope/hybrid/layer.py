@@ -63,6 +63,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
@@ -289,13 +290,28 @@ class HeadwiseHybridAttention(nn.Module):
         q_norm/k_norm when the family has them) and the FA gate logits ``(B, T, n_fa, D)`` or None."""
         spec, d = self.spec, self.spec.head_dim
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, spec.n_heads, d)
-        k = self.k_proj(x).view(batch, seq, -1, d)
-        v = self.v_proj(x).view(batch, seq, -1, d)
+        linears = self.projection_linears()
+        fused = None if torch.is_grad_enabled() else self.inference_weights.fused_linears("projections", linears)
+        if fused is not None:  # one GEMM (``fuse_inference_weights``); q, k, v (and the gate) are strided views of its output
+            outputs = F.linear(x, *fused).split_with_sizes([linear.out_features for linear in linears], dim=-1)
+        else:
+            outputs = [linear(x) for linear in linears]
+        q = outputs[0].view(batch, seq, spec.n_heads, d)
+        k = outputs[1].view(batch, seq, -1, d)
+        v = outputs[2].view(batch, seq, -1, d)
         if spec.qk_norm:  # both norms in one Triton launch at inference on CUDA
             q, k = qk_rms_norm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon)
-        gate = self.gate_proj(x).view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
+        gate = outputs[3].view(batch, seq, spec.n_fa_heads, d) if spec.gated else None
         return q, k, v, gate
+
+    def projection_linears(self) -> tuple[nn.Linear, ...]:
+        """q_proj, k_proj, v_proj and, when the FA heads are gated, gate_proj: what ``project`` multiplies x by."""
+        return (self.q_proj, self.k_proj, self.v_proj, self.gate_proj) if self.spec.gated else (self.q_proj, self.k_proj, self.v_proj)
+
+    def fuse_inference_weights(self) -> None:
+        """Make the four (three) projections one GEMM at inference from now on (``inference_weights.fused_linears``:
+        their weights become blocks of one buffer, no copy kept); ``fuse_for_inference`` calls it."""
+        self.inference_weights.fused_linears("projections", self.projection_linears(), create=True)
 
     def core(self, x, q, k, v, gate, position_embeddings, position_ids, cache=None, padding_mask=None, query_scale=None) -> torch.Tensor:
         """Everything between the projections and ``o_proj``: both branches and the fusion.

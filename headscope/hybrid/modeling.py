@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import activations
@@ -27,6 +28,7 @@ import headscope.kernels.swiglu.ops as swiglu_ops
 from headscope.heads import HeadscopeError
 from headscope.hybrid.configuration import HybridConfig, family_of
 from headscope.hybrid.functional import model_query_scale
+from headscope.hybrid.inference_weights import InferenceWeights, untouched
 from headscope.hybrid.layer import HeadwiseHybridAttention
 from headscope.hybrid.static_cache import HybridStaticCache
 
@@ -51,12 +53,6 @@ def family_class(model_type: str, part: str) -> type:
 SILU = (nn.SiLU, *((activations.SiLUActivation,) if hasattr(activations, "SiLUActivation") else ()))
 
 
-def untouched(*modules: nn.Module) -> bool:
-    """Nothing watches or wraps these modules: no forward hooks, no ``forward`` set on the instance (as
-    accelerate's offloading and tracing tools do), so a fused kernel may stand in for their calls."""
-    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules)
-
-
 def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(residual + x), residual + x)`` (``x`` itself without a residual) for a family ``RMSNorm`` module.
 
@@ -70,17 +66,27 @@ def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) ->
     return norm(h), h
 
 
-def gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mlp(x)`` for a family MLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: at CUDA inference, with a SiLU
-    activation and nothing hooking or wrapping the MLP or its activation, the activation and product in one launch
-    of ``kernels/swiglu`` (the projections stay module calls); on the CPU or with autograd the same calls in
-    torch; the module call itself where something hooks or wraps it or its activation is not SiLU."""
+def silu_mlp(mlp: nn.Module) -> bool:
+    """A family MLP ``gated_mlp`` may compute itself: a SiLU activation, nothing hooking or wrapping it or the MLP."""
     act = getattr(mlp, "act_fn", None)
-    if isinstance(act, SILU) and untouched(mlp, act):
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return isinstance(act, SILU) and untouched(mlp, act)
+
+
+def gated_mlp(mlp: nn.Module, x: torch.Tensor, weights: InferenceWeights | None = None) -> torch.Tensor:
+    """``mlp(x)`` for a family MLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: at CUDA inference, for a
+    ``silu_mlp``, the activation and product in one launch of ``kernels/swiglu``; on the CPU or with autograd the
+    same calls in torch; the module call itself otherwise. Without autograd, once the block's ``weights`` fused
+    gate_proj and up_proj (``HybridDecoderLayer.fuse_inference_weights``), they are one GEMM and the activation
+    reads its two halves in place."""
+    if silu_mlp(mlp):
+        fused = None if weights is None or torch.is_grad_enabled() else weights.fused_linears("mlp", (mlp.gate_proj, mlp.up_proj))
+        if fused is not None:
+            gate, up = F.linear(x, *fused).split_with_sizes((mlp.gate_proj.out_features, mlp.up_proj.out_features), dim=-1)
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         if swiglu_ops.use_triton(gate, up):
             return mlp.down_proj(swiglu_ops.swiglu(gate, up))
-        return mlp.down_proj(act(gate) * up)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
     return mlp(x)
 
 
@@ -95,12 +101,18 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.mlp = family_class(base.model_type, "MLP")(base)
         self.input_layernorm = norm(base.hidden_size, eps=base.rms_norm_eps)
         self.post_attention_layernorm = norm(base.hidden_size, eps=base.rms_norm_eps)
+        self.inference_weights = InferenceWeights()  # the MLP's fused gate/up weight (no-grad path), not a parameter
 
     def forward(self, hidden_states, position_embeddings, position_ids, past_key_values=None, padding_mask=None, query_scale=None, **kwargs):
         normed, _ = add_norm(self.input_layernorm, hidden_states, None)
         attn = self.self_attn(normed, position_embeddings, position_ids, past_key_values, padding_mask, query_scale)
         normed, hidden_states = add_norm(self.post_attention_layernorm, attn, hidden_states)  # hidden_states + attn
-        return hidden_states + gated_mlp(self.mlp, normed)
+        return hidden_states + gated_mlp(self.mlp, normed, self.inference_weights)
+
+    def fuse_inference_weights(self) -> None:
+        """Make the MLP's gate_proj and up_proj one GEMM at inference from now on (``fuse_for_inference`` calls it)."""
+        if silu_mlp(self.mlp):
+            self.inference_weights.fused_linears("mlp", (self.mlp.gate_proj, self.mlp.up_proj), create=True)
 
 
 class HybridPreTrainedModel(PreTrainedModel):

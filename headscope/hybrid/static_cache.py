@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from headscope.heads import HeadscopeError
+from headscope.hybrid.inference_weights import fuse_for_inference
 
 
 class HybridStaticCache:
@@ -46,6 +47,8 @@ class HybridStaticCache:
     is_croppable = False
 
     def __init__(self, model, batch_size: int, max_length: int, graphed: bool = False) -> None:
+        if isinstance(model, torch.nn.Module):  # fused projections before any step is captured (``inference_weights``)
+            fuse_for_inference(model)
         backbone = getattr(model, "model", model)
         param = next(backbone.parameters())
         self.device, self.dtype = param.device, param.dtype
