@@ -43,7 +43,7 @@ With ``fa_rope`` on, every other switch off and every head FA, the layer is the 
 
 ``forward = o_proj(core(x, *project(x)))``: ``project`` holds the big input projections, ``core`` the
 rest (both branches and the fusion; what ``benchmarks/hybrid_speed.py`` times as the attention core). On
-CUDA without autograd the two branches can run concurrently on two streams (``run_branches``): by default
+CUDA without autograd the two branches can run concurrently on two streams (``branches.run_branches``): by default
 (``overlap_branches = "auto"``) while a CUDA graph is being captured (graph decode: 0.061 against 0.079 ms
 per layer core on the H100) and for calls of at least ``OVERLAP_MIN_TOKENS`` tokens (prefill at 64K-128K:
 7-9% faster), not for short eager calls, where the stream bookkeeping only adds host time (4K-16K
@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from headscope.hybrid.branches import run_branches, should_overlap
 from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, gdn_decay_init, log_position_scale
 from headscope.hybrid.inference_weights import InferenceWeights, split_gdn_logits
 from headscope.hybrid.static_cache import HybridStaticCache
@@ -130,43 +131,6 @@ def previous_states(cache, layer_idx: int) -> tuple[torch.Tensor | None, torch.T
         return None, None
     slot = cache.layers[layer_idx]
     return slot.conv_states[0], slot.recurrent_states[0]
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-OVERLAP_MIN_TOKENS = 32768  # "auto" overlaps eager calls from here: between the measured 16K (slower) and 64K (faster)
-
-
-def should_overlap(setting: bool | str, x: torch.Tensor) -> bool:
-    """Whether ``core`` runs its branches on two streams (``overlap_branches``: True, False or "auto")."""
-    if setting is False or not x.is_cuda or torch.is_grad_enabled():
-        return False
-    return setting is True or x.shape[0] * x.shape[1] >= OVERLAP_MIN_TOKENS or torch.cuda.is_current_stream_capturing()
-
-
-def run_branches(branches: list, overlap: bool, second_first: bool = False) -> list[torch.Tensor]:
-    """Run the branch closures and return their outputs, in order (without ``overlap``, ``second_first`` runs
-    the last branch first).
-
-    With ``overlap`` (CUDA, inference only) and two branches, the second runs on a side stream that
-    first waits for the current stream; the current stream then waits for it, and the second output is
-    recorded on the current stream for the caching allocator. The GDN chunk kernel leaves most of the
-    GPU idle at batch 1 (its inter-chunk recurrence is sequential), so the FA branch fills it. Without
-    ``overlap`` the same closures run one after the other: the exact twin (same kernels, same results).
-    """
-    if not overlap or len(branches) < 2:
-        step = -1 if second_first else 1
-        return [branch() for branch in branches[::step]][::step]
-    main = torch.cuda.current_stream()
-    side = _SIDE_STREAMS.get(main.device)
-    if side is None:
-        side = _SIDE_STREAMS[main.device] = torch.cuda.Stream(device=main.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        second = branches[1]()
-    first = branches[0]()
-    main.wait_stream(side)
-    second.record_stream(main)
-    return [first, second]
 
 
 class HeadRMSNorm(nn.Module):
