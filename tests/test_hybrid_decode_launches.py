@@ -55,3 +55,37 @@ def test_decode_core_launches_on_the_cuda_path(monkeypatch):
         1: (["_combine_kernel", "_split_kernel"], {}),
         2: (["_gdn_decode_kernel"], {}),
     }
+
+
+def test_a_fused_decode_step_makes_one_product_per_projection_group(monkeypatch):
+    """After ``fuse_for_inference`` (what ``generate()`` and ``HybridStaticCache`` call) a decode step runs q/k/v (+ the
+    FA gate) as one product and the MLP's gate/up as another, in every layer: (projections - 1) + 1 ``F.linear``
+    calls fewer per layer than before, with the same logits."""
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    from headscope.hybrid.inference_weights import fuse_for_inference
+
+    lm = load_model(tiny_qwen3(seed=7).float())
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    full[0, 2] = True
+    full[1, :] = True
+    model = build_hybrid(lm, HeadMask(full, lm.fingerprint), HybridConfig(floor_scale=4))
+    calls, linear = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda *args, **kwargs: calls.append(1) or linear(*args, **kwargs))
+    ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def decode_step() -> tuple[int, torch.Tensor]:
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(ids, cache=cache, use_cache=True)
+            calls.clear()
+            logits = model(ids[:, -1:], cache=cache, use_cache=True).logits
+        return len(calls), logits
+
+    before, want = decode_step()
+    fuse_for_inference(model)
+    after, got = decode_step()
+    layers = model.model.layers
+    assert before - after == sum(len(layer.self_attn.projection_linears()) for layer in layers)  # (n - 1) + 1 per layer
+    assert torch.allclose(got, want, atol=1e-5)
