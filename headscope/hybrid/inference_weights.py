@@ -136,7 +136,7 @@ class InferenceWeights:
         if torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         for w in weights:
-            if w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] or w.is_inference() or not w.is_contiguous():
+            if w.dtype != first.dtype or w.device != first.device or w.is_meta or w.shape[1] != first.shape[1] or w.is_inference() or not w.is_contiguous():
                 return None
             own = w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
             if not own and (old is None or w.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()):
