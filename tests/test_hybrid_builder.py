@@ -200,6 +200,8 @@ def test_full_attention_twin_shares_the_weights_and_decodes_as_the_model(make):
             got, scores = greedy(twin, ids, decode_mode="static", prefill_chunk_size=chunk)
             assert torch.equal(got, want) and torch.equal(scores.isinf(), want_scores.isinf())  # -inf: eos held back by min_new_tokens
             assert (scores - want_scores).nan_to_num(0.0).abs().max() < 1e-5
+    assert all(ours[n].data_ptr() == theirs[n].data_ptr() for n in ours)  # still shared after generate() (which fuses)
+    assert twin.model.layers[0].self_attn.inference_weights._fused  # the twin's projections fused, the model following
 
 
 def test_full_attention_twin_rotates_with_the_models_own_rotary_table():

@@ -272,3 +272,43 @@ def test_fused_projections_skip_inference_tensors_and_survive_save_load(tmp_path
         assert torch.equal(fresh(x, rope, pos), want)
         fresh.load_state_dict(layer.state_dict())  # in place into a fused layer: the buffer takes the values
         assert torch.equal(fresh(x, rope, pos), want)
+
+
+def test_fused_buffers_follow_copies_moves_biases_and_compile(monkeypatch):
+    """A deep copy starts unfused and fuses into its own buffers; tensors assigned into it from elsewhere send it back to the module calls
+    (stale blocks never pass); a bias written in place reaches the fused output through the same bias buffer (what
+    a captured step reads); a dtype move frees the old buffer; under torch.compile tracing the module calls run."""
+    import copy
+    import weakref
+
+    torch.manual_seed(5)
+    spec = HybridLayerSpec(hidden_size=48, head_dim=16, n_fa_heads=2, n_gdn_heads=3, fa_kv_sizes=(2,), qkv_bias=True)
+    layer = HeadwiseHybridAttention(spec, layer_idx=0)
+    x = torch.randn(1, 9, 48)
+    fuse_for_inference(layer)
+    twin = copy.deepcopy(layer)  # cloned parameters, an empty cache: the module calls until fused
+    assert not twin.inference_weights._fused
+    fuse_for_inference(twin)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.1)  # in place: into the original's buffers only
+        with TorchLaunches() as ops:
+            got = twin.project(x)
+        assert gemms(ops.ops) == 1 and torch.allclose(got[2], twin.v_proj(x).view_as(got[2]), atol=1e-6)  # the copy's own buffer
+        twin.load_state_dict(layer.state_dict(), assign=True)  # the original's tensors (views of its buffers)
+        with TorchLaunches() as ops:
+            got = twin.project(x)
+        assert gemms(ops.ops) == 4 and torch.allclose(got[3], layer.gate_proj(x).view_as(got[3]), atol=1e-6)
+        bias = layer.inference_weights._fused["projections"][1]
+        assert bias.shape == (sum(linear.out_features for linear in layer.projection_linears()),)
+        layer.v_proj.bias.add_(1.0)  # in place, like an optimizer step
+        assert layer.inference_weights.fused_linears("projections", layer.projection_linears())[1] is bias
+        assert torch.allclose(layer.project(x)[2], layer.v_proj(x).view_as(got[2]), atol=1e-6)
+    old = weakref.ref(layer.inference_weights._fused["projections"][0])
+    layer.to(torch.float64)
+    assert old() is None and not layer.inference_weights._fused  # the float32 buffer is gone with the move
+    fuse_for_inference(layer)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad(), TorchLaunches() as ops:
+        layer.project(x.double())
+    assert gemms(ops.ops) == 4

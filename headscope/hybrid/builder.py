@@ -36,6 +36,7 @@ from torch import nn
 
 from headscope.heads import HeadMask, HeadscopeError
 from headscope.hybrid.configuration import HybridConfig, family_of
+from headscope.hybrid.inference_weights import fuse_for_inference
 from headscope.hybrid.modeling import HybridForCausalLM
 from headscope.hybrid.plan import LayerPlan
 from headscope.models import LoadedModel, load_model
@@ -198,6 +199,10 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
 
     Buffers of the same name and shape are shared too (the rotary table, see ``copy_buffers``).
 
+    The twin's projections are fused here (``inference_weights.fuse_for_inference``: q/k/v and the MLP's gate/up
+    each one buffer, as its ``generate()`` would make them) and ``model``'s parameters of those names are pointed at
+    the same blocks (same values; only where they live changes), so the two still share every tensor.
+
     The sharing lasts while both keep their tensors: nothing here writes to a parameter, but training the twin
     trains ``model``, and a dtype or device move of either (``.to``, ``.float()``) gives that one new tensors
     and ends the sharing (the other keeps the old ones).
@@ -219,6 +224,9 @@ def build_full_attention(model: nn.Module | LoadedModel) -> HybridForCausalLM:
         if name not in source or source[name].shape != param.shape:
             raise HeadscopeError(f"build_full_attention: {name} {tuple(param.shape)} has no twin of that shape in the model")
         param.data = source[name].data
+    fuse_for_inference(twin)  # what its generate() would do (copying the fused weights out of the shared storage) ...
+    for name, param in twin.named_parameters():
+        source[name].data = param.data  # ... so the model's parameters follow into the fused buffers: still shared
     copy_buffers(lm.model, twin, share=True)  # the rotary table too (``copy_buffers``)
     return twin
 

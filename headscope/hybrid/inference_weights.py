@@ -20,12 +20,15 @@ and two of its launches only rearranged weights or split one product in two:
   (q, k, v and the FA gate of a hybrid layer; gate and up of its MLP), so their products are one GEMM: at 4K-token
   prefill on the H200 box each ``F.linear`` call cost ~38 us of host time under cProfile, and a captured decode
   step launches one kernel per projection per layer. It costs no memory: :func:`fuse_for_inference` (which
-  ``generate()`` and ``HybridStaticCache`` call) copies the weights into one buffer and points each
-  ``Linear.weight`` at its block (``weight.data = block``: the same ``Parameter`` objects, so optimizers,
+  ``generate()``, ``HybridStaticCache`` and ``build_full_attention`` call) copies the weights into one buffer, and
+  the biases into another (a zero block where a projection has none), and points each ``Linear.weight`` and
+  ``bias`` at its block (``weight.data = block``: the same ``Parameter`` objects, so optimizers,
   ``load_state_dict`` (in place) and ``save_pretrained`` (which clones such disjoint views) keep working, and an
-  in-place update of a weight is an update of the buffer). A forward uses the buffer while every weight still
-  sits at its block's address and falls back to the module calls once one was replaced (``.to()``, ``.data =
-  ...``) until the next ``fuse_for_inference``. Forwards never fuse by themselves: a training loop's no-grad
+  in-place update of a weight or bias is an update of the buffer, which a captured decode step reads). A forward
+  uses the buffers while every weight and bias still sits at its block's address (``_still_blocks``) and falls
+  back to the module calls once one was replaced (``.data = ...``, ``load_state_dict(assign=True)``) until the
+  next ``fuse_for_inference``; a dtype or device move drops the buffers (the layers' ``_apply``), a deep copy
+  starts without them. Forwards never fuse by themselves: a training loop's no-grad
   evaluation must not move parameters under a wrapper that manages their storage (FSDP2 re-allocates and frees its
   unsharded parameters' storage around every forward; re-pointed, they trained differently, caught by
   ``tests/test_transfer_distributed.py``). Only for plain ``nn.Linear`` modules nothing hooks or wraps
@@ -82,7 +85,12 @@ class InferenceWeights:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple, tuple[torch.Tensor, ...], torch.Tensor]] = {}
-        self._fused: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}  # name -> (buffer, each weight's address in it)
+        self._fused: dict[str, tuple] = {}  # name -> (weight buffer, bias buffer or None, which linears have a bias)
+
+    def __deepcopy__(self, memo) -> "InferenceWeights":
+        """An empty cache: a deep copy's parameters are clones (``Parameter.__deepcopy__``), not views of copied
+        buffers, so nothing here would describe them (and a copy of the buffers would only take memory)."""
+        return InferenceWeights()
 
     def clear(self) -> None:
         """Forget every entry (after writing a parameter through ``.data``, which leaves no trace)."""
@@ -109,46 +117,75 @@ class InferenceWeights:
         return self.derived("conv_taps", lambda w: w.squeeze(1).t().contiguous().t(), conv_weight)
 
     def fused_linears(self, name: str, linears: Sequence[nn.Linear], create: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """``(weight, bias)`` of the linears' outputs concatenated, the weight's row blocks being their weights
-        (module docstring), the bias stacked (zeros for one without; None when none has one); None where the
-        module calls must run. ``create``: fuse them now if they are not (``fuse_for_inference``; a forward passes
-        False)."""
-        if not untouched(*linears) or any(type(linear) is not nn.Linear for linear in linears):  # (checked at every call)
-            return None
-        weights = [linear.weight for linear in linears]
+        """``(weight, bias)`` of the linears' outputs concatenated: buffers whose row blocks are their weights and
+        biases (module docstring; zeros where a linear has no bias, None when none has one); None where the module
+        calls must run. ``create``: fuse them now if they are not (``fuse_for_inference``; a forward passes False)."""
+        if torch.compiler.is_compiling() or not untouched(*linears) or any(type(linear) is not nn.Linear for linear in linears):
+            return None  # (checked at every call: a hook or wrapper added later sees its module call)
         entry = self._fused.get(name)
-        if entry is None or any(w.data_ptr() != address for w, address in zip(weights, entry[1])) or entry[0].dtype != weights[0].dtype:
-            entry = self._fuse(name, linears) if create else None
-            if entry is None:
-                return None
-        biases = [linear.bias for linear in linears]
-        if all(b is None for b in biases):
-            return entry[0], None
-        present = [b for b in biases if b is not None]
-        sizes = tuple(w.shape[0] for w in weights)
-        return entry[0], self.derived(name + ".bias", lambda *values: _stacked_bias(biases, values, sizes), *present)
+        if entry is None or not _still_blocks(entry, linears):
+            entry = self._fuse(name, linears, entry) if create else None
+        return None if entry is None else (entry[0], entry[1])
 
-    def _fuse(self, name: str, linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, tuple[int, ...]] | None:
-        """Copy the weights into one new buffer and point each at its block; None where they cannot share one."""
-        weights = [linear.weight for linear in linears]
+    def release_stale(self, name: str, linears: Sequence[nn.Linear]) -> None:
+        """Drop the entry (and free its buffers, unless a tensor still views them) once its blocks are no longer
+        the linears' tensors: after a dtype or device move, which gives every parameter a new tensor."""
+        entry = self._fused.get(name)
+        if entry is not None and not _still_blocks(entry, linears):
+            del self._fused[name]
+
+    def _fuse(self, name: str, linears: Sequence[nn.Linear], old: tuple | None) -> tuple | None:
+        """Copy the weights (and biases) into one new buffer each and point each at its block; None where they
+        cannot share one (module docstring). ``old``: the entry they were fused into before (its buffers are ours
+        to copy out of: one weight replaced leaves the others views of them)."""
+        weights, biases = [linear.weight for linear in linears], [linear.bias for linear in linears]
         first = weights[0]
-        old = self._fused.pop(name, (None,))[0]
-        if torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if first.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        for w in weights:
-            if w.dtype != first.dtype or w.device != first.device or w.is_meta or w.shape[1] != first.shape[1] or w.is_inference() or not w.is_contiguous():
-                return None
-            own = w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
-            if not own and (old is None or w.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()):
-                return None
+        ours = {t.untyped_storage().data_ptr() for t in (old or ())[:2] if t is not None}
+        for t in weights + [b for b in biases if b is not None]:
+            if type(t.data) is not torch.Tensor or t.dtype != first.dtype or t.device != first.device or t.is_meta or t.is_inference():
+                return None  # (a DTensor, FSDP's or tensor parallelism's, is not a plain tensor)
+            storage = t.untyped_storage()
+            owns = t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+            if not t.is_contiguous() or not (owns or storage.data_ptr() in ours):
+                return None  # a view of a storage that is not its own nor ours (FSDP's flat parameters): not ours to move
+        if any(w.dim() != 2 or w.shape[1] != first.shape[1] for w in weights):
+            return None
         with torch.inference_mode(False), torch.no_grad():
-            buffer = torch.cat([w.detach() for w in weights])  # (sum of rows, in)
-            start = 0
-            for w in weights:
-                w.data = buffer[start : start + w.shape[0]]
-                start += w.shape[0]
-        entry = self._fused[name] = (buffer, tuple(w.data_ptr() for w in weights))
+            weight = torch.cat([w.detach() for w in weights])  # (sum of rows, in)
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b.detach() if b is not None else first.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])  # (rows,)
+            row = 0
+            for w, b in zip(weights, biases):
+                w.data = weight[row : row + w.shape[0]]
+                if b is not None:
+                    b.data = bias[row : row + w.shape[0]]
+                row += w.shape[0]
+        entry = self._fused[name] = (weight, bias, tuple(b is not None for b in biases))
         return entry
+
+
+def _still_blocks(entry: tuple, linears: Sequence[nn.Linear]) -> bool:
+    """Whether each linear's weight (and bias) is still its block of the entry's buffers: at the block's address,
+    in the buffer's dtype, with a bias exactly where it had one. The buffers are alive while the entry is, so no
+    other tensor can sit at those addresses (a deep copy's parameters are views of the copied buffers: they pass;
+    tensors assigned from elsewhere fail)."""
+    weight, bias, had_bias = entry
+    if len(linears) != len(had_bias):
+        return False
+    w_at, size = weight.data_ptr(), weight.element_size()
+    b_at = bias.data_ptr() if bias is not None else 0
+    for linear, had in zip(linears, had_bias):
+        w, b = linear.weight, linear.bias
+        if w.data_ptr() != w_at or w.dtype != weight.dtype or (b is not None) != had:
+            return False
+        if b is not None and (b.data_ptr() != b_at or b.dtype != bias.dtype):
+            return False
+        w_at += w.numel() * size
+        b_at += w.shape[0] * size
+    return w_at == weight.data_ptr() + weight.numel() * size
 
 
 def fuse_for_inference(model: nn.Module) -> None:
@@ -163,11 +200,3 @@ def fuse_for_inference(model: nn.Module) -> None:
             fuse = getattr(module, "fuse_inference_weights", None)
             if callable(fuse):
                 fuse()
-
-
-def _stacked_bias(biases: Sequence[torch.Tensor | None], present: Sequence[torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
-    """``cat`` of the biases, ``present`` standing for the non-None ones in order, zeros of ``sizes[i]`` for a None."""
-    values, parts = iter(present), []
-    for bias, size in zip(biases, sizes):
-        parts.append(next(values) if bias is not None else present[0].new_zeros(size))
-    return torch.cat(parts)

@@ -277,6 +277,13 @@ class HeadwiseHybridAttention(nn.Module):
         their weights become blocks of one buffer, no copy kept); ``fuse_for_inference`` calls it."""
         self.inference_weights.fused_linears("projections", self.projection_linears(), create=True)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to()``, ``.half()``...), then the fused buffer dropped if the move gave the
+        projections new tensors (else it would keep the old copy alive)."""
+        module = super()._apply(fn, recurse)
+        self.inference_weights.release_stale("projections", self.projection_linears())
+        return module
+
     def core(self, x, q, k, v, gate, position_embeddings, position_ids, cache=None, padding_mask=None, query_scale=None) -> torch.Tensor:
         """Everything between the projections and ``o_proj``: both branches and the fusion.
 

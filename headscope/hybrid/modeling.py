@@ -114,6 +114,13 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         if silu_mlp(self.mlp):
             self.inference_weights.fused_linears("mlp", (self.mlp.gate_proj, self.mlp.up_proj), create=True)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply``, then the MLP's fused buffer dropped if the move gave its weights new tensors."""
+        module = super()._apply(fn, recurse)
+        if hasattr(self.mlp, "gate_proj") and hasattr(self.mlp, "up_proj"):
+            self.inference_weights.release_stale("mlp", (self.mlp.gate_proj, self.mlp.up_proj))
+        return module
+
 
 class HybridPreTrainedModel(PreTrainedModel):
     config_class = HybridConfig
