@@ -56,7 +56,8 @@ A ``block_v`` above the head dim runs as the head dim rounded up to a power of 2
 requested name.
 
 Usage (GPU): ``python benchmarks/gdn_prefill_speed.py`` (writes ``$OUT/gdn_prefill_speed.{json,md}``, OUT
-defaults to benchmarks/results; ``--summary-only`` recomputes the summary and report of the rows already there). ``--tiny``: tiny shapes on the CPU, to check the script (under
+defaults to benchmarks/results; ``--summary-only`` recomputes the summary and report of the rows already there). Both files are written again
+after every section (``meta.partial`` until the last), so a run cut short by an outer timeout keeps what it measured. ``--tiny``: tiny shapes on the CPU, to check the script (under
 ``TRITON_INTERPRET=1`` the fused kernels then run through the interpreter; the layers take their CPU paths).
 """
 
@@ -519,6 +520,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
              "host's speed between rounds cancels); `best rounds`, the ratio of each path's fastest round (the host's slow spells "
              "aside); `gdn first`, the same ratios for `hybrid_gdn_first`; `with flash`, for `hybrid_flash` (the FA heads through "
              "ATen's FlashAttention instead of `kernels/fa_prefill`); `own fa over flash paired rounds`, hybrid_all over hybrid_flash.", "",
+             *([f"**Partial run** ({meta['partial']}): written after a section; the run did not finish.", ""] if meta.get("partial") else []),
              "## Goals (T = 4096)", ""]
     lines += goal_lines(summary["goals"])
     lines.append(f"- fused GDN kernels (the layer's config at batch 1, {config_name(meta['layer_config'])}) "
@@ -603,6 +605,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = [("check", check, ())] + [(f"prefill T={t}", bench_prefill, (t,)) for t in contexts]  # the goals first
     plan += [(f"host profile T={contexts[min(2, len(contexts) - 1)]}", profile_host, (contexts[min(2, len(contexts) - 1)],))]
     plan += [(f"kernel T={t}", bench_kernel, (t,)) for t in contexts] + [(f"kernel B={batched[0]} T={batched[1]}", bench_kernel, batched[::-1])]
+    import triton
+
+    from headscope.kernels.launch import sm_count
+
+    layer_config = triton_chunk.default_block_v(shape.heads - 2, shape.head_dim, sm_count(device))  # the layer's block_v at batch 1
+
+    def save(final: bool) -> None:  # after every section: a run cut short (an outer timeout) keeps what it measured
+        meta = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__, "triton": triton.__version__,
+                "dtype": str(dtype).replace("torch.", ""), "shape": shape.__dict__, "errors": run.errors, "seconds": time.time() - started,
+                "configs": args.configs, "layer_config": layer_config, "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+                **({} if final else {"partial": "cut after the sections listed in rows"})}
+        write(out, meta, run.rows, summarise(run.rows, contexts, layer_config), echo=final)
+
     with torch.inference_mode():
         for name, fn, fn_args in plan:
             if (time.time() - started) / 60 > args.max_minutes:
@@ -614,25 +629,19 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001 -- one failing section must not stop the run
                 run.errors.append(f"{name}: {type(err).__name__}: {err}")
                 traceback.print_exc()
-    import triton
-
-    from headscope.kernels.launch import sm_count
-
-    layer_config = triton_chunk.default_block_v(shape.heads - 2, shape.head_dim, sm_count(device))  # the layer's block_v at batch 1
-    summary = summarise(run.rows, contexts, layer_config)
-    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu (--tiny)", "torch": torch.__version__, "triton": triton.__version__,
-            "dtype": str(dtype).replace("torch.", ""), "shape": shape.__dict__, "errors": run.errors, "seconds": time.time() - started,
-            "configs": args.configs, "layer_config": layer_config, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
-    write(out, meta, run.rows, summary)
+            save(final=False)
+    save(final=True)
     return 1 if run.errors else 0
 
 
-def write(out: Path, meta: dict, rows: list[dict], summary: dict) -> None:
-    """``out``/gdn_prefill_speed.json (meta, summary, rows) and its report ``.md``, each written atomically; the report printed."""
+def write(out: Path, meta: dict, rows: list[dict], summary: dict, echo: bool = True) -> None:
+    """``out``/gdn_prefill_speed.json (meta, summary, rows) and its report ``.md``, each written atomically; the report
+    printed when ``echo``."""
     write_text_atomic(out / "gdn_prefill_speed.json", json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1, default=str))
     report = markdown(meta, rows, summary)
     write_text_atomic(out / "gdn_prefill_speed.md", report)
-    print("\n" + report)
+    if echo:
+        print("\n" + report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gdn_prefill_speed.json").read_text())
-    assert result["meta"]["interpreter"] and not result["meta"]["errors"]
+    assert result["meta"]["interpreter"] and not result["meta"]["errors"] and "partial" not in result["meta"]
     assert result["meta"]["layer_config"] == 16  # default_block_v: 3 heads fit in one wave
     rows = result["rows"]
     kernel_check = next(r for r in rows if r["phase"] == "check" and r["scope"] == "kernel")
@@ -154,3 +154,23 @@ def test_idle_gaps_between_a_calls_kernels(benchmark):
     assert gaps["largest"] == [[0.02, "scan"], [0.005, "epilogue"]]
     assert abs(gaps["idle_ms"] - 0.025) < 1e-12 and gaps["span_ms"] == 0.41
     assert benchmark.idle_gaps([]) == {"idle_ms": 0, "span_ms": 0.0, "largest": []}
+
+
+def test_a_run_cut_short_keeps_what_it_measured(benchmark, tmp_path, monkeypatch):
+    """The files are written after every section: a run stopped in its kernel sections (an outer timeout) leaves
+    the check and prefill rows, marked partial."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(benchmark, "bench_prefill", lambda run, t: run.rows.append(
+        {"phase": "prefill", "scope": "core", "path": "full", "context": t, "ms": 1.0, "host_ms": 1.0, "b2b_ms": 1.0, "launches": None}))
+    monkeypatch.setattr(benchmark, "check", lambda run: None)
+    monkeypatch.setattr(benchmark, "profile_host", lambda run, t: None)
+
+    def killed(run, *args):
+        raise KeyboardInterrupt  # what a timeout's signal does to the section in progress
+
+    monkeypatch.setattr(benchmark, "bench_kernel", killed)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--tiny"])
+    result = json.loads((tmp_path / "gdn_prefill_speed.json").read_text())
+    assert result["meta"]["partial"] and [r["phase"] for r in result["rows"]] == ["prefill"]
+    assert "**Partial run**" in (tmp_path / "gdn_prefill_speed.md").read_text()
