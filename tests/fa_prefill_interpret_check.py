@@ -16,22 +16,24 @@ import torch
 from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print_report  # same directory (sys.path[0] of this script)
 
 # name, B, FA query heads per KV head, D, T (queries), Tk (keys: Tk - T earlier positions), SMs the launcher
-# sees (None: the H100/H200's 132; a few force the 128-row query tile), the output's head dim strided
+# sees (None: the H100/H200's 132; a few force the 128-row query tile), layout (None; "strided_out": the output's
+# head dim strided; "cache": k/v slices of a longer cache buffer)
 CASES = [
-    ("one_group_three_tiles", 2, (2,), 32, 150, 150, None, False),
-    ("uneven_groups_odd_dim", 1, (1, 3, 2), 24, 100, 100, None, False),
-    ("later_chunk_past_keys", 2, (2, 2), 16, 70, 200, None, False),
-    ("rows_128_tile", 1, (2,), 32, 300, 300, 4, False),
-    ("one_query_row", 2, (1, 2), 16, 1, 33, None, False),
-    ("short_block_inside_first_tile", 1, (3,), 64, 5, 9, None, False),
-    ("head_dim_128", 1, (2,), 128, 130, 130, None, False),  # the Qwen3/SmolLM2 hybrids' heads (the compile check's config)
-    ("head_dim_128_rows_128", 1, (2,), 128, 200, 200, 2, False),
-    ("head_dim_256", 1, (1,), 256, 140, 140, 1, False),  # 64-row tiles whatever the grid (shared memory)
-    ("output_head_dim_strided", 2, (1, 2), 16, 40, 40, None, True),
+    ("one_group_three_tiles", 2, (2,), 32, 150, 150, None, None),
+    ("uneven_groups_odd_dim", 1, (1, 3, 2), 24, 100, 100, None, None),
+    ("later_chunk_past_keys", 2, (2, 2), 16, 70, 200, None, None),
+    ("rows_128_tile", 1, (2,), 32, 300, 300, 4, None),
+    ("one_query_row", 2, (1, 2), 16, 1, 33, None, None),
+    ("short_block_inside_first_tile", 1, (3,), 64, 5, 9, None, None),
+    ("head_dim_128", 1, (2,), 128, 130, 130, None, None),  # the Qwen3/SmolLM2 hybrids' heads (the compile check's config)
+    ("head_dim_128_rows_128", 1, (2,), 128, 200, 200, 2, None),
+    ("head_dim_256", 1, (1,), 256, 140, 140, 1, None),  # 64-row tiles whatever the grid (shared memory)
+    ("output_head_dim_strided", 2, (1, 2), 16, 40, 40, None, "strided_out"),
+    ("static_cache_slots", 2, (2, 1), 32, 50, 90, None, "cache"),  # k/v: slots [0, Tk) of a (B, Hkv, 160, D) buffer
 ]
 
 
-def run_case(batch, groups, dim, length, key_len, n_sms, strided_out, dtype, seed):
+def run_case(batch, groups, dim, length, key_len, n_sms, layout, dtype, seed):
     import headscope.kernels.fa_prefill.triton_fa_prefill as kernel
     import headscope.kernels.launch as launch_helpers
     from headscope.kernels.fa_prefill.naive import kv_heads_of, prefill_attention_reference
@@ -41,9 +43,12 @@ def run_case(batch, groups, dim, length, key_len, n_sms, strided_out, dtype, see
     n_kv, n_q = len(groups), sum(groups)
     offsets = tuple(int(x) for x in torch.tensor((0,) + groups).cumsum(0))
     q = torch.randn(batch, length, n_q + 2, dim, generator=gen).to(dtype)[:, :, 1:-1]  # a head slice of a projection
-    k, v = (torch.randn(batch, key_len, n_kv, dim, generator=gen).mul(2).to(dtype).transpose(1, 2) for _ in range(2))  # (B, Hkv, Tk, D) views
+    if layout == "cache":  # a HybridStaticCache's buffers, sliced to the tokens seen
+        k, v = (torch.randn(batch, n_kv, 160, dim, generator=gen).mul(2).to(dtype)[:, :, :key_len] for _ in range(2))
+    else:
+        k, v = (torch.randn(batch, key_len, n_kv, dim, generator=gen).mul(2).to(dtype).transpose(1, 2) for _ in range(2))  # (B, Hkv, Tk, D) views
     want = prefill_attention_reference(q, k, v, offsets, scale=dim**-0.5)
-    if strided_out:  # (B, T, Hq, D) with D's stride Hq
+    if layout == "strided_out":  # (B, T, Hq, D) with D's stride Hq
         out = torch.full((batch, length, dim, n_q), float("nan"), dtype=dtype).transpose(2, 3)
     else:
         out = torch.full((batch, length, n_q, 2 * dim), float("nan"), dtype=dtype)[..., dim:]
