@@ -209,3 +209,26 @@ def test_a_pure_gdn_hybrid_decodes_without_a_mask_on_the_static_cache():
         pieces = [model(ids[:, :5], cache=cache, use_cache=True).logits]
         pieces += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 9)]
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
+
+
+def test_generate_walks_the_model_to_fuse_only_when_something_moved(monkeypatch):
+    """``generate()`` fuses the projections before taking its cache key, but a model whose weights have not moved since
+    a complete fuse is not walked again; one where a fuse was refused (a hooked projection) is, until it fuses."""
+    import headscope.hybrid.generation as generation
+
+    model = built([(0, 2), (1, 0)], seed=3)
+    ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    walks, fuse = [], generation.fuse_for_inference
+    monkeypatch.setattr(generation, "fuse_for_inference", lambda m: walks.append(1) or fuse(m))
+    cache = lambda: static_cache_for_generate(model, ids, (), {"max_new_tokens": 4}, "static")  # noqa: E731
+    for _ in range(3):
+        cache()
+    assert len(walks) == 1
+    q_proj = model.model.layers[0].self_attn.q_proj
+    handle = q_proj.register_forward_hook(lambda *args: None)
+    q_proj.weight.data = q_proj.weight.detach().clone()  # moved, and hooked: the walk cannot fuse it
+    cache(), cache()
+    assert len(walks) == 3 and not model.model.layers[0].self_attn.inference_weights.fused_linears("projections", model.model.layers[0].self_attn.projection_linears())
+    handle.remove()
+    cache(), cache()
+    assert len(walks) == 4  # fused at the first call after the hook went, not walked at the second

@@ -270,12 +270,15 @@ class HeadwiseHybridAttention(nn.Module):
 
     def projection_linears(self) -> tuple[nn.Linear, ...]:
         """q_proj, k_proj, v_proj and, when the FA heads are gated, gate_proj: what ``project`` multiplies x by."""
-        return (self.q_proj, self.k_proj, self.v_proj, self.gate_proj) if self.spec.gated else (self.q_proj, self.k_proj, self.v_proj)
+        modules = self._modules  # (not four ``nn.Module.__getattr__`` calls: this runs at every projection)
+        if self.spec.gated:
+            return modules["q_proj"], modules["k_proj"], modules["v_proj"], modules["gate_proj"]
+        return modules["q_proj"], modules["k_proj"], modules["v_proj"]
 
-    def fuse_inference_weights(self) -> None:
+    def fuse_inference_weights(self) -> bool:
         """Make the four (three) projections one GEMM at inference from now on (``inference_weights.fused_linears``:
-        their weights become blocks of one buffer, no copy kept); ``fuse_for_inference`` calls it."""
-        self.inference_weights.fused_linears("projections", self.projection_linears(), create=True)
+        their weights become blocks of one buffer, no copy kept); whether they are. ``fuse_for_inference`` calls it."""
+        return self.inference_weights.fused_linears("projections", self.projection_linears(), create=True) is not None
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (``.to()``, ``.half()``...), then the fused buffer dropped if the move gave the

@@ -109,10 +109,12 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         normed, hidden_states = add_norm(self.post_attention_layernorm, attn, hidden_states)  # hidden_states + attn
         return hidden_states + gated_mlp(self.mlp, normed, self.inference_weights)
 
-    def fuse_inference_weights(self) -> None:
-        """Make the MLP's gate_proj and up_proj one GEMM at inference from now on (``fuse_for_inference`` calls it)."""
-        if silu_mlp(self.mlp):
-            self.inference_weights.fused_linears("mlp", (self.mlp.gate_proj, self.mlp.up_proj), create=True)
+    def fuse_inference_weights(self) -> bool:
+        """Make the MLP's gate_proj and up_proj one GEMM at inference from now on (``fuse_for_inference`` calls it);
+        whether they are (True for an MLP ``gated_mlp`` hands to the module: nothing to fuse)."""
+        if not silu_mlp(self.mlp):
+            return True
+        return self.inference_weights.fused_linears("mlp", (self.mlp.gate_proj, self.mlp.up_proj), create=True) is not None
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply``, then the MLP's fused buffer dropped if the move gave its weights new tensors."""
