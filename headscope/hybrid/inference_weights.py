@@ -14,8 +14,7 @@ and two of its launches only rearranged weights or split one product in two:
   views of the padded output (:func:`split_gdn_logits`; the GDN kernels take strides);
 * ``conv_taps``: the depthwise conv weight ``(C, 1, K)`` as a ``(C, K)`` view of a channel-contiguous ``(K, C)``
   tensor, the layout the GDN prep kernel reads (``kernels/gdn_prep``), which otherwise copies the taps at
-  every call (one launch and one allocation).
-
+  every call (one launch and one allocation);
 * ``fused_linears``: one ``(sum of out_features, in)`` weight whose row blocks *are* several projections' weights
   (q, k, v and the FA gate of a hybrid layer; gate and up of its MLP), so their products are one GEMM: at 4K-token
   prefill on the H200 box each ``F.linear`` call cost ~38 us of host time under cProfile, and a captured decode
@@ -33,10 +32,11 @@ and two of its launches only rearranged weights or split one product in two:
   unsharded parameters' storage around every forward; re-pointed, they trained differently, caught by
   ``tests/test_transfer_distributed.py``). Only for plain ``nn.Linear`` modules nothing hooks or wraps
   (``untouched``: a hook or a LoRA wrapper sees the module call), weights of one dtype and device, each owning its
-  storage (or in the previous buffer: never a view of someone else's), not inference tensors, not under
-  ``torch.compile`` tracing, not while a CUDA graph is being captured, and never in a model holding FSDP modules.
+  storage (or in the previous buffer: never a view of someone else's, nor a DTensor), not inference tensors, not
+  under ``torch.compile`` tracing, not while a CUDA graph is being captured, and never in a model holding FSDP
+  modules.
 
-An entry is rebuilt when one of its parameters changes: it keeps the storage of the parameters it was made from
+A derived entry (the first two) is rebuilt when one of its parameters changes: it keeps the storage of the parameters it was made from
 (so no other tensor can take their addresses) and their version counters, so a parameter replaced (``.to()``,
 loading into new tensors, ``p.data = ...``) or written in place (an optimizer step, ``copy_`` under ``no_grad``,
 ``load_state_dict``) is seen at the next call. Writes through ``p.data`` bypass the version counter and are not:
