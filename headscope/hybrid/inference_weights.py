@@ -170,8 +170,7 @@ class InferenceWeights:
 def _still_blocks(entry: tuple, linears: Sequence[nn.Linear]) -> bool:
     """Whether each linear's weight (and bias) is still its block of the entry's buffers: at the block's address,
     in the buffer's dtype, with a bias exactly where it had one. The buffers are alive while the entry is, so no
-    other tensor can sit at those addresses (a deep copy's parameters are views of the copied buffers: they pass;
-    tensors assigned from elsewhere fail). Read through ``_parameters`` (``linear.weight`` goes through
+    other tensor can sit at those addresses (tensors assigned from elsewhere fail). Read through ``_parameters`` (``linear.weight`` goes through
     ``nn.Module.__getattr__``): this runs at every no-grad projection."""
     weight, bias, had_bias = entry
     if len(linears) != len(had_bias):

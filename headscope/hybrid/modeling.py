@@ -72,6 +72,12 @@ def silu_mlp(mlp: nn.Module) -> bool:
     return isinstance(act, SILU) and untouched(mlp, act)
 
 
+def gate_up(mlp: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The MLP's gate_proj and up_proj, what ``fused_linears("mlp", ...)`` fuses (read from ``_modules``: this runs at
+    every no-grad forward of a block)."""
+    return mlp._modules["gate_proj"], mlp._modules["up_proj"]
+
+
 def gated_mlp(mlp: nn.Module, x: torch.Tensor, weights: InferenceWeights | None = None) -> torch.Tensor:
     """``mlp(x)`` for a family MLP, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: at CUDA inference, for a
     ``silu_mlp``, the activation and product in one launch of ``kernels/swiglu``; on the CPU or with autograd the
@@ -79,11 +85,12 @@ def gated_mlp(mlp: nn.Module, x: torch.Tensor, weights: InferenceWeights | None 
     gate_proj and up_proj (``HybridDecoderLayer.fuse_inference_weights``), they are one GEMM and the activation
     reads its two halves in place."""
     if silu_mlp(mlp):
-        fused = None if weights is None or torch.is_grad_enabled() else weights.fused_linears("mlp", (mlp.gate_proj, mlp.up_proj))
+        linears = gate_up(mlp)
+        fused = None if weights is None or torch.is_grad_enabled() else weights.fused_linears("mlp", linears)
         if fused is not None:
-            gate, up = F.linear(x, *fused).split_with_sizes((mlp.gate_proj.out_features, mlp.up_proj.out_features), dim=-1)
+            gate, up = F.linear(x, *fused).split_with_sizes([linear.out_features for linear in linears], dim=-1)
         else:
-            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            gate, up = (linear(x) for linear in linears)
         if swiglu_ops.use_triton(gate, up):
             return mlp.down_proj(swiglu_ops.swiglu(gate, up))
         return mlp.down_proj(mlp.act_fn(gate) * up)
@@ -114,13 +121,13 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         whether they are (True for an MLP ``gated_mlp`` hands to the module: nothing to fuse)."""
         if not silu_mlp(self.mlp):
             return True
-        return self.inference_weights.fused_linears("mlp", (self.mlp.gate_proj, self.mlp.up_proj), create=True) is not None
+        return self.inference_weights.fused_linears("mlp", gate_up(self.mlp), create=True) is not None
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply``, then the MLP's fused buffer dropped if the move gave its weights new tensors."""
         module = super()._apply(fn, recurse)
-        if hasattr(self.mlp, "gate_proj") and hasattr(self.mlp, "up_proj"):
-            self.inference_weights.release_stale("mlp", (self.mlp.gate_proj, self.mlp.up_proj))
+        if "gate_proj" in self.mlp._modules and "up_proj" in self.mlp._modules:
+            self.inference_weights.release_stale("mlp", gate_up(self.mlp))
         return module
 
 
