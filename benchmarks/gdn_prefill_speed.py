@@ -74,6 +74,7 @@ import traceback
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 HERE = Path(__file__).resolve().parent
@@ -96,19 +97,27 @@ from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule  # noqa
 from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
-# path -> (hybrid_speed variant, query scale as "layer" (computed per layer) or "model" (as HybridModel passes it),
-#          fused GDN kernels, one-launch q/k RMSNorm and block add + RMSNorm, GDN branch enqueued first,
-#          the hybrid's FA heads through kernels/fa_prefill (else ATen's FlashAttention),
-#          projections fused (q/k/v/gate and the MLP's gate/up one GEMM each: inference_weights.fuse_for_inference))
+class PathSpec(NamedTuple):
+    """What a timed path switches on."""
+
+    variant: str  # hybrid_speed variant: "full" or "headwise"
+    query_scale: str  # "layer" (computed per layer) or "model" (as HybridModel passes it)
+    fused_gdn: bool = False  # headscope's fused chunk GDN kernels (else fla)
+    one_launch_norms: bool = False  # one-launch q/k RMSNorm, block add + RMSNorm and SwiGLU
+    gdn_first: bool = False  # the GDN branch enqueued first
+    fa_kernel: bool = True  # the hybrid's FA heads through kernels/fa_prefill (else ATen's FlashAttention)
+    fused_projections: bool = False  # q/k/v/gate and the MLP's gate/up one GEMM each (inference_weights.fuse_for_inference)
+
+
 PATHS = {
-    "full": ("full", "layer", False, False, False, True, False),
-    "hybrid_fla": ("headwise", "layer", False, False, False, False, False),
-    "hybrid_fla_scale": ("headwise", "model", False, False, False, False, False),
-    "hybrid_fused": ("headwise", "model", True, False, False, False, False),
-    "hybrid_all": ("headwise", "model", True, True, False, True, True),
-    "full_qknorm": ("full", "layer", False, True, False, True, True),
-    "hybrid_gdn_first": ("headwise", "model", True, True, True, True, True),
-    "hybrid_flash": ("headwise", "model", True, True, False, False, True),
+    "full": PathSpec("full", "layer"),
+    "hybrid_fla": PathSpec("headwise", "layer", fa_kernel=False),
+    "hybrid_fla_scale": PathSpec("headwise", "model", fa_kernel=False),
+    "hybrid_fused": PathSpec("headwise", "model", fused_gdn=True, fa_kernel=False),
+    "hybrid_all": PathSpec("headwise", "model", fused_gdn=True, one_launch_norms=True, fused_projections=True),
+    "full_qknorm": PathSpec("full", "layer", one_launch_norms=True, fused_projections=True),
+    "hybrid_gdn_first": PathSpec("headwise", "model", fused_gdn=True, one_launch_norms=True, gdn_first=True, fused_projections=True),
+    "hybrid_flash": PathSpec("headwise", "model", fused_gdn=True, one_launch_norms=True, fa_kernel=False, fused_projections=True),
 }
 CONFIGS = (32, 16)  # block_v of the fused kernels swept (chunks of 64 tokens); the layer's: default_block_v
 GOALS = {"core_4k_over_full": 1.5, "layer_4k_over_full": 1.0}
@@ -364,17 +373,18 @@ def path_calls(run: Run, t: int, paths=tuple(PATHS)) -> dict[str, tuple[tuple[bo
     pe = rope(pos, run.shape.head_dim, run.dtype)
     out = {}
     for path in paths:
-        variant, scale_mode, fused, qk_norm, gdn_first, fa_kernel, fuse = PATHS[path]
-        layer = build_layer(run, variant)
-        if fuse:
+        spec_of_path = PATHS[path]
+        layer = build_layer(run, spec_of_path.variant)
+        if spec_of_path.fused_projections:
             fuse_for_inference(layer)
         attn, spec = layer.self_attn, layer.self_attn.spec
-        attn.gdn_first = gdn_first
-        scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if scale_mode == "model" else None
-        with switches(fused, qk_norm, fa_kernel):
+        attn.gdn_first = spec_of_path.gdn_first
+        scale = model_query_scale(pos, t - 1, spec.attn_scale, spec.floor_scale, run.dtype) if spec_of_path.query_scale == "model" else None
+        flags = (spec_of_path.fused_gdn, spec_of_path.one_launch_norms, spec_of_path.fa_kernel)
+        with switches(*flags):
             h = layer.input_layernorm(x)
             projected = attn.project(h)
-        out[path] = ((fused, qk_norm, fa_kernel), {"core": partial(attn.core, h, *projected, pe, pos, None, None, scale),
+        out[path] = (flags, {"core": partial(attn.core, h, *projected, pe, pos, None, None, scale),
                                         "layer": partial(layer, x, pe, pos, None, None, scale)})
     return out
 
