@@ -2,7 +2,8 @@
 
 The static-cache decode step as it runs on CUDA, on the CPU: ``kernels/fa_decode`` and ``kernels/gdn_decode``
 are let through their ``use_triton`` checks (which ask for CUDA) so that every decode step of a tiny float32
-hybrid runs their Triton kernels under the interpreter, with the layer's epilogue (gamma, the FA gate) inside
+hybrid runs their Triton kernels under the interpreter (a layer with both kinds of heads: ``kernels/hybrid_decode``,
+both in one launch), with the layer's epilogue (gamma, the FA gate) inside
 them, writing into the slices of the layer's one output. The same prompt, decode steps and later chunk run through
 transformers' DynamicCache (the layer's own torch path and epilogue) give the reference logits. The kernel tests
 check each kernel alone; this checks how the layer calls them (which heads, gamma and gate slices, the output
@@ -46,7 +47,9 @@ def run_case(full_heads, perturb: bool, seed: int) -> dict:
                     attn.gamma.copy_(torch.rand(attn.gamma.shape, generator=gen) + 0.5)
                 if hasattr(attn, "gate_proj"):
                     attn.gate_proj.weight.copy_(torch.randn(attn.gate_proj.weight.shape, generator=gen) * 0.5)
-    calls = {"fa_decode": 0, "gdn_decode": 0}
+    import headscope.kernels.hybrid_decode.triton_hybrid_decode as hybrid_triton
+
+    calls = {"fa_decode": 0, "gdn_decode": 0, "hybrid_decode": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -56,14 +59,17 @@ def run_case(full_heads, perturb: bool, seed: int) -> dict:
 
     ids, mask = prompt()
     dynamic = run(model, DynamicCache(config=model.config), ids, mask, steps=4)
-    saved = fa_ops.use_triton, gdn_ops.use_triton, fa_triton.triton_decode_attention, gdn_triton.triton_gdn_decode
+    saved = (fa_ops.use_triton, gdn_ops.use_triton, fa_triton.triton_decode_attention, gdn_triton.triton_gdn_decode,
+             hybrid_triton.triton_hybrid_decode)
     fa_ops.use_triton = gdn_ops.use_triton = lambda *tensors: not torch.is_grad_enabled()  # the CUDA choice, on the CPU
     fa_triton.triton_decode_attention = counted("fa_decode", saved[2])
     gdn_triton.triton_gdn_decode = counted("gdn_decode", saved[3])
+    hybrid_triton.triton_hybrid_decode = counted("hybrid_decode", saved[4])
     try:
         static = run(model, HybridStaticCache(model, batch_size=ids.shape[0], max_length=20), ids, mask, steps=4)
     finally:
-        fa_ops.use_triton, gdn_ops.use_triton, fa_triton.triton_decode_attention, gdn_triton.triton_gdn_decode = saved
+        (fa_ops.use_triton, gdn_ops.use_triton, fa_triton.triton_decode_attention, gdn_triton.triton_gdn_decode,
+         hybrid_triton.triton_hybrid_decode) = saved
     diff = max((a - b).abs().max().item() for a, b in zip(dynamic, static))
     return {"max_abs_dlogit": diff, "steps": len(static), "kernel_calls": calls}
 

@@ -52,8 +52,11 @@ prefill 5-7% slower, eager decode 10% slower; ``benchmarks/results/hybrid_speed.
 Against a ``HybridStaticCache`` a one-token call is a decode step through ``kernels/fa_decode`` and
 ``kernels/gdn_decode`` (cache write, log scaling, conv window, delta rule, states in place; no host
 synchronisation), both branches writing into one output: what ``headscope.hybrid.static_cache``
-captures in a CUDA graph. ``HybridModel`` computes the FA query scale once per forward and passes it to
-every layer (``query_scale``), instead of each layer recomputing it, and passes exactly 1.0 (no multiply)
+captures in a CUDA graph. A layer with both kinds of heads runs the two in one launch on CUDA
+(``kernels/hybrid_decode``: the FA split programs and the GDN programs in one grid, then the FA combine),
+not on two streams: at batch 1 a captured step is bound by its kernel count.
+
+``HybridModel`` computes the FA query scale once per forward and passes it to every layer (``query_scale``), instead of each layer recomputing it, and passes exactly 1.0 (no multiply)
 when every position it made is below ``floor_scale - 1``, where the scale is 1.
 """
 
@@ -76,6 +79,7 @@ from headscope.kernels.fa_decode.ops import decode_attention
 from headscope.kernels.gdn.ops import gated_delta_rule_from_logits
 from headscope.kernels.gdn_decode.ops import gdn_decode_step
 from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm, short_conv_rope_l2norm_and_logits
+from headscope.kernels.hybrid_decode.ops import hybrid_decode_step
 from headscope.kernels.qk_norm.naive import head_rms_norm_reference
 from headscope.kernels.qk_norm.ops import qk_rms_norm
 
@@ -302,19 +306,23 @@ class HeadwiseHybridAttention(nn.Module):
         k_fa, k_gdn = k.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         v_fa, v_gdn = v.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
         step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
-        overlap = should_overlap(self.overlap_branches, x)
         if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
             o = q.new_empty(batch, 1, spec.n_heads, spec.head_dim)
             # with the fusion norm each branch's kernel applies the epilogue to its heads (no launch of its own)
             norm = spec.fusion_norm
             gamma_fa, gamma_gdn = (self.gamma[: spec.n_fa_heads], self.gamma[spec.n_fa_heads :]) if norm else (None, None)
-            branches = []
+            attention = delta = None
             if spec.n_fa_heads:
-                branches.append(lambda: self._full_attention_step(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache,
-                                                                  o[:, :, : spec.n_fa_heads], gamma_fa, gate if norm else None))
+                attention = self._fa_step_arguments(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache,
+                                                      o[:, :, : spec.n_fa_heads], gamma_fa, gate if norm else None)
             if spec.n_gdn_heads:
-                branches.append(lambda: self._gated_delta_step(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :], gamma_gdn))
-            run_branches(branches, overlap)
+                delta = self._gdn_step_arguments(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :], gamma_gdn)
+            if attention is not None and delta is not None:  # both kinds of heads: one launch on CUDA
+                hybrid_decode_step(attention, delta)
+            elif attention is not None:
+                decode_attention(**attention)
+            else:
+                gdn_decode_step(**delta)
             if norm:
                 return o
             parts = (o,)
@@ -324,7 +332,7 @@ class HeadwiseHybridAttention(nn.Module):
                 branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask, query_scale))
             if spec.n_gdn_heads:
                 branches.append(lambda: self._gated_delta(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, step_mask))
-            parts = tuple(run_branches(branches, overlap, self.gdn_first))  # (B, T, n_fa, D), (B, T, n_gdn, D)
+            parts = tuple(run_branches(branches, should_overlap(self.overlap_branches, x), self.gdn_first))  # (B, T, n_fa, D), (B, T, n_gdn, D)
         if spec.fusion_norm:  # both parts read in place: no concatenation on the Triton path
             return head_epilogue(parts if len(parts) == 2 else parts[0], self.gamma, gate, check=False)
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, T, H, D)
@@ -353,29 +361,31 @@ class HeadwiseHybridAttention(nn.Module):
             direct=spec.n_gdn_heads > 0,
         )
 
-    def _full_attention_step(self, q, k, v, position_embeddings, position_ids, cache, out, gamma=None, gate=None) -> torch.Tensor:
-        """FA heads, one decode token against a ``HybridStaticCache``: ``kernels/fa_decode`` rotates q and the
-        new key (RoPE in the kernel), writes the new key/value into the cache and attends over the tokens seen,
-        into ``out`` ``(B, 1, n_fa, D)``; with ``gamma`` (and ``gate``) the layer's epilogue on these heads too."""
+    def _fa_step_arguments(self, q, k, v, position_embeddings, position_ids, cache, out, gamma=None, gate=None) -> dict:
+        """FA heads, one decode token against a ``HybridStaticCache``: the arguments of ``kernels/fa_decode``'s
+        ``decode_attention``, which rotates q and the new key (RoPE in the kernel), writes the new key/value into
+        the cache and attends over the tokens seen, into ``out`` ``(B, 1, n_fa, D)``; with ``gamma`` (and
+        ``gate``) the layer's epilogue on these heads too."""
         spec = self.spec
         rope = tuple(t[:, -1] for t in position_embeddings) if spec.fa_rope else None  # (cos, sin), each (B, D)
         positions = position_ids[:, -1] if spec.log_scaling else None  # (B,), any stride (an expanded arange: 0)
-        return decode_attention(
-            q, k, v, cache.keys[self.layer_idx], cache.values[self.layer_idx], cache.valid, cache.seen,
-            (0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,
+        return dict(
+            q=q, k_new=k, v_new=v, k_cache=cache.keys[self.layer_idx], v_cache=cache.values[self.layer_idx], valid=cache.valid,
+            seen=cache.seen, q_offsets=(0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,
             attn_scale=spec.attn_scale, floor_scale=spec.floor_scale, sliding_window=spec.sliding_window, rope=rope, out=out,
             device_offsets=cache.q_offsets[self.layer_idx], gamma=gamma, gate=gate,
         )
 
-    def _gated_delta_step(self, x, q, k, v, position_embeddings, cache, out, gamma=None) -> torch.Tensor:
-        """GDN heads, one decode token against a ``HybridStaticCache``: ``kernels/gdn_decode`` (conv window,
-        RoPE + norm, beta/decay, delta rule) with both states updated in place, into ``out`` ``(B, 1, n_gdn, D)``;
-        with ``gamma`` the layer's epilogue on these heads too."""
+    def _gdn_step_arguments(self, x, q, k, v, position_embeddings, cache, out, gamma=None) -> dict:
+        """GDN heads, one decode token against a ``HybridStaticCache``: the arguments of ``kernels/gdn_decode``'s
+        ``gdn_decode_step`` (conv window, RoPE + norm, beta/decay, delta rule, both states updated in place), into
+        ``out`` ``(B, 1, n_gdn, D)``; with ``gamma`` the layer's epilogue on these heads too."""
         cos, sin = position_embeddings
-        return gdn_decode_step(
-            x[:, 0], q, k, v, self.conv1d.weight.squeeze(1), cache.conv_states[self.layer_idx], cos, sin,
-            self.b_proj.weight, self.a_proj.weight, self.A_log, self.dt_bias, cache.recurrent_states[self.layer_idx],
-            cache.step_mask, scale=self.spec.head_dim**-0.5, out=out, gamma=gamma,
+        return dict(
+            x=x[:, 0], q=q, k=k, v=v, conv_weight=self.conv1d.weight.squeeze(1), conv_state=cache.conv_states[self.layer_idx],
+            cos=cos, sin=sin, b_weight=self.b_proj.weight, a_weight=self.a_proj.weight, A_log=self.A_log, dt_bias=self.dt_bias,
+            state=cache.recurrent_states[self.layer_idx], step_mask=cache.step_mask, scale=self.spec.head_dim**-0.5, out=out,
+            gamma=gamma,
         )
 
     def _gated_delta(self, x, q, k, v, position_embeddings, cache, step_mask) -> torch.Tensor:

@@ -79,20 +79,39 @@ def decode_attention(
     Returns:
         ``(B, 1, Hq, D)`` (``out`` when given).
     """
+    kwargs = dict(scale=scale, positions=positions, attn_scale=attn_scale, floor_scale=floor_scale, sliding_window=sliding_window, rope=rope)
+    call = triton_call(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out=out, device_offsets=device_offsets,
+                       gamma=gamma, gate=gate, norm_eps=norm_eps, **kwargs)
+    if call is not None:
+        from headscope.kernels.fa_decode.triton_fa_decode import triton_decode_attention
+
+        return triton_decode_attention(**call)
+    o = decode_attention_reference(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, **kwargs)
+    if gamma is not None:  # the epilogue reads the output as stored (in q's dtype)
+        o = head_epilogue_reference(o, gamma, gate, norm_eps)
+    return o if out is None else out.copy_(o)
+
+
+def triton_call(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    valid: torch.Tensor, seen: torch.Tensor, q_offsets: tuple[int, ...], *, scale: float,
+    positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
+    sliding_window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None, device_offsets: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None, norm_eps: float = 1e-6,
+) -> dict | None:
+    """:func:`decode_attention`'s input checks (one clear error) and choice of path: the keyword arguments of
+    ``triton_decode_attention`` when the Triton kernels serve the call, None when the reference does.
+    ``kernels/hybrid_decode`` uses it to launch these heads' split programs together with the GDN heads'."""
     _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out, rope)
     if gamma is not None and tuple(gamma.shape) != (q.shape[2],) or gate is not None and (gamma is None or gate.shape != q.shape):
         raise HeadscopeError(f"decode_attention: gamma must be (Hq,) = ({q.shape[2]},) and gate (B, 1, Hq, D) = {tuple(q.shape)} "
                              f"with gamma; got {None if gamma is None else tuple(gamma.shape)}, {None if gate is None else tuple(gate.shape)}")
-    kwargs = dict(scale=scale, positions=positions, attn_scale=attn_scale, floor_scale=floor_scale, sliding_window=sliding_window, rope=rope)
     if not use_triton(q, k_cache, k_new, v_new, *(t for t in (gamma, gate) if t is not None)):
-        o = decode_attention_reference(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, **kwargs)
-        if gamma is not None:  # the epilogue reads the output as stored (in q's dtype)
-            o = head_epilogue_reference(o, gamma, gate, norm_eps)
-        return o if out is None else out.copy_(o)
-    from headscope.kernels.fa_decode.triton_fa_decode import triton_decode_attention
-
+        return None
     if device_offsets is None:
         device_offsets = torch.tensor(q_offsets, dtype=torch.int32, device=q.device)
     max_group = max(b - a for a, b in zip(q_offsets, q_offsets[1:]))
-    return triton_decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, device_offsets, max_group=max_group, out=out,
-                                   gamma=gamma, gate=gate, norm_eps=norm_eps, **kwargs)
+    return dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, valid=valid, seen=seen, q_offsets=device_offsets,
+                scale=scale, max_group=max_group, positions=positions, attn_scale=attn_scale, floor_scale=floor_scale,
+                sliding_window=sliding_window, rope=rope, out=out, gamma=gamma, gate=gate, norm_eps=norm_eps)

@@ -39,7 +39,8 @@ BLOCK_N = 64  # slots per inner step
 
 
 @triton.jit
-def _split_kernel(
+def split_program(
+    row, split,
     q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, seen_ptr, pos_ptr, qoff_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
     Hkv, Hq, S, chunk, window, scale, attn_scale, floor_scale, spos_b,
     sq_b, sq_h, sq_d, skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
@@ -47,10 +48,10 @@ def _split_kernel(
     D: tl.constexpr, LOG_SCALING: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (pid // Hkv).to(tl.int64)
-    j = pid % Hkv
+    """Split ``split`` of ``row`` = b · Hkv + j: the body of ``_split_kernel`` (and of ``kernels/hybrid_decode``'s
+    kernel, which runs these programs beside the GDN heads' in one launch)."""
+    b = (row // Hkv).to(tl.int64)
+    j = row % Hkv
     n = tl.load(seen_ptr)  # tokens already cached; the new token takes slot n
     q0 = tl.load(qoff_ptr + j)
     n_heads = tl.load(qoff_ptr + j + 1) - q0
@@ -136,6 +137,25 @@ def _split_kernel(
 
 
 @triton.jit
+def _split_kernel(
+    q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, seen_ptr, pos_ptr, qoff_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
+    Hkv, Hq, S, chunk, window, scale, attn_scale, floor_scale, spos_b,
+    sq_b, sq_h, sq_d, skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
+    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d, sva_b, sva_l, scs_b, scs_d,
+    D: tl.constexpr, LOG_SCALING: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split_program(
+        tl.program_id(0), tl.program_id(1),
+        q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, seen_ptr, pos_ptr, qoff_ptr, cos_ptr, sin_ptr, m_ptr, l_ptr, acc_ptr,
+        Hkv, Hq, S, chunk, window, scale, attn_scale, floor_scale, spos_b,
+        sq_b, sq_h, sq_d, skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
+        skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d, sva_b, sva_l, scs_b, scs_d,
+        D, LOG_SCALING, WINDOW, UPCAST, ROPE, BLOCK_G, BLOCK_D, BLOCK_N,
+    )
+
+
+@triton.jit
 def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, o_ptr, gamma_ptr, gate_ptr, Hq, S, norm_eps, so_b, so_h, so_d, sg_b, sg_h, sg_d,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr,
@@ -197,10 +217,33 @@ def triton_decode_attention(
     Returns:
         ``out``.
     """
-    batch, _, n_q, dim = q.shape
-    n_kv, length = k_cache.shape[1], k_cache.shape[2]
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    grid, args, constexprs, partials = split_launch(
+        q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, scale=scale, max_group=max_group, positions=positions,
+        attn_scale=attn_scale, floor_scale=floor_scale, sliding_window=sliding_window, rope=rope, splits=splits,
+    )
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _split_kernel[grid](*args, **constexprs)
+        combine(partials, out, gamma, gate, norm_eps)
+    return out
+
+
+def split_launch(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    valid: torch.Tensor, seen: torch.Tensor, q_offsets: torch.Tensor, *, scale: float, max_group: int | None = None,
+    positions: torch.Tensor | None = None, attn_scale: float = 0.0, floor_scale: float = 1.0,
+    sliding_window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None, splits: int | None = None,
+) -> tuple[tuple[int, int], tuple, dict, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The split kernel's launch, not made: ``(grid, args, constexprs, partials)``.
+
+    ``grid`` is ``(B · Hkv, S)``, ``args``/``constexprs`` the positional and constexpr arguments of
+    ``_split_kernel`` (those of :func:`split_program` after ``row, split``), ``partials`` the float32
+    ``(m, l, acc)`` ``(B, Hq, S[, D])`` it writes, which :func:`combine` merges. Arguments as
+    :func:`triton_decode_attention`'s.
+    """
+    batch, _, n_q, dim = q.shape
+    n_kv, length = k_cache.shape[1], k_cache.shape[2]
     splits = splits or n_splits(batch, n_kv, length, q.device)
     chunk = triton.cdiv(triton.cdiv(length, splits), BLOCK_N) * BLOCK_N
     block_g = max(16, triton.next_power_of_2(max_group or n_q))  # tl.dot needs 16 rows
@@ -208,24 +251,35 @@ def triton_decode_attention(
     l = torch.empty_like(m)
     acc = torch.empty(batch, n_q, splits, dim, device=q.device, dtype=torch.float32)
     pos = positions if positions is not None else seen
-    block_d = triton.next_power_of_2(dim)
     cos, sin = rope if rope is not None else (q, q)  # unread without ROPE
     if rope is not None and cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     cos_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(-1)) if rope is not None else (0, 0)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _split_kernel[(batch * n_kv, splits)](
-            q, k_new, v_new, k_cache, v_cache, valid, seen, pos, q_offsets, cos, sin, m, l, acc,
-            n_kv, n_q, splits, chunk, sliding_window or 0, scale, attn_scale, floor_scale, pos.stride(0),
-            q.stride(0), q.stride(2), q.stride(3), k_new.stride(0), k_new.stride(2), k_new.stride(3),
-            v_new.stride(0), v_new.stride(2), v_new.stride(3), *k_cache.stride(), *v_cache.stride(), *valid.stride(), *cos_strides,
-            D=dim, LOG_SCALING=positions is not None, WINDOW=sliding_window is not None, UPCAST=not q.is_cuda, ROPE=rope is not None,
-            BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-        )
-        gate_strides = (gate.stride(0), gate.stride(2), gate.stride(3)) if gate is not None else (0, 0, 0)
-        _combine_kernel[(batch * n_q,)](
-            m, l, acc, out, gamma if gamma is not None else m, gate if gate is not None else m, n_q, splits, norm_eps,
-            out.stride(0), out.stride(2), out.stride(3), *gate_strides,
-            D=dim, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=block_d, NORM=gamma is not None, GATE=gate is not None,
-        )
-    return out
+    args = (
+        q, k_new, v_new, k_cache, v_cache, valid, seen, pos, q_offsets, cos, sin, m, l, acc,
+        n_kv, n_q, splits, chunk, sliding_window or 0, scale, attn_scale, floor_scale, pos.stride(0),
+        q.stride(0), q.stride(2), q.stride(3), k_new.stride(0), k_new.stride(2), k_new.stride(3),
+        v_new.stride(0), v_new.stride(2), v_new.stride(3), *k_cache.stride(), *v_cache.stride(), *valid.stride(), *cos_strides,
+    )
+    constexprs = dict(
+        D=dim, LOG_SCALING=positions is not None, WINDOW=sliding_window is not None, UPCAST=not q.is_cuda, ROPE=rope is not None,
+        BLOCK_G=block_g, BLOCK_D=triton.next_power_of_2(dim), BLOCK_N=BLOCK_N,
+    )
+    return (batch * n_kv, splits), args, constexprs, (m, l, acc)
+
+
+def combine(
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor, gamma: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None, norm_eps: float = 1e-6,
+) -> None:
+    """Launch ``_combine_kernel``: the ``(m, l, acc)`` partials of the split kernel merged into ``out`` ``(B, 1, Hq, D)``,
+    with the hybrid layer's epilogue when ``gamma`` (and ``gate``) are given (on the current device)."""
+    m, l, acc = partials
+    batch, n_q, splits, dim = acc.shape
+    gate_strides = (gate.stride(0), gate.stride(2), gate.stride(3)) if gate is not None else (0, 0, 0)
+    _combine_kernel[(batch * n_q,)](
+        m, l, acc, out, gamma if gamma is not None else m, gate if gate is not None else m, n_q, splits, norm_eps,
+        out.stride(0), out.stride(2), out.stride(3), *gate_strides,
+        D=dim, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=triton.next_power_of_2(dim), NORM=gamma is not None,
+        GATE=gate is not None,
+    )

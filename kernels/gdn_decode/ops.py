@@ -76,15 +76,33 @@ def gdn_decode_step(
     Returns:
         ``(B, 1, H, D)`` in q's dtype (``out`` when given).
     """
+    args = (x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, A_log, dt_bias, state, step_mask)
+    call = triton_call(*args, scale=scale, eps=eps, out=out, gamma=gamma, norm_eps=norm_eps)
+    if call is not None:
+        from headscope.kernels.gdn_decode.triton_gdn_decode import triton_gdn_decode
+
+        return triton_gdn_decode(**call)
+    o = gdn_decode_reference(*args, scale=scale, eps=eps)
+    if gamma is not None:  # the epilogue reads the output as stored (in q's dtype)
+        o = head_epilogue_reference(o, gamma, None, norm_eps)
+    return o if out is None else out.copy_(o)
+
+
+def triton_call(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, conv_weight: torch.Tensor,
+    conv_state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b_weight: torch.Tensor, a_weight: torch.Tensor,
+    A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, step_mask: torch.Tensor | None = None,
+    *, scale: float, eps: float = 1e-6, out: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> dict | None:
+    """:func:`gdn_decode_step`'s input checks (one clear error) and choice of path: the keyword arguments of
+    ``triton_gdn_decode`` when the Triton kernel serves the call, None when the reference does.
+    ``kernels/hybrid_decode`` uses it to launch these heads' programs together with the FA heads'."""
     _check_inputs(x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, state, step_mask)
     if gamma is not None and tuple(gamma.shape) != (q.shape[2],):
         raise HeadscopeError(f"gdn_decode_step: gamma must be (H,) = ({q.shape[2]},); got {tuple(gamma.shape)}")
-    args = (x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, A_log, dt_bias, state, step_mask)
     if not use_triton(q, x, k, v, conv_weight, b_weight, a_weight, A_log, dt_bias, *((gamma,) if gamma is not None else ())):
-        o = gdn_decode_reference(*args, scale=scale, eps=eps)
-        if gamma is not None:  # the epilogue reads the output as stored (in q's dtype)
-            o = head_epilogue_reference(o, gamma, None, norm_eps)
-        return o if out is None else out.copy_(o)
-    from headscope.kernels.gdn_decode.triton_gdn_decode import triton_gdn_decode
-
-    return triton_gdn_decode(*args, scale=scale, eps=eps, out=out, gamma=gamma, norm_eps=norm_eps)
+        return None
+    return dict(x=x, q=q, k=k, v=v, conv_weight=conv_weight, conv_state=conv_state, cos=cos, sin=sin, b_weight=b_weight,
+                a_weight=a_weight, A_log=A_log, dt_bias=dt_bias, state=state, step_mask=step_mask, scale=scale, eps=eps, out=out,
+                gamma=gamma, norm_eps=norm_eps)

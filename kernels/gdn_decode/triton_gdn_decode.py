@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+NUM_WARPS = 4
+
 
 @triton.jit
 def _conv_tile(
@@ -54,7 +56,8 @@ def _store_window(cs_base, channels, lane_ok, window, scs_c, scs_k, K: tl.conste
 
 
 @triton.jit
-def _gdn_decode_kernel(
+def gdn_program(
+    pid,
     x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, cs_ptr, cos_ptr, sin_ptr, bw_ptr, aw_ptr, alog_ptr, dtb_ptr, st_ptr, mask_ptr, o_ptr,
     gamma_ptr, H, hidden, scale, eps, norm_eps,
     sx_b, sx_c, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sw_c, sw_k, scs_b, scs_c, scs_k,
@@ -62,7 +65,8 @@ def _gdn_decode_kernel(
     HALF: tl.constexpr, K: tl.constexpr, HAS_MASK: tl.constexpr, V_BLOCKS: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_X: tl.constexpr, NORM: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """Program ``pid`` = b · H + h: the body of ``_gdn_decode_kernel`` (and of ``kernels/hybrid_decode``'s kernel,
+    which runs these programs beside the FA heads' split programs in one launch)."""
     b = (pid // H).to(tl.int64)
     h = pid % H
     D = 2 * HALF
@@ -153,6 +157,25 @@ def _gdn_decode_kernel(
             tl.store(o_lane + cols * so_d, (o * factor).to(o_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _gdn_decode_kernel(
+    x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, cs_ptr, cos_ptr, sin_ptr, bw_ptr, aw_ptr, alog_ptr, dtb_ptr, st_ptr, mask_ptr, o_ptr,
+    gamma_ptr, H, hidden, scale, eps, norm_eps,
+    sx_b, sx_c, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sw_c, sw_k, scs_b, scs_c, scs_k,
+    sc_b, sc_d, ss_b, ss_d, sbw_h, sbw_c, saw_h, saw_c, sst_b, sst_h, sst_k, sst_v, so_b, so_h, so_d,
+    HALF: tl.constexpr, K: tl.constexpr, HAS_MASK: tl.constexpr, V_BLOCKS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_X: tl.constexpr, NORM: tl.constexpr,
+):
+    gdn_program(
+        tl.program_id(0),
+        x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, cs_ptr, cos_ptr, sin_ptr, bw_ptr, aw_ptr, alog_ptr, dtb_ptr, st_ptr, mask_ptr, o_ptr,
+        gamma_ptr, H, hidden, scale, eps, norm_eps,
+        sx_b, sx_c, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sw_c, sw_k, scs_b, scs_c, scs_k,
+        sc_b, sc_d, ss_b, ss_d, sbw_h, sbw_c, saw_h, saw_c, sst_b, sst_h, sst_k, sst_v, so_b, so_h, so_d,
+        HALF, K, HAS_MASK, V_BLOCKS, BLOCK_HALF, BLOCK_K, BLOCK_V, BLOCK_X, NORM,
+    )
+
+
 def _strides_2d(t: torch.Tensor) -> tuple[int, int]:
     """(batch, last) strides of a ``(B or 1, 1, D)`` table, batch stride 0 when it broadcasts."""
     return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(-1))
@@ -175,23 +198,39 @@ def triton_gdn_decode(
     Returns:
         ``out``.
     """
-    batch, _, n_heads, dim = q.shape
     if out is None:
-        out = torch.empty(batch, 1, n_heads, dim, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    programs, args, constexprs = gdn_launch(x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, A_log, dt_bias, state,
+                                            step_mask, scale=scale, eps=eps, out=out, block_v=block_v, gamma=gamma, norm_eps=norm_eps)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _gdn_decode_kernel[(programs,)](*args, **constexprs, num_warps=NUM_WARPS)
+    return out
+
+
+def gdn_launch(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, conv_weight: torch.Tensor,
+    conv_state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b_weight: torch.Tensor, a_weight: torch.Tensor,
+    A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, step_mask: torch.Tensor | None, *, scale: float,
+    eps: float, out: torch.Tensor, block_v: int = 32, gamma: torch.Tensor | None = None, norm_eps: float = 1e-6,
+) -> tuple[int, tuple, dict]:
+    """The kernel's launch, not made: ``(programs, args, constexprs)``: ``B · H`` programs and the positional and
+    constexpr arguments of ``_gdn_decode_kernel`` (those of :func:`gdn_program` after ``pid``). Arguments as
+    :func:`triton_gdn_decode`'s, ``out`` given."""
+    batch, _, n_heads, dim = q.shape
     mask = step_mask if step_mask is not None else state  # a placeholder pointer when there is no mask
     width = conv_weight.shape[1]
     block_v = min(block_v, triton.next_power_of_2(dim))
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _gdn_decode_kernel[(batch * n_heads,)](
-            x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, A_log, dt_bias, state, mask, out,
-            gamma if gamma is not None else A_log, n_heads, x.shape[-1], scale, eps, norm_eps,
-            x.stride(0), x.stride(-1), q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
-            v.stride(0), v.stride(2), v.stride(3), *conv_weight.stride(), *conv_state.stride(),
-            *_strides_2d(cos), *_strides_2d(sin), *b_weight.stride(), *a_weight.stride(), *state.stride(),
-            out.stride(0), out.stride(2), out.stride(3),
-            HALF=dim // 2, K=width, HAS_MASK=step_mask is not None, V_BLOCKS=triton.cdiv(dim, block_v),
-            BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_K=triton.next_power_of_2(width),
-            BLOCK_V=block_v, BLOCK_X=min(1024, triton.next_power_of_2(x.shape[-1])), NORM=gamma is not None,
-            num_warps=4,
-        )
-    return out
+    args = (
+        x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_weight, A_log, dt_bias, state, mask, out,
+        gamma if gamma is not None else A_log, n_heads, x.shape[-1], scale, eps, norm_eps,
+        x.stride(0), x.stride(-1), q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(2), v.stride(3), *conv_weight.stride(), *conv_state.stride(),
+        *_strides_2d(cos), *_strides_2d(sin), *b_weight.stride(), *a_weight.stride(), *state.stride(),
+        out.stride(0), out.stride(2), out.stride(3),
+    )
+    constexprs = dict(
+        HALF=dim // 2, K=width, HAS_MASK=step_mask is not None, V_BLOCKS=triton.cdiv(dim, block_v),
+        BLOCK_HALF=triton.next_power_of_2(dim // 2), BLOCK_K=triton.next_power_of_2(width),
+        BLOCK_V=block_v, BLOCK_X=min(1024, triton.next_power_of_2(x.shape[-1])), NORM=gamma is not None,
+    )
+    return batch * n_heads, args, constexprs
