@@ -121,19 +121,20 @@ def time_steps(model, cache, vocab: int, steps: int, rounds: int) -> tuple[list[
 
 
 @torch.no_grad()
-def kernels_per_step(model, cache) -> int | None:
-    """CUDA kernels (and memcpy/memset) one eager step of the static path launches: what its graph replays
-    (``cache`` not graphed; torch.profiler's CUDA activity); None on the CPU."""
+def kernels_per_step(model, cache) -> dict | None:
+    """CUDA kernels (and memcpy/memset) one eager step of the static path launches, what its graph replays
+    (``cache`` not graphed; torch.profiler's CUDA activity): ``{"launches", "kernel_ms", "by_kernel"}`` (the 12
+    kernel names with the most GPU time, ``[launches, us]``); None on the CPU."""
     if cache.device.type != "cuda":
         return None
     ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
     positions = torch.full((cache.batch_size, 1), cache.seen_tokens, device=cache.device)
     cache.decode(model, ids, None, positions)  # kernels compiled, cuBLAS settled
-    work = gpu_work(lambda: cache.decode(model, ids, None, positions + 1))
+    work = gpu_work(lambda: cache.decode(model, ids, None, positions + 1), by_kernel=12)
     if "failed" in work:  # a profiler that cannot start (CUPTI busy): the timings still count
         print(f"  kernels per step not counted: {work['failed']}", flush=True)
         return None
-    return work["launches"]
+    return work
 
 
 @contextlib.contextmanager
@@ -164,7 +165,10 @@ def run_row(bench: Bench, context: int, batch: int, args, device: torch.device) 
             record[name]["rounds" if fused else "rounds_eager_block_ops"] = rounds
             print(f"  {name} {context} x {batch}{'' if fused else ' (eager block ops)'}: {statistics.median(rounds):.3f} ms/step", flush=True)
         cache = filled_cache(model, batch, context, 4, graphed=False, seed=context + batch)
-        record[name]["kernels_per_step"] = kernels_per_step(model, cache)
+        work = kernels_per_step(model, cache)
+        record[name]["kernels_per_step"] = work["launches"] if work is not None else None
+        if work is not None:
+            record[name]["step_gpu_work"] = work
         del cache
         bench.release()
         if args.ablate:  # the same first step (same cache, same token) through the one-launch block ops and through torch's

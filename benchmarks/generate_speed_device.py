@@ -82,10 +82,11 @@ def work_of(spans: list[tuple[float, float]]) -> dict:
     return {"kernel_ms": sum(end - start for start, end in spans) / 1e3, "launches": len(spans)}
 
 
-def gpu_work(fn) -> dict | None:
+def gpu_work(fn, by_kernel: int = 0) -> dict | None:
     """``work_of`` the CUDA activities (kernels, memcpy, memset) of one call of ``fn`` under the torch profiler,
     the GPU synchronised before and after; None without CUDA; ``{"failed": why}`` when the profiler cannot run
-    (CUPTI held by another profiler)."""
+    (CUPTI held by another profiler). With ``by_kernel`` > 0 also ``"by_kernel"``: the that many kernel names
+    with the most GPU time, each ``[launches, total us]``, most first."""
     if not torch.cuda.is_available():
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -97,7 +98,16 @@ def gpu_work(fn) -> dict | None:
             torch.cuda.synchronize()
     except RuntimeError as err:
         return {"failed": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-    return work_of([(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA])
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    work = work_of([(e.time_range.start, e.time_range.end) for e in events])
+    if by_kernel:
+        names: dict[str, list] = {}
+        for e in events:
+            entry = names.setdefault(e.name[:80], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.end - e.time_range.start
+        work["by_kernel"] = dict(sorted(names.items(), key=lambda item: -item[1][1])[:by_kernel])
+    return work
 
 
 def sdpa_backends(config, length: int, prefill_chunk: int | None, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
