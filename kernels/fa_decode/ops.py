@@ -8,6 +8,9 @@ writes the new token into slot ``seen`` of the caches and returns the FA heads' 
   nothing reads the device-side length on the host, so a CUDA graph can capture the call.
 * Everything else: :func:`.naive.decode_attention_reference` (float32, over the whole buffer with a mask).
 
+``triton_call(...)``: the checks and the choice alone (the Triton call's arguments, or None), for
+``kernels/hybrid_decode``, which launches these heads' split programs with the GDN heads' programs.
+
 triton is imported only when the Triton path is taken, so ``import headscope.kernels`` works without it.
 """
 

@@ -9,6 +9,9 @@ place (math in :mod:`.naive`).
 * Everything else: :func:`.naive.gdn_decode_reference` (float32 composition of the prep, beta/decay and
   recurrent references), then copied into ``out`` when one is given.
 
+``triton_call(...)``: the checks and the choice alone (the Triton call's arguments, or None), for
+``kernels/hybrid_decode``, which launches these heads' programs with the FA heads' split programs.
+
 triton is imported only when the Triton path is taken, so ``import headscope.kernels`` works without it.
 """
 

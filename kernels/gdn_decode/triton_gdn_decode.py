@@ -16,6 +16,9 @@ One program per (row b, GDN head h), grid ``(B · H,)``; it owns head h's ``3·D
    back and stored as ``gamma_h · o / sqrt(mean(o²) + eps)``: the epilogue's math on the values it would read,
    without its launch.
 
+In a layer that also has FA heads these programs run inside ``kernels/hybrid_decode``'s one launch
+(:func:`gdn_program` is the body, :func:`gdn_launch` builds the arguments).
+
 This replaces, per layer and decode step, the gdn_prep kernel, the conv-state slicing (~4 kernels),
 ``b_proj``/``a_proj`` and the ~10 elementwise kernels of beta and g, fla's recurrent kernel, the two
 state copies into the cache and (with ``gamma``) the epilogue: one launch. All arithmetic is float32 (one rounding: o at the store; the
