@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HELPERS = ("epilogue", "rope_norm", "gdn_prep", "gdn_decode", "fa_decode", "fa_prefill", "gdn_chunk", "qk_norm", "rms_norm", "swiglu")
+HELPERS = ("epilogue", "rope_norm", "gdn_prep", "gdn_decode", "fa_decode", "hybrid_decode", "fa_prefill", "gdn_chunk", "qk_norm", "rms_norm", "swiglu")
 CPU_ONLY_CONSTEXPRS = {"UPCAST": False}  # interpreter-only switches -> their value on CUDA
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # per block, opt-in maximum
 
