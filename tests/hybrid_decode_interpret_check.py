@@ -53,7 +53,7 @@ def make_step(batch, groups, n_gdn, dim, length, seen, rope, log_scaling, window
         conv_weight=rand(3 * n_gdn * dim, width, scale=0.7), conv_state=rand(batch, 3 * n_gdn * dim, width), cos=cos, sin=sin,
         b_weight=rand(n_gdn, hidden, scale=0.2), a_weight=rand(n_gdn, hidden, scale=0.2), A_log=torch.rand(n_gdn, generator=gen).log(),
         dt_bias=torch.randn(n_gdn, generator=gen), state=torch.randn(batch, n_gdn, dim, dim, generator=gen) * 0.3,
-        step_mask=torch.tensor([1, 0, 1][:batch]) if masked else None, scale=dim**-0.5, out=out[:, :, n_fa:],
+        step_mask=torch.tensor([1, 0, 1] * batch)[:batch] if masked else None, scale=dim**-0.5, out=out[:, :, n_fa:],
         gamma=torch.rand(n_gdn, generator=gen) + 0.5 if epilogue else None,
     )
     return attention, delta, out
