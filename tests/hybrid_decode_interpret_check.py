@@ -1,10 +1,11 @@
 """Helper run by tests/test_kernels_hybrid_decode.py in a subprocess with TRITON_INTERPRET=1.
 
 One decode step of a hybrid layer's FA and GDN heads three times on the same inputs: through
-``kernels/hybrid_decode`` (both sets of programs in one launch, then the combine), through the two kernels'
-own launches (``decode_attention`` then ``gdn_decode_step``, both on their Triton paths) and through the
-float32 reference. Prints one JSON line (``tests/triton_interpreter.py``) whose cases are ``{name, dtype,
-fused_launches, same_as_two_launches, errors}``: how many fused launches ran (1), whether every output and
+``kernels/hybrid_decode`` (its two launches: GDN value-block or whole-head programs beside the FA splits, then the
+FA combine and GDN finish programs), through the two kernels' own launches (``decode_attention`` then
+``gdn_decode_step``, both on their Triton paths) and through the float32 reference. Prints one JSON line
+(``tests/triton_interpreter.py``) whose cases are ``{name, dtype, fused_launches, same_as_two_launches,
+errors}``: how many ``triton_hybrid_decode`` calls ran (1), whether every output and
 state equals the two launches' bit for bit (output, KV caches, conv window, recurrent state), and the relative
 RMS errors against the reference. Both outputs go into slices of one NaN-filled per-head buffer, as the layer
 passes them, so an element no program writes is an infinite error.
@@ -19,10 +20,13 @@ from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print
 # name, B, FA query heads per KV head, GDN heads, D, slots L, tokens seen, FA RoPE, log scaling, sliding window,
 # epilogue (None; "gamma"; "gate": gamma and the FA gate), GDN padding mask. The split count is the default one
 # (the H200's 132 multiprocessors): 5, 3 and 1 splits of 64 slots, the later ones past the tokens seen in case 2.
+# GDN programs: one per value block of 32 columns while B x H < 132 (2, 1 and 3 blocks, the last one partial: D = 80),
+# else one per head (case 4: 144 heads).
 CASES = [
-    ("qwen_like_gated_masked", 2, (2,), 3, 32, 300, 250, False, True, None, "gate", True),
+    ("qwen_like_gated_masked", 2, (2,), 3, 64, 300, 250, False, True, None, "gate", True),
     ("two_kv_groups_rope_window", 3, (1, 2), 2, 16, 130, 40, True, False, 20, None, False),
-    ("one_row_first_token_gamma", 1, (2,), 4, 24, 64, 0, True, True, None, "gamma", False),
+    ("one_row_first_token_gamma_partial_block", 1, (2,), 4, 80, 64, 0, True, True, None, "gamma", False),
+    ("many_heads_whole_head_programs", 12, (1,), 12, 48, 64, 30, False, True, None, "gate", True),  # 144 heads >= 132 SMs
 ]
 
 

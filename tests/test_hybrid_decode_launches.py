@@ -1,8 +1,9 @@
 """The kernels one static-cache decode step of each layer's attention core launches on the CUDA path, checked
 from the CPU (each Triton kernel replaced by a recorder of its launch, torch ops counted under a dispatch mode):
 a layer of FA heads only takes the split and combine kernels of ``kernels/fa_decode``, one of GDN heads only the one
-kernel of ``kernels/gdn_decode``, a hybrid layer (both kinds) the one kernel of ``kernels/hybrid_decode`` (both
-sets of programs) and fa_decode's combine: as many launches as a layer of FA heads only. The fused epilogue
+kernel of ``kernels/gdn_decode``, a hybrid layer (both kinds) the two kernels of ``kernels/hybrid_decode`` (the FA
+split and GDN value-block programs, then the FA combine and GDN finish programs): as many launches as a layer of FA
+heads only. The fused epilogue
 (per-head RMSNorm x gamma, the FA heads' gate) runs inside those kernels: no torch op and no epilogue launch of
 its own. At batch 1 a captured decode step is bound by its kernel count (~5 us a kernel on the H200), so an extra
 launch per layer is an extra ~1% per step."""
@@ -33,7 +34,7 @@ def test_decode_core_launches_on_the_cuda_path(monkeypatch):
 
     launches = record_launches(monkeypatch, (triton_fa_decode, "_split_kernel"), (triton_fa_decode, "_combine_kernel"),
                                (triton_gdn_decode, "_gdn_decode_kernel"), (triton_epilogue, "_epilogue_fwd_kernel"),
-                               (triton_hybrid_decode, "_hybrid_split_kernel"))
+                               (triton_hybrid_decode, "_hybrid_split_kernel"), (triton_hybrid_decode, "_hybrid_combine_kernel"))
     lm = load_model(tiny_qwen3(seed=7).float())
     full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
     full[0, 2] = True  # layer 0: 1 FA + 3 GDN heads (gated, fusion-normed); layer 1 all FA (a plain layer); layer 2 all GDN
@@ -55,7 +56,7 @@ def test_decode_core_launches_on_the_cuda_path(monkeypatch):
             monkeypatch.setattr(layer.self_attn, "core", core)
         model(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
     assert per_layer == {
-        0: (["_combine_kernel", "_hybrid_split_kernel"], {}),
+        0: (["_hybrid_combine_kernel", "_hybrid_split_kernel"], {}),
         1: (["_combine_kernel", "_split_kernel"], {}),
         2: (["_gdn_decode_kernel"], {}),
     }

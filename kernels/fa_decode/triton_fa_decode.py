@@ -159,11 +159,12 @@ def _split_kernel(
 
 
 @triton.jit
-def _combine_kernel(
-    m_ptr, l_ptr, acc_ptr, o_ptr, gamma_ptr, gate_ptr, Hq, S, norm_eps, so_b, so_h, so_d, sg_b, sg_h, sg_d,
+def combine_program(
+    pid, m_ptr, l_ptr, acc_ptr, o_ptr, gamma_ptr, gate_ptr, Hq, S, norm_eps, so_b, so_h, so_d, sg_b, sg_h, sg_d,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # b * Hq + h
+    """Query head ``pid`` = b · Hq + h: the body of ``_combine_kernel`` (and of ``kernels/hybrid_decode``'s second kernel)."""
+    pid = pid.to(tl.int64)
     b = pid // Hq
     h = pid % Hq
     dims = tl.arange(0, BLOCK_D)
@@ -191,6 +192,15 @@ def _combine_kernel(
             y = y * tl.sigmoid(tl.load(gate_ptr + b * sg_b + h * sg_h + dims * sg_d, mask=dim_ok, other=0.0).to(tl.float32))
         o = y.to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + b * so_b + h * so_h + dims * so_d, o, mask=dim_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    m_ptr, l_ptr, acc_ptr, o_ptr, gamma_ptr, gate_ptr, Hq, S, norm_eps, so_b, so_h, so_d, sg_b, sg_h, sg_d,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr,
+):
+    combine_program(tl.program_id(0), m_ptr, l_ptr, acc_ptr, o_ptr, gamma_ptr, gate_ptr, Hq, S, norm_eps, so_b, so_h, so_d,
+                    sg_b, sg_h, sg_d, D, BLOCK_S, BLOCK_D, NORM, GATE)
 
 
 def n_splits(batch: int, n_kv: int, length: int, device: torch.device) -> int:
@@ -277,12 +287,21 @@ def combine(
 ) -> None:
     """Launch ``_combine_kernel``: the ``(m, l, acc)`` partials of the split kernel merged into ``out`` ``(B, 1, Hq, D)``,
     with the hybrid layer's epilogue when ``gamma`` (and ``gate``) are given (on the current device)."""
+    programs, args, constexprs = combine_launch(partials, out, gamma, gate, norm_eps)
+    _combine_kernel[(programs,)](*args, **constexprs)
+
+
+def combine_launch(
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor, gamma: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None, norm_eps: float = 1e-6,
+) -> tuple[int, tuple, dict]:
+    """:func:`combine`'s launch, not made: ``(programs, args, constexprs)``, ``B · Hq`` programs and the arguments
+    of ``_combine_kernel`` (those of :func:`combine_program` after ``pid``)."""
     m, l, acc = partials
     batch, n_q, splits, dim = acc.shape
     gate_strides = (gate.stride(0), gate.stride(2), gate.stride(3)) if gate is not None else (0, 0, 0)
-    _combine_kernel[(batch * n_q,)](
-        m, l, acc, out, gamma if gamma is not None else m, gate if gate is not None else m, n_q, splits, norm_eps,
-        out.stride(0), out.stride(2), out.stride(3), *gate_strides,
-        D=dim, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=triton.next_power_of_2(dim), NORM=gamma is not None,
-        GATE=gate is not None,
-    )
+    args = (m, l, acc, out, gamma if gamma is not None else m, gate if gate is not None else m, n_q, splits, norm_eps,
+            out.stride(0), out.stride(2), out.stride(3), *gate_strides)
+    constexprs = dict(D=dim, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_D=triton.next_power_of_2(dim),
+                      NORM=gamma is not None, GATE=gate is not None)
+    return batch * n_q, args, constexprs

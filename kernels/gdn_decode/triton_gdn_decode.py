@@ -59,6 +59,65 @@ def _store_window(cs_base, channels, lane_ok, window, scs_c, scs_k, K: tl.conste
 
 
 @triton.jit
+def _qk_windows(q_lane, k_lane, cs_base, w_ptr, h, HD, keep, half, half_ok, sq_d, sk_d, scs_c, scs_k, sw_c, sw_k,
+                HALF: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, STORE: tl.constexpr):
+    """SiLU(conv) of head h's q and k channels (halves: the RoPE pairs); with ``STORE`` their shifted windows stored
+    after a barrier (every thread has read the old ones)."""
+    D = 2 * HALF
+    yq1, wq1 = _conv_tile(q_lane + half * sq_d, cs_base, w_ptr, h * D + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
+    yq2, wq2 = _conv_tile(q_lane + (half + HALF) * sq_d, cs_base, w_ptr, h * D + HALF + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
+    yk1, wk1 = _conv_tile(k_lane + half * sk_d, cs_base, w_ptr, HD + h * D + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
+    yk2, wk2 = _conv_tile(k_lane + (half + HALF) * sk_d, cs_base, w_ptr, HD + h * D + HALF + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
+    if STORE:
+        tl.debug_barrier()
+        _store_window(cs_base, h * D + half, half_ok, wq1, scs_c, scs_k, K, BLOCK_K)
+        _store_window(cs_base, h * D + HALF + half, half_ok, wq2, scs_c, scs_k, K, BLOCK_K)
+        _store_window(cs_base, HD + h * D + half, half_ok, wk1, scs_c, scs_k, K, BLOCK_K)
+        _store_window(cs_base, HD + h * D + HALF + half, half_ok, wk2, scs_c, scs_k, K, BLOCK_K)
+    return yq1, yq2, yk1, yk2
+
+
+@triton.jit
+def _value_block(
+    vb, h, v_lane, st_base, o_lane, cs_base, w_ptr, HD, keep, beta, decay, q1, q2, k1, k2, half, half_ok,
+    sv_d, scs_c, scs_k, sw_c, sw_k, sst_k, sst_v, so_d,
+    HALF: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Value block ``vb`` of head h: the conv of its value channels (window stored), the delta rule on its ``D x BLOCK_V``
+    state columns (stored), o of those columns stored in o's dtype; returns the sum of squares of the stored o."""
+    D = 2 * HALF
+    cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < D
+    v, wv = _conv_tile(v_lane + cols * sv_d, cs_base, w_ptr, 2 * HD + h * D + cols, col_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
+    tl.debug_barrier()
+    _store_window(cs_base, 2 * HD + h * D + cols, col_ok, wv, scs_c, scs_k, K, BLOCK_K)
+    tile_ok = half_ok[:, None] & col_ok[None, :]
+    rows1 = half[:, None] * sst_k
+    rows2 = (half + HALF)[:, None] * sst_k
+    S1 = tl.load(st_base + rows1 + cols[None, :] * sst_v, mask=tile_ok, other=0.0) * decay  # (BLOCK_HALF, BLOCK_V)
+    S2 = tl.load(st_base + rows2 + cols[None, :] * sst_v, mask=tile_ok, other=0.0) * decay
+    delta = beta * (v - tl.sum(S1 * k1[:, None], axis=0) - tl.sum(S2 * k2[:, None], axis=0))  # (BLOCK_V,)
+    S1 += k1[:, None] * delta[None, :]
+    S2 += k2[:, None] * delta[None, :]
+    o = tl.sum(S1 * q1[:, None], axis=0) + tl.sum(S2 * q2[:, None], axis=0)
+    tl.store(st_base + rows1 + cols[None, :] * sst_v, S1, mask=tile_ok)
+    tl.store(st_base + rows2 + cols[None, :] * sst_v, S2, mask=tile_ok)
+    o = o.to(o_lane.dtype.element_ty)
+    tl.store(o_lane + cols * so_d, o, mask=col_ok)
+    return tl.sum(tl.where(col_ok, o.to(tl.float32) * o.to(tl.float32), 0.0), axis=0)
+
+
+@triton.jit
+def _scale_heads_output(o_lane, factor, so_d, HALF: tl.constexpr, V_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The stored o of one head read back block by block and stored times ``factor`` (the epilogue's last step)."""
+    for vb in tl.static_range(V_BLOCKS):
+        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < 2 * HALF
+        o = tl.load(o_lane + cols * so_d, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(o_lane + cols * so_d, (o * factor).to(o_lane.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def gdn_program(
     pid,
     x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, cs_ptr, cos_ptr, sin_ptr, bw_ptr, aw_ptr, alog_ptr, dtb_ptr, st_ptr, mask_ptr, o_ptr,
@@ -67,9 +126,19 @@ def gdn_program(
     sc_b, sc_d, ss_b, ss_d, sbw_h, sbw_c, saw_h, saw_c, sst_b, sst_h, sst_k, sst_v, so_b, so_h, so_d,
     HALF: tl.constexpr, K: tl.constexpr, HAS_MASK: tl.constexpr, V_BLOCKS: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_X: tl.constexpr, NORM: tl.constexpr,
+    SPLIT_V: tl.constexpr,
 ):
-    """Program ``pid`` = b · H + h: the body of ``_gdn_decode_kernel`` (and of ``kernels/hybrid_decode``'s kernel,
-    which runs these programs beside the FA heads' split programs in one launch)."""
+    """The body of ``_gdn_decode_kernel`` and of ``kernels/hybrid_decode``'s first kernel.
+
+    ``SPLIT_V`` off: program ``pid`` = b · H + h, the whole step of head h (module docstring). ``SPLIT_V`` on:
+    program ``pid`` = (b · H + h) · V_BLOCKS + vb, value block vb of head h alone: the q/k conv from the old window
+    (not stored: every block of the head reads it), RoPE + L2 norm, beta and decay, then only block vb's value
+    channels and state columns; o left unscaled. :func:`gdn_finish_program` then stores the q/k windows and applies
+    the epilogue, in a later launch (so that no program of this one reads a window another has written).
+    """
+    if SPLIT_V:
+        vb_only = pid % V_BLOCKS
+        pid = pid // V_BLOCKS
     b = (pid // H).to(tl.int64)
     h = pid % H
     D = 2 * HALF
@@ -86,17 +155,8 @@ def gdn_program(
     c2 = tl.load(cos_ptr + b * sc_b + (half + HALF) * sc_d, mask=half_ok, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + b * ss_b + half * ss_d, mask=half_ok, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + b * ss_b + (half + HALF) * ss_d, mask=half_ok, other=0.0).to(tl.float32)
-    q_lane = q_ptr + b * sq_b + h * sq_h
-    k_lane = k_ptr + b * sk_b + h * sk_h
-    yq1, wq1 = _conv_tile(q_lane + half * sq_d, cs_base, w_ptr, h * D + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
-    yq2, wq2 = _conv_tile(q_lane + (half + HALF) * sq_d, cs_base, w_ptr, h * D + HALF + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
-    yk1, wk1 = _conv_tile(k_lane + half * sk_d, cs_base, w_ptr, HD + h * D + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
-    yk2, wk2 = _conv_tile(k_lane + (half + HALF) * sk_d, cs_base, w_ptr, HD + h * D + HALF + half, half_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
-    tl.debug_barrier()  # every thread has read the old windows of q and k
-    _store_window(cs_base, h * D + half, half_ok, wq1, scs_c, scs_k, K, BLOCK_K)
-    _store_window(cs_base, h * D + HALF + half, half_ok, wq2, scs_c, scs_k, K, BLOCK_K)
-    _store_window(cs_base, HD + h * D + half, half_ok, wk1, scs_c, scs_k, K, BLOCK_K)
-    _store_window(cs_base, HD + h * D + HALF + half, half_ok, wk2, scs_c, scs_k, K, BLOCK_K)
+    yq1, yq2, yk1, yk2 = _qk_windows(q_ptr + b * sq_b + h * sq_h, k_ptr + b * sk_b + h * sk_h, cs_base, w_ptr, h, HD, keep,
+                                     half, half_ok, sq_d, sk_d, scs_c, scs_k, sw_c, sw_k, HALF, K, BLOCK_K, not SPLIT_V)
     u1 = yq1 * c1 - yq2 * s1
     u2 = yq2 * c2 + yq1 * s2
     r = 1.0 / tl.sqrt(tl.sum(u1 * u1 + u2 * u2, axis=0) + eps)
@@ -122,42 +182,58 @@ def gdn_program(
     softplus = tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))
     decay = tl.exp(-tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus * keep)
 
-    # 4. conv of v and the delta rule, one block of value columns at a time
+    # 4. conv of v and the delta rule, one block of value columns at a time (or block vb_only alone)
     v_lane = v_ptr + b * sv_b + h * sv_h
     st_base = st_ptr + b * sst_b + h * sst_h
-    rows1 = half[:, None] * sst_k
-    rows2 = (half + HALF)[:, None] * sst_k
     o_lane = o_ptr + b * so_b + h * so_h
-    squares = tl.sum(tl.zeros((BLOCK_V,), tl.float32), axis=0)  # of the stored o (step 5)
-    for vb in tl.static_range(V_BLOCKS):
-        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_ok = cols < D
-        v, wv = _conv_tile(v_lane + cols * sv_d, cs_base, w_ptr, 2 * HD + h * D + cols, col_ok, keep, scs_c, scs_k, sw_c, sw_k, K, BLOCK_K)
-        tl.debug_barrier()
-        _store_window(cs_base, 2 * HD + h * D + cols, col_ok, wv, scs_c, scs_k, K, BLOCK_K)
-        tile_ok = half_ok[:, None] & col_ok[None, :]
-        S1 = tl.load(st_base + rows1 + cols[None, :] * sst_v, mask=tile_ok, other=0.0) * decay  # (BLOCK_HALF, BLOCK_V)
-        S2 = tl.load(st_base + rows2 + cols[None, :] * sst_v, mask=tile_ok, other=0.0) * decay
-        delta = beta * (v - tl.sum(S1 * k1[:, None], axis=0) - tl.sum(S2 * k2[:, None], axis=0))  # (BLOCK_V,)
-        S1 += k1[:, None] * delta[None, :]
-        S2 += k2[:, None] * delta[None, :]
-        o = tl.sum(S1 * q1[:, None], axis=0) + tl.sum(S2 * q2[:, None], axis=0)
-        tl.store(st_base + rows1 + cols[None, :] * sst_v, S1, mask=tile_ok)
-        tl.store(st_base + rows2 + cols[None, :] * sst_v, S2, mask=tile_ok)
-        o = o.to(o_ptr.dtype.element_ty)
-        tl.store(o_lane + cols * so_d, o, mask=col_ok)
+    if SPLIT_V:
+        _value_block(vb_only, h, v_lane, st_base, o_lane, cs_base, w_ptr, HD, keep, beta, decay, q1, q2, k1, k2, half, half_ok,
+                     sv_d, scs_c, scs_k, sw_c, sw_k, sst_k, sst_v, so_d, HALF, K, BLOCK_K, BLOCK_V)
+    else:
+        squares = tl.sum(tl.zeros((BLOCK_V,), tl.float32), axis=0)  # of the stored o (step 5)
+        for vb in tl.static_range(V_BLOCKS):
+            squares += _value_block(vb, h, v_lane, st_base, o_lane, cs_base, w_ptr, HD, keep, beta, decay, q1, q2, k1, k2, half,
+                                    half_ok, sv_d, scs_c, scs_k, sw_c, sw_k, sst_k, sst_v, so_d, HALF, K, BLOCK_K, BLOCK_V)
+        # 5. the epilogue of these heads: gamma_h · o / rms(o), over the o just stored (visible after the barrier)
         if NORM:
-            squares += tl.sum(tl.where(col_ok, o.to(tl.float32) * o.to(tl.float32), 0.0), axis=0)
+            tl.debug_barrier()
+            _scale_heads_output(o_lane, tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(squares / D + norm_eps), so_d,
+                                HALF, V_BLOCKS, BLOCK_V)
 
-    # 5. the epilogue of these heads: gamma_h · o / rms(o), over the o just stored (visible after the barrier)
+
+@triton.jit
+def gdn_finish_program(
+    pid,
+    x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, cs_ptr, cos_ptr, sin_ptr, bw_ptr, aw_ptr, alog_ptr, dtb_ptr, st_ptr, mask_ptr, o_ptr,
+    gamma_ptr, H, hidden, scale, eps, norm_eps,
+    sx_b, sx_c, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sw_c, sw_k, scs_b, scs_c, scs_k,
+    sc_b, sc_d, ss_b, ss_d, sbw_h, sbw_c, saw_h, saw_c, sst_b, sst_h, sst_k, sst_v, so_b, so_h, so_d,
+    HALF: tl.constexpr, K: tl.constexpr, HAS_MASK: tl.constexpr, V_BLOCKS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_X: tl.constexpr, NORM: tl.constexpr,
+):
+    """After :func:`gdn_program` with ``SPLIT_V`` (a later launch): program ``pid`` = b · H + h stores head h's shifted
+    q/k conv windows (the old ones, untouched by the value blocks, and the new input) and, with ``NORM``, applies the
+    epilogue to its o: the sum of squares over the value blocks in the order the whole-head program adds them, so
+    the result is that program's to the bit."""
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    D = 2 * HALF
+    half = tl.arange(0, BLOCK_HALF)
+    keep = 1.0
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b).to(tl.float32)
+    _qk_windows(q_ptr + b * sq_b + h * sq_h, k_ptr + b * sk_b + h * sk_h, cs_ptr + b * scs_b, w_ptr, h, H * D, keep,
+                half, half < HALF, sq_d, sk_d, scs_c, scs_k, sw_c, sw_k, HALF, K, BLOCK_K, True)
     if NORM:
-        tl.debug_barrier()
-        factor = tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(squares / D + norm_eps)
+        o_lane = o_ptr + b * so_b + h * so_h
+        squares = tl.sum(tl.zeros((BLOCK_V,), tl.float32), axis=0)
         for vb in tl.static_range(V_BLOCKS):
             cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-            col_ok = cols < D
-            o = tl.load(o_lane + cols * so_d, mask=col_ok, other=0.0).to(tl.float32)
-            tl.store(o_lane + cols * so_d, (o * factor).to(o_ptr.dtype.element_ty), mask=col_ok)
+            o = tl.load(o_lane + cols * so_d, mask=cols < D, other=0.0).to(tl.float32)
+            squares += tl.sum(tl.where(cols < D, o * o, 0.0), axis=0)
+        tl.debug_barrier()
+        _scale_heads_output(o_lane, tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(squares / D + norm_eps), so_d,
+                            HALF, V_BLOCKS, BLOCK_V)
 
 
 @triton.jit
@@ -175,7 +251,7 @@ def _gdn_decode_kernel(
         gamma_ptr, H, hidden, scale, eps, norm_eps,
         sx_b, sx_c, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sw_c, sw_k, scs_b, scs_c, scs_k,
         sc_b, sc_d, ss_b, ss_d, sbw_h, sbw_c, saw_h, saw_c, sst_b, sst_h, sst_k, sst_v, so_b, so_h, so_d,
-        HALF, K, HAS_MASK, V_BLOCKS, BLOCK_HALF, BLOCK_K, BLOCK_V, BLOCK_X, NORM,
+        HALF, K, HAS_MASK, V_BLOCKS, BLOCK_HALF, BLOCK_K, BLOCK_V, BLOCK_X, NORM, False,
     )
 
 
