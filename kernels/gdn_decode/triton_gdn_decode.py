@@ -16,8 +16,11 @@ One program per (row b, GDN head h), grid ``(B · H,)``; it owns head h's ``3·D
    back and stored as ``gamma_h · o / sqrt(mean(o²) + eps)``: the epilogue's math on the values it would read,
    without its launch.
 
-In a layer that also has FA heads these programs run inside ``kernels/hybrid_decode``'s one launch
-(:func:`gdn_program` is the body, :func:`gdn_launch` builds the arguments).
+In a layer that also has FA heads these programs run inside ``kernels/hybrid_decode``'s launches
+(:func:`gdn_program` is the body, :func:`gdn_launch` builds the arguments). There, with few heads (batch 1),
+``gdn_program(SPLIT_V)`` runs one program per value block of each head (steps 1-3 again in each, step 4 for its
+block alone, the q/k windows not stored) and :func:`gdn_finish_program`, in the next launch, stores the q/k
+windows and does step 5.
 
 This replaces, per layer and decode step, the gdn_prep kernel, the conv-state slicing (~4 kernels),
 ``b_proj``/``a_proj`` and the ~10 elementwise kernels of beta and g, fla's recurrent kernel, the two
