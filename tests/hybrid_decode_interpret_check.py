@@ -5,7 +5,7 @@ One decode step of a hybrid layer's FA and GDN heads three times on the same inp
 FA combine and GDN finish programs), through the two kernels' own launches (``decode_attention`` then
 ``gdn_decode_step``, both on their Triton paths) and through the float32 reference. Prints one JSON line
 (``tests/triton_interpreter.py``) whose cases are ``{name, dtype, fused_launches, same_as_two_launches,
-errors}``: how many ``triton_hybrid_decode`` calls ran (1), whether every output and
+errors, split_programs, value_blocks}``: how many ``triton_hybrid_decode`` calls ran (1), whether every output and
 state equals the two launches' bit for bit (output, KV caches, conv window, recurrent state), and the relative
 RMS errors against the reference. Both outputs go into slices of one NaN-filled per-head buffer, as the layer
 passes them, so an element no program writes is an infinite error.
@@ -18,10 +18,10 @@ import torch
 from triton_interpreter import cases_in_dtypes, loops_over_runtime_bounds, print_report  # same directory (sys.path[0] of this script)
 
 # name, B, FA query heads per KV head, GDN heads, D, slots L, tokens seen, FA RoPE, log scaling, sliding window,
-# epilogue (None; "gamma"; "gate": gamma and the FA gate), GDN padding mask. The split count is the default one
-# (the H200's 132 multiprocessors): 5, 3 and 1 splits of 64 slots, the later ones past the tokens seen in case 2.
-# GDN programs: one per value block of 32 columns while B x H < 132 (2, 1 and 3 blocks, the last one partial: D = 80),
-# else one per head (case 4: 144 heads).
+# epilogue (None; "gamma"; "gate": gamma and the FA gate), GDN padding mask. The split count is fa_decode's default on
+# the CPU (2 units): 2 splits in case 1, 1 in the others.
+# GDN programs: one per value block of 32 columns when there are two or more and B x H < 132 (cases 1 and 3: 2 and 3
+# blocks, the last one partial at D = 80), else one per head (case 2: one block; case 4: 144 heads).
 CASES = [
     ("qwen_like_gated_masked", 2, (2,), 3, 64, 300, 250, False, True, None, "gate", True),
     ("two_kv_groups_rope_window", 3, (1, 2), 2, 16, 130, 40, True, False, 20, None, False),
@@ -80,9 +80,18 @@ def run_case(*args) -> dict:
     from headscope.kernels.hybrid_decode.ops import hybrid_decode_step
     from headscope.kernels.metrics import relative_rms_error as rel
 
-    launches = []
-    fused = fused_module.triton_hybrid_decode
+    launches, split_grids = [], []
+    fused, split_kernel = fused_module.triton_hybrid_decode, fused_module._hybrid_split_kernel
+
+    class SplitSpy:  # the first launch as it is made: its grid and whether the GDN heads run in value blocks
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                split_grids.append((grid[0], kwargs["SPLIT_V"]))
+                return split_kernel[grid](*args, **kwargs)
+            return launch
+
     fused_module.triton_hybrid_decode = lambda *a: launches.append(1) or fused(*a)
+    fused_module._hybrid_split_kernel = SplitSpy()
     saved = fa_ops.use_triton, gdn_ops.use_triton
     fa_ops.use_triton = gdn_ops.use_triton = lambda *tensors: True  # the CUDA choice, on the CPU
     try:
@@ -92,7 +101,7 @@ def run_case(*args) -> dict:
         fa_ops.decode_attention(**two["attention"])
         gdn_ops.gdn_decode_step(**two["delta"])
     finally:
-        fused_module.triton_hybrid_decode = fused
+        fused_module.triton_hybrid_decode, fused_module._hybrid_split_kernel = fused, split_kernel
         fa_ops.use_triton, gdn_ops.use_triton = saved
     ref = dict(zip(("attention", "delta", "out"), make_step(*args)))
     ref["attention"], ref["delta"] = as_float(ref["attention"]), as_float(ref["delta"])
@@ -101,7 +110,9 @@ def run_case(*args) -> dict:
     same = torch.equal(one["out"], two["out"]) and all(torch.equal(one[side][name], two[side][name]) for name, side in STATES)
     errors = {"o_fa": rel(one["out"][:, :, :n_fa], o_fa), "o_gdn": rel(one["out"][:, :, n_fa:], o_gdn)}
     errors.update({name: rel(one[side][name], ref[side][name]) for name, side in STATES})
-    return {"fused_launches": len(launches), "same_as_two_launches": same, "errors": errors}
+    (programs, split_v), = split_grids
+    return {"fused_launches": len(launches), "split_programs": programs, "value_blocks": split_v, "same_as_two_launches": same,
+            "errors": errors}
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ prefill 5-7% slower, eager decode 10% slower; ``benchmarks/results/hybrid_speed.
 Against a ``HybridStaticCache`` a one-token call is a decode step through ``kernels/fa_decode`` and
 ``kernels/gdn_decode`` (cache write, log scaling, conv window, delta rule, states in place; no host
 synchronisation), both branches writing into one output: what ``headscope.hybrid.static_cache``
-captures in a CUDA graph. A layer with both kinds of heads runs the two in one launch on CUDA
-(``kernels/hybrid_decode``: the FA split programs and the GDN programs in one grid, then the FA combine),
-not on two streams: at batch 1 a captured step is bound by its kernel count.
+captures in a CUDA graph. A layer with both kinds of heads runs the two in two launches on CUDA, as many as its
+FA heads alone take (``kernels/hybrid_decode``: the FA split programs and the GDN programs in one grid, then the
+FA combine and GDN finish programs), not on two streams: at batch 1 a captured step is bound by its kernel count.
 
 ``HybridModel`` computes the FA query scale once per forward and passes it to every layer (``query_scale``), instead of each layer recomputing it, and passes exactly 1.0 (no multiply)
 when every position it made is below ``floor_scale - 1``, where the scale is 1.

@@ -20,8 +20,9 @@ Two kernels per step, both with fixed grids (the cache length ``L`` is static, t
   rounded to its dtype (what the epilogue would read), ``gamma_h · o / sqrt(mean(o²) + eps)``, times
   ``sigmoid(gate)`` with a gate: the epilogue's launch is gone.
 
-In a layer that also has GDN heads the split programs run inside ``kernels/hybrid_decode``'s one launch
-(:func:`split_program` is the body; :func:`split_launch` builds the arguments, :func:`combine` launches the merge).
+In a layer that also has GDN heads the split programs run inside ``kernels/hybrid_decode``'s first launch and the
+combine programs inside its second (:func:`split_program` and :func:`combine_program` are the bodies;
+:func:`split_launch` and :func:`combine_launch` build the arguments).
 
 The number of splits fills the GPU: about two programs per streaming multiprocessor over ``B · Hkv``
 (batch 1 with one KV head at 128K slots: ~260 splits of ~500 slots). All arithmetic is float32. Runs on

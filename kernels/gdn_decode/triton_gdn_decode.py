@@ -216,8 +216,8 @@ def gdn_finish_program(
 ):
     """After :func:`gdn_program` with ``SPLIT_V`` (a later launch): program ``pid`` = b · H + h stores head h's shifted
     q/k conv windows (the old ones, untouched by the value blocks, and the new input) and, with ``NORM``, applies the
-    epilogue to its o: the sum of squares over the value blocks in the order the whole-head program adds them, so
-    the result is that program's to the bit."""
+    epilogue to its o: the sum of squares block by block in the whole-head program's order (bit for bit that
+    program's under the interpreter; compiled, the sum inside a block may reduce in another thread layout, ~1 ulp)."""
     b = (pid // H).to(tl.int64)
     h = pid % H
     D = 2 * HALF

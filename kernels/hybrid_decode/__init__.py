@@ -1,1 +1,1 @@
-"""One decode step of a hybrid layer's FA and GDN heads in one launch (the split programs of both kernels in one grid)."""
+"""One decode step of a hybrid layer's FA and GDN heads in two launches (the FA split and GDN programs in one grid, then the FA combine and GDN finish programs)."""

@@ -5,7 +5,7 @@ heads' :func:`headscope.kernels.fa_decode.naive.decode_attention_reference` (the
 attention over the tokens seen) and the GDN heads' :func:`headscope.kernels.gdn_decode.naive.gdn_decode_reference`
 (conv window and recurrent state updated in place), each followed by the hybrid layer's epilogue on its heads
 when ``gamma`` is given (:func:`headscope.kernels.epilogue.naive.head_epilogue_reference`, on the output
-rounded to q's dtype, as the kernels read it). :mod:`.triton_hybrid_decode` runs both in one launch.
+rounded to q's dtype, as the kernels read it). :mod:`.triton_hybrid_decode` runs both in two launches.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Dispatcher of a hybrid layer's decode step over both kinds of heads: one Triton launch (plus the FA combine) on
-CUDA, the two branches' own dispatchers elsewhere.
+"""Dispatcher of a hybrid layer's decode step over both kinds of heads: two Triton launches on CUDA, the two
+branches' own dispatchers elsewhere.
 
 ``hybrid_decode_step(attention, delta)`` takes the keyword arguments of ``kernels/fa_decode.ops.decode_attention``
 (the FA heads) and of ``kernels/gdn_decode.ops.gdn_decode_step`` (the GDN heads) and does what the two calls do
@@ -8,7 +8,8 @@ written into their ``out`` (the layer passes the two slices of its per-head outp
 
 * When both dispatchers would take their Triton path (each one's ``triton_call``: CUDA, no gradient, the
   shapes and dtypes its kernel serves): ``triton_hybrid_decode``, the FA split programs and the GDN programs
-  in one launch, then the combine kernel (:mod:`.triton_hybrid_decode`; no host synchronisation: capturable).
+  in one launch, then the FA combine and GDN finish programs in another (:mod:`.triton_hybrid_decode`; no host
+  synchronisation: capturable).
 * Otherwise: ``decode_attention(**attention)`` then ``gdn_decode_step(**delta)``, each on its own path.
 
 Both dispatchers' input checks run first either way (one clear error). triton is imported only when the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from headscope.heads import HeadscopeError
 from headscope.kernels.fa_decode import ops as fa_ops
 from headscope.kernels.gdn_decode import ops as gdn_ops
 
@@ -35,6 +37,8 @@ def hybrid_decode_step(attention: dict, delta: dict) -> tuple[torch.Tensor, torc
         the FA heads' ``(B, 1, Hq, D)`` and the GDN heads' ``(B, 1, H, D)`` outputs (their ``out`` when given).
     """
     fa_call, gdn_call = fa_ops.triton_call(**attention), gdn_ops.triton_call(**delta)
+    if attention["q"].device != delta["q"].device:
+        raise HeadscopeError(f"hybrid_decode_step: both branches on one device; got {attention['q'].device} and {delta['q'].device}")
     if fa_call is not None and gdn_call is not None:
         from headscope.kernels.hybrid_decode.triton_hybrid_decode import triton_hybrid_decode
 

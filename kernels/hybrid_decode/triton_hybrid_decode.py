@@ -19,7 +19,8 @@ A layer with both kinds of heads launched ``kernels/fa_decode``'s split and comb
   its sum of squares in the whole-head program's order.
 
 The bodies are the two kernels' own, called as functions, so the results are those of the separate launches bit
-for bit under the interpreter (the test compares them). Why: a captured batch-1 decode step of the hybrid was 8%
+for bit under the interpreter (the test compares them); compiled, the finish program's sum of squares may reduce in
+another thread layout than the whole-head program's (an ulp in the epilogue's scale). Why: a captured batch-1 decode step of the hybrid was 8%
 slower than the original's on the same kernels (Qwen3-1.7B shape, 4K; ``benchmarks/results/decode_step_speed.md``):
 one launch more per layer, and a GDN program of ~12 us against the FA split kernel's ~10 (the projections of
 the GDN heads' own keys and values, 1.6x the original's rows, cost the rest).
@@ -109,6 +110,12 @@ def _hybrid_combine_kernel(
         )
 
 
+def value_blocks(heads: int, v_blocks: int, device: torch.device) -> bool:
+    """Whether the GDN heads run one program per value block (``SPLIT_V``): when there is more than one block and
+    fewer heads (``B · H``) than the GPU has multiprocessors, so that whole-head programs would leave it idle."""
+    return v_blocks > 1 and heads < sm_count(device)
+
+
 def triton_hybrid_decode(attention: dict, delta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``triton_decode_attention(**attention)`` and ``triton_gdn_decode(**delta)`` in one launch plus the combine.
 
@@ -129,7 +136,7 @@ def triton_hybrid_decode(attention: dict, delta: dict) -> tuple[torch.Tensor, to
     (rows, splits), fa_args, fa_constexprs, partials = split_launch(**split)
     heads, gdn_args, gdn_constexprs = gdn_launch(**delta)
     device = fa_out.device
-    split_v = heads < sm_count(device)  # too few heads to fill the GPU: one program per value block of each head
+    split_v = value_blocks(heads, gdn_constexprs["V_BLOCKS"], device)
     n_gdn = heads * gdn_constexprs["V_BLOCKS"] if split_v else heads
     n_fa, combine_args, combine_constexprs = combine_launch(partials, fa_out, attention.get("gamma"), attention.get("gate"),
                                                             attention.get("norm_eps", 1e-6))
