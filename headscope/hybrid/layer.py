@@ -43,21 +43,17 @@ With ``fa_rope`` on, every other switch off and every head FA, the layer is the 
 
 ``forward = o_proj(core(x, *project(x)))``: ``project`` holds the big input projections, ``core`` the
 rest (both branches and the fusion; what ``benchmarks/hybrid_speed.py`` times as the attention core). On
-CUDA without autograd the two branches can run concurrently on two streams (``branches.run_branches``): by default
-(``overlap_branches = "auto"``) while a CUDA graph is being captured (graph decode: 0.061 against 0.079 ms
-per layer core on the H100) and for calls of at least ``OVERLAP_MIN_TOKENS`` tokens (prefill at 64K-128K:
-7-9% faster), not for short eager calls, where the stream bookkeeping only adds host time (4K-16K
-prefill 5-7% slower, eager decode 10% slower; ``benchmarks/results/hybrid_speed.md``).
+CUDA without autograd the two branches can run on two streams (``branches.run_branches``; ``overlap_branches =
+"auto"``: while a CUDA graph is captured, and from ``OVERLAP_MIN_TOKENS`` tokens, where prefill at 64K-128K gained
+7-9%; shorter eager calls lose host time, ``benchmarks/results/hybrid_speed.md``).
 
-Against a ``HybridStaticCache`` a one-token call is a decode step through ``kernels/fa_decode`` and
-``kernels/gdn_decode`` (cache write, log scaling, conv window, delta rule, states in place; no host
-synchronisation), both branches writing into one output: what ``headscope.hybrid.static_cache``
-captures in a CUDA graph. A layer with both kinds of heads runs the two in two launches on CUDA, as many as its
-FA heads alone take (``kernels/hybrid_decode``: the FA split programs and the GDN programs in one grid, then the
-FA combine and GDN finish programs), not on two streams: at batch 1 a captured step is bound by its kernel count.
+Against a ``HybridStaticCache`` a one-token call is a decode step (cache write, log scaling, conv window, delta
+rule, states in place, no host synchronisation; what ``headscope.hybrid.static_cache`` captures in a CUDA graph)
+into one output: ``kernels/fa_decode`` for FA heads only, ``kernels/gdn_decode`` for GDN heads only,
+``kernels/hybrid_decode`` for both (two launches, as many as the FA heads alone take).
 
-``HybridModel`` computes the FA query scale once per forward and passes it to every layer (``query_scale``), instead of each layer recomputing it, and passes exactly 1.0 (no multiply)
-when every position it made is below ``floor_scale - 1``, where the scale is 1.
+``HybridModel`` computes the FA query scale once per forward and passes it to every layer (``query_scale``),
+and exactly 1.0 (no multiply) when every position it made is below ``floor_scale - 1``, where the scale is 1.
 """
 
 from __future__ import annotations
