@@ -121,7 +121,7 @@ def time_steps(model, cache, vocab: int, steps: int, rounds: int) -> tuple[list[
 
 
 @torch.no_grad()
-def kernels_per_step(model, cache) -> dict | None:
+def step_gpu_work(model, cache) -> dict | None:
     """CUDA kernels (and memcpy/memset) one eager step of the static path launches, what its graph replays
     (``cache`` not graphed; torch.profiler's CUDA activity): ``{"launches", "kernel_ms", "by_kernel"}`` (the 12
     kernel names with the most GPU time, ``[launches, us]``); None on the CPU."""
@@ -165,7 +165,7 @@ def run_row(bench: Bench, context: int, batch: int, args, device: torch.device) 
             record[name]["rounds" if fused else "rounds_eager_block_ops"] = rounds
             print(f"  {name} {context} x {batch}{'' if fused else ' (eager block ops)'}: {statistics.median(rounds):.3f} ms/step", flush=True)
         cache = filled_cache(model, batch, context, 4, graphed=False, seed=context + batch)
-        work = kernels_per_step(model, cache)
+        work = step_gpu_work(model, cache)
         record[name]["kernels_per_step"] = work["launches"] if work is not None else None
         if work is not None:
             record[name]["step_gpu_work"] = work

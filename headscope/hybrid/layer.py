@@ -313,7 +313,7 @@ class HeadwiseHybridAttention(nn.Module):
                                                       o[:, :, : spec.n_fa_heads], gamma_fa, gate if norm else None)
             if spec.n_gdn_heads:
                 delta = self._gdn_step_arguments(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :], gamma_gdn)
-            if attention is not None and delta is not None:  # both kinds of heads: one launch on CUDA
+            if attention is not None and delta is not None:  # both kinds of heads: as many launches as FA alone on CUDA
                 hybrid_decode_step(attention, delta)
             elif attention is not None:
                 decode_attention(**attention)

@@ -239,7 +239,8 @@ def triton_decode_attention(
     )
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _split_kernel[grid](*args, **constexprs)
-        combine(partials, out, gamma, gate, norm_eps)
+        programs, args, constexprs = combine_launch(partials, out, gamma, gate, norm_eps)
+        _combine_kernel[(programs,)](*args, **constexprs)
     return out
 
 
@@ -253,8 +254,8 @@ def split_launch(
 
     ``grid`` is ``(B · Hkv, S)``, ``args``/``constexprs`` the positional and constexpr arguments of
     ``_split_kernel`` (those of :func:`split_program` after ``row, split``), ``partials`` the float32
-    ``(m, l, acc)`` ``(B, Hq, S[, D])`` it writes, which :func:`combine` merges. Arguments as
-    :func:`triton_decode_attention`'s.
+    ``(m, l, acc)`` ``(B, Hq, S[, D])`` it writes, which the combine kernel merges (:func:`combine_launch`).
+    Arguments as :func:`triton_decode_attention`'s.
     """
     batch, _, n_q, dim = q.shape
     n_kv, length = k_cache.shape[1], k_cache.shape[2]
@@ -282,22 +283,14 @@ def split_launch(
     return (batch * n_kv, splits), args, constexprs, (m, l, acc)
 
 
-def combine(
-    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor, gamma: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None, norm_eps: float = 1e-6,
-) -> None:
-    """Launch ``_combine_kernel``: the ``(m, l, acc)`` partials of the split kernel merged into ``out`` ``(B, 1, Hq, D)``,
-    with the hybrid layer's epilogue when ``gamma`` (and ``gate``) are given (on the current device)."""
-    programs, args, constexprs = combine_launch(partials, out, gamma, gate, norm_eps)
-    _combine_kernel[(programs,)](*args, **constexprs)
-
-
 def combine_launch(
     partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor, gamma: torch.Tensor | None = None,
     gate: torch.Tensor | None = None, norm_eps: float = 1e-6,
 ) -> tuple[int, tuple, dict]:
-    """:func:`combine`'s launch, not made: ``(programs, args, constexprs)``, ``B · Hq`` programs and the arguments
-    of ``_combine_kernel`` (those of :func:`combine_program` after ``pid``)."""
+    """The combine kernel's launch, not made: ``(programs, args, constexprs)``, ``B · Hq`` programs and the arguments
+    of ``_combine_kernel`` (those of :func:`combine_program` after ``pid``): the ``(m, l, acc)`` partials of the split
+    kernel merged into ``out`` ``(B, 1, Hq, D)``, with the hybrid layer's epilogue when ``gamma`` (and ``gate``) are
+    given."""
     m, l, acc = partials
     batch, n_q, splits, dim = acc.shape
     gate_strides = (gate.stride(0), gate.stride(2), gate.stride(3)) if gate is not None else (0, 0, 0)

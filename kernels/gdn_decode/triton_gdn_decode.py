@@ -111,8 +111,11 @@ def _value_block(
 
 
 @triton.jit
-def _scale_heads_output(o_lane, factor, so_d, HALF: tl.constexpr, V_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The stored o of one head read back block by block and stored times ``factor`` (the epilogue's last step)."""
+def _head_epilogue(o_lane, gamma_ptr, h, squares, norm_eps, so_d, HALF: tl.constexpr, V_BLOCKS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Step 5 given the sum of squares of head h's stored o: after a barrier (every thread has read what it summed),
+    each block read back and stored as ``gamma_h · o / sqrt(squares / D + eps)``."""
+    tl.debug_barrier()
+    factor = tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(squares / (2 * HALF) + norm_eps)
     for vb in tl.static_range(V_BLOCKS):
         cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < 2 * HALF
@@ -199,9 +202,7 @@ def gdn_program(
                                     half_ok, sv_d, scs_c, scs_k, sw_c, sw_k, sst_k, sst_v, so_d, HALF, K, BLOCK_K, BLOCK_V)
         # 5. the epilogue of these heads: gamma_h · o / rms(o), over the o just stored (visible after the barrier)
         if NORM:
-            tl.debug_barrier()
-            _scale_heads_output(o_lane, tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(squares / D + norm_eps), so_d,
-                                HALF, V_BLOCKS, BLOCK_V)
+            _head_epilogue(o_lane, gamma_ptr, h, squares, norm_eps, so_d, HALF, V_BLOCKS, BLOCK_V)
 
 
 @triton.jit
@@ -234,9 +235,7 @@ def gdn_finish_program(
             cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
             o = tl.load(o_lane + cols * so_d, mask=cols < D, other=0.0).to(tl.float32)
             squares += tl.sum(tl.where(cols < D, o * o, 0.0), axis=0)
-        tl.debug_barrier()
-        _scale_heads_output(o_lane, tl.load(gamma_ptr + h).to(tl.float32) / tl.sqrt(squares / D + norm_eps), so_d,
-                            HALF, V_BLOCKS, BLOCK_V)
+        _head_epilogue(o_lane, gamma_ptr, h, squares, norm_eps, so_d, HALF, V_BLOCKS, BLOCK_V)
 
 
 @triton.jit
