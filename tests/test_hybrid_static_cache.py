@@ -235,3 +235,19 @@ def test_generate_walks_the_model_to_fuse_only_when_something_moved(monkeypatch)
     handle.remove()
     cache(), cache()
     assert len(walks) == 4  # fused at the first call after the hook went, not walked at the second
+
+
+def test_without_fa_heads_in_layer_0_the_dynamic_cache_takes_positions_from_a_layer_with_them():
+    """Layer 0 pure GDN (as the real SmolLM2-135M's KV-aware mask makes it): a DynamicCache's ``get_seq_length()`` asks
+    layer 0, whose linear-attention slot holds no token count, so the decode positions (RoPE) must come from a layer
+    with a KV cache; prompt then token by token, no mask, against one pass without a cache."""
+    model = built([(1, 0), (1, 1), (2, 2)])  # layer 0: 4 GDN heads; 1: 2 FA + 2 GDN; 2: 1 FA + 3 GDN
+    ids, _ = prompt(batch=2, length=9, seed=4)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :5], cache=DynamicCache(config=model.config), use_cache=True)
+        pieces = [out.logits]
+        for t in range(5, 9):
+            out = model(ids[:, t : t + 1], cache=getattr(out, CACHE_FIELD), use_cache=True)
+            pieces.append(out.logits)
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5

@@ -239,8 +239,11 @@ class HybridModel(HybridPreTrainedModel):
         if attention_mask is not None:
             return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:], attention_mask.shape[1] - 1
         past = 0
-        if isinstance(cache, HybridStaticCache) or (cache is not None and any(t != "linear_attention" for t in self.config.layer_types)):
-            past = cache.get_seq_length()
+        # a DynamicCache counts tokens only in its attention slots: ask the first layer that has one (layer 0 may be
+        # pure GDN, whose linear-attention slot's get_seq_length is no token count)
+        kv_layer = next((i for i, t in enumerate(self.config.layer_types) if t != "linear_attention"), None)
+        if isinstance(cache, HybridStaticCache) or (cache is not None and kv_layer is not None):
+            past = cache.get_seq_length(kv_layer or 0)
         elif cache is not None and cache.has_previous_state():
             raise HeadscopeError("a hybrid without FA heads cannot infer positions from its cache; pass attention_mask or position_ids")
         return torch.arange(past, past + seq, device=device)[None], past + seq - 1
