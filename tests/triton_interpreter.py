@@ -4,11 +4,13 @@
 (``tests/<kernel>_interpret_check.py``) that its test runs in a subprocess:
 
 * the helper's ``main`` calls :func:`print_report` with a function that runs its cases; it prints one
-  JSON line, ``{"status": "ok", "cases": [...]}``, or ``{"status": "interpreter_unusable", "reason": ...}``
-  when even a trivial kernel cannot run under the interpreter here (:func:`interpreter_usable`);
+  JSON line, ``{"status": "ok", "cases": [...], "races": [...]}``, or ``{"status": "interpreter_unusable",
+  "reason": ...}`` when even a trivial kernel cannot run under the interpreter here (:func:`interpreter_usable`);
+  the cases run inside ``program_races.race_check``, so ``races`` lists every launch in which two programs touch
+  the same bytes with one of them writing (a race on the GPU that the interpreter's one-by-one order hides);
 * the test calls :func:`interpreted_cases`, which runs the helper and returns its cases, skips the test
-  when triton is missing or the interpreter unusable, and fails it when the helper exits non-zero (a
-  failure of the kernel itself is never caught).
+  when triton is missing or the interpreter unusable, and fails it when the helper exits non-zero or reports
+  a race (a failure of the kernel itself is never caught).
 """
 
 from __future__ import annotations
@@ -70,15 +72,20 @@ def loops_over_runtime_bounds() -> str | None:
 
 
 def print_report(run_cases: Callable[[], list[dict]], needs: Callable[[], str | None] | None = None) -> None:
-    """The helper's main: print the JSON line of ``run_cases()``, or why the interpreter cannot run them
-    (:func:`interpreter_usable`, and ``needs()``: a probe of what these kernels need beyond a trivial one)."""
+    """The helper's main: print the JSON line of ``run_cases()`` and the races between programs of one launch
+    that they made (``program_races``), or why the interpreter cannot run them (:func:`interpreter_usable`, and
+    ``needs()``: a probe of what these kernels need beyond a trivial one)."""
+    from program_races import race_check
+
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1")
     reason = interpreter_usable() or (needs() if needs is not None else None)
     if reason is not None:
         print(json.dumps({"status": "interpreter_unusable", "reason": reason}))
         return
-    print(json.dumps({"status": "ok", "cases": run_cases()}))
+    with race_check() as races:
+        cases = run_cases()
+    print(json.dumps({"status": "ok", "cases": cases, "races": sorted(set(races))}))
 
 
 def cases_in_dtypes(cases: list[tuple], run_case: Callable[..., dict]) -> list[dict]:
@@ -91,14 +98,13 @@ def cases_in_dtypes(cases: list[tuple], run_case: Callable[..., dict]) -> list[d
     ]
 
 
-def interpreted_cases(helper: Path, timeout: int = 600) -> list[dict]:
-    """Run a helper script under ``TRITON_INTERPRET=1`` and return its cases (a pytest skip when it cannot).
+def interpreted_report(helper: Path, timeout: int = 600) -> dict:
+    """Run a helper script under ``TRITON_INTERPRET=1`` and return its JSON report (a pytest skip when it
+    cannot run: triton missing, or the interpreter unusable here).
 
     Args:
         helper: the ``*_interpret_check.py`` script.
         timeout: seconds before the subprocess is killed (the interpreter is slow).
-    Returns:
-        The ``cases`` list of the helper's JSON report.
     """
     import pytest
 
@@ -112,4 +118,12 @@ def interpreted_cases(helper: Path, timeout: int = 600) -> list[dict]:
     if report["status"] == "interpreter_unusable":
         pytest.skip(f"Triton interpreter cannot run on this CPU: {report['reason']}")
     assert report["status"] == "ok", report
+    return report
+
+
+def interpreted_cases(helper: Path, timeout: int = 600) -> list[dict]:
+    """The ``cases`` of a :func:`print_report` helper's report (:func:`interpreted_report`), after checking that
+    none of its launches had two programs racing on the same bytes."""
+    report = interpreted_report(helper, timeout)
+    assert not report["races"], "programs of one launch race (tests/program_races.py):\n" + "\n".join(report["races"])
     return report["cases"]
