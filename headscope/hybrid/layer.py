@@ -50,7 +50,8 @@ CUDA without autograd the two branches can run on two streams (``branches.run_br
 Against a ``HybridStaticCache`` a one-token call is a decode step (cache write, log scaling, conv window, delta
 rule, states in place, no host synchronisation; what ``headscope.hybrid.static_cache`` captures in a CUDA graph)
 into one output: ``kernels/fa_decode`` for FA heads only, ``kernels/gdn_decode`` for GDN heads only,
-``kernels/hybrid_decode`` for both (two launches, as many as the FA heads alone take).
+``kernels/hybrid_decode`` for both (two launches, as many as the FA heads alone take); the arguments and the call
+live in :mod:`headscope.hybrid.decode_step`.
 
 ``HybridModel`` computes the FA query scale once per forward and passes it to every layer (``query_scale``),
 and exactly 1.0 (no multiply) when every position it made is below ``floor_scale - 1``, where the scale is 1.
@@ -58,7 +59,6 @@ and exactly 1.0 (no multiply) when every position it made is below ``floor_scale
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -67,15 +67,13 @@ from torch import nn
 from transformers import initialization as init
 
 from headscope.hybrid.branches import run_branches, should_overlap
+from headscope.hybrid.decode_step import static_decode_step
 from headscope.hybrid.functional import apply_rope, causal_attention, fa_segments, gdn_decay_init, log_position_scale
 from headscope.hybrid.inference_weights import InferenceWeights, split_gdn_logits
 from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.kernels.epilogue.ops import head_epilogue
-from headscope.kernels.fa_decode.ops import decode_attention
 from headscope.kernels.gdn.ops import gated_delta_rule_from_logits
-from headscope.kernels.gdn_decode.ops import gdn_decode_step
 from headscope.kernels.gdn_prep.ops import short_conv_rope_l2norm, short_conv_rope_l2norm_and_logits
-from headscope.kernels.hybrid_decode.ops import hybrid_decode_step
 from headscope.kernels.qk_norm.naive import head_rms_norm_reference
 from headscope.kernels.qk_norm.ops import qk_rms_norm
 
@@ -297,32 +295,17 @@ class HeadwiseHybridAttention(nn.Module):
             ``(B, T, H, D)`` fused per-head outputs in head order (the ``o_proj`` input).
         """
         spec = self.spec
-        batch, seq = x.shape[:2]
-        q_fa, q_gdn = q.split_with_sizes((spec.n_fa_heads, spec.n_gdn_heads), dim=2)  # split_with_sizes: no Python wrapper
-        k_fa, k_gdn = k.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
-        v_fa, v_gdn = v.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
-        step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
+        seq = x.shape[1]
         if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
-            o = q.new_empty(batch, 1, spec.n_heads, spec.head_dim)
-            # with the fusion norm each branch's kernel applies the epilogue to its heads (no launch of its own)
-            norm = spec.fusion_norm
-            gamma_fa, gamma_gdn = (self.gamma[: spec.n_fa_heads], self.gamma[spec.n_fa_heads :]) if norm else (None, None)
-            attention = delta = None
-            if spec.n_fa_heads:
-                attention = self._fa_step_arguments(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache,
-                                                      o[:, :, : spec.n_fa_heads], gamma_fa, gate if norm else None)
-            if spec.n_gdn_heads:
-                delta = self._gdn_step_arguments(x, q_gdn, k_gdn, v_gdn, position_embeddings, cache, o[:, :, spec.n_fa_heads :], gamma_gdn)
-            if attention is not None and delta is not None:  # both kinds of heads: as many launches as FA alone on CUDA
-                hybrid_decode_step(attention, delta)
-            elif attention is not None:
-                decode_attention(**attention)
-            else:
-                gdn_decode_step(**delta)
-            if norm:
+            o = static_decode_step(self, x, q, k, v, gate, position_embeddings, position_ids, cache)  # (B, 1, H, D)
+            if spec.fusion_norm:  # each branch's kernel applied the epilogue to its heads
                 return o
             parts = (o,)
         else:
+            q_fa, q_gdn = q.split_with_sizes((spec.n_fa_heads, spec.n_gdn_heads), dim=2)  # split_with_sizes: no Python wrapper
+            k_fa, k_gdn = k.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
+            v_fa, v_gdn = v.split_with_sizes((spec.n_fa_kv_heads, spec.n_gdn_heads), dim=2)
+            step_mask = padding_mask[:, -seq:] if padding_mask is not None else None
             branches = []
             if spec.n_fa_heads:
                 branches.append(lambda: self._full_attention(q_fa, k_fa, v_fa, position_embeddings, position_ids, cache, padding_mask, query_scale))
@@ -355,33 +338,6 @@ class HeadwiseHybridAttention(nn.Module):
         return causal_attention(  # direct flash in a hybrid layer (a few FA heads beside GDN heads: host-bound)
             q, k, v, self.segments, scale=spec.head_dim**-0.5, padding_mask=padding_mask, sliding_window=spec.sliding_window,
             direct=spec.n_gdn_heads > 0,
-        )
-
-    def _fa_step_arguments(self, q, k, v, position_embeddings, position_ids, cache, out, gamma=None, gate=None) -> dict:
-        """FA heads, one decode token against a ``HybridStaticCache``: the arguments of ``kernels/fa_decode``'s
-        ``decode_attention``, which rotates q and the new key (RoPE in the kernel), writes the new key/value into
-        the cache and attends over the tokens seen, into ``out`` ``(B, 1, n_fa, D)``; with ``gamma`` (and
-        ``gate``) the layer's epilogue on these heads too."""
-        spec = self.spec
-        rope = tuple(t[:, -1] for t in position_embeddings) if spec.fa_rope else None  # (cos, sin), each (B, D)
-        positions = position_ids[:, -1] if spec.log_scaling else None  # (B,), any stride (an expanded arange: 0)
-        return dict(
-            q=q, k_new=k, v_new=v, k_cache=cache.keys[self.layer_idx], v_cache=cache.values[self.layer_idx], valid=cache.valid,
-            seen=cache.seen, q_offsets=(0, *itertools.accumulate(spec.fa_kv_sizes)), scale=spec.head_dim**-0.5, positions=positions,
-            attn_scale=spec.attn_scale, floor_scale=spec.floor_scale, sliding_window=spec.sliding_window, rope=rope, out=out,
-            device_offsets=cache.q_offsets[self.layer_idx], gamma=gamma, gate=gate,
-        )
-
-    def _gdn_step_arguments(self, x, q, k, v, position_embeddings, cache, out, gamma=None) -> dict:
-        """GDN heads, one decode token against a ``HybridStaticCache``: the arguments of ``kernels/gdn_decode``'s
-        ``gdn_decode_step`` (conv window, RoPE + norm, beta/decay, delta rule, both states updated in place), into
-        ``out`` ``(B, 1, n_gdn, D)``; with ``gamma`` the layer's epilogue on these heads too."""
-        cos, sin = position_embeddings
-        return dict(
-            x=x[:, 0], q=q, k=k, v=v, conv_weight=self.conv1d.weight.squeeze(1), conv_state=cache.conv_states[self.layer_idx],
-            cos=cos, sin=sin, b_weight=self.b_proj.weight, a_weight=self.a_proj.weight, A_log=self.A_log, dt_bias=self.dt_bias,
-            state=cache.recurrent_states[self.layer_idx], step_mask=cache.step_mask, scale=self.spec.head_dim**-0.5, out=out,
-            gamma=gamma,
         )
 
     def _gated_delta(self, x, q, k, v, position_embeddings, cache, step_mask) -> torch.Tensor:
