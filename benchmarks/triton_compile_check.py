@@ -10,6 +10,10 @@ Constexprs that only exist for the interpreter (``UPCAST``) take their CUDA valu
 the kernels compiled (how many specialisations, the most shared memory one asks for), or the first compile
 error of each failing kernel. A specialisation that asks for more shared memory than an SM of the target
 has (software pipelining buffers whole tiles per stage) compiles but could never launch: it fails the check.
+Each kernel's line also gives the most registers per thread and the most local memory per thread (stack frame +
+local arrays) of its specialisations (``cuobjdump --dump-resource-usage`` of the cubin, Triton's bundled copy):
+registers bound how many programs share an SM, and local memory there means spilled registers (ptxas puts its
+spill slots in the stack frame), a slow kernel seen before any GPU run.
 
 Run it where the GPU's Triton is installed (on a box without internet: in a copy of its venv, or on the
 box itself before a benchmark) to learn that the kernels build there before spending GPU time::
@@ -26,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +79,9 @@ def compile_helper(helper: Path, arch: int) -> dict:
     driver.set_active(CompileOnlyDriver())
     compiled: dict[str, int] = {}
     shared: dict[str, int] = {}
+    registers: dict[str, int] = {}
+    local: dict[str, int] = {}
+    spills: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
     launch = JITFunction.run
 
@@ -86,10 +95,15 @@ def compile_helper(helper: Path, arch: int) -> dict:
                 raise RuntimeError(f"no cubin for {kernel.metadata.target}")
             limit = MAX_SHARED_BYTES.get(arch)
             if limit is not None and kernel.metadata.shared > limit:
-                config = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-                raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory, sm_{arch} has {limit} ({config})")
+                raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory, sm_{arch} has {limit} "
+                                   f"({specialisation(args, kwargs)})")
             compiled[name] = compiled.get(name, 0) + 1
             shared[name] = max(shared.get(name, 0), kernel.metadata.shared)
+            usage = resource_usage(kernel.asm["cubin"])
+            registers[name] = max(registers.get(name, 0), usage["REG"])
+            local[name] = max(local.get(name, 0), usage["STACK"] + usage["LOCAL"])
+            if usage["STACK"] + usage["LOCAL"]:
+                spills.setdefault(name, []).append(f"{usage['STACK'] + usage['LOCAL']} B: {specialisation(args, kwargs)}")
         except Exception as err:  # noqa: BLE001 -- recorded: one kernel's failure must not hide the others'
             failed.setdefault(name, f"{type(err).__name__}: {err}"[:2000])
 
@@ -103,7 +117,30 @@ def compile_helper(helper: Path, arch: int) -> dict:
         runpy.run_path(str(helper), run_name="__main__")
     except Exception as err:  # noqa: BLE001 -- e.g. a library that needs a real device at import
         stopped = f"{type(err).__name__}: {str(err)[:300]}"
-    return {"triton": triton.__version__, "compiled": compiled, "shared": shared, "failed": failed, "stopped": stopped}
+    return {"triton": triton.__version__, "compiled": compiled, "shared": shared, "registers": registers, "local": local,
+            "spills": spills, "failed": failed, "stopped": stopped}
+
+
+def specialisation(args: tuple, kwargs: dict) -> str:
+    """What tells one specialisation of a kernel from another in a report: its constexprs and launch options
+    (upper-case keywords, ``num_*``) and the dtypes of its tensor arguments."""
+    config = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+    dtypes = sorted({str(a.dtype).removeprefix("torch.") for a in args if hasattr(a, "dtype") and a.dtype.is_floating_point})
+    return f"{config}, {'/'.join(dtypes)}"
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``REG`` (registers per thread), ``STACK`` (bytes of stack frame per thread: where ptxas spills), ``LOCAL``
+    (local arrays) and ``SHARED`` of the one kernel in ``cubin``, read by Triton's bundled ``cuobjdump``."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", file.name], capture_output=True,
+                              text=True, check=True).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)  # the Function line's resources
+    return {key: int(value) for key, value in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", line)}
 
 
 def check(helper: Path, arch: int, timeout: float = 900) -> dict:
@@ -112,7 +149,8 @@ def check(helper: Path, arch: int, timeout: float = 900) -> dict:
                           text=True, timeout=timeout, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return {"compiled": {}, "shared": {}, "failed": {}, "stopped": f"exit {done.returncode}: {done.stderr[-1500:]}"}
+        return {"compiled": {}, "shared": {}, "registers": {}, "local": {}, "spills": {}, "failed": {},
+                "stopped": f"exit {done.returncode}: {done.stderr[-1500:]}"}
     return json.loads(lines[-1])
 
 
@@ -133,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         report = check(ROOT / "tests" / f"{name}_interpret_check.py", args.arch)
         ok = report["compiled"] and not report["failed"] and not report["stopped"]
         bad += not ok
-        kernels = ", ".join(f"{k} x{n} ({report['shared'][k] // 1024} KB shared)" for k, n in report["compiled"].items()) or "nothing"
+        kernels = ", ".join(
+            f"{k} x{n} ({report['shared'][k] // 1024} KB shared, {report['registers'][k]} registers"
+            + (f", {report['local'][k]} B local: SPILLS" if report["local"][k] else "") + ")"
+            for k, n in report["compiled"].items()
+        ) or "nothing"
         print(f"{name}: {'ok' if ok else 'FAILED'} (triton {report.get('triton', '?')}, sm_{args.arch}): compiled {kernels}", flush=True)
+        for kernel, where in report["spills"].items():
+            print(f"  {kernel} spills in {len(where)} of {report['compiled'][kernel]} specialisations, e.g. {where[0]}", flush=True)
         for kernel, error in report["failed"].items():
             print(f"  {kernel}: {error}", flush=True)
         if report["stopped"]:

@@ -69,6 +69,41 @@ if __name__ == "__main__":
 '''
 
 
+SPILLING_HELPER = '''
+import torch
+import triton
+import triton.language as tl
+
+from triton_interpreter import print_report
+
+
+@triton.jit
+def _fine_kernel(x_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) + 1.0)
+
+
+@triton.jit
+def _spilling_kernel(x_ptr, n, BLOCK: tl.constexpr):  # a 128 x 128 float32 accumulator across a loop: 512 values a thread
+    tile = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for i in range(n):
+        acc = acc * 0.5 + tl.load(x_ptr + i * BLOCK * BLOCK + tile)
+    tl.store(x_ptr + tile, acc)
+
+
+def run_cases():
+    x = torch.zeros(128 * 128)
+    _fine_kernel[(1,)](x, BLOCK=16)
+    _spilling_kernel[(1,)](x, 1, BLOCK=128, num_warps=1)
+    return []
+
+
+if __name__ == "__main__":
+    print_report(run_cases)
+'''
+
+
 @pytest.fixture(scope="module")
 def benchmark():
     return load_benchmark("triton_compile_check")
@@ -101,3 +136,12 @@ def test_a_kernel_asking_for_more_shared_memory_than_the_sm_has_fails(benchmark,
     helper.write_text(GREEDY_HELPER)
     report = benchmark.check(helper, arch=90)
     assert report["compiled"] == {} and "shared memory, sm_90 has 232448" in report["failed"]["_greedy_kernel"]
+
+
+def test_registers_and_spills_are_reported(benchmark, tmp_path, capsys):
+    """ptxas's spill slots (in the stack frame) are local memory: reported, not a failure (the kernel runs, slowly)."""
+    helper = tmp_path / "spill_interpret_check.py"
+    helper.write_text(SPILLING_HELPER)
+    report = benchmark.check(helper, arch=90)
+    assert not report["failed"] and report["local"]["_fine_kernel"] == 0 and 0 < report["registers"]["_fine_kernel"] < 32
+    assert report["registers"]["_spilling_kernel"] == 255 and report["local"]["_spilling_kernel"] > 0

@@ -24,7 +24,8 @@ profiler, triton 3.6; 2026-12-04):
   and solved it block row by block row (store, barrier, re-load: register tensors cannot be sliced). 0.069
   against 0.127 ms at 4K, 0.140 against 0.227 at 8K, 0.139 against 0.227 at batch 8 x 1K; the same errors against
   the float32 reference. 2 warps per program (``INTRA_WARPS``): 1 / 2 / 4 / 8 warps take 0.086 / 0.069 / 0.106 /
-  0.168 ms at 4K.
+  0.168 ms at 4K, although at 2 warps and K = V = 128 in bf16 ptxas spills 392-544 bytes per thread
+  (``benchmarks/triton_compile_check.py``, sm_90, Triton 3.9).
 * Recurrence: fla stores S per chunk and computes O in a third, parallel kernel. That split was built and
   measured here: the state pass plus the output kernel took 0.094 + 0.028 ms at 4K against 0.124 for the one
   scan (0.194 + 0.050 against 0.242 at 8K), so the two dots per step on the sequential path cost nothing
