@@ -9,7 +9,7 @@ from conftest import load_benchmark
 
 pytest.importorskip("triton")
 
-BROKEN_HELPER = '''
+FINE_HELPER = '''
 import torch
 import triton
 import triton.language as tl
@@ -21,7 +21,9 @@ from triton_interpreter import print_report
 def _fine_kernel(x_ptr, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
     tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) + 1.0)
+'''  # the start of a helper: imports and a kernel that compiles
 
+BROKEN_HELPER = FINE_HELPER + '''
 
 @triton.jit
 def _broken_kernel(x_ptr, BLOCK: tl.constexpr):
@@ -69,19 +71,7 @@ if __name__ == "__main__":
 '''
 
 
-SPILLING_HELPER = '''
-import torch
-import triton
-import triton.language as tl
-
-from triton_interpreter import print_report
-
-
-@triton.jit
-def _fine_kernel(x_ptr, BLOCK: tl.constexpr):
-    offsets = tl.arange(0, BLOCK)
-    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) + 1.0)
-
+SPILLING_HELPER = FINE_HELPER + '''
 
 @triton.jit
 def _spilling_kernel(x_ptr, n, BLOCK: tl.constexpr):  # a 128 x 128 float32 accumulator across a loop: 512 values a thread
