@@ -113,6 +113,7 @@ from generate_speed_report import (  # noqa: E402
     RANDOM_PROMPT, TWIN, UNCHECKED, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines,
 )
 from headscope.heads import HeadscopeError  # noqa: E402
+from headscope.hybrid.generation import kept_static_cache  # noqa: E402
 
 
 class StepClock:
@@ -193,9 +194,9 @@ def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, pref
               "tokens_per_s": ids.shape[0] * new / (total_ms / 1e3), "prefill_chunk": prefill_chunk, "new_tokens": out[:, ids.shape[1]:].tolist()}
     if bench.device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    static = getattr(bench.model_of(variant), "_headscope_static_cache", None) if variant.endswith("_graph") else None
+    static = kept_static_cache(bench.model_of(variant)) if variant.endswith("_graph") else None
     if static is not None and bench.device.type == "cuda":  # a failed capture warns and decodes eagerly: say so in the row
-        result["graph_captured"] = static[0]._graph is not None
+        result["graph_captured"] = static._graph is not None
     return result, clock.first_scores
 
 

@@ -186,10 +186,11 @@ class Bench:
         """Drop the static caches of the last variant (the hybrid and the twin keep theirs on the model) and, after
         ``original_compiled`` (``compiled``), torch.compile's graphs: their CUDA-graph memory pool would stay
         reserved and squeeze the next variant."""
+        from headscope.hybrid.generation import drop_static_cache
+
         self._static = None
         for model in (self.hybrid, self.same_kernels):
-            if hasattr(model, "_headscope_static_cache"):
-                delattr(model, "_headscope_static_cache")
+            drop_static_cache(model)
         if compiled:
             torch._dynamo.reset()
         gc.collect()

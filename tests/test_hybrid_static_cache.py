@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
 
 from conftest import tiny_qwen3
 from headscope.heads import HeadMask, HeadscopeError
 from headscope.hybrid import HybridConfig, HybridForCausalLM, build_hybrid
-from headscope.hybrid.generation import static_cache_for_generate
+from headscope.hybrid.generation import kept_static_cache, static_cache_for_generate
 from headscope.hybrid.modeling import CACHE_FIELD
 from headscope.hybrid.static_cache import HybridStaticCache
 from headscope.models import load_model
@@ -31,6 +32,11 @@ def built(full_heads: list[tuple[int, int]], seed: int = 7) -> HybridForCausalLM
 def hybrid() -> HybridForCausalLM:
     """Layers: 0 hybrid (1 FA head, log scaling from position 3), 1 plain full attention, 2 pure GDN."""
     return built([(0, 2), (1, 0), (1, 1), (1, 2), (1, 3)])
+
+
+def cache_for(model, batch=2, max_length=9, mode="static", generation_mode=GenerationMode.GREEDY_SEARCH, **settings):
+    """The cache ``generate()`` takes for a call that transformers settled to these settings."""
+    return static_cache_for_generate(model, GenerationConfig(max_length=max_length, **settings), {}, generation_mode, batch, mode)
 
 
 def prompt(batch=3, length=7, seed=0):
@@ -125,9 +131,9 @@ def test_greedy_generate_static_equals_dynamic_and_reuses_its_cache(hybrid):
     want = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, decode_mode="dynamic")
     got = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, decode_mode="static")
     assert torch.equal(got, want)
-    cache = static_cache_for_generate(hybrid, ids, (), {"max_new_tokens": 10}, "static")
+    cache = kept_static_cache(hybrid)
     again = hybrid.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, decode_mode="static")
-    assert torch.equal(again, want) and static_cache_for_generate(hybrid, ids, (), {"max_new_tokens": 10}, "static") is cache
+    assert torch.equal(again, want) and kept_static_cache(hybrid) is cache
     one = ids[:, -1:]  # a one-token prompt decodes from zero GDN states, whatever the cache held before
     assert torch.equal(hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="static"),
                        hybrid.generate(one, max_new_tokens=4, do_sample=False, decode_mode="dynamic"))
@@ -140,8 +146,7 @@ def test_the_kept_cache_follows_the_weights():
     from headscope.hybrid.generation import _weights_key
 
     model = built([(0, 2), (1, 0)], seed=3)
-    ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
-    cache = lambda: static_cache_for_generate(model, ids, (), {"max_new_tokens": 4}, "static")  # noqa: E731
+    cache = lambda: cache_for(model)  # noqa: E731
     first, key = cache(), _weights_key(model)
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
@@ -176,17 +181,67 @@ def test_chunked_prefill_on_the_static_cache_matches_one_pass_on_the_dynamic_cac
     assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-5
 
 
+def test_one_token_forwards_outside_a_decode_step_are_prefill_chunks(hybrid):
+    """Only ``HybridStaticCache.decode`` sets up a decode step (GDN states zeroed before a one-token prompt, the token's
+    padding mask). A one-token call that transformers routes through the model's forward instead (hidden states asked
+    for, a one-token prefill chunk, autograd on) is a prefill chunk: it used to take the decode kernels without that
+    set-up, starting from the previous prompt's GDN states and letting left padding into them."""
+    ids, mask = prompt(seed=5)
+    settings = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+    def both(*args, **kwargs):
+        want, got = (hybrid.generate(*args, decode_mode=mode, **settings, **kwargs) for mode in ("dynamic", "static"))
+        assert torch.equal(got.sequences, want.sequences)
+        assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-5
+
+    hybrid.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, decode_mode="static")  # the kept cache holds a prompt
+    both(ids[:, -1:], output_hidden_states=True)  # a one-token prompt on the reused cache, through the forward
+    both(ids, attention_mask=mask, output_hidden_states=True, prefill_chunk_size=1)  # one-token chunks over left padding
+    cache = kept_static_cache(hybrid)
+    for grad in (False, True):  # a manual one-token prompt on a reset cache, with autograd on and off
+        cache.reset()
+        with torch.set_grad_enabled(grad):
+            got = hybrid(ids[:, :1], cache=cache, use_cache=True).logits
+            want = hybrid(ids[:, :1], cache=DynamicCache(config=hybrid.config), use_cache=True).logits
+        assert (got - want).abs().max().item() < 1e-5
+
+
+def test_the_static_cache_follows_transformers_settled_generation_settings(hybrid):
+    """The cache is chosen once transformers has merged the call's settings with the model's ``generation_config`` and
+    applied its length rules: no length given (20 new tokens), ``max_new_tokens`` in a config beside a ``max_length``
+    keyword (``max_new_tokens`` wins), beam search or ``use_cache=False`` set only on the model."""
+    ids, mask = prompt(batch=2, length=5, seed=6)
+
+    def same(**kwargs):
+        want, got = (hybrid.generate(ids, attention_mask=mask, do_sample=False, decode_mode=mode, **kwargs) for mode in ("dynamic", "static"))
+        assert torch.equal(got, want)
+        return got.shape[1] - ids.shape[1]
+
+    assert same() == 20
+    assert same(generation_config=GenerationConfig(max_new_tokens=30, do_sample=False), max_length=12) == 30
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for name, value, reason in (("num_beams", 2, "beam_search"), ("use_cache", False, "use_cache=False")):
+        saved = getattr(hybrid.generation_config, name)
+        setattr(hybrid.generation_config, name, value)
+        try:
+            with pytest.raises(HeadscopeError, match=reason):
+                hybrid.generate(ids, attention_mask=mask, generation_config=config, decode_mode="static")
+            hybrid.generate(ids, attention_mask=mask, generation_config=config, decode_mode="auto")  # CPU: dynamic, served
+        finally:
+            setattr(hybrid.generation_config, name, saved)
+
+
 def test_generate_picks_the_dynamic_path_where_the_static_one_cannot_serve(hybrid):
     ids, _ = prompt(batch=1)
-    assert static_cache_for_generate(hybrid, ids, (), {}, "auto") is None  # CPU: dynamic
-    assert static_cache_for_generate(hybrid, ids, (), {"num_beams": 2}, "auto") is None
+    assert cache_for(hybrid, batch=1, mode="auto") is None  # CPU: dynamic
+    assert cache_for(hybrid, batch=1, mode="auto", generation_mode=GenerationMode.BEAM_SEARCH, num_beams=2) is None
     with pytest.raises(HeadscopeError, match="num_beams"):
         hybrid.generate(ids, max_new_tokens=2, num_beams=2, decode_mode="static")
     with pytest.raises(HeadscopeError, match="needs a CUDA model"):
         hybrid.generate(ids, max_new_tokens=2, decode_mode="graph")
     with pytest.raises(HeadscopeError, match="decode_mode must be one of"):
         hybrid.generate(ids, max_new_tokens=2, decode_mode="fast")
-    cache = static_cache_for_generate(hybrid, ids, (), {"max_length": 300}, "static")
+    cache = cache_for(hybrid, batch=1, max_length=300)
     assert cache.max_length == 512 and cache.batch_size == 1  # rounded up to 256-token steps
 
 
@@ -220,10 +275,9 @@ def test_generate_walks_the_model_to_fuse_only_when_something_moved(monkeypatch)
     import headscope.hybrid.generation as generation
 
     model = built([(0, 2), (1, 0)], seed=3)
-    ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     walks, fuse = [], generation.fuse_for_inference
     monkeypatch.setattr(generation, "fuse_for_inference", lambda m: walks.append(1) or fuse(m))
-    cache = lambda: static_cache_for_generate(model, ids, (), {"max_new_tokens": 4}, "static")  # noqa: E731
+    cache = lambda: cache_for(model)  # noqa: E731
     for _ in range(3):
         cache()
     assert len(walks) == 1

@@ -47,9 +47,9 @@ CUDA without autograd the two branches can run on two streams (``branches.run_br
 "auto"``: while a CUDA graph is captured, and from ``OVERLAP_MIN_TOKENS`` tokens, where prefill at 64K-128K gained
 7-9%; shorter eager calls lose host time, ``benchmarks/results/hybrid_speed.md``).
 
-Against a ``HybridStaticCache`` a one-token call is a decode step (cache write, log scaling, conv window, delta
-rule, states in place, no host synchronisation; what ``headscope.hybrid.static_cache`` captures in a CUDA graph)
-into one output: ``kernels/fa_decode`` for FA heads only, ``kernels/gdn_decode`` for GDN heads only,
+Inside a ``HybridStaticCache``'s decode step (``cache.decoding``) a call is one token per row (cache write, log
+scaling, conv window, delta rule, states in place, no host synchronisation; what ``headscope.hybrid.static_cache``
+captures in a CUDA graph) into one output: ``kernels/fa_decode`` for FA heads only, ``kernels/gdn_decode`` for GDN heads only,
 ``kernels/hybrid_decode`` for both (two launches, as many as the FA heads alone take); the arguments and the call
 live in :mod:`headscope.hybrid.decode_step`.
 
@@ -296,7 +296,7 @@ class HeadwiseHybridAttention(nn.Module):
         """
         spec = self.spec
         seq = x.shape[1]
-        if isinstance(cache, HybridStaticCache) and seq == 1:  # a decode step: both branches write into one output
+        if isinstance(cache, HybridStaticCache) and cache.decoding:  # a decode step: both branches write into one output
             o = static_decode_step(self, x, q, k, v, gate, position_embeddings, position_ids, cache)  # (B, 1, H, D)
             if spec.fusion_norm:  # each branch's kernel applied the epilogue to its heads
                 return o

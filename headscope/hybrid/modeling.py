@@ -228,8 +228,11 @@ class HybridModel(HybridPreTrainedModel):
         hidden = self.embed_tokens(input_ids)  # (B, 1, C)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         cache.begin_decode()
-        for layer in self.layers:
-            hidden = layer(hidden, position_embeddings, position_ids, cache, None)
+        try:
+            for layer in self.layers:
+                hidden = layer(hidden, position_embeddings, position_ids, cache, None)
+        finally:
+            cache.decoding = False  # (end_decode too: also when a layer raised)
         cache.end_decode()
         return add_norm(self.norm, hidden, None)[0]
 
@@ -317,14 +320,28 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         CUDA graph per step), "static" (the same cache, eager steps), "dynamic" (transformers'
         ``DynamicCache``, eager: the reference) or "auto" ("graph" on CUDA, "dynamic" on CPU). Beam search,
         several sequences per prompt, assisted decoding or a cache passed in take the dynamic path
-        (``headscope.hybrid.generation``).
+        (``headscope.hybrid.generation``, which picks the cache once transformers has settled the call's settings).
         """
+        from headscope.hybrid.generation import check_mode
+
+        mode = decode_mode or self.decode_mode
+        check_mode(self, mode)  # a bad mode before any work
+        outer, self._generate_decode_mode = getattr(self, "_generate_decode_mode", None), mode
+        try:
+            return super().generate(inputs, *args, **kwargs)
+        finally:
+            self._generate_decode_mode = outer
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int):
+        """transformers' hook for the cache of a ``generate()`` call, its settings settled: the static hybrid cache
+        where ``headscope.hybrid.generation`` says it serves, else transformers' own choice."""
         from headscope.hybrid.generation import static_cache_for_generate
 
-        cache = static_cache_for_generate(self, inputs, args, kwargs, decode_mode or self.decode_mode)
-        if cache is not None:
-            kwargs[CACHE_FIELD] = cache
-        return super().generate(inputs, *args, **kwargs)
+        mode = getattr(self, "_generate_decode_mode", None) or self.decode_mode
+        cache = static_cache_for_generate(self, generation_config, model_kwargs, generation_mode, batch_size, mode)
+        if cache is None:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        model_kwargs[CACHE_FIELD] = cache
 
 
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)

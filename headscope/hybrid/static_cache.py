@@ -9,8 +9,9 @@ the host (``seen_tokens``, for prefill slicing and bounds checks) and on the dev
 decode kernels). ``valid`` ``(B, L)`` marks real tokens (the 2D attention mask, written as tokens arrive);
 ``step_mask`` ``(B,)`` holds the decode token's entry.
 
-Decode (one token per row, ``HybridForCausalLM.forward`` routes it here) never reads the device on the
-host and never allocates a cache tensor, so one step can be captured: with ``graphed`` (on CUDA), the
+Decode (one token per row, ``HybridForCausalLM.forward`` routes it here; ``decode`` zeroes the GDN states
+before a one-token prompt and takes the token's padding mask) never reads the device on the host and never
+allocates a cache tensor, so one step can be captured: with ``graphed`` (on CUDA), the
 first step runs eagerly on a side stream (it also compiles the kernels), the next call captures the step
 into a ``torch.cuda.CUDAGraph`` and every later step copies the token ids and positions into the graph's
 input buffers and replays it (one launch instead of one per op). The same step runs eagerly with
@@ -20,7 +21,10 @@ and leaves the cache eager.
 
 The cache duck-types what ``generate()`` and the layers ask of a transformers ``Cache``
 (``get_seq_length``, ``update``, ``has_previous_state``, ``update_conv_state``, ``update_recurrent_state``,
-``is_linear``, ``is_compileable``) so the prefill runs the layers' usual code.
+``is_linear``, ``is_compileable``) so the prefill runs the layers' usual code. Any other forward against the
+cache, one token long included (hidden states asked for, labels, autograd on, a one-token prefill chunk of
+``HybridModel`` itself), is a prefill chunk: the layers take their prefill path, which starts the GDN heads from
+zero states on an empty cache and masks padded tokens, and the decode kernels run only inside ``decode``.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class HybridStaticCache:
             self.step_mask = torch.ones(batch_size, dtype=torch.long)
             self.seen = torch.zeros(1, dtype=torch.long)
         self.seen_tokens = 0
+        self.decoding = False  # inside ``HybridModel.decode_step``: the layers take the decode kernels
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_io: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # ids, positions, logits
         self._warmed_up = False
@@ -136,11 +141,14 @@ class HybridStaticCache:
         self.seen.fill_(self.seen_tokens)
 
     def begin_decode(self) -> None:
-        """Device-only (captured): the decode token's padding mask into ``valid[:, n]``."""
+        """Device-only (captured): the decode token's padding mask into ``valid[:, n]``; the layers' one-token calls
+        are decode steps (``decoding``) until :meth:`end_decode`."""
         self.valid.index_copy_(1, self.seen, self.step_mask[:, None].to(self.valid.dtype))
+        self.decoding = True
 
     def end_decode(self) -> None:
         """Device-only (captured): one more token seen."""
+        self.decoding = False
         self.seen.add_(1)
 
     # --- decode ------------------------------------------------------------------------------------
