@@ -121,7 +121,7 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=1))
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """The mode ``open()`` would give a new file: 0o666 less the process umask (0o644 under umask 022)."""
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
@@ -141,7 +141,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     except OSError as err:
         raise HeadscopeError(f"cannot write {target}: {err.strerror or err}") from None
     try:
-        os.fchmod(handle, _file_mode())  # mkstemp makes the file owner-only
+        os.fchmod(handle, file_mode())  # mkstemp makes the file owner-only
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(tmp_name, target)

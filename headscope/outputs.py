@@ -9,8 +9,9 @@ The rules every command follows (``build``, ``demo``, ``score``, ``transfer``, `
   command write its files into it and leaves every other file alone;
 * the place must be writable: the nearest existing folder is probed with a temporary file, so a read-only
   or misspelt location fails in one line before a long run, not after it;
-* a directory of several files (a built model) is written into a hidden staging folder beside ``--out``
-  and moved in file by file (``write_dir``): an interrupted save leaves no half-written file behind.
+* a directory of several files (a built model) is written into a hidden staging folder inside ``--out``
+  and moved in file by file (``write_dir``): an interrupted save leaves no half-written file behind, and the
+  moves stay on ``--out``'s file system (a mount point, a folder in a read-only parent).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from headscope.heads import HeadscopeError
+from headscope.heads import HeadscopeError, file_mode
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -95,20 +96,33 @@ def visible_entries(path: Path) -> list[Path]:
     return [entry for entry in path.iterdir() if not entry.name.startswith(".")]
 
 
-def write_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(staging)`` on a fresh hidden folder beside ``out``, then move its files into ``out``.
+def write_dir(out: str | os.PathLike, write: Callable[[Path], None], stale: Iterable[str] = ()) -> Path:
+    """Run ``write(staging)`` on a fresh hidden folder inside ``out``, then move its files into ``out``.
 
-    Each file arrives by an atomic rename; on any error or interrupt the staging folder is removed and
-    ``out`` keeps what it held.
+    Each file arrives by an atomic rename with the usual permissions (``file_mode``: savers such as safetensors
+    make their files owner-only). Then the names in ``stale`` that this write did not make are removed: a previous
+    output's files, such as weight shards of another layout, which transformers would load before the new ones.
+    On any error or interrupt the staging folder is removed and ``out`` keeps what it held (a folder made for this
+    write is removed again).
     """
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    made = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target, prefix=".staging.", suffix=".tmp"))
     try:
         write(staging)
-        target.mkdir(exist_ok=True)
+        mode, written = file_mode(), set()
         for entry in sorted(staging.iterdir()):
+            if entry.is_file():
+                os.chmod(entry, mode)
             os.replace(entry, target / entry.name)
-    finally:
+            written.add(entry.name)
+        for name in set(stale) - written:
+            (target / name).unlink(missing_ok=True)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if made and not any(target.iterdir()):
+            target.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return target

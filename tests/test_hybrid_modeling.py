@@ -144,6 +144,32 @@ def test_cli_build_from_mask_file_and_baselines(tmp_path, capsys):
     assert len(errors) == 1 and "made for another model" in errors[0] and "architecture is qwen3 in the file but llama" in errors[0]
 
 
+def test_a_build_keeps_the_generation_config_and_a_saved_config_keeps_its_edits(tmp_path):
+    """The original's generation config (stop tokens, sampling defaults) comes along; fields changed on the hybrid's
+    config after the build (a resized vocabulary, stop tokens, the norm's eps) survive save and load."""
+    base = tiny_qwen3(seed=8)
+    base.generation_config.eos_token_id, base.generation_config.do_sample, base.generation_config.temperature = [1, 5], True, 0.3
+    lm = load_model(base)
+    full = torch.zeros(lm.fingerprint.shape, dtype=torch.bool)
+    full[1, 1] = True
+    hybrid = build_hybrid(lm, HeadMask(full, lm.fingerprint))
+    assert hybrid.generation_config.eos_token_id == [1, 5] and hybrid.generation_config.temperature == 0.3
+    hybrid.resize_token_embeddings(hybrid.config.vocab_size + 3)
+    hybrid.config.eos_token_id, hybrid.config.max_position_embeddings = [1, 5], 512
+    hybrid.save_pretrained(tmp_path / "edited")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    for name in ("vocab_size", "eos_token_id", "max_position_embeddings"):
+        assert getattr(again.config, name) == getattr(hybrid.config, name), name
+    assert again.model.embed_tokens.weight.shape[0] == again.lm_head.weight.shape[0] == hybrid.config.vocab_size
+    ids = ids_of(2, 6)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hybrid(ids).logits)
+    assert again.generation_config.eos_token_id == [1, 5]
+    hybrid.config.rms_norm_eps = 1e-5  # (the built norms keep theirs; a model loaded from this config takes it)
+    hybrid.config.save_pretrained(tmp_path / "eps")
+    assert AutoConfig.from_pretrained(tmp_path / "eps").rms_norm_eps == 1e-5
+
+
 def test_the_cache_goes_under_one_name(hybrid):
     with pytest.raises(ValueError, match="not both"):
         hybrid(ids_of(1, 3), cache=DynamicCache(config=hybrid.config), past_key_values=DynamicCache(config=hybrid.config))

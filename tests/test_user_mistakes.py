@@ -98,12 +98,48 @@ def test_build_never_writes_into_the_model_directory(model_copy, tmp_path, capsy
     (foreign / "todo.txt").write_text("mine")
     build = ["build", "--model", str(model_copy), "--random", "3:1", "--out", str(foreign), "--device", "cpu"]
     assert main(build) == 2
-    assert "is not empty and holds no hybrid built by `headscope build`" in capsys.readouterr().err
+    assert "is not empty and holds no unchanged hybrid built by `headscope build`" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["todo.txt"]
     assert main(build + ["--force"]) == 0  # writes beside the user's file
     assert (foreign / "todo.txt").read_text() == "mine" and (foreign / "config.json").is_file()
     assert main(build) == 0  # a previous build is overwritten without --force
     assert not [p for p in foreign.iterdir() if p.name.startswith(".")], "the staging folder was left behind"
+
+
+def test_a_rebuild_replaces_the_previous_build_and_nothing_else(model_copy, tmp_path, monkeypatch):
+    """A previous build is what ``headscope_build.json`` lists, unchanged: a rebuild removes the files of it that it
+    does not write again (here a sharded layout, whose stale index transformers would otherwise read), keeps a
+    file the user added, and a hybrid saved over the build (trained since) is no previous build at all."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    import headscope  # noqa: F401 -- registers the hybrid with the Auto classes
+
+    out = tmp_path / "hybrid"
+    build = ["build", "--model", str(model_copy), "--random", "3:1", "--out", str(out), "--device", "cpu"]
+    save = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda self, folder, **kw: save(self, folder, **{**kw, "max_shard_size": "40KB"}))
+    assert main(build + ["--init-seed", "1"]) == 0
+    assert (out / "model.safetensors.index.json").is_file()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save)
+    assert main(build) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and "notes.txt" in names and not [n for n in names if "-of-" in n or n.endswith(".index.json")]
+    assert AutoModelForCausalLM.from_pretrained(out).config.init_seed == 0
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        trained.lm_head.weight.add_(1.0)
+    trained.save_pretrained(out)  # as `headscope transfer` writes its final/
+    before = digest(out)
+    assert main(build) == 2 and digest(out) == before
+    assert main(build + ["--force"]) == 0
+
+
+def test_built_files_get_the_usual_mode(hybrid_dir):
+    """safetensors writes owner-only files; every file of a build gets what ``open()`` would give (0o644 under umask 022)."""
+    from headscope.heads import file_mode
+
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in hybrid_dir.iterdir()} == {p.name: file_mode() for p in hybrid_dir.iterdir()}
 
 
 def test_every_directory_writer_refuses_the_model_directory(model_copy, tmp_path, capsys):

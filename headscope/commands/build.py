@@ -6,9 +6,13 @@ or ``--layerwise 3:1`` (whole layers; all-FA layers stay plain attention, the ot
 DeltaNet). A mask made for another model is refused with one line naming the mismatch.
 
 ``--out`` must be a new or empty directory, or a previous build (``--force`` writes into any other
-directory); it is never the model directory or inside it. The output loads with
-``AutoModelForCausalLM.from_pretrained(OUT)`` after ``import headscope``, or with
-``trust_remote_code=True`` and no import.
+directory); it is never the model directory or inside it. A build lists the files it wrote, with their sizes
+and modification times, in ``BUILD_RECORD``: a directory is a previous build only while those files are as the
+build left them (a hybrid trained or saved over it since is not one, and needs ``--force``), and a rebuild
+removes the files of the previous build that it does not write again (weights in another shard layout, a chat
+template the new tokenizer lacks). The output loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` after
+``import headscope``, or with ``trust_remote_code=True`` and no import; the model's generation config (its stop
+tokens and sampling defaults) comes along.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from headscope.commands.options import add_model_args, load_from_args
 from headscope.outputs import check_output_dir, write_dir
 from headscope.heads import HeadMask
-from headscope.models import HYBRID_MODEL_TYPE, LoadedModel
+from headscope.models import LoadedModel
 
 
 def register(subparsers) -> None:
@@ -52,19 +56,33 @@ def resolve_mask(args: argparse.Namespace, lm: LoadedModel) -> HeadMask:
     return layerwise_mask(lm.fingerprint, ratio=args.layerwise)
 
 
-def is_build(path: Path) -> bool:
-    """Whether ``path`` holds a hybrid written by ``headscope build`` (its config.json says so)."""
+BUILD_RECORD = "headscope_build.json"
+
+
+def _stats(folder: Path, names) -> dict[str, list[int]]:
+    return {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in names}
+
+
+def previous_build(path: Path) -> list[str] | None:
+    """The files of an unchanged previous build in ``path`` (``BUILD_RECORD``: every listed file still has the size
+    and modification time the build gave it), or None."""
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") == HYBRID_MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
+        files = json.loads((path / BUILD_RECORD).read_text(encoding="utf-8"))["files"]
+        return list(files) if _stats(path, files) == files else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def is_build(path: Path) -> bool:
+    """Whether ``path`` holds an unchanged hybrid written by ``headscope build``."""
+    return previous_build(path) is not None
 
 
 def run(args: argparse.Namespace) -> int:
     from headscope.hybrid import HybridConfig, build_hybrid
     from headscope.mask import budget_note
 
-    out = check_output_dir(args.out, "hybrid built by `headscope build`", [args.model], is_build, args.force)
+    out = check_output_dir(args.out, "unchanged hybrid built by `headscope build`", [args.model], is_build, args.force)
     lm = load_from_args(args)
     mask = resolve_mask(args, lm)
     if note := budget_note(mask):
@@ -79,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
         hybrid.save_pretrained(folder)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(folder)
+        files = _stats(folder, sorted(entry.name for entry in folder.iterdir()))
+        (folder / BUILD_RECORD).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
 
-    write_dir(out, save)
+    write_dir(out, save, stale=previous_build(out) or ())
     kinds = [hybrid.config.layer_plan(l).kind for l in range(hybrid.config.num_hidden_layers)]
     print(
         f"built {lm.fingerprint.name or lm.fingerprint.architecture}: {mask.n_full}/{mask.full.numel()} FA heads "

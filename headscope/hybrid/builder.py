@@ -29,6 +29,7 @@ layer is all FA.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import torch
@@ -171,6 +172,8 @@ def build_hybrid(model: nn.Module | LoadedModel, mask: HeadMask, config: HybridC
     unfilled = [name for name, _ in hybrid.named_buffers() if name not in persistent and name not in copy_buffers(lm.model, hybrid)]
     if unfilled:
         raise HeadscopeError(f"build_hybrid: no pretrained value for the buffers {unfilled[:5]} of the {lm.fingerprint.architecture} hybrid")
+    if getattr(lm.model, "generation_config", None) is not None:  # its stop tokens and sampling defaults, not config.json's
+        hybrid.generation_config = copy.deepcopy(lm.model.generation_config)
     return hybrid.eval()
 
 

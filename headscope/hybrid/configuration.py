@@ -43,6 +43,9 @@ from headscope.hybrid.configuration import HybridConfig
 from headscope.hybrid.modeling import HybridForCausalLM
 '''
 AUTO_MAP = {"AutoConfig": f"{LOADER_MODULE}.HybridConfig", "AutoModelForCausalLM": f"{LOADER_MODULE}.HybridForCausalLM"}
+# base-model fields a hybrid's config may change after the build (resize_token_embeddings, stop tokens, ...)
+EDITABLE = ("vocab_size", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
+            "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class HybridConfig(PreTrainedConfig):
     conv_size: int = 4
     plain_full_layers: bool = True
     init_seed: int = 0
-    # derived from base_config and the mask in __post_init__
+    # derived from base_config and the mask in __post_init__ (those in EDITABLE: from base_config when not given)
     layer_types: list[str] | None = None
     vocab_size: int | None = None
     hidden_size: int | None = None
@@ -119,15 +122,19 @@ class HybridConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int | None = None
-    initializer_range: int | float = 0.02
-    rms_norm_eps: int | float = 1e-6
-    tie_word_embeddings: bool = False
+    initializer_range: int | float | None = None
+    rms_norm_eps: int | float | None = None
+    tie_word_embeddings: bool | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.base_config is not None:
+            # a value set here (a saved config, one edited since the build, a vocabulary resized) wins over the
+            # pretrained model's: the layers are built from ``base``, so it goes there first
+            given = {name: getattr(self, name) for name in EDITABLE if getattr(self, name) is not None}
+            self.base_config = {**self.base_config, **given}
             base = self.base
             family_of(base.model_type)
             self.vocab_size, self.hidden_size = base.vocab_size, base.hidden_size
