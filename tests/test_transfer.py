@@ -385,6 +385,10 @@ def test_cli_runs_a_yaml_config_and_reports_config_errors(setup, tmp_path, capsy
     assert "1. long_context [long_context]: 2 steps, 192 tokens" in capsys.readouterr().out
     for name in ("log.jsonl", "loss_curves.html", "result.json", "mask.json", "final/config.json", "final/headscope_mask.json"):
         assert (tmp_path / "run" / name).is_file(), name
+    from headscope.heads import file_mode
+
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run" / "final").iterdir()} == {
+        p.name: file_mode() for p in (tmp_path / "run" / "final").iterdir()}  # the weights too (safetensors: owner-only)
     assert main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"), "--resume"]) == 0  # nothing left
     config["stages"][0]["sequence_length"] = 48
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))

@@ -110,9 +110,7 @@ def test_a_rebuild_replaces_the_previous_build_and_nothing_else(model_copy, tmp_
     """A previous build is what ``headscope_build.json`` lists, unchanged: a rebuild removes the files of it that it
     does not write again (here a sharded layout, whose stale index transformers would otherwise read), keeps a
     file the user added, and a hybrid saved over the build (trained since) is no previous build at all."""
-    from transformers import AutoModelForCausalLM, PreTrainedModel
-
-    import headscope  # noqa: F401 -- registers the hybrid with the Auto classes
+    from transformers import AutoModelForCausalLM, PreTrainedModel  # (the hybrid is registered: headscope is imported)
 
     out = tmp_path / "hybrid"
     build = ["build", "--model", str(model_copy), "--random", "3:1", "--out", str(out), "--device", "cpu"]
