@@ -25,13 +25,17 @@ Exports:
   "fraction"`` writes the fraction of the group's query heads that are FA instead (more information,
   but at the 0.5 threshold a group with few FA heads becomes streaming). With ``sink_size`` and
   ``recent_size`` the ``config.json`` DuoAttention reads beside the TSV is written too.
-* ``export_retrieval_json``: Retrieval_Head / HeadKV ``{"layer-head": [score]}``, every head in
-  layer-major order; consumers rank heads by the (mean) score, descending, so the value is the fused
-  importance of a ranking or ``|score|`` of a HeadScores.
+* ``export_retrieval_json``: Retrieval_Head / HeadKV ``{"layer-head": [score]}`` on one line (both read it with
+  ``json.loads(file.readline())``), every head in layer-major order. Consumers rank heads by the (mean) score,
+  descending, and HeadKV shares its cache out in proportion to the scores, so every value is >= 0: ``|score|`` of
+  a HeadScores; for a FusedRanking (z-scores: half negative, summing to ~0) and a mask, ``(N - position) / N`` of
+  each head's place in the order (N heads), where a mask puts its own heads first (by their fused score when it
+  stores one): a consumer's top ``n_full`` is the mask, excluded and KV-group choices included.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -208,13 +212,22 @@ def export_duo_tsv(
     return target
 
 
-def export_retrieval_json(source: FusedRanking | HeadScores, path: str | os.PathLike) -> Path:
-    """Write Retrieval_Head style ``{"layer-head": [score]}`` (importance, higher = more important)."""
-    if isinstance(source, FusedRanking):
-        values = source.values
-    elif isinstance(source, HeadScores):
+def export_retrieval_json(source: HeadMask | FusedRanking | HeadScores, path: str | os.PathLike) -> Path:
+    """Write Retrieval_Head style ``{"layer-head": [score]}`` on one line (module docstring: the values)."""
+    if isinstance(source, HeadScores):
         values = source.values.abs()
+    elif isinstance(source, (HeadMask, FusedRanking)):
+        fused = source.values if isinstance(source, FusedRanking) else source.provenance.get("scores")
+        key = torch.zeros(source.fingerprint.shape) if fused is None else torch.as_tensor(fused, dtype=torch.float32).clone()
+        if isinstance(source, HeadMask):  # the mask's heads above every other head, in their fused order
+            key = key - key.min() + 1.0
+            key[~source.full] = key[~source.full] - key.max() - 1.0
+        order = torch.sort(key.flatten(), descending=True, stable=True).indices  # ties: layer-major order
+        n = order.numel()
+        values = torch.empty(n)
+        values[order] = (n - torch.arange(n, dtype=torch.float32)) / n
+        values = values.view(source.fingerprint.shape)
     else:
-        raise HeadscopeError(f"retrieval-json export needs a FusedRanking or HeadScores, got {type(source).__name__}")
+        raise HeadscopeError(f"retrieval-json export needs a HeadMask, FusedRanking or HeadScores, got {type(source).__name__}")
     payload = {f"{l}-{h}": [float(values[l, h])] for l in range(values.shape[0]) for h in range(values.shape[1])}
-    return write_json_atomic(path, payload)
+    return write_text_atomic(path, json.dumps(payload) + "\n")

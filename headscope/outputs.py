@@ -56,11 +56,16 @@ def check_not_inside(out: str | os.PathLike, models: Iterable[str | os.PathLike 
                                  "headscope never writes into a model it reads: choose another --out")
 
 
-def check_output_file(out: str | os.PathLike, models: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Check an output file: not a directory, outside every model directory, writable. Returns it as a Path."""
+def check_output_file(out: str | os.PathLike, models: Iterable[str | os.PathLike | None] = (),
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Check an output file: not a directory, not one of the files the command reads (``inputs``), outside every
+    model directory, writable. Returns it as a Path."""
     path = Path(out)
     if path.is_dir():
         raise HeadscopeError(f"--out {out} is a directory; give a file name")
+    for source in inputs:
+        if source is not None and path.resolve() == Path(source).resolve():
+            raise HeadscopeError(f"--out {out} is one of the command's inputs ({source}); choose another file")
     check_not_inside(path, models)
     check_writable(path)
     return path

@@ -349,7 +349,9 @@ def build_report_html(
     """One self-contained HTML page: title, summary tables and every figure, plotly.js inlined once.
 
     Args:
-        scores: the per-probe/method scores (may be empty when a mask is given).
+        scores: the per-probe/method scores (may be empty when a mask is given). ``rope`` scores (RoPE dependence,
+            not importance) are drawn and listed with the others but left out of the ranking and the per-capability
+            tops, as ``headscope fuse`` leaves them out.
         mask: optional head mask, outlined on the fused heatmap and summarised.
         ranking: the fused ranking; default the one stored in the mask, else ``fuse(scores)``.
         title: page title.
@@ -370,9 +372,12 @@ def build_report_html(
             raise HeadscopeError(f"{label} belongs to another model than {fingerprints[0][0]}: {problem}")
     if ranking is None and mask is not None and mask.provenance.get("scores") is not None:
         ranking = ranking_from_mask(mask)
-    if ranking is None and scores:
-        ranking = fuse(scores)
+    importance = [s for s in scores if s.method != "rope"]
+    if ranking is None and importance:
+        ranking = fuse(importance)
 
+    if ranking is None and mask is None:
+        raise HeadscopeError("nothing to rank: rope scores say which heads need RoPE, not which matter; add importance scores or a mask")
     figures = [fused_heatmap(ranking, mask)]
     if scores:
         figures += [heatmap_grid(scores), layer_distributions(scores)]
@@ -384,10 +389,11 @@ def build_report_html(
     sections = []
     if mask is not None:
         sections.append("<h2>Head mask</h2>" + _table(None, _mask_rows(mask)))
-    if scores:
+    if importance:
         note = "<p>Heads in <b>bold</b> keep full attention in the mask.</p>" if mask is not None else ""
         sections.append("<h2>Top heads per capability</h2>" + note + _table(
-            ("capability", "inputs", "top heads (inputs fused as in the ranking)", "in mask"), _capability_rows(scores, ranking, mask)))
+            ("capability", "inputs", "top heads (inputs fused as in the ranking)", "in mask"), _capability_rows(importance, ranking, mask)))
+    if scores:
         sections.append("<h2>Inputs</h2>" + _table(
             ("probe", "method", "capability", "max |score|", "top heads (signed score)", "in mask"), _input_rows(scores, mask)))
     geometry = f"{fp.name or fp.architecture}: {fp.n_layers} layers × {fp.n_heads} heads, {fp.n_kv_heads} KV heads, head dim {fp.head_dim}"

@@ -375,9 +375,14 @@ def test_retrieval_json(tmp_path):
     raw = HeadScores(torch.tensor([[0.5, -2.0], [0.0, 1.0]]), "needle", "activation", fp, "retrieval")
     data = json.loads(export_retrieval_json(raw, tmp_path / "r.json").read_text())
     assert data == {"0-0": [0.5], "0-1": [2.0], "1-0": [0.0], "1-1": [1.0]}
-    fused = fuse([raw])
-    data = json.loads(export_retrieval_json(fused, tmp_path / "f.json").read_text())
+    fused = fuse([raw])  # z-scores: negative values, summing to ~0
+    text = export_retrieval_json(fused, tmp_path / "f.json").read_text()
+    data = json.loads(text.splitlines()[0])  # one line: Retrieval_Head and HeadKV read json.loads(f.readline())
     assert list(data) == ["0-0", "0-1", "1-0", "1-1"]
-    assert [v[0] for v in data.values()] == pytest.approx(fused.values.flatten().tolist())
-    with pytest.raises(HeadscopeError, match="needs a FusedRanking or HeadScores"):
-        export_retrieval_json(HeadMask(torch.zeros(2, 2), fp), tmp_path / "x.json")
+    assert data == {"0-0": [0.5], "0-1": [1.0], "1-0": [0.25], "1-1": [0.75]}  # (4 - place) / 4, by fused importance
+    # a mask: its own heads first (here 1-0, which the fused ranking puts last), then the others by fused importance
+    mask = select_mask(fused, n_full=1, exclude=[Head(0, 1), Head(1, 1), Head(0, 0)])
+    data = json.loads(export_retrieval_json(mask, tmp_path / "m.json").read_text())
+    assert mask.heads() == [Head(1, 0)] and data == {"0-0": [0.25], "0-1": [0.75], "1-0": [1.0], "1-1": [0.5]}
+    with pytest.raises(HeadscopeError, match="needs a HeadMask, FusedRanking or HeadScores"):
+        export_retrieval_json(torch.zeros(2, 2), tmp_path / "x.json")

@@ -125,6 +125,18 @@ def test_report_html_is_self_contained(inputs):
     assert f"{top_needle}=" in page
 
 
+def test_report_leaves_rope_scores_out_of_the_ranking(inputs):
+    """``headscope report scores/*.json`` also globs the ``*.rope.json`` files: they are drawn and listed, but RoPE
+    dependence is not importance, so the ranking and the per-capability tops are those of the other inputs."""
+    rope = HeadScores(torch.zeros(FP.shape), "needle", "rope", FP, "retrieval")
+    rope.values[0, 0] = 50.0  # would top any fused ranking it entered
+    page = build_report_html(inputs + [rope])
+    assert page == build_report_html(inputs + [rope], ranking=fuse(inputs))
+    assert "needle/activation, multikey/activation</td>" in page and "<td>needle</td><td>rope</td>" in page  # listed in Inputs only
+    with pytest.raises(HeadscopeError, match="nothing to rank"):
+        build_report_html([rope])
+
+
 def test_report_checks_models_and_needs_input(inputs):
     other = make_scores(0, "x", "retrieval", fp=ModelFingerprint("qwen3", 4, 8, 8, 16))
     with pytest.raises(HeadscopeError, match="x/activation belongs to another model.*n_kv_heads"):
@@ -212,7 +224,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
         (("fuse", good, "--rule", "rrf", "--normalise", "zscore", "--out", str(tmp_path / "m.json")), "rrf"),
         (("fuse", good, "--weight", "retrieval", "--out", str(tmp_path / "m.json")), "expected CAPABILITY=NUMBER"),
         (("fuse", str(tmp_path / "none.json"), "--out", str(tmp_path / "m.json")), "scores file not found"),
-        (("mask", "export", str(tmp_path / "random.json"), "--format", "retrieval-json", "--out", str(tmp_path / "r.json")), "stores no head scores"),
+        (("fuse", good, "--out", good), "is one of the command's inputs"),
+        (("report", good, "--out", good), "is one of the command's inputs"),
+        (("mask", "export", str(tmp_path / "random.json"), "--format", "tsv", "--out", str(tmp_path / "random.json")), "is one of the command's inputs"),
         (("mask", "layerwise", "--model", str(tmp_path), "--out", str(tmp_path / "l.json")), "no config.json"),
         (("mask", "random", "--kv-matched", str(tmp_path / "random.json"), "--n-full", "3", "--out", str(tmp_path / "k.json")), "drop --ratio"),
         (("mask", "random", "--layer-matched", str(tmp_path / "random.json"), "--kv-aware", "--out", str(tmp_path / "k.json")),

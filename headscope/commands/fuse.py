@@ -6,6 +6,7 @@ import argparse
 
 from headscope.fusion import DEFAULT_RRF_K, NORMALISATIONS, RULES
 from headscope.heads import HeadscopeError, HeadScores
+from headscope.outputs import check_output_file
 
 
 def add_budget_args(parser: argparse.ArgumentParser, default_ratio: str = "7:1") -> None:
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from headscope.patching.rope import ROPE_THRESHOLD, rope_dependent_heads
 
+    check_output_file(args.out, inputs=[*args.scores, *args.rope_scores])
     scores = load_scores(args.scores)
     if rope := [item.meta["source"] for item in scores if item.method == "rope"]:
         raise HeadscopeError(f"{rope[0]} holds rope scores (RoPE dependence, not importance): pass it with --rope-scores")

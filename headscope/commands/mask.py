@@ -76,14 +76,14 @@ def run_export(args: argparse.Namespace) -> int:
         export_retrieval_json,
         layer_types,
         load_mask,
-        ranking_from_mask,
     )
 
+    check_output_file(args.out, inputs=[args.mask])
     mask = load_mask(args.mask)
     if args.format == "tsv":
         path = export_duo_tsv(mask, args.out, group_value=args.group_value, sink_size=args.sink_size, recent_size=args.recent_size)
     elif args.format == "retrieval-json":
-        path = export_retrieval_json(ranking_from_mask(mask), args.out)
+        path = export_retrieval_json(mask, args.out)
     else:
         path = write_json_atomic(args.out, {"layer_types": layer_types(mask)})
     print(f"{args.mask} -> {args.format} {path}")
@@ -107,7 +107,7 @@ def run_baseline(args: argparse.Namespace) -> int:
             raise HeadscopeError(f"{'--kv-matched' if kv else '--layer-matched'} takes the budget from the mask; "
                                  "drop --ratio, --n-full and --kv-aware")
         matched = load_mask(kv or layer)
-        check_output_file(args.out)
+        check_output_file(args.out, inputs=[kv or layer])
         mask = (kv_matched_random_mask if kv else layer_matched_random_mask)(matched, seed=args.seed)
         matched_to = mask.provenance["selection"].get("layer_matched_to", {})
         if matched_to.get("forced_heads"):

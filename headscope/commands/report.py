@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from headscope.outputs import check_output_file
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("report", help="write an HTML report of scores and a mask", description=__doc__)
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from headscope.reports import build_report_html
 
     score_paths, mask_path = split_mask(args.scores, args.mask)
+    check_output_file(args.out, inputs=[*score_paths, mask_path])
     scores = load_scores(score_paths)
     mask = load_mask(mask_path, expect=scores[0].fingerprint if scores else None) if mask_path else None
     path = write_text_atomic(args.out, build_report_html(scores, mask, title=args.title))
