@@ -160,8 +160,10 @@ def _importance_of(source: FusedRanking | HeadScores | torch.Tensor, fingerprint
     return values.to(torch.float32), own, provenance
 
 
-def _select(importance, fingerprint, n_full, min_per_layer, kv_aware, group_score, whole_layers=False) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Heads (L, H) bool of a budget, by heads, by whole KV groups or by whole layers; plus the selection record."""
+def _select(importance, fingerprint, n_full, min_per_layer, kv_aware, group_score, whole_layers=False,
+            excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Heads (L, H) bool of a budget, by heads, by whole KV groups or by whole layers; plus the selection record.
+    ``excluded`` (L, H) bool: heads left out of their unit's score (a unit of excluded heads only comes last)."""
     fp = fingerprint
     if not 0 <= min_per_layer <= fp.n_heads:
         raise HeadscopeError(f"min_per_layer must be between 0 and {fp.n_heads}, got {min_per_layer}")
@@ -171,7 +173,12 @@ def _select(importance, fingerprint, n_full, min_per_layer, kv_aware, group_scor
         raise HeadscopeError("whole layers cannot be combined with kv_aware or a per-layer minimum (a whole layer holds all its groups)")
     unit = fp.n_heads if whole_layers else fp.group_size if kv_aware else 1
     grouped = importance.view(fp.n_layers, fp.n_heads // unit, unit)  # (L, U, unit)
-    unit_importance = grouped.amax(-1) if group_score == "max" else grouped.sum(-1)  # (L, U)
+    if excluded is None:
+        unit_importance = grouped.amax(-1) if group_score == "max" else grouped.sum(-1)  # (L, U)
+    else:
+        out = excluded.view(grouped.shape)
+        kept = grouped.masked_fill(out, float("-inf")).amax(-1) if group_score == "max" else grouped.masked_fill(out, 0.0).sum(-1)
+        unit_importance = kept.masked_fill(out.all(-1), float(importance.min()) - 1.0 - float(importance.abs().sum()))
     n_units = max(1, (2 * n_full + unit) // (2 * unit))  # round half up, at least one unit
     min_units = -(-min_per_layer // unit)  # ceil
     if min_units * fp.n_layers > n_units:
@@ -223,23 +230,25 @@ def select_mask(
     excluded = sorted(set(exclude), key=lambda h: (h.layer, h.head))
     if excluded and whole_layers:
         raise HeadscopeError("whole layers cannot exclude heads: an all-FA layer stays the pretrained attention, RoPE included")
-    if excluded:
-        for head in excluded:
-            if not fp.has_head(head):
-                raise HeadscopeError(f"cannot exclude {head}: the model has {fp.n_layers} layers x {fp.n_heads} heads")
-        importance = importance.clone()
-        floor = float(importance.min()) - 1.0  # below every other head, still finite
-        for head in excluded:
-            importance[head.layer, head.head] = floor
-    full, record = _select(importance, fp, budget, min_per_layer, kv_aware, group_score, whole_layers)
+    out = torch.zeros(fp.shape, dtype=torch.bool)
+    for head in excluded:
+        if not fp.has_head(head):
+            raise HeadscopeError(f"cannot exclude {head}: the model has {fp.n_layers} layers x {fp.n_heads} heads")
+        out[head.layer, head.head] = True
+    if excluded and not kv_aware and budget > out.numel() - len(excluded):
+        raise HeadscopeError(f"a budget of {budget} full heads exceeds the {out.numel() - len(excluded)} heads not excluded")
+    full, record = _select(importance, fp, budget, min_per_layer, kv_aware, group_score, whole_layers, out if excluded else None)
     if excluded and kv_aware:
-        for head in excluded:
-            full[head.layer, head.head] = False
+        full &= ~out  # a chosen group keeps its excluded heads linear
         record["n_full"] = int(full.sum())
     if excluded:
         forced = [str(h) for h in excluded if full[h.layer, h.head]]
         if forced:
             raise HeadscopeError(f"min_per_layer={min_per_layer} forces excluded heads {', '.join(forced)} to full attention")
+        short = [layer for layer, count in enumerate(full.sum(1).tolist()) if count < min_per_layer]
+        if short:
+            raise HeadscopeError(f"min_per_layer={min_per_layer} cannot be met in layer(s) {', '.join(map(str, short))} "
+                                 "without excluded heads")
         record["excluded"] = [str(h) for h in excluded]
     ratio_text = _ratio_record(ratio, n_full, full, record)
     return HeadMask(full, fp, {"ratio": ratio_text, "selection": {"method": "ranked", **record}, **provenance})

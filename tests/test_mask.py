@@ -91,6 +91,26 @@ def test_kv_aware_exclusion_keeps_the_group_budget_and_leaves_excluded_heads_lin
     assert (best.layer, best.head // FP8.group_size) not in groups(whole) and len(whole.heads()) == len(plain.heads())
 
 
+def test_kv_aware_group_sums_leave_excluded_heads_out():
+    """``group_score="sum"``: a group is worth the sum of its heads that may be FA. Group (0, 0) is worth 2.0 without
+    its excluded head and beats group (1, 0) at 1.3; counting the excluded head (as a floor value) reversed that."""
+    fp = ModelFingerprint("qwen3", 2, 4, 2, 16)  # groups of 2
+    importance = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.65, 0.65, 0.0, 0.0]])
+    importance[0, 1], importance[0, 0] = 2.0, -9.0  # L0H0: excluded, and very negative
+    mask = select_mask(importance, fp, n_full=2, kv_aware=True, group_score="sum", exclude=[Head(0, 0)])
+    assert mask.heads() == [Head(0, 1)]
+    assert select_mask(importance, fp, n_full=2, kv_aware=True, group_score="max", exclude=[Head(0, 0)]).heads() == [Head(0, 1)]
+
+
+def test_exclusion_that_breaks_the_budget_or_the_minimum_is_one_clear_error():
+    importance = distinct(FP8)
+    with pytest.raises(HeadscopeError, match="a budget of 64 full heads exceeds the 63 heads not excluded"):
+        select_mask(importance, FP8, n_full=64, exclude=[Head(0, 0)])
+    whole_layer = [Head(0, h) for h in range(8)]
+    with pytest.raises(HeadscopeError, match="cannot be met in layer\\(s\\) 0 without excluded heads"):
+        select_mask(importance, FP8, n_full=32, kv_aware=True, min_per_layer=1, exclude=whole_layer)  # a group per layer
+
+
 def test_min_per_layer_is_honoured():
     importance = distinct(FP8)
     importance[0] += 1000  # layer 0 would take the whole budget
