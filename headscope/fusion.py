@@ -226,8 +226,8 @@ def fuse(
         raise HeadscopeError("rule 'rrf' fuses ranks; use normalise='rank' with it")
     if rule == "max" and weights is not None:
         raise HeadscopeError("rule 'max' takes no weights")
-    if rule == "rrf" and not rrf_k >= 0:
-        raise HeadscopeError(f"rrf_k must be >= 0, got {rrf_k}")
+    if rule == "rrf" and not 0 <= rrf_k < float("inf"):
+        raise HeadscopeError(f"rrf_k must be a finite number >= 0, got {rrf_k}")
 
     weight = input_weights(scores, weights)  # (S,)
     if rule == "rrf":

@@ -226,6 +226,8 @@ def select_mask(
         ``HeadMask`` whose provenance holds ratio, selection record, probes, methods, fusion, scores.
     """
     importance, fp, provenance = _importance_of(ranking_or_values, fingerprint)
+    if bool((importance == importance.flatten()[0]).all()):
+        raise HeadscopeError("every head has the same importance (all-zero or constant scores): nothing to select by")
     budget = head_budget(fp, ratio, n_full)
     excluded = sorted(set(exclude), key=lambda h: (h.layer, h.head))
     if excluded and whole_layers:

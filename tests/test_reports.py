@@ -219,7 +219,14 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
     good = str(inputs[0].save(tmp_path / "a.json"))
     other = str(make_scores(0, "b", "retrieval", fp=ModelFingerprint("qwen3", 4, 8, 4, 16)).save(tmp_path / "b.json"))
     save_mask(random_mask(FP, seed=0), tmp_path / "random.json")
+    rope_other = str(make_scores(0, "b", "retrieval", "rope", fp=ModelFingerprint("qwen3", 4, 8, 4, 16)).save(tmp_path / "ro.json"))
+    rope = str(make_scores(0, "b", "retrieval", "rope").save(tmp_path / "rope.json"))
+    zeros = str(HeadScores(torch.zeros(FP.shape), "z", "activation", FP, "retrieval").save(tmp_path / "zeros.json"))
     cases = [
+        (("fuse", good, "--rope-scores", rope_other, "--out", str(tmp_path / "m.json")), "ro.json (b/rope) was scored on another model"),
+        (("fuse", good, "--rope-scores", rope, "--rope-threshold", "nan", "--out", str(tmp_path / "m.json")), "--rope-threshold must be"),
+        (("fuse", zeros, "--out", str(tmp_path / "m.json")), "every head has the same importance"),
+        (("fuse", good, "--rule", "rrf", "--rrf-k", "inf", "--out", str(tmp_path / "m.json")), "rrf_k must be a finite number"),
         (("fuse", good, other, "--out", str(tmp_path / "m.json")), "b.json (b/activation) was scored on another model"),
         (("fuse", good, "--rule", "rrf", "--normalise", "zscore", "--out", str(tmp_path / "m.json")), "rrf"),
         (("fuse", good, "--weight", "retrieval", "--out", str(tmp_path / "m.json")), "expected CAPABILITY=NUMBER"),

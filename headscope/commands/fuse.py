@@ -79,7 +79,14 @@ def run(args: argparse.Namespace) -> int:
     ranking = fuse(scores, normalise=args.normalise, rule=args.rule, weights=parse_weights(args.weight), rrf_k=args.rrf_k)
     exclude = [Head.parse(text) for text in args.exclude.split(",") if text.strip()]
     if args.rope_scores:
-        rope_heads = rope_dependent_heads(load_scores(args.rope_scores), args.rope_threshold if args.rope_threshold is not None else ROPE_THRESHOLD)
+        rope = load_scores(args.rope_scores)
+        for item in rope:
+            if problem := ranking.fingerprint.mismatch(item.fingerprint):
+                raise HeadscopeError(f"{item.meta['source']} ({item.probe}/{item.method}) was scored on another model than the scores: {problem}")
+        threshold = args.rope_threshold if args.rope_threshold is not None else ROPE_THRESHOLD
+        if not 0.0 < threshold < float("inf"):
+            raise HeadscopeError(f"--rope-threshold must be a positive number, got {threshold}")
+        rope_heads = rope_dependent_heads(rope, threshold)
         print(f"RoPE-dependent heads kept off full attention: {' '.join(str(h) for h in rope_heads) or 'none'}")
         exclude = sorted(set(exclude) | set(rope_heads), key=lambda h: (h.layer, h.head))
     mask = select_mask(ranking, ratio=args.ratio, n_full=args.n_full, min_per_layer=args.min_per_layer,
