@@ -106,6 +106,8 @@ class ModelFingerprint:
             )
         except KeyError as missing:
             raise HeadscopeError(f"model fingerprint lacks the field {missing}") from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise HeadscopeError(f"model fingerprint is malformed ({err}): expected an object of integer sizes") from None
 
     def mismatch(self, other: "ModelFingerprint") -> str | None:
         """Name the first geometry field that differs from ``other`` (the name is not compared)."""
@@ -275,8 +277,9 @@ class HeadScores:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "scores") -> "HeadScores":
-        if data.get("kind") != "headscope.scores":
-            raise HeadscopeError(f"{source} is not a headscope scores file (kind={data.get('kind')!r})")
+        if not isinstance(data, dict) or data.get("kind") != "headscope.scores":
+            kind = data.get("kind") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+            raise HeadscopeError(f"{source} is not a headscope scores file (kind={kind!r})")
         if data.get("schema_version") != SCORES_SCHEMA_VERSION:
             raise HeadscopeError(
                 f"{source} has scores schema version {data.get('schema_version')!r}; "
@@ -287,6 +290,10 @@ class HeadScores:
             raise HeadscopeError(f"{source}: 'values' must be a list of n_layers lists of n_heads floats")
         if any(v is None or (isinstance(v, float) and math.isnan(v)) for row in values for v in row):
             raise HeadscopeError(f"{source}: 'values' contains NaN or null")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for row in values for v in row) or len({len(r) for r in values}) > 1:
+            raise HeadscopeError(f"{source}: 'values' must be n_layers lists of n_heads numbers each")
+        if not isinstance(data.get("model", {}), dict) or not isinstance(data.get("meta", {}), dict):
+            raise HeadscopeError(f"{source}: 'model' and 'meta' must be objects")
         return cls(
             values=torch.tensor(values, dtype=torch.float32),
             probe=str(data.get("probe", "")),

@@ -24,7 +24,9 @@ Exports:
   group with an FA head must keep its cache, so a chosen head is never demoted. ``group_value=
   "fraction"`` writes the fraction of the group's query heads that are FA instead (more information,
   but at the 0.5 threshold a group with few FA heads becomes streaming). With ``sink_size`` and
-  ``recent_size`` the ``config.json`` DuoAttention reads beside the TSV is written too.
+  ``recent_size`` the ``config.json`` DuoAttention's ``load_attn_pattern`` needs beside the TSV is written too
+  (first, so a failure leaves the TSV as it was; other keys of an existing pattern config are kept, a model's
+  config.json is refused).
 * ``export_retrieval_json``: Retrieval_Head / HeadKV ``{"layer-head": [score]}`` on one line (both read it with
   ``json.loads(file.readline())``), every head in layer-major order. Consumers rank heads by the (mean) score,
   descending, and HeadKV shares its cache out in proportion to the scores, so every value is >= 0: ``|score|`` of
@@ -137,6 +139,9 @@ def mask_from_dict(data: Any, source: str = "mask", expect: ModelFingerprint | N
     provenance = data["provenance"]
     if not isinstance(provenance, dict):
         raise HeadscopeError(f"{source}: 'provenance' must be an object")
+    for key in ("selection", "fusion"):
+        if provenance.get(key) is not None and not isinstance(provenance[key], dict):
+            raise HeadscopeError(f"{source}: 'provenance.{key}' must be an object")
     if "scores" in provenance:
         _check_scores_matrix(provenance["scores"], fp, source)
     if data["ratio"] is not None and not isinstance(data["ratio"], str):
@@ -202,14 +207,15 @@ def export_duo_tsv(
     text = "".join("\t".join(repr(float(v)) for v in row) + "\n" for row in matrix.tolist())
     if (sink_size is None) != (recent_size is None):
         raise HeadscopeError("give both sink_size and recent_size for DuoAttention's config.json, or neither")
+    if sink_size is not None and not (int(sink_size) >= 0 and int(recent_size) > 0):
+        raise HeadscopeError(f"DuoAttention needs sink_size >= 0 and recent_size > 0, got {sink_size} and {recent_size}")
     config = Path(path).parent / "config.json"
     existing = read_json(config, "config") if sink_size is not None and config.is_file() else {}
-    if not isinstance(existing, dict) or set(existing) - {"sink_size", "recent_size"}:
+    if not isinstance(existing, dict) or "model_type" in existing or "architectures" in existing:
         raise HeadscopeError(f"{config} exists and is not DuoAttention's (a model's?); export the TSV into its own directory")
-    target = write_text_atomic(path, text)
-    if sink_size is not None:
-        write_json_atomic(target.parent / "config.json", {"sink_size": int(sink_size), "recent_size": int(recent_size)})
-    return target
+    if sink_size is not None:  # first: a config that cannot be written leaves the TSV as it was
+        write_json_atomic(config, {**existing, "sink_size": int(sink_size), "recent_size": int(recent_size)})
+    return write_text_atomic(path, text)
 
 
 def export_retrieval_json(source: HeadMask | FusedRanking | HeadScores, path: str | os.PathLike) -> Path:

@@ -386,6 +386,16 @@ def test_duo_tsv(tmp_path):
     assert fraction == "1.0\t0.0\t0.0\t0.0\n0.0\t0.0\t0.5\t0.0\n"
     with pytest.raises(HeadscopeError, match="both sink_size and recent_size"):
         export_duo_tsv(mask, tmp_path / "x.tsv", sink_size=64)
+    with pytest.raises(HeadscopeError, match="recent_size > 0"):
+        export_duo_tsv(mask, tmp_path / "x.tsv", sink_size=-5, recent_size=0)
+    (tmp_path / "pattern" / "config.json").write_text(json.dumps({"sink_size": 1, "recent_size": 2, "threshold": 0.5}))
+    export_duo_tsv(mask, path, sink_size=64, recent_size=256)  # a DuoAttention pattern config: its other keys stay
+    assert json.loads((path.parent / "config.json").read_text()) == {"sink_size": 64, "recent_size": 256, "threshold": 0.5}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(HeadscopeError, match="is not DuoAttention's"):
+        export_duo_tsv(mask, tmp_path / "model" / "t.tsv", sink_size=64, recent_size=256)
+    assert not (tmp_path / "model" / "t.tsv").exists()
     with pytest.raises(HeadscopeError, match="group value"):
         export_duo_tsv(mask, tmp_path / "x.tsv", group_value="all")
 

@@ -222,7 +222,20 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
     rope_other = str(make_scores(0, "b", "retrieval", "rope", fp=ModelFingerprint("qwen3", 4, 8, 4, 16)).save(tmp_path / "ro.json"))
     rope = str(make_scores(0, "b", "retrieval", "rope").save(tmp_path / "rope.json"))
     zeros = str(HeadScores(torch.zeros(FP.shape), "z", "activation", FP, "retrieval").save(tmp_path / "zeros.json"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    ragged = json.loads(open(good).read())
+    ragged["values"][1] = ragged["values"][1][:3]
+    (tmp_path / "ragged.json").write_text(json.dumps(ragged))
+    broken = json.loads((tmp_path / "random.json").read_text())
+    broken["model"]["n_layers"], broken["provenance"]["selection"] = "abc", []
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    broken["model"]["n_layers"] = FP.n_layers
+    (tmp_path / "selection.json").write_text(json.dumps(broken))
     cases = [
+        (("fuse", str(tmp_path / "list.json"), "--out", str(tmp_path / "m.json")), "is not a headscope scores file (kind='a JSON list')"),
+        (("fuse", str(tmp_path / "ragged.json"), "--out", str(tmp_path / "m.json")), "'values' must be n_layers lists of n_heads numbers"),
+        (("mask", "export", str(tmp_path / "broken.json"), "--format", "tsv", "--out", str(tmp_path / "t.tsv")), "model fingerprint is malformed"),
+        (("report", "--mask", str(tmp_path / "selection.json"), "--out", str(tmp_path / "r.html")), "'provenance.selection' must be an object"),
         (("fuse", good, "--rope-scores", rope_other, "--out", str(tmp_path / "m.json")), "ro.json (b/rope) was scored on another model"),
         (("fuse", good, "--rope-scores", rope, "--rope-threshold", "nan", "--out", str(tmp_path / "m.json")), "--rope-threshold must be"),
         (("fuse", zeros, "--out", str(tmp_path / "m.json")), "every head has the same importance"),
