@@ -105,12 +105,17 @@ def _ratio_record(ratio: str | None, n_full: int | None, full: torch.Tensor, rec
 
 
 def budget_note(mask: HeadMask) -> str | None:
-    """One line saying that the requested ratio was rounded (see ``_ratio_record``), or None when it was met."""
-    requested = mask.provenance.get("selection", {}).get("requested_ratio")
-    if requested is None:
-        return None
-    return (f"note: ratio {requested} cannot be met exactly with {mask.full.numel()} heads; the mask keeps {mask.n_full} "
-            f"at full attention, {mask.provenance['ratio']} (recorded as such)")
+    """One line saying that the requested ratio (see ``_ratio_record``) or head count was rounded (to whole KV groups
+    or layers), or None when it was met."""
+    selection = mask.provenance.get("selection", {})
+    requested = selection.get("requested_ratio")
+    if requested is not None:
+        return (f"note: ratio {requested} cannot be met exactly with {mask.full.numel()} heads; the mask keeps {mask.n_full} "
+                f"at full attention, {mask.provenance['ratio']} (recorded as such)")
+    if mask.provenance.get("ratio") is None and selection.get("n_full_budget") not in (None, mask.n_full) and not selection.get("excluded"):
+        unit = "layers" if selection.get("whole_layers") else "KV groups"
+        return f"note: {selection['n_full_budget']} full heads asked for; in whole {unit} the mask keeps {mask.n_full}"
+    return None
 
 
 def select_units(importance: torch.Tensor, n_units: int, min_per_layer: int) -> torch.Tensor:

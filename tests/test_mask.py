@@ -111,6 +111,15 @@ def test_exclusion_that_breaks_the_budget_or_the_minimum_is_one_clear_error():
         select_mask(importance, FP8, n_full=32, kv_aware=True, min_per_layer=1, exclude=whole_layer)  # a group per layer
 
 
+def test_a_head_count_rounded_to_whole_groups_or_layers_is_noted():
+    from headscope.mask import budget_note
+
+    importance = distinct(FP8)  # 8 layers x 8 heads, groups of 4
+    assert budget_note(select_mask(importance, FP8, n_full=6, kv_aware=True)) == "note: 6 full heads asked for; in whole KV groups the mask keeps 8"
+    assert budget_note(select_mask(importance, FP8, n_full=12, whole_layers=True)) == "note: 12 full heads asked for; in whole layers the mask keeps 16"
+    assert budget_note(select_mask(importance, FP8, n_full=8, kv_aware=True)) is None
+
+
 def test_min_per_layer_is_honoured():
     importance = distinct(FP8)
     importance[0] += 1000  # layer 0 would take the whole budget
