@@ -294,11 +294,15 @@ class HeadScores:
             raise HeadscopeError(f"{source}: 'values' must be n_layers lists of n_heads numbers each")
         if not isinstance(data.get("model", {}), dict) or not isinstance(data.get("meta", {}), dict):
             raise HeadscopeError(f"{source}: 'model' and 'meta' must be objects")
+        fingerprint = ModelFingerprint.from_dict(data.get("model", {}))
+        if (len(values), len(values[0]) if values else 0) != fingerprint.shape:
+            raise HeadscopeError(f"{source}: 'values' is {len(values)} x {len(values[0]) if values else 0} but its model has "
+                                 f"{fingerprint.n_layers} layers x {fingerprint.n_heads} heads")
         return cls(
             values=torch.tensor(values, dtype=torch.float32),
             probe=str(data.get("probe", "")),
             method=str(data.get("method", "")),
-            fingerprint=ModelFingerprint.from_dict(data.get("model", {})),
+            fingerprint=fingerprint,
             capability=str(data.get("capability", "")),
             meta=dict(data.get("meta", {})),
         )

@@ -226,6 +226,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
     ragged = json.loads(open(good).read())
     ragged["values"][1] = ragged["values"][1][:3]
     (tmp_path / "ragged.json").write_text(json.dumps(ragged))
+    ragged["values"] = ragged["values"][2:] + [ragged["values"][0]]
+    (tmp_path / "short.json").write_text(json.dumps(ragged))
     broken = json.loads((tmp_path / "random.json").read_text())
     broken["model"]["n_layers"], broken["provenance"]["selection"] = "abc", []
     (tmp_path / "broken.json").write_text(json.dumps(broken))
@@ -233,6 +235,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, inputs):
     (tmp_path / "selection.json").write_text(json.dumps(broken))
     cases = [
         (("fuse", str(tmp_path / "list.json"), "--out", str(tmp_path / "m.json")), "is not a headscope scores file (kind='a JSON list')"),
+        (("fuse", good, good, "--out", str(tmp_path / "m.json")), "is given twice"),
+        (("fuse", str(tmp_path / "short.json"), "--out", str(tmp_path / "m.json")), "short.json: 'values' is 3 x 8 but its model has 4 layers"),
         (("fuse", str(tmp_path / "ragged.json"), "--out", str(tmp_path / "m.json")), "'values' must be n_layers lists of n_heads numbers"),
         (("mask", "export", str(tmp_path / "broken.json"), "--format", "tsv", "--out", str(tmp_path / "t.tsv")), "model fingerprint is malformed"),
         (("report", "--mask", str(tmp_path / "selection.json"), "--out", str(tmp_path / "r.html")), "'provenance.selection' must be an object"),

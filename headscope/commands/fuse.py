@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from headscope.fusion import DEFAULT_RRF_K, NORMALISATIONS, RULES
 from headscope.heads import HeadscopeError, HeadScores
@@ -19,8 +20,11 @@ def add_budget_args(parser: argparse.ArgumentParser, default_ratio: str = "7:1")
 
 def load_scores(paths: list[str]) -> list[HeadScores]:
     """Read score files; each remembers its path (``meta['source']``) so errors can name it."""
-    scores = []
+    scores, seen = [], {}
     for path in paths:
+        if (resolved := Path(path).resolve()) in seen:
+            raise HeadscopeError(f"{path} is given twice (also as {seen[resolved]}): each input counts once in the fusion")
+        seen[resolved] = path
         item = HeadScores.load(path)
         item.meta["source"] = path
         scores.append(item)
