@@ -24,9 +24,17 @@ def test_score_writes_loadable_scores(qwen3_dir, tmp_path, capsys):
     torch.testing.assert_close(scores.values, expected, atol=1e-5, rtol=0)
     assert "top heads" in capsys.readouterr().out
 
-    # --resume skips the finished probe; --method direct writes its own file
-    assert main(["score", "--model", qwen3_dir, "--probe", str(probe_file), "--pairs", "3", "--out", str(out), "--resume"]) == 0
+    # --resume skips the finished probe, and only it: another direction, dtype or edited pairs are scored again
+    base = ["score", "--model", qwen3_dir, "--probe", str(probe_file), "--pairs", "3", "--out", str(out), "--resume"]
+    assert main(base) == 0
     assert "skipped" in capsys.readouterr().out
+    for extra in (["--noising"], ["--dtype", "bfloat16"]):
+        assert main(base + extra) == 0
+        assert "skipped" not in capsys.readouterr().out, extra
+    assert main(base) == 0 and "skipped" not in capsys.readouterr().out  # the file held the bf16 run: float32 again
+    assert main(base) == 0 and "skipped" in capsys.readouterr().out
+    save_probe_jsonl(random_probe(n_pairs=3, length=10, seed=12), probe_file)  # same count and length, other tokens
+    assert main(base) == 0 and "skipped" not in capsys.readouterr().out
 
 
 def test_user_mistakes_exit_2_with_one_line(qwen3_dir, tmp_path, capsys):

@@ -269,6 +269,21 @@ def test_jsonl_text_format(tokenizers, tmp_path, kind):
     assert load_probe_jsonl(path, tokenizer=tok).meta["answer_forms"] in ("space", "glued")
 
 
+def test_a_digit_answer_after_a_split_off_space_is_marked(tmp_path):
+    """Tokenizers that split digits one by one (SmolLM2, Llama 2) make " 5" a bare space token and then "5": the
+    glued "5" is scored right after the prompt, where the model may write the space first. The probe marks it
+    (``SPACE_SPLIT``), ``headscope score`` prints a note, and ending the prompt with the space removes it."""
+    from headscope.probes.jsonl import SPACE_SPLIT
+
+    tok = make_bpe_tokenizer(["2 + 3 = 5 and 2 + 4 = 6 then 7 8 9 0 1 the sum is"] * 20, 200, sentencepiece_style=True)
+    assert tok.tokenize(" 5") == ["\u2581", "5"]
+    path = tmp_path / "digits.jsonl"
+    path.write_text(json.dumps({"clean": "2 + 3 =", "corrupt": "2 + 4 =", "answer": "5", "wrong": "6"}) + "\n")
+    assert load_probe_jsonl(path, tokenizer=tok).meta["answer_forms"] == SPACE_SPLIT
+    path.write_text(json.dumps({"clean": "2 + 3 = 5", "corrupt": "2 + 4 = 6", "answer": "and", "wrong": "then"}) + "\n")
+    assert load_probe_jsonl(path, tokenizer=tok).meta["answer_forms"] != SPACE_SPLIT
+
+
 def _write(tmp_path, lines: list[str]):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -329,6 +344,14 @@ def test_cli_list_and_show(tokenizers, tmp_path, capsys):
     assert main(["probes", "show", "ioi", "--model", str(tmp_path), "--length", "40", "--pair", "1"]) == 0
     shown = capsys.readouterr().out
     assert "ioi (reasoning), 40 tokens, pair 1" in shown and len(re.findall(r"\[\[\w+\]\]", shown)) == 2 and "gave a" in shown
+    for name, pairs in (("needle_single", None), ("kv_recall", "4")):  # the pair `score` uses with the same settings
+        extra = ["--pairs", pairs] if pairs else []
+        assert main(["probes", "show", name, "--model", str(tmp_path), "--length", "60", "--pair", "2", *extra]) == 0
+        shown = capsys.readouterr().out
+        pair = make_probe(name, tok, length=60, n_pairs=int(pairs or 16)).pairs[2]
+        assert f"answer:  {tok.decode([pair.answer_id])!r} (id {pair.answer_id})" in shown
+        assert tok.decode(list(pair.clean_ids)).split()[:6] == shown.split("clean:")[1].split()[:6]
+    assert main(["probes", "show", "ioi", "--model", str(tmp_path), "--pair", "4", "--pairs", "4"]) == 2
     assert main(["probes", "show", "ioi", "--model", str(tmp_path), "--length", "200"]) == 2
     assert "context is 128 tokens" in capsys.readouterr().err
     assert main(["probes", "show", "nope", "--model", str(tmp_path)]) == 2

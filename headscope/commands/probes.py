@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     show.add_argument("--length", type=int, default=256, help="prompt length in tokens (default 256)")
     show.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     show.add_argument("--pair", type=int, default=0, help="which pair to show (default 0)")
+    show.add_argument("--pairs", type=int, default=None,
+                      help="pairs the probe is made with, as `score --pairs` (default: score's); a built-in probe's "
+                           "pairs depend on it (pair 0 of 4 is not pair 0 of 16)")
     show.set_defaults(func=run_show)
 
 
@@ -88,13 +91,17 @@ def _marked(tokenizer: Any, ids: tuple[int, ...], other: tuple[int, ...]) -> str
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from headscope.commands.options import BUILTIN_PAIRS
     from headscope.probes import BUILTIN_PROBES, load_probe_jsonl, make_probe
 
     if args.pair < 0:
         raise HeadscopeError(f"--pair must be >= 0, got {args.pair}")
     tokenizer, max_context, vocab_size = _load_tokenizer_and_limits(args.model)
     if args.name in BUILTIN_PROBES:
-        probe = make_probe(args.name, tokenizer, length=args.length, n_pairs=args.pair + 1, seed=args.seed)
+        n_pairs = args.pairs or BUILTIN_PAIRS  # the probe `score` makes with the same --pairs, --length and --seed
+        if args.pair >= n_pairs:
+            raise HeadscopeError(f"--pair {args.pair}: a probe of {n_pairs} pairs (--pairs) has pairs 0 to {n_pairs - 1}")
+        probe = make_probe(args.name, tokenizer, length=args.length, n_pairs=n_pairs, seed=args.seed)
     elif args.name.endswith(".jsonl") or Path(args.name).is_file():
         probe = load_probe_jsonl(args.name, tokenizer=tokenizer)
         if args.pair >= len(probe):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from headscope.commands.options import add_model_args, add_probe_args, load_from_args, resolve_probe
 from headscope.outputs import check_output_dir, check_output_file, visible_entries
 from headscope.heads import HeadScores, HeadscopeError, read_json
+from headscope.probes.jsonl import SPACE_SPLIT
 
 if TYPE_CHECKING:
     from headscope.distributed import DistEnv
@@ -99,18 +100,23 @@ def _method_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _already_scored(path: Path, fingerprint, method: str, n_pairs: int, length: int, options: dict) -> bool:
-    """True when ``path`` holds scores of this model, method, pair count, length and receivers / top-k."""
+def _already_scored(path: Path, lm, probe, method: str, noising: bool, options: dict) -> bool:
+    """True when ``path`` holds scores of this model and dtype, method, direction, the very same pairs (their hash:
+    another seed, length, count or edited probe file differs) and receivers / top-k."""
     if not path.is_file():
         return False
-    previous = HeadScores.load(path)
+    meta = (previous := HeadScores.load(path)).meta
+    direction = "clean" if method == "rope" else "noising" if noising else "denoising"
+    given = "receivers" in options
     return (
-        previous.fingerprint.mismatch(fingerprint) is None
+        previous.fingerprint.mismatch(lm.fingerprint) is None
         and previous.method == method
-        and previous.meta.get("n_pairs") == n_pairs
-        and previous.meta.get("length") == length
-        and ("receivers" not in options or previous.meta.get("receivers") == [str(r) for r in options["receivers"]])
-        and ("top_k" not in options or previous.meta.get("top_k") == options["top_k"])
+        and meta.get("pairs_sha256") == probe.digest()
+        and meta.get("dtype") == str(lm.dtype)
+        and meta.get("direction") == direction
+        and (method != "path" or (meta.get("receivers_chosen_by") == "given") == given)
+        and (not given or meta.get("receivers") == [str(r) for r in options["receivers"]])
+        and ("top_k" not in options or meta.get("top_k") == options["top_k"])
     )
 
 
@@ -139,12 +145,15 @@ def run(args: argparse.Namespace) -> int:
         for spec, probe in zip(args.probe, probes):
             if env.is_main and args.pairs is not None and len(probe) < args.pairs:
                 print(f"note: {spec} holds {len(probe)} pairs; --pairs {args.pairs} scores all of them")
+            if env.is_main and SPACE_SPLIT in probe.meta.get("answer_forms", ""):
+                print(f"note: {spec}: with this tokenizer ' ANSWER' is a space token and then ANSWER, so the answer is read "
+                      "right after the prompt; if the model writes the space first, end the prompts with a space")
         processes = f" on {env.world_size} processes" if env.distributed else ""
         with sharded(env):
             for probe in probes:
                 path = _output_path(args.out, probe.name, args.method, len(probes) > 1)
                 # Rank 0 decides (it alone writes), so that every process skips the same probes.
-                if broadcast_object(args.resume and _already_scored(path, lm.fingerprint, args.method, len(probe), probe.length, options), env):
+                if broadcast_object(args.resume and _already_scored(path, lm, probe, args.method, args.noising, options), env):
                     if env.is_main:
                         print(f"{probe.name} [{args.method}] already scored in {path}; skipped (--resume)")
                     continue

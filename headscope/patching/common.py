@@ -88,6 +88,7 @@ class ProbeRun:
             meta={
                 "n_pairs": self.n_pairs,
                 "length": self.probe.length,
+                "pairs_sha256": self.probe.digest(),
                 "direction": "noising" if self.noising else "denoising",
                 "ld_clean": float(self.clean.metric.mean()),
                 "ld_corrupt": float(self.corrupt.metric.mean()),

@@ -9,6 +9,8 @@ one the corrupt prompt points to. The metric is the logit difference at the last
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +75,11 @@ class Probe:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def digest(self) -> str:
+        """A hash of every pair's token ids and answer/wrong ids: scores of the same pairs carry the same one."""
+        payload = json.dumps([[p.clean_ids, p.corrupt_ids, p.answer_id, p.wrong_id] for p in self.pairs])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def subset(self, n_pairs: int) -> "Probe":
         """The first ``n_pairs`` pairs (all of them if fewer exist)."""

@@ -25,7 +25,10 @@ nothing is returned until the whole file is valid):
   ``ids(clean)`` (answers like ``","``). A prompt that ends in whitespace is only tried glued (a BPE
   tokenizer keeps a trailing space as a token of its own; better drop it). A form counts only if it
   leaves the prompt's own tokens unchanged and gives ONE token for both answer and wrong; the probe's
-  ``meta["answer_forms"]`` records which forms were used.
+  ``meta["answer_forms"]`` records which forms were used. ``SPACE_SPLIT`` marks a glued answer whose spaced
+  form is a bare space token and then the same token (digits with SmolLM2's tokenizer: ``" 5"`` is ``[" ",
+  "5"]``): the metric then reads the answer right after the prompt, where the model may put the space first;
+  ``headscope score`` says so (end such prompts with the space if the model writes one).
 * keys: exactly ``clean, corrupt, answer, wrong`` or exactly ``clean_ids, corrupt_ids, answer_id,
   wrong_id``; ids are non-negative integers.
 
@@ -78,6 +81,9 @@ def _token_id(value: Any, key: str, where: str) -> int:
     return value
 
 
+SPACE_SPLIT = "glued (its spaced form is a space token + it)"
+
+
 def _text(value: Any, key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise HeadscopeError(f"{where}: {key} must be a non-empty string")
@@ -103,6 +109,9 @@ def answer_tokens(tokenizer: Any, clean: str, answer: str, wrong: str, where: st
         forms = {"space": [_continuation(tokenizer, prompt_ids, f"{clean} {w}") for w in words], **forms}
     for form, (answer_ids, wrong_ids) in forms.items():
         if answer_ids is not None and wrong_ids is not None and len(answer_ids) == 1 and len(wrong_ids) == 1:
+            spaced = forms.get("space", [None])[0]
+            if form == "glued" and spaced is not None and len(spaced) == 2 and spaced[1] == answer_ids[0]:
+                form = SPACE_SPLIT  # " 5" is [" ", "5"]: the model may well write the space token first
             return answer_ids[0], wrong_ids[0], form
     hint = "; the prompt ends in whitespace, which BPE tokenizers keep as a token of its own: drop it" if clean[-1:].isspace() else ""
     for index, (key, word) in enumerate(zip(("answer", "wrong"), words)):
