@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -95,6 +96,10 @@ def test_losses_match_float64_references(temperature):
     (lambda c: c["hybrid"].update(mask="m.json"), "give exactly one of 'mask'"),
     (lambda c: c.update(stages=[]), "'stages': must be a non-empty list"),
     (lambda c: c["stages"][0].update(warmup=9), "'stages[0].warmup': must be in [0, steps]"),
+    (lambda c: c["stages"][1].update(betas=[0.9, 1.0]), "'stages[1].betas': must be two numbers in [0, 1)"),
+    (lambda c: c["stages"][1].update(weight_decay=-0.1), "'stages[1].weight_decay': must be >= 0"),
+    (lambda c: c["stages"][1].update(micro_batch=3), "'stages[1].micro_batch': must divide batch_size 4"),
+    (lambda c: c["stages"][0].update(lr="3e-3"), "YAML reads 3e-3 as a string: write it with a decimal point"),
 ])
 def test_config_errors_name_the_key(setup, change, message):
     config = make_config(setup)
@@ -259,6 +264,19 @@ def test_teacher_forcing_makes_the_alignment_layer_local():
     assert torch.all(per_layer_free[1:] > 0)
 
 
+def test_align_reports_the_students_own_logits():
+    """The held-out CE of the align stage is the student's: under teacher forcing the aligned forward's logits are
+    the teacher's residual stream plus one student layer (they read ~the teacher's CE while the student's was far
+    worse), so the logits come from a forward of the student on its own."""
+    teacher = tiny_qwen3()
+    student = hybrid_of(teacher)
+    ids = torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = student(input_ids=ids).logits
+        for objective in (AlignObjective("teacher"), AlignObjective("student")):
+            assert torch.equal(objective(student, teacher, ids, need_logits=True).logits, own)
+
+
 def test_teacher_forced_gradients_stay_in_their_layer_of_the_hybrid():
     teacher = tiny_qwen3()
     student = hybrid_of(teacher).train()
@@ -343,6 +361,30 @@ def test_resume_is_bit_identical(setup):
     changed = make_config(setup, seed=5, log_every=2)  # log_every may change, the seed may not
     with pytest.raises(HeadscopeError, match=r"config differs from the run's in seed$"):
         run(setup, "interrupted", config=changed, resume=True)
+
+
+def test_resume_before_any_checkpoint_and_changed_data(setup, tmp_path):
+    """A run stopped before its first checkpoint starts over on --resume without keeping its first log records
+    (they were written twice); a run whose data files changed since it started is not resumed."""
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    config = make_config(setup, checkpoint_every=0, data={"paths": [str(data)], "heldout_fraction": 0.1, "eval_sequences": 4})
+    config["stages"] = config["stages"][:1]
+    reference = run_transfer(config, tmp_path / "reference")
+
+    def stop(info):
+        if info.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(config, tmp_path / "run", on_step=stop)
+    assert latest_checkpoint(tmp_path / "run") is None
+    resumed = run_transfer(config, tmp_path / "run", resume=True)
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in open(path)]  # noqa: E731
+    assert strip(resumed.log_path) == strip(reference.log_path)
+    (data / "more.jsonl").write_text(json.dumps({"input_ids": [5, 6, 7, 8]}) + "\n")
+    with pytest.raises(HeadscopeError, match="its data files changed since it started"):
+        run_transfer(config, tmp_path / "run", resume=True)
 
 
 def test_a_checkpoint_deletes_what_a_killed_writer_left(tmp_path):

@@ -36,7 +36,7 @@ from headscope.models import load_model
 from headscope.outputs import check_not_inside, check_writable
 from headscope.transfer.checkpoint import latest_checkpoint, load_checkpoint
 from headscope.transfer.config import RESUMABLE_CHANGES, HybridSpec, TransferConfig, config_from_dict
-from headscope.transfer.data import SequenceSource, sequence_source
+from headscope.transfer.data import SequenceSource, data_files, sequence_source
 from headscope.transfer.distributed import shard_fsdp
 from headscope.transfer.objectives import AlignObjective, decoder_layers, set_trainable
 from headscope.transfer.trainer import StepInfo, TrainingDiverged, TransferTrainer
@@ -153,6 +153,10 @@ def _prepare_run_dir(run_dir: Path, config: TransferConfig, resume: bool) -> Pat
     if stored.get("digest") != config.digest():
         keys = [k for k in _differences(stored.get("config", {}), config.to_dict()) if k not in RESUMABLE_CHANGES]
         raise HeadscopeError(f"cannot resume {run_dir}: the config differs from the run's in {', '.join(keys) or 'its digest'}")
+    if "data_files" in stored and stored["data_files"] != (now := data_files(config.data)):
+        changed = sorted(set(stored["data_files"].items()) ^ set(now.items()))[0][0]
+        raise HeadscopeError(f"cannot resume {run_dir}: its data files changed since it started (first: {changed}); "
+                             "the documents and their order would differ")
     return latest_checkpoint(run_dir)
 
 
@@ -248,7 +252,7 @@ def run_transfer(config: TransferConfig | dict, out_dir: str | os.PathLike, resu
             shard_fsdp(student, decoder_layers(student), env)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_dir / "config.json", {"digest": cfg.digest(), "config": cfg.to_dict()})
+            write_json_atomic(run_dir / "config.json", {"digest": cfg.digest(), "config": cfg.to_dict(), "data_files": data_files(cfg.data)})
             save_mask(mask, run_dir / "mask.json")
         barrier(env)
         trainer = TransferTrainer(cfg, run_dir, env, teacher, student, sequences, on_step=on_step)

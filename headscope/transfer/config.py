@@ -58,7 +58,13 @@ def _check_type(key: str, value: Any, kind: str) -> Any:
         "list[float]": isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
     }[kind]
     if not ok:
-        raise HeadscopeError(f"config key '{key}': expected {kind}, got {_describe(value)}")
+        hint = ""
+        if kind == "float" and isinstance(value, str):
+            try:
+                hint = f" (YAML reads {value} as a string: write it with a decimal point, {float(value):.1e})"
+            except ValueError:
+                pass
+        raise HeadscopeError(f"config key '{key}': expected {kind}, got {_describe(value)}{hint}")
     if kind == "float":
         return float(value)
     if kind == "list[str]" and isinstance(value, str):
@@ -161,10 +167,14 @@ def _read_stage(index: int, raw: Any) -> StageConfig:
     _require(0 <= values["min_lr_ratio"] <= 1, f"{where}.min_lr_ratio", "must be in [0, 1]")
     _require(values["grad_clip"] >= 0, f"{where}.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(len(values["betas"]) == 2, f"{where}.betas", "must be a list of two numbers")
+    _require(all(0 <= b < 1 for b in values["betas"]), f"{where}.betas", f"must be two numbers in [0, 1), got {values['betas']}")
+    _require(values["weight_decay"] >= 0, f"{where}.weight_decay", f"must be >= 0, got {values['weight_decay']}")
     values["betas"] = tuple(values["betas"])
     _require(values["trainable"] in ("attention", "all"), f"{where}.trainable", "must be 'attention' or 'all'")
     if values["micro_batch"] is not None:
         _require(values["micro_batch"] >= 1, f"{where}.micro_batch", "must be at least 1")
+        _require(values["batch_size"] % values["micro_batch"] == 0 or values["micro_batch"] >= values["batch_size"],
+                 f"{where}.micro_batch", f"must divide batch_size {values['batch_size']}, got {values['micro_batch']}")
     if kind == "align":
         _require(values["align_inputs"] in ("teacher", "student"), f"{where}.align_inputs", "must be 'teacher' or 'student'")
     if kind == "distill":

@@ -105,6 +105,14 @@ def _jsonl_documents(path: Path, name: str, tokenizer: Any) -> list[Document]:
     return docs
 
 
+def data_files(data: DataConfig) -> dict[str, int]:
+    """Every data file a run reads, with its size in bytes (``{}`` for the demo corpus): what a resumed run must
+    find unchanged to continue with the same documents in the same order."""
+    if data.source == "demo_corpus":
+        return {}
+    return {str(path): path.stat().st_size for path, _ in _expand(data.paths)}
+
+
 def read_documents(data: DataConfig, tokenizer: Any = None, vocab_size: int | None = None) -> list[Document]:
     """Every document of ``data.paths`` in key order.
 
@@ -281,7 +289,10 @@ def sequence_source(data: DataConfig, run_seed: int, tokenizer: Any = None, voca
     if data.source == "demo_corpus":
         return lambda split, stage, seq_len: DemoCorpusRows(tokenizer, seq_len, run_seed * 1000 + stage if split == "train" else -(run_seed + 1))
     train, heldout = split_documents(read_documents(data, tokenizer, vocab_size), data.heldout_method, data.heldout_fraction)
-    return FileSequences(train, heldout, data.eos_id if data.eos_id is not None else getattr(tokenizer, "eos_token_id", None))
+    eos = data.eos_id if data.eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and not 0 <= eos < (vocab_size if vocab_size is not None else eos + 1):
+        raise HeadscopeError(f"data.eos_id {eos} is not a token id of the model (vocab size {vocab_size})")
+    return FileSequences(train, heldout, eos)
 
 
 class FileSequences:

@@ -158,9 +158,12 @@ class AlignObjective:
             raise HeadscopeError(f"teacher has {len(teacher_out)} layers, student {len(decoder_layers(student))}")
         replace = [h.detach() for h in teacher_in] if self.teacher_forced else None
         with layer_io(student, replace_inputs=replace) as (_, student_out):
-            result = student(input_ids=ids, **_forward_kwargs(student, keep_logits=need_logits))
+            result = student(input_ids=ids, **_forward_kwargs(student, keep_logits=need_logits and not self.teacher_forced))
         loss, per_layer = layer_alignment_loss(student_out, teacher_out, self.normalize)
-        return ObjectiveOutput(loss, {"align": loss.detach()}, result.logits if need_logits else None, per_layer)
+        logits = None
+        if need_logits:  # the student's own: a teacher-forced forward ends in the teacher's stream plus one student layer
+            logits = student(input_ids=ids, **_forward_kwargs(student, keep_logits=True)).logits if self.teacher_forced else result.logits
+        return ObjectiveOutput(loss, {"align": loss.detach()}, logits, per_layer)
 
 
 class DistillObjective:

@@ -115,6 +115,8 @@ class TransferTrainer:
             if resume_from.stage_done:
                 start_stage, start_step = start_stage + 1, 0
                 self._restore_rng(resume_from)
+        else:
+            self.log.truncate(0, -1)  # a fresh start (also a resumed run that wrote no checkpoint) keeps no earlier record
         for index in range(start_stage, len(self.config.stages)):
             mid_stage = resume_from if (resume_from is not None and index == resume_from.stage_index and not resume_from.stage_done) else None
             self.run_stage(index, start_step if index == start_stage else 0, mid_stage)
@@ -234,7 +236,8 @@ class TransferTrainer:
         last = str(self.last_checkpoint) if self.last_checkpoint else "none written yet"
         raise TrainingDiverged(
             f"stage {stage.name!r} step {step}: {what}. The run stopped without writing a checkpoint; last good "
-            f"checkpoint: {last}. Lower the learning rate or check the data, then continue with --resume."
+            f"checkpoint: {last}. Start a new run (another --out) with a lower learning rate or checked data; --resume "
+            "continues only with the same config, from that checkpoint."
         )
 
     # --- evaluation ------------------------------------------------------------------------------
