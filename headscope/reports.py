@@ -29,7 +29,7 @@ import torch
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from headscope.fusion import FusedRanking, fuse
+from headscope.fusion import FusedRanking, describe, fuse
 from headscope.heads import Head, HeadMask, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.maskfile import ranking_from_mask
 
@@ -362,7 +362,7 @@ def build_report_html(
     scores = list(scores)
     if not scores and mask is None:
         raise HeadscopeError("nothing to report: give scores or a mask")
-    fingerprints = [(f"{s.probe}/{s.method}", s.fingerprint) for s in scores]
+    fingerprints = [(describe(s), s.fingerprint) for s in scores]
     fingerprints += [("the mask", mask.fingerprint)] if mask is not None else []
     fingerprints += [("the ranking", ranking.fingerprint)] if ranking is not None else []
     fp = fingerprints[0][1]
