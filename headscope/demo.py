@@ -13,7 +13,8 @@ were made for the same model, probe length, pair count and seed):
    need RoPE for a probe (>= 0.25 of its gap lost without it) off full attention: the hybrid's FA heads
    are NoPE, and on the demo model putting one such head (L2H6) there took kv_recall from 0.88 to 0.03
    after transfer (``benchmarks/results/hybrid_quality_seeds``);
-4. fuse every direct/path score into one ranking (``fuse`` defaults: z-scored |score|, equal weight per
+4. fuse the direct/path scores of every probe the model solves (clean - corrupt gap >= ``MIN_GAP``; on an unsolved
+   probe the normalised scores are noise, divided by a near-zero gap) into one ranking (``fuse`` defaults: z-scored |score|, equal weight per
    capability), pick the full-attention heads at the 7:1 budget without the RoPE-dependent heads, write
    ``mask.json`` and ``report.html``;
 5. build the 7:1 head-wise hybrid from the mask, calibrate its per-head output scales, align it briefly
@@ -119,6 +120,24 @@ def build_probes(lm: LoadedModel, names: tuple[str, ...], length: int, n_pairs: 
     return probes
 
 
+def solved_scores(scores: list[HeadScores], log: Callable[[str], None]) -> list[HeadScores]:
+    """The scores of probes with a clean - corrupt gap of at least ``MIN_GAP`` (the ones the mask is fused from);
+    says which probes are left out and why."""
+    from headscope.patching.rope import MIN_GAP
+
+    gap = lambda s: s.meta["ld_clean"] - s.meta["ld_corrupt"]  # noqa: E731
+    unsolved = {s.probe: gap(s) for s in scores if gap(s) < MIN_GAP}
+    kept = [s for s in scores if s.probe not in unsolved]
+    if not kept:
+        log(f"note: the model solves none of the probes (every clean - corrupt gap < {MIN_GAP:g}): the mask is fused from "
+            "all of them and is noise")
+        return scores
+    if unsolved:
+        log(f"not fused (clean - corrupt gap < {MIN_GAP:g}: their scores are noise): "
+            + ", ".join(f"{name} ({value:+.2f})" for name, value in unsolved.items()))
+    return kept
+
+
 def _reusable(path: Path, lm: LoadedModel, probe: Probe, seed: int, receivers: list[str] | None = None) -> HeadScores | None:
     """The scores stored at ``path`` if they were made for this model and probe setting, else None."""
     if not path.is_file():
@@ -127,6 +146,7 @@ def _reusable(path: Path, lm: LoadedModel, probe: Probe, seed: int, receivers: l
     meta = scores.meta
     same = (lm.fingerprint.mismatch(scores.fingerprint) is None and scores.fingerprint.name == lm.fingerprint.name
             and meta.get("length") == probe.length and meta.get("n_pairs") == len(probe) and meta.get("seed") == seed
+            and meta.get("pairs_sha256") == probe.digest()
             and (receivers is None or sorted(meta.get("receivers") or []) == sorted(receivers)))
     return scores if same else None
 
@@ -323,14 +343,15 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
 
     if settings.rope_aware:
         result.rope_scores, result.excluded = rope_step(lm, probes, result.scores, out, settings, log)
-    ranking = fuse(result.scores)
+    solved = solved_scores(result.scores, log)
+    ranking = fuse(solved)
     mask = select_mask(ranking, fp, ratio=settings.ratio, exclude=result.excluded)
     result.mask = mask
     save_mask(mask, out / "mask.json")
-    write_text_atomic(out / "report.html", build_report_html(result.scores + result.rope_scores, mask, ranking))
+    write_text_atomic(out / "report.html", build_report_html(solved + result.rope_scores, mask, ranking))
 
     log("\ntop heads per capability (fused over probes and methods):")
-    for capability, heads in top_heads_by_capability(result.scores).items():
+    for capability, heads in top_heads_by_capability(solved).items():
         log(f"  {capability:9s} {' '.join(heads)}")
     log(f"\nmask {mask.provenance['ratio']} linear:full -> {mask.n_full} of {fp.n_layers * fp.n_heads} heads at full attention: "
         f"{' '.join(str(h) for h in mask.heads())}")
@@ -339,6 +360,7 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
     log(f"KV-cache kept: {mask.kv_fraction:.1%} of the full model's (head share {mask.head_fraction:.1%})")
     log(f"wrote {out / 'mask.json'}, {out / 'report.html'}, {len(result.scores)} score files in {out / 'scores'}")
 
+    (out / "hybrid.json").unlink(missing_ok=True)  # an earlier run's would sit beside another mask
     if settings.build_hybrid:
         problem = hybrid_unsupported(lm)
         if problem is not None:

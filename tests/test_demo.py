@@ -187,3 +187,18 @@ def test_rope_dependent_heads_ignore_unsolved_probes_and_refuse_other_methods():
     assert rope_dependent_heads([solved, unsolved], threshold=0.2, min_gap=0.0) == [Head(0, 0), Head(0, 1), Head(1, 0), Head(1, 2)]
     with pytest.raises(HeadscopeError, match="expected rope scores"):
         rope_dependent_heads([scores({}, 3.0, method="direct")])
+
+
+def test_the_mask_is_fused_from_solved_probes_only():
+    """An unsolved probe's normalised scores are noise divided by a near-zero gap (on SmolLM2 comparison's reached
+    |3.55| against 0.15-0.66 for solved probes): the demo fuses the others and says which it left out."""
+    from headscope.demo import solved_scores
+    from headscope.heads import HeadScores, ModelFingerprint
+
+    fp = ModelFingerprint("qwen3", 2, 2, 1, 8)
+    make = lambda probe, gap: HeadScores(torch.ones(2, 2), probe, "direct", fp, "retrieval", {"ld_clean": gap, "ld_corrupt": 0.0})  # noqa: E731
+    lines = []
+    kept = solved_scores([make("needle", 5.0), make("comparison", 0.17)], lines.append)
+    assert [s.probe for s in kept] == ["needle"] and "not fused" in lines[0] and "comparison (+0.17)" in lines[0]
+    lines.clear()
+    assert len(solved_scores([make("a", 0.1), make("b", -0.2)], lines.append)) == 2 and "solves none" in lines[0]
