@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 import torch
 
-from headscope.heads import HeadscopeError, file_mode
+from headscope.heads import HeadscopeError
+from headscope.outputs import give_usual_mode
 
 SOURCE_FILE = "headscope_source.json"  # provenance written beside a converted model
 
@@ -128,8 +129,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, prove
         tokenizer.save_pretrained(partial)
         source = {"gguf": gguf_path.name, "gguf_sha256": _file_digest(gguf_path), **(provenance or {})}
         (partial / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
-        for entry in partial.iterdir():  # safetensors writes owner-only files
-            entry.chmod(file_mode())
+        give_usual_mode(partial)
         partial.chmod(0o755)
         partial.rename(out_dir)
     except BaseException:

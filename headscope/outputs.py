@@ -101,11 +101,19 @@ def visible_entries(path: Path) -> list[Path]:
     return [entry for entry in path.iterdir() if not entry.name.startswith(".")]
 
 
+def give_usual_mode(folder: Path) -> None:
+    """Give every file in ``folder`` the mode ``open()`` would (``file_mode``): savers such as safetensors make
+    their files owner-only."""
+    mode = file_mode()
+    for entry in folder.iterdir():
+        if entry.is_file():
+            os.chmod(entry, mode)
+
+
 def write_dir(out: str | os.PathLike, write: Callable[[Path], None], stale: Iterable[str] = ()) -> Path:
     """Run ``write(staging)`` on a fresh hidden folder inside ``out``, then move its files into ``out``.
 
-    Each file arrives by an atomic rename with the usual permissions (``file_mode``: savers such as safetensors
-    make their files owner-only). Then the names in ``stale`` that this write did not make are removed: a previous
+    Each file arrives by an atomic rename with the usual permissions (``give_usual_mode``). Then the names in ``stale`` that this write did not make are removed: a previous
     output's files, such as weight shards of another layout, which transformers would load before the new ones.
     On any error or interrupt the staging folder is removed and ``out`` keeps what it held (a folder made for this
     write is removed again).
@@ -116,10 +124,9 @@ def write_dir(out: str | os.PathLike, write: Callable[[Path], None], stale: Iter
     staging = Path(tempfile.mkdtemp(dir=target, prefix=".staging.", suffix=".tmp"))
     try:
         write(staging)
-        mode, written = file_mode(), set()
+        give_usual_mode(staging)
+        written = set()
         for entry in sorted(staging.iterdir()):
-            if entry.is_file():
-                os.chmod(entry, mode)
             os.replace(entry, target / entry.name)
             written.add(entry.name)
         for name in set(stale) - written:

@@ -60,7 +60,9 @@ BUILD_RECORD = "headscope_build.json"
 
 
 def _stats(folder: Path, names) -> dict[str, list[int]]:
-    return {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in names}
+    """``{name: [bytes, mtime_ns]}`` of the files ``names`` in ``folder``."""
+    stats = {name: (folder / name).stat() for name in names}
+    return {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
 
 
 def previous_build(path: Path) -> list[str] | None:

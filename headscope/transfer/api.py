@@ -30,10 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from headscope.distributed import DistEnv, barrier, init_distributed, shutdown
-from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint, file_mode, read_json, write_json_atomic
+from headscope.heads import HeadMask, HeadscopeError, ModelFingerprint, read_json, write_json_atomic
 from headscope.mask import save_mask
 from headscope.models import load_model
-from headscope.outputs import check_not_inside, check_writable
+from headscope.outputs import check_not_inside, check_writable, give_usual_mode
 from headscope.transfer.checkpoint import latest_checkpoint, load_checkpoint
 from headscope.transfer.config import RESUMABLE_CHANGES, HybridSpec, TransferConfig, config_from_dict
 from headscope.transfer.data import SequenceSource, data_files, sequence_source
@@ -191,8 +191,7 @@ def _save_final(student: nn.Module, tokenizer: Any, mask: HeadMask, run_dir: Pat
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_mask(mask, tmp / "headscope_mask.json")
-        for entry in tmp.iterdir():  # safetensors writes owner-only files
-            entry.chmod(file_mode())
+        give_usual_mode(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     barrier(env)
