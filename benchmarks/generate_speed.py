@@ -107,164 +107,13 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 
-from generate_speed_device import HEADROOM, fits, free_bytes, gpu_work, sdpa_backends  # noqa: E402
+from generate_speed_device import HEADROOM, fits, free_bytes, sdpa_backends  # noqa: E402
 from generate_speed_models import KINDS, ROOT, Bench, read_prompt  # noqa: E402
 from generate_speed_report import (  # noqa: E402
-    RANDOM_PROMPT, TWIN, UNCHECKED, VARIANTS, agreement, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines,
+    RANDOM_PROMPT, UNCHECKED, VARIANTS, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines, twin_agreements,
 )
+from generate_speed_timing import graph_check, timed_generate, ttft_rounds  # noqa: E402
 from headscope.heads import HeadscopeError  # noqa: E402
-from headscope.hybrid.generation import kept_static_cache  # noqa: E402
-
-
-class StepClock:
-    """A logits processor that timestamps every generation step (CUDA events, no synchronisation)."""
-
-    def __init__(self, device: torch.device, keep_rows: int = 0) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-        self.keep_rows, self.first_scores = keep_rows, None  # (keep_rows, V): the first step's scores, for the checks
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def __call__(self, input_ids, scores):
-        self.marks.append(self.mark())
-        if self.first_scores is None and self.keep_rows:
-            self.first_scores = scores[: self.keep_rows].float().clone()  # a small device copy, no synchronisation
-        return scores
-
-    def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-
-
-def generation_kwargs(variant: str, new: int, processors=(), stop_after: int | None = None, prefill_chunk: int | None = None,
-                      cache=None) -> dict:
-    """generate()'s keywords for ``variant``; ``cache``: the ``StaticCache`` of ``original_compiled`` (required there)."""
-    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-
-    from headscope.hybrid.modeling import CACHE_FIELD
-
-    class StopAfter(StoppingCriteria):
-        def __init__(self, steps: int) -> None:
-            self.steps, self.calls = steps, 0
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.calls += 1
-            return torch.full((input_ids.shape[0],), self.calls >= self.steps, dtype=torch.bool, device=input_ids.device)
-
-    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, prefill_chunk_size=prefill_chunk)
-    kwargs = {"generation_config": config, "logits_processor": LogitsProcessorList(list(processors))}
-    if variant == "original_compiled":
-        kwargs[CACHE_FIELD] = cache  # generate()'s keyword: past_key_values before transformers 5.24, cache after
-    if stop_after:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([StopAfter(stop_after)])
-    if variant == "hybrid_eager":
-        kwargs["decode_mode"] = "dynamic"
-    elif variant.endswith("_graph"):  # the hybrid and the original's twin: HybridForCausalLM.generate
-        kwargs["decode_mode"] = "graph" if torch.cuda.is_available() else "static"
-    return kwargs
-
-
-def timed_generate(bench: Bench, variant: str, ids: torch.Tensor, new: int, prefill_chunk: int | None = None,
-                   keep_rows: int = 0) -> tuple[dict, torch.Tensor | None]:
-    """The row's result of one variant, and the first step's scores ``(keep_rows, V)`` (None without ``keep_rows``)."""
-    model = bench.model_of(variant)
-    mask = torch.ones_like(ids)
-    cache = (lambda: bench.static_cache(ids.shape[0], ids.shape[1] + new)) if variant == "original_compiled" else (lambda: None)
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, **generation_kwargs(variant, new, stop_after=3, prefill_chunk=prefill_chunk, cache=cache()))  # warm-up
-        clock = StepClock(bench.device, keep_rows)
-        kwargs = generation_kwargs(variant, new, processors=[clock], prefill_chunk=prefill_chunk, cache=cache())  # (the reset: untimed)
-        if bench.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = clock.mark()
-        out = model.generate(ids, attention_mask=mask, **kwargs)
-        end = clock.mark()
-        if bench.device.type == "cuda":
-            torch.cuda.synchronize()
-    marks = clock.marks
-    total_ms = clock.ms(start, end)
-    steps = [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
-    result = {"ttft_ms": clock.ms(start, marks[0]), "per_token_ms": sum(steps) / max(1, len(steps)), "total_s": total_ms / 1e3,
-              "tokens_per_s": ids.shape[0] * new / (total_ms / 1e3), "prefill_chunk": prefill_chunk, "new_tokens": out[:, ids.shape[1]:].tolist()}
-    if bench.device.type == "cuda":
-        result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    static = kept_static_cache(bench.model_of(variant)) if variant.endswith("_graph") else None
-    if static is not None and bench.device.type == "cuda":  # a failed capture warns and decodes eagerly: say so in the row
-        result["graph_captured"] = static._graph is not None
-    return result, clock.first_scores
-
-
-def graph_check(bench: Bench, variant: str, ids: torch.Tensor, graph_tokens: list, n: int, prefill_chunk: int | None = None) -> bool:
-    """A graph variant's first ``n`` tokens equal its static path run eagerly with the timed call's prefill
-    (``prefill_chunk``): the same kernels on the same inputs, no graph. (A whole prefill where the timed call
-    chunked rounds differently in bf16, and greedy decoding parts at the first near-tie.)"""
-    with torch.inference_mode():
-        kwargs = generation_kwargs(variant, n, prefill_chunk=prefill_chunk)
-        kwargs["decode_mode"] = "static"
-        eager = bench.model_of(variant).generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, ids.shape[1]:]
-    return eager.tolist() == [row[:n] for row in graph_tokens]
-
-
-def first_token_ms(bench: Bench, variant: str, ids: torch.Tensor, prefill_chunk: int | None, new: int) -> float:
-    """ms from ``generate()`` entered to the first logits of one call stopped there (``max_new_tokens=1``): the
-    prefill and the set-up, as the timed call's TTFT (``original_compiled`` keeps the timed call's cache size,
-    ``new``, so nothing recompiles)."""
-    cache = bench.static_cache(ids.shape[0], ids.shape[1] + new) if variant == "original_compiled" else None
-    with torch.inference_mode():
-        clock = StepClock(bench.device)
-        kwargs = generation_kwargs(variant, 1, processors=[clock], prefill_chunk=prefill_chunk, cache=cache)
-        if bench.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock.mark()
-        bench.model_of(variant).generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        if bench.device.type == "cuda":
-            torch.cuda.synchronize()
-    return clock.ms(start, clock.marks[0])
-
-
-def ttft_rounds(bench: Bench, variants: dict, ids: torch.Tensor, args, deadline: float) -> None:
-    """Each timed variant of the row (this run's and those recorded before) TTFT again in ``args.ttft_rounds``
-    interleaved rounds (every variant once per round, the order rotated each round, after one untimed call each),
-    kept as ``ttft_rounds_ms``: the host of the lent box slows by up to 2x for seconds at a time, so one call per
-    variant, each at another moment, can rank two host-bound prefills either way; rounds spread that over all of
-    them. Each variant prefills as its timed call did (its recorded ``prefill_chunk``). Rounds left from an earlier
-    run are dropped first, so a row's rounds all come from one run (a run cut short keeps the rounds it finished).
-    ``original_compiled`` is left out: the memory release between its variants resets torch.compile (it would
-    recompile); its TTFT stays the timed call's. After the rounds, on CUDA, one more call of each under the
-    profiler gives its ``ttft_gpu`` (``gpu_work``: kernel ms and launches, whatever the host's speed)."""
-    names = [name for name in VARIANTS if name != "original_compiled" and "per_token_ms" in variants.get(name, {})]
-    for name in names:
-        variants[name].pop("ttft_rounds_ms", None)
-        variants[name].pop("ttft_gpu", None)
-    if not names or args.ttft_rounds < 1 or time.perf_counter() > deadline:
-        return
-    times: dict[str, list[float]] = {name: [] for name in names}
-    call = lambda name: first_token_ms(bench, name, ids, variants[name].get("prefill_chunk"), args.new_tokens)  # noqa: E731
-    try:
-        for round_ in range(args.ttft_rounds + 1):  # round 0: untimed (caches and kernels of every variant in place)
-            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-                ms = call(name)
-                if round_:
-                    times[name].append(ms)
-            if time.perf_counter() > deadline:
-                break
-        for name in names:
-            if time.perf_counter() > deadline:
-                break
-            work = gpu_work(partial(call, name))
-            if work is not None:
-                variants[name]["ttft_gpu"] = work
-    finally:
-        for name, ms in times.items():
-            if ms:
-                variants[name]["ttft_rounds_ms"] = ms
-        bench.release()
 
 
 def attempt(step):
@@ -307,7 +156,7 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                 variants[variant] = {"skipped": timed["failed"], **estimate}
             else:
                 (result, first_scores), n = timed, min(args.check_tokens, args.new_tokens)
-                result.update(estimate, run=args.run)
+                result.update(estimate, run=args.run, device=record["device"])
                 variants[variant] = {**result, UNCHECKED: True}  # saved before the checks: a call killed in them keeps the timing
                 save()
                 if variant.endswith("_graph"):  # the checks run after the timed call's caches are gone
@@ -319,19 +168,18 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                 result["reference_check"] = attempt(lambda: reference_gaps(bench.reference_of(variant), ids[: len(tokens)], tokens, first_scores,
                                                                            args.gap_tol, reference_dtype))
                 variants[variant] = result
-        for name, twin in TWIN.items():
-            if "new_tokens" in variants.get(name, {}) and "new_tokens" in variants.get(twin, {}):
-                variants[name][f"vs_{twin}"] = agreement(variants[name]["new_tokens"], variants[twin]["new_tokens"])
+        twin_agreements(record)
         result = variants[variant]
         print(f"  {row} {variant}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
                                                  if k != "new_tokens" and not k.startswith(("vs_", "estimated_"))), flush=True)
         save()
     if batch * context <= TTFT_ROUNDS_MAX_TOKENS:
-        outcome = attempt(lambda: ttft_rounds(bench, variants, ids, args, deadline))
+        outcome = attempt(lambda: ttft_rounds(bench, variants, ids, args, deadline, record["device"]))
         if isinstance(outcome, dict):
             record["ttft_rounds_failed"] = outcome["failed"]
-        print(f"  {row} TTFT rounds (ms): " + "; ".join(f"{name} {', '.join(f'{x:.1f}' for x in r['ttft_rounds_ms'])}"
-                                                      for name, r in variants.items() if "ttft_rounds_ms" in r), flush=True)
+        for key in ("ttft_rounds_ms", "per_token_rounds_ms"):
+            print(f"  {row} {key}: " + "; ".join(f"{name} {', '.join(f'{x:.2f}' for x in r[key])}"
+                                               for name, r in variants.items() if key in r), flush=True)
         save()
 
 

@@ -80,6 +80,17 @@ def agreement(tokens: list, reference: list) -> dict:
     return {"match_fraction": float(same.float().mean()), "rows_identical": int(same.all(1).sum()), "first_mismatch": first}
 
 
+def twin_agreements(record: dict) -> None:
+    """Each variant's ``vs_<twin>`` (``agreement``) where it and its eager twin (``TWIN``) were timed on the same GPU;
+    dropped where not (two GPUs round apart: another GPU's greedy stream is no comparison)."""
+    variants = record.get("variants", {})
+    for name, twin in TWIN.items():
+        variants.get(name, {}).pop(f"vs_{twin}", None)
+        if "new_tokens" in variants.get(name, {}) and "new_tokens" in variants.get(twin, {}) \
+                and variant_device(variants[name], record) == variant_device(variants[twin], record):
+            variants[name][f"vs_{twin}"] = agreement(variants[name]["new_tokens"], variants[twin]["new_tokens"])
+
+
 @contextmanager
 def weights_in(model, dtype: torch.dtype):
     """Inside the block ``model``'s floating parameters and buffers are ``dtype`` copies; after it, the very
@@ -156,6 +167,16 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
             "first_step_max_abs_diff": float(diff.max()), "reference_dtype": str(reference_dtype or dtype).removeprefix("torch.")}
 
 
+def short_device(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100' (the tables' GPU cells)."""
+    return name.removeprefix("NVIDIA ").split(" ")[0] or "?"
+
+
+def variant_device(result: dict, record: dict) -> str:
+    """The GPU that timed a variant: its own ``device`` (recorded since 2026-12-05), else its row's."""
+    return result.get("device", record.get("device", "?"))
+
+
 def ttft_ms(result: dict) -> float:
     """A variant's TTFT: the median of its interleaved rounds where it has them, else its timed call's."""
     rounds = result.get("ttft_rounds_ms")
@@ -167,7 +188,37 @@ def ttft_text(result: dict) -> str:
     rounds = result.get("ttft_rounds_ms")
     if not rounds:
         return f"{result['ttft_ms']:.1f}"
-    return f"{ttft_ms(result):.1f} ({min(rounds):.1f}-{max(rounds):.1f}, {len(rounds)} rounds)"
+    elsewhere = result.get("rounds_device") not in (None, result.get("device"))  # rounds of a later run on another GPU
+    on = f" on {short_device(result['rounds_device'])}" if elsewhere else ""
+    return f"{ttft_ms(result):.1f} ({min(rounds):.1f}-{max(rounds):.1f}, {len(rounds)} rounds{on})"
+
+
+def per_token_rounds_table(rows: dict) -> list[str]:
+    """Lines of the per-token ratios of the rows whose graph variants were timed again in interleaved rounds of
+    whole calls (``per_token_rounds_ms``, one run on one GPU): original_graph's median over hybrid_graph's."""
+    measured = [r for r in rows.values() if all("per_token_rounds_ms" in r.get("variants", {}).get(name, {})
+                                                for name in ("hybrid_graph", "original_graph"))]
+    if not measured:
+        return []
+    lines = ["", "## Per-token latency, interleaved rounds: the original on the same kernels / the hybrid", "",
+             "Median (min-max) ms per token of whole `generate()` calls of the graph variants, alternating, every variant "
+             "once per round (`--ttft-rounds` rounds, after the TTFT rounds): at batch 1 a replayed step is partly host work, "
+             "whose speed drifts on the lent box, so this ratio is steadier than the timed calls' above. A variant whose "
+             "tokens fail their checks gets no ratio.", "",
+             "| model | context | batch | prompt | GPU | hybrid_graph ms | original_graph ms | same kernels / hybrid |",
+             "|---|---:|---:|---|---|---:|---:|---:|"]
+    for record in measured:
+        variants = record["variants"]
+        cells, medians = [], []
+        for name in ("hybrid_graph", "original_graph"):
+            ms = variants[name]["per_token_rounds_ms"]
+            medians.append(statistics.median(ms))
+            cells.append(f"{medians[-1]:.3f} ({min(ms):.3f}-{max(ms):.3f})")
+        failed = any(failed_check(variants[name], variants.get(TWIN.get(name))) for name in ("hybrid_graph", "original_graph"))
+        ratio = "- (checks failed)" if failed else f"{medians[1] / medians[0]:.3f}x"
+        gpu = short_device(variants["hybrid_graph"].get("rounds_device") or variant_device(variants["hybrid_graph"], record))
+        lines.append(f"{row_head(record)} {gpu} | {cells[0]} | {cells[1]} | {ratio} |")
+    return lines
 
 
 def ttft_table(rows: dict) -> list[str]:
@@ -276,6 +327,8 @@ def row_order(record: dict) -> tuple:
 def row_settings(rows: dict) -> dict:
     """The settings the rows were measured with (``SETTINGS`` of each record), values of different rows joined by ' / '."""
     values = {key: sorted({str(record.get(key, "?")) for record in rows.values()}) for key in SETTINGS}
+    values["device"] = sorted(set(values["device"]) | {variant_device(r, record) for record in rows.values()
+                                                       for r in record.get("variants", {}).values()})  # (a rerun on another GPU)
     return {key: " / ".join(v) for key, v in values.items()}
 
 
@@ -297,9 +350,9 @@ def failed_check(result: dict, twin: dict | None = None) -> str | None:
     return None
 
 
-def side(variants: dict, names: tuple[str, ...]) -> tuple[float | None, str, str | None]:
-    """The fastest per-token latency among a row's variants ``names`` whose checks hold, its cell and the run that
-    timed it (``run``, None in rows from before the stamp); without one, '-' and why (each variant's failed check
+def side(variants: dict, names: tuple[str, ...]) -> tuple[float | None, str, dict | None]:
+    """The fastest per-token latency among a row's variants ``names`` whose checks hold, its cell and that
+    variant's result (its ``run`` and ``device``); without one, '-' and why (each variant's failed check
     with its time, skip or failure, or 'not run'). A variant that fails its checks gives no ratio: its speed is
     not that of the model it stands for."""
     timed = {name: variants[name] for name in names if "per_token_ms" in variants.get(name, {})}
@@ -307,16 +360,20 @@ def side(variants: dict, names: tuple[str, ...]) -> tuple[float | None, str, str
     passed = [r for name, r in timed.items() if failed[name] is None]
     if passed:
         best = min(passed, key=lambda r: r["per_token_ms"])
-        return best["per_token_ms"], f"{best['per_token_ms']:.2f}", best.get("run")
+        return best["per_token_ms"], f"{best['per_token_ms']:.2f}", best
     why = [f"{name}: {r['per_token_ms']:.2f} ms, **{failed[name]}**" for name, r in timed.items()]
     why += [f"{name}: {variants[name]['skipped']}" for name in names if "skipped" in variants.get(name, {})]
     return None, f"- ({'; '.join(why) if why else 'not run'})", None
 
 
-def pair_note(run: str | None, hybrid_run: str | None) -> str:
+def pair_note(result: dict, hybrid: dict, record: dict) -> str:
     """' (not side by side)' when two times come from different runs of the benchmark (a rerun of some variants of
-    a row keeps the others'; at batch 1 the per-token time moves with the host's speed, which drifts between runs)."""
-    return "" if run == hybrid_run else " (not side by side)"
+    a row keeps the others'; at batch 1 the per-token time moves with the host's speed, which drifts between runs),
+    naming both GPUs when the runs were on different ones."""
+    gpus = [short_device(variant_device(r, record)) for r in (result, hybrid)]
+    if gpus[0] != gpus[1]:
+        return f" (not side by side: {gpus[0]} / {gpus[1]})"
+    return "" if result.get("run") == hybrid.get("run") else " (not side by side)"
 
 
 def ratio_line(record: dict) -> str:
@@ -327,7 +384,7 @@ def ratio_line(record: dict) -> str:
         ms[name], cell, runs[name] = side(record.get("variants", {}), names)
         cells.append(cell)
     ratios = {name: ms[name] / ms["hybrid"] if ms[name] and ms["hybrid"] else None for name in ("as shipped", "same kernels")}
-    cells += [f"{r:.2f}x{pair_note(runs[name], runs['hybrid'])}" if r else "-" for name, r in ratios.items()]
+    cells += [f"{r:.2f}x{pair_note(runs[name], runs['hybrid'], record)}" if r else "-" for name, r in ratios.items()]
     goal = GOALS.get(int(context)) if model == "qwen3-1.7b" and batch == "b32" else None
     if goal:
         verdicts = [f"{'met' if r >= goal else 'not met'} vs {name}" for name, r in ratios.items() if r]
@@ -364,8 +421,8 @@ def summary_lines(rows: dict) -> list[str]:
              "`step-1 dlogit`: the largest |variant - reference| logit at the first step (the prefill). `graph = static eager`: the "
              "graph path's tokens equal the same static path's run eagerly with the same prefill (must hold exactly).", "",
              "| model | context | batch | prompt | prefill | variant | TTFT ms | per-token ms | tokens/s | peak GB | greedy vs twin | "
-             "ref gap mean / max (nats); consistent | step-1 dlogit | graph = static eager |",
-             "|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---|"]
+             "ref gap mean / max (nats); consistent | step-1 dlogit | graph = static eager | GPU |",
+             "|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---|---|"]
     for record in rows.values():
         head = row_head(record)
         for variant in VARIANTS:
@@ -373,7 +430,7 @@ def summary_lines(rows: dict) -> list[str]:
             if r is None:
                 continue
             if "skipped" in r:
-                lines.append(f"{head} | {variant} | - | - | - | - | skipped: {r['skipped']} | | | |")
+                lines.append(f"{head} | {variant} | - | - | - | - | skipped: {r['skipped']} | | | | {short_device(variant_device(r, record))} |")
                 continue
             chunk = r.get("prefill_chunk", record.get("prefill_chunk"))
             gap, first = reference_text(r.get("reference_check"), record.get("variants", {}).get(TWIN.get(variant), {}).get("reference_check"))
@@ -382,7 +439,7 @@ def summary_lines(rows: dict) -> list[str]:
             check += " (**capture failed: decoded eagerly**)" if r.get("graph_captured") is False else ""
             lines.append(f"{head} {f'chunks of {chunk}' if chunk else 'one pass'} | {variant} | {ttft_text(r)} | {r['per_token_ms']:.2f} | "
                          f"{r['tokens_per_s']:.0f} | {'%.1f' % r['peak_gb'] if 'peak_gb' in r else '-'} | "
-                         f"{twin_text(r.get(f'vs_{TWIN.get(variant)}'))} | {gap} | {first} | {check} |")
+                         f"{twin_text(r.get(f'vs_{TWIN.get(variant)}'))} | {gap} | {first} | {check} | {short_device(variant_device(r, record))} |")
     lines += ["", "## Per-token latency at the same batch: the original (as shipped; on the same kernels) / the hybrid", "",
               "Fastest variant of each side within one row (one batch); '-' says why a side has no time (skipped by the "
               "memory guard with its estimate, failed, or not run).", "",
@@ -390,6 +447,7 @@ def summary_lines(rows: dict) -> list[str]:
               "as shipped / hybrid | same kernels / hybrid | goal (Qwen3-1.7B shape, batch 32) |",
               "|---|---:|---:|---|---|---|---|---:|---:|---|"]
     lines += [ratio_line(record) for record in rows.values()]
+    lines += per_token_rounds_table(rows)
     lines += ttft_table(rows)
     lines += ttft_gpu_table(rows)
     backends = {json.dumps(r["sdpa_backends"], sort_keys=True): r["sdpa_backends"] for r in rows.values() if "sdpa_backends" in r}

@@ -48,9 +48,14 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     assert benchmark.main(common + ["--rows", "qwen3-1.7b:40:b3", "--variants", "original,original_compiled,original_graph",
                                     "--prefill-chunk", "16"]) == 0
     after = json.loads((rows_dir / "qwen3-1.7b_40_b3.json").read_text())
-    kept = {k: v for k, v in after["variants"]["hybrid_graph"].items() if k != "ttft_rounds_ms"}
-    assert kept == {k: v for k, v in json.loads(before)["variants"]["hybrid_graph"].items() if k != "ttft_rounds_ms"}  # not rerun
-    assert len(after["variants"]["hybrid_graph"]["ttft_rounds_ms"]) == 2  # (its TTFT measured again beside the new variants')
+    rounds = ("ttft_rounds_ms", "per_token_rounds_ms")
+    kept = {k: v for k, v in after["variants"]["hybrid_graph"].items() if k not in rounds}
+    assert kept == {k: v for k, v in json.loads(before)["variants"]["hybrid_graph"].items() if k not in rounds}  # not rerun
+    for name in ("hybrid_graph", "original_graph"):  # (timed again beside the new variants: TTFT, and per token for the graphs)
+        assert all(len(after["variants"][name][key]) == 2 for key in rounds)
+    assert "per_token_rounds_ms" not in after["variants"]["original"]  # (an eager variant: 256 tokens would take it 10-20 s)
+    table = [line for line in benchmark.summary_lines({"r": after}) if line.startswith("| qwen3-1.7b | 40 | 3 | random ids | cpu |")]
+    assert len(table) == 1 and table[0].endswith("x |")  # original_graph's median over hybrid_graph's, from one run
     assert after["variants"]["original_compiled"]["run"] == after["variants"]["original_graph"]["run"] != after["variants"]["hybrid_graph"]["run"]
     line = [line for line in benchmark.summary_lines({"r": after}) if line.startswith("| qwen3-1.7b | 40 | 3 |") and line.count("|") == 11]
     assert len(line) == 1 and "x (not side by side) |" in line[0]  # original_graph (this run) against the first run's hybrid
@@ -317,18 +322,21 @@ def test_gpu_work_of_the_first_token_call_is_kept_per_variant_and_tabled(benchma
     assert device.work_of([(10.0, 1510.0), (2000.0, 2500.0)]) == {"kernel_ms": 2.0, "launches": 2}
     if not torch.cuda.is_available():
         assert device.gpu_work(lambda: None) is None
+    timing = sys.modules["generate_speed_timing"]
     calls = []
-    monkeypatch.setattr(benchmark, "first_token_ms", lambda bench, name, *rest: calls.append(name) or 5.0)
+    monkeypatch.setattr(timing, "first_token_ms", lambda bench, name, *rest: calls.append(name) or 5.0)
+    monkeypatch.setattr(timing, "per_token_call_ms", lambda bench, name, *rest: {"hybrid_graph": 2.0, "original_graph": 2.2}[name])
     work = {"hybrid_graph": {"kernel_ms": 28.8, "launches": 810}, "original_graph": {"kernel_ms": 27.4, "launches": 700}}
-    monkeypatch.setattr(benchmark, "gpu_work", lambda fn: (fn(), work.get(calls[-1]))[1])
+    monkeypatch.setattr(timing, "gpu_work", lambda fn: (fn(), work.get(calls[-1]))[1])
     timing = {"ttft_ms": 9.0, "per_token_ms": 1.0, "tokens_per_s": 8.0}
     variants = {"hybrid_graph": dict(timing, ttft_gpu={"kernel_ms": 1.0, "launches": 1}), "original_graph": dict(timing),
                 "hybrid_eager": dict(timing, ttft_gpu={"kernel_ms": 1.0, "launches": 1})}
     bench = SimpleNamespace(release=lambda: None)
-    benchmark.ttft_rounds(bench, variants, None, SimpleNamespace(ttft_rounds=2, new_tokens=4), float("inf"))
+    benchmark.ttft_rounds(bench, variants, None, SimpleNamespace(ttft_rounds=2, new_tokens=4), float("inf"), "NVIDIA H100 80GB HBM3")
     assert variants["hybrid_graph"]["ttft_gpu"] == work["hybrid_graph"] and variants["original_graph"]["ttft_gpu"] == work["original_graph"]
     assert "ttft_gpu" not in variants["hybrid_eager"]  # an earlier run's, dropped; none measured this time
-    assert all(len(v["ttft_rounds_ms"]) == 2 for v in variants.values())
+    assert all(len(v["ttft_rounds_ms"]) == 2 and v["rounds_device"] == "NVIDIA H100 80GB HBM3" for v in variants.values())
+    assert variants["original_graph"]["per_token_rounds_ms"] == [2.2, 2.2] and "per_token_rounds_ms" not in variants["hybrid_eager"]
     rows = {"a": {"row": "qwen3-1.7b:4096:b1", "variants": variants}}
     table = [line for line in benchmark.summary_lines(rows) if line.startswith("| qwen3-1.7b | 4096 | 1 | random ids | 28.8")]
     assert table == ["| qwen3-1.7b | 4096 | 1 | random ids | 28.8 (810) | - | 27.4 (700) | - | 0.95x |"]
@@ -392,3 +400,28 @@ def test_a_trained_hybrid_gets_its_own_row_files_and_one_hybrid_per_row(benchmar
     with pytest.raises(HeadscopeError, match="holds variants of another hybrid"):  # another mask into the same row file
         benchmark.main(common[:-1] + ["original,hybrid_graph", "--mask", str(mask_file)])
     assert (rows_dir / "smollm2_16_b1.json").read_text() == before
+
+
+def test_variants_of_one_row_timed_on_two_gpus_are_named_and_never_compared_as_twins(benchmark):
+    """A rerun of some variants on another GPU keeps the others': each variant's line names its GPU (its own
+    ``device``, else the row's), a per-token ratio across GPUs says which, and greedy streams of two GPUs are not
+    compared (``twin_agreements``)."""
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    result = lambda ms, run, device=None, tokens=(1, 2, 3): {"ttft_ms": 30.0, "per_token_ms": ms, "tokens_per_s": 8.0, "run": run,  # noqa: E731
+                                                             "new_tokens": [list(tokens)], **({"device": device} if device else {})}
+    record = {"row": "qwen3-1.7b:4096:b1", "device": h100, "variants": {
+        "original": result(78.5, "r1", h200), "original_graph": result(2.65, "r2"), "hybrid_eager": result(38.0, "r1", h200),
+        "hybrid_graph": result(2.77, "r2", h100, tokens=(1, 2, 4))}}
+    record["variants"]["hybrid_graph"]["vs_hybrid_eager"] = {"first_mismatch": [0], "rows_identical": 0, "match_fraction": 0.0}
+    benchmark.twin_agreements(record)
+    assert "vs_hybrid_eager" not in record["variants"]["hybrid_graph"]  # the stale H200 comparison is dropped
+    assert "vs_original" not in record["variants"]["original_graph"]
+    record["variants"]["hybrid_eager"].update(device=h100, run="r2")
+    benchmark.twin_agreements(record)
+    assert record["variants"]["hybrid_graph"]["vs_hybrid_eager"]["first_mismatch"] == [2]
+    lines = benchmark.summary_lines({"a": record})
+    assert lines[2].startswith("NVIDIA H100 80GB HBM3 / NVIDIA H200, ")
+    by_variant = {line.split(" | ")[5]: line for line in lines if line.startswith("| qwen3-1.7b | 4096 | 1 |") and line.count("|") == 16}
+    assert by_variant["original"].endswith("| H200 |") and by_variant["original_graph"].endswith("| H100 |")  # (the row's GPU)
+    ratio = [line for line in lines if line.startswith("| qwen3-1.7b | 4096 | 1 |") and line.count("|") == 11]
+    assert ratio == ["| qwen3-1.7b | 4096 | 1 | random ids | 78.50 | 2.65 | 2.77 | 28.34x (not side by side: H200 / H100) | 0.96x |  |"]
