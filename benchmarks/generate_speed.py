@@ -82,7 +82,8 @@ original_compiled) and on the same kernels (original_graph), each over the hybri
 ``--smoke``: tiny models on the CPU in float32 (results under /tmp/headscope_generate_speed_smoke).
 
 Helper modules next to this script: ``generate_speed_models`` (the models of a row kind, the prompt file),
-``generate_speed_device`` (memory guard, SDPA backends) and ``generate_speed_report`` (checks and summary).
+``generate_speed_device`` (memory guard, SDPA backends), ``generate_speed_timing`` (the timed calls and rounds),
+``generate_speed_report`` (checks) and ``generate_speed_summary`` (the summary tables).
 """
 
 from __future__ import annotations
@@ -109,9 +110,8 @@ import torch  # noqa: E402
 
 from generate_speed_device import HEADROOM, fits, free_bytes, sdpa_backends  # noqa: E402
 from generate_speed_models import KINDS, ROOT, Bench, read_prompt  # noqa: E402
-from generate_speed_report import (  # noqa: E402
-    RANDOM_PROMPT, UNCHECKED, VARIANTS, default_gap_tol, reference_gaps, row_order, row_settings, summary_lines, twin_agreements,
-)
+from generate_speed_report import RANDOM_PROMPT, UNCHECKED, VARIANTS, default_gap_tol, reference_gaps, twin_agreements  # noqa: E402
+from generate_speed_summary import row_order, row_settings, summary_lines  # noqa: E402
 from generate_speed_timing import graph_check, timed_generate, ttft_rounds  # noqa: E402
 from headscope.heads import HeadscopeError  # noqa: E402
 
