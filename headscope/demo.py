@@ -120,13 +120,17 @@ def build_probes(lm: LoadedModel, names: tuple[str, ...], length: int, n_pairs: 
     return probes
 
 
+def probe_gaps(scores: list[HeadScores]) -> dict[str, float]:
+    """Each scored probe's clean - corrupt logit-difference gap (how well the model solves it)."""
+    return {s.probe: s.meta["ld_clean"] - s.meta["ld_corrupt"] for s in scores}
+
+
 def solved_scores(scores: list[HeadScores], log: Callable[[str], None]) -> list[HeadScores]:
-    """The scores of probes with a clean - corrupt gap of at least ``MIN_GAP`` (the ones the mask is fused from);
-    says which probes are left out and why."""
+    """The scores of probes with a clean - corrupt gap of at least ``MIN_GAP`` (the ones the mask is fused from,
+    and the only ones the RoPE step scores); says which probes are left out and why."""
     from headscope.patching.rope import MIN_GAP
 
-    gap = lambda s: s.meta["ld_clean"] - s.meta["ld_corrupt"]  # noqa: E731
-    unsolved = {s.probe: gap(s) for s in scores if gap(s) < MIN_GAP}
+    unsolved = {name: gap for name, gap in probe_gaps(scores).items() if gap < MIN_GAP}
     kept = [s for s in scores if s.probe not in unsolved]
     if not kept:
         log(f"note: the model solves none of the probes (every clean - corrupt gap < {MIN_GAP:g}): the mask is fused from "
@@ -211,7 +215,7 @@ def rope_step(lm: LoadedModel, probes: list[Probe], scores: list[HeadScores], ou
     if problem := rope_unsupported(lm, settings.length):
         log(f"note: the mask is not RoPE-aware: {problem}")
         return [], []
-    gaps = {s.probe: s.meta["ld_clean"] - s.meta["ld_corrupt"] for s in scores if s.method == "direct"}
+    gaps = probe_gaps(scores)
     solved = [probe for probe in probes if gaps.get(probe.name, 0.0) >= MIN_GAP]
     rope, reused = [], 0
     for probe in solved:
@@ -226,9 +230,8 @@ def rope_step(lm: LoadedModel, probes: list[Probe], scores: list[HeadScores], ou
     if fp.n_layers * fp.n_heads - len(excluded) < head_budget(fp, settings.ratio):
         log(f"note: {len(excluded)} RoPE-dependent heads leave fewer heads than the budget; none excluded")
         return rope, []
-    skipped = [probe.name for probe in probes if gaps.get(probe.name, 0.0) < MIN_GAP]
-    log(f"RoPE-dependent heads kept off full attention (rope >= 0.25 on {len(solved)} probes with a gap >= {MIN_GAP:g}"
-        f"{'; not scored: ' + ', '.join(skipped) if skipped else ''}): {' '.join(str(h) for h in excluded) or 'none'}")
+    log(f"RoPE-dependent heads kept off full attention (rope >= 0.25 on the {len(solved)} probes with a gap >= {MIN_GAP:g}): "
+        f"{' '.join(str(h) for h in excluded) or 'none'}")
     return rope, excluded
 
 
@@ -341,9 +344,9 @@ def run_demo(model_dir: str | Path, out: str | Path, settings: DemoSettings | No
     result = DemoResult()
     result.scores = score_probes(lm, probes, out, settings.n_receivers, settings.seed, log, settings.progress)
 
+    solved = solved_scores(result.scores, log)
     if settings.rope_aware:
         result.rope_scores, result.excluded = rope_step(lm, probes, result.scores, out, settings, log)
-    solved = solved_scores(result.scores, log)
     ranking = fuse(solved)
     mask = select_mask(ranking, fp, ratio=settings.ratio, exclude=result.excluded)
     result.mask = mask

@@ -163,7 +163,7 @@ def test_demo_keeps_rope_dependent_heads_off_full_attention(tiny_dir, tmp_path, 
     assert aware.excluded == [top] and top not in aware.mask.heads() and aware.mask.n_full == plain.mask.n_full
     assert aware.mask.provenance["selection"]["excluded"] == [str(top)]
     assert sorted(calls) == sorted(PROBES) and all((tmp_path / "aware" / "scores" / f"{p}.rope.json").is_file() for p in PROBES)
-    assert "RoPE-dependent heads kept off full attention (rope >= 0.25 on 3 probes" in "\n".join(lines)
+    assert "RoPE-dependent heads kept off full attention (rope >= 0.25 on the 3 probes" in "\n".join(lines)
     again = run_demo(tiny_dir, tmp_path / "aware", settings, log=lines.append)
     assert len(calls) == len(PROBES) and again.mask.heads() == aware.mask.heads() and "reused 3 rope score files" in lines
     monkeypatch.setattr(rope, "MIN_GAP", 2.0)  # with the real gap rule nothing is scored on a random model
