@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     row_path = lambda row: rows_dir / f"{row.replace(':', '_')}{tag if row.startswith('smollm2:') else ''}.json"  # noqa: E731
 
     recorded = {row: json.loads(row_path(row).read_text()) for row in wanted if row_path(row).is_file()}
-    timed = lambda row: {v for v, r in recorded.get(row, {}).get("variants", {}).items() if "per_token_ms" in r}  # noqa: E731
+    timed = lambda row: {v for v, r in recorded.get(row, {}).get("variants", {}).items()  # noqa: E731
+                         if "per_token_ms" in r and UNCHECKED not in r}  # (timed and checked, as run_row skips)
     pending = [row for row in wanted if args.redo or not set(args.variants) <= timed(row)]
     for row in pending:  # one prompt per row file (a text's name is in it): its variants are compared with each other
         if row in recorded and recorded[row].get("prompt", RANDOM_PROMPT) != prompt_of(row):

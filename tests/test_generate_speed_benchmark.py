@@ -86,6 +86,11 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
     assert "per_token_ms" in smol["variants"]["original"] and set(smol["variants"]) == {"original", "original_graph", "hybrid_eager", "hybrid_graph"}
     twin = smol["variants"]["original_graph"]  # an untied model (its tokens are not one repeated token), the static path's tokens
     assert twin["vs_original"]["match_fraction"] == 1.0 and twin["graph_equals_static_eager"] and len(set(twin["new_tokens"][0])) > 1
+    smol["variants"]["hybrid_eager"][benchmark.UNCHECKED] = True  # every asked-for variant timed, one unchecked: the row still runs
+    (rows_dir / "smollm2_16_b1.json").write_text(json.dumps(smol))
+    assert benchmark.main(common + ["--rows", "smollm2:16:b1", "--variants", "original,hybrid_eager"]) == 0
+    smol = json.loads((rows_dir / "smollm2_16_b1.json").read_text())
+    assert benchmark.UNCHECKED not in smol["variants"]["hybrid_eager"] and smol["variants"]["original"]["run"] != smol["variants"]["hybrid_eager"]["run"]
     summary = (tmp_path / "out" / "generate_speed.md").read_text()
     (tmp_path / "out" / "generate_speed.md").unlink()
     monkeypatch.setattr(benchmark, "Bench", None)  # --summary-only loads no model
