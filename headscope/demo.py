@@ -262,10 +262,16 @@ def probe_accuracy(model: torch.nn.Module, probes: list[Probe], label: str = "ac
 
 
 def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Rows of the demo model's training corpus (``headscope.zoo.corpus`` with the training sampler).
+    """Rows of the demo model's training corpus (``headscope.zoo.corpus``), written the way the model's probes are.
 
-    Row ``i`` is ``RowBuilder.build(row_rng(seed, i))`` (probe-format tasks and multi-query recall
-    documents in haystack text, separated by the tokenizer's eos), so the batches depend on the seed alone.
+    Row ``i`` is ``RowBuilder.build(row_rng(seed, i))`` (probe tasks and, for word-level tokenizers,
+    multi-query recall documents, in haystack text, separated by the tokenizer's eos), so the batches depend on
+    the seed alone. The surface is the probes' (``surface_for``): a word-level tokenizer gets the demo model's
+    own PLAIN training mix (``sample_training_task``); a subword tokenizer (a real model) gets the probe tasks
+    and the essay haystack in NATURAL wording, as its probes are written (the multi-query and hop-chain
+    documents exist in PLAIN only and are left out), one task per document, its answer after a space (the
+    probes' answer is the word's continuation token), so the hybrid is aligned on text like what it is
+    evaluated on.
 
     Args:
         tokenizer: the model's Hugging Face tokenizer (any; the demo model's covers every corpus word).
@@ -276,7 +282,11 @@ def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int
     Raises:
         HeadscopeError: the tokenizer has no eos, bos or pad token to separate documents.
     """
-    from headscope.zoo.corpus import CorpusConfig, Haystack, RowBuilder, row_rng
+    from functools import partial
+
+    from headscope.probes.surface import PLAIN, surface_for
+    from headscope.probes.tasks import TASK_NAMES
+    from headscope.zoo.corpus import DEFAULT_TASK_WEIGHTS, CorpusConfig, Haystack, RowBuilder, row_rng
     from headscope.zoo.multiquery import sample_training_task
 
     separator = next((i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None), None)
@@ -287,9 +297,25 @@ def corpus_batches(tokenizer: Any, n_batches: int, batch_size: int, seq_len: int
         encode: Callable[[str], list[int]] = lambda text: core.encode(text, add_special_tokens=False).ids  # noqa: E731
     else:
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    builder = RowBuilder(encode, separator, sample_training_task, Haystack.essay(encode), CorpusConfig(seq_len=seq_len - 1))
+    surface = surface_for(tokenizer)
+    if surface is PLAIN:
+        config = CorpusConfig(seq_len=seq_len - 1)
+        sampler = sample_training_task
+    else:
+        config = CorpusConfig(seq_len=seq_len - 1, max_tasks_per_doc=1,
+                              task_weights={k: w for k, w in DEFAULT_TASK_WEIGHTS.items() if k in TASK_NAMES})
+        sampler = partial(_spaced_task_text, surface=surface)
+    builder = RowBuilder(encode, separator, sampler, Haystack.essay(encode, surface=surface), config)
     rows = [torch.from_numpy(builder.build(row_rng(seed, i))[0]) for i in range(n_batches * batch_size)]
     return torch.stack(rows).view(n_batches, batch_size, seq_len)
+
+
+def _spaced_task_text(name: str, rng, n_filler_words: int, surface) -> tuple[str, str]:
+    """``sample_task_text`` with the answer after a space: in natural text it is the next word."""
+    from headscope.probes.tasks import sample_task_text
+
+    prompt, answer = sample_task_text(name, rng, n_filler_words, surface=surface)
+    return prompt, " " + answer
 
 
 def hybrid_unsupported(lm: LoadedModel) -> str | None:
@@ -381,7 +407,7 @@ def hybrid_step(lm: LoadedModel, mask: HeadMask, settings: DemoSettings, log=pri
 
     The hybrid's per-head output scales are calibrated to the original heads' RMS on the first batch
     (``calibrate_gamma``), then ``align_hybrid`` trains its attention for ``settings.align_steps`` steps
-    on demo-corpus rows (``corpus_batches``, seeded by ``settings.seed``).
+    on demo-corpus rows (``corpus_batches``: in the probes' wording, seeded by ``settings.seed``).
 
     Args:
         lm: the original model.

@@ -125,6 +125,29 @@ def test_corpus_batches_are_seeded_demo_corpus_rows(demo_tokenizer):
     assert (a == demo_tokenizer.eos_token_id).any()  # documents are separated
 
 
+def test_corpus_rows_for_a_subword_tokenizer_are_written_as_its_probes_are():
+    """A real model's tokenizer (subword: the probes' NATURAL surface) gets the probe tasks and the essay in natural
+    wording, one task per document, the answer after a space (the continuation token the probes score), and none of
+    the PLAIN-only documents (multi-query recall, hop chains); the word-level demo tokenizer keeps its own mix."""
+    import random
+
+    from fixtures import make_bpe_tokenizer
+    from headscope.probes import haystack
+    from headscope.probes.surface import NATURAL
+    from headscope.probes.tasks import TASK_NAMES, sample_task_text
+
+    rng = random.Random(0)
+    natural = [" ".join(NATURAL.sentence(s)) for s in haystack.haystack_sentences("essay")[:1000]]
+    natural += [" ".join(sample_task_text(name, rng, 5, NATURAL)) for name in TASK_NAMES for _ in range(100)]
+    tokenizer = make_bpe_tokenizer(natural, vocab_size=1300)
+    rows = corpus_batches(tokenizer, 2, 4, 160, seed=0)
+    text = "\n".join(tokenizer.decode(row) for row in rows.view(-1, 160))
+    assert "It seems that" in text and ". " in text  # natural essay sentences (PLAIN writes "it seems that ... ." lowercase)
+    answers = re.findall(r"(?:special magic (?:number|word) for \w+\?|What is \w+\?) The special magic (?:number|word) for \w+ is( ?)\S", text)
+    assert answers and all(space == " " for space in answers)  # "... is 20", not "... is20"
+    assert " ; " not in text and "mqar" not in text  # no PLAIN multi-query documents
+
+
 def test_demo_falls_back_to_an_untrained_model(tmp_path, monkeypatch, capsys):
     def missing():
         raise HeadscopeError("the demo model is missing")

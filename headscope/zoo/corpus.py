@@ -25,13 +25,16 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from headscope.heads import HeadscopeError
+
+if TYPE_CHECKING:
+    from headscope.probes.surface import Surface
 
 # Tasks that need a key matched before a value is copied (multi-key needles, key-value recall, multi-hop
 # binding) get more weight: they are the slowest to learn. The single needle and IOI are learnt early.
@@ -124,16 +127,18 @@ class Haystack:
         return " ".join(self.words[start:] + self.words[: end - len(self.words)])
 
     @classmethod
-    def essay(cls, encode: Callable[[str], list[int]], sample_words: int = 20000) -> "Haystack":
+    def essay(cls, encode: Callable[[str], list[int]], sample_words: int = 20000, surface: Surface | None = None) -> Haystack:
         """The probes' essay haystack, its tokens per word measured under ``encode`` on its first words.
 
         Args:
             encode: text -> token ids (no special tokens), the model's tokenizer.
             sample_words: how many leading words the token rate is measured on.
+            surface: how its sentences are written (``Surface.sentence``; default PLAIN, as stored).
         """
         from headscope.probes.haystack import haystack_sentences
 
-        text = " ".join(" ".join(sentence) for sentence in haystack_sentences("essay"))
+        render = surface.sentence if surface is not None else tuple
+        text = " ".join(" ".join(render(tuple(sentence))) for sentence in haystack_sentences("essay"))
         sample = text.split()[:sample_words]
         return cls(text, len(encode(" ".join(sample))) / len(sample))
 
