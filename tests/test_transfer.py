@@ -211,6 +211,18 @@ def test_jsonl_kinds_are_kept_and_heldout_rows_of_a_kind_hold_only_its_documents
         read_documents(DataConfig(paths=[str(tmp_path / "mix.jsonl")]))
 
 
+def test_documents_packed_without_a_separator_get_a_note():
+    from types import SimpleNamespace
+
+    from headscope.transfer.data import separator_note
+
+    files, no_eos = DataConfig(paths=["x.jsonl"]), SimpleNamespace(eos_token_id=None)
+    assert "no eos token" in separator_note(files, no_eos) and "data.eos_id" in separator_note(files, no_eos)
+    assert separator_note(DataConfig(paths=["x.jsonl"], eos_id=0), no_eos) is None  # the config names one
+    assert separator_note(files, word_tokenizer()) is None  # the tokenizer has one
+    assert separator_note(DataConfig(source="demo_corpus"), no_eos) is None  # (the demo corpus needs one anyway)
+
+
 def test_batches_are_a_function_of_the_step_and_split_over_ranks():
     sequences = PackedSequences([Document(f"d#{i}", np.arange(i * 10, i * 10 + 10)) for i in range(10)], seq_len=5, eos_id=None)
     data, again = StageData(sequences, sequences, seed=3, eval_sequences=3), StageData(sequences, sequences, seed=3, eval_sequences=3)

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -36,7 +37,7 @@ from headscope.models import load_model
 from headscope.outputs import check_not_inside, check_writable, give_usual_mode
 from headscope.transfer.checkpoint import latest_checkpoint, load_checkpoint
 from headscope.transfer.config import RESUMABLE_CHANGES, HybridSpec, TransferConfig, config_from_dict
-from headscope.transfer.data import SequenceSource, data_files, sequence_source
+from headscope.transfer.data import SequenceSource, data_files, separator_note, sequence_source
 from headscope.transfer.distributed import shard_fsdp
 from headscope.transfer.objectives import AlignObjective, decoder_layers, set_trainable
 from headscope.transfer.trainer import StepInfo, TrainingDiverged, TransferTrainer
@@ -244,6 +245,8 @@ def run_transfer(config: TransferConfig | dict, out_dir: str | os.PathLike, resu
         if len(decoder_layers(student)) != len(decoder_layers(teacher)):
             raise HeadscopeError("the student and the teacher have different numbers of decoder layers")
         sequences = sequence_source(cfg.data, cfg.seed, tokenizer, vocab_size=getattr(teacher.config, "vocab_size", None))
+        if env.is_main and (note := separator_note(cfg.data, tokenizer)):
+            print(f"headscope transfer: note: {note}", file=sys.stderr)
         if resume_path is None:  # a resumed run loads its trained scales from the checkpoint
             calibrate_student(student, teacher, sequences, cfg.hybrid, cfg.stages[0].seq_len)
         if fsdp:

@@ -277,6 +277,15 @@ def text_rows(path: str | Path, tokenizer: Any, seq_lens: Sequence[int], n_rows:
 SequenceSource = Callable[[str, int, int], Any]  # (split "train"/"heldout", stage index, seq_len) -> sequences
 
 
+def separator_note(data: DataConfig, tokenizer: Any) -> str | None:
+    """A note when file documents will be packed with nothing between them (no ``data.eos_id`` and a tokenizer
+    without an eos token): each document then runs straight into the next, which the model has never seen."""
+    if data.source == "demo_corpus" or data.eos_id is not None or getattr(tokenizer, "eos_token_id", None) is not None:
+        return None
+    return ("the tokenizer has no eos token and data.eos_id is not set: documents are packed back to back with no "
+            "separator between them (set data.eos_id to the id that ends a document)")
+
+
 def sequence_source(data: DataConfig, run_seed: int, tokenizer: Any = None, vocab_size: int | None = None) -> SequenceSource:
     """The training / held-out sequences of every stage for a run's ``data`` section.
 
