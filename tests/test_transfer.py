@@ -255,10 +255,11 @@ def test_demo_corpus_rows_and_run(tmp_path):
     model.save_pretrained(tmp_path / "demo")
     tokenizer.save_pretrained(tmp_path / "demo")
     config = {"model": str(tmp_path / "demo"), "hybrid": {"baseline": "layerwise", "ratio": "1:1"}, "progress": False,
-              "data": {"source": "demo_corpus", "eval_sequences": 2},
+              "data": {"source": "demo_corpus", "eval_sequences": 2}, "log_every": 0,
               "stages": [{"kind": "align", "steps": 2, "lr": 1e-3, "batch_size": 2, "seq_len": 48}]}
     result = run_transfer(config, tmp_path / "run")
     assert result.stages[0].steps == 2 and np.isfinite(result.stages[0].heldout["heldout_loss"])
+    assert result.stages[0].tokens == 2 * 2 * 48 and result.stages[0].final_loss is None  # log_every 0: no loss logged, steps still ran
 
 
 # --- objectives --------------------------------------------------------------------------------

@@ -200,13 +200,15 @@ def _save_final(student: nn.Module, tokenizer: Any, mask: HeadMask, run_dir: Pat
 
 
 def stage_summaries(config: TransferConfig, records: list[dict]) -> list[StageSummary]:
-    """One ``StageSummary`` per stage of ``config`` from a run's log ``records``."""
+    """One ``StageSummary`` per stage of a finished run of ``config``: its steps and tokens (every stage ran to its
+    end), and from the log ``records`` its last logged training loss (None with ``log_every: 0``, or on a rank
+    that keeps no log) and its last held-out evaluation."""
     out = []
     for index, stage in enumerate(config.stages):
         train = [r for r in records if r["stage_index"] == index and r["event"] == "train"]
         evals = [r for r in records if r["stage_index"] == index and r["event"] == "eval"]
         heldout = {k: v for k, v in evals[-1].items() if k.startswith("heldout_") or k == "teacher_ce"} if evals else {}
-        out.append(StageSummary(stage.name, stage.kind, train[-1]["step"] if train else 0, train[-1]["tokens"] if train else 0,
+        out.append(StageSummary(stage.name, stage.kind, stage.steps, stage.steps * stage.batch_size * stage.seq_len,
                                 train[-1]["loss"] if train else None, heldout))
     return out
 
