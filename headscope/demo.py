@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -179,7 +180,8 @@ def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: i
         out: the demo output directory (files go to ``out/scores/PROBE.METHOD.json``).
         n_receivers: receivers per probe: the top heads by |direct score| outside layer 0.
         seed: the probes' seed (checked against reused files).
-        log: where reuse notes go.
+        log: where reuse notes and a line per scored probe go (its gap and seconds: a real model on a CPU takes
+            minutes per probe, also without progress bars).
         progress: show the scorers' progress bars.
     Returns:
         The HeadScores, direct then path for each probe (path only when the model has a layer past 0).
@@ -189,17 +191,22 @@ def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: i
 
     results, reused = [], 0
     for probe in probes:
+        started = time.monotonic()
         direct, again = _scores_file(out / "scores" / f"{probe.name}.direct.json", lm, probe, seed,
                                      lambda: direct_scores(lm, probe, progress=progress))
         reused += again
         results.append(direct)
         chosen = [Receiver(h) for h in direct.top(lm.fingerprint.n_layers * lm.fingerprint.n_heads) if h.layer > 0][:n_receivers]
-        if not chosen:
-            continue
-        senders, again = _scores_file(out / "scores" / f"{probe.name}.path.json", lm, probe, seed,
-                                      lambda: path_scores(lm, probe, receivers=chosen, progress=progress), [str(r) for r in chosen])
-        reused += again
-        results.append(senders)
+        if chosen:
+            senders, again_path = _scores_file(out / "scores" / f"{probe.name}.path.json", lm, probe, seed,
+                                               lambda: path_scores(lm, probe, receivers=chosen, progress=progress), [str(r) for r in chosen])
+            reused += again_path
+            results.append(senders)
+            again = again and again_path
+        if not again:
+            gap = direct.meta["ld_clean"] - direct.meta["ld_corrupt"]
+            log(f"scored {probe.name}: clean - corrupt gap {gap:+.2f}, direct{' and path' if chosen else ''} "
+                f"in {time.monotonic() - started:.0f} s")
     if reused:
         log(f"reused {reused} score files from {out / 'scores'}")
     return results

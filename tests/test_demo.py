@@ -79,11 +79,13 @@ def test_demo_cli_reuses_matching_scores_only(tiny_dir, tmp_path, capsys):
     assert main(["demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-hybrid", *CLI_ARGS]) == 0
     first = capsys.readouterr().out
     assert "reused" not in first and "mask 7:1" in first
+    assert len(re.findall(r"^scored \w+: clean - corrupt gap [+-]\d+\.\d\d, direct and path in \d+ s$", first, re.M)) == 3  # a line per probe
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()}
     assert len(stamps) == 6 and not (tmp_path / "hybrid.json").exists()
 
     assert main(["demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--no-hybrid", *CLI_ARGS]) == 0
-    assert "reused 6 score files" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "reused 6 score files" in again and "scored " not in again
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()} == stamps
 
     other = ["--length", "64", "--pairs", "3", "--probes", "ioi", "--no-progress"]  # the stored scores have 2 pairs
