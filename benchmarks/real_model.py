@@ -86,6 +86,11 @@ def extra_scores(lm, probes, method: str, out: Path, log) -> list[HeadScores]:
     return results
 
 
+def sd_text(value: float | None) -> str:
+    """A random-set standard deviation, 'n/a' for a single set."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def ablation_runs(lm, direct: dict[str, HeadScores], mask, sizes: dict, log) -> list[dict]:
     results = []
     for name, scores in direct.items():
@@ -99,7 +104,7 @@ def ablation_runs(lm, direct: dict[str, HeadScores], mask, sizes: dict, log) -> 
             results.append(result.to_dict())
             for row in result.summary():
                 log(f"  {name:16s} {result.source[:22]:22s} k={row['k']:3d}  none {row['base_argmax']:.2f}  selected {row['selected_argmax']:.2f} "
-                    f"({row['selected_logit_diff']:+.2f})  random {row['random_argmax_mean']:.2f}+-{row['random_argmax_sd']:.2f} "
+                    f"({row['selected_logit_diff']:+.2f})  random {row['random_argmax_mean']:.2f}+-{sd_text(row['random_argmax_sd'])} "
                     f"({row['random_logit_diff_mean']:+.2f})")
     return results
 
@@ -116,8 +121,8 @@ def summary_markdown(meta: dict, table: list[dict], ablation: list[dict], masks:
         for row in result["summary"]:
             lines.append(f"| {result['probe']} | {result['source']} | {row['k']} | {row['base_argmax']:.2f} / {row['base_logit_diff']:+.2f} | "
                          f"{row['selected_argmax']:.2f} / {row['selected_logit_diff']:+.2f} | "
-                         f"{row['random_argmax_mean']:.2f} +- {row['random_argmax_sd']:.2f} / {row['random_logit_diff_mean']:+.2f} +- "
-                         f"{row['random_logit_diff_sd']:.2f} (n={row['n_random']}) |")
+                         f"{row['random_argmax_mean']:.2f} +- {sd_text(row['random_argmax_sd'])} / {row['random_logit_diff_mean']:+.2f} +- "
+                         f"{sd_text(row['random_logit_diff_sd'])} (n={row['n_random']}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,16 +13,26 @@ task? It costs forwards only, no training.
   adds a large, arbitrary shift) while the head's prompt-specific information is gone.
 * **Selected vs random.** For each ``k`` the selected set is the ``k`` best heads of a scores file (by
   score, not magnitude: a head that works against the answer is not a retrieval head) or the FA heads of
-  a mask; the baseline is ``n_random`` sets of ``k`` heads drawn uniformly from the heads *outside* the
-  selected set (seeded), so any gap between the two is the selected heads' doing.
+  a mask; the baseline is ``n_random`` seeded sets of ``k`` heads (``BASELINES``): ``uniform``, drawn from
+  the heads *outside* the selected set; ``kv-matched``, as many heads in as many KV groups anywhere in
+  the model (``headscope.mask.kv_matched_random_mask``); ``layer-matched``, as many heads and groups in
+  every layer as the selected set (``layer_matched_random_mask``). Late layers matter more than early
+  ones, so a set that beats uniform random heads may only have beaten them on *where* it sits:
+  layer-matched sets ask whether these heads beat others of the same layers (they may share heads with
+  the selected set: a layer whose heads are all selected is the same in every draw; each row records its
+  ``overlap``).
 * **Reported:** argmax accuracy and mean logit difference (answer - wrong) on fresh clean prompts,
-  unablated, with the selected heads ablated, and per random set (their mean and spread).
+  unablated, with the selected heads ablated, and per random set; per ``k`` the random sets' mean and
+  sample standard deviation, and the empirical one-sided p-value of the selected set's logit difference,
+  ``(1 + #{random sets at or below it}) / (n_random + 1)``: the smallest it can be is ``1 / (n_random + 1)``,
+  so a claim at 0.05 needs ``n_random >= 19``.
 """
 
 from __future__ import annotations
 
 import random
 import statistics
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -30,7 +40,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from headscope.heads import Head, HeadscopeError
+from headscope.heads import Head, HeadMask, HeadscopeError
 from headscope.models import LoadedModel
 from headscope.patching.engine import hooked, patched_head_outputs, write_heads
 from headscope.probes.base import Probe
@@ -58,7 +68,7 @@ def head_means(lm: LoadedModel, reference: Probe, batch_size: int = 16) -> torch
     with hooked([(lm.out_proj(layer), "pre", make_hook(layer)) for layer in range(fp.n_layers)]):
         for start in range(0, clean.shape[0], batch_size):
             batch = clean[start : start + batch_size]  # (b, T)
-            lm.model(input_ids=batch)
+            lm.model.base_model(input_ids=batch)  # (the decoder alone: no (b, T, vocab) logits to compute)
             count += batch.numel()
     return (sums / count).float().view(fp.n_layers, fp.n_heads, fp.head_dim)
 
@@ -78,12 +88,28 @@ def mean_ablated(lm: LoadedModel, heads: Sequence[Head], means: torch.Tensor) ->
         yield
 
 
-def random_head_sets(all_heads: Sequence[Head], exclude: Sequence[Head], k: int, n_sets: int, seed: int) -> list[list[Head]]:
-    """``n_sets`` sets of ``k`` heads drawn from ``all_heads`` minus ``exclude``, seeded per set."""
-    pool = sorted(set(all_heads) - set(exclude))
-    if k > len(pool):
-        raise HeadscopeError(f"cannot draw {k} random heads from the {len(pool)} heads outside the selected set")
-    return [sorted(random.Random(f"ablate/{seed}/{k}/{i}").sample(pool, k)) for i in range(n_sets)]
+BASELINES = ("uniform", "kv-matched", "layer-matched")
+
+
+def random_head_sets(all_heads: Sequence[Head], selected: Sequence[Head], k: int, n_sets: int, seed: int,
+                     baseline: str = "uniform", fingerprint=None) -> list[list[Head]]:
+    """``n_sets`` random sets of ``k`` heads (``BASELINES``), seeded per set: ``uniform`` draws from ``all_heads``
+    minus ``selected``; ``kv-matched`` / ``layer-matched`` match ``selected`` (its ``k`` heads) on the model
+    ``fingerprint``, as ``headscope.mask``'s random baselines do."""
+    if baseline == "uniform":
+        pool = sorted(set(all_heads) - set(selected))
+        if k > len(pool):
+            raise HeadscopeError(f"cannot draw {k} random heads from the {len(pool)} heads outside the selected set")
+        return [sorted(random.Random(f"ablate/{seed}/{k}/{i}").sample(pool, k)) for i in range(n_sets)]
+    from headscope.mask import kv_matched_random_mask, layer_matched_random_mask
+
+    if baseline not in BASELINES or fingerprint is None:
+        raise HeadscopeError(f"baseline {baseline!r}: expected one of {', '.join(BASELINES)} (matched ones need the model's fingerprint)")
+    full = torch.zeros(fingerprint.shape, dtype=torch.bool)
+    for head in selected:
+        full[head.layer, head.head] = True
+    draw = kv_matched_random_mask if baseline == "kv-matched" else layer_matched_random_mask
+    return [draw(HeadMask(full, fingerprint), seed=zlib.crc32(f"ablate/{seed}/{k}/{i}".encode())).heads() for i in range(n_sets)]
 
 
 @dataclass
@@ -92,10 +118,11 @@ class AblationRow:
 
     k: int
     selection: str  # "none", "selected" or "random"
-    seed: int | None
+    set_index: int | None  # which random set (its draw is seeded by the run's seed, k and this index)
     heads: list[str]
     argmax: float
     logit_diff: float
+    overlap: int = 0  # heads shared with the selected set of this k (matched baselines only)
 
 
 @dataclass
@@ -106,12 +133,17 @@ class AblationResult:
     length: int
     n_pairs: int
     source: str  # what the selection came from (scores file / mask)
+    baseline: str = "uniform"
+    seed: int = 0  # the random sets' seed
+    setup: dict = field(default_factory=dict)  # the model's fingerprint, the probes' settings (``to_dict``)
     rows: list[AblationRow] = field(default_factory=list)
 
     def summary(self) -> list[dict]:
-        """Per k: selected accuracy / logit diff against the random sets' mean and standard deviation."""
-        def stats(values: list[float]) -> tuple[float, float]:
-            return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+        """Per k: selected accuracy / logit diff against the random sets' mean and sample standard deviation
+        (None with fewer than 2 sets), the selected set's one-sided empirical p-value on the logit difference
+        and how many heads the random sets share with it on average."""
+        def stats(values: list[float]) -> tuple[float, float | None]:
+            return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
         base = next(r for r in self.rows if r.selection == "none")
         out = []
@@ -120,16 +152,20 @@ class AblationResult:
             rand = [r for r in self.rows if r.selection == "random" and r.k == k]
             acc_mean, acc_sd = stats([r.argmax for r in rand])
             ld_mean, ld_sd = stats([r.logit_diff for r in rand])
+            at_or_below = sum(r.logit_diff <= chosen.logit_diff for r in rand)
             out.append({
                 "k": k, "base_argmax": base.argmax, "base_logit_diff": base.logit_diff,
                 "selected_argmax": chosen.argmax, "selected_logit_diff": chosen.logit_diff,
                 "random_argmax_mean": acc_mean, "random_argmax_sd": acc_sd,
                 "random_logit_diff_mean": ld_mean, "random_logit_diff_sd": ld_sd, "n_random": len(rand),
+                "random_at_or_below": at_or_below, "p_logit_diff": (1 + at_or_below) / (len(rand) + 1),
+                "random_overlap_mean": statistics.fmean(r.overlap for r in rand),
             })
         return out
 
     def to_dict(self) -> dict:
-        return {"probe": self.probe, "length": self.length, "n_pairs": self.n_pairs, "source": self.source,
+        return {"kind": "headscope.ablation", "format_version": 1, "probe": self.probe, "length": self.length,
+                "n_pairs": self.n_pairs, "source": self.source, "baseline": self.baseline, "seed": self.seed, **self.setup,
                 "rows": [asdict(r) for r in self.rows], "summary": self.summary()}
 
 
@@ -144,28 +180,36 @@ def ablation_check(
     source: str = "",
     batch_size: int = 16,
     progress: bool = True,
+    baseline: str = "uniform",
 ) -> AblationResult:
-    """Mean-ablate the top ``k`` of ``ranked`` and ``n_random`` random k-sets, for each ``k`` in ``ks``.
+    """Mean-ablate the top ``k`` of ``ranked`` and ``n_random`` random k-sets (``baseline``), for each ``k`` in ``ks``.
 
     Args:
         probe: evaluation pairs (fresh: not the ones the heads were scored on).
         reference: prompts the head means are taken over (``head_means``).
         ranked: heads best first (``HeadScores.top(k, by_magnitude=False)`` or a mask's heads).
-        ks: set sizes; each at most ``len(ranked)``.
+        ks: set sizes (repeats are dropped); each at most ``len(ranked)``.
+        baseline: how the random sets are drawn (``BASELINES``, see the module docstring).
     """
+    ks = sorted(set(ks))
     if not ks or min(ks) < 1 or max(ks) > len(ranked):
         raise HeadscopeError(f"ablation sizes must be between 1 and {len(ranked)} (the selected heads), got {list(ks)}")
-    means = head_means(lm, reference, batch_size)
-    all_heads = [Head(layer, head) for layer in range(lm.fingerprint.n_layers) for head in range(lm.fingerprint.n_heads)]
+    fp = lm.fingerprint
+    all_heads = [Head(layer, head) for layer in range(fp.n_layers) for head in range(fp.n_heads)]
     plan: list[tuple[int, str, int | None, list[Head]]] = [(0, "none", None, [])]
-    for k in ks:
+    for k in ks:  # (every set drawn before the forwards: a k that cannot be drawn fails at once)
         plan.append((k, "selected", None, list(ranked[:k])))
-        plan += [(k, "random", i, heads) for i, heads in enumerate(random_head_sets(all_heads, ranked[:k], k, n_random, seed))]
-    result = AblationResult(probe.name, probe.length, len(probe), source)
-    for k, selection, set_seed, heads in tqdm(plan, desc=f"ablate {probe.name}", disable=not progress, leave=False):
+        sets = random_head_sets(all_heads, ranked[:k], k, n_random, seed, baseline, fp)
+        plan += [(k, "random", i, heads) for i, heads in enumerate(sets)]
+    means = head_means(lm, reference, batch_size)
+    setup = {"model": fp.to_dict(), "probe_meta": dict(probe.meta), "pairs_sha256": probe.digest(),
+             "reference_meta": dict(reference.meta), "reference_pairs_sha256": reference.digest()}
+    result = AblationResult(probe.name, probe.length, len(probe), source, baseline, seed, setup)
+    for k, selection, index, heads in tqdm(plan, desc=f"ablate {probe.name}", disable=not progress, leave=False):
         with mean_ablated(lm, heads, means):
             accuracy: ProbeAccuracy = probe_accuracy(lm.model, probe, batch_size)
-        result.rows.append(AblationRow(k, selection, set_seed, [str(h) for h in heads], accuracy.argmax, accuracy.mean_logit_diff))
+        overlap = len(set(heads) & set(ranked[:k])) if selection == "random" else 0
+        result.rows.append(AblationRow(k, selection, index, [str(h) for h in heads], accuracy.argmax, accuracy.mean_logit_diff, overlap))
     return result
 
 
@@ -178,8 +222,8 @@ def ablation_figure(result: AblationResult):
     fig = go.Figure()
     fig.add_bar(x=ks, y=[row["base_argmax"] for row in summary], name="unablated")
     fig.add_bar(x=ks, y=[row["selected_argmax"] for row in summary], name="selected heads ablated")
-    fig.add_bar(x=ks, y=[row["random_argmax_mean"] for row in summary], name="random heads ablated (mean)",
-                error_y={"type": "data", "array": [row["random_argmax_sd"] for row in summary]})
+    fig.add_bar(x=ks, y=[row["random_argmax_mean"] for row in summary], name=f"{result.baseline} random heads ablated (mean)",
+                error_y={"type": "data", "array": [row["random_argmax_sd"] or 0.0 for row in summary]})
     fig.update_layout(barmode="group", title=f"{result.probe}: mean ablation ({result.source})", xaxis_title="heads ablated (k)",
                       yaxis_title="argmax accuracy", yaxis_range=[0, 1.05], height=380)
     return fig

@@ -387,7 +387,8 @@ def layerwise_mask(fingerprint: ModelFingerprint, ratio: str = "3:1") -> HeadMas
     """Whole layers at full attention: with ``"a:b"``, layer ``i`` is FA when ``i % (a+b) >= a``.
 
     ``"3:1"`` is the Qwen3-Next layout (layers 3, 7, 11, ...). Every head of an FA layer is FA, so
-    ``kv_fraction == head_fraction``.
+    ``kv_fraction == head_fraction``. The mask records the ratio its layers realise (and the requested one
+    where they differ: ``budget_note``).
     """
     linear, full_layers = parse_ratio(ratio)
     is_full = torch.tensor([i % (linear + full_layers) >= linear for i in range(fingerprint.n_layers)])  # (L,)
@@ -398,7 +399,8 @@ def layerwise_mask(fingerprint: ModelFingerprint, ratio: str = "3:1") -> HeadMas
         )
     full = is_full[:, None].expand(fingerprint.shape).clone()  # (L, H)
     selection = {"method": "layerwise", "n_full": int(full.sum()), "full_layers": is_full.nonzero().flatten().tolist()}
-    return HeadMask(full, fingerprint, {"ratio": ratio, "selection": selection, "probes": [], "methods": [], "fusion": None})
+    realised = _ratio_record(ratio, None, full, selection)  # (7:1 of 30 layers: layers 7, 15, 23, 3 of 30: 9:1, recorded so)
+    return HeadMask(full, fingerprint, {"ratio": realised, "selection": selection, "probes": [], "methods": [], "fusion": None})
 
 
 def layer_types(mask: HeadMask) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from headscope.fusion import fuse
 from headscope.heads import Head, HeadMask, HeadscopeError, HeadScores, ModelFingerprint
 from headscope.mask import (
+    budget_note,
     export_duo_tsv,
     export_retrieval_json,
     head_budget,
@@ -425,3 +426,15 @@ def test_retrieval_json(tmp_path):
     assert mask.heads() == [Head(1, 0)] and data == {"0-0": [0.25], "0-1": [0.75], "1-0": [1.0], "1-1": [0.5]}
     with pytest.raises(HeadscopeError, match="needs a HeadMask, FusedRanking or HeadScores"):
         export_retrieval_json(torch.zeros(2, 2), tmp_path / "x.json")
+
+
+def test_a_layerwise_mask_records_the_ratio_its_layers_realise():
+    """7:1 of SmolLM2's 30 layers puts layers 7, 15 and 23 at full attention: 27 of 270 heads, 9:1; the mask says so
+    (and keeps what was asked), where it had recorded 7:1; a layout that fits the layers records its own ratio."""
+    smol = ModelFingerprint("llama", 30, 9, 3, 64)
+    mask = layerwise_mask(smol, "7:1")
+    assert mask.provenance["selection"]["full_layers"] == [7, 15, 23] and mask.n_full == 27
+    assert mask.provenance["ratio"] == "9:1" and mask.provenance["selection"]["requested_ratio"] == "7:1"
+    assert "ratio 7:1 cannot be met exactly" in budget_note(mask) and "9:1 (recorded as such)" in budget_note(mask)
+    exact = layerwise_mask(FP8, "3:1")
+    assert exact.provenance["ratio"] == "3:1" and "requested_ratio" not in exact.provenance["selection"] and budget_note(exact) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -151,12 +152,44 @@ def test_ablate_cli(tmp_path):
     assert done.returncode == 0, done.stderr
     out = tmp_path / "ablate.json"
     done = cli("ablate", "--model", DEMO, "--scores", str(scores), "--probe", "induction", "--length", "48", "--pairs", "6",
-               "--k", "1,2", "--random", "2", "--out", str(out))
+               "--k", "1,2,2", "--random", "2", "--baseline", "layer-matched", "--out", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    assert [row["k"] for row in result["summary"]] == [1, 2] and len(result["rows"]) == 1 + 2 * 3
-    assert "selected" in done.stdout and "random mean" in done.stdout
+    assert [row["k"] for row in result["summary"]] == [1, 2] and len(result["rows"]) == 1 + 2 * 3  # (the repeated k once)
+    assert "selected" in done.stdout and "random mean" in done.stdout and "2 layer-matched random sets per k" in done.stdout
+    assert result["kind"] == "headscope.ablation" and result["baseline"] == "layer-matched" and result["model"]["n_layers"] == 6
+    assert result["probe_meta"]["seed"] == 1000 and result["reference_meta"]["seed"] == 1001  # not the scored prompts (seed 0)
+    assert all(0 < row["p_logit_diff"] <= 1 and row["p_logit_diff"] * 3 == 1 + row["random_at_or_below"] for row in result["summary"])
+    assert {row["set_index"] for row in result["rows"] if row["selection"] == "random"} == {0, 1}
     for bad, message in ((("--k", "0"), "sizes must be at least 1"), (("--k", "a,b"), "expected comma-separated integers"),
-                         (("--random", "0"), "--random must be at least 1"), (("--out", str(tmp_path / "x.txt")), "expected a .json file")):
+                         (("--random", "0"), "--random must be at least 1"), (("--out", str(tmp_path / "x.txt")), "expected a .json file"),
+                         (("--out", str(scores)), "is one of the command's inputs"),  # the scores file is not overwritten
+                         (("--seed", "0"), "was scored on induction prompts of seed 0")):  # the scored pairs are no evaluation
         done = cli("ablate", "--model", DEMO, "--scores", str(scores), "--probe", "induction", "--length", "48", *bad)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert json.loads(scores.read_text())["kind"] != "headscope.ablation"
+
+
+def test_random_baselines_match_the_selected_set_and_the_summary_gives_a_p_value():
+    from headscope.ablation import AblationResult, AblationRow
+    from headscope.heads import ModelFingerprint
+
+    fp = ModelFingerprint("toy", n_layers=4, n_heads=6, n_kv_heads=3, head_dim=8)
+    heads = [Head(l, h) for l in range(4) for h in range(6)]
+    selected = [Head(3, 0), Head(3, 1), Head(3, 4), Head(2, 2)]
+    for baseline in ("kv-matched", "layer-matched"):
+        sets = random_head_sets(heads, selected, 4, 6, seed=0, baseline=baseline, fingerprint=fp)
+        assert sets == random_head_sets(heads, selected, 4, 6, seed=0, baseline=baseline, fingerprint=fp) and len({tuple(s) for s in sets}) > 1
+        for drawn in sets:
+            assert len(drawn) == 4 and len({(h.layer, h.head // 2) for h in drawn}) == 3  # 3 KV groups touched, as the selection
+            if baseline == "layer-matched":
+                assert sorted(h.layer for h in drawn) == [2, 3, 3, 3]
+    with pytest.raises(HeadscopeError, match="expected one of uniform, kv-matched, layer-matched"):
+        random_head_sets(heads, selected, 4, 1, seed=0, baseline="matched", fingerprint=fp)
+    rows = [AblationRow(0, "none", None, [], 1.0, 8.0), AblationRow(2, "selected", None, [], 0.0, 1.0)]
+    rows += [AblationRow(2, "random", i, [], 1.0, ld, overlap=1) for i, ld in enumerate([0.5, 3.0, 4.0, 6.0])]
+    (row,) = AblationResult("p", 16, 4, "test", rows=rows).summary()
+    assert row["random_at_or_below"] == 1 and row["p_logit_diff"] == 2 / 5 and row["random_overlap_mean"] == 1
+    assert abs(row["random_logit_diff_sd"] - statistics.stdev([0.5, 3.0, 4.0, 6.0])) < 1e-12  # the sample sd
+    (single,) = AblationResult("p", 16, 4, "test", rows=rows[:3]).summary()
+    assert single["random_argmax_sd"] is None and single["p_logit_diff"] == 1.0  # one set: no spread, p at best 1/2

@@ -3,10 +3,17 @@
     headscope ablate --model DIR --scores scores/needle_single.direct.json --probe needle_single --k 5,10,20
     headscope ablate --model DIR --mask mask.json --probe kv_recall --random 8 --out ablate.json
 
+    headscope ablate --model DIR --mask mask.json --probe needle_single --baseline layer-matched --random 19
+
 The selected heads are the top k of a scores file (by score) or the full-attention heads of a mask (all of
-them, or the top k of the mask's fused ranking with --k). Each random set holds k heads drawn outside the
-selected ones (--random sets per k, seeded). The evaluation pairs use --seed; the head means are taken over
-other pairs of the same probe (seed + 1; a .jsonl probe's own pairs). Method: ``headscope.ablation``.
+them, or the top k of the mask's fused ranking with --k). Each random set holds k heads (--random sets per k,
+seeded): drawn outside the selected ones (--baseline uniform), or matched to them in KV groups (kv-matched)
+or in heads and groups per layer (layer-matched: do these heads beat others of the same layers?). Per k it
+prints the random sets' mean +- sample sd and the selected set's empirical p-value on the logit difference
+((1 + random sets at or below it) / (n + 1): 19 sets for p = 0.05). The evaluation pairs use --seed (default
+1000: prompts the heads were not scored on; a --seed equal to the scores file's own is refused); the head
+means are taken over other pairs of the same probe (seed + 1; a .jsonl probe's own pairs, which are also its
+scored ones). Method: ``headscope.ablation``.
 """
 
 from __future__ import annotations
@@ -18,17 +25,21 @@ from headscope.commands.options import add_model_args, add_probe_args, load_from
 from headscope.heads import HeadScores, HeadscopeError, write_json_atomic
 from headscope.outputs import check_output_file
 
+EVAL_SEED = 1000  # the default evaluation seed: away from the seeds probes are usually scored with (0, 1, ...)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ablate", help="mean-ablate selected vs random heads and compare a probe's accuracy",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    add_probe_args(parser)
+    add_probe_args(parser, f"seed of the evaluation pairs (default {EVAL_SEED}: not the scored ones); the head means use seed + 1", None)
     chosen = parser.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--scores", help="a HeadScores JSON file: ablate its top k heads")
     chosen.add_argument("--mask", help="a mask JSON file: ablate its full-attention heads")
     parser.add_argument("--k", default=None, help="comma-separated set sizes (default 5,10,20 with --scores; the mask's FA count with --mask)")
-    parser.add_argument("--random", type=int, default=5, help="random head sets per k (default 5)")
+    parser.add_argument("--random", type=int, default=5, help="random head sets per k (default 5; 19 for p = 0.05)")
+    parser.add_argument("--baseline", default="uniform", choices=("uniform", "kv-matched", "layer-matched"),
+                        help="how the random sets are drawn (default uniform, outside the selected heads)")
     parser.add_argument("--out", default=None, help="also write the rows and summary as JSON here")
     parser.set_defaults(func=run)
 
@@ -43,10 +54,9 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _selection(args: argparse.Namespace, lm, ks: list[int] | None) -> tuple[list, list[int], str]:
-    """(heads best first, set sizes, description) from --scores or --mask."""
-    if args.scores:
-        scores = HeadScores.load(args.scores)
+def _selection(args: argparse.Namespace, lm, ks: list[int] | None, scores: HeadScores | None) -> tuple[list, list[int], str]:
+    """(heads best first, set sizes, description) from --scores (loaded: ``scores``) or --mask."""
+    if scores is not None:
         problem = scores.fingerprint.mismatch(lm.fingerprint)
         if problem:
             raise HeadscopeError(f"--scores {args.scores} belongs to another model: {problem}")
@@ -72,21 +82,31 @@ def run(args: argparse.Namespace) -> int:
     if out is not None and (out.suffix != ".json" or not out.parent.is_dir()):
         raise HeadscopeError(f"--out {args.out}: expected a .json file in an existing directory")
     if out is not None:
-        check_output_file(out, [args.model])  # before the ablation runs
+        check_output_file(out, [args.model], inputs=[args.scores, args.mask])  # before the ablation runs
+    args.seed = EVAL_SEED if args.seed is None else args.seed
     ks = _parse_ks(args.k) if args.k is not None else None
+    scores = HeadScores.load(args.scores) if args.scores else None
+    if scores is not None and (scores.meta.get("generator"), scores.meta.get("seed")) == (args.probe[0], args.seed):
+        raise HeadscopeError(f"--seed {args.seed}: {args.scores} was scored on {args.probe[0]} prompts of seed {args.seed}; "
+                             "evaluate on others (another --seed, e.g. the default)")
     lm = load_from_args(args)
-    ranked, ks, source = _selection(args, lm, ks)
+    ranked, ks, source = _selection(args, lm, ks, scores)
     if max(ks) > len(ranked):
         raise HeadscopeError(f"--k {max(ks)} is more than the {len(ranked)} selected heads")
     probe = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed)
     reference = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed + 1)
-    result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source)
-    print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens; ablating {source}")
-    print(f"{'k':>4}  {'none':>13}  {'selected':>13}  {'random mean +- sd':>25}   (argmax accuracy / logit diff)")
+    result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source, baseline=args.baseline)
+    print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens (seed {args.seed}); ablating {source}; "
+          f"{args.random} {args.baseline} random sets per k")
+    print(f"{'k':>4}  {'none':>13}  {'selected':>13}  {'random mean +- sd':>27}  {'p':>5}  (argmax accuracy / logit diff; "
+          "p: selected logit diff against the random sets')")
+    sd = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
     for row in result.summary():
+        shared = f"  shares {row['random_overlap_mean']:.1f} heads with the selected" if row["random_overlap_mean"] else ""
         print(f"{row['k']:>4}  {row['base_argmax']:5.2f} {row['base_logit_diff']:+7.2f}  "
               f"{row['selected_argmax']:5.2f} {row['selected_logit_diff']:+7.2f}  "
-              f"{row['random_argmax_mean']:5.2f}+-{row['random_argmax_sd']:.2f} {row['random_logit_diff_mean']:+6.2f}+-{row['random_logit_diff_sd']:.2f}")
+              f"{row['random_argmax_mean']:5.2f}+-{sd(row['random_argmax_sd'])} {row['random_logit_diff_mean']:+6.2f}+-{sd(row['random_logit_diff_sd'])}  "
+              f"{row['p_logit_diff']:5.2f}{shared}")
     if out is not None:
         write_json_atomic(out, result.to_dict())
     return 0

@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     export.add_argument("--out", required=True, help="output file (tsv: DuoAttention's config.json goes beside it)")
     export.set_defaults(func=run_export)
 
-    for name, help_text in (("random", "a seeded random mask with the same budget"), ("layerwise", "whole layers at full attention (Qwen3-Next 3:1 layout)")):
+    for name, help_text in (("random", "a seeded random mask: the budget `fuse` gives --ratio / --n-full, or matched to a mask"), ("layerwise", "whole layers at full attention (Qwen3-Next 3:1 layout)")):
         baseline = actions.add_parser(name, help=help_text)
         source = baseline.add_mutually_exclusive_group(required=True)
         source.add_argument("--model", help="local Hugging Face model directory (only config.json is read)")

@@ -31,12 +31,12 @@ def load_from_args(args: argparse.Namespace, device: str | None = None) -> Loade
     return load_model(args.model, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn)
 
 
-def add_probe_args(parser: argparse.ArgumentParser) -> None:
+def add_probe_args(parser: argparse.ArgumentParser, seed_help: str = "seed of the probe generator (default 0)", seed_default: int | None = 0) -> None:
     parser.add_argument("--probe", required=True, action="append", help="built-in probe name or a .jsonl file (repeatable)")
     parser.add_argument("--length", type=int, default=256, help="prompt length in tokens for built-in probes (default 256)")
     parser.add_argument("--pairs", type=int, default=None,
                         help=f"prompt pairs per probe (default: {BUILTIN_PAIRS} for a built-in probe, every pair of a .jsonl file; caps a file)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the probe generator (default 0)")
+    parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
 
 
 def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int | None, seed: int) -> Probe:
