@@ -62,3 +62,30 @@ def test_demo_model_path_names_the_training_command(monkeypatch, tmp_path):
     monkeypatch.setattr(zoo, "DEMO_MODEL_DIR", tmp_path / "missing")
     with pytest.raises(HeadscopeError, match="python -m headscope.zoo.train_demo"):
         zoo.demo_model_path()
+
+
+def test_last_logits_computes_only_the_last_position_where_the_model_allows(demo):
+    """``logits_to_keep=1`` where the forward takes it (a 150K vocabulary at 16 x 1024 positions is ~10 GB of logits),
+    the full forward otherwise: the same numbers either way."""
+    from headscope.zoo.evaluate import last_logits
+
+    class NoKeep(torch.nn.Module):  # a model whose forward has no logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids)
+
+    ids = torch.randint(0, demo.model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = demo.model(input_ids=ids).logits[:, -1, :].float()  # (2, V)
+        assert torch.allclose(last_logits(demo.model, ids), full, atol=1e-5)
+        assert torch.allclose(last_logits(NoKeep(demo.model), ids), full, atol=1e-5)
+        seen = []
+        handle = demo.model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+        try:
+            last_logits(demo.model, ids)
+        finally:
+            handle.remove()
+    assert seen == [1]  # one position through the output head

@@ -9,6 +9,7 @@ These are the numbers on the demo model's card and in its test.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
@@ -40,6 +41,14 @@ class ProbeAccuracy:
         return asdict(self)
 
 
+def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``(B, V)`` float32 logits at the last position of ``ids`` ``(B, T)``; only that position goes through the
+    output head where the model's forward takes ``logits_to_keep`` (a 150K vocabulary over 16 x 1024 positions
+    would be ~10 GB of logits)."""
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return model(input_ids=ids, **keep).logits[:, -1, :].float()
+
+
 @torch.no_grad()
 def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16, with_corrupt: bool = False) -> ProbeAccuracy:
     """Score the clean prompts of ``probe`` with ``model`` (on the model's device, in eval mode).
@@ -62,14 +71,14 @@ def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16, with_co
             clean = tensors["clean"][start : start + batch_size]  # (b, T)
             answer = tensors["answer"][start : start + batch_size]  # (b,)
             wrong = tensors["wrong"][start : start + batch_size]  # (b,)
-            last = model(input_ids=clean).logits[:, -1, :].float()  # (b, V)
+            last = last_logits(model, clean)  # (b, V)
             answer_logit = last.gather(1, answer[:, None])[:, 0]
             wrong_logit = last.gather(1, wrong[:, None])[:, 0]
             hits.append(last.argmax(dim=-1) == answer)
             beats.append(answer_logit > wrong_logit)
             diffs.append(answer_logit - wrong_logit)
             if with_corrupt:
-                corrupt = model(input_ids=tensors["corrupt"][start : start + batch_size]).logits[:, -1, :].float()  # (b, V)
+                corrupt = last_logits(model, tensors["corrupt"][start : start + batch_size])  # (b, V)
                 corrupt_diffs.append(corrupt.gather(1, answer[:, None])[:, 0] - corrupt.gather(1, wrong[:, None])[:, 0])
     finally:
         model.train(was_training)
