@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import subprocess
+import struct
 import sys
 import tempfile
 import zipfile
@@ -71,6 +72,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("HEADSCOPE_CACHE", "~/.cache/headscope")).expanduser() / "models"
 
 
+GGUF_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, struct.error)  # struct.error, EOFError: a truncated file
+
+
+def unreadable_gguf(path: Path, err: Exception) -> HeadscopeError:
+    """The one-line error of a GGUF file transformers cannot read (``GGUF_READ_ERRORS``)."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return HeadscopeError(f"{path}: not a GGUF checkpoint transformers can read ({reason}; a truncated or partial file?)")
+
+
 def require_gguf() -> None:
     try:
         import gguf  # noqa: F401
@@ -94,8 +104,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **where)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **where)
-    except (OSError, ValueError, KeyError) as err:
-        raise HeadscopeError(f"{path}: not a GGUF checkpoint transformers can read ({str(err).splitlines()[0]})") from None
+    except GGUF_READ_ERRORS as err:
+        raise unreadable_gguf(path, err) from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

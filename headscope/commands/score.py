@@ -3,8 +3,10 @@
 A ``.jsonl`` probe file is scored on every pair it holds (``--pairs`` caps it); a built-in probe is
 generated with ``--pairs`` pairs (default 16) of ``--length`` tokens. ``--out`` is a ``.json`` file for
 one probe, or a directory (one ``PROBE.METHOD.json`` per probe): new, empty or holding earlier scores
-(``--force`` writes into any other directory), never inside the model directory. Where it can be written
-is checked before any scoring; ``--resume`` skips probes already scored there.
+(``--force`` writes into any other directory), never inside the model directory; an existing ``.json``
+``--out`` is replaced only when it holds scores (``--force``: whatever it holds). Two probes of one name (a
+``.jsonl`` probe is named after its file) are refused. Where it can be written is checked before any scoring;
+``--resume`` skips probes already scored there on the same pairs, method, dtype and weights.
 
 On several GPUs of one host start the same command through torchrun:
 ``torchrun --nproc-per-node N -m headscope score --model DIR --probe P --out scores/``. torchrun's
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--noising", action="store_true", help="patch corrupt into clean (default: clean into corrupt)")
     parser.add_argument("--batch-size", type=int, default=None, help="patched sequences per forward (default: largest that fits)")
     parser.add_argument("--out", required=True, help="output JSON file, or a directory when several probes are given")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out directory that holds other files than scores")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out directory that holds other files than scores, or over an --out file that is not a scores file")
     parser.add_argument("--resume", action="store_true", help="skip probes whose scores file already exists for this model and method")
     parser.add_argument("--receivers", default=None, help="--method path: receiver heads, e.g. L1H3:k,L2H5 or 1.3:k,2.5 (LxHy or LAYER.HEAD, then :q, :k or :v; "
                         "default inputs q,k,v); "
@@ -61,27 +63,35 @@ def _output_path(out: str, probe_name: str, method: str, several: bool) -> Path:
     return path
 
 
+def is_scores_file(path: Path) -> bool:
+    """Whether ``path`` is a headscope scores JSON."""
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        data = read_json(path, "scores")
+    except HeadscopeError:
+        return False
+    return isinstance(data, dict) and data.get("kind") == "headscope.scores"
+
+
 def is_scores_dir(path: Path) -> bool:
     """Whether every file a user sees in ``path`` is a headscope scores JSON (a previous ``--out``)."""
-    for entry in visible_entries(path):
-        if entry.suffix != ".json" or not entry.is_file():
-            return False
-        try:
-            data = read_json(entry, "scores")
-        except HeadscopeError:
-            return False
-        if not isinstance(data, dict) or data.get("kind") != "headscope.scores":
-            return False
-    return True
+    return all(is_scores_file(entry) for entry in visible_entries(path))
 
 
 def check_out(args: argparse.Namespace) -> None:
     """Refuse a bad ``--out`` before the model is loaded (see the module docstring)."""
     several = len(args.probe) > 1
+    names = [Path(spec).stem if spec.endswith(".jsonl") or Path(spec).is_file() else spec for spec in args.probe]  # (as the probes are named)
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise HeadscopeError(f"two probes are named {', '.join(twice)} (a .jsonl probe is named after its file): their scores "
+                             "would overwrite each other; rename a file")
     if _is_directory_out(args.out, several):
         check_output_dir(args.out, "headscope scores", [args.model], is_scores_dir, args.force)
     else:
-        check_output_file(_output_path(args.out, "", args.method, several), [args.model])
+        path = check_output_file(_output_path(args.out, "", args.method, several), [args.model])
+        if path.exists() and not is_scores_file(path) and not args.force:
+            raise HeadscopeError(f"--out {args.out} exists and is not a headscope scores file; choose another name, or --force to replace it")
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -103,6 +113,8 @@ def _method_options(args: argparse.Namespace) -> dict:
 def _already_scored(path: Path, lm, probe, method: str, noising: bool, options: dict) -> bool:
     """True when ``path`` holds scores of this model and dtype, method, direction, the very same pairs (their hash:
     another seed, length, count or edited probe file differs) and receivers / top-k."""
+    from headscope.models import weights_digest
+
     if not path.is_file():
         return False
     meta = (previous := HeadScores.load(path)).meta
@@ -113,6 +125,7 @@ def _already_scored(path: Path, lm, probe, method: str, noising: bool, options: 
         and previous.method == method
         and meta.get("pairs_sha256") == probe.digest()
         and meta.get("dtype") == str(lm.dtype)
+        and meta.get("weights_digest") == weights_digest(lm.model)  # (another checkpoint of the same shape: score again)
         and meta.get("direction") == direction
         and (method != "path" or (meta.get("receivers_chosen_by") == "given") == given)
         and (not given or meta.get("receivers") == [str(r) for r in options["receivers"]])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from headscope.heads import HeadScores, HeadscopeError
-from headscope.models import LoadedModel
+from headscope.models import LoadedModel, weights_digest
 from headscope.patching.engine import PatchEngine, RunCache
 from headscope.patching.prefix import shared_prefix
 from headscope.probes.base import Probe
@@ -94,6 +94,7 @@ class ProbeRun:
                 "ld_corrupt": float(self.corrupt.metric.mean()),
                 "attn_implementation": self.lm.attn_implementation,
                 "dtype": str(self.lm.dtype),
+                "weights_digest": weights_digest(self.lm.model),  # (two checkpoints of one shape differ here)
                 **{k: v for k, v in self.probe.meta.items() if isinstance(v, (int, float, str, bool))},
                 **meta,
             },

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.heads import HeadScores, HeadscopeError
-from headscope.models import LoadedModel, arch_spec
+from headscope.models import LoadedModel, arch_spec, weights_digest
 from headscope.patching.common import MIN_GAP
 from headscope.probes.base import Probe
 
@@ -90,6 +90,6 @@ def nnsight_activation_scores(nn_model, probe: Probe, *, noising: bool = False, 
         method="activation",
         fingerprint=fp,
         capability=probe.capability,
-        meta={"backend": "nnsight", "n_pairs": len(probe), "length": probe.length,
+        meta={"backend": "nnsight", "n_pairs": len(probe), "length": probe.length, "weights_digest": weights_digest(lm.model),
               "direction": "noising" if noising else "denoising", "ld_clean": ld_clean, "ld_corrupt": ld_corrupt},
     )
