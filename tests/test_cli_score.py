@@ -105,3 +105,28 @@ def test_script_main_maps_mistakes_and_ctrl_c_like_the_cli(capsys):
 
     with pytest.raises(ValueError):
         script_main(bug)
+
+
+def test_a_probe_the_model_does_not_solve_gets_a_note(qwen3_dir, tmp_path, capsys):
+    from headscope.commands.score import gap_note
+
+    assert gap_note({"ld_clean": 9.0, "ld_corrupt": -1.0, "clean_answer_wins": 1.0, "pairs_gap_positive": 1.0}) is None
+    swapped = gap_note({"ld_clean": -9.0, "ld_corrupt": 1.0, "clean_answer_wins": 0.0, "pairs_gap_positive": 0.0})
+    assert "gap is -10.000" in swapped and "swapped?" in swapped and "0% of the clean prompts" in swapped
+    assert "barely solves" in gap_note({"ld_clean": 0.3, "ld_corrupt": 0.0})  # (files from before the per-pair counts)
+    assert "barely solves" in gap_note({"ld_clean": 6.0, "ld_corrupt": 0.0, "clean_answer_wins": 0.25, "pairs_gap_positive": 1.0})
+    probe_file = tmp_path / "mine.jsonl"  # a random model on random pairs: no gap to speak of
+    save_probe_jsonl(random_probe(n_pairs=4, length=10, seed=11), probe_file)
+    assert main(["score", "--model", qwen3_dir, "--device", "cpu", "--probe", str(probe_file), "--out", str(tmp_path / "s.json")]) == 0
+    assert HeadScores.load(tmp_path / "s.json").capability == "retrieval"  # a .jsonl probe's default
+    meta = HeadScores.load(tmp_path / "s.json").meta
+    assert meta["clean_answer_wins"] in (0.0, 0.25, 0.5, 0.75, 1.0) and meta["pairs_gap_positive"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert "note: mine: the clean - corrupt gap" in capsys.readouterr().out
+
+
+def test_a_jsonl_probe_can_be_a_reasoning_probe(qwen3_dir, tmp_path, capsys):
+    probe_file = tmp_path / "chain.jsonl"
+    save_probe_jsonl(random_probe(n_pairs=2, length=10, seed=11), probe_file)
+    out = tmp_path / "chain.json"
+    assert main(["score", "--model", qwen3_dir, "--device", "cpu", "--probe", str(probe_file), "--capability", "reasoning", "--out", str(out)]) == 0
+    assert HeadScores.load(out).capability == "reasoning"  # fuse's per-capability weights see it as reasoning

@@ -9,7 +9,7 @@ import torch
 
 from headscope.heads import HeadscopeError
 from headscope.models import LoadedModel, load_model
-from headscope.probes.base import Probe
+from headscope.probes.base import CAPABILITIES, Probe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_PAIRS = 16  # pairs of a built-in probe when --pairs is not given
@@ -37,17 +37,20 @@ def add_probe_args(parser: argparse.ArgumentParser, seed_help: str = "seed of th
     parser.add_argument("--pairs", type=int, default=None,
                         help=f"prompt pairs per probe (default: {BUILTIN_PAIRS} for a built-in probe, every pair of a .jsonl file; caps a file)")
     parser.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    parser.add_argument("--capability", choices=CAPABILITIES, default="retrieval",
+                        help="capability of the .jsonl probes (default retrieval; built-in probes have their own): "
+                             "`fuse` weights the two capabilities equally")
 
 
-def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int | None, seed: int) -> Probe:
+def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int | None, seed: int, capability: str = "retrieval") -> Probe:
     """A built-in probe by name (``n_pairs`` pairs, default ``BUILTIN_PAIRS``), or a JSONL probe file (every
-    pair, or its first ``n_pairs``)."""
+    pair, or its first ``n_pairs``; of ``capability``)."""
     from headscope.probes import load_probe_jsonl, make_probe
 
     if n_pairs is not None and n_pairs < 1:
         raise HeadscopeError(f"--pairs must be at least 1, got {n_pairs}")
     if spec.endswith(".jsonl") or Path(spec).is_file():
-        probe = load_probe_jsonl(spec, tokenizer=lm.tokenizer)
+        probe = load_probe_jsonl(spec, tokenizer=lm.tokenizer, capability=capability)
         probe = probe.subset(n_pairs) if n_pairs is not None else probe
     else:
         if lm.tokenizer is None:

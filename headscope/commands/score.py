@@ -94,6 +94,24 @@ def check_out(args: argparse.Namespace) -> None:
             raise HeadscopeError(f"--out {args.out} exists and is not a headscope scores file; choose another name, or --force to replace it")
 
 
+def gap_note(meta: dict) -> str | None:
+    """A warning when the model does not solve the probe (the scores are fractions of its clean - corrupt gap, so
+    with a gap below ``SOLVED_GAP`` logits, or on pairs it gets wrong, they are mostly noise), else None."""
+    from headscope.patching.rope import MIN_GAP as SOLVED_GAP
+
+    gap = meta["ld_clean"] - meta["ld_corrupt"]
+    wins, positive = meta.get("clean_answer_wins"), meta.get("pairs_gap_positive")
+    counts = f" (answer above wrong on {wins:.0%} of the clean prompts; clean above corrupt on {positive:.0%} of the pairs)" \
+        if wins is not None and positive is not None else ""
+    if gap <= 0:
+        return f"the clean - corrupt gap is {gap:+.3f}: the model does not tell clean from corrupt this way round{counts}; " \
+               "check answer/wrong (swapped?): the scores' signs are flipped and they are noise"
+    if gap < SOLVED_GAP or (wins is not None and wins < 0.5):
+        return f"the clean - corrupt gap is only {gap:+.3f} logits{counts}: the model barely solves this probe, and its scores " \
+               "(fractions of that gap) are mostly noise"
+    return None
+
+
 def _method_options(args: argparse.Namespace) -> dict:
     """Scorer options from ``--receivers`` / ``--top-k``, each only with the method that takes it."""
     from headscope.patching import parse_receivers
@@ -154,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
     try:
         lm = load_from_args(args, _device(args, env))
-        probes = [resolve_probe(lm, spec, args.length, args.pairs, args.seed) for spec in args.probe]
+        probes = [resolve_probe(lm, spec, args.length, args.pairs, args.seed, args.capability) for spec in args.probe]
         for spec, probe in zip(args.probe, probes):
             if env.is_main and args.pairs is not None and len(probe) < args.pairs:
                 print(f"note: {spec} holds {len(probe)} pairs; --pairs {args.pairs} scores all of them")
@@ -178,8 +196,11 @@ def run(args: argparse.Namespace) -> int:
                 scores.save(path)
                 top = ", ".join(f"{h}={scores[h]:+.3f}" for h in scores.top(5))
                 via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
+                gap = scores.meta["ld_clean"] - scores.meta["ld_corrupt"]
                 print(f"{probe.name} [{args.method}{via}] {len(probe)} pairs x {probe.length} tokens, clean-corrupt gap "
-                      f"{scores.meta['ld_clean'] - scores.meta['ld_corrupt']:+.3f}; top heads {top}; {seconds:.2f} s{processes} -> {path}")
+                      f"{gap:+.3f}; top heads {top}; {seconds:.2f} s{processes} -> {path}")
+                if note := gap_note(scores.meta):
+                    print(f"note: {probe.name}: {note}")
         barrier(env)  # leave together: tearing the group down while a peer still receives the last gather can abort (gloo)
     finally:
         shutdown(env)

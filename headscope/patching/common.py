@@ -92,6 +92,9 @@ class ProbeRun:
                 "direction": "noising" if self.noising else "denoising",
                 "ld_clean": float(self.clean.metric.mean()),
                 "ld_corrupt": float(self.corrupt.metric.mean()),
+                # per pair: does the clean prompt put the answer above the wrong token, and above what its corrupt twin does
+                "clean_answer_wins": float((self.clean.metric > 0).float().mean()),
+                "pairs_gap_positive": float((self.clean.metric > self.corrupt.metric).float().mean()),
                 "attn_implementation": self.lm.attn_implementation,
                 "dtype": str(self.lm.dtype),
                 "weights_digest": weights_digest(self.lm.model),  # (two checkpoints of one shape differ here)

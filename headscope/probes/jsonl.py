@@ -32,8 +32,8 @@ nothing is returned until the whole file is valid):
 * keys: exactly ``clean, corrupt, answer, wrong`` or exactly ``clean_ids, corrupt_ids, answer_id,
   wrong_id``; ids are non-negative integers.
 
-The probe is named after the file (``name`` overrides) and has capability ``"retrieval"`` unless
-``capability`` says ``"reasoning"``.
+The probe is named after the file (``name`` overrides) and has capability ``"retrieval"`` unless the
+``capability`` argument (the CLI's ``--capability``) says ``"reasoning"``; ``fuse`` weights capabilities equally.
 """
 
 from __future__ import annotations
