@@ -15,6 +15,7 @@ from gguf_fixture import tiny_llama_for_gguf, write_llama_gguf
 from headscope import HeadscopeError, load_model
 from headscope.ablation import ablation_check, head_means, mean_ablated, random_head_sets
 from headscope.checkpoints import fetch_named
+from headscope.cli import main
 from headscope.heads import Head
 from headscope.patching.engine import hooked
 from headscope.probes import haystack, make_probe
@@ -156,7 +157,7 @@ def test_ablating_the_induction_heads_breaks_induction_random_heads_do_not(demo)
     assert row["selected_argmax"] <= 0.4 and row["selected_logit_diff"] < row["random_logit_diff_mean"] - 5
 
 
-def test_ablate_cli(tmp_path):
+def test_ablate_cli(tmp_path, capsys):
     scores = tmp_path / "ind.direct.json"
     done = cli("score", "--model", DEMO, "--probe", "induction", "--length", "48", "--pairs", "4", "--method", "direct", "--out", str(scores))
     assert done.returncode == 0, done.stderr
@@ -175,8 +176,9 @@ def test_ablate_cli(tmp_path):
                          (("--random", "0"), "--random must be at least 1"), (("--out", str(tmp_path / "x.txt")), "expected a .json file"),
                          (("--out", str(scores)), "is one of the command's inputs"),  # the scores file is not overwritten
                          (("--seed", "0"), "was scored on induction prompts of seed 0")):  # the scored pairs are no evaluation
-        done = cli("ablate", "--model", DEMO, "--scores", str(scores), "--probe", "induction", "--length", "48", *bad)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+        assert main(["ablate", "--model", DEMO, "--scores", str(scores), "--probe", "induction", "--length", "48", *bad]) == 2
+        err = capsys.readouterr().err  # (in process: each fails before the model loads)
+        assert err.count("\n") == 1 and message in err, err
     assert json.loads(scores.read_text())["kind"] != "headscope.ablation"
     from headscope.probes import save_probe_jsonl
 
