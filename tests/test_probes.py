@@ -269,6 +269,26 @@ def test_jsonl_text_format(tokenizers, tmp_path, kind):
     assert load_probe_jsonl(path, tokenizer=tok).meta["answer_forms"] in ("space", "glued")
 
 
+def test_a_line_can_fix_the_answers_form(tmp_path):
+    """``answer_form`` takes one form only: after an opening quote the model writes ``"mary``, glued, where the spaced
+    form `` mary`` would win by default; a bad value, the key on an ids line, or ``space`` after whitespace are errors."""
+    tok = make_bpe_tokenizer(['she said "mary" and he said "john" to mary and john'] * 50, 300)
+    line = {"clean": 'she said "', "corrupt": 'he said "', "answer": "mary", "wrong": "john"}
+    path = tmp_path / "forms.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    spaced = load_probe_jsonl(path, tokenizer=tok)
+    assert spaced.meta["answer_forms"] == "space" and tok.convert_ids_to_tokens(spaced.pairs[0].answer_id) == "\u0120mary"
+    path.write_text(json.dumps({**line, "answer_form": "glued"}) + "\n")
+    glued = load_probe_jsonl(path, tokenizer=tok)
+    assert glued.meta["answer_forms"] == "glued" and tok.convert_ids_to_tokens([glued.pairs[0].answer_id, glued.pairs[0].wrong_id]) == ["mary", "john"]
+    for bad, message in (({**line, "answer_form": "spaced"}, "answer_form must be one of space, glued"),
+                         ({**line, "clean": "she said ", "corrupt": "he said ", "answer_form": "space"}, "ends in whitespace"),
+                         ({"clean_ids": [1, 2], "corrupt_ids": [1, 3], "answer_id": 4, "wrong_id": 5, "answer_form": "glued"}, "unknown key")):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(HeadscopeError, match=message):
+            load_probe_jsonl(path, tokenizer=tok)
+
+
 def test_a_digit_answer_after_a_split_off_space_is_marked(tmp_path):
     """Tokenizers that split digits one by one (SmolLM2, Llama 2) make " 5" a bare space token and then "5": the
     glued "5" is scored right after the prompt, where the model may write the space first. The probe marks it

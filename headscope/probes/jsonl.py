@@ -28,7 +28,9 @@ nothing is returned until the whole file is valid):
   ``meta["answer_forms"]`` records which forms were used. ``SPACE_SPLIT`` marks a glued answer whose spaced
   form is a bare space token and then the same token (digits with SmolLM2's tokenizer: ``" 5"`` is ``[" ",
   "5"]``): the metric then reads the answer right after the prompt, where the model may put the space first;
-  ``headscope score`` says so (end such prompts with the space if the model writes one).
+  ``headscope score`` says so (end such prompts with the space if the model writes one). An optional
+  ``"answer_form": "space"`` or ``"glued"`` on a text line takes that form only (a prompt ending in ``"``
+  or ``(`` is continued glued, ``Paris`` and not `` Paris``; the spaced form would otherwise win).
 * keys: exactly ``clean, corrupt, answer, wrong`` or exactly ``clean_ids, corrupt_ids, answer_id,
   wrong_id``; ids are non-negative integers.
 
@@ -48,6 +50,8 @@ from headscope.probes.base import Probe, PromptPair
 from headscope.probes.tokens import encode_plain, special_prefix
 
 TEXT_KEYS = ("clean", "corrupt", "answer", "wrong")
+OPTIONAL_TEXT_KEYS = ("answer_form",)
+ANSWER_FORMS = ("space", "glued")
 ID_KEYS = ("clean_ids", "corrupt_ids", "answer_id", "wrong_id")
 
 
@@ -59,7 +63,7 @@ def _line_format(obj: Any, where: str) -> str:
     text, ids = keys & set(TEXT_KEYS), keys & set(ID_KEYS)
     if text and ids:
         raise HeadscopeError(f"{where}: mixes text keys ({', '.join(sorted(text))}) with id keys ({', '.join(sorted(ids))}); use one format")
-    unknown = keys - set(TEXT_KEYS) - set(ID_KEYS)
+    unknown = keys - set(TEXT_KEYS) - set(ID_KEYS) - (set(OPTIONAL_TEXT_KEYS) if text else set())
     if unknown:
         raise HeadscopeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     expected = TEXT_KEYS if text else ID_KEYS
@@ -96,9 +100,11 @@ def _continuation(tokenizer: Any, prompt_ids: list[int], full: str) -> list[int]
     return ids[len(prompt_ids) :] if ids[: len(prompt_ids)] == prompt_ids else None
 
 
-def answer_tokens(tokenizer: Any, clean: str, answer: str, wrong: str, where: str) -> tuple[int, int, str]:
+def answer_tokens(tokenizer: Any, clean: str, answer: str, wrong: str, where: str, only: str | None = None) -> tuple[int, int, str]:
     """The single-token ids of ``answer`` and ``wrong`` continuing ``clean``, and the form used.
 
+    Args:
+        only: ``"space"`` or ``"glued"``: that form alone (the line's ``answer_form``); None: space, then glued.
     Returns:
         ``(answer_id, wrong_id, form)`` with form ``"space"`` or ``"glued"`` (module docstring).
     """
@@ -107,6 +113,10 @@ def answer_tokens(tokenizer: Any, clean: str, answer: str, wrong: str, where: st
     forms = {"glued": [_continuation(tokenizer, prompt_ids, clean + w) for w in words]}
     if not clean[-1:].isspace():
         forms = {"space": [_continuation(tokenizer, prompt_ids, f"{clean} {w}") for w in words], **forms}
+    if only is not None:
+        if only not in forms:
+            raise HeadscopeError(f"{where}: answer_form 'space' after a prompt that ends in whitespace; drop the whitespace")
+        forms = {only: forms[only]}
     for form, (answer_ids, wrong_ids) in forms.items():
         if answer_ids is not None and wrong_ids is not None and len(answer_ids) == 1 and len(wrong_ids) == 1:
             spaced = forms.get("space", [None])[0]
@@ -141,7 +151,10 @@ def _pair(obj: dict, line_format: str, tokenizer: Any, prefix: list[int], where:
         clean_ids, corrupt_ids = encode_plain(tokenizer, [texts["clean"], texts["corrupt"]])
         clean, corrupt = tuple(prefix + clean_ids), tuple(prefix + corrupt_ids)
         _check_prompts(clean, corrupt, where)
-        answer, wrong, form = answer_tokens(tokenizer, texts["clean"], texts["answer"], texts["wrong"], where)
+        only = obj.get("answer_form")
+        if only is not None and only not in ANSWER_FORMS:
+            raise HeadscopeError(f"{where}: answer_form must be one of {', '.join(ANSWER_FORMS)}, got {only!r}")
+        answer, wrong, form = answer_tokens(tokenizer, texts["clean"], texts["answer"], texts["wrong"], where, only)
     if answer == wrong:
         raise HeadscopeError(f"{where}: answer and wrong are the same token ({answer})")
     return PromptPair(clean, corrupt, answer, wrong), form
