@@ -162,6 +162,12 @@ def test_cli_fuse_report_export(tmp_path, monkeypatch, capsys, inputs):
     mask = load_mask(mask_path, expect=FP)
     assert mask.n_full == 4 and mask.kv_fraction == 0.125 and mask.provenance["fusion"]["rule"] == "max"
     assert [i["source"] for i in mask.provenance["fusion"]["inputs"]] == files
+    assert "different checkpoints" not in out
+    for index, item in enumerate(inputs):  # the same shape, two checkpoints (a base model and its fine-tune): said
+        item.meta["weights_digest"] = "base" if index else "finetuned"
+        item.save(files[index])
+    code, out, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--ratio", "7:1", "--out", str(tmp_path / "mixed.json"))
+    assert code == 0 and f"note: the score files come from 2 different checkpoints of this shape ({files[0]}; " in out
     code, _, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--n-full", "6", "--weight", "retrieval=3", "--weight", "reasoning=1", "--out", str(tmp_path / "w.json"))
     assert code == 0 and load_mask(tmp_path / "w.json").n_full == 6
     code, _, _ = run_cli(monkeypatch, capsys, "fuse", *files, "--n-full", "6", "--exclude", "L0H0,1.1", "--out", str(tmp_path / "e.json"))

@@ -31,6 +31,19 @@ def load_scores(paths: list[str]) -> list[HeadScores]:
     return scores
 
 
+def weights_note(scores: list[HeadScores]) -> str | None:
+    """A note when the score files were made on different weights of one shape (their ``weights_digest``: a base
+    checkpoint and a fine-tune, say), which ``fuse`` accepts (the shapes match) but a user may not have meant."""
+    digests: dict[str, list[str]] = {}
+    for item in scores:
+        if digest := item.meta.get("weights_digest"):
+            digests.setdefault(digest, []).append(str(item.meta.get("source", item.probe)))
+    if len(digests) < 2:
+        return None
+    groups = "; ".join(", ".join(sources) for sources in digests.values())
+    return f"note: the score files come from {len(digests)} different checkpoints of this shape ({groups})"
+
+
 def parse_weights(specs: list[str] | None) -> dict[str, float] | None:
     """``["retrieval=2", "reasoning=1"]`` -> ``{"retrieval": 2.0, "reasoning": 1.0}``."""
     if not specs:
@@ -81,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if rope := [item.meta["source"] for item in scores if item.method == "rope"]:
         raise HeadscopeError(f"{rope[0]} holds rope scores (RoPE dependence, not importance): pass it with --rope-scores")
     ranking = fuse(scores, normalise=args.normalise, rule=args.rule, weights=parse_weights(args.weight), rrf_k=args.rrf_k)
+    if note := weights_note(scores):
+        print(note)
     exclude = [Head.parse(text) for text in args.exclude.split(",") if text.strip()]
     if args.rope_scores:
         rope = load_scores(args.rope_scores)
