@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     record = {"model": lm.fingerprint.name, "length": args.length, "pairs": args.pairs, "threshold": args.threshold,
               "scores": {name: s.values.tolist() for name, s in scores.items()},
-              "ld_gap": {name: s.meta["ld_clean"] - s.meta["ld_corrupt"] for name, s in scores.items()},
+              "ld_gap": {name: s.gap for name, s in scores.items()},
               "rope_dependent_heads": dependent, "arms": arms}
     write_json_atomic(out / "rope_dependence.json", record)
     lines = [f"# RoPE dependence of {lm.fingerprint.name} ({args.length} tokens x {args.pairs} pairs, CPU float32)", "",

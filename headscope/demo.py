@@ -123,7 +123,7 @@ def build_probes(lm: LoadedModel, names: tuple[str, ...], length: int, n_pairs: 
 
 def probe_gaps(scores: list[HeadScores]) -> dict[str, float]:
     """Each scored probe's clean - corrupt logit-difference gap (how well the model solves it)."""
-    return {s.probe: s.meta["ld_clean"] - s.meta["ld_corrupt"] for s in scores}
+    return {s.probe: s.gap for s in scores}
 
 
 def solved_scores(scores: list[HeadScores], log: Callable[[str], None]) -> list[HeadScores]:
@@ -204,8 +204,7 @@ def score_probes(lm: LoadedModel, probes: list[Probe], out: Path, n_receivers: i
             results.append(senders)
             again = again and again_path
         if not again:
-            gap = direct.meta["ld_clean"] - direct.meta["ld_corrupt"]
-            log(f"scored {probe.name}: clean - corrupt gap {gap:+.2f}, direct{' and path' if chosen else ''} "
+            log(f"scored {probe.name}: clean - corrupt gap {direct.gap:+.2f}, direct{' and path' if chosen else ''} "
                 f"in {time.monotonic() - started:.0f} s")
     if reused:
         log(f"reused {reused} score files from {out / 'scores'}")

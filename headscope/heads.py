@@ -226,6 +226,12 @@ class HeadScores:
             raise HeadscopeError(f"scores for {self.probe}/{self.method} contain NaN at {', '.join(bad)}")
 
     @property
+    def gap(self) -> float:
+        """The probe's clean - corrupt logit difference over its pairs (``meta``): how well the model solves it, and
+        what the scores are fractions of."""
+        return self.meta["ld_clean"] - self.meta["ld_corrupt"]
+
+    @property
     def shape(self) -> tuple[int, int]:
         return self.fingerprint.shape
 

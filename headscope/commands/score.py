@@ -196,9 +196,8 @@ def run(args: argparse.Namespace) -> int:
                 scores.save(path)
                 top = ", ".join(f"{h}={scores[h]:+.3f}" for h in scores.top(5))
                 via = f" into receivers {','.join(scores.meta['receivers'])}" if "receivers" in scores.meta else ""
-                gap = scores.meta["ld_clean"] - scores.meta["ld_corrupt"]
                 print(f"{probe.name} [{args.method}{via}] {len(probe)} pairs x {probe.length} tokens, clean-corrupt gap "
-                      f"{gap:+.3f}; top heads {top}; {seconds:.2f} s{processes} -> {path}")
+                      f"{scores.gap:+.3f}; top heads {top}; {seconds:.2f} s{processes} -> {path}")
                 if note := gap_note(scores.meta):
                     print(f"note: {probe.name}: {note}")
         barrier(env)  # leave together: tearing the group down while a peer still receives the last gather can abort (gloo)
