@@ -14,6 +14,7 @@ here requires eager attention.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,11 @@ def load_model(
         except (OSError, ValueError):
             tokenizer = None
     return LoadedModel(model, tokenizer, name=path.name)
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (then only the kept positions go through the output head)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def weights_digest(model: nn.Module, n_bytes: int = 1 << 16) -> str:

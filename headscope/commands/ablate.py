@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from headscope.ablation import BASELINES
 from headscope.commands.options import add_model_args, add_probe_args, load_from_args, resolve_probe
 from headscope.heads import HeadScores, HeadscopeError, write_json_atomic
 from headscope.outputs import check_output_file
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     chosen.add_argument("--mask", help="a mask JSON file: ablate its full-attention heads")
     parser.add_argument("--k", default=None, help="comma-separated set sizes (default 5,10,20 with --scores; the mask's FA count with --mask)")
     parser.add_argument("--random", type=int, default=5, help="random head sets per k (default 5; 19 for p = 0.05)")
-    parser.add_argument("--baseline", default="uniform", choices=("uniform", "kv-matched", "layer-matched"),
+    parser.add_argument("--baseline", default="uniform", choices=BASELINES,
                         help="how the random sets are drawn (default uniform, outside the selected heads)")
     parser.add_argument("--out", default=None, help="also write the rows and summary as JSON here")
     parser.set_defaults(func=run)
@@ -94,13 +95,13 @@ def run(args: argparse.Namespace) -> int:
     ranked, ks, source = _selection(args, lm, ks, scores)
     if max(ks) > len(ranked):
         raise HeadscopeError(f"--k {max(ks)} is more than the {len(ranked)} selected heads")
-    probe = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed)
+    probe = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed, args.capability)
     if scores is not None and scores.meta.get("pairs_sha256") == probe.digest():  # (a .jsonl probe: its pairs are fixed)
         raise HeadscopeError(f"the evaluation pairs are the ones {args.scores} was scored on; evaluate on other pairs of the "
                              "task (another .jsonl file of it)")
     if scores is not None and scores.meta.get("weights_digest") not in (None, weights_digest(lm.model)):
         print(f"note: {args.scores} was scored on other weights of this shape (another checkpoint)")
-    reference = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed + 1)
+    reference = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed + 1, args.capability)
     result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source, baseline=args.baseline)
     print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens (seed {args.seed}); ablating {source}; "
           f"{args.random} {args.baseline} random sets per k")

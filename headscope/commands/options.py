@@ -42,6 +42,11 @@ def add_probe_args(parser: argparse.ArgumentParser, seed_help: str = "seed of th
                              "`fuse` weights the two capabilities equally")
 
 
+def is_probe_file(spec: str) -> bool:
+    """Whether a ``--probe`` names a JSONL probe file (else a built-in probe); the probe is then named after it."""
+    return spec.endswith(".jsonl") or Path(spec).is_file()
+
+
 def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int | None, seed: int, capability: str = "retrieval") -> Probe:
     """A built-in probe by name (``n_pairs`` pairs, default ``BUILTIN_PAIRS``), or a JSONL probe file (every
     pair, or its first ``n_pairs``; of ``capability``)."""
@@ -49,7 +54,7 @@ def resolve_probe(lm: LoadedModel, spec: str, length: int, n_pairs: int | None, 
 
     if n_pairs is not None and n_pairs < 1:
         raise HeadscopeError(f"--pairs must be at least 1, got {n_pairs}")
-    if spec.endswith(".jsonl") or Path(spec).is_file():
+    if is_probe_file(spec):
         probe = load_probe_jsonl(spec, tokenizer=lm.tokenizer, capability=capability)
         probe = probe.subset(n_pairs) if n_pairs is not None else probe
     else:

@@ -94,7 +94,7 @@ def _marked(tokenizer: Any, ids: tuple[int, ...], other: tuple[int, ...]) -> str
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from headscope.commands.options import BUILTIN_PAIRS
+    from headscope.commands.options import BUILTIN_PAIRS, is_probe_file
     from headscope.probes import BUILTIN_PROBES, load_probe_jsonl, make_probe
 
     if args.pair < 0:
@@ -105,7 +105,7 @@ def run_show(args: argparse.Namespace) -> int:
         if args.pair >= n_pairs:
             raise HeadscopeError(f"--pair {args.pair}: a probe of {n_pairs} pairs (--pairs) has pairs 0 to {n_pairs - 1}")
         probe = make_probe(args.name, tokenizer, length=args.length, n_pairs=n_pairs, seed=args.seed)
-    elif args.name.endswith(".jsonl") or Path(args.name).is_file():
+    elif is_probe_file(args.name):
         probe = load_probe_jsonl(args.name, tokenizer=tokenizer)
         if args.pair >= len(probe):
             raise HeadscopeError(f"--pair {args.pair}: {args.name} has only {len(probe)} pairs")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from headscope.commands.options import add_model_args, add_probe_args, load_from_args, resolve_probe
+from headscope.commands.options import add_model_args, add_probe_args, is_probe_file, load_from_args, resolve_probe
 from headscope.outputs import check_output_dir, check_output_file, visible_entries
 from headscope.heads import HeadScores, HeadscopeError, read_json
 from headscope.probes.jsonl import SPACE_SPLIT
@@ -82,7 +82,7 @@ def is_scores_dir(path: Path) -> bool:
 def check_out(args: argparse.Namespace) -> None:
     """Refuse a bad ``--out`` before the model is loaded (see the module docstring)."""
     several = len(args.probe) > 1
-    names = [Path(spec).stem if spec.endswith(".jsonl") or Path(spec).is_file() else spec for spec in args.probe]  # (as the probes are named)
+    names = [Path(spec).stem if is_probe_file(spec) else spec for spec in args.probe]  # (as the probes are named)
     if twice := sorted({name for name in names if names.count(name) > 1}):
         raise HeadscopeError(f"two probes are named {', '.join(twice)} (a .jsonl probe is named after its file): their scores "
                              "would overwrite each other; rename a file")

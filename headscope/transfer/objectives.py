@@ -20,7 +20,6 @@ stage).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from headscope.heads import HeadscopeError
-from headscope.models import ARCHITECTURES
+from headscope.models import ARCHITECTURES, takes_logits_to_keep
 from headscope.transfer.losses import distillation_kl, layer_alignment_loss, next_token_loss
 
 
@@ -125,7 +124,7 @@ def layer_io(model: nn.Module, replace_inputs: list[torch.Tensor] | None = None)
 def _forward_kwargs(model: nn.Module, keep_logits: bool) -> dict:
     """``use_cache=False``, plus ``logits_to_keep=1`` when logits are not needed and the model supports it."""
     kwargs: dict = {"use_cache": False}
-    if not keep_logits and "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters:
+    if not keep_logits and takes_logits_to_keep(unwrap(model)):
         kwargs["logits_to_keep"] = 1
     return kwargs
 

@@ -9,7 +9,6 @@ These are the numbers on the demo model's card and in its test.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from headscope.models import takes_logits_to_keep
 from headscope.probes.base import Probe
 
 
@@ -45,7 +45,7 @@ def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """``(B, V)`` float32 logits at the last position of ``ids`` ``(B, T)``; only that position goes through the
     output head where the model's forward takes ``logits_to_keep`` (a 150K vocabulary over 16 x 1024 positions
     would be ~10 GB of logits)."""
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     return model(input_ids=ids, **keep).logits[:, -1, :].float()
 
 
