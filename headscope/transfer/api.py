@@ -268,6 +268,7 @@ def run_transfer(config: TransferConfig | dict, out_dir: str | os.PathLike, resu
         if env.is_main:
             write_json_atomic(run_dir / "result.json", {"final_model_dir": str(final), "resumed_from": result.resumed_from,
                                                         "stages": [s.__dict__ for s in stages]})
+        barrier(env)  # leave together, as `headscope score` does: a rank tearing gloo down alone can abort its peer
         return result
     finally:
         shutdown(env)
