@@ -1,0 +1,60 @@
+"""benchmarks/ablation_table.py on `headscope ablate --out` payloads made by AblationResult itself: one row per
+(run, k) with its p-value, families counted against their Bonferroni threshold, other JSON files skipped; an empty
+folder or a foreign --out file is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def table():
+    return load_benchmark("ablation_table")
+
+
+def _run(probe: str, source: str, baseline: str, selected_ld: float, random_lds: list[float], k: int = 5) -> dict:
+    from headscope.ablation import AblationResult, AblationRow
+
+    rows = [AblationRow(0, "none", None, [], 1.0, 8.0), AblationRow(k, "selected", None, [], 0.0, selected_ld)]
+    rows += [AblationRow(k, "random", i, [], 1.0, ld, overlap=2) for i, ld in enumerate(random_lds)]
+    return AblationResult(probe, 128, 4, source, baseline=baseline, rows=rows).to_dict()
+
+
+def test_table_rows_p_values_and_families(table, tmp_path, capsys):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    beaten = [2.0 + i for i in range(19)]  # all above the selected 1.0: p = 1/20
+    (folder / "a.json").write_text(json.dumps(_run("kv_recall", "top heads of kv_recall.direct.json (kv_recall/direct)", "layer-matched", 1.0, beaten)))
+    (folder / "b.json").write_text(json.dumps(_run("needle_single", "top heads of needle_single.direct.json (needle_single/direct)", "layer-matched", 1.0, [0.5] + beaten[:18])))
+    (folder / "c.json").write_text(json.dumps(_run("needle_single", "full-attention heads of mask.json", "uniform", 1.0, [0.0, 3.0], k=33)))
+    (folder / "scores.json").write_text(json.dumps({"kind": "headscope.scores"}))  # not an ablation: skipped
+    assert table.main([str(folder)]) == 0
+    text = (folder / "summary.md").read_text()
+    assert text == capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| top k direct") or line.startswith("| full-attention")]
+    assert len(rows) == 3
+    assert rows[0].startswith("| full-attention heads of mask.json | uniform | needle_single | 128 x 4 | 33 |") and rows[0].endswith("| 2 | 2.0 | 0.667 |")
+    assert "| kv_recall |" in rows[1] and rows[1].endswith("| 19 | 2.0 | 0.050 |")
+    assert "| needle_single |" in rows[2] and rows[2].endswith("| 19 | 2.0 | 0.100 |")  # one random set at or below
+    assert "- top k direct, layer-matched: 1 of 2 rows at p <= 0.05; 0 at the Bonferroni threshold 0.0250 (no row can reach it: the smallest possible p is 0.050)." in text
+    assert "- full-attention heads of mask.json, uniform: 0 of 1 rows at p <= 0.05; 0 at the Bonferroni threshold 0.0500 (no row can reach it: the smallest possible p is 0.333)." in text
+    assert table.main([str(folder)]) == 0  # its own table is replaced
+
+
+def test_bad_input_is_one_line_and_nothing_written(table, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert table.main([str(empty)]) == 2
+    assert "no `headscope ablate --out` files" in capsys.readouterr().err and not (empty / "summary.md").exists()
+    (empty / "a.json").write_text(json.dumps(_run("ioi", "full-attention heads of mask.json", "uniform", 1.0, [2.0])))
+    foreign = tmp_path / "notes.md"
+    foreign.write_text("my notes\n")
+    assert table.main([str(empty), "--out", str(foreign)]) == 2
+    assert "not a table of this script" in capsys.readouterr().err and foreign.read_text() == "my notes\n"
+    (empty / "broken.json").write_text("{")
+    assert table.main([str(empty)]) == 2 and "not readable JSON" in capsys.readouterr().err
+    assert table.main([str(tmp_path / "missing")]) == 2 and "not a folder" in capsys.readouterr().err
