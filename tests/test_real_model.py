@@ -172,6 +172,8 @@ def test_ablate_cli(tmp_path, capsys):
     assert result["probe_meta"]["seed"] == 1000 and result["reference_meta"]["seed"] == 1001  # not the scored prompts (seed 0)
     assert all(0 < row["p_logit_diff"] <= 1 and row["p_logit_diff"] * 3 == 1 + row["random_at_or_below"] for row in result["summary"])
     assert {row["set_index"] for row in result["rows"] if row["selection"] == "random"} == {0, 1}
+    printed_p = [line.split()[7] for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert printed_p == [f"{row['p_logit_diff']:.3f}" for row in result["summary"]]  # 1/3 is 0.333, not 0.33
     for bad, message in ((("--k", "0"), "sizes must be at least 1"), (("--k", "a,b"), "expected comma-separated integers"),
                          (("--random", "0"), "--random must be at least 1"), (("--out", str(tmp_path / "x.txt")), "expected a .json file"),
                          (("--out", str(scores)), "is one of the command's inputs"),  # the scores file is not overwritten

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source, baseline=args.baseline)
     print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens (seed {args.seed}); ablating {source}; "
           f"{args.random} {args.baseline} random sets per k")
-    print(f"{'k':>4}  {'none':>13}  {'selected':>13}  {'random mean +- sd':>27}  {'p':>5}  (argmax accuracy / logit diff; "
+    print(f"{'k':>4}  {'none':>13}  {'selected':>13}  {'random mean +- sd':>27}  {'p':>6}  (argmax accuracy / logit diff; "
           "p: selected logit diff against the random sets')")
     sd = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
     for row in result.summary():
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['k']:>4}  {row['base_argmax']:5.2f} {row['base_logit_diff']:+7.2f}  "
               f"{row['selected_argmax']:5.2f} {row['selected_logit_diff']:+7.2f}  "
               f"{row['random_argmax_mean']:5.2f}+-{sd(row['random_argmax_sd'])} {row['random_logit_diff_mean']:+6.2f}+-{sd(row['random_logit_diff_sd'])}  "
-              f"{row['p_logit_diff']:5.2f}{shared}")
+              f"{row['p_logit_diff']:6.3f}{shared}")
     if out is not None:
         write_json_atomic(out, result.to_dict())
     return 0
