@@ -71,7 +71,8 @@ Usage (GPU, after ``. benchmarks/gpu_setup.sh``)::
 Rows are ``<model>:<context>:b<batch>`` over ``--contexts`` x ``--batches`` (default 4096, 32768, 131072 x
 1, 32); without ``--rows`` every unfinished row of the models at hand runs. Row files
 (``--rows-dir``, default ``benchmarks/results/generate_speed_rows``) are written after every variant (and once
-before its checks, marked ``checks_not_finished``, which the summary gives no ratio); a rerun runs only the
+before each of its checks, marked ``checks_not_finished`` with the check under way, which the summary gives no ratio;
+each variant records the seconds of its phases, ``phase_s``); a rerun runs only the
 variants not timed and checked yet (missing, unchecked, or skipped: by the memory guard, out of memory, a failure;
 ``--variants`` restricts them; ``--redo``: those of ``--variants`` again), and stops starting variants after
 ``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}``
@@ -150,23 +151,37 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                                             f"{free / 1e9:.0f} GB free", **estimate}
         else:
             print(f"  {row} {variant} ...", flush=True)
+            started = time.perf_counter()
             timed = attempt(lambda: timed_generate(bench, variant, ids, args.new_tokens, args.prefill_chunk, min(args.check_rows, batch)))
             bench.release(compiled=variant == "original_compiled")
             if isinstance(timed, dict):
                 variants[variant] = {"skipped": timed["failed"], **estimate}
             else:
                 (result, first_scores), n = timed, min(args.check_tokens, args.new_tokens)
-                result.update(estimate, run=args.run, device=record["device"])
-                variants[variant] = {**result, UNCHECKED: True}  # saved before the checks: a call killed in them keeps the timing
-                save()
+                # seconds of each phase (build, compile, warm-up and timed calls in the first), saved as it ends
+                result.update(estimate, run=args.run, device=record["device"], phase_s={"timed": round(time.perf_counter() - started, 1)})
+
+                def checking(phase: str) -> None:  # saved before each check: a call killed in it keeps the timing and says where
+                    variants[variant] = {**result, UNCHECKED: phase}
+                    save()
+
+                def clock(phase: str, started: float) -> None:
+                    result["phase_s"][phase] = round(time.perf_counter() - started, 1)
+
                 if variant.endswith("_graph"):  # the checks run after the timed call's caches are gone
+                    checking("graph_check")
+                    started = time.perf_counter()
                     result["graph_equals_static_eager"] = attempt(
                         lambda: graph_check(bench, variant, ids, result["new_tokens"], n, args.prefill_chunk))
                     bench.release()
+                    clock("graph_check", started)
+                checking("reference_check")
+                started = time.perf_counter()
                 tokens = torch.tensor([r[:n] for r in result["new_tokens"][: first_scores.shape[0]]])
                 reference_dtype = torch.float32 if args.reference_dtype == "float32" else None
                 result["reference_check"] = attempt(lambda: reference_gaps(bench.reference_of(variant), ids[: len(tokens)], tokens, first_scores,
                                                                            args.gap_tol, reference_dtype))
+                clock("reference_check", started)
                 variants[variant] = result
         twin_agreements(record)
         result = variants[variant]

@@ -174,15 +174,15 @@ def twin_gap(check: dict | None, twin_check: dict | None) -> float | None:
     return twin_check["max_gap"] if check["max_gap"] <= twin_check["max_gap"] else None
 
 
-UNCHECKED = "checks_not_finished"  # a timed variant's row field until its checks are recorded (a rerun times it again)
+UNCHECKED = "checks_not_finished"  # a timed variant's row field until its checks are recorded, naming the check under way (a rerun times it again)
 
 
 def failed_check(result: dict, twin: dict | None = None) -> str | None:
     """Why a timed variant's tokens cannot be trusted (its teacher-forced check has tokens beyond the tolerance
     that its eager ``twin``'s max gap in the same row does not bound either, or its graph's tokens differ from
     its static eager run, or its checks never finished), or None."""
-    if result.get(UNCHECKED):
-        return "checks not finished"
+    if result.get(UNCHECKED):  # True in rows of before 2026-12-05, else the check it was in
+        return "checks not finished" + (f" (in {result[UNCHECKED]})" if isinstance(result[UNCHECKED], str) else "")
     check = result.get("reference_check")
     if isinstance(check, dict) and "consistent" in check and check["consistent"] < check["rows"] * check["checked_tokens"] \
             and twin_gap(check, (twin or {}).get("reference_check")) is None:

@@ -38,6 +38,8 @@ def test_smoke_rows_variants_and_resume(benchmark, tmp_path, monkeypatch, one_th
         assert all(len(tokens) == 6 for tokens in result["new_tokens"])
         check = result["reference_check"]
         assert check["rows"] == 1 and check["checked_tokens"] == 4 and check["consistent"] == 4 and check["max_gap"] < 1e-4
+    assert set(graph["phase_s"]) == {"timed", "graph_check", "reference_check"} and set(row["variants"]["original"]["phase_s"]) == {"timed", "reference_check"}
+    assert all(seconds >= 0 for seconds in graph["phase_s"].values())
     for name in ("original", "hybrid_eager", "hybrid_graph"):  # a short row: TTFT again in 2 interleaved rounds (--smoke)
         assert len(row["variants"][name]["ttft_rounds_ms"]) == 2 and min(row["variants"][name]["ttft_rounds_ms"]) > 0
         assert "ttft_gpu" not in row["variants"][name]  # no GPU work without CUDA
@@ -144,6 +146,23 @@ def test_summary_flags_failed_captures_and_inconsistent_tokens_and_reads_old_row
     assert "| original |" in lines[0] and "check out of memory: CUDA" in lines[0]
     unchecked = {"row": "qwen3-1.7b:4096:b1", "variants": {"hybrid_graph": {**timing, benchmark.UNCHECKED: True}}}
     assert "checks not finished" in "".join(benchmark.summary_lines({"qwen3-1.7b_4096_b1": unchecked}))
+
+
+def test_a_run_killed_in_a_check_keeps_the_timing_and_names_the_check(benchmark, tmp_path, monkeypatch, one_thread):
+    """The row file is saved before each check with the check under way, so a call stopped by its limit there (here:
+    interrupted in the graph check) leaves a timed variant whose row says which check never finished."""
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # not an Exception: attempt() does not catch it, as it cannot catch a kill
+
+    monkeypatch.setattr(benchmark, "graph_check", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--smoke", "--rows-dir", str(tmp_path / "rows"), "--rows", "qwen3-1.7b:40:b1", "--variants", "hybrid_graph"])
+    row = json.loads((tmp_path / "rows" / "qwen3-1.7b_40_b1.json").read_text())
+    graph = row["variants"]["hybrid_graph"]
+    assert graph[benchmark.UNCHECKED] == "graph_check" and graph["per_token_ms"] > 0 and set(graph["phase_s"]) == {"timed"}
+    assert "checks not finished (in graph_check)" in "".join(benchmark.summary_lines({"qwen3-1.7b_40_b1": row}))
 
 
 def test_graph_check_prefills_as_the_timed_call_did(benchmark, one_thread):
