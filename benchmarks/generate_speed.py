@@ -165,8 +165,8 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                     variants[variant] = {**result, UNCHECKED: phase}
                     save()
 
-                def clock(phase: str, started: float) -> None:
-                    result["phase_s"][phase] = round(time.perf_counter() - started, 1)
+                def clock(phase: str, since: float) -> None:
+                    result["phase_s"][phase] = round(time.perf_counter() - since, 1)
 
                 if variant.endswith("_graph"):  # the checks run after the timed call's caches are gone
                     checking("graph_check")
