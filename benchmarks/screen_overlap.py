@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from headscope.heads import Head, HeadscopeError, read_json, write_json_atomic, write_text_atomic
+from headscope.heads import Head, HeadscopeError, clean_corrupt_gap, read_json, write_json_atomic, write_text_atomic
 from headscope.cli import script_main
 
 SOURCE_RUN, SOURCE_COMPOSED = "screen run", "AtP + exhaustive exact"
@@ -184,7 +184,7 @@ def summarise(records: dict[str, dict], args, settings: dict, fp, budget: int, k
                          speedup_cpu=exact_cpu / cpu_seconds, time_derived=k not in timed_ks)
             curve.append(point)
             screens[k].append(as_scores(values))
-        rows.append(dict(probe=name, logit_diff_gap=stages["exact"]["ld_clean"] - stages["exact"]["ld_corrupt"], exact_s=exact_s,
+        rows.append(dict(probe=name, logit_diff_gap=clean_corrupt_gap(stages["exact"]), exact_s=exact_s,
                          exact_cpu_s=exact_cpu, attribution_s=attribution_s, attribution_cpu_s=attribution_cpu,
                          spearman_attribution=rank_correlation(estimate, exact),
                          max_load_avg_1min=max(s["load_avg_1min"] for s in stages.values()), curve=curve,

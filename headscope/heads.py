@@ -194,6 +194,11 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise HeadscopeError(f"{what} file {path} is not valid JSON: {err}") from None
 
 
+def clean_corrupt_gap(meta: dict) -> float:
+    """A scores file's clean - corrupt logit-difference gap from its ``meta`` (``HeadScores.gap``)."""
+    return meta["ld_clean"] - meta["ld_corrupt"]
+
+
 @dataclass
 class HeadScores:
     """Per-head scores of one probe under one method.
@@ -229,7 +234,7 @@ class HeadScores:
     def gap(self) -> float:
         """The probe's clean - corrupt logit difference over its pairs (``meta``): how well the model solves it, and
         what the scores are fractions of."""
-        return self.meta["ld_clean"] - self.meta["ld_corrupt"]
+        return clean_corrupt_gap(self.meta)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import load_benchmark
 from fixtures import make_bpe_tokenizer
 from gguf_fixture import tiny_llama_for_gguf, write_llama_gguf
 from headscope import HeadscopeError, load_model
@@ -169,6 +170,7 @@ def test_ablate_cli(tmp_path, capsys):
     assert [row["k"] for row in result["summary"]] == [1, 2] and len(result["rows"]) == 1 + 2 * 3  # (the repeated k once)
     assert "selected" in done.stdout and "random mean" in done.stdout and "2 layer-matched random sets per k" in done.stdout
     assert result["kind"] == "headscope.ablation" and result["baseline"] == "layer-matched" and result["model"]["n_layers"] == 6
+    assert load_benchmark("ablation_table").selection_label(result) == "top k direct"  # the table reads ablate's own wording
     assert result["probe_meta"]["seed"] == 1000 and result["reference_meta"]["seed"] == 1001  # not the scored prompts (seed 0)
     assert all(0 < row["p_logit_diff"] <= 1 and row["p_logit_diff"] * 3 == 1 + row["random_at_or_below"] for row in result["summary"])
     assert {row["set_index"] for row in result["rows"] if row["selection"] == "random"} == {0, 1}

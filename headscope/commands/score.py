@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from headscope.commands.options import add_model_args, add_probe_args, is_probe_file, load_from_args, resolve_probe
 from headscope.outputs import check_output_dir, check_output_file, visible_entries
-from headscope.heads import HeadScores, HeadscopeError, read_json
+from headscope.heads import HeadScores, HeadscopeError, clean_corrupt_gap, read_json
 from headscope.probes.jsonl import SPACE_SPLIT
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def gap_note(meta: dict) -> str | None:
     with a gap below ``SOLVED_GAP`` logits, or on pairs it gets wrong, they are mostly noise), else None."""
     from headscope.patching.rope import MIN_GAP as SOLVED_GAP
 
-    gap = meta["ld_clean"] - meta["ld_corrupt"]
+    gap = clean_corrupt_gap(meta)
     wins, positive = meta.get("clean_answer_wins"), meta.get("pairs_gap_positive")
     counts = f" (answer above wrong on {wins:.0%} of the clean prompts; clean above corrupt on {positive:.0%} of the pairs)" \
         if wins is not None and positive is not None else ""
