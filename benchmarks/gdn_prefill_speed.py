@@ -42,7 +42,7 @@ in the environment sends every launch through the JIT again (a second run then m
 Sections: ``check`` (first; on the device in bf16 at T = 1000, not a multiple of the chunk: every fused
 kernel config and fla against the float32 token-by-token reference, o and final state, B = 2 with a
 left-padded row and an initial state; the layer's core on the fla and fused paths against the same layer
-in float32 through the torch paths, ``HEADSCOPE_NO_TRITON=1``; the one-launch q/k RMSNorm, which both of
+in float32 through the torch paths (``headscope.kernels.switch.torch_paths``); the one-launch q/k RMSNorm, which both of
 those core paths run, at T and T = 1 against float32, beside the torch norm); ``prefill`` (core and whole layer per
 path); ``host profile`` (at 4K: cProfile of the enqueueing Python of the core and the layer of ``hybrid_all`` and
 ``full_qknorm``, the functions with the most own time); ``kernel`` (the GDN call alone, 14 heads, at each T and at B = 8 x 1024: fla given g/beta, fla with
@@ -75,7 +75,6 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
-from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -95,6 +94,7 @@ from headscope.hybrid.functional import model_query_scale  # noqa: E402
 from headscope.hybrid.inference_weights import fuse_for_inference  # noqa: E402
 from headscope.kernels.gdn.naive import naive_recurrent_gated_delta_rule  # noqa: E402
 from headscope.kernels.metrics import relative_rms_error as rel  # noqa: E402
+from headscope.kernels.switch import torch_paths  # noqa: E402
 from hybrid_speed import Shape, Timer, decoder_layer, rope, variants  # noqa: E402
 
 class PathSpec(NamedTuple):
@@ -330,7 +330,7 @@ def check_layer(run: Run, t: int) -> None:
     attn = build_layer(run, "headwise", torch.float32).self_attn
     x = torch.randn(1, t, run.shape.hidden, device=run.device)
     pos = torch.arange(t, device=run.device)[None]
-    with mock.patch.dict(os.environ, {"HEADSCOPE_NO_TRITON": "1"}):  # the torch paths (float32 matmuls, no tf32)
+    with torch_paths():  # float32 matmuls, no tf32
         want = attn.core(x, *attn.project(x), rope(pos, run.shape.head_dim, torch.float32), pos)
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as the timed layers have (``build_layer``)
         attn.to(run.dtype)

@@ -14,9 +14,12 @@ Longer prompts go through a float32 dynamic cache in chunks of ``REFERENCE_CHUNK
 (``REFERENCE_SCORES`` bounds chunk x length; the last ``n`` positions in one call): float32 attention with grouped KV heads only has PyTorch's math kernel, whose (heads x T x T)
 score matrix would not fit at 32K for the original or at 128K for the hybrid; in float32 a chunked prefill
 equals a whole one to ~1e-6 (the tests). That forward
-normalises Qwen3's queries and keys with the torch ops (``torch_qk_norm``), not the one-launch kernel of
-``kernels/qk_norm`` the candidate runs on CUDA (which also takes float32): a fault of that kernel shows as
-gaps instead of being in the reference too. Per step::
+takes the torch path of every ``headscope.kernels`` op (``torch_paths``: GDN's chunked recurrence, the FA heads'
+SDPA, the torch norms, conv and RoPE), not the Triton and fla kernels the candidate runs on CUDA, several of which
+also take float32: a fault of one of them shows as gaps instead of being in the reference too, and the reference
+compiles nothing (through fla, the hybrid's first float32 forward on a fresh H100 spent 256 s compiling and
+autotuning, ``phase_s`` of the 2026-12-05 SmolLM2 row; rows checked before that date ran the reference through the
+Triton and fla paths, bar the q/k norm; ``reference_kernels`` says which). Per step::
 
     gap_t = max_v ref_t[v] - ref_t[token_t] = log(p_best / p_chosen)     (0: the exact model agrees)
     consistent_t = gap_t <= max(gap_tol, 2 ulp of max_v |ref_t[v]| in the candidate's dtype)
@@ -51,7 +54,7 @@ from contextlib import contextmanager
 
 import torch
 
-import headscope.kernels.qk_norm.ops as qk_ops
+from headscope.kernels.switch import torch_paths
 
 VARIANTS = ("original", "original_compiled", "original_graph", "hybrid_eager", "hybrid_graph")
 TWIN = {"hybrid_graph": "hybrid_eager", "original_compiled": "original", "original_graph": "original"}
@@ -98,17 +101,6 @@ def weights_in(model, dtype: torch.dtype):
             t.data = data
 
 
-@contextmanager
-def torch_qk_norm():
-    """Inside the block the hybrid's q/k RMSNorm runs as torch ops (its definition), not as the one-launch
-    kernel (``kernels/qk_norm``, on by default on CUDA) that the candidate ran."""
-    fused, qk_ops.FUSED = qk_ops.FUSED, False
-    try:
-        yield
-    finally:
-        qk_ops.FUSED = fused
-
-
 def teacher_forced_logits(model, ids: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
     """``(r, n, V)`` logits of the last ``n`` positions of ``ids`` ``(r, T)``: one call without a cache when
     ``T <= chunk``, else the first ``T - n`` tokens in calls of ``chunk`` through the model's dynamic cache."""
@@ -138,13 +130,13 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
         chunk: longest call of the reference forward (``teacher_forced_logits``).
     Returns:
         ``{"rows", "checked_tokens", "max_gap", "mean_gap", "consistent", "first_inconsistent", "tolerance",
-        "first_step_max_abs_diff", "reference_dtype"}``: ``consistent`` of ``rows x checked_tokens``;
+        "first_step_max_abs_diff", "reference_dtype", "reference_kernels"}``: ``consistent`` of ``rows x checked_tokens``;
         ``first_inconsistent`` the first step with an inconsistent token in any row (None: all consistent).
     """
     rows, n = tokens.shape
     dtype = next(model.parameters()).dtype  # the candidate's: its logits' resolution
     ids = torch.cat((prompt, tokens[:, : n - 1].to(prompt.device)), dim=1)  # (r, C + n - 1)
-    with weights_in(model, reference_dtype or dtype), torch_qk_norm(), torch.inference_mode():
+    with weights_in(model, reference_dtype or dtype), torch_paths(), torch.inference_mode():
         chunk = min(chunk, max(256, REFERENCE_SCORES // ids.shape[1]))  # 4096 up to 32K, 1024 at 128K
         ref = teacher_forced_logits(model, ids, n, chunk).float()  # (r, n, V)
     allowed = torch.isfinite(first_scores).to(ref.device)[:, None]  # (r, 1, V)
@@ -157,7 +149,8 @@ def reference_gaps(model, prompt: torch.Tensor, tokens: torch.Tensor, first_scor
     diff = (first_scores.to(ref.device) - ref[:, 0]).abs().masked_fill(~allowed[:, 0], 0)
     return {"rows": rows, "checked_tokens": n, "max_gap": float(gap.max()), "mean_gap": float(gap.mean()), "consistent": int(ok.sum()),
             "first_inconsistent": int(bad_steps[0]) if len(bad_steps) else None, "tolerance": gap_tol,
-            "first_step_max_abs_diff": float(diff.max()), "reference_dtype": str(reference_dtype or dtype).removeprefix("torch.")}
+            "first_step_max_abs_diff": float(diff.max()), "reference_dtype": str(reference_dtype or dtype).removeprefix("torch."),
+            "reference_kernels": "torch"}
 
 
 def variant_device(result: dict, record: dict) -> str:

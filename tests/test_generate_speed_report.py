@@ -12,6 +12,7 @@ import torch
 
 from conftest import OFF_BY_ONE, load_benchmark, plant_off_by_one, save_model, tiny_qwen3
 from headscope.hybrid.static_cache import HybridStaticCache
+from headscope.kernels.switch import triton_off
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,20 +69,42 @@ def test_the_original_on_the_hybrid_path_is_checked_against_the_original(benchma
     assert bad["consistent"] < 2 * 6 and bad["first_inconsistent"] >= 1 and bad["first_step_max_abs_diff"] < 1e-4
 
 
-def test_the_reference_does_not_share_a_faulty_qk_norm_kernel(benchmark, bench, monkeypatch):
-    """On CUDA the hybrid's q/k norm is a Triton kernel, also in float32: the reference must not run it."""
+def plant_faulty_qk_norm(monkeypatch) -> None:
+    """The one-launch q/k norm path taken as on CUDA, with a planted bug: queries 4x too sharp."""
     pytest.importorskip("triton")
     import headscope.kernels.qk_norm.ops as qk_ops
     import headscope.kernels.qk_norm.triton_qk_norm as triton_qk_norm
     from headscope.kernels.qk_norm.naive import head_rms_norm_reference
 
-    def faulty(q, k, q_weight, k_weight, eps):  # a planted bug: queries 4x too sharp
+    def faulty(q, k, q_weight, k_weight, eps):
         return 4 * head_rms_norm_reference(q, q_weight, eps), head_rms_norm_reference(k, k_weight, eps)
 
-    monkeypatch.setattr(qk_ops, "use_triton", lambda *tensors: qk_ops.FUSED)  # the kernel path, as on CUDA
+    monkeypatch.setattr(qk_ops, "use_triton", lambda *tensors: qk_ops.FUSED and not triton_off())
     monkeypatch.setattr(triton_qk_norm, "triton_qk_rms_norm", faulty)
+
+
+def plant_faulty_gdn_prefill(monkeypatch) -> None:
+    """The fused GDN prefill path taken as on CUDA, with a planted bug: the query scale 4x too large."""
+    import headscope.kernels.gdn.ops as gdn_ops
+
+    def faulty(q, k, v, a, b, *, scale, A_log, dt_bias, input_mask, initial_state, output_final_state, final_state):
+        g, beta = gdn_ops.gdn_gates(a, b, A_log, dt_bias, input_mask)
+        o, state = gdn_ops._unfused(q, k, v, g, beta, 4 * scale, initial_state, output_final_state, False)
+        return o, (final_state.copy_(state) if final_state is not None and state is not None else state)
+
+    monkeypatch.setattr(gdn_ops, "use_fused", lambda q, v, needs_grad: q.shape[1] > 1 and not triton_off())
+    monkeypatch.setattr(gdn_ops, "_fused", faulty)
+
+
+@pytest.mark.parametrize("plant", [plant_faulty_qk_norm, plant_faulty_gdn_prefill], ids=["qk_norm", "gdn_prefill"])
+def test_the_reference_shares_no_faulty_kernel(benchmark, bench, monkeypatch, plant):
+    """On CUDA the hybrid's ops run Triton and fla kernels, several of them also in float32: the reference takes
+    every op's torch path (``torch_paths``), so a kernel's fault shows in the first step's logits."""
+    clean = check(benchmark, bench, "hybrid_eager", bench.prompt_ids(2, 24))
+    plant(monkeypatch)
     got = check(benchmark, bench, "hybrid_eager", bench.prompt_ids(2, 24))
-    assert got["first_step_max_abs_diff"] > 1e-3 and qk_ops.FUSED
+    assert clean["first_step_max_abs_diff"] < 1e-4 and got["first_step_max_abs_diff"] > 1e-3
+    assert got["reference_kernels"] == "torch" and not triton_off()
 
 
 def test_tokens_a_processor_banned_are_left_out():

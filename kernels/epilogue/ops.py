@@ -13,12 +13,12 @@ without it.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.epilogue.naive import head_epilogue_reference
+from headscope.kernels.switch import triton_off
 
 
 def _check_inputs(parts: tuple[torch.Tensor, ...], gamma: torch.Tensor, gate: torch.Tensor | None) -> None:
@@ -44,7 +44,7 @@ def _check_inputs(parts: tuple[torch.Tensor, ...], gamma: torch.Tensor, gate: to
 
 def use_triton(o: torch.Tensor) -> bool:
     """Whether :func:`head_epilogue` takes the Triton path (CUDA, unless ``HEADSCOPE_NO_TRITON=1``)."""
-    return o.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON", "0") != "1"
+    return o.is_cuda and not triton_off()
 
 
 def head_epilogue(

@@ -16,13 +16,13 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.epilogue.naive import head_epilogue_reference
 from headscope.kernels.fa_decode.naive import decode_attention_reference
+from headscope.kernels.switch import triton_off
 
 MAX_HEAD_DIM = 256
 
@@ -55,7 +55,7 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, out
 
 
 def use_triton(q: torch.Tensor, k_cache: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1" or q.shape[-1] > MAX_HEAD_DIM:
+    if not q.is_cuda or triton_off() or q.shape[-1] > MAX_HEAD_DIM:
         return False
     if k_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False

@@ -24,12 +24,12 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.fa_prefill.naive import kv_heads_of, prefill_attention_reference
+from headscope.kernels.switch import triton_off
 
 MAX_HEAD_DIM = 256
 MAX_TOKENS = 8192  # most keys (and queries) sent to the Triton kernel (not yet timed against FlashAttention: see above)
@@ -46,7 +46,7 @@ def kv_head_map(q_offsets: tuple[int, ...], device: torch.device) -> torch.Tenso
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`prefill_attention` takes the Triton kernel for these inputs (module docstring)."""
     length, key_len = q.shape[1], k.shape[2]
-    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1" or not 2 <= length <= key_len <= MAX_TOKENS:
+    if not q.is_cuda or triton_off() or not 2 <= length <= key_len <= MAX_TOKENS:
         return False
     if length * SHORTEST_CHUNK < key_len or q.shape[0] * q.shape[2] > MAX_GRID_Y or torch.compiler.is_compiling():
         return False

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from headscope.heads import HeadscopeError
 from headscope.kernels.gdn.chunk import chunk_gated_delta_rule as torch_chunk_gated_delta_rule
 from headscope.kernels.gdn.chunk import recurrent_step
+from headscope.kernels.switch import triton_off
 
 FLA_MAX_KEY_DIM = 256
 FUSED_MAX_DIM = 128  # the fused kernels hold whole (chunk, K) and (chunk, V) tiles in registers
@@ -60,7 +61,7 @@ FUSED_MAX_TOKENS = int(os.environ.get("HEADSCOPE_GDN_FUSED_MAX_TOKENS", "8192"))
 
 
 def _use_fla(q: torch.Tensor) -> bool:
-    return q.is_cuda and os.environ.get("HEADSCOPE_NO_TRITON", "0") != "1"
+    return q.is_cuda and not triton_off()
 
 
 def use_fused(q: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> bool:

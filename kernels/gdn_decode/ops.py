@@ -17,13 +17,13 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.epilogue.naive import head_epilogue_reference
 from headscope.kernels.gdn_decode.naive import gdn_decode_reference
+from headscope.kernels.switch import triton_off
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -56,7 +56,7 @@ def _check_inputs(x, q, k, v, conv_weight, conv_state, cos, sin, b_weight, a_wei
 
 
 def use_triton(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1":
+    if not q.is_cuda or triton_off():
         return False
     if q.shape[-1] % 2 or q.shape[-1] > MAX_HEAD_DIM or q.dtype not in DTYPES:
         return False

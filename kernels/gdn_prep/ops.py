@@ -23,7 +23,6 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from headscope.heads import HeadscopeError
 from headscope.kernels.gdn_prep.naive import short_conv_reference, short_conv_rope_l2norm_reference
 from headscope.kernels.rope_norm.ops import rope_l2norm
+from headscope.kernels.switch import triton_off
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Logit rows the prep kernel takes in its launch: its (16, R) tile lives beside the prep's own (sm_90, D = 128, bf16: 126
@@ -87,7 +87,7 @@ def _check_inputs(q, k, v, weight, cos, sin, conv_state, input_mask, conv_state_
 
 def use_triton(q, k, v, weight, cos, sin, conv_state=None) -> bool:
     """Whether :func:`short_conv_rope_l2norm` takes the Triton path for these inputs (module docstring)."""
-    if not q.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1":
+    if not q.is_cuda or triton_off():
         return False
     if q.shape[-1] % 2 or len({q.dtype, k.dtype, v.dtype}) != 1:
         return False

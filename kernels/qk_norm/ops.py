@@ -23,6 +23,7 @@ import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.qk_norm.naive import head_rms_norm_reference
+from headscope.kernels.switch import triton_off
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FUSED = os.environ.get("HEADSCOPE_FUSED_QK_NORM", "1") != "0"
@@ -30,7 +31,7 @@ FUSED = os.environ.get("HEADSCOPE_FUSED_QK_NORM", "1") != "0"
 
 def use_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor) -> bool:
     """Whether :func:`qk_rms_norm` takes the Triton path for these inputs (module docstring)."""
-    if not (FUSED and q.is_cuda) or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1":
+    if not (FUSED and q.is_cuda) or triton_off():
         return False
     if q.dtype not in TRITON_DTYPES or len({q.dtype, k.dtype, q_weight.dtype, k_weight.dtype}) != 1:
         return False

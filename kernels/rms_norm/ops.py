@@ -22,6 +22,7 @@ import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.rms_norm.naive import add_rms_norm_reference
+from headscope.kernels.switch import triton_off
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FUSED = os.environ.get("HEADSCOPE_FUSED_RMS_NORM", "1") != "0"
@@ -29,7 +30,7 @@ FUSED = os.environ.get("HEADSCOPE_FUSED_RMS_NORM", "1") != "0"
 
 def use_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
     """Whether :func:`add_rms_norm` takes the Triton path for these inputs (module docstring)."""
-    if not (FUSED and x.is_cuda) or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1":
+    if not (FUSED and x.is_cuda) or triton_off():
         return False
     tensors = (x, weight) if residual is None else (x, residual, weight)
     if x.dtype not in TRITON_DTYPES or len({t.dtype for t in tensors}) != 1:

@@ -18,12 +18,12 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.rope_norm.naive import rope_l2norm_reference
+from headscope.kernels.switch import triton_off
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -44,7 +44,7 @@ def _check_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None
 
 def use_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether :func:`rope_l2norm` takes the Triton path for these inputs (see the module docstring)."""
-    if not x.is_cuda or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1":
+    if not x.is_cuda or triton_off():
         return False
     if x.shape[-1] % 2 or any(t.dtype not in TRITON_DTYPES for t in (x, cos, sin)):
         return False

@@ -18,6 +18,7 @@ import torch
 
 from headscope.heads import HeadscopeError
 from headscope.kernels.swiglu.naive import swiglu_reference
+from headscope.kernels.switch import triton_off
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FUSED = os.environ.get("HEADSCOPE_FUSED_SWIGLU", "1") != "0"
@@ -25,7 +26,7 @@ FUSED = os.environ.get("HEADSCOPE_FUSED_SWIGLU", "1") != "0"
 
 def use_triton(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether :func:`swiglu` takes the Triton path for these inputs (module docstring)."""
-    if not (FUSED and gate.is_cuda) or os.environ.get("HEADSCOPE_NO_TRITON", "0") == "1":
+    if not (FUSED and gate.is_cuda) or triton_off():
         return False
     if gate.dtype not in TRITON_DTYPES or up.dtype != gate.dtype:
         return False
