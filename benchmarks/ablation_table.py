@@ -71,6 +71,10 @@ def _sd(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _resampled(p: list[float] | None) -> str:
+    return "-" if p is None else f"{p[1]:.3f} ({p[0]:.3f}-{p[2]:.3f})"
+
+
 def markdown(rows: list[dict]) -> str:
     families: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
@@ -78,10 +82,12 @@ def markdown(rows: list[dict]) -> str:
     lines = [TITLE, "",
              "Logit difference (answer - wrong) and argmax accuracy on fresh pairs; `p`: the selected set's one-sided "
              "empirical p-value against the random sets, (1 + sets at or below) / (n + 1); `shared`: heads a random "
-             "set shares with the selection, on average. Made by `benchmarks/ablation_table.py` from the "
+             "set shares with the selection, on average; `p over resampled pairs`: the same p's median (5th-95th "
+             "percentile) over bootstrap resamples of the evaluation pairs, how much it rests on the prompts drawn ('-': a "
+             "file from before the pairs were kept). Made by `benchmarks/ablation_table.py` from the "
              "`headscope ablate --out` files beside it.", "",
-             "| selection | baseline | probe | tokens x pairs | k | unablated | selected ablated | random ablated (mean +- sd) | n | shared | p |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| selection | baseline | probe | tokens x pairs | k | unablated | selected ablated | random ablated (mean +- sd) | n | shared | p | p over resampled pairs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['selection']} | {row['baseline']} | {row['probe']} | {row['length']} x {row['pairs']} | {row['k']} | "
@@ -89,7 +95,7 @@ def markdown(rows: list[dict]) -> str:
             f"{row['selected_argmax']:.2f} / {row['selected_logit_diff']:+.2f} | "
             f"{row['random_argmax_mean']:.2f} +- {_sd(row['random_argmax_sd'])} / "
             f"{row['random_logit_diff_mean']:+.2f} +- {_sd(row['random_logit_diff_sd'])} | "
-            f"{row['n_random']} | {row['random_overlap_mean']:.1f} | {row['p_logit_diff']:.3f} |")
+            f"{row['n_random']} | {row['random_overlap_mean']:.1f} | {row['p_logit_diff']:.3f} | {_resampled(row.get('p_resampled'))} |")
     lines += ["", "## Per family (one selection, one baseline, its probes and k)", ""]
     for (selection, baseline), members in families.items():
         threshold = ALPHA / len(members)

@@ -26,6 +26,10 @@ task? It costs forwards only, no training.
   sample standard deviation, and the empirical one-sided p-value of the selected set's logit difference,
   ``(1 + #{random sets at or below it}) / (n_random + 1)``: the smallest it can be is ``1 / (n_random + 1)``,
   so a claim at 0.05 needs ``n_random >= 19``.
+* **How much p rests on the prompts drawn:** every row keeps its per-pair logit differences, and the summary
+  gives ``p_resampled``, the 5th / 50th / 95th percentile of the same p over ``RESAMPLES`` bootstrap resamples
+  of the evaluation pairs (one resample for every set of that k). A row whose p is 0.01 but whose 95th
+  percentile is 0.2 won on a few prompts; another draw of the task's prompts may not confirm it.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from headscope.heads import Head, HeadMask, HeadscopeError
 from headscope.models import LoadedModel
 from headscope.patching.engine import hooked, patched_head_outputs, write_heads
 from headscope.probes.base import Probe
-from headscope.zoo.evaluate import ProbeAccuracy, probe_accuracy
+from headscope.zoo.evaluate import pair_results
 
 
 @torch.no_grad()
@@ -89,6 +93,7 @@ def mean_ablated(lm: LoadedModel, heads: Sequence[Head], means: torch.Tensor) ->
 
 
 BASELINES = ("uniform", "kv-matched", "layer-matched")
+RESAMPLES = 1000  # bootstrap resamples of the evaluation pairs behind the summary's p_resampled
 
 
 def random_head_sets(all_heads: Sequence[Head], selected: Sequence[Head], k: int, n_sets: int, seed: int,
@@ -112,6 +117,25 @@ def random_head_sets(all_heads: Sequence[Head], selected: Sequence[Head], k: int
     return [draw(HeadMask(full, fingerprint), seed=zlib.crc32(f"ablate/{seed}/{k}/{i}".encode())).heads() for i in range(n_sets)]
 
 
+def resampled_p(selected: list[float], randoms: list[list[float]], resamples: int = RESAMPLES, seed: int = 0) -> list[float] | None:
+    """5th, 50th and 95th percentile of the empirical p-value over bootstrap resamples of the evaluation pairs.
+
+    Args:
+        selected: the selected set's logit difference per pair ``(P,)``.
+        randoms: each random set's, pairs in the same order ``(n, P)``.
+    Returns:
+        Three p-values (each one of the ``(1 + j) / (n + 1)`` a run can give), or None where the rows lack their
+        per-pair values (files written before they were kept) or there are fewer than 2 pairs.
+    """
+    if not randoms or len(selected) < 2 or any(len(r) != len(selected) for r in randoms):
+        return None
+    diffs = torch.tensor([selected, *randoms], dtype=torch.float64)  # (1 + n, P)
+    picks = torch.randint(len(selected), (resamples, len(selected)), generator=torch.Generator().manual_seed(seed))  # (R, P)
+    means = diffs[:, picks].mean(-1)  # (1 + n, R)
+    p = ((1 + (means[1:] <= means[:1]).sum(0)).double() / (len(randoms) + 1)).sort().values  # (R,)
+    return [float(p[int(q * (resamples - 1))]) for q in (0.05, 0.5, 0.95)]
+
+
 @dataclass
 class AblationRow:
     """The probe's accuracy with one set of heads mean-ablated."""
@@ -123,6 +147,7 @@ class AblationRow:
     argmax: float
     logit_diff: float
     overlap: int = 0  # heads shared with the selected set of this k (matched baselines only)
+    pair_logit_diffs: list[float] = field(default_factory=list)  # per evaluation pair, in the probe's order
 
 
 @dataclass
@@ -153,13 +178,14 @@ class AblationResult:
             acc_mean, acc_sd = stats([r.argmax for r in rand])
             ld_mean, ld_sd = stats([r.logit_diff for r in rand])
             at_or_below = sum(r.logit_diff <= chosen.logit_diff for r in rand)
+            resampled = resampled_p(chosen.pair_logit_diffs, [r.pair_logit_diffs for r in rand])
             out.append({
                 "k": k, "base_argmax": base.argmax, "base_logit_diff": base.logit_diff,
                 "selected_argmax": chosen.argmax, "selected_logit_diff": chosen.logit_diff,
                 "random_argmax_mean": acc_mean, "random_argmax_sd": acc_sd,
                 "random_logit_diff_mean": ld_mean, "random_logit_diff_sd": ld_sd, "n_random": len(rand),
                 "random_at_or_below": at_or_below, "p_logit_diff": (1 + at_or_below) / (len(rand) + 1),
-                "random_overlap_mean": statistics.fmean(r.overlap for r in rand),
+                "random_overlap_mean": statistics.fmean(r.overlap for r in rand), "p_resampled": resampled,
             })
         return out
 
@@ -207,9 +233,10 @@ def ablation_check(
     result = AblationResult(probe.name, probe.length, len(probe), source, baseline, seed, setup)
     for k, selection, index, heads in tqdm(plan, desc=f"ablate {probe.name}", disable=not progress, leave=False):
         with mean_ablated(lm, heads, means):
-            accuracy: ProbeAccuracy = probe_accuracy(lm.model, probe, batch_size)
+            pairs = pair_results(lm.model, probe, batch_size)  # (N,) each
         overlap = len(set(heads) & set(ranked[:k])) if selection == "random" else 0
-        result.rows.append(AblationRow(k, selection, index, [str(h) for h in heads], accuracy.argmax, accuracy.mean_logit_diff, overlap))
+        result.rows.append(AblationRow(k, selection, index, [str(h) for h in heads], pairs["hit"].float().mean().item(),
+                                       pairs["logit_diff"].mean().item(), overlap, pairs["logit_diff"].tolist()))
     return result
 
 

@@ -16,11 +16,14 @@ def table():
     return load_benchmark("ablation_table")
 
 
-def _run(probe: str, source: str, baseline: str, selected_ld: float, random_lds: list[float], k: int = 5) -> dict:
+def _run(probe: str, source: str, baseline: str, selected_ld: float, random_lds: list[float], k: int = 5, pairs: bool = False) -> dict:
+    """A run; with ``pairs`` every row has 4 per-pair values whose mean is its logit difference (else none, as in
+    files written before they were kept)."""
     from headscope.ablation import AblationResult, AblationRow
 
-    rows = [AblationRow(0, "none", None, [], 1.0, 8.0), AblationRow(k, "selected", None, [], 0.0, selected_ld)]
-    rows += [AblationRow(k, "random", i, [], 1.0, ld, overlap=2) for i, ld in enumerate(random_lds)]
+    spread = lambda ld: [ld - 1, ld + 1, ld - 0.5, ld + 0.5] if pairs else []  # noqa: E731
+    rows = [AblationRow(0, "none", None, [], 1.0, 8.0), AblationRow(k, "selected", None, [], 0.0, selected_ld, 0, spread(selected_ld))]
+    rows += [AblationRow(k, "random", i, [], 1.0, ld, 2, spread(ld)) for i, ld in enumerate(random_lds)]
     return AblationResult(probe, 128, 4, source, baseline=baseline, rows=rows).to_dict()
 
 
@@ -28,7 +31,7 @@ def test_table_rows_p_values_and_families(table, tmp_path, capsys):
     folder = tmp_path / "runs"
     folder.mkdir()
     beaten = [2.0 + i for i in range(19)]  # all above the selected 1.0: p = 1/20
-    (folder / "a.json").write_text(json.dumps(_run("kv_recall", "top heads of kv_recall.direct.json (kv_recall/direct)", "layer-matched", 1.0, beaten)))
+    (folder / "a.json").write_text(json.dumps(_run("kv_recall", "top heads of kv_recall.direct.json (kv_recall/direct)", "layer-matched", 1.0, beaten, pairs=True)))
     (folder / "b.json").write_text(json.dumps(_run("needle_single", "top heads of needle_single.direct.json (needle_single/direct)", "layer-matched", 1.0, [0.5] + beaten[:18])))
     (folder / "c.json").write_text(json.dumps(_run("needle_single", "full-attention heads of mask.json", "uniform", 1.0, [0.0, 3.0], k=33)))
     (folder / "scores.json").write_text(json.dumps({"kind": "headscope.scores"}))  # not an ablation: skipped
@@ -37,9 +40,9 @@ def test_table_rows_p_values_and_families(table, tmp_path, capsys):
     assert text == capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| top k direct") or line.startswith("| full-attention")]
     assert len(rows) == 3
-    assert rows[0].startswith("| full-attention heads of mask.json | uniform | needle_single | 128 x 4 | 33 |") and rows[0].endswith("| 2 | 2.0 | 0.667 |")
-    assert "| kv_recall |" in rows[1] and rows[1].endswith("| 19 | 2.0 | 0.050 |")
-    assert "| needle_single |" in rows[2] and rows[2].endswith("| 19 | 2.0 | 0.100 |")  # one random set at or below
+    assert rows[0].startswith("| full-attention heads of mask.json | uniform | needle_single | 128 x 4 | 33 |") and rows[0].endswith("| 2 | 2.0 | 0.667 | - |")
+    assert "| kv_recall |" in rows[1] and rows[1].endswith("| 19 | 2.0 | 0.050 | 0.050 (0.050-0.050) |")  # below every set on every pair
+    assert "| needle_single |" in rows[2] and rows[2].endswith("| 19 | 2.0 | 0.100 | - |")  # one random set at or below
     assert "- top k direct, layer-matched: 1 of 2 rows at p <= 0.05; 0 at the Bonferroni threshold 0.0250 (no row can reach it: the smallest possible p is 0.050)." in text
     assert "- full-attention heads of mask.json, uniform: 0 of 1 rows at p <= 0.05; 0 at the Bonferroni threshold 0.0500 (no row can reach it: the smallest possible p is 0.333)." in text
     assert table.main([str(folder)]) == 0  # its own table is replaced

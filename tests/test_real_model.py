@@ -174,8 +174,11 @@ def test_ablate_cli(tmp_path, capsys):
     assert result["probe_meta"]["seed"] == 1000 and result["reference_meta"]["seed"] == 1001  # not the scored prompts (seed 0)
     assert all(0 < row["p_logit_diff"] <= 1 and row["p_logit_diff"] * 3 == 1 + row["random_at_or_below"] for row in result["summary"])
     assert {row["set_index"] for row in result["rows"] if row["selection"] == "random"} == {0, 1}
-    printed_p = [line.split()[7] for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
-    assert printed_p == [f"{row['p_logit_diff']:.3f}" for row in result["summary"]]  # 1/3 is 0.333, not 0.33
+    printed_p = [line.split()[7:9] for line in done.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert printed_p == [[f"{row['p_logit_diff']:.3f}", "[{:.3f}-{:.3f}]".format(*row["p_resampled"][::2])]
+                         for row in result["summary"]]  # 1/3 is 0.333, not 0.33
+    assert all(len(row["pair_logit_diffs"]) == 6 for row in result["rows"])
+    assert all(abs(sum(row["pair_logit_diffs"]) / 6 - row["logit_diff"]) < 1e-5 for row in result["rows"])
     for bad, message in ((("--k", "0"), "sizes must be at least 1"), (("--k", "a,b"), "expected comma-separated integers"),
                          (("--random", "0"), "--random must be at least 1"), (("--out", str(tmp_path / "x.txt")), "expected a .json file"),
                          (("--out", str(scores)), "is one of the command's inputs"),  # the scores file is not overwritten
@@ -217,3 +220,15 @@ def test_random_baselines_match_the_selected_set_and_the_summary_gives_a_p_value
     assert abs(row["random_logit_diff_sd"] - statistics.stdev([0.5, 3.0, 4.0, 6.0])) < 1e-12  # the sample sd
     (single,) = AblationResult("p", 16, 4, "test", rows=rows[:3]).summary()
     assert single["random_argmax_sd"] is None and single["p_logit_diff"] == 1.0  # one set: no spread, p at best 1/2
+    assert row["p_resampled"] is None  # rows without per-pair values (files written before they were kept)
+
+
+def test_resampled_p_says_when_a_p_value_rests_on_a_few_prompts():
+    from headscope.ablation import resampled_p
+
+    randoms = [[9.0 + 0.1 * i] * 8 for i in range(19)]  # 19 random sets, every pair at 9.0-10.8
+    assert resampled_p([1.0] * 8, randoms) == [0.05, 0.05, 0.05]  # below every set on every pair: no spread
+    one_prompt = [-30.0] + [11.0] * 7  # mean 5.9: below every random set, but only through its first pair
+    low, median, high = resampled_p(one_prompt, randoms)
+    assert low == median == 0.05 and high == 1.0  # resamples without that pair (a third of them) put it above every set
+    assert resampled_p(one_prompt, randoms) == [low, median, high] and resampled_p([1.0], [[2.0]]) is None

@@ -10,7 +10,9 @@ them, or the top k of the mask's fused ranking with --k). Each random set holds 
 seeded): drawn outside the selected ones (--baseline uniform), or matched to them in KV groups (kv-matched)
 or in heads and groups per layer (layer-matched: do these heads beat others of the same layers?). Per k it
 prints the random sets' mean +- sample sd and the selected set's empirical p-value on the logit difference
-((1 + random sets at or below it) / (n + 1): 19 sets for p = 0.05). The evaluation pairs use --seed (default
+((1 + random sets at or below it) / (n + 1): 19 sets for p = 0.05), and in brackets the 5th-95th percentile of
+that p over bootstrap resamples of the evaluation pairs (a wide one: the verdict rests on a few prompts; --pairs
+more). The evaluation pairs use --seed (default
 1000: prompts the heads were not scored on; a --seed equal to the scores file's own is refused); the head
 means are taken over other pairs of the same probe (seed + 1; a .jsonl probe's own pairs, which are also its
 scored ones). Method: ``headscope.ablation``.
@@ -106,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens (seed {args.seed}); ablating {source}; "
           f"{args.random} {args.baseline} random sets per k")
     print(f"{'k':>4}  {'none':>13}  {'selected':>13}  {'random mean +- sd':>27}  {'p':>6}  (argmax accuracy / logit diff; "
-          "p: selected logit diff against the random sets')")
+          "p: selected logit diff against the random sets'; in brackets its 5-95th percentile over resampled pairs)")
     sd = lambda value: "n/a" if value is None else f"{value:.2f}"  # noqa: E731
+    spread = lambda p: "" if p is None else f" [{p[0]:.3f}-{p[2]:.3f}]"  # noqa: E731
     for row in result.summary():
         shared = f"  shares {row['random_overlap_mean']:.1f} heads with the selected" if row["random_overlap_mean"] else ""
         print(f"{row['k']:>4}  {row['base_argmax']:5.2f} {row['base_logit_diff']:+7.2f}  "
               f"{row['selected_argmax']:5.2f} {row['selected_logit_diff']:+7.2f}  "
               f"{row['random_argmax_mean']:5.2f}+-{sd(row['random_argmax_sd'])} {row['random_logit_diff_mean']:+6.2f}+-{sd(row['random_logit_diff_sd'])}  "
-              f"{row['p_logit_diff']:6.3f}{shared}")
+              f"{row['p_logit_diff']:6.3f}{spread(row['p_resampled'])}{shared}")
     if out is not None:
         write_json_atomic(out, result.to_dict())
     return 0

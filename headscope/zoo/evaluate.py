@@ -50,16 +50,17 @@ def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16, with_corrupt: bool = False) -> ProbeAccuracy:
-    """Score the clean prompts of ``probe`` with ``model`` (on the model's device, in eval mode).
+def pair_results(model: nn.Module, probe: Probe, batch_size: int = 16, with_corrupt: bool = False) -> dict[str, torch.Tensor]:
+    """Per pair of ``probe``, from the last-position logits of its clean prompts (on the model's device, in eval mode).
 
     Args:
         model: a Hugging Face causal LM (``model(input_ids).logits`` is ``(B, T, V)``).
         probe: prompt pairs; ``clean``, ``answer`` and ``wrong`` are used, ``corrupt`` too with ``with_corrupt``.
         batch_size: prompts per forward.
-        with_corrupt: also run the corrupt prompts, for ``corrupt_logit_diff`` and ``gap``.
+        with_corrupt: also run the corrupt prompts, for ``corrupt_logit_diff``.
     Returns:
-        A ``ProbeAccuracy``.
+        ``(N,)`` CPU tensors: ``hit`` (the answer is the argmax), ``beats`` (answer > wrong), ``logit_diff`` (answer -
+        wrong), and with ``with_corrupt`` ``corrupt_logit_diff`` (the same on the corrupt prompt).
     """
     device = next(model.parameters()).device
     tensors = probe.tensors(device)
@@ -82,14 +83,23 @@ def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16, with_co
                 corrupt_diffs.append(corrupt.gather(1, answer[:, None])[:, 0] - corrupt.gather(1, wrong[:, None])[:, 0])
     finally:
         model.train(was_training)
+    out = {"hit": torch.cat(hits).cpu(), "beats": torch.cat(beats).cpu(), "logit_diff": torch.cat(diffs).cpu()}
+    if with_corrupt:
+        out["corrupt_logit_diff"] = torch.cat(corrupt_diffs).cpu()
+    return out
+
+
+def probe_accuracy(model: nn.Module, probe: Probe, batch_size: int = 16, with_corrupt: bool = False) -> ProbeAccuracy:
+    """Score the clean prompts of ``probe`` with ``model``: the means of :func:`pair_results` (same arguments)."""
+    pairs = pair_results(model, probe, batch_size, with_corrupt)
     return ProbeAccuracy(
         task=probe.name,
         length=probe.length,
         n_pairs=len(probe),
-        argmax=torch.cat(hits).float().mean().item(),
-        beats_wrong=torch.cat(beats).float().mean().item(),
-        mean_logit_diff=torch.cat(diffs).mean().item(),
-        corrupt_logit_diff=torch.cat(corrupt_diffs).mean().item() if with_corrupt else None,
+        argmax=pairs["hit"].float().mean().item(),
+        beats_wrong=pairs["beats"].float().mean().item(),
+        mean_logit_diff=pairs["logit_diff"].mean().item(),
+        corrupt_logit_diff=pairs["corrupt_logit_diff"].mean().item() if with_corrupt else None,
     )
 
 
