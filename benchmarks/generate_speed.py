@@ -51,7 +51,8 @@ flags it). Correctness, after the timed call, on its first ``--check-tokens`` to
 (``generate_speed_report``): ``graph_equals_static_eager``: a graph variant's tokens against the same static
 path run eagerly with the same prefill (chunks included: identical kernels on identical inputs, must be
 equal); ``reference_check``: each variant's tokens teacher-forced through a plain forward with float32
-weights (``--reference-dtype``; the hybrid's, or the original's for every original variant), on the first
+weights (``--reference-dtype``; the hybrid's, or the original's for every original variant) on the torch path of
+every ``headscope.kernels`` op (no Triton or fla kernel of the candidate's, nothing compiled), on the first
 ``--check-rows`` rows: how far below the exact model's best each chosen token is (nats; ``--gap-tol``), and
 the first step's logit error; ``vs_<twin>``: where the greedy tokens part from the eager twin's
 (``hybrid_graph`` vs ``hybrid_eager``, ``original_compiled`` and ``original_graph`` vs ``original``; in bf16
