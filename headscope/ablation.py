@@ -124,16 +124,19 @@ def resampled_p(selected: list[float], randoms: list[list[float]], resamples: in
         selected: the selected set's logit difference per pair ``(P,)``.
         randoms: each random set's, pairs in the same order ``(n, P)``.
     Returns:
-        Three p-values (each one of the ``(1 + j) / (n + 1)`` a run can give), or None where the rows lack their
+        Three p-values (each one of the ``(1 + j) / (n + 1)`` a run can give; the percentiles are the order
+        statistics at or below them, numpy's "lower"), or None where the rows lack their
         per-pair values (files written before they were kept) or there are fewer than 2 pairs.
     """
     if not randoms or len(selected) < 2 or any(len(r) != len(selected) for r in randoms):
         return None
+    pairs = len(selected)
     diffs = torch.tensor([selected, *randoms], dtype=torch.float64)  # (1 + n, P)
-    picks = torch.randint(len(selected), (resamples, len(selected)), generator=torch.Generator().manual_seed(seed))  # (R, P)
-    means = diffs[:, picks].mean(-1)  # (1 + n, R)
+    picks = torch.randint(pairs, (resamples, pairs), generator=torch.Generator().manual_seed(seed))  # (R, P)
+    counts = torch.zeros(resamples, pairs, dtype=torch.float64).scatter_add_(1, picks, torch.ones(resamples, pairs, dtype=torch.float64))
+    means = diffs @ counts.T / pairs  # (1 + n, R): each set's mean over each resample
     p = ((1 + (means[1:] <= means[:1]).sum(0)).double() / (len(randoms) + 1)).sort().values  # (R,)
-    return [float(p[int(q * (resamples - 1))]) for q in (0.05, 0.5, 0.95)]
+    return [float(p[int(q * (resamples - 1))]) for q in (0.05, 0.5, 0.95)]  # the order statistics at or below each
 
 
 @dataclass

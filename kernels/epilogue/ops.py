@@ -6,13 +6,12 @@ elementwise weight, float32 accumulation). FA heads come first in o, so the gate
 [0, Hg). ``o`` may also be a pair of tensors, its first and last heads (the layer's FA and GDN outputs):
 the Triton path reads both in place, so the layer never concatenates them. On CUDA it runs the Triton
 kernels of :mod:`.triton_epilogue` (forward and backward; without autograd one launch and no autograd
-node); on CPU, or when ``HEADSCOPE_NO_TRITON=1``, the float32 torch reference of :mod:`.naive` (on the pair
+node); on CPU, or when ``triton_off()``, the float32 torch reference of :mod:`.naive` (on the pair
 concatenated). triton is imported only when a CUDA tensor arrives, so ``import headscope.kernels`` works
 without it.
 """
 
 from __future__ import annotations
-
 
 import torch
 
@@ -43,7 +42,7 @@ def _check_inputs(parts: tuple[torch.Tensor, ...], gamma: torch.Tensor, gate: to
 
 
 def use_triton(o: torch.Tensor) -> bool:
-    """Whether :func:`head_epilogue` takes the Triton path (CUDA, unless ``HEADSCOPE_NO_TRITON=1``)."""
+    """Whether :func:`head_epilogue` takes the Triton path (CUDA, unless ``triton_off()``)."""
     return o.is_cuda and not triton_off()
 
 

@@ -3,7 +3,7 @@
 ``decode_attention(q, k_new, v_new, k_cache, v_cache, valid, seen, q_offsets, ...)`` (math in :mod:`.naive`)
 writes the new token into slot ``seen`` of the caches and returns the FA heads' outputs ``(B, 1, Hq, D)``.
 
-* CUDA (unless ``HEADSCOPE_NO_TRITON=1``), no gradient needed, D <= 256: the two Triton kernels of
+* CUDA (unless ``triton_off()``), no gradient needed, D <= 256: the two Triton kernels of
   :mod:`.triton_fa_decode` (split-K over the cached tokens, new token folded in, cache write included);
   nothing reads the device-side length on the host, so a CUDA graph can capture the call.
 * Everything else: :func:`.naive.decode_attention_reference` (float32, over the whole buffer with a mask).
@@ -15,7 +15,6 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 """
 
 from __future__ import annotations
-
 
 import torch
 

@@ -5,7 +5,7 @@
 ``(B, T, Hq, D)``.
 
 * :func:`applies` (q, k, v on one CUDA device in one of bf16/fp16, D <= 256, no gradient wanted, not under
-  ``torch.compile`` tracing, ``HEADSCOPE_NO_TRITON`` unset, ``2 <= T <= Tk <= MAX_TOKENS``, ``T >= Tk /
+  ``torch.compile`` tracing, ``triton_off()`` false, ``2 <= T <= Tk <= MAX_TOKENS``, ``T >= Tk /
   SHORTEST_CHUNK``, ``B · Hq <= 65535``): the one-launch kernel of :mod:`.triton_fa_prefill`. ``MAX_TOKENS``
   bounds it to the short prefills where the hybrid's FA branch is bound by the host (module docstring there);
   longer ones, where the GPU's work dominates, keep FlashAttention, whose kernel is tuned for them. So do a decode

@@ -35,7 +35,7 @@ results in one kernel, ``chunk_bwd_dqkwg``, fla issue #640) unless tilelang is i
 dispatcher registers :mod:`.fla_dqkwg`, a torch implementation of that one kernel, as an fla backend, and
 fla's backward runs with it (the rest of fla's backward is unaffected). fla is imported lazily, only when
 a CUDA tensor arrives, so ``import headscope.kernels`` works without triton or fla.
-``HEADSCOPE_NO_TRITON=1`` forces the torch paths on CUDA too (slow; for debugging). fla arguments are always passed by keyword: the 5th positional argument of
+``triton_off()`` (``headscope.kernels.switch``: ``HEADSCOPE_NO_TRITON=1``, or inside a ``torch_paths`` block) forces the torch paths on CUDA too (slow; for debugging and exact references). fla arguments are always passed by keyword: the 5th positional argument of
 ``fused_recurrent_gated_delta_rule`` is ``gk``, not ``beta``.
 
 States are float32 everywhere: ``initial_state`` is cast to float32 and ``final_state`` comes back as

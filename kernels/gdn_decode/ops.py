@@ -4,7 +4,7 @@
 step_mask, scale=...)`` advances one GDN layer by one token with ``conv_state`` and ``state`` updated in
 place (math in :mod:`.naive`).
 
-* CUDA (unless ``HEADSCOPE_NO_TRITON=1``), no gradient needed, D even and <= 256, float32/bf16/fp16
+* CUDA (unless ``triton_off()``), no gradient needed, D even and <= 256, float32/bf16/fp16
   projections: the single kernel of :mod:`.triton_gdn_decode` (no host synchronisation: capturable).
 * Everything else: :func:`.naive.gdn_decode_reference` (float32 composition of the prep, beta/decay and
   recurrent references), then copied into ``out`` when one is given.
@@ -16,7 +16,6 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 """
 
 from __future__ import annotations
-
 
 import torch
 

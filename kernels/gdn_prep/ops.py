@@ -5,14 +5,14 @@ hybrid layer's GDN branch did in four steps (see :mod:`.naive` for the math): ``
 (times the padding mask), ``short_conv`` (causal depthwise conv + SiLU, carrying the conv state),
 unbind, then ``rope_l2norm`` on q and on k.
 
-* CUDA (unless ``HEADSCOPE_NO_TRITON=1``), no gradient needed (grad mode off or no input requiring
+* CUDA (unless ``triton_off()``), no gradient needed (grad mode off or no input requiring
   one), q/k/v/cos/sin/weight float32, bfloat16 or float16 (q, k, v alike), D even: the one-pass Triton
   kernel of :mod:`.triton_gdn_prep` (prefill and decode alike). It reads the strided q, k, v once and
   writes contiguous outputs (no ``cat``); float32 math with one rounding, so in bf16 its numbers differ
   slightly from the composition's, which rounds after every stage. The new conv state (the last K
   inputs) is sliced from q, k, v in torch.
 * Everything else (training, CPU, odd D, float64): the composition, with autograd: fla's
-  ``causal_conv1d`` on CUDA (:func:`short_conv`) and :func:`headscope.kernels.rope_norm.ops.rope_l2norm`
+  ``causal_conv1d`` on CUDA unless ``triton_off()`` (:func:`short_conv`) and :func:`headscope.kernels.rope_norm.ops.rope_l2norm`
   (Triton forward and backward on CUDA). On CPU it is bit-identical to the layer's former code.
 
 ``short_conv_rope_l2norm_and_logits`` adds the GDN gate logits ``x @ W.T`` to the same Triton launch (the layer's
@@ -22,7 +22,6 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +40,9 @@ MAX_FUSED_LOGIT_ROWS = 128
 def short_conv(
     x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`.naive.short_conv_reference` with fla's Triton kernel on CUDA (same arguments and results)."""
-    if not x.is_cuda:
+    """:func:`.naive.short_conv_reference` with fla's Triton kernel on CUDA, unless ``triton_off()`` (same arguments
+    and results)."""
+    if not x.is_cuda or triton_off():
         return short_conv_reference(x, weight, state)
     from fla.modules.convolution import causal_conv1d
 

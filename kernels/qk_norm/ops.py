@@ -3,7 +3,7 @@
 ``qk_rms_norm(q, k, q_weight, k_weight, eps)`` = ``(head_rms_norm_reference(q, q_weight, eps),
 head_rms_norm_reference(k, k_weight, eps))`` of :mod:`.naive`.
 
-* CUDA (unless ``HEADSCOPE_NO_TRITON=1`` or ``FUSED`` is off), no gradient needed, q/k/weights float32,
+* CUDA (unless ``triton_off()`` or ``FUSED`` is off), no gradient needed, q/k/weights float32,
   bfloat16 or float16 with q, k of one dtype and the weights of that dtype: the one-launch Triton kernel
   of :mod:`.triton_qk_norm` (one read, one write of q and k; eager torch launches 8 kernels per tensor
   and moves ~9x the bytes: float32 copies, squares, products). Same roundings as the reference; the sum

@@ -3,7 +3,7 @@
 ``= add_rms_norm_reference(x, residual, weight, eps)`` of :mod:`.naive`: ``(w * rmsnorm(residual + x),
 residual + x)``.
 
-* CUDA (unless ``HEADSCOPE_NO_TRITON=1`` or ``FUSED`` is off), no gradient needed, x / residual / weight of
+* CUDA (unless ``triton_off()`` or ``FUSED`` is off), no gradient needed, x / residual / weight of
   one dtype (float32, bfloat16 or float16): the one-launch Triton kernel of :mod:`.triton_rms_norm` (eager
   torch: nine launches). Same roundings as the reference; the sum over H runs in another order, so a bf16
   output can differ from it by one unit in the last place.

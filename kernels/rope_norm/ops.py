@@ -4,7 +4,7 @@
 :mod:`headscope.hybrid.functional`: Hugging Face rotate-half RoPE with ``cos``/``sin`` of shape
 ``(B or 1, T, D)`` shared by the heads, then ``u / sqrt(sum_D(u^2) + eps)`` in float32.
 
-* CUDA (unless ``HEADSCOPE_NO_TRITON=1``), D even, dtype float32/bfloat16/float16, ``cos``/``sin`` not
+* CUDA (unless ``triton_off()``), D even, dtype float32/bfloat16/float16, ``cos``/``sin`` not
   requiring a gradient: the Triton kernels of :mod:`.triton_rope_norm`, one read of ``x`` and one write
   (forward and, when ``x`` requires grad, an exact Triton backward). Float32 math throughout with one
   rounding at the end, so for bf16 inputs it is closer to the float32 reference than the composition,
@@ -17,7 +17,6 @@ triton is imported only when the Triton path is taken, so ``import headscope.ker
 """
 
 from __future__ import annotations
-
 
 import torch
 

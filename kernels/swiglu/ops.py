@@ -1,6 +1,6 @@
 """Dispatcher of the gated MLP's activation: ``swiglu(gate, up)`` = ``silu(gate) * up`` (:mod:`.naive`).
 
-* CUDA (unless ``HEADSCOPE_NO_TRITON=1`` or ``FUSED`` is off), no gradient needed, gate and up of one shape and
+* CUDA (unless ``triton_off()`` or ``FUSED`` is off), no gradient needed, gate and up of one shape and
   dtype (float32, bfloat16 or float16): the one-launch Triton kernel of :mod:`.triton_swiglu` (eager torch: two).
   Same roundings as the reference; Triton's ``exp`` may differ from torch's in the last float32 bit, so a bf16
   output can differ from it by one unit in the last place.
