@@ -99,6 +99,7 @@ import shutil
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -162,27 +163,24 @@ def run_row(bench: Bench, row: str, record: dict, args, save, deadline: float) -
                 # seconds of each phase (build, compile, warm-up and timed calls in the first), saved as it ends
                 result.update(estimate, run=args.run, device=record["device"], phase_s={"timed": round(time.perf_counter() - started, 1)})
 
-                def checking(phase: str) -> None:  # saved before each check: a call killed in it keeps the timing and says where
+                @contextmanager
+                def check(phase: str):  # saved before the check (a call killed in it keeps the timing and says where), timed after it
                     variants[variant] = {**result, UNCHECKED: phase}
                     save()
-
-                def clock(phase: str, since: float) -> None:
+                    since = time.perf_counter()
+                    yield
                     result["phase_s"][phase] = round(time.perf_counter() - since, 1)
 
                 if variant.endswith("_graph"):  # the checks run after the timed call's caches are gone
-                    checking("graph_check")
-                    started = time.perf_counter()
-                    result["graph_equals_static_eager"] = attempt(
-                        lambda: graph_check(bench, variant, ids, result["new_tokens"], n, args.prefill_chunk))
-                    bench.release()
-                    clock("graph_check", started)
-                checking("reference_check")
-                started = time.perf_counter()
-                tokens = torch.tensor([r[:n] for r in result["new_tokens"][: first_scores.shape[0]]])
-                reference_dtype = torch.float32 if args.reference_dtype == "float32" else None
-                result["reference_check"] = attempt(lambda: reference_gaps(bench.reference_of(variant), ids[: len(tokens)], tokens, first_scores,
-                                                                           args.gap_tol, reference_dtype))
-                clock("reference_check", started)
+                    with check("graph_check"):
+                        result["graph_equals_static_eager"] = attempt(
+                            lambda: graph_check(bench, variant, ids, result["new_tokens"], n, args.prefill_chunk))
+                        bench.release()
+                with check("reference_check"):
+                    tokens = torch.tensor([r[:n] for r in result["new_tokens"][: first_scores.shape[0]]])
+                    reference_dtype = torch.float32 if args.reference_dtype == "float32" else None
+                    result["reference_check"] = attempt(lambda: reference_gaps(bench.reference_of(variant), ids[: len(tokens)], tokens,
+                                                                               first_scores, args.gap_tol, reference_dtype))
                 variants[variant] = result
         twin_agreements(record)
         result = variants[variant]
