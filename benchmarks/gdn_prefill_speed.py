@@ -45,7 +45,7 @@ left-padded row and an initial state; the layer's core on the fla and fused path
 in float32 through the torch paths (``headscope.kernels.switch.torch_paths``); the one-launch q/k RMSNorm, which both of
 those core paths run, at T and T = 1 against float32, beside the torch norm); ``prefill`` (core and whole layer per
 path); ``host profile`` (at 4K: cProfile of the enqueueing Python of the core and the layer of ``hybrid_all`` and
-``full_qknorm``, the functions with the most own time); ``kernel`` (the GDN call alone, 14 heads, at each T and at B = 8 x 1024: fla given g/beta, fla with
+``full_qknorm``, the functions with the most own time); ``kernel`` (the GDN call alone, 14 heads, at each T and at each ``--batched`` B x T, default 8 x 1024: fla given g/beta, fla with
 the gates in torch, the fused kernels at each ``block_v`` swept), last, as the first to go when the time budget
 (``--max-minutes``) runs out. Each timing: device ms (CUDA events, median), host ms (time
 to enqueue the call, no sync: when it is close to the device time the call is launch-bound), back-to-back ms
@@ -585,11 +585,24 @@ def block_v_values(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in text.split(","))
 
 
+def batch_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """``--batched``: ``8x1024,32x4096`` -> ``((8, 1024), (32, 4096))``."""
+    try:
+        shapes = tuple((int(b), int(t)) for b, t in (item.split("x") for item in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want BxT[,BxT...], e.g. 8x1024,32x4096; got {text!r}") from None
+    if any(b < 1 or t < 1 for b, t in shapes):
+        raise argparse.ArgumentTypeError(f"batch and length must be positive; got {text!r}")
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="prefill lengths (default 1024 2048 4096 8192; --tiny: 64)")
     parser.add_argument("--configs", type=block_v_values, default=CONFIGS,
                         help="block_v values of the fused kernels to sweep (default " + ",".join(map(str, CONFIGS)) + ")")
+    parser.add_argument("--batched", type=batch_shapes, default=None, help="B x T shapes of the GDN call alone at batch > 1 "
+                        "(default 8x1024; --tiny: 2x32): where the fused path's B·T bound holds")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script, times nothing useful)")
     parser.add_argument("--max-minutes", type=float, default=3.5, help="skip remaining sections after this long")
     parser.add_argument("--summary-only", action="store_true", help="recompute the summary and report of the rows already in "
@@ -611,10 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     run = Run(device, dtype, shape, args.tiny, args.configs)
-    batched = (2, 32) if args.tiny else (8, 1024)  # B·T = 8K in 8 rows: is B·T the fused path's bound?
+    batched = args.batched or (((2, 32),) if args.tiny else ((8, 1024),))  # B·T = 8K in 8 rows: is B·T the fused path's bound?
     plan = [("check", check, ())] + [(f"prefill T={t}", bench_prefill, (t,)) for t in contexts]  # the goals first
     plan += [(f"host profile T={contexts[min(2, len(contexts) - 1)]}", profile_host, (contexts[min(2, len(contexts) - 1)],))]
-    plan += [(f"kernel T={t}", bench_kernel, (t,)) for t in contexts] + [(f"kernel B={batched[0]} T={batched[1]}", bench_kernel, batched[::-1])]
+    plan += [(f"kernel T={t}", bench_kernel, (t,)) for t in contexts] + [(f"kernel B={b} T={t}", bench_kernel, (t, b)) for b, t in batched]
     import triton
 
     from headscope.kernels.launch import sm_count
