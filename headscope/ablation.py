@@ -160,11 +160,12 @@ class AblationResult:
     probe: str
     length: int
     n_pairs: int
-    source: str  # what the selection came from (scores file / mask)
+    source: str  # what the selection came from, in words (scores file / mask)
     baseline: str = "uniform"
     seed: int = 0  # the random sets' seed
     setup: dict = field(default_factory=dict)  # the model's fingerprint, the probes' settings (``to_dict``)
     rows: list[AblationRow] = field(default_factory=list)
+    selection: dict | None = None  # the same, structured: "from" (scores / mask / mask_ranking), "file", "sha256", ...
 
     def summary(self) -> list[dict]:
         """Per k: selected accuracy / logit diff against the random sets' mean and sample standard deviation
@@ -194,7 +195,8 @@ class AblationResult:
 
     def to_dict(self) -> dict:
         return {"kind": "headscope.ablation", "format_version": 1, "probe": self.probe, "length": self.length,
-                "n_pairs": self.n_pairs, "source": self.source, "baseline": self.baseline, "seed": self.seed, **self.setup,
+                "n_pairs": self.n_pairs, "source": self.source, **({"selection": self.selection} if self.selection else {}),
+                "baseline": self.baseline, "seed": self.seed, **self.setup,
                 "rows": [asdict(r) for r in self.rows], "summary": self.summary()}
 
 
@@ -210,6 +212,7 @@ def ablation_check(
     batch_size: int = 16,
     progress: bool = True,
     baseline: str = "uniform",
+    selection: dict | None = None,
 ) -> AblationResult:
     """Mean-ablate the top ``k`` of ``ranked`` and ``n_random`` random k-sets (``baseline``), for each ``k`` in ``ks``.
 
@@ -219,6 +222,8 @@ def ablation_check(
         ranked: heads best first (``HeadScores.top(k, by_magnitude=False)`` or a mask's heads).
         ks: set sizes (repeats are dropped); each at most ``len(ranked)``.
         baseline: how the random sets are drawn (``BASELINES``, see the module docstring).
+        source, selection: where ``ranked`` came from, in words and as a dict (``headscope ablate`` writes the
+            file's name and sha256 there, so a table can tell two files of one name apart).
     """
     ks = sorted(set(ks))
     if not ks or min(ks) < 1 or max(ks) > len(ranked):
@@ -233,7 +238,7 @@ def ablation_check(
     means = head_means(lm, reference, batch_size)
     setup = {"model": fp.to_dict(), "probe_meta": dict(probe.meta), "pairs_sha256": probe.digest(),
              "reference_meta": dict(reference.meta), "reference_pairs_sha256": reference.digest()}
-    result = AblationResult(probe.name, probe.length, len(probe), source, baseline, seed, setup)
+    result = AblationResult(probe.name, probe.length, len(probe), source, baseline, seed, setup, selection=selection)
     for k, selection, index, heads in tqdm(plan, desc=f"ablate {probe.name}", disable=not progress, leave=False):
         with mean_ablated(lm, heads, means):
             pairs = pair_results(lm.model, probe, batch_size)  # (N,) each

@@ -15,12 +15,14 @@ that p over bootstrap resamples of the evaluation pairs (a wide one: the verdict
 more). The evaluation pairs use --seed (default
 1000: prompts the heads were not scored on; a --seed equal to the scores file's own is refused); the head
 means are taken over other pairs of the same probe (seed + 1; a .jsonl probe's own pairs, which are also its
-scored ones). Method: ``headscope.ablation``.
+scored ones). ``--out`` also records ``selection``: where the heads came from (``scores``, ``mask`` or
+``mask_ranking``), the file's name and the sha256 of its bytes. Method: ``headscope.ablation``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 from headscope.ablation import BASELINES
@@ -57,21 +59,27 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _selection(args: argparse.Namespace, lm, ks: list[int] | None, scores: HeadScores | None) -> tuple[list, list[int], str]:
-    """(heads best first, set sizes, description) from --scores (loaded: ``scores``) or --mask."""
+def _file_record(path: str, kind: str) -> dict:
+    """``selection``'s provenance: the file's name and the sha256 of its bytes (16 hex digits)."""
+    return {"from": kind, "file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}
+
+
+def _selection(args: argparse.Namespace, lm, ks: list[int] | None, scores: HeadScores | None) -> tuple[list, list[int], str, dict]:
+    """(heads best first, set sizes, description, structured description) from --scores (loaded: ``scores``) or --mask."""
     if scores is not None:
         problem = scores.fingerprint.mismatch(lm.fingerprint)
         if problem:
             raise HeadscopeError(f"--scores {args.scores} belongs to another model: {problem}")
         ks = ks or [5, 10, 20]
-        return scores.top(max(ks), by_magnitude=False), ks, f"top heads of {Path(args.scores).name} ({scores.probe}/{scores.method})"
+        return (scores.top(max(ks), by_magnitude=False), ks, f"top heads of {Path(args.scores).name} ({scores.probe}/{scores.method})",
+                {**_file_record(args.scores, "scores"), "probe": scores.probe, "method": scores.method})
     from headscope.maskfile import load_mask, ranking_from_mask
 
     mask = load_mask(args.mask, expect=lm.fingerprint)
     if ks is None:
-        return mask.heads(), [mask.n_full], f"full-attention heads of {Path(args.mask).name}"
+        return mask.heads(), [mask.n_full], f"full-attention heads of {Path(args.mask).name}", _file_record(args.mask, "mask")
     ranked = [head for head in ranking_from_mask(mask).order if head in mask]
-    return ranked, ks, f"top full-attention heads of {Path(args.mask).name} by its fused ranking"
+    return ranked, ks, f"top full-attention heads of {Path(args.mask).name} by its fused ranking", _file_record(args.mask, "mask_ranking")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise HeadscopeError(f"--seed {args.seed}: {args.scores} was scored on {args.probe[0]} prompts of seed {args.seed}; "
                              "evaluate on others (another --seed, e.g. the default)")
     lm = load_from_args(args)
-    ranked, ks, source = _selection(args, lm, ks, scores)
+    ranked, ks, source, selection = _selection(args, lm, ks, scores)
     if max(ks) > len(ranked):
         raise HeadscopeError(f"--k {max(ks)} is more than the {len(ranked)} selected heads")
     probe = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed, args.capability)
@@ -104,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if scores is not None and scores.meta.get("weights_digest") not in (None, weights_digest(lm.model)):
         print(f"note: {args.scores} was scored on other weights of this shape (another checkpoint)")
     reference = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed + 1, args.capability)
-    result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source, baseline=args.baseline)
+    result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source,
+                            baseline=args.baseline, selection=selection)
     print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens (seed {args.seed}); ablating {source}; "
           f"{args.random} {args.baseline} random sets per k")
     print(f"{'k':>4}  {'none':>13}  {'selected':>13}  {'random mean +- sd':>27}  {'p':>6}  (argmax accuracy / logit diff; "
