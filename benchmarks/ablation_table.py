@@ -52,11 +52,11 @@ def load_runs(folder: Path) -> list[dict]:
 def selection_label(run: dict) -> str:
     """The selection without the probe's name in it, so that one selection over several probes is one family:
     'top k direct' for a scores file's top heads, the mask file's name for a mask. From the run's structured
-    ``selection`` where it has one, else from its ``source`` words (files written before ``selection`` was kept)."""
-    selection = run.get("selection")
-    if selection:
-        return {"scores": f"top k {selection.get('method')}", "mask": f"full-attention heads of {selection['file']}",
-                "mask_ranking": f"top full-attention heads of {selection['file']} by its fused ranking"}[selection["from"]]
+    ``selected_from`` where it has one, else from its ``source`` words (files written before it was kept)."""
+    origin = run.get("selected_from")
+    if origin:
+        return {"scores": f"top k {origin.get('method')}", "mask": f"full-attention heads of {origin['file']}",
+                "mask_ranking": f"top full-attention heads of {origin['file']} by its fused ranking"}[origin["kind"]]
     source = run["source"]
     if source.startswith("top heads of "):
         return "top k " + source.rsplit("/", 1)[-1].rstrip(")")
@@ -68,10 +68,10 @@ def check_one_version(runs: list[dict]) -> None:
     runs): their rows would sit in one family as if they tested one selection."""
     seen: dict[str, tuple[str, str]] = {}
     for run in runs:
-        selection = run.get("selection") or {}
-        if "sha256" not in selection:
+        origin = run.get("selected_from") or {}
+        if "sha256" not in origin:
             continue
-        name, digest = selection["file"], selection["sha256"]
+        name, digest = origin["file"], origin["sha256"]
         first = seen.setdefault(name, (digest, run["file"]))
         if first[0] != digest:
             raise TableError(f"{first[1]} and {run['file']} used two different files named {name} (sha256 {first[0]} and "

@@ -165,7 +165,7 @@ class AblationResult:
     seed: int = 0  # the random sets' seed
     setup: dict = field(default_factory=dict)  # the model's fingerprint, the probes' settings (``to_dict``)
     rows: list[AblationRow] = field(default_factory=list)
-    selection: dict | None = None  # the same, structured: "from" (scores / mask / mask_ranking), "file", "sha256", ...
+    selected_from: dict | None = None  # the same, structured: "kind" (scores / mask / mask_ranking), "file", "sha256", ...
 
     def summary(self) -> list[dict]:
         """Per k: selected accuracy / logit diff against the random sets' mean and sample standard deviation
@@ -195,7 +195,7 @@ class AblationResult:
 
     def to_dict(self) -> dict:
         return {"kind": "headscope.ablation", "format_version": 1, "probe": self.probe, "length": self.length,
-                "n_pairs": self.n_pairs, "source": self.source, **({"selection": self.selection} if self.selection else {}),
+                "n_pairs": self.n_pairs, "source": self.source, **({"selected_from": self.selected_from} if self.selected_from else {}),
                 "baseline": self.baseline, "seed": self.seed, **self.setup,
                 "rows": [asdict(r) for r in self.rows], "summary": self.summary()}
 
@@ -212,7 +212,7 @@ def ablation_check(
     batch_size: int = 16,
     progress: bool = True,
     baseline: str = "uniform",
-    selection: dict | None = None,
+    selected_from: dict | None = None,
 ) -> AblationResult:
     """Mean-ablate the top ``k`` of ``ranked`` and ``n_random`` random k-sets (``baseline``), for each ``k`` in ``ks``.
 
@@ -222,7 +222,7 @@ def ablation_check(
         ranked: heads best first (``HeadScores.top(k, by_magnitude=False)`` or a mask's heads).
         ks: set sizes (repeats are dropped); each at most ``len(ranked)``.
         baseline: how the random sets are drawn (``BASELINES``, see the module docstring).
-        source, selection: where ``ranked`` came from, in words and as a dict (``headscope ablate`` writes the
+        source, selected_from: where ``ranked`` came from, in words and as a dict (``headscope ablate`` writes the
             file's name and sha256 there, so a table can tell two files of one name apart).
     """
     ks = sorted(set(ks))
@@ -238,12 +238,12 @@ def ablation_check(
     means = head_means(lm, reference, batch_size)
     setup = {"model": fp.to_dict(), "probe_meta": dict(probe.meta), "pairs_sha256": probe.digest(),
              "reference_meta": dict(reference.meta), "reference_pairs_sha256": reference.digest()}
-    result = AblationResult(probe.name, probe.length, len(probe), source, baseline, seed, setup, selection=selection)
-    for k, selection, index, heads in tqdm(plan, desc=f"ablate {probe.name}", disable=not progress, leave=False):
+    result = AblationResult(probe.name, probe.length, len(probe), source, baseline, seed, setup, selected_from=selected_from)
+    for k, role, index, heads in tqdm(plan, desc=f"ablate {probe.name}", disable=not progress, leave=False):
         with mean_ablated(lm, heads, means):
             pairs = pair_results(lm.model, probe, batch_size)  # (N,) each
-        overlap = len(set(heads) & set(ranked[:k])) if selection == "random" else 0
-        result.rows.append(AblationRow(k, selection, index, [str(h) for h in heads], pairs["hit"].float().mean().item(),
+        overlap = len(set(heads) & set(ranked[:k])) if role == "random" else 0
+        result.rows.append(AblationRow(k, role, index, [str(h) for h in heads], pairs["hit"].float().mean().item(),
                                        pairs["logit_diff"].mean().item(), overlap, pairs["logit_diff"].tolist()))
     return result
 

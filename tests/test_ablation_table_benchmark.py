@@ -17,7 +17,7 @@ def table():
 
 
 def _run(probe: str, source: str, baseline: str, selected_ld: float, random_lds: list[float], k: int = 5, pairs: bool = False,
-         selection: dict | None = None) -> dict:
+         selected_from: dict | None = None) -> dict:
     """A run; with ``pairs`` every row has 4 per-pair values whose mean is its logit difference (else none, as in
     files written before they were kept)."""
     from headscope.ablation import AblationResult, AblationRow
@@ -25,7 +25,7 @@ def _run(probe: str, source: str, baseline: str, selected_ld: float, random_lds:
     spread = lambda ld: [ld - 1, ld + 1, ld - 0.5, ld + 0.5] if pairs else []  # noqa: E731
     rows = [AblationRow(0, "none", None, [], 1.0, 8.0), AblationRow(k, "selected", None, [], 0.0, selected_ld, 0, spread(selected_ld))]
     rows += [AblationRow(k, "random", i, [], 1.0, ld, 2, spread(ld)) for i, ld in enumerate(random_lds)]
-    return AblationResult(probe, 128, 4, source, baseline=baseline, rows=rows, selection=selection).to_dict()
+    return AblationResult(probe, 128, 4, source, baseline=baseline, rows=rows, selected_from=selected_from).to_dict()
 
 
 def test_table_rows_p_values_and_families(table, tmp_path, capsys):
@@ -67,16 +67,16 @@ def test_bad_input_is_one_line_and_nothing_written(table, tmp_path, capsys):
 def test_structured_selection_names_the_family_and_one_file_version(table, tmp_path, capsys):
     folder = tmp_path / "runs"
     folder.mkdir()
-    ranking = {"from": "mask_ranking", "file": "mask.json", "sha256": "aaaa"}
-    old_words = "top full-attention heads of mask.json by its fused ranking"  # a file from before `selection`: the same family
-    (folder / "a.json").write_text(json.dumps(_run("ioi", "any words", "layer-matched", 1.0, [2.0] * 19, selection=ranking)))
+    ranking = {"kind": "mask_ranking", "file": "mask.json", "sha256": "aaaa"}
+    old_words = "top full-attention heads of mask.json by its fused ranking"  # a file from before `selected_from`: the same family
+    (folder / "a.json").write_text(json.dumps(_run("ioi", "any words", "layer-matched", 1.0, [2.0] * 19, selected_from=ranking)))
     (folder / "b.json").write_text(json.dumps(_run("induction", old_words, "layer-matched", 1.0, [2.0] * 19)))
-    scored = {"from": "scores", "file": "ioi.direct.json", "sha256": "bbbb", "probe": "ioi", "method": "direct"}
-    (folder / "c.json").write_text(json.dumps(_run("ioi", "top heads of ioi.direct.json (ioi/direct)", "uniform", 1.0, [2.0], selection=scored)))
+    scored = {"kind": "scores", "file": "ioi.direct.json", "sha256": "bbbb", "probe": "ioi", "method": "direct"}
+    (folder / "c.json").write_text(json.dumps(_run("ioi", "top heads of ioi.direct.json (ioi/direct)", "uniform", 1.0, [2.0], selected_from=scored)))
     assert table.main([str(folder)]) == 0
     text = capsys.readouterr().out
     assert f"- {old_words}, layer-matched: 2 of 2 rows at p <= 0.05" in text and "- top k direct, uniform: 0 of 1 rows" in text
-    (folder / "d.json").write_text(json.dumps(_run("kv_recall", "any", "layer-matched", 1.0, [2.0], selection={**ranking, "sha256": "cccc"})))
+    (folder / "d.json").write_text(json.dumps(_run("kv_recall", "any", "layer-matched", 1.0, [2.0], selected_from={**ranking, "sha256": "cccc"})))
     before = (folder / "summary.md").read_text()
     assert table.main([str(folder)]) == 2
     assert "a.json and d.json used two different files named mask.json" in capsys.readouterr().err

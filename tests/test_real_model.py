@@ -172,9 +172,9 @@ def test_ablate_cli(tmp_path, capsys):
     assert "selected" in done.stdout and "random mean" in done.stdout and "2 layer-matched random sets per k" in done.stdout
     assert result["kind"] == "headscope.ablation" and result["baseline"] == "layer-matched" and result["model"]["n_layers"] == 6
     assert load_benchmark("ablation_table").selection_label(result) == "top k direct"  # the table reads ablate's own wording
-    assert result["selection"] == {"from": "scores", "file": "ind.direct.json", "probe": "induction", "method": "direct",
+    assert result["selected_from"] == {"kind": "scores", "file": "ind.direct.json", "probe": "induction", "method": "direct",
                                    "sha256": hashlib.sha256(scores.read_bytes()).hexdigest()[:16]}
-    assert load_benchmark("ablation_table").selection_label({**result, "selection": None}) == "top k direct"  # its words alone agree
+    assert load_benchmark("ablation_table").selection_label({**result, "selected_from": None}) == "top k direct"  # its words alone agree
     assert result["probe_meta"]["seed"] == 1000 and result["reference_meta"]["seed"] == 1001  # not the scored prompts (seed 0)
     assert all(0 < row["p_logit_diff"] <= 1 and row["p_logit_diff"] * 3 == 1 + row["random_at_or_below"] for row in result["summary"])
     assert {row["set_index"] for row in result["rows"] if row["selection"] == "random"} == {0, 1}
@@ -216,8 +216,8 @@ def test_ablate_cli_on_a_mask_records_which_file_and_how_it_was_read(tmp_path):
                    "--random", "1", *extra, "--out", str(out))
         assert done.returncode == 0, done.stderr
         result = json.loads(out.read_text())
-        assert result["selection"] == {"from": kind, "file": "mask.json", "sha256": digest} and [r["k"] for r in result["summary"]] == ks
-        assert table.selection_label(result) == table.selection_label({**result, "selection": None}) == result["source"]
+        assert result["selected_from"] == {"kind": kind, "file": "mask.json", "sha256": digest} and [r["k"] for r in result["summary"]] == ks
+        assert table.selection_label(result) == table.selection_label({**result, "selected_from": None}) == result["source"]
 
 
 def test_random_baselines_match_the_selected_set_and_the_summary_gives_a_p_value():

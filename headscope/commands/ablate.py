@@ -15,7 +15,7 @@ that p over bootstrap resamples of the evaluation pairs (a wide one: the verdict
 more). The evaluation pairs use --seed (default
 1000: prompts the heads were not scored on; a --seed equal to the scores file's own is refused); the head
 means are taken over other pairs of the same probe (seed + 1; a .jsonl probe's own pairs, which are also its
-scored ones). ``--out`` also records ``selection``: where the heads came from (``scores``, ``mask`` or
+scored ones). ``--out`` also records ``selected_from``: where the heads came from (``scores``, ``mask`` or
 ``mask_ranking``), the file's name and the sha256 of its bytes. Method: ``headscope.ablation``.
 """
 
@@ -60,8 +60,8 @@ def _parse_ks(text: str) -> list[int]:
 
 
 def _file_record(path: str, kind: str) -> dict:
-    """``selection``'s provenance: the file's name and the sha256 of its bytes (16 hex digits)."""
-    return {"from": kind, "file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}
+    """``selected_from``: the heads' source kind, the file's name and the sha256 of its bytes (16 hex digits)."""
+    return {"kind": kind, "file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}
 
 
 def _selection(args: argparse.Namespace, lm, ks: list[int] | None, scores: HeadScores | None) -> tuple[list, list[int], str, dict]:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise HeadscopeError(f"--seed {args.seed}: {args.scores} was scored on {args.probe[0]} prompts of seed {args.seed}; "
                              "evaluate on others (another --seed, e.g. the default)")
     lm = load_from_args(args)
-    ranked, ks, source, selection = _selection(args, lm, ks, scores)
+    ranked, ks, source, selected_from = _selection(args, lm, ks, scores)
     if max(ks) > len(ranked):
         raise HeadscopeError(f"--k {max(ks)} is more than the {len(ranked)} selected heads")
     probe = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed, args.capability)
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {args.scores} was scored on other weights of this shape (another checkpoint)")
     reference = resolve_probe(lm, args.probe[0], args.length, args.pairs, args.seed + 1, args.capability)
     result = ablation_check(lm, probe, reference, ranked, ks, n_random=args.random, seed=args.seed, source=source,
-                            baseline=args.baseline, selection=selection)
+                            baseline=args.baseline, selected_from=selected_from)
     print(f"{probe.name}: {len(probe)} pairs x {probe.length} tokens (seed {args.seed}); ablating {source}; "
           f"{args.random} {args.baseline} random sets per k")
     print(f"{'k':>4}  {'none':>13}  {'selected':>13}  {'random mean +- sd':>27}  {'p':>6}  (argmax accuracy / logit diff; "
