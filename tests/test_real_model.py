@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +108,31 @@ def test_wheel_without_the_gguf_is_refused(tmp_path):
 def demo():
     torch.set_num_threads(1)
     return load_model(DEMO)
+
+
+def test_gpu_gguf_script_splits_carries_joins_and_converts(tiny_gguf, tmp_path):
+    """benchmarks/gpu_gguf.sh, as a GPU box runs it: split here, parts a and b copied to the box's /tmp by two calls,
+    joined with part c and converted by the third; a part from another split is refused and converts nothing."""
+    path, model, _ = tiny_gguf
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_gguf.sh")
+    env = {**os.environ, "GG_DIR": str(tmp_path / "box_tmp"), "MODEL_DIR": str(tmp_path / "smol"), "PYTHON": sys.executable, "PART_BYTES": "4000"}
+    run = lambda *args: subprocess.run(["bash", script, *args], capture_output=True, text=True, cwd=tmp_path, env=env)  # noqa: E731
+    assert run("split", str(path)).returncode == 0
+    parts = [tmp_path / ".gpu" / "gg" / name / "part" for name in "abc"]
+    assert [p.stat().st_size for p in parts[:2]] == [4000, 4000] and b"".join(p.read_bytes() for p in parts) == path.read_bytes()
+    for name in "ab":
+        assert run("part", name).returncode == 0
+    done = run("join")
+    assert done.returncode == 0, done.stderr
+    ids = torch.tensor([[5, 17, 99, 3]])
+    torch.testing.assert_close(load_model(tmp_path / "smol").model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert run("join").stdout.strip().endswith("is already converted")
+    env["MODEL_DIR"] = str(tmp_path / "other")
+    (tmp_path / "box_tmp" / "b").write_bytes(b"x" * 4000)  # a part b of another file
+    for args, message in ((("join",), "sha256 differs"), (("part", "c"), "part a or part b"), (("split", "missing.gguf"), "no such file")):
+        done = run(*args)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_head_means_equal_a_slow_twin(demo):

