@@ -78,7 +78,7 @@ variants not timed and checked yet (missing, unchecked, or skipped: by the memor
 ``--variants`` restricts them; ``--redo``: those of ``--variants`` again), and stops starting variants after
 ``--budget`` seconds. The summary ``$OUT/generate_speed.{json,md}``
 (OUT defaults to benchmarks/results) is rebuilt from every row file of the directory, and ``$OUT`` gets a copy
-of them; ``--summary-only`` rebuilds it from the row files alone (no model, nothing run). It sets the two
+of each row file this run saves (only those: a lent GPU box returns 8 files); ``--summary-only`` rebuilds it from the row files alone (no model, nothing run). It sets the two
 baselines side by side at each row's batch: the original as shipped (the faster of original and
 original_compiled) and on the same kernels (original_graph), each over the hybrid.
 ``--smoke``: tiny models on the CPU in float32 (results under /tmp/headscope_generate_speed_smoke).
@@ -95,7 +95,6 @@ import gc
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import traceback
@@ -323,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         record.update(row=row, mask=bench.mask_source, n_full_heads=bench.mask.n_full, hybrid_id=bench.hybrid_id, prompt=bench.prompt,
                       **settings)
         run_row(bench, row, record, args, partial(save, row, record), started + args.budget)
-    if mirror is not None and rows_dir.is_dir():
-        shutil.copytree(rows_dir, mirror, dirs_exist_ok=True)
     write_summary(rows_dir, out_dir)
     print((out_dir / "generate_speed.md").read_text(), flush=True)
     return 0
