@@ -53,10 +53,12 @@ def selection_label(run: dict) -> str:
     """The selection without the probe's name in it, so that one selection over several probes is one family:
     'top k direct' for a scores file's top heads, the mask file's name for a mask. From the run's structured
     ``selected_from`` where it has one, else from its ``source`` words (files written before it was kept)."""
-    origin = run.get("selected_from")
-    if origin:
-        return {"scores": f"top k {origin.get('method')}", "mask": f"full-attention heads of {origin['file']}",
-                "mask_ranking": f"top full-attention heads of {origin['file']} by its fused ranking"}[origin["kind"]]
+    origin = run.get("selected_from") or {}
+    labels = {"scores": f"top k {origin.get('method')}", "mask": f"full-attention heads of {origin.get('file')}",
+              "mask_ranking": f"top full-attention heads of {origin.get('file')} by its fused ranking"}
+    needs = {"scores": "method", "mask": "file", "mask_ranking": "file"}
+    if origin.get(needs.get(origin.get("kind"), "-")):  # a complete record; anything else falls back to the words
+        return labels[origin["kind"]]
     source = run["source"]
     if source.startswith("top heads of "):
         return "top k " + source.rsplit("/", 1)[-1].rstrip(")")
@@ -65,7 +67,8 @@ def selection_label(run: dict) -> str:
 
 def check_one_version(runs: list[dict]) -> None:
     """Refuse a folder whose runs used two different files of one name (a mask or scores file rewritten between
-    runs): their rows would sit in one family as if they tested one selection."""
+    runs): their rows would sit in one family as if they tested one selection. Only runs that record the file's
+    sha256 (``selected_from``) are compared: a file from before it was kept cannot be told apart from a newer one."""
     seen: dict[str, tuple[str, str]] = {}
     for run in runs:
         origin = run.get("selected_from") or {}

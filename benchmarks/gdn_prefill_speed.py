@@ -535,7 +535,7 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
     lines += goal_lines(summary["goals"])
     lines.append(f"- fused GDN kernels (the layer's config at batch 1, {config_name(meta['layer_config'])}) "
                  f"faster than fla + torch gates at T = {summary['fused_faster_at']} "
-                 "(`FUSED_MAX_TOKENS`: the largest of an unbroken run from the shortest, at batch 1; the batch-8 row shows whether B·T is the right bound)")
+                 "(`FUSED_MAX_TOKENS`: the largest of an unbroken run from the shortest, at batch 1; the rows of batch > 1 show whether B·T is the right bound)")
     for scope, title in (("core", "attention core"), ("layer", "whole layer")):
         lines += ["", f"## Prefill, {title}: ms / host ms / b2b ms / launches (x full)", "", "| T | " + " | ".join(PATHS) + " |", "|---" * (len(PATHS) + 1) + "|"]
         for t, e in summary["per_context"].items():
@@ -591,8 +591,8 @@ def batch_shapes(text: str) -> tuple[tuple[int, int], ...]:
         shapes = tuple((int(b), int(t)) for b, t in (item.split("x") for item in text.split(",")))
     except ValueError:
         raise argparse.ArgumentTypeError(f"want BxT[,BxT...], e.g. 8x1024,32x4096; got {text!r}") from None
-    if any(b < 1 or t < 1 for b, t in shapes):
-        raise argparse.ArgumentTypeError(f"batch and length must be positive; got {text!r}")
+    if any(b < 2 or t < 1 for b, t in shapes) or len(set(shapes)) < len(shapes):
+        raise argparse.ArgumentTypeError(f"want distinct shapes of batch >= 2 (batch 1 is --contexts) and length >= 1; got {text!r}")
     return shapes
 
 

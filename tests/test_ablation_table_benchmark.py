@@ -73,9 +73,12 @@ def test_structured_selection_names_the_family_and_one_file_version(table, tmp_p
     (folder / "b.json").write_text(json.dumps(_run("induction", old_words, "layer-matched", 1.0, [2.0] * 19)))
     scored = {"kind": "scores", "file": "ioi.direct.json", "sha256": "bbbb", "probe": "ioi", "method": "direct"}
     (folder / "c.json").write_text(json.dumps(_run("ioi", "top heads of ioi.direct.json (ioi/direct)", "uniform", 1.0, [2.0], selected_from=scored)))
-    assert table.main([str(folder)]) == 0
+    (folder / "e.json").write_text(json.dumps(_run("needle_single", "any", "layer-matched", 1.0, [2.0] * 19, selected_from=ranking)))
+    assert table.main([str(folder)]) == 0  # (a.json and e.json: one file of one version, accepted)
     text = capsys.readouterr().out
-    assert f"- {old_words}, layer-matched: 2 of 2 rows at p <= 0.05" in text and "- top k direct, uniform: 0 of 1 rows" in text
+    assert f"- {old_words}, layer-matched: 3 of 3 rows at p <= 0.05" in text and "- top k direct, uniform: 0 of 1 rows" in text
+    for partial in ({"kind": "scores", "file": "x.json"}, {"kind": "unknown", "file": "x.json"}, {}):  # incomplete: the words decide
+        assert table.selection_label({"source": old_words, "selected_from": partial}) == old_words
     (folder / "d.json").write_text(json.dumps(_run("kv_recall", "any", "layer-matched", 1.0, [2.0], selected_from={**ranking, "sha256": "cccc"})))
     before = (folder / "summary.md").read_text()
     assert table.main([str(folder)]) == 2

@@ -179,6 +179,6 @@ def test_a_run_cut_short_keeps_what_it_measured(benchmark, tmp_path, monkeypatch
 
 def test_batched_shapes_parse_and_refuse(benchmark):
     assert benchmark.batch_shapes("8x1024,32x4096") == ((8, 1024), (32, 4096))
-    for bad in ("8x", "8*1024", "0x64", "8x1024,x2"):
+    for bad in ("8x", "8*1024", "0x64", "1x64", "8x1024,x2", "8x64,8x64"):
         with pytest.raises(argparse.ArgumentTypeError):
             benchmark.batch_shapes(bad)

@@ -127,12 +127,22 @@ def test_gpu_gguf_script_splits_carries_joins_and_converts(tiny_gguf, tmp_path):
     ids = torch.tensor([[5, 17, 99, 3]])
     torch.testing.assert_close(load_model(tmp_path / "smol").model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     assert run("join").stdout.strip().endswith("is already converted")
-    env["MODEL_DIR"] = str(tmp_path / "other")
+    other = tmp_path / "other.gguf"  # another file split on the same warm box: its join must not reuse that conversion
+    other.write_bytes(path.read_bytes() + b"\0")
+    assert run("split", str(other)).returncode == 0
+    done = run("join")
+    assert done.returncode == 2 and "is not the conversion of this split's file" in done.stderr, done.stderr
+    env["MODEL_DIR"] = "relative/other"  # (relative folders work: made absolute before the convert leaves the cwd)
     (tmp_path / "box_tmp" / "b").write_bytes(b"x" * 4000)  # a part b of another file
-    for args, message in ((("join",), "sha256 differs"), (("part", "c"), "part a or part b"), (("split", "missing.gguf"), "no such file")):
+    inside = tmp_path / ".gpu" / "gg" / "a" / "part"
+    for args, message in ((("join",), "sha256 differs"), (("part", "c"), "part a or part b"), (("split", "missing.gguf"), "no such file"),
+                          (("split", str(inside)), "which a split replaces")):
         done = run(*args)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
-    assert not (tmp_path / "other").exists()
+    assert not (tmp_path / "relative").exists() and inside.is_file()
+    for name in "ab":  # the right parts: the relative MODEL_DIR converts
+        assert run("part", name).returncode == 0
+    assert run("join").returncode == 0 and (tmp_path / "relative" / "other" / "config.json").is_file()
 
 
 def test_head_means_equal_a_slow_twin(demo):
