@@ -238,20 +238,18 @@ def test_ablate_cli(tmp_path, capsys):
     assert done.returncode == 2 and "the evaluation pairs are the ones" in done.stderr, done.stderr
 
 
-def test_ablate_cli_on_a_mask_records_which_file_and_how_it_was_read(tmp_path):
-    scores = tmp_path / "ind.direct.json"
-    assert cli("score", "--model", DEMO, "--probe", "induction", "--length", "48", "--pairs", "4", "--method", "direct",
-               "--out", str(scores)).returncode == 0
+def test_ablate_cli_on_a_mask_records_which_file_and_how_it_was_read(tmp_path, capsys):
+    scores = tmp_path / "ind.direct.json"  # (in process: no interpreter start per command)
+    assert main(["score", "--model", DEMO, "--probe", "induction", "--length", "32", "--pairs", "2", "--method", "direct",
+                 "--out", str(scores)]) == 0
     mask = tmp_path / "mask.json"
-    done = cli("fuse", str(scores), "--n-full", "3", "--out", str(mask))
-    assert done.returncode == 0, done.stderr
+    assert main(["fuse", str(scores), "--n-full", "3", "--out", str(mask)]) == 0
     digest = hashlib.sha256(mask.read_bytes()).hexdigest()[:16]
     table = load_benchmark("ablation_table")
     for extra, kind, ks in (((), "mask", [3]), (("--k", "1"), "mask_ranking", [1])):
         out = tmp_path / f"ablate_{kind}.json"
-        done = cli("ablate", "--model", DEMO, "--mask", str(mask), "--probe", "induction", "--length", "48", "--pairs", "4",
-                   "--random", "1", *extra, "--out", str(out))
-        assert done.returncode == 0, done.stderr
+        assert main(["ablate", "--model", DEMO, "--mask", str(mask), "--probe", "induction", "--length", "32", "--pairs", "2",
+                     "--random", "1", *extra, "--out", str(out)]) == 0, capsys.readouterr().err
         result = json.loads(out.read_text())
         assert result["selected_from"] == {"kind": kind, "file": "mask.json", "sha256": digest} and [r["k"] for r in result["summary"]] == ks
         assert table.selection_label(result) == table.selection_label({**result, "selected_from": None}) == result["source"]
