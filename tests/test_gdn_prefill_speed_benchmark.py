@@ -28,7 +28,7 @@ def benchmark():
 def test_tiny_run_under_the_interpreter(tmp_path):
     pytest.importorskip("triton")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gdn_prefill_speed.py"), "--tiny", "--configs", "32,16", "--batched", "2x32,3x16"],
+        [sys.executable, str(ROOT / "benchmarks" / "gdn_prefill_speed.py"), "--tiny", "--configs", "32,16", "--batched", "2x16"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
     )
@@ -48,7 +48,7 @@ def test_tiny_run_under_the_interpreter(tmp_path):
     interleaved = [r for r in rows if r["phase"] == "prefill" and r["scope"] != "kernel"]  # core and layer rows: median of rounds
     assert all(len(r["ms_rounds"]) == 2 and min(r["ms_rounds"]) <= r["ms"] <= max(r["ms_rounds"]) for r in interleaved)
     assert all(len(r["b2b_ms_rounds"]) == 2 and min(r["b2b_ms_rounds"]) <= r["b2b_ms"] <= max(r["b2b_ms_rounds"]) for r in interleaved)
-    assert {(r["batch"], r["context"]) for r in rows if r["phase"] == "prefill" and r["scope"] == "kernel"} == {(1, 64), (2, 32), (3, 16)}
+    assert {(r["batch"], r["context"]) for r in rows if r["phase"] == "prefill" and r["scope"] == "kernel"} == {(1, 64), (2, 16)}  # --batched replaces the default 2x32
     profiles = {(r["scope"], r["path"]): r for r in rows if r["phase"] == "profile"}
     assert set(profiles) == {(scope, path) for scope in ("core", "layer") for path in ("hybrid_all", "full_qknorm")}
     assert all(r["host_us"] > 0 and any("core" in f[0] for f in r["functions"]) for r in profiles.values() if r["scope"] == "core")
