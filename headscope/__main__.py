@@ -1,7 +1,6 @@
 """``python -m headscope``: the ``headscope`` command, as torchrun starts it (``torchrun ... -m headscope score ...``)."""
 
-import sys
-
 from headscope.cli import main
+from headscope.distributed import exit_process
 
-sys.exit(main())
+exit_process(main())

@@ -9,6 +9,7 @@ and the activation command a second time with ``--resume`` (every rank must skip
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -36,6 +37,9 @@ def main(model_dir: str, probe: str, out: str) -> None:
                      "--out", f"{out}/activation.json", "--resume"]) == 0
     dist.barrier()  # leave together: tearing gloo down while a peer still receives the last broadcast can abort
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter finalisation: gloo's threads torn down there can abort (headscope.distributed.exit_process)
 
 
 if __name__ == "__main__":

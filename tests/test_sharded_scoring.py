@@ -68,3 +68,22 @@ def test_two_processes_score_as_one(qwen3_dir, tmp_path):
                 assert math.isclose(sharded.meta[key], value, abs_tol=1e-5), (method, key)
             else:
                 assert sharded.meta[key] == value, (method, key)
+
+
+def test_exit_process_skips_finalisation_only_after_creating_a_group(monkeypatch):
+    from headscope import distributed
+
+    class Exited(Exception):  # os._exit never returns
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as done:  # one process: a plain exit
+        distributed.exit_process(3)
+    assert done.value.code == 3
+    monkeypatch.setattr(distributed, "_created_group", True)  # as init_distributed under torchrun
+    with pytest.raises(Exited) as done:
+        distributed.exit_process(4)
+    assert done.value.args == (4,)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -53,6 +54,9 @@ def main(config_path: str, out_root: str) -> None:
             json.dump(report, stream)
     dist.barrier()  # leave together: tearing gloo down while a peer still receives the last gather can abort
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter finalisation: gloo's threads torn down there can abort (headscope.distributed.exit_process)
 
 
 if __name__ == "__main__":

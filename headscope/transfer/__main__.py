@@ -5,7 +5,6 @@ process runs it and ``run_transfer`` joins them into one process group.
 """
 
 import argparse
-import sys
 
 from headscope.cli import run_command
 from headscope.commands.transfer import __doc__ as DESCRIPTION
@@ -20,4 +19,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from headscope.distributed import exit_process
+
+    exit_process(main())
