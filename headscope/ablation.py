@@ -200,6 +200,25 @@ class AblationResult:
                 "rows": [asdict(r) for r in self.rows], "summary": self.summary()}
 
 
+def selection_label(run: dict) -> str:
+    """The selection of an ablation file (``AblationResult.to_dict``) without the probe's name in it, so that one
+    selection over several probes is one family: 'top k direct' for a scores file's top heads, the mask file's
+    name for a mask. From the run's structured ``selected_from`` where it is complete, else from its ``source``
+    words (files written before ``selected_from`` was kept)."""
+    origin = run.get("selected_from") or {}
+    kind, name = origin.get("kind"), origin.get("file")
+    if kind == "scores" and origin.get("method"):
+        return f"top k {origin['method']}"
+    if kind == "mask" and name:
+        return f"full-attention heads of {name}"
+    if kind == "mask_ranking" and name:
+        return f"top full-attention heads of {name} by its fused ranking"
+    source = run["source"]
+    if source.startswith("top heads of "):  # 'top heads of FILE (probe/method)'
+        return "top k " + source.rsplit("/", 1)[-1].rstrip(")")
+    return source
+
+
 def ablation_check(
     lm: LoadedModel,
     probe: Probe,
